@@ -1,0 +1,1 @@
+"""CAN ingest: DBC loading, pack signal map, frame decode, checks, bus sources."""

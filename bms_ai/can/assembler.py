@@ -1,0 +1,182 @@
+"""Per-frame decode and PackSample assembly for live buses.
+
+Bad input never raises: every rejected frame is counted under a named reason
+so the node can report it on /diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..pack import PackSample
+from .codec import frame_words
+from .decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+
+REJECT_REASONS = (
+    "unknown_id", "dlc_error", "crc_error", "time_backwards", "non_finite",
+    "unknown_mux", "error_frame", "remote_frame", "bad_type",
+)
+
+
+@dataclass(slots=True)
+class MessageStats:
+    count: int = 0
+    first_rx: float = math.nan
+    last_rx: float = math.nan
+    counter_errors: int = 0
+    crc_errors: int = 0
+    last_counter: int = -1
+    timeouts: int = 0  # transitions into timeout
+    timed_out: bool = False
+
+
+@dataclass(slots=True)
+class Counters:
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+class PackAssembler:
+    """Feeds decoded frames into the latest-value PackSample."""
+
+    def __init__(self, decoder: PackDecoder) -> None:
+        self.decoder = decoder
+        cfg = decoder.cfg
+        self.sample = PackSample.empty(cfg.n_cells, cfg.n_temps)
+        self.status_stamps = {name: math.nan for name in decoder.status_names}
+        self.counters = Counters()
+        self.stats: dict[str, MessageStats] = {r.name: MessageStats() for r in decoder.routes.values()}
+        self.unknown_ids: dict[int, int] = {}
+        self.last_ts = -math.inf
+        self._routes = decoder.routes
+        self._status_names = decoder.status_names
+
+    def _reject(self, reason: str) -> bool:
+        self.counters.rejected[reason] += 1
+        return False
+
+    def feed_message(self, msg) -> bool:
+        """Feed a ``can.Message``; returns True when the frame was accepted."""
+        if getattr(msg, "is_error_frame", False):
+            return self._reject("error_frame")
+        if getattr(msg, "is_remote_frame", False):
+            return self._reject("remote_frame")
+        return self.feed(msg.arbitration_id, msg.data, msg.timestamp, bool(msg.is_extended_id))
+
+    def feed(self, arb_id: int, data: bytes, ts: float, extended: bool = False) -> bool:
+        """Decode one frame into the sample; count and drop anything invalid."""
+        try:
+            ts = float(ts)
+            n = len(data)
+        except (TypeError, ValueError):
+            return self._reject("bad_type")
+        if not ts >= self.last_ts:  # also catches NaN
+            return self._reject("time_backwards")
+        self.last_ts = ts
+        route: Route | None = self._routes.get((arb_id, extended))
+        if route is None:
+            self.unknown_ids[arb_id] = self.unknown_ids.get(arb_id, 0) + 1
+            return self._reject("unknown_id")
+        st = self.stats[route.name]
+        if n != route.length:
+            return self._reject("dlc_error")
+        data = bytes(data)
+        if route.crc_byte >= 0:
+            body = data[:route.crc_byte] + data[route.crc_byte + 1:]
+            if route.crc_fn(body) != data[route.crc_byte]:
+                st.crc_errors += 1
+                return self._reject("crc_error")
+        le, be = frame_words(data, route.length) if route.needs_be else (int.from_bytes(data, "little"), 0)
+        slots = route.by_mux.get(-1, ())
+        if route.mux is not None:
+            mslots = route.by_mux.get(route.mux.raw(le, be))
+            if mslots is None and not slots:
+                return self._reject("unknown_mux")
+            slots = (list(slots) + mslots) if slots and mslots else (mslots or slots)
+        values = []
+        for s in slots:
+            v = s.plan.value(le, be) * s.scale + s.offset
+            if not math.isfinite(v):
+                return self._reject("non_finite")
+            if (s.invalid is not None and s.invalid.raw(le, be)) or (s.valid is not None and not s.valid.raw(le, be)):
+                v = math.nan
+            values.append(v)
+        if route.counter is not None:
+            c = route.counter.raw(le, be)
+            if st.last_counter >= 0 and c != (st.last_counter + 1) & route.counter.mask:
+                st.counter_errors += 1
+            st.last_counter = c
+        smp = self.sample
+        for s, v in zip(slots, values):
+            k = s.kind
+            if k == CELL_V:
+                smp.cell_voltages[s.index] = v
+                smp.cell_voltage_stamps[s.index] = ts
+            elif k == CELL_T:
+                smp.cell_temperatures[s.index] = v
+                smp.cell_temperature_stamps[s.index] = ts
+            elif k == PACK_V:
+                smp.pack_voltage = v
+                smp.pack_voltage_stamp = ts
+            elif k == PACK_I:
+                smp.pack_current = v
+                smp.pack_current_stamp = ts
+            else:
+                name = self._status_names[s.index]
+                smp.status[name] = v
+                self.status_stamps[name] = ts
+        smp.stamp = ts
+        st.count += 1
+        if st.count == 1:
+            st.first_rx = ts
+        st.last_rx = ts
+        self.counters.accepted += 1
+        return True
+
+    def snapshot(self, now: float | None = None, max_age: float | None = None) -> PackSample:
+        """Copy of the current sample; values older than ``max_age`` become NaN."""
+        out = self.sample.copy()
+        if now is not None and max_age is not None:
+            apply_max_age(out, now, max_age)
+        return out
+
+    def check_timeouts(self, now: float) -> list[str]:
+        """Names of messages silent for longer than their timeout at time ``now``."""
+        out = []
+        for r in self._routes.values():
+            if r.timeout is None:
+                continue
+            st = self.stats[r.name]
+            late = not (now - st.last_rx <= r.timeout)  # never received counts as late
+            if late and not st.timed_out:
+                st.timeouts += 1
+            st.timed_out = late
+            if late:
+                out.append(r.name)
+        return out
+
+    def rates(self) -> dict[str, float]:
+        """Mean receive rate per message over its receive span (Hz)."""
+        out = {}
+        for name, st in self.stats.items():
+            span = st.last_rx - st.first_rx
+            out[name] = (st.count - 1) / span if st.count > 1 and span > 0 else 0.0
+        return out
+
+
+def apply_max_age(sample: PackSample, now: float, max_age: float) -> None:
+    """Blank values whose CAN time is older than ``now - max_age``."""
+    limit = now - max_age
+    if not sample.pack_voltage_stamp >= limit:
+        sample.pack_voltage = math.nan
+    if not sample.pack_current_stamp >= limit:
+        sample.pack_current = math.nan
+    sample.cell_voltages[~(sample.cell_voltage_stamps >= limit)] = np.nan
+    sample.cell_temperatures[~(sample.cell_temperature_stamps >= limit)] = np.nan

@@ -1,0 +1,294 @@
+"""Pack config: maps DBC signals to pack quantities, validated against the DBC.
+
+Another vehicle's pack needs only a DBC and one of these YAML files. Every
+error names the YAML path of the bad entry and what would fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cantools.database import Database
+
+from .checks import CRC_ALGORITHMS
+from .dbc import load_dbc
+
+
+class PackConfigError(ValueError):
+    """A pack config is invalid; the message names the entry and the fix."""
+
+
+@dataclass(frozen=True)
+class ScalarMap:
+    """One pack quantity from one DBC signal, ``value = dbc_value * scale + offset``."""
+
+    message: str
+    signal: str
+    scale: float = 1.0
+    offset: float = 0.0
+    valid: str | None = None  # signal that is 1 when the value is valid
+
+
+@dataclass(frozen=True)
+class ArrayGroup:
+    """Array elements (cells, sensors) carried by one message.
+
+    ``slots``: signals of one frame; element index = mux * per_mux + slot + offset
+    (per_mux defaults to len(slots); without a multiplexer mux = 0).
+    ``signals``: explicit signal name -> element index, for DBCs that name
+    each cell's signal.
+    """
+
+    message: str
+    slots: tuple[str, ...] = ()
+    invalid: tuple[str | None, ...] = ()
+    per_mux: int = 0
+    offset: int = 0
+    signals: dict[str, int] = field(default_factory=dict)
+    scale: float = 1.0
+    value_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class MessageCheck:
+    """Protection for one message: receive timeout, alive counter, checksum."""
+
+    message: str
+    timeout: float | None = None
+    counter: str | None = None
+    crc_signal: str | None = None
+    crc_algorithm: str = "crc8_sae_j1850"
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    pack_id: str
+    dbc_path: Path
+    dbc_strict: bool
+    chemistry: str
+    n_cells: int
+    n_temps: int
+    design_capacity_ah: float
+    pack_voltage: ScalarMap
+    pack_current: ScalarMap
+    cell_voltages: tuple[ArrayGroup, ...]
+    cell_temperatures: tuple[ArrayGroup, ...]
+    status: dict[str, ScalarMap]
+    checks: tuple[MessageCheck, ...]
+    source: Path | None = None
+
+    def load_dbc(self) -> Database:
+        return load_dbc(self.dbc_path, strict=self.dbc_strict)
+
+
+_TOP_KEYS = {
+    "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
+    "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
+    "cell_temperatures", "status", "checks",
+}
+CHEMISTRIES = ("nmc", "lfp", "nca", "lto")
+
+
+def _req(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise PackConfigError(f"{where}: missing required key '{key}'")
+    return d[key]
+
+
+def _mapping(d: Any, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise PackConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    return d
+
+
+def _unknown(d: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise PackConfigError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def _num(v: Any, where: str, kind: type = float) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PackConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if kind is int:
+        if int(v) != v:
+            raise PackConfigError(f"{where}: expected an integer, got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def _scalar(d: Any, where: str) -> ScalarMap:
+    d = _mapping(d, where)
+    _unknown(d, {"message", "signal", "scale", "offset", "valid"}, where)
+    return ScalarMap(
+        message=str(_req(d, "message", where)),
+        signal=str(_req(d, "signal", where)),
+        scale=_num(d.get("scale", 1.0), f"{where}.scale"),
+        offset=_num(d.get("offset", 0.0), f"{where}.offset"),
+        valid=d.get("valid"),
+    )
+
+
+def _groups(v: Any, where: str) -> tuple[ArrayGroup, ...]:
+    items = v if isinstance(v, list) else [v]
+    out = []
+    for i, g in enumerate(items):
+        w = f"{where}[{i}]" if isinstance(v, list) else where
+        g = _mapping(g, w)
+        _unknown(g, {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}, w)
+        slots = tuple(g.get("slots", ()))
+        sigs = dict(g.get("signals", {}) or {})
+        if bool(slots) == bool(sigs):
+            raise PackConfigError(f"{w}: give exactly one of 'slots' (index from mux and slot) or 'signals' (name -> index)")
+        invalid = tuple(g.get("invalid", ()) or ())
+        if invalid and len(invalid) != len(slots):
+            raise PackConfigError(f"{w}.invalid: needs one entry per slot ({len(slots)}), got {len(invalid)}")
+        out.append(ArrayGroup(
+            message=str(_req(g, "message", w)),
+            slots=slots,
+            invalid=invalid,
+            per_mux=_num(g.get("per_mux", len(slots)), f"{w}.per_mux", int),
+            offset=_num(g.get("offset", 0), f"{w}.offset", int),
+            signals={str(k): _num(x, f"{w}.signals.{k}", int) for k, x in sigs.items()},
+            scale=_num(g.get("scale", 1.0), f"{w}.scale"),
+            value_offset=_num(g.get("value_offset", 0.0), f"{w}.value_offset"),
+        ))
+    return tuple(out)
+
+
+def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> PackConfig:
+    """Validate a parsed YAML document (without touching the DBC)."""
+    where = str(source) if source else "pack config"
+    d = _mapping(data, where)
+    _unknown(d, _TOP_KEYS, where)
+    chem = str(d.get("chemistry", "nmc")).lower()
+    if chem not in CHEMISTRIES:
+        raise PackConfigError(f"{where}.chemistry: '{chem}' is not one of {list(CHEMISTRIES)}")
+    dbc = Path(str(_req(d, "dbc", where)))
+    if not dbc.is_absolute():
+        dbc = (base_dir / dbc).resolve()
+    checks = []
+    for name, c in _mapping(d.get("checks", {}) or {}, f"{where}.checks").items():
+        w = f"{where}.checks.{name}"
+        c = _mapping(c or {}, w)
+        _unknown(c, {"timeout", "counter", "crc"}, w)
+        crc = c.get("crc")
+        crc_sig, algo = None, "crc8_sae_j1850"
+        if crc is not None:
+            crc = _mapping(crc, f"{w}.crc")
+            crc_sig = str(_req(crc, "signal", f"{w}.crc"))
+            algo = str(crc.get("algorithm", algo))
+            if algo not in CRC_ALGORITHMS:
+                raise PackConfigError(f"{w}.crc.algorithm: '{algo}' unknown; known: {sorted(CRC_ALGORITHMS)}")
+        t = c.get("timeout")
+        checks.append(MessageCheck(
+            message=str(name),
+            timeout=None if t is None else _num(t, f"{w}.timeout"),
+            counter=c.get("counter"),
+            crc_signal=crc_sig,
+            crc_algorithm=algo,
+        ))
+    n_cells = _num(_req(d, "cells", where), f"{where}.cells", int)
+    n_temps = _num(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", int)
+    if n_cells <= 0:
+        raise PackConfigError(f"{where}.cells: must be positive, got {n_cells}")
+    return PackConfig(
+        pack_id=str(d.get("pack_id", "pack0")),
+        dbc_path=dbc,
+        dbc_strict=bool(d.get("dbc_strict", True)),
+        chemistry=chem,
+        n_cells=n_cells,
+        n_temps=n_temps,
+        design_capacity_ah=_num(d.get("design_capacity_ah", float("nan")), f"{where}.design_capacity_ah"),
+        pack_voltage=_scalar(_req(d, "pack_voltage", where), f"{where}.pack_voltage"),
+        pack_current=_scalar(_req(d, "pack_current", where), f"{where}.pack_current"),
+        cell_voltages=_groups(_req(d, "cell_voltages", where), f"{where}.cell_voltages"),
+        cell_temperatures=_groups(d["cell_temperatures"], f"{where}.cell_temperatures") if d.get("cell_temperatures") else (),
+        status={str(k): _scalar(v, f"{where}.status.{k}") for k, v in (d.get("status") or {}).items()},
+        checks=tuple(checks),
+        source=source,
+    )
+
+
+def load_pack_config(path: str | Path, dbc: str | Path | None = None) -> PackConfig:
+    """Read and validate a pack config YAML; ``dbc`` overrides its DBC path."""
+    p = Path(path)
+    if not p.is_file():
+        raise PackConfigError(f"pack config not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise PackConfigError(f"{p}: not valid YAML: {exc}") from exc
+    cfg = parse_pack_config(data, p.parent.resolve(), p)
+    if dbc is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, dbc_path=Path(dbc).resolve())
+    return cfg
+
+
+def validate_against_dbc(cfg: PackConfig, db: Database) -> None:
+    """Check that every referenced message and signal exists, and indices fit."""
+    where = str(cfg.source) if cfg.source else "pack config"
+
+    def msg(name: str, w: str):
+        try:
+            return db.get_message_by_name(name)
+        except KeyError:
+            names = sorted(m.name for m in db.messages)
+            raise PackConfigError(f"{w}: message '{name}' is not in the DBC; it has {names}") from None
+
+    def sig(m, name: str | None, w: str) -> None:
+        if name is None:
+            return
+        try:
+            m.get_signal_by_name(name)
+        except KeyError:
+            raise PackConfigError(
+                f"{w}: signal '{name}' is not in message '{m.name}'; it has {[s.name for s in m.signals]}"
+            ) from None
+
+    for key in ("pack_voltage", "pack_current"):
+        s: ScalarMap = getattr(cfg, key)
+        m = msg(s.message, f"{where}.{key}")
+        sig(m, s.signal, f"{where}.{key}.signal")
+        sig(m, s.valid, f"{where}.{key}.valid")
+    for k, s in cfg.status.items():
+        m = msg(s.message, f"{where}.status.{k}")
+        sig(m, s.signal, f"{where}.status.{k}.signal")
+    for key, n in (("cell_voltages", cfg.n_cells), ("cell_temperatures", cfg.n_temps)):
+        covered: set[int] = set()
+        for i, g in enumerate(getattr(cfg, key)):
+            w = f"{where}.{key}[{i}]"
+            m = msg(g.message, w)
+            for s in g.slots + tuple(x for x in g.invalid if x) + tuple(g.signals):
+                sig(m, s, w)
+            if g.slots:
+                muxes = _mux_values(m, g.slots[0])
+                for mux in muxes:
+                    for slot in range(len(g.slots)):
+                        covered.add(mux * g.per_mux + slot + g.offset)
+            covered.update(g.signals.values())
+        bad = sorted(i for i in covered if not 0 <= i < n)
+        if bad:
+            raise PackConfigError(f"{where}.{key}: indices {bad[:5]} outside 0..{n - 1} (check per_mux/offset and the count)")
+        missing = sorted(set(range(n)) - covered)
+        if missing and n:
+            raise PackConfigError(f"{where}.{key}: no signal maps to element(s) {missing[:8]} of {n}")
+    for c in cfg.checks:
+        m = msg(c.message, f"{where}.checks.{c.message}")
+        sig(m, c.counter, f"{where}.checks.{c.message}.counter")
+        sig(m, c.crc_signal, f"{where}.checks.{c.message}.crc.signal")
+        if c.crc_signal:
+            s = m.get_signal_by_name(c.crc_signal)
+            if s.length != 8 or s.start % 8 != 0:
+                raise PackConfigError(f"{where}.checks.{c.message}.crc: checksum signal must be one whole byte")
+
+
+def _mux_values(message, signal_name: str) -> list[int]:
+    s = message.get_signal_by_name(signal_name)
+    ids = s.multiplexer_ids
+    return list(ids) if ids else [0]

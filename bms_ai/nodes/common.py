@@ -1,0 +1,91 @@
+"""Shared node plumbing: parameters with descriptors, QoS, diagnostics, main()."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+# REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
+PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+SUB_QOS = qos_profile_sensor_data
+DIAG_QOS = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+
+# Levels as ints (the message constants are bytes); Diagnostics.update accepts either.
+OK, WARN, ERROR, STALE = 0, 1, 2, 3
+LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
+
+
+def declare(node: Node, name: str, default: Any, description: str, read_only: bool = True) -> Any:
+    """Declare a parameter with a descriptor and return its value."""
+    node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
+    return node.get_parameter(name).value
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def key_values(values: dict[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
+
+
+class Diagnostics:
+    """One DiagnosticStatus per check, published at 1 Hz and at once on a level change.
+
+    Names follow DESIGN.md: ``bms_ai: <check>``; hardware_id is the pack id.
+    """
+
+    def __init__(self, node: Node, hardware_id: str, period: float = 1.0, topic: str = "/diagnostics") -> None:
+        self._node = node
+        self.hardware_id = hardware_id
+        self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
+        self._status: dict[str, DiagnosticStatus] = {}
+        self._timer = node.create_timer(period, self.publish)
+
+    def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
+               publish_on_change: bool = True) -> None:
+        name = f"bms_ai: {check}"
+        prev = self._status.get(name)
+        lv = level if isinstance(level, bytes) else bytes([int(level)])
+        st = DiagnosticStatus(level=lv, name=name, message=message,
+                              hardware_id=self.hardware_id, values=key_values(values or {}))
+        self._status[name] = st
+        if publish_on_change and (prev is None or prev.level != st.level):
+            self.publish([name])
+
+    def level(self, check: str) -> int | None:
+        st = self._status.get(f"bms_ai: {check}")
+        return None if st is None else st.level[0]
+
+    def publish(self, names: Iterable[str] | None = None) -> None:
+        msg = DiagnosticArray()
+        msg.header.stamp = self._node.get_clock().now().to_msg()
+        keys = list(self._status) if names is None else list(names)
+        msg.status = [self._status[k] for k in keys if k in self._status]
+        if msg.status:
+            self._pub.publish(msg)
+
+
+def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> None:
+    """Standard entry point: init, spin until Ctrl-C or shutdown, clean up."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = node_factory()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()

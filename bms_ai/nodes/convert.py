@@ -1,0 +1,59 @@
+"""PackSample <-> sensor_msgs/BatteryState (the only place that knows both)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import BatteryState
+
+from ..pack import PackSample
+
+
+def stamp_to_time(t: float) -> Time:
+    if not math.isfinite(t) or t < 0:
+        return Time()
+    sec = int(t)
+    return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+
+
+def time_to_float(t: Time) -> float:
+    return t.sec + t.nanosec * 1e-9
+
+
+def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryState:
+    """Measured quantities only; NaN where unknown (estimates belong to battery_state)."""
+    m = BatteryState()
+    m.header.stamp = stamp_to_time(s.stamp)
+    m.header.frame_id = frame_id
+    m.voltage = float(s.pack_voltage)
+    m.current = float(s.pack_current)
+    tmax = np.nanmax(s.cell_temperatures) if np.isfinite(s.cell_temperatures).any() else math.nan
+    m.temperature = float(tmax)
+    nan = math.nan
+    m.charge = m.capacity = m.design_capacity = m.percentage = nan
+    m.power_supply_status = BatteryState.POWER_SUPPLY_STATUS_UNKNOWN
+    if math.isfinite(s.pack_current):
+        m.power_supply_status = (BatteryState.POWER_SUPPLY_STATUS_CHARGING if s.pack_current > 0.5
+                                 else BatteryState.POWER_SUPPLY_STATUS_DISCHARGING if s.pack_current < -0.5
+                                 else BatteryState.POWER_SUPPLY_STATUS_NOT_CHARGING)
+    m.power_supply_health = BatteryState.POWER_SUPPLY_HEALTH_UNKNOWN
+    m.power_supply_technology = BatteryState.POWER_SUPPLY_TECHNOLOGY_LION
+    m.present = True
+    m.cell_voltage = s.cell_voltages.astype(np.float32).tolist()
+    m.cell_temperature = s.cell_temperatures.astype(np.float32).tolist()
+    m.serial_number = serial
+    return m
+
+
+def battery_state_to_sample(m: BatteryState) -> PackSample:
+    t = time_to_float(m.header.stamp)
+    cv = np.asarray(m.cell_voltage, dtype=np.float64)
+    ct = np.asarray(m.cell_temperature, dtype=np.float64)
+    return PackSample(
+        stamp=t, pack_voltage=float(m.voltage), pack_current=float(m.current),
+        cell_voltages=cv, cell_temperatures=ct,
+        pack_voltage_stamp=t, pack_current_stamp=t,
+        cell_voltage_stamps=np.full(cv.shape, t), cell_temperature_stamps=np.full(ct.shape, t),
+    )

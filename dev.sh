@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# bms_ai developer entry point (works on a fresh machine; installs what it needs).
+#   ./dev.sh demo [ARGS]   main job: the whole node graph on a bundled recorded drive
+#   ./dev.sh test [ARGS]   the test suite (default run; ARGS go to pytest)
+#   ./dev.sh bench [ARGS]  performance figures as JSON
+#   ./dev.sh setup         only create/refresh the virtual environment (.venv)
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$HERE"
+VENV="${BMS_AI_VENV:-$HERE/.venv}"
+PY="$VENV/bin/python"
+
+# Every rclpy process stays on this machine (DESIGN.md section 8).
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+export PYBAMM_DISABLE_TELEMETRY=true
+export PYTHONUNBUFFERED=1
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[dev] creating virtual environment in $VENV" >&2
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.bms_ai_setup" want
+  want="$(cat setup.py requirements-ros.txt | sha256sum | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[dev] installing bms_ai and its dependencies into $VENV" >&2
+    "$PY" -m pip install -q --upgrade pip >&2
+    "$PY" -m pip install -q -r requirements-ros.txt >&2
+    "$PY" -m pip install -q -e ".[test,train]" >&2
+    echo "$want" > "$stamp"
+  fi
+}
+
+system_packages() {
+  # Real MQTT broker for the uploader tests (Debian package).
+  if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "[dev] installing mosquitto (apt-get)" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto) >&2 \
+        || echo "[dev] mosquitto could not be installed; MQTT tests will be skipped" >&2
+    else
+      echo "[dev] mosquitto missing and not root: run 'sudo apt-get install mosquitto' for the MQTT tests" >&2
+    fi
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/bms-ai" demo "$@" ;;
+  bench) setup; exec "$VENV/bin/bms-ai" bench "$@" ;;
+  test)
+    setup
+    system_packages
+    "$PY" -m ruff check bms_ai test launch
+    exec "$PY" -m pytest -q -m "not slow" "$@"
+    ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
+esac

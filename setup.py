@@ -1,0 +1,59 @@
+"""ament_python package; also pip-installable where ROS is not sourced."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "bms_ai"
+
+
+def files(pattern: str) -> list[str]:
+    return [f for f in glob(pattern, recursive=True) if "." in f.rsplit("/", 1)[-1]]
+
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),
+        ("share/" + PACKAGE, ["package.xml"]),
+        ("share/" + PACKAGE + "/launch", files("launch/*.py")),
+        ("share/" + PACKAGE + "/config", files("config/*.yaml")),
+        ("share/" + PACKAGE + "/dbc", files("dbc/*.dbc")),
+        ("share/" + PACKAGE + "/models", files("models/*")),
+    ],
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "python-can>=4.3",
+        "cantools>=39",
+        "onnxruntime>=1.17",
+        "PyYAML>=6",
+        "mcap>=1.1",
+        "zstandard>=0.21",
+        "paho-mqtt>=2.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5"],
+        "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7"],
+        "s3": ["boto3>=1.28"],
+    },
+    zip_safe=True,
+    maintainer="bms_ai developers",
+    maintainer_email="dev@bms-ai.invalid",
+    description="AI battery management for vehicles as a ROS 2 package.",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "bms-ai = bms_ai.cli:main",
+            "can_bridge = bms_ai.nodes.can_bridge:main",
+            "estimator = bms_ai.nodes.estimator:main",
+            "fault_monitor = bms_ai.nodes.fault_monitor:main",
+            "cloud_uploader = bms_ai.nodes.cloud_uploader:main",
+            "consumer_example = bms_ai.nodes.consumer_example:main",
+        ],
+    },
+)

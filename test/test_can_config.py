@@ -1,0 +1,116 @@
+"""Pack config validation and DBC loading errors: each names the problem and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bms_ai.can.dbc import DbcError, load_dbc
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.packconfig import PackConfigError, load_pack_config
+
+OVERLAP_DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: BMS
+BO_ 288 Meas: 8 BMS
+ SG_ PackV : 0|16@1+ (0.01,0) [0|655.35] "V" Vector__XXX
+ SG_ PackI : 8|16@1- (0.1,0) [-3276.8|3276.7] "A" Vector__XXX
+ SG_ Cell0 : 32|16@1+ (0.001,0) [0|65] "V" Vector__XXX
+"""
+
+
+def _write_cfg(tmp_path: Path, base: Path, **changes) -> Path:
+    data = yaml.safe_load(base.read_text())
+    data["dbc"] = str((base.parent / data["dbc"]).resolve())
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    p = tmp_path / "pack.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_reference_config_loads_and_covers_every_cell(pack_config_path):
+    cfg = load_pack_config(pack_config_path)
+    dec = PackDecoder(cfg)
+    assert cfg.n_cells == 96 and cfg.n_temps == 32 and cfg.chemistry == "nmc"
+    cells = sorted(s.index for r in dec.routes.values() for slots in r.by_mux.values() for s in slots if s.kind == 0)
+    assert cells == list(range(96))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"cells": None}, "missing required key 'cells'"),
+        ({"chemistry": "leadacid"}, "chemistry"),
+        ({"cells": 95}, "outside 0..94"),
+        ({"cells": 100}, "no signal maps to element(s) [96"),
+        ({"pack_current": {"message": "BMS_PackMeas", "signal": "Amps"}}, "signal 'Amps' is not in message 'BMS_PackMeas'"),
+        ({"pack_voltage": {"message": "NoSuchMsg", "signal": "X"}}, "message 'NoSuchMsg' is not in the DBC"),
+        ({"bogus": 1}, "unknown key(s) ['bogus']"),
+        ({"cells": "many"}, "expected an integer"),
+    ],
+)
+def test_invalid_configs_name_the_entry(tmp_path, pack_config_path, changes, needle):
+    p = _write_cfg(tmp_path, pack_config_path, **changes)
+    with pytest.raises(PackConfigError) as ei:
+        PackDecoder(load_pack_config(p))
+    assert needle in str(ei.value)
+
+
+def test_missing_files_and_bad_yaml(tmp_path):
+    with pytest.raises(PackConfigError, match="not found"):
+        load_pack_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cells: [1, 2\n")
+    with pytest.raises(PackConfigError, match="not valid YAML"):
+        load_pack_config(bad)
+    with pytest.raises(DbcError, match="not found"):
+        load_dbc(tmp_path / "x.dbc")
+
+
+def test_strict_rejection_explains_how_to_load_anyway(tmp_path):
+    p = tmp_path / "overlap.dbc"
+    p.write_text(OVERLAP_DBC)
+    with pytest.raises(DbcError) as ei:
+        load_dbc(p, strict=True)
+    msg = str(ei.value)
+    assert "overlap" in msg.lower() and "dbc_strict: false" in msg
+    db = load_dbc(p, strict=False)
+    assert db.get_message_by_name("Meas").get_signal_by_name("PackI").length == 16
+
+
+def test_other_vehicle_dbc_with_config_only(tmp_path):
+    """A DBC naming each cell's signal, discharge-positive current, no temperatures."""
+    lines = ['VERSION ""', "NS_ :", "BS_:", "BU_: ECU", "BO_ 1024 Pack: 4 ECU",
+             ' SG_ Volts : 0|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX',
+             ' SG_ AmpsDischarge : 16|16@1- (1,0) [-32768|32767] "A" Vector__XXX']
+    for blk in range(2):
+        lines.append(f"BO_ {1040 + blk} Cells{blk}: 8 ECU")
+        for k in range(4):
+            lines.append(f' SG_ Cell{blk * 4 + k + 1:02d}_mV : {16 * k}|16@1+ (1,0) [0|65535] "mV" Vector__XXX')
+    (tmp_path / "other.dbc").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "pack_id": "other", "dbc": "other.dbc", "cells": 8, "chemistry": "lfp",
+        "pack_voltage": {"message": "Pack", "signal": "Volts"},
+        "pack_current": {"message": "Pack", "signal": "AmpsDischarge", "scale": -1},
+        "cell_voltages": [
+            {"message": f"Cells{b}", "scale": 0.001,
+             "signals": {f"Cell{b * 4 + k + 1:02d}_mV": b * 4 + k for k in range(4)}} for b in range(2)
+        ],
+    }
+    p = tmp_path / "other.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    from bms_ai.can.assembler import PackAssembler
+
+    asm = PackAssembler(PackDecoder(load_pack_config(p)))
+    assert asm.feed(1024, (3200).to_bytes(2, "little") + (25).to_bytes(2, "little", signed=True), 0.0)
+    assert asm.feed(1041, b"".join(v.to_bytes(2, "little") for v in (3301, 3302, 3303, 3304)), 0.1)
+    assert asm.sample.pack_current == -25.0  # discharge-positive DBC flipped to ROS convention
+    assert asm.sample.pack_voltage == pytest.approx(320.0)
+    assert asm.sample.cell_voltages[4:8].tolist() == pytest.approx([3.301, 3.302, 3.303, 3.304])
