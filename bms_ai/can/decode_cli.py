@@ -1,0 +1,74 @@
+"""`bms-ai decode LOG --dbc DBC [--pack-config YAML] [--format csv|jsonl]`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from ..paths import default_pack_config
+from .decoder import PackDecoder
+from .offline import SampleTable, decode_frames, read_log, sample, sample_times
+from .packconfig import load_pack_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("log", help="CAN log (.asc .blf .log .trc .csv .mf4)")
+    p.add_argument("--dbc", help="DBC file (default: the pack config's)")
+    p.add_argument("--pack-config", default=str(default_pack_config()), help="pack config YAML")
+    p.add_argument("--no-strict", action="store_true", help="load a DBC that cantools rejects in strict mode")
+    p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    p.add_argument("--rate", type=float, default=10.0, help="samples per second of CAN time")
+    p.add_argument("--max-age", type=float, default=1.0, help="values older than this (s) are written as NaN")
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+
+
+def _num(v: float) -> float | None:
+    return None if not math.isfinite(v) else round(float(v), 6)
+
+
+def write_table(t: SampleTable, fmt: str, out) -> None:
+    n_c, n_t = t.cell_voltages.shape[1], t.cell_temperatures.shape[1]
+    status = sorted(t.status)
+    if fmt == "csv":
+        w = csv.writer(out)
+        w.writerow(["t", "pack_voltage", "pack_current", *[f"cell_v_{i:03d}" for i in range(n_c)],
+                    *[f"cell_t_{i:02d}" for i in range(n_t)], *status])
+        for i in range(len(t)):
+            w.writerow([f"{t.t[i]:.6f}", *(f"{x:.6g}" for x in (t.pack_voltage[i], t.pack_current[i])),
+                        *(f"{x:.6g}" for x in t.cell_voltages[i]), *(f"{x:.6g}" for x in t.cell_temperatures[i]),
+                        *(f"{t.status[k][i]:.6g}" for k in status)])
+    else:
+        for i in range(len(t)):
+            out.write(json.dumps({
+                "t": round(float(t.t[i]), 6), "pack_voltage": _num(t.pack_voltage[i]),
+                "pack_current": _num(t.pack_current[i]),
+                "cell_voltages": [_num(x) for x in t.cell_voltages[i]],
+                "cell_temperatures": [_num(x) for x in t.cell_temperatures[i]],
+                "status": {k: _num(t.status[k][i]) for k in status},
+            }) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_pack_config(args.pack_config, dbc=args.dbc)
+    if args.no_strict:
+        from dataclasses import replace
+
+        cfg = replace(cfg, dbc_strict=False)
+    dec = PackDecoder(cfg)
+    frames = read_log(args.log)
+    decoded = decode_frames(frames, dec)
+    table = sample(decoded, sample_times(decoded.t_first, decoded.t_last, 1.0 / args.rate, decoded.frame_ts),
+                   args.max_age)
+    with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as out:
+        write_table(table, args.format, out)
+    rej = {k: v for k, v in table.rejected.items() if v}
+    print(f"decoded {len(frames)} frames ({table.accepted} accepted, rejected {rej or 'none'}) "
+          f"-> {len(table)} samples", file=sys.stderr)
+    if frames.error:
+        print(f"warning: {frames.error}", file=sys.stderr)
+    return 0 if Path(args.log).is_file() else 1

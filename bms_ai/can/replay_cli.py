@@ -1,0 +1,94 @@
+"""`bms-ai replay LOG --interface I --channel C [--speed X] [--clock]`: a log onto a bus.
+
+With --clock the replayer also publishes /clock from the log time, so nodes
+running with use_sim_time follow the recorded drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+
+import can
+
+from .sources import LogReplaySource, SourceError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("log", help="CAN log (.asc .blf .log .trc .csv .mf4)")
+    p.add_argument("--interface", default="virtual", help="python-can interface (socketcan, udp_multicast, ...)")
+    p.add_argument("--channel", default="vcan0")
+    p.add_argument("--bus-options", default="{}", help="extra python-can Bus kwargs as JSON")
+    p.add_argument("--speed", type=float, default=1.0, help="speed factor; 0 = as fast as possible")
+    p.add_argument("--loop", action="store_true", help="repeat the log")
+    p.add_argument("--clock", action="store_true", help="publish /clock (rosgraph_msgs/Clock) from log time")
+    p.add_argument("--start-delay", type=float, default=0.0, help="wait this long (s) before the first frame")
+
+
+class _ClockPublisher:
+    """/clock from log time; rclpy is imported only when asked for."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from rosgraph_msgs.msg import Clock
+
+        rclpy.init()
+        self._rclpy, self._Clock = rclpy, Clock
+        self.node = rclpy.create_node("bms_ai_replay_clock")
+        self.pub = self.node.create_publisher(Clock, "/clock", 10)
+        self.last = -math.inf
+
+    def publish(self, t: float) -> None:
+        if t - self.last >= 0.001:
+            sec = int(t)
+            msg = self._Clock()
+            msg.clock.sec, msg.clock.nanosec = sec, int((t - sec) * 1e9)
+            self.pub.publish(msg)
+            self.last = t
+
+    def close(self) -> None:
+        self.node.destroy_node()
+        self._rclpy.shutdown()
+
+
+def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dict:
+    stop = stop or threading.Event()
+    source = LogReplaySource(args.log, speed=args.speed, loop=args.loop)
+    bus = can.Bus(interface=args.interface, channel=args.channel, **json.loads(args.bus_options))
+    clock = _ClockPublisher() if args.clock else None
+    sent = errors = 0
+    t0 = time.monotonic()
+    try:
+        if args.start_delay > 0:
+            time.sleep(args.start_delay)
+        for msg in source.frames(stop):
+            if source.finished:
+                break
+            if msg is None:
+                continue
+            if clock is not None:
+                clock.publish(msg.timestamp)
+            try:
+                bus.send(msg)
+                sent += 1
+            except can.CanError:
+                errors += 1
+    finally:
+        bus.shutdown()
+        if clock is not None:
+            clock.close()
+    return {"sent": sent, "send_errors": errors, "seconds": time.monotonic() - t0, "read_errors": source.errors}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        stats = replay(args)
+    except SourceError as exc:
+        print(f"bms-ai replay: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats), file=sys.stderr)
+    return 0 if not stats["read_errors"] else 1
