@@ -1,0 +1,149 @@
+"""`bms-ai bench`: performance figures as JSON, each next to its baseline from the same run.
+
+Sections come from the parts that own them; a section whose part is not
+installed is reported as skipped, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+# section name -> "module:function" returning a dict
+SECTIONS: dict[str, str] = {
+    "decode": "bms_ai.bench:bench_decode",
+    "estimator": "bms_ai.estimation.bench:bench",
+    "diagnostics": "bms_ai.diagnostics.bench:bench",
+    "uplink": "bms_ai.uplink.bench:bench",
+    "graph": "bms_ai.graph_bench:bench",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="smaller workloads (for tests)")
+    p.add_argument("-o", "--output", help="write the JSON here as well")
+
+
+def _synthetic_frames(seconds: float):
+    from .can.decoder import PackDecoder
+    from .can.encoder import PackEncoder
+    from .can.packconfig import load_pack_config
+    from .pack import PackSample
+    from .paths import default_pack_config
+
+    dec = PackDecoder(load_pack_config(default_pack_config()))
+    enc = PackEncoder(dec)
+    rng = np.random.default_rng(0)
+    s = PackSample.empty(dec.cfg.n_cells, dec.cfg.n_temps)
+    frames = []
+    for t, name, mux in enc.schedule(0.0, seconds):
+        s.cell_voltages[:] = 3.7 + 0.01 * rng.standard_normal(dec.cfg.n_cells)
+        s.cell_temperatures[:] = 25 + rng.standard_normal(dec.cfg.n_temps)
+        s.pack_voltage, s.pack_current = 355.0, float(rng.normal(-20, 30))
+        fid, ext = enc.frame_id(name)
+        frames.append((fid, enc.encode(name, mux, s), t, ext))
+    return dec, frames
+
+
+def bench_decode(quick: bool = False) -> dict[str, Any]:
+    """Per-frame decode+assemble vs a bare cantools decode loop; offline vectorised path."""
+    from .can.assembler import PackAssembler
+    from .can.offline import FrameArrays, decode_frames, sample, sample_times
+    from .can.sampler import FixedRateSampler
+
+    dec, frames = _synthetic_frames(5.0 if quick else 40.0)
+    by_id = {fid: dec.db.get_message_by_frame_id(fid) for fid, *_ in frames}
+
+    def cantools_loop() -> float:
+        t = time.perf_counter()
+        for fid, data, _ts, _ext in frames:
+            by_id[fid].decode(data)
+        return time.perf_counter() - t
+
+    def ours() -> tuple[float, list]:
+        sampler = FixedRateSampler(PackAssembler(dec), 0.1)
+        out = []
+        t = time.perf_counter()
+        for fid, data, ts, ext in frames:
+            out.extend(sampler.feed(fid, data, ts, ext))
+        return time.perf_counter() - t, out
+
+    import can
+
+    msgs = [can.Message(timestamp=ts, arbitration_id=fid, data=data, is_extended_id=ext) for fid, data, ts, ext in frames]
+    arrays = FrameArrays.from_messages(msgs)
+
+    def offline():
+        t = time.perf_counter()
+        d = decode_frames(arrays, dec)
+        table = sample(d, sample_times(d.t_first, d.t_last, 0.1, d.frame_ts), 1.0)
+        return time.perf_counter() - t, table
+
+    runs = 3
+    t_ct = min(cantools_loop() for _ in range(runs))
+    res = [ours() for _ in range(runs)]
+    t_ours = min(r[0] for r in res)
+    live = res[0][1]
+    offl = [offline() for _ in range(runs)]
+    t_off = min(r[0] for r in offl)
+    table = offl[0][1]
+    identical = len(live) == len(table) and np.array_equal(
+        np.stack([s.cell_voltages for s in live]), table.cell_voltages, equal_nan=True)
+    n = len(frames)
+    return {
+        "frames": n,
+        "decode_assemble_frames_per_s": n / t_ours,
+        "cantools_decode_frames_per_s": n / t_ct,
+        "ratio_to_cantools": t_ours / t_ct,
+        "offline_vectorised_frames_per_s": n / t_off,
+        "offline_identical_to_per_frame": bool(identical),
+        "targets": {"decode_assemble_frames_per_s": ">= 100000", "ratio_to_cantools": "<= 2",
+                    "offline_vectorised_frames_per_s": ">= 1000000"},
+    }
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return info
+
+
+def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": machine()}
+    for name in names:
+        mod_name, fn_name = SECTIONS[name].split(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            out[name] = {"skipped": f"not available: {exc}"}
+            continue
+        print(f"[bench] {name} ...", file=sys.stderr)
+        out[name] = fn(quick=quick)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(SECTIONS)
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown bench section(s) {bad}; known: {list(SECTIONS)}")
+    res = run_sections(names, args.quick)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0

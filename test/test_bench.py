@@ -1,0 +1,20 @@
+"""`bms-ai bench` runs and reports each figure next to its baseline (no timing asserts)."""
+
+from __future__ import annotations
+
+from bms_ai.bench import bench_decode, run_sections
+
+
+def test_decode_bench_reports_ratio_and_identity():
+    r = bench_decode(quick=True)
+    assert r["frames"] > 5000
+    assert r["offline_identical_to_per_frame"] is True
+    assert r["ratio_to_cantools"] > 0 and r["decode_assemble_frames_per_s"] > 0
+
+
+def test_missing_sections_are_reported_not_invented(monkeypatch):
+    from bms_ai import bench
+
+    monkeypatch.setitem(bench.SECTIONS, "nope", "bms_ai.does_not_exist:bench")
+    out = run_sections(["nope"], quick=True)
+    assert "skipped" in out["nope"] and out["machine"]["cpus"] >= 1
