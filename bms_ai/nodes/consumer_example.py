@@ -8,6 +8,9 @@ worst active diagnostic once per second. Nothing of bms_ai is imported.
 
 from __future__ import annotations
 
+import json
+import math
+
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
@@ -25,6 +28,8 @@ class BatteryConsumer(Node):
         self.diagnostics: dict[str, tuple[int, str]] = {}
         self.create_subscription(BatteryState, "battery_state", self._on_state, qos_profile_sensor_data)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
+        self.declare_parameter("json_output", False)  # one JSON line per report on stdout (for scripts)
+        self.json_output = bool(self.get_parameter("json_output").value)
         self.create_timer(1.0, self._report)
 
     def _on_state(self, msg: BatteryState) -> None:
@@ -44,6 +49,15 @@ class BatteryConsumer(Node):
 
     def _report(self) -> None:
         level, what = self.worst()
+        if self.json_output:
+            s = self.state
+            print(json.dumps({
+                "soc": None if s is None or math.isnan(s.percentage) else s.percentage,
+                "capacity": None if s is None or math.isnan(s.capacity) else s.capacity,
+                "stamp": None if s is None else s.header.stamp.sec + s.header.stamp.nanosec * 1e-9,
+                "diagnostics": {n: lv for n, (lv, _m) in self.diagnostics.items()},
+            }), flush=True)
+            return
         if self.state is None:
             self.get_logger().info(f"waiting for battery_state; diagnostics {LEVELS.get(level)} ({what})")
             return

@@ -1,0 +1,212 @@
+"""Whole-graph figures for `bms-ai bench`: CPU and RSS at nominal traffic, replay speed,
+CAN frame -> estimate latency. Every figure is measured next to a baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _write_log(path: Path, seconds: float) -> int:
+    import can
+
+    from .bench import _synthetic_frames
+
+    _dec, frames = _synthetic_frames(seconds)
+    with can.Logger(str(path)) as log:
+        for fid, data, ts, ext in frames:
+            log.on_message_received(can.Message(timestamp=1e6 + ts, arbitration_id=fid, data=data, is_extended_id=ext))
+    return len(frames)
+
+
+def _cpu_rss(cmd: list[str], warmup: float, window: float) -> dict[str, float]:
+    """CPU % of one core and peak RSS of a process tree over a measurement window."""
+    import psutil
+
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        ps = psutil.Process(proc.pid)
+        time.sleep(warmup)
+
+        def cpu() -> float:
+            procs = [ps] + ps.children(recursive=True)
+            return sum(p.cpu_times().user + p.cpu_times().system for p in procs if p.is_running())
+
+        c0, t0 = cpu(), time.monotonic()
+        rss = 0
+        while time.monotonic() - t0 < window:
+            rss = max(rss, sum(p.memory_info().rss for p in [ps] + ps.children(recursive=True)))
+            time.sleep(0.25)
+        c1, t1 = cpu(), time.monotonic()
+        if proc.poll() is not None:
+            raise RuntimeError(f"benchmark process exited early: {proc.stderr.read().decode()[-2000:]}")
+        return {"cpu_percent_of_one_core": 100 * (c1 - c0) / (t1 - t0), "rss_mb": rss / 1e6}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+_BARE_REPLAY = """
+import sys, threading
+from bms_ai.can.sources import LogReplaySource
+src = LogReplaySource(sys.argv[1], speed=1.0)
+for m in src.frames(threading.Event()):
+    pass
+"""
+
+
+def bench_nominal(log: Path, quick: bool) -> dict[str, Any]:
+    warm, win = (3.0, 5.0) if quick else (5.0, 20.0)
+    from .demo import available_nodes
+
+    have, _ = available_nodes()
+    run = [sys.executable, "-m", "bms_ai.cli", "run", "--can-log", str(log), "--speed", "1", "--duration", "120"]
+    graph = _cpu_rss(run + ["--nodes", ",".join(have)], warm, win)
+    graph["nodes"] = have
+    bridge = _cpu_rss(run + ["--nodes", "can_bridge"], warm, win)
+    bare = _cpu_rss([sys.executable, "-c", _BARE_REPLAY, str(log)], warm, win)
+    return {
+        "graph": graph, "can_bridge_only": bridge, "bare_log_replay_baseline": bare,
+        "graph_cpu_ratio_to_bare_replay": graph["cpu_percent_of_one_core"] / max(bare["cpu_percent_of_one_core"], 1e-6),
+        "targets": {"graph.cpu_percent_of_one_core": "<= 10", "graph.rss_mb": "<= 300"},
+    }
+
+
+def bench_replay(log: Path, seconds: float) -> dict[str, Any]:
+    """Full graph at maximum replay speed on sim time vs the offline decoder on the same log."""
+    from .can.offline import decode_log
+    from .can.packconfig import load_pack_config
+    from .paths import default_pack_config
+
+    t = time.perf_counter()
+    decode_log(log, load_pack_config(default_pack_config()))
+    t_off = time.perf_counter() - t
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    code = f"""
+import time, sys
+from argparse import Namespace
+from bms_ai.runner import GraphRunner, graph_from_args
+args = Namespace(params={json.dumps(str(Path(__file__).parent.parent / 'config' / 'bms_ai.yaml'))}, namespace='/bms',
+    nodes='can_bridge,estimator,fault_monitor,cloud_uploader', can_log={json.dumps(str(log))}, speed=0.0,
+    interface=None, channel=None, set=[], duration=0)
+import importlib
+ok = []
+for n in args.nodes.split(','):
+    try:
+        importlib.import_module('bms_ai.nodes.' + n); ok.append(n)
+    except ImportError:
+        pass
+args.nodes = ','.join(ok)
+r = GraphRunner(graph_from_args(args), args.params)
+b = r.node('can_bridge')
+t0 = time.monotonic()
+r.spin(until=lambda: b.source.finished)
+wall = time.monotonic() - t0
+print(wall, b.samples_published, args.nodes)
+r.shutdown()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    wall, samples, nodes = out.stdout.split()[-3:]
+    return {"drive_seconds": seconds, "graph_wall_seconds": float(wall), "nodes": nodes.split(","),
+            "graph_replay_x_real_time": seconds / float(wall), "samples_published": int(samples),
+            "offline_decode_x_real_time_baseline": seconds / t_off, "target_x_real_time": ">= 200"}
+
+
+def bench_latency(seconds: float) -> dict[str, Any]:
+    """CAN frame in (virtual bus) -> battery_state out, next to frame -> pack/measurements."""
+    import importlib
+
+    import can
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import BatteryState
+
+    from .bench import _synthetic_frames
+    from .demo import available_nodes
+    from .graph import build_graph, node_parameters
+
+    ctx = Context()
+    rclpy.init(context=ctx)
+    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+    have, _ = available_nodes()
+    names = [n for n in ("can_bridge", "estimator") if n in have]
+    specs = build_graph("/bms", names, {"can_bridge": {"interface": "virtual", "channel": "lat"}})
+    nodes = []
+    for s in specs:
+        cls = importlib.import_module(s.module).NODE_CLASS
+        params = node_parameters(s, None)
+        nodes.append(cls(node_name=s.name, namespace=s.namespace, context=ctx,
+                         parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]))
+    probe = Node("lat_probe", context=ctx)
+    recv: dict[str, list[tuple[float, float]]] = {"pack/measurements": [], "battery_state": []}
+    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+    for topic, lst in recv.items():
+        probe.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
+            (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, time.time())), qos)
+    for n in nodes + [probe]:
+        ex.add_node(n)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    _dec, frames = _synthetic_frames(seconds)
+    bus = can.Bus(interface="virtual", channel="lat")
+    time.sleep(1.0)
+    sent = []
+    t0 = time.time()
+    for fid, data, ts, ext in frames:
+        while (d := t0 + ts - time.time()) > 0:
+            time.sleep(min(d, 0.002))
+        bus.send(can.Message(arbitration_id=fid, data=data, is_extended_id=ext))
+        sent.append(time.time())
+    time.sleep(1.0)
+    bus.shutdown()
+    ex.shutdown(timeout_sec=1)
+    for n in nodes + [probe]:
+        n.destroy_node()
+    rclpy.shutdown(context=ctx)
+    sent_arr = np.array(sent)
+
+    def lat(lst) -> dict[str, float]:
+        out = []
+        for stamp, wall in lst:
+            k = np.searchsorted(sent_arr, stamp, side="right")  # the frame that closed instant `stamp`
+            if k < len(sent_arr):
+                out.append(wall - sent_arr[k])
+        a = np.array(out[5:]) * 1000
+        return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)) if a.size else None,
+                "p99_ms": float(np.percentile(a, 99)) if a.size else None}
+
+    return {"frame_to_pack_measurements": lat(recv["pack/measurements"]),
+            "frame_to_battery_state": lat(recv["battery_state"]) if "estimator" in names else "estimator not installed",
+            "target_p99_ms": "<= 5"}
+
+
+def bench(quick: bool = False) -> dict[str, Any]:
+    seconds = 20.0 if quick else 60.0
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "nominal.blf"
+        frames = _write_log(log, seconds)
+        out: dict[str, Any] = {"log_frames": frames, "log_seconds": seconds}
+        out["nominal_traffic"] = bench_nominal(log, quick)
+        out["replay"] = bench_replay(log, seconds)
+        out["latency"] = bench_latency(5.0 if quick else 20.0)
+    return out
