@@ -11,6 +11,14 @@ def files(pattern: str) -> list[str]:
     return [f for f in glob(pattern, recursive=True) if "." in f.rsplit("/", 1)[-1]]
 
 
+def tree(folder: str) -> list[tuple[str, list[str]]]:
+    """data_files entries mirroring a folder under share/bms_ai (subfolders kept)."""
+    out: dict[str, list[str]] = {}
+    for f in files(folder + "/**/*"):
+        out.setdefault("share/" + PACKAGE + "/" + f.rsplit("/", 1)[0], []).append(f)
+    return sorted(out.items())
+
+
 setup(
     name=PACKAGE,
     version="0.1.0",
@@ -21,7 +29,8 @@ setup(
         ("share/" + PACKAGE + "/launch", files("launch/*.py")),
         ("share/" + PACKAGE + "/config", files("config/*.yaml")),
         ("share/" + PACKAGE + "/dbc", files("dbc/*.dbc")),
-        ("share/" + PACKAGE + "/models", files("models/*")),
+        *tree("models"),
+        *tree("data/drives"),
     ],
     include_package_data=True,
     python_requires=">=3.10",

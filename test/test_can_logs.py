@@ -138,3 +138,42 @@ def test_replay_puts_log_on_a_bus_in_time(tmp_path, messages):
     assert stats["sent"] == len(messages) and not stats["read_errors"]
     assert 0.2 <= stats["seconds"] < 1.0  # 1 s of log at 4x
     assert [m.arbitration_id for m in got] == [m.arbitration_id for m in messages]
+
+
+def test_replay_publishes_clock_from_log_time(tmp_path, messages):
+    """`bms-ai replay --clock`: /clock follows the log's timestamps."""
+    from argparse import Namespace
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rosgraph_msgs.msg import Clock
+
+    from bms_ai.can.replay_cli import replay
+
+    log = tmp_path / "d.blf"
+    _write(log, messages)
+    ctx = Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("clock_probe", context=ctx)
+    got = []
+    node.create_subscription(Clock, "/clock", got.append, 1000)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    th = threading.Thread(target=ex.spin, daemon=True)
+    th.start()
+    try:
+        args = Namespace(log=str(log), interface="virtual", channel="clock_test", bus_options="{}",
+                         speed=1.0, loop=False, clock=True, start_delay=1.0)
+        replay(args)
+        deadline = __import__("time").monotonic() + 3
+        while len(got) < 500 and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.05)
+    finally:
+        ex.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    t = [c.clock.sec + c.clock.nanosec * 1e-9 for c in got]
+    assert len(t) >= 500  # one per millisecond of log time at most, 1 s of log
+    span = messages[-1].timestamp - messages[0].timestamp
+    assert t == sorted(t) and t[-1] - t[0] == pytest.approx(span, abs=0.01)

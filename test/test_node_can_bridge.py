@@ -96,3 +96,23 @@ def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
         assert ros.wait_for(lambda: diag_levels(diags, "bms_ai: can_bus")[-1:] == [3], timeout=3)  # silence
     finally:
         bus.shutdown()
+
+
+def test_sim_time_clock_and_raw_log(ros, drive_log, tmp_path):
+    """publish_clock drives /clock from CAN time; every frame lands in the rotating raw BLF."""
+    from rosgraph_msgs.msg import Clock
+
+    clocks = ros.collect(Clock, "/clock")
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    time.sleep(0.3)
+    node = _node(ros, can_log=str(drive_log), replay_speed=0.0, publish_clock=True, use_sim_time=True,
+                 raw_log_dir=str(tmp_path / "raw"))
+    assert ros.wait_for(lambda: len(got) >= 29, timeout=10)
+    clock_t = [c.clock.sec + c.clock.nanosec * 1e-9 for c in clocks]
+    stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in got[:29]]
+    assert clock_t[: len(stamps)] == pytest.approx(stamps, abs=1e-6)
+    assert ros.wait_for(lambda: abs(node.get_clock().now().nanoseconds * 1e-9 - stamps[-1]) < 0.2, timeout=3)
+    node.destroy_node()
+    ros.nodes.remove(node)
+    raw = sorted((tmp_path / "raw").glob("*.blf"))
+    assert raw and sum(1 for _ in can.LogReader(str(raw[0]))) == sum(1 for _ in can.LogReader(str(drive_log)))
