@@ -99,7 +99,9 @@ def bench_decode(quick: bool = False) -> dict[str, Any]:
     identical = len(live) == len(table) and np.array_equal(
         np.stack([s.cell_voltages for s in live]), table.cell_voltages, equal_nan=True)
     n = len(frames)
+    blf = _blf_read(msgs)
     return {
+        **blf,
         "frames": n,
         "decode_assemble_frames_per_s": n / t_ours,
         "cantools_decode_frames_per_s": n / t_ct,
@@ -109,6 +111,30 @@ def bench_decode(quick: bool = False) -> dict[str, Any]:
         "targets": {"decode_assemble_frames_per_s": ">= 100000", "ratio_to_cantools": "<= 2",
                     "offline_vectorised_frames_per_s": ">= 1000000"},
     }
+
+
+def _blf_read(msgs) -> dict[str, Any]:
+    """Reading a BLF log: our array reader vs python-can's message reader, same file."""
+    import tempfile
+
+    import can
+
+    from .can.offline import FrameArrays, iter_log, read_log
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/bench.blf"
+        with can.Logger(path) as log:
+            for m in msgs:
+                log.on_message_received(m)
+        t = time.perf_counter()
+        fast = read_log(path)
+        t_fast = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = FrameArrays.from_messages(iter_log(path))
+        t_ref = time.perf_counter() - t
+    same = all(np.array_equal(getattr(fast, f), getattr(ref, f)) for f in ("ts", "ids", "data", "dlc"))
+    return {"blf_read_frames_per_s": len(fast) / t_fast, "python_can_blf_read_frames_per_s": len(ref) / t_ref,
+            "blf_read_identical_to_python_can": bool(same)}
 
 
 def machine() -> dict[str, Any]:

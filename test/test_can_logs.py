@@ -177,3 +177,30 @@ def test_replay_publishes_clock_from_log_time(tmp_path, messages):
     assert len(t) >= 500  # one per millisecond of log time at most, 1 s of log
     span = messages[-1].timestamp - messages[0].timestamp
     assert t == sorted(t) and t[-1] - t[0] == pytest.approx(span, abs=0.01)
+
+
+def _mixed_messages(messages, error_frame: bool):
+    extra = [can.Message(timestamp=messages[-1].timestamp + 0.001 * k, arbitration_id=0x18FF50E5 + k,
+                         is_extended_id=True, data=bytes(range(k % 9))) for k in range(20)]
+    extra.append(can.Message(timestamp=extra[-1].timestamp + 0.001, arbitration_id=0x123, is_extended_id=False,
+                             is_remote_frame=True, dlc=0))
+    if error_frame:
+        extra.append(can.Message(timestamp=extra[-1].timestamp + 0.001, is_error_frame=True))
+    return list(messages) + extra
+
+
+@pytest.mark.parametrize("error_frame", [False, True])
+def test_fast_blf_reader_is_bit_identical_to_python_can(tmp_path, messages, error_frame):
+    from bms_ai.can.offline import FrameArrays, iter_log
+
+    path = tmp_path / "mixed.blf"
+    _write(path, _mixed_messages(messages * 60, error_frame))  # several zlib containers
+    fast = read_log(path)  # fast path, or python-can when the file has error frames
+    ref = FrameArrays.from_messages(iter_log(path))
+    assert len(fast) == len(ref) > 80000
+    for f in ("ts", "ids", "ext", "dlc", "data", "bad"):
+        np.testing.assert_array_equal(getattr(fast, f), getattr(ref, f), err_msg=f)
+    if not error_frame:
+        from bms_ai.can.blf_fast import read_blf_arrays
+
+        assert len(read_blf_arrays(path)) == len(ref)

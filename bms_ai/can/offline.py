@@ -87,6 +87,13 @@ def iter_log(path: str | Path, errors: list[str] | None = None):
 
 def read_log(path: str | Path) -> FrameArrays:
     """All frames of a log as arrays; ``.error`` says if the file was cut short."""
+    if str(path).lower().endswith(".blf") and Path(path).is_file():
+        from .blf_fast import read_blf_arrays
+
+        try:
+            return read_blf_arrays(path)
+        except Exception:  # anything unusual: python-can's reader decides (and reports damage)
+            pass
     errors: list[str] = []
     frames = FrameArrays.from_messages(iter_log(path, errors))
     frames.error = errors[0] if errors else None
