@@ -129,3 +129,45 @@ def test_in_process_runner_on_virtual_bus(pack_config_path, root):
         runner.node("can_bridge").destroy_subscription(probe)
         runner.shutdown()
     assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
+
+
+def test_two_packs_as_two_namespaces(pack_config_path, root):
+    """Multiple packs = the same graph in two namespaces; topics stay apart."""
+    import threading
+    import time
+
+    import can
+    from sensor_msgs.msg import BatteryState
+
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.packconfig import load_pack_config
+    from bms_ai.runner import GraphRunner
+
+    specs = (build_graph("/pack_a", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_a",
+                                                                    "pack_id": "A"}})
+             + build_graph("/pack_b", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_b",
+                                                                      "pack_id": "B"}}))
+    runner = GraphRunner(specs, None)
+    got: dict[str, list] = {"a": [], "b": []}
+    node = runner.nodes[0]
+    subs = [node.create_subscription(BatteryState, f"/pack_{k}/pack/measurements", got[k].append, 100) for k in got]
+    bus = can.Bus(interface="virtual", channel="ns_a")  # only pack A has traffic
+    try:
+        def feed():
+            time.sleep(0.3)
+            for m in synthetic_messages(PackDecoder(load_pack_config(pack_config_path)), 0, 0.6):
+                bus.send(m)
+                time.sleep(0.0005)
+
+        t = threading.Thread(target=feed)
+        t.start()
+        runner.spin(until=lambda: len(got["a"]) >= 2, duration=10)
+        t.join()
+    finally:
+        bus.shutdown()
+        for s in subs:
+            node.destroy_subscription(s)
+        runner.shutdown()
+    assert len(got["a"]) >= 2 and got["a"][-1].serial_number == "A"
+    assert all(m.serial_number == "B" for m in got["b"])  # B is silent: only NaN watchdog samples, if any
+    assert all(all(v != v for v in m.cell_voltage) for m in got["b"])
