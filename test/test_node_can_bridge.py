@@ -116,3 +116,17 @@ def test_sim_time_clock_and_raw_log(ros, drive_log, tmp_path):
     ros.nodes.remove(node)
     raw = sorted((tmp_path / "raw").glob("*.blf"))
     assert raw and sum(1 for _ in can.LogReader(str(raw[0]))) == sum(1 for _ in can.LogReader(str(drive_log)))
+
+
+def test_max_speed_batch_replay_equals_offline_decode(ros, drive_log, cfg):
+    """replay_speed 0: vectorised batch path, lossless, same samples as the offline decoder."""
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    time.sleep(0.3)
+    _node(ros, can_log=str(drive_log), replay_speed=0.0)
+    expected = decode_log(drive_log, cfg, rate=10.0, max_age=1.0)
+    assert ros.wait_for(lambda: len(got) >= len(expected), timeout=10)
+    np.testing.assert_allclose([m.voltage for m in got[: len(expected)]], expected.pack_voltage, rtol=1e-6)
+    np.testing.assert_allclose(np.array([m.cell_temperature for m in got[: len(expected)]]),
+                               expected.cell_temperatures, atol=1e-4)
+    assert ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_crc_error") == "1", timeout=3)

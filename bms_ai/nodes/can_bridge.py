@@ -22,12 +22,13 @@ from sensor_msgs.msg import BatteryState
 
 from ..can.assembler import PackAssembler
 from ..can.decoder import PackDecoder
+from ..can.offline import decode_frames, read_log, sample, sample_times
 from ..can.packconfig import load_pack_config
 from ..can.sampler import FixedRateSampler
 from ..can.sources import BusSource, LogReplaySource, SourceError
 from ..pack import PackSample
 from ..paths import default_pack_config
-from .common import ERROR, OK, PUB_QOS, STALE, WARN, Diagnostics, declare, spin_node
+from .common import ERROR, LOSSLESS_QOS, OK, PUB_QOS, STALE, WARN, Diagnostics, declare, spin_node
 from .convert import sample_to_battery_state, stamp_to_time
 
 
@@ -58,7 +59,8 @@ class CanBridgeNode(Node):
         self.pack_id = p["pack_id"] or cfg.pack_id
         self.asm = PackAssembler(PackDecoder(cfg))
         self.sampler = FixedRateSampler(self.asm, 1.0 / p["rate_hz"], p["max_age"])
-        self.pub = self.create_publisher(BatteryState, "pack/measurements", PUB_QOS)
+        lossless = bool(p["can_log"]) and not p["replay_speed"] > 0
+        self.pub = self.create_publisher(BatteryState, "pack/measurements", LOSSLESS_QOS if lossless else PUB_QOS)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
         self.diag = Diagnostics(self, self.pack_id)
         self.source = self._make_source()
@@ -95,6 +97,9 @@ class CanBridgeNode(Node):
 
     # reader thread -------------------------------------------------------
     def _run(self) -> None:
+        if (isinstance(self.source, LogReplaySource) and self.source.speed == math.inf and not self.source.loop
+                and self._raw_log is None and self.p["time_source"] == "can"):
+            return self._run_batch()
         backoff = 0.5
         use_clock = self.p["time_source"] == "clock"
         while not self._stop.is_set():
@@ -121,6 +126,41 @@ class CanBridgeNode(Node):
                 if self._stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, 10.0)
+
+    def _run_batch(self) -> None:
+        """Maximum-speed replay: the whole log decoded vectorised (identical samples, ~10x faster).
+
+        Publishing is lossless (KEEP_ALL), so the replay runs as fast as the
+        slowest reliable subscriber takes the samples.
+        """
+        src: LogReplaySource = self.source
+        frames = read_log(src.path)
+        if frames.error:
+            src.errors.append(frames.error)
+        with self.lock:
+            decoded = decode_frames(frames, self.asm.decoder)
+            table = sample(decoded, sample_times(decoded.t_first, decoded.t_last, self.sampler.period,
+                                                 decoded.frame_ts), self.sampler.max_age)
+            c = self.asm.counters
+            c.accepted += decoded.accepted
+            for k, v in decoded.rejected.items():
+                c.rejected[k] += v
+            self.asm.last_ts = decoded.t_last
+        base = PackSample.empty(table.cell_voltages.shape[1], table.cell_temperatures.shape[1])
+        for i in range(len(table)):
+            if self._stop.is_set():
+                return
+            s = base.copy()
+            s.stamp = float(table.t[i])
+            s.pack_voltage, s.pack_current = float(table.pack_voltage[i]), float(table.pack_current[i])
+            s.cell_voltages[:] = table.cell_voltages[i]
+            s.cell_temperatures[:] = table.cell_temperatures[i]
+            s.status = {k: float(v[i]) for k, v in table.status.items()}
+            self._publish(s)
+            with self.lock:
+                self.last_rx_steady = time.monotonic()
+                self.last_rx_can = s.stamp
+        src.finished = True
 
     def _publish(self, s: PackSample) -> None:
         if self.clock_pub is not None:

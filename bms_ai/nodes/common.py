@@ -10,12 +10,16 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 SUB_QOS = qos_profile_sensor_data
 DIAG_QOS = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+# Maximum-speed log replay: nothing may be dropped, the publisher waits for reliable readers.
+LOSSLESS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+# Subscribers in our own graph: reliable and deep, compatible with both publisher QoS above.
+GRAPH_SUB_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
 
 # Levels as ints (the message constants are bytes); Diagnostics.update accepts either.
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
