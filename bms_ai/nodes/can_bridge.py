@@ -59,7 +59,7 @@ class CanBridgeNode(Node):
         self.pack_id = p["pack_id"] or cfg.pack_id
         self.asm = PackAssembler(PackDecoder(cfg))
         self.sampler = FixedRateSampler(self.asm, 1.0 / p["rate_hz"], p["max_age"])
-        lossless = bool(p["can_log"]) and not p["replay_speed"] > 0
+        lossless = bool(p["can_log"])  # a file can wait for its readers; a live bus never does
         self.pub = self.create_publisher(BatteryState, "pack/measurements", LOSSLESS_QOS if lossless else PUB_QOS)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
         self.diag = Diagnostics(self, self.pack_id)
