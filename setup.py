@@ -44,6 +44,7 @@ setup(
         "zstandard>=0.21",
         "paho-mqtt>=2.0",
         "psutil>=5.9",
+        "msgpack>=1.0",  # python-can udp_multicast (virtual CAN across processes)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5"],
