@@ -24,14 +24,21 @@ setup() {
   want="$(cat setup.py requirements-ros.txt | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[dev] installing bms_ai and its dependencies into $VENV" >&2
-    "$PY" -m pip install -q --upgrade pip >&2
-    "$PY" -m pip install -q -r requirements-ros.txt >&2
-    "$PY" -m pip install -q -e ".[test,train]" >&2
+    pipq() { "$PY" -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" >&2 || true; "$PY" -m pip check >/dev/null 2>&1 || true; }
+    pipq --upgrade pip
+    pipq -r requirements-ros.txt
+    pipq -e ".[test,train]"
+    "$PY" -c "import rclpy, cantools, can, onnxruntime, bms_ai" \
+      || { echo "[dev] installation incomplete (see pip output above)" >&2; exit 1; }
     echo "$want" > "$stamp"
   fi
 }
 
 system_packages() {
+  # iproute2 for the private network namespace of the udp_multicast end-to-end test.
+  if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) >&2 || true
+  fi
   # Real MQTT broker for the uploader tests (Debian package).
   if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     if [ "$(id -u)" = 0 ]; then
