@@ -1,0 +1,214 @@
+"""Upload backends: one small interface, implementations picked by name from config.
+
+Like python-can's interfaces: ``make_backend({"kind": "http", ...})`` looks the
+kind up in ``BACKENDS``; adding one is a subclass with ``kind = "..."``.
+Backends raise ``UploadError`` with ``transient`` telling the uploader whether
+retrying can help (network down, 5xx) or not without a fix (bad token).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import ssl
+import threading
+import time
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, BinaryIO, ClassVar
+
+from .spool import Segment
+
+
+class UploadError(Exception):
+    def __init__(self, message: str, transient: bool = True, auth: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.auth = auth
+
+
+class Throttle:
+    """Token bucket in bytes/s shared by all uploads (0 = unlimited); bursts of ``burst_s`` worth."""
+
+    def __init__(self, rate_bps: float = 0.0, burst_s: float = 0.25) -> None:
+        self.rate = float(rate_bps)
+        self.burst = self.rate * burst_s
+        self._tokens = self.burst
+        self._t = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+
+
+def read_chunks(f: BinaryIO, throttle: Throttle, chunk: int = 64 << 10) -> Iterator[bytes]:
+    while data := f.read(chunk):
+        throttle.take(len(data))
+        yield data
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+class Backend(ABC):
+    """Puts one segment somewhere durable; must be idempotent by content hash."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kind"):  # only classes that name their own kind register (not test subclasses)
+            BACKENDS[cls.kind] = cls
+
+    @abstractmethod
+    def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """Upload the open file; return a short description ('created', 'duplicate', ...)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def make_backend(config: dict[str, Any]) -> Backend:
+    cfg = dict(config)
+    kind = cfg.pop("kind", None)
+    try:
+        cls = BACKENDS[str(kind)]
+    except KeyError:
+        raise ValueError(f"unknown upload backend {kind!r}; available: {sorted(BACKENDS)}") from None
+    return cls(**cfg)
+
+
+class HttpBackend(Backend):
+    """PUT to an ingest endpoint (``bms-ai ingest-server`` or compatible): bearer token, sha256 idempotency key."""
+
+    kind = "http"
+
+    def __init__(self, url: str, token: str = "", ca_file: str | None = None, timeout_s: float = 30.0,
+                 verify_tls: bool = True) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"ingest url must be http(s)://host[:port]/path, got {url!r}")
+        self.url = url
+        self._u = u
+        self.token = token
+        self.timeout_s = float(timeout_s)
+        self._ctx: ssl.SSLContext | None = None
+        if u.scheme == "https":
+            self._ctx = ssl.create_default_context(cafile=ca_file)  # verifies chain and hostname
+            if not verify_tls:  # only for a lab bench; config must say so explicitly
+                self._ctx.check_hostname = False
+                self._ctx.verify_mode = ssl.CERT_NONE
+
+    def _conn(self) -> http.client.HTTPConnection:
+        host, port = self._u.hostname or "", self._u.port
+        if self._ctx is not None:
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout_s, context=self._ctx)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+
+    def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        path = self._u.path.rstrip("/") + "/segments/" + seg.sha256
+        h = {"Content-Type": "application/octet-stream", "Content-Length": str(seg.size),
+             "Idempotency-Key": seg.sha256, "X-Content-SHA256": seg.sha256, **headers}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        conn = self._conn()
+        try:
+            conn.request("PUT", path, body=read_chunks(f, throttle), headers=h, encode_chunked=False)
+            resp = conn.getresponse()
+            body = resp.read(4096).decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as exc:
+            raise UploadError(f"{type(exc).__name__}: {exc}", transient=True) from exc
+        finally:
+            conn.close()
+        if resp.status in (200, 201):
+            return "created" if resp.status == 201 else "duplicate"
+        if resp.status in (401, 403):
+            raise UploadError(f"HTTP {resp.status}: {body[:200]}", transient=False, auth=True)
+        # 400 = hash mismatch in flight (the file was verified before sending), 5xx, 429: retry later
+        raise UploadError(f"HTTP {resp.status}: {body[:200]}", transient=True)
+
+
+class S3Backend(Backend):
+    """S3-compatible object storage via boto3; key = prefix/class/sha256.ext; skip if already there."""
+
+    kind = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "bms_ai/", endpoint_url: str | None = None,
+                 region: str = "us-east-1", access_key: str | None = None, secret_key: str | None = None,
+                 ca_file: str | None = None, verify_tls: bool = True, timeout_s: float = 30.0) -> None:
+        import boto3  # optional dependency, imported when this backend is chosen
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        verify: bool | str = ca_file if ca_file else verify_tls
+        self._s3 = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key, verify=verify,
+            config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1}))
+
+    def key(self, seg: Segment, vehicle: str = "") -> str:
+        """<prefix>[<vehicle pseudonym>/]<class>/<sha256>.<ext>: one object per content hash."""
+        name = seg.path.name.split(".")
+        ext = ".".join(name[2:]) or "bin"
+        return f"{self.prefix}{vehicle + '/' if vehicle else ''}{seg.cls}/{name[0]}.{ext}"
+
+    def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self.key(seg, headers.get("X-BMS-Vehicle", ""))
+        meta = {k.lower().removeprefix("x-bms-"): v for k, v in headers.items() if k.lower().startswith("x-bms-")}
+        try:
+            try:
+                self._s3.head_object(Bucket=self.bucket, Key=key)
+                return "duplicate"
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+            data = b"".join(read_chunks(f, throttle))
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata={"sha256": seg.sha256, **meta},
+                                ChecksumSHA256=base64.b64encode(bytes.fromhex(seg.sha256)).decode())
+            return "created"
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            auth = code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+            raise UploadError(f"S3 {code}: {exc}", transient=not auth, auth=auth) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise UploadError(f"S3 {type(exc).__name__}: {exc}", transient=True) from exc
+
+
+class DirectoryBackend(Backend):
+    """Copy into a local/mounted directory (sneakernet, NFS); same idempotency by hash."""
+
+    kind = "directory"
+
+    def __init__(self, path: str) -> None:
+        from pathlib import Path
+        self.path = Path(path)
+
+    def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        import os
+        self.path.mkdir(parents=True, exist_ok=True)
+        dst = self.path / seg.path.name
+        if dst.exists():
+            return "duplicate"
+        tmp = dst.with_suffix(dst.suffix + ".tmp")
+        with open(tmp, "wb") as out:
+            for chunk in read_chunks(f, throttle):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+        (self.path / (seg.path.name + ".json")).write_text(json.dumps(headers))
+        return "created"

@@ -1,0 +1,71 @@
+"""Uploader configuration: defaults, YAML loading, deep merge, secrets from the environment."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "vehicle_id": "",
+    "spool": {"dir": "~/.local/share/bms_ai/spool", "quota_mb": 1024, "min_free_mb": 256, "fsync": True},
+    "segments": {"max_mb": 8.0, "max_duration_s": 60.0, "compression": "zstd", "chunk_kb": 64},
+    "topics": {"pack/measurements": "raw", "battery_state": "estimates", "/diagnostics": "diagnostics",
+               "/rosout": "diagnostics"},
+    "topic_types": {},  # topic -> pkg/msg/Type for topics not in the node's known list (else discovered)
+    "default_class": "raw",
+    "fault_snapshot": {"enabled": True, "pre_s": 30.0, "post_s": 30.0},
+    "backend": {"kind": "http", "url": "http://127.0.0.1:8080", "token_env": "BMS_AI_INGEST_TOKEN"},
+    "retry": {"base_s": 1.0, "max_s": 300.0, "factor": 2.0, "jitter": True},
+    "bandwidth_kbps": 0.0,
+    "backlog": {"order": "oldest_first", "max_age_s": {}, "warn_age_s": 86400.0},
+    "privacy": {"enabled": False, "key_env": "BMS_AI_PSEUDONYM_KEY"},
+    "telemetry": {"enabled": False, "kind": "mqtt", "host": "127.0.0.1", "port": 1883,
+                  "topic_prefix": "bms_ai/vehicle", "rate_hz": 1.0, "qos": 1, "retain": True},
+    "can_logs": {"enabled": False, "dir": "", "patterns": ["*.blf", "*.log", "*.asc"], "min_age_s": 5.0,
+                 "delete_after_pickup": False, "class": "raw"},
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge; a section that names a different ``kind`` (backend) replaces the default whole."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        replace = k in ("topics", "max_age_s", "topic_types") or (
+            isinstance(v, dict) and isinstance(out.get(k), dict) and "kind" in v and v["kind"] != out[k].get("kind"))
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULTS <- file (its ``uplink:`` section or the whole document) <- overrides."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping")
+        cfg = deep_merge(cfg, doc.get("uplink", doc))
+    return deep_merge(cfg, overrides or {})
+
+
+def resolve_env(section: dict[str, Any]) -> dict[str, Any]:
+    """``token_env: NAME`` -> ``token: $NAME`` (secrets stay out of files); explicit values win."""
+    out = {}
+    for k, v in section.items():
+        if k.endswith("_env"):
+            name = k[:-4]
+            if not section.get(name) and v:
+                val = os.environ.get(str(v))
+                if val is not None:
+                    out[name] = val
+        else:
+            out.setdefault(k, v)
+            if v not in (None, ""):
+                out[k] = v
+    return out
