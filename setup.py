@@ -32,7 +32,8 @@ setup(
         *tree("models"),
         *tree("data/drives"),
     ],
-    include_package_data=True,
+    # data read at run time from inside the package (OCV tables, drive cycles)
+    package_data={PACKAGE: ["estimation/data/*", "estimation/data/*/*", "sim/data/*", "sim/data/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",
@@ -49,7 +50,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "mcap-ros2-support>=0.5",
                  "boto3>=1.28", "moto[s3,server]>=5.0"],
-        "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7"],
+        "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7", "scipy>=1.10"],
         "s3": ["boto3>=1.28"],
     },
     zip_safe=True,

@@ -1,0 +1,15 @@
+"""Data factory: physics-simulated packs and recorded drives with ground truth.
+
+Training-side only (needs PyBaMM); never imported by the nodes.
+
+    from bms_ai.sim import simulate_drive, write_drive
+    drive = simulate_drive("nmc_udds", seed=1)
+    write_drive(drive, "out/nmc_udds_1")     # can.blf, truth.parquet, meta.json
+"""
+
+from .io import read_meta, read_truth, truth_arrays, truth_columns, write_drive
+from .scenario import BUNDLED, SCENARIOS, Fault, Scenario, Segment, get_scenario
+from .simulator import Drive, simulate_drive
+
+__all__ = ["BUNDLED", "SCENARIOS", "Drive", "Fault", "Scenario", "Segment", "get_scenario", "read_meta",
+           "read_truth", "simulate_drive", "truth_arrays", "truth_columns", "write_drive"]

@@ -1,0 +1,74 @@
+"""`bms-ai simulate`: one recorded drive, a suite, or an import of real data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scenario", help="scenario name, bundled:NAME, or a scenario .json file")
+    g.add_argument("--suite", choices=["train", "val", "test", "smoke"], help="build a scenario grid")
+    g.add_argument("--import-csv", metavar="CSV", help="convert a McMaster/Kollmeyer drive-cycle CSV to the truth schema")
+    g.add_argument("--list", action="store_true", help="list named scenarios and suite sizes")
+    p.add_argument("--seed", type=int, default=0, help="random seed (cell spread, sensors, CAN timing)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes for --suite")
+    p.add_argument("--limit", type=int, default=None, help="only the first N drives of the suite")
+    p.add_argument("--can", default="blf", choices=["blf", "asc", "both", "none"], help="CAN log format(s)")
+    p.add_argument("--asc", action="store_true", help="also write can.asc")
+    p.add_argument("--chemistry", default="nmc", help="chemistry label for --import-csv")
+
+
+def _formats(args) -> tuple[str, ...]:
+    f = {"blf": ("blf",), "asc": ("asc",), "both": ("blf", "asc"), "none": ()}[args.can]
+    if args.asc and "asc" not in f:
+        f = f + ("asc",)
+    return f
+
+
+def run(args) -> int:
+    os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.list:
+        from .scenario import BUNDLED, SCENARIOS
+        from .suite import SUITE_SIZES
+
+        print(json.dumps({"scenarios": sorted(SCENARIOS), "bundled": sorted(f"bundled:{k}" for k in BUNDLED),
+                          "suites": SUITE_SIZES}, indent=2))
+        return 0
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    if args.import_csv:
+        from .importers import import_kollmeyer_csv
+
+        out = import_kollmeyer_csv(args.import_csv, args.out, chemistry=args.chemistry)
+        print(f"imported {args.import_csv} -> {out}", file=sys.stderr)
+        return 0
+    if args.suite:
+        from .suite import build_suite
+
+        if args.jobs < 1:
+            raise ValueError("--jobs must be >= 1")
+        summary = build_suite(args.suite, args.out, jobs=args.jobs, formats=_formats(args), limit=args.limit)
+        print(json.dumps(summary))
+        return 1 if summary["failed"] else 0
+    from .io import write_drive
+    from .simulator import simulate_drive
+
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    drive = simulate_drive(args.scenario, args.seed, progress=say)
+    say(f"encoding CAN ({', '.join(_formats(args)) or 'none'}) and writing truth")
+    out = write_drive(drive, args.out, _formats(args))
+    wall = time.perf_counter() - t0
+    say(f"done: {drive.duration_s / 60:.1f} min of driving in {wall:.1f} s "
+        f"({drive.duration_s / 3600 / (wall / 60):.2f} h driving per minute) -> {out}")
+    return 0
