@@ -224,6 +224,10 @@ class CanBridgeNode(Node):
         else:
             level, msg = OK, "receiving"
         values["level_reason"] = msg
+        with self.diag.batch():
+            self._update_statuses(level, msg, values, stats, rates, timeouts, silent)
+
+    def _update_statuses(self, level, msg, values, stats, rates, timeouts, silent) -> None:
         self.diag.update("can_bus", level, msg, values)
         per_msg = {}
         for name, (_count, n_to, n_ctr, n_crc) in stats.items():

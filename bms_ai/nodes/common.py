@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,7 +54,19 @@ class Diagnostics:
         self.hardware_id = hardware_id
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
         self._status: dict[str, DiagnosticStatus] = {}
+        self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
         self._timer = node.create_timer(period, self.publish)
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Group updates: the level changes inside go out as one DiagnosticArray, not a burst."""
+        self._pending = []
+        try:
+            yield self
+        finally:
+            changed, self._pending = self._pending, None
+            if changed:
+                self.publish(changed)
 
     def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
                publish_on_change: bool = True) -> None:
@@ -64,7 +77,10 @@ class Diagnostics:
                               hardware_id=self.hardware_id, values=key_values(values or {}))
         self._status[name] = st
         if publish_on_change and (prev is None or prev.level != st.level):
-            self.publish([name])
+            if self._pending is not None:
+                self._pending.append(name)
+            else:
+                self.publish([name])
 
     def level(self, check: str) -> int | None:
         st = self._status.get(f"bms_ai: {check}")
