@@ -135,7 +135,7 @@ def bench_latency(seconds: float) -> dict[str, Any]:
     import can
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -147,7 +147,7 @@ def bench_latency(seconds: float) -> dict[str, Any]:
 
     ctx = Context()
     rclpy.init(context=ctx)
-    ex = MultiThreadedExecutor(num_threads=4, context=ctx)
+    ex = SingleThreadedExecutor(context=ctx)
     have, _ = available_nodes()
     names = [n for n in ("can_bridge", "estimator") if n in have]
     specs = build_graph("/bms", names, {"can_bridge": {"interface": "virtual", "channel": "lat"}})

@@ -1,7 +1,10 @@
 """`bms-ai run`: the whole graph in one process, for machines without ros2 launch.
 
 Same NodeSpecs as the launch file; nodes share one context and one
-multi-threaded executor, so there is no per-process overhead.
+executor, so there is no per-process overhead. The executor is single-threaded
+on purpose: every callback is short (CAN reading and uploads run on their own
+threads), and rclpy's MultiThreadedExecutor (Jazzy) was measured 25x slower
+here, its dispatch loop starving callbacks under /clock traffic.
 """
 
 from __future__ import annotations
@@ -67,13 +70,13 @@ class GraphRunner:
     def __init__(self, specs: list[NodeSpec], params_file: str | None) -> None:
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
         self._rclpy = rclpy
         self.context = Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.nodes = []
         try:
             for spec in specs:

@@ -41,3 +41,10 @@ def test_wheel_installs_share_files_and_entry_points(wheel):
     for script in ("bms-ai", "can_bridge", "estimator", "fault_monitor", "cloud_uploader", "consumer_example"):
         assert f"{script} = " in eps
     assert not any(n.startswith("test/") for n in names)
+    # data read from inside the package at run time
+    for needed in ("bms_ai/estimation/data/ocv_nmc.csv", "bms_ai/estimation/data/ocv_lfp.csv",
+                   "bms_ai/sim/data/cycles/udds.csv"):
+        assert needed in names, needed
+    for needed in ("share/bms_ai/models/manifest.json", "share/bms_ai/models/faults/manifest.json",
+                   "share/bms_ai/config/limits_nmc.yaml", "share/bms_ai/data/drives/nmc_udds/can.blf"):
+        assert needed in data, needed

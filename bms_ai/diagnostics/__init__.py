@@ -1,0 +1,10 @@
+"""Diagnostics: foxBMS-style three-tier limits, plausibility, derating, incipient-fault detectors.
+
+No rclpy here; bms_ai/nodes/fault_monitor.py adapts this to /diagnostics.
+"""
+
+from .config import LimitsConfig, LimitsConfigError, default_limits_path, load_limits, parse_limits
+from .rules import ERROR, OK, STALE, WARN, CheckResult, Event, RuleEngine
+
+__all__ = ["LimitsConfig", "LimitsConfigError", "default_limits_path", "load_limits", "parse_limits",
+           "RuleEngine", "CheckResult", "Event", "OK", "WARN", "ERROR", "STALE"]

@@ -1,0 +1,281 @@
+"""Limits config (YAML) for the rule engine, validated with errors that name the entry.
+
+The three tiers follow foxBMS 2: MOL (maximum operating limit) < RSL
+(recommended safety limit) < MSL (maximum safety limit), ordered outwards
+from the normal operating range. A config where the tiers are not ordered
+is rejected: a swapped MSL/MOL would silently disable the hard limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..paths import share_path
+
+TIERS = ("mol", "rsl", "msl")
+
+
+class LimitsConfigError(ValueError):
+    """A limits config is invalid; the message names the entry and the fix."""
+
+
+@dataclass(frozen=True)
+class TierLimits:
+    """Thresholds per tier; ``upper`` True means a violation is value > threshold."""
+
+    mol: float
+    rsl: float
+    msl: float
+    upper: bool
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.mol, self.rsl, self.msl)
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """Per-tier set counts (ticks) and the common clear count and hysteresis."""
+
+    set_counts: tuple[int, int, int]
+    clear_count: int
+    hysteresis: float
+
+
+@dataclass(frozen=True)
+class TemperatureLimits:
+    charge_over: TierLimits
+    charge_under: TierLimits
+    discharge_over: TierLimits
+    discharge_under: TierLimits
+    charge_current_a: float
+    debounce: Debounce
+    charge_mode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    pack_voltage_tolerance_v: float = 3.0
+    cell_voltage_spread_v: float = 0.3
+    temperature_spread_c: float = 10.0
+    open_wire_min_v: float = 0.5
+    open_wire_pair_v: float = 0.15
+    stuck_window_s: float = 30.0
+    stuck_epsilon_v: float = 1e-4
+    stuck_reference_move_v: float = 0.02
+    stuck_temperature_window_s: float = 600.0
+    stuck_epsilon_c: float = 1e-3
+    stuck_reference_move_c: float = 1.0
+    stuck_pack_move_v: float = 2.0
+    rest_current_a: float = 2.0
+    rest_window_s: float = 120.0
+    rest_voltage_drift_v: float = 0.002
+    current_offset_a: float = 0.5
+    stale_s: float = 1.0
+    soc_jump: float = 0.05
+    debounce: int = 5
+    clear_count: int = 10
+
+
+@dataclass(frozen=True)
+class Derating:
+    max_charge_a: float
+    max_discharge_a: float
+    charge_temperature_full: tuple[float, float]
+    discharge_temperature_full: tuple[float, float]
+    voltage_headroom_v: float
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    chemistry: str
+    tick_hz: float
+    cell_over: TierLimits
+    cell_under: TierLimits
+    cell_voltage_debounce: Debounce
+    temperature: TemperatureLimits
+    current_charge: TierLimits
+    current_discharge: TierLimits
+    current_debounce: Debounce
+    plausibility: Plausibility
+    derating: Derating
+    latch_until_reset: frozenset[str] = field(default_factory=lambda: frozenset({"msl"}))
+    source: str = ""
+
+    @property
+    def latch_mask(self) -> tuple[bool, bool, bool]:
+        return tuple(t in self.latch_until_reset for t in TIERS)  # type: ignore[return-value]
+
+
+def _num(v: Any, where: str, positive: bool = False, nonneg: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise LimitsConfigError(f"{where}: expected a finite number, got {v!r}")
+    v = float(v)
+    if positive and v <= 0:
+        raise LimitsConfigError(f"{where}: must be > 0, got {v}")
+    if nonneg and v < 0:
+        raise LimitsConfigError(f"{where}: must be >= 0, got {v}")
+    return v
+
+
+def _count(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise LimitsConfigError(f"{where}: expected an integer tick count >= 1, got {v!r}")
+    return v
+
+
+def _map(d: Any, where: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise LimitsConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise LimitsConfigError(f"{where}: missing {', '.join(missing)}")
+    return d
+
+
+def _tiers(d: Any, where: str, upper: bool) -> TierLimits:
+    d = _map(d, where, TIERS)
+    unknown = set(d) - set(TIERS)
+    if unknown:
+        raise LimitsConfigError(f"{where}: unknown keys {sorted(unknown)} (expected mol, rsl, msl)")
+    mol, rsl, msl = (_num(d[t], f"{where}.{t}") for t in TIERS)
+    ordered = mol <= rsl <= msl if upper else mol >= rsl >= msl
+    if not ordered:
+        rel = "mol <= rsl <= msl" if upper else "mol >= rsl >= msl"
+        kind = "an upper" if upper else "a lower"
+        raise LimitsConfigError(f"{where}: tiers out of order ({mol}, {rsl}, {msl}); {kind} limit needs "
+                                f"{rel} (MSL is the outermost)")
+    return TierLimits(mol, rsl, msl, upper)
+
+
+def _debounce(d: dict[str, Any], where: str) -> Debounce:
+    deb = d.get("debounce", 1)
+    if isinstance(deb, dict):
+        deb = _map(deb, f"{where}.debounce", TIERS)
+        counts = tuple(_count(deb[t], f"{where}.debounce.{t}") for t in TIERS)
+    else:
+        c = _count(deb, f"{where}.debounce")
+        counts = (c, c, c)
+    return Debounce(counts, _count(d.get("clear_count", 1), f"{where}.clear_count"),  # type: ignore[arg-type]
+                    _num(d.get("hysteresis", 0.0), f"{where}.hysteresis", nonneg=True))
+
+
+def _check_gap(low: TierLimits, high: TierLimits, where: str) -> None:
+    if not low.mol < high.mol:
+        raise LimitsConfigError(f"{where}: under.mol ({low.mol}) must be below over.mol ({high.mol})")
+
+
+def _pair(v: Any, where: str) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise LimitsConfigError(f"{where}: expected [low, high]")
+    a, b = _num(v[0], f"{where}[0]"), _num(v[1], f"{where}[1]")
+    if a > b:
+        raise LimitsConfigError(f"{where}: low {a} > high {b}")
+    return a, b
+
+
+def parse_limits(d: Any, source: str = "<dict>") -> LimitsConfig:
+    """Build a validated LimitsConfig from a parsed YAML mapping."""
+    d = _map(d, source, ("cell_voltage", "cell_temperature", "pack_current"))
+    known = {"chemistry", "tick_hz", "latch_until_reset", "cell_voltage", "cell_temperature", "pack_current",
+             "plausibility", "derating"}
+    unknown = set(d) - known
+    if unknown:
+        raise LimitsConfigError(f"{source}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    chem = str(d.get("chemistry", "unknown"))
+    tick_hz = _num(d.get("tick_hz", 10.0), f"{source}.tick_hz", positive=True)
+    latch = d.get("latch_until_reset", ["msl"]) or []
+    if not isinstance(latch, list) or any(t not in TIERS for t in latch):
+        raise LimitsConfigError(f"{source}.latch_until_reset: expected a list of mol/rsl/msl, got {latch!r}")
+
+    cv = _map(d["cell_voltage"], "cell_voltage", ("over", "under"))
+    cell_over = _tiers(cv["over"], "cell_voltage.over", upper=True)
+    cell_under = _tiers(cv["under"], "cell_voltage.under", upper=False)
+    _check_gap(cell_under, cell_over, "cell_voltage")
+
+    ct = _map(d["cell_temperature"], "cell_temperature", ("charge", "discharge"))
+    ch = _map(ct["charge"], "cell_temperature.charge", ("over", "under"))
+    dis = _map(ct["discharge"], "cell_temperature.discharge", ("over", "under"))
+    temp = TemperatureLimits(
+        charge_over=_tiers(ch["over"], "cell_temperature.charge.over", True),
+        charge_under=_tiers(ch["under"], "cell_temperature.charge.under", False),
+        discharge_over=_tiers(dis["over"], "cell_temperature.discharge.over", True),
+        discharge_under=_tiers(dis["under"], "cell_temperature.discharge.under", False),
+        charge_current_a=_num(ct.get("charge_current_a", 1.0), "cell_temperature.charge_current_a", nonneg=True),
+        debounce=_debounce(ct, "cell_temperature"),
+        charge_mode_s=_num(ct.get("charge_mode_s", 0.0), "cell_temperature.charge_mode_s", nonneg=True),
+    )
+    _check_gap(temp.charge_under, temp.charge_over, "cell_temperature.charge")
+    _check_gap(temp.discharge_under, temp.discharge_over, "cell_temperature.discharge")
+
+    pc = _map(d["pack_current"], "pack_current", ("charge", "discharge"))
+    cur_c = _tiers(pc["charge"], "pack_current.charge", True)
+    cur_d = _tiers(pc["discharge"], "pack_current.discharge", True)
+    for t, lim in (("charge", cur_c), ("discharge", cur_d)):
+        if lim.mol <= 0:
+            raise LimitsConfigError(f"pack_current.{t}: limits are magnitudes and must be > 0")
+
+    pl = _map(d.get("plausibility", {}) or {}, "plausibility")
+    fields = Plausibility.__dataclass_fields__
+    bad = set(pl) - set(fields)
+    if bad:
+        raise LimitsConfigError(f"plausibility: unknown keys {sorted(bad)}; known: {sorted(fields)}")
+    pvals: dict[str, Any] = {}
+    for k, v in pl.items():
+        pvals[k] = _count(v, f"plausibility.{k}") if k in ("debounce", "clear_count") else \
+            _num(v, f"plausibility.{k}", nonneg=True)
+    plaus = Plausibility(**pvals)
+
+    dr = _map(d.get("derating", {}) or {}, "derating")
+    derating = Derating(
+        max_charge_a=_num(dr.get("max_charge_a", cur_c.mol), "derating.max_charge_a", positive=True),
+        max_discharge_a=_num(dr.get("max_discharge_a", cur_d.mol), "derating.max_discharge_a", positive=True),
+        charge_temperature_full=_pair(dr.get("charge_temperature_full",
+                                             [temp.charge_under.mol, temp.charge_over.mol]),
+                                      "derating.charge_temperature_full"),
+        discharge_temperature_full=_pair(dr.get("discharge_temperature_full",
+                                                [temp.discharge_under.mol, temp.discharge_over.mol]),
+                                         "derating.discharge_temperature_full"),
+        voltage_headroom_v=_num(dr.get("voltage_headroom_v", 0.1), "derating.voltage_headroom_v", positive=True),
+    )
+    lo, hi = derating.charge_temperature_full
+    if lo < temp.charge_under.mol or hi > temp.charge_over.mol:
+        raise LimitsConfigError("derating.charge_temperature_full: must lie inside the charge MOL range "
+                                f"[{temp.charge_under.mol}, {temp.charge_over.mol}]")
+    lo, hi = derating.discharge_temperature_full
+    if lo < temp.discharge_under.mol or hi > temp.discharge_over.mol:
+        raise LimitsConfigError("derating.discharge_temperature_full: must lie inside the discharge MOL range "
+                                f"[{temp.discharge_under.mol}, {temp.discharge_over.mol}]")
+
+    return LimitsConfig(
+        chemistry=chem, tick_hz=tick_hz, cell_over=cell_over, cell_under=cell_under,
+        cell_voltage_debounce=_debounce(cv, "cell_voltage"), temperature=temp,
+        current_charge=cur_c, current_discharge=cur_d, current_debounce=_debounce(pc, "pack_current"),
+        plausibility=plaus, derating=derating, latch_until_reset=frozenset(latch), source=source,
+    )
+
+
+def load_limits(path: str | Path) -> LimitsConfig:
+    """Load and validate a limits YAML file (``config/limits_<chemistry>.yaml``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"limits config not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise LimitsConfigError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_limits(d, source=str(p))
+
+
+def default_limits_path(chemistry: str = "nmc") -> Path:
+    """Shipped limits for a chemistry; a clear error names the ones that exist."""
+    cdir = share_path("config")
+    p = cdir / f"limits_{chemistry.lower()}.yaml"
+    if not p.is_file():
+        have = sorted(q.stem.removeprefix("limits_") for q in cdir.glob("limits_*.yaml"))
+        raise LimitsConfigError(f"no limits config for chemistry {chemistry!r}; shipped: {have}")
+    return p

@@ -1,0 +1,105 @@
+"""Vectorised debounce / hysteresis / latch state for k tiers x n elements.
+
+One array op per tick for all 96 cells and all tiers, so a whole rule step
+stays in the tens of microseconds. The set side is an up/down counter like
+the foxBMS DIAG module (a violating tick counts up, a good tick counts down),
+which tolerates a single noisy sample without letting a chattering signal
+hide a real violation; the clear side needs ``clear_count`` consecutive ticks
+inside the limit by the hysteresis margin, so a value hovering at the
+threshold cannot toggle the event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Transition:
+    """Elements whose state changed in this tick, as (tier, index) arrays."""
+
+    set_tier: np.ndarray
+    set_index: np.ndarray
+    clear_tier: np.ndarray
+    clear_index: np.ndarray
+
+    @property
+    def any(self) -> bool:
+        return bool(self.set_tier.size or self.clear_tier.size)
+
+
+_E = np.empty(0, dtype=np.int64)
+_EMPTY = Transition(_E, _E, _E, _E)
+
+
+class Debouncer:
+    """k tiers x n elements; ``latch[k]`` tiers stay active until :meth:`reset`."""
+
+    def __init__(self, n: int, set_counts: tuple[int, ...], clear_count: int,
+                 latch: tuple[bool, ...] | None = None) -> None:
+        k = len(set_counts)
+        self.n, self.k = n, k
+        self.set_n = np.asarray(set_counts, dtype=np.int32).reshape(k, 1)
+        self.clear_n = int(clear_count)
+        self.latch = np.asarray(latch if latch is not None else (False,) * k, dtype=bool).reshape(k, 1)
+        self.count = np.zeros((k, n), dtype=np.int32)
+        self.clear = np.zeros((k, n), dtype=np.int32)
+        self.active = np.zeros((k, n), dtype=bool)
+        self.onset = np.full((k, n), np.nan)     # first violating tick of the current episode
+        self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
+        self._idle = True
+
+    def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
+        """violating: value beyond the limit; inside: value back inside by the hysteresis.
+
+        Where neither holds (in the hysteresis band, or NaN) counters hold.
+        """
+        if self._idle and not violating.any():
+            return _EMPTY  # the common case: nothing pending, nothing violating
+        c = self.count
+        started = violating & (c == 0) & ~self.active
+        c += violating
+        c -= ~violating & (c > 0)
+        np.minimum(c, self.set_n, out=c)
+        self.onset[started] = t
+        idle = (c == 0) & ~self.active
+        self.onset[idle] = np.nan
+        new = ~self.active & (c >= self.set_n)
+        self.active |= new
+        self.set_time[new] = t
+        cl = self.clear
+        cl[:] = np.where(self.active & inside, cl + 1, 0)
+        cleared = self.active & (cl >= self.clear_n) & ~self.latch
+        if cleared.any():
+            self._clear(cleared)
+        self._idle = not (c.any() or self.active.any())
+        if not (new.any() or cleared.any()):
+            return _EMPTY
+        st, si = np.nonzero(new)
+        ct, ci = np.nonzero(cleared)
+        return Transition(st, si, ct, ci)
+
+    def _clear(self, mask: np.ndarray) -> None:
+        self.active[mask] = False
+        self.count[mask] = 0
+        self.clear[mask] = 0
+        self.onset[mask] = np.nan
+        self.set_time[mask] = np.nan
+
+    def reset(self) -> Transition:
+        """Acknowledge latched events: everything active clears (re-sets after debounce if still violating)."""
+        mask = self.active.copy()
+        self._clear(mask)
+        self._idle = not self.count.any()
+        ct, ci = np.nonzero(mask)
+        e = np.empty(0, dtype=np.int64)
+        return Transition(e, e, ct, ci)
+
+    def top_tier(self) -> int:
+        """Highest active tier index, -1 if none."""
+        if self._idle:
+            return -1
+        rows = np.nonzero(self.active.any(axis=1))[0]
+        return int(rows[-1]) if rows.size else -1

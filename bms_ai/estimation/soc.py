@@ -1,0 +1,194 @@
+"""SOC estimator: NN (ONNX) as the measurement of a Kalman filter whose process model is Coulomb counting.
+
+Per cell, scalar filter:  predict  SOC += I dt / (3600 Q),  P += q dt
+                          update   z = NN(features), R = (k * sigma_NN)^2 + r_floor
+The NN gives absolute SOC (no drift, knows the initial SOC); Coulomb counting
+gives smoothness. The NN reports its own sigma (large on the LFP plateau), so
+the filter leans on Coulomb counting exactly where the voltage says little.
+An EKF on a 1-RC ECM runs alongside as baseline and fallback: it takes over
+(with the reason reported) when no valid model is loaded or a cell's features
+leave the model's training domain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..features import FEATURE_VERSION, N_SOC_FEATURES, SocFeatures, in_domain
+from ..models.runtime import LoadedModel
+from .coulomb import CoulombCounter
+from .ekf import BatchedEKF, ECMParams
+from .ocv import load_ocv
+
+
+@dataclass
+class FusionParams:
+    q_soc: float = 2e-9          # SOC^2/s: current-sensor offset and capacity error
+    r_scale: float = 3.0         # inflates NN sigma: 10 Hz NN errors are strongly correlated
+    r_floor: float = 1e-5        # SOC^2
+    sigma0: float = 0.3          # initial SOC sigma when nothing is known
+    sigma0_given: float = 0.03   # initial sigma when an initial SOC is supplied (stored value)
+    reinit_threshold: float = 0.1  # |NN - state| averaged over reinit_tau s beyond this: state is wrong, reopen P
+    reinit_tau: float = 60.0
+    domain_margin: float = 0.1
+    max_sigma_nn: float = 0.5
+    warmup_s: float = 60.0       # feature EMAs start from an assumed steady state: NN not trusted before
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FusionParams:
+        return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SocOutput:
+    stamp: float
+    soc: float
+    sigma: float
+    cell_soc: np.ndarray
+    cell_sigma: np.ndarray
+    method: str                   # "nn+cc" | "ekf" | "mixed"
+    fallback_reason: str = ""
+    ood_cells: int = 0
+    infer_s: float = float("nan")
+    ekf_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
+    cc_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
+    nn_soc: np.ndarray = field(default_factory=lambda: np.empty(0))   # raw NN measurement (NaN: not used)
+
+
+def soc_model_expectation() -> dict:
+    return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES}
+
+
+class SocEstimator:
+    """Per-cell batched SOC (pack SOC = mean of cells); step() once per measurement sample."""
+
+    def __init__(self, n_cells: int, n_temps: int, chemistry: str, capacity_ah: float,
+                 model: LoadedModel | None = None, ecm: ECMParams | None = None,
+                 fusion: FusionParams | None = None, soc0: float | np.ndarray | None = None,
+                 model_reason: str = "no model loaded") -> None:
+        self.n = n_cells
+        self.chemistry = chemistry
+        self.capacity_ah = float(capacity_ah)
+        self._fusion_given = fusion is not None
+        self.fp = fusion or FusionParams()
+        self.features = SocFeatures(n_cells, n_temps, capacity_ah)
+        ecm = ecm or ECMParams(capacity_ah=capacity_ah)
+        ecm.capacity_ah = self.capacity_ah
+        self.ocv = load_ocv(chemistry)
+        self.ekf = BatchedEKF(n_cells, chemistry, ecm, soc0=0.5, ocv=self.ocv)
+        self.cc = CoulombCounter(capacity_ah, 0.5, n_cells)
+        self.soc = np.full(n_cells, 0.5)
+        self.P = np.full(n_cells, self.fp.sigma0 ** 2)
+        self.soc0 = soc0
+        self.innov = np.zeros(n_cells)
+        self.reinits = 0
+        self.t_last = float("nan")
+        self.t_start = float("nan")
+        self._sigma_scale = 1.0
+        self.model: LoadedModel | None = None
+        self.model_reason = ""
+        self.set_model(model, model_reason)
+
+    # -- model management -------------------------------------------------
+    def set_model(self, model: LoadedModel | None, reason: str = "") -> None:
+        """Swap the model (hot reload); filter state is kept, so the output does not jump."""
+        self.model = model
+        self.model_reason = "" if model is not None else (reason or "no model loaded")
+        if model is not None:
+            # sigma calibration from training (90 % coverage on validation drives)
+            self._sigma_scale = float(model.entry.extra.get("sigma_scale", 1.0))
+            # filter tuning found on the model's validation drives (bms_ai.training.tune)
+            tuned = model.entry.extra.get("fusion", {})
+            if tuned and not self._fusion_given:
+                self.fp = FusionParams.from_dict({**self.fp.__dict__, **tuned})
+            dom = model.entry.domain
+            self._lo = np.asarray(dom.get("min", [-np.inf] * N_SOC_FEATURES), dtype=np.float32)
+            self._hi = np.asarray(dom.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
+
+    # -- main cycle -------------------------------------------------------
+    def _initialise(self, current: float, v: np.ndarray) -> None:
+        if self.soc0 is not None:
+            s0 = np.broadcast_to(np.asarray(self.soc0, dtype=np.float64), (self.n,)).copy()
+            sig = self.fp.sigma0_given
+        else:
+            # no stored SOC: inverse OCV of the first voltage (rough under load, hence the wide sigma)
+            s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - 0.0)), 0.5)
+            sig = self.fp.sigma0
+        self.soc[:] = s0
+        self.P[:] = sig ** 2
+        self.ekf.soc[:] = s0
+        self.ekf.P00[:] = sig ** 2
+        self.cc.soc[:] = s0
+
+    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
+        v = np.asarray(cell_v, dtype=np.float64)
+        if not np.isfinite(self.t_last):
+            self._initialise(current, v)
+            self.t_start = t
+            dt = 0.0
+        else:
+            dt = t - self.t_last
+            if not np.isfinite(dt) or dt < 0:
+                dt = 0.0
+        self.t_last = t
+        feats = self.features.update(t, current, v, cell_t)
+        ok_i = np.isfinite(current)
+        if dt > 0 and ok_i:
+            self.ekf.step(current, v, dt)
+            self.cc.step(current, dt)
+            self.soc = self.soc + current * dt / (3600.0 * self.capacity_ah)
+            self.P = self.P + self.fp.q_soc * dt
+        elif dt > 0:
+            self.P = self.P + 1e-6 * dt  # unknown current: SOC held, uncertainty grows fast
+        method, reason, n_ood, infer = "ekf", self.model_reason, 0, float("nan")
+        nn_soc = np.full(self.n, np.nan)
+        if self.model is not None:
+            valid = np.isfinite(feats).all(axis=1)
+            dom = valid & in_domain(feats, self._lo, self._hi, self.fp.domain_margin)
+            n_ood = int(self.n - dom.sum())
+            t0 = time.perf_counter()
+            try:
+                z, sig = self.model.run(np.nan_to_num(feats))
+                z = z.reshape(-1).astype(np.float64)
+                sig = np.clip(sig.reshape(-1).astype(np.float64) * self._sigma_scale, 1e-3, self.fp.max_sigma_nn)
+                if t - self.t_start < self.fp.warmup_s:
+                    dom = np.zeros_like(dom)
+                infer = time.perf_counter() - t0
+                R = (self.fp.r_scale * sig) ** 2 + self.fp.r_floor
+                # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
+                # (a bad stored SOC, a missed charge while asleep) reopens the covariance
+                a = min(dt / self.fp.reinit_tau, 1.0) if dt > 0 else 0.0
+                self.innov = np.where(dom, self.innov + a * (np.clip(z, 0.0, 1.0) - self.soc - self.innov), self.innov)
+                wrong = dom & (np.abs(self.innov) > self.fp.reinit_threshold)
+                if wrong.any():
+                    self.P[wrong] = np.maximum(self.P[wrong], self.fp.sigma0 ** 2)   # as if nothing were known
+                    self.innov[wrong] = 0.0
+                    self.reinits += int(wrong.sum())
+                K = np.where(dom, self.P / (self.P + R), 0.0)
+                nn_soc = np.where(dom, np.clip(z, 0.0, 1.0), np.nan)
+                self.soc = self.soc + K * (np.clip(z, 0.0, 1.0) - self.soc)
+                self.P = (1.0 - K) * self.P
+                method, reason = "nn+cc", ""
+                if n_ood and t - self.t_start >= self.fp.warmup_s:
+                    # cells outside the training domain follow the EKF (and restart from it later)
+                    bad = ~dom
+                    self.soc[bad] = self.ekf.soc[bad]
+                    self.P[bad] = self.ekf.P00[bad]
+                    method = "ekf" if n_ood == self.n else "mixed"
+                    reason = f"{n_ood} cell(s) outside model input domain"
+            except Exception as exc:  # a failing session must not stop the estimator
+                self.soc[:] = self.ekf.soc
+                self.P[:] = self.ekf.P00
+                reason = f"inference failed: {type(exc).__name__}: {exc}"
+        else:
+            self.soc[:] = self.ekf.soc
+            self.P[:] = self.ekf.P00
+        self.soc = np.clip(self.soc, 0.0, 1.0)
+        cell_sigma = np.sqrt(np.maximum(self.P, 0.0))
+        return SocOutput(stamp=t, soc=float(np.mean(self.soc)), sigma=float(np.mean(cell_sigma)),
+                         cell_soc=self.soc.copy(), cell_sigma=cell_sigma, method=method,
+                         fallback_reason=reason, ood_cells=n_ood, infer_s=infer,
+                         ekf_soc=self.ekf.soc.copy(), cc_soc=self.cc.soc.copy(), nn_soc=nn_soc)

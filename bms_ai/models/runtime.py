@@ -1,0 +1,220 @@
+"""ONNX model runtime: verified loading, contract checks, fallback reasons, hot reload.
+
+A model that fails any check is never used and never raises into the caller:
+``load_model`` returns ``LoadResult(model=None, reason=...)`` and the estimator
+falls back to its classical filter, reporting the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import ModelEntry, read_manifest, sha256_file
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+
+
+class LoadedModel:
+    """A verified ONNX session plus its manifest entry."""
+
+    def __init__(self, entry: ModelEntry, session, path: Path) -> None:
+        self.entry = entry
+        self.session = session
+        self.path = path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.last_infer_s = float("nan")
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    @property
+    def label(self) -> str:
+        return f"{self.entry.name}@{self.entry.version}"
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        feeds = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(self.input_names, arrays)}
+        out = self.session.run(self.output_names, feeds)
+        self.last_infer_s = time.perf_counter() - t0
+        return out
+
+
+@dataclass
+class LoadResult:
+    model: LoadedModel | None
+    reason: str = ""
+    entry: ModelEntry | None = None
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _check_contract(entry: ModelEntry, session) -> str:
+    ins, outs = session.get_inputs(), session.get_outputs()
+    if len(ins) != len(entry.inputs) or len(outs) < len(entry.outputs):
+        return f"input/output count mismatch: model has {len(ins)} inputs, manifest {len(entry.inputs)}"
+    for spec, actual in zip(entry.inputs, ins):
+        if spec.name != actual.name:
+            return f"input name mismatch: manifest {spec.name!r}, model {actual.name!r}"
+        if _ORT_DTYPES.get(actual.type, actual.type) != spec.dtype:
+            return f"input {spec.name!r} dtype mismatch: manifest {spec.dtype}, model {actual.type}"
+        if len(spec.shape) != len(actual.shape):
+            return f"input {spec.name!r} rank mismatch: manifest {spec.shape}, model {actual.shape}"
+        for want, got in zip(spec.shape, actual.shape):
+            if isinstance(want, int) and want != got:
+                return f"input {spec.name!r} shape mismatch: manifest {spec.shape}, model {actual.shape}"
+    for spec, actual in zip(entry.outputs, outs):
+        if spec.name != actual.name:
+            return f"output name mismatch: manifest {spec.name!r}, model {actual.name!r}"
+    return ""
+
+
+def verify_and_load(model_dir: Path, entry: ModelEntry, expect: dict | None = None) -> LoadResult:
+    """Hash, contract and smoke-inference checks; never raises."""
+    path = Path(model_dir) / entry.file
+    expect = expect or {}
+    try:
+        if entry.feature_version != expect.get("feature_version", entry.feature_version):
+            return LoadResult(None, f"{entry.name}@{entry.version}: feature version {entry.feature_version} "
+                                    f"!= pipeline {expect['feature_version']}", entry)
+        want_in = expect.get("n_features")
+        if want_in is not None and entry.inputs and entry.inputs[0].shape[-1] != want_in:
+            return LoadResult(None, f"{entry.name}@{entry.version}: input contract expects "
+                                    f"{entry.inputs[0].shape[-1]} features, pipeline gives {want_in}", entry)
+        if not path.is_file():
+            return LoadResult(None, f"{entry.name}@{entry.version}: file {entry.file} missing", entry)
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            return LoadResult(None, f"{entry.name}@{entry.version}: sha256 mismatch "
+                                    f"(manifest {entry.sha256[:12]}, file {digest[:12]})", entry)
+        sess = _session(path)
+        why = _check_contract(entry, sess)
+        if why:
+            return LoadResult(None, f"{entry.name}@{entry.version}: {why}", entry)
+        model = LoadedModel(entry, sess, path)
+        # smoke inference on zeros with batch 2: catches broken graphs before they go live
+        arrays = [np.zeros([2 if not isinstance(d, int) else d for d in s.shape], np.float32) for s in entry.inputs]
+        outs = model.run(*arrays)
+        if not all(np.all(np.isfinite(o)) for o in outs):
+            return LoadResult(None, f"{entry.name}@{entry.version}: non-finite output on smoke input", entry)
+        return LoadResult(model, "", entry)
+    except Exception as exc:  # onnxruntime raises many types; a bad model must not crash anything
+        return LoadResult(None, f"{entry.name}@{entry.version}: load failed: {type(exc).__name__}: {exc}", entry)
+
+
+def _dir_signature(model_dir: Path) -> tuple:
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                            for p in Path(model_dir).iterdir() if p.suffix in (".json", ".onnx")))
+    except OSError:
+        return ()
+
+
+@dataclass
+class Slot:
+    """The active model for one (task, chemistry) and why anything else was refused."""
+
+    model: LoadedModel | None = None
+    reason: str = "no model"
+    rejected: dict[tuple, str] = field(default_factory=dict)
+
+
+class ModelRegistry:
+    """Loads the best valid model per (task, chemistry) and hot-reloads on directory changes.
+
+    A newer version is validated before it is swapped in; a bad one is
+    rejected (remembered by name+version+hash so it is not retried every poll)
+    and the current model stays.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, expect: dict[str, dict] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.expect = expect or {}
+        self.slots: dict[tuple[str, str], Slot] = {}
+        self._sig: tuple | None = None
+        self.reloads = 0
+        self.events: list[str] = []
+
+    def slot(self, task: str, chemistry: str) -> Slot:
+        s = self.slots.get((task, chemistry)) or self.slots.get((task, "any"))
+        return s if s is not None else self.slots.setdefault((task, chemistry), Slot())
+
+    def get(self, task: str, chemistry: str) -> LoadedModel | None:
+        return self.slot(task, chemistry).model
+
+    def poll(self) -> bool:
+        """Re-scan if the directory changed; returns True when any active model changed."""
+        sig = _dir_signature(self.model_dir)
+        if sig == self._sig:
+            return False
+        self._sig = sig
+        entries, errors = read_manifest(self.model_dir)
+        for e in errors:
+            self._event(f"manifest error: {e}")
+        changed = False
+        by_key: dict[tuple[str, str], list[ModelEntry]] = {}
+        for e in entries:
+            by_key.setdefault(e.key, []).append(e)
+        for key, cands in by_key.items():
+            slot = self.slots.setdefault(key, Slot())
+            current = slot.model
+            for e in sorted(cands, key=lambda e: -e.version):
+                if current is not None and e.version <= current.version and e.sha256 == current.entry.sha256:
+                    break  # the active model is still the best
+                if current is not None and e.version < current.version:
+                    break  # never downgrade implicitly
+                rid = (e.name, e.version, e.sha256)
+                if rid in slot.rejected:
+                    continue
+                res = verify_and_load(self.model_dir, e, self.expect.get(e.task))
+                if res.model is None:
+                    slot.rejected[rid] = res.reason
+                    self._event(f"rejected {res.reason}")
+                    if current is None:
+                        slot.reason = res.reason
+                    continue
+                slot.model, slot.reason = res.model, ""
+                changed = True
+                self.reloads += 1
+                self._event(f"loaded {res.model.label} for {key[0]}/{key[1]}")
+                break
+        return changed
+
+    def _event(self, msg: str) -> None:
+        self.events.append(msg)
+        del self.events[:-50]
+
+    def last_rejection(self, task: str, chemistry: str) -> str:
+        s = self.slot(task, chemistry)
+        return next(reversed(s.rejected.values()), "") if s.rejected else ""
+
+
+def default_model_dir() -> Path:
+    """models/ next to the package (source tree) or in the installed ament share directory."""
+    here = Path(__file__).resolve().parents[2] / "models"
+    if (here / "manifest.json").exists():
+        return here
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        share = Path(get_package_share_directory("bms_ai")) / "models"
+        if share.exists():
+            return share
+    except Exception:  # ament index absent (pip install): fall through
+        pass
+    return here

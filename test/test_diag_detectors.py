@@ -1,0 +1,149 @@
+"""Incipient-fault detectors on synthetic packs (fast) and on data-factory drives (slow / bundled)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams, PlatingModel
+from bms_ai.pack import PackSample
+
+N, NT = 96, 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synth_pack(minutes: float, leak_cell: int = -1, leak_a: float = 0.0, heat_sensor: int = -1,
+               heat_k: float = 0.0, onset_s: float = 300.0, seed: int = 0):
+    """Pulsed discharge with rests; linear-ish OCV; cell spread like the data factory's (1 % C, 0.5 % SOC)."""
+    rng = np.random.default_rng(seed)
+    dt = 0.1
+    n = int(minutes * 600)
+    t = np.arange(1, n + 1) * dt
+    phase = t % 120.0
+    cur = np.where(phase < 70, -40.0 + 10 * np.sin(t / 7), np.where(phase < 80, 15.0, 0.0))
+    cap = 50.0 * (1 + 0.01 * rng.standard_normal(N))
+    soc = 0.8 + 0.005 * rng.standard_normal(N)
+    r0 = 0.0015 * np.exp(0.05 * rng.standard_normal(N))
+    k_heat = 1 + 0.08 * rng.standard_normal(NT)
+    t_off = 0.3 * rng.standard_normal(NT)
+    v_out = np.empty((n, N))
+    temp_out = np.empty((n, NT))
+    heat = 0.0
+    pack_heat = 0.0
+    for j in range(n):
+        leak = np.zeros(N)
+        if leak_cell >= 0 and t[j] >= onset_s:
+            leak[leak_cell] = leak_a
+        soc = soc + (cur[j] - leak) * dt / 3600 / cap
+        ocv = 3.3 + 0.85 * soc - 0.1 * (soc - 0.5) ** 2
+        v = ocv + r0 * cur[j] + 0.0008 * rng.standard_normal(N)
+        v_out[j] = np.round(v, 3)
+        pack_heat += dt * (cur[j] ** 2 * 1e-4 - pack_heat / 1500.0)
+        if heat_sensor >= 0 and t[j] >= onset_s:
+            heat += dt * (heat_k - heat / 1020.0) / 1020.0 * 1020.0 / 680.0
+        temps = 25 + pack_heat * k_heat + t_off + 0.15 * rng.standard_normal(NT)
+        if heat_sensor >= 0:
+            temps[heat_sensor] += heat / 3
+        temp_out[j] = np.round(temps, 1)
+    return t, cur, v_out, temp_out
+
+
+def run_bank(t, cur, v, temps, bank: DetectorBank):
+    results = None
+    for j in range(len(t)):
+        s = PackSample(stamp=t[j], pack_voltage=float(v[j].sum()), pack_current=float(cur[j]),
+                       cell_voltages=v[j], cell_temperatures=temps[j])
+        results = bank.step(s, float(t[j]))
+    return {r.check: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return synth_pack(20)
+
+
+def test_no_alarm_on_fault_free_pack(clean):
+    bank = DetectorBank(N, NT, params=DetectorParams.load(chemistry="nmc"))
+    res = run_bank(*clean, bank)
+    assert not bank.events, [(e.check, e.index, e.set_time) for e in bank.events]
+    assert res["internal short"].level == 0 and res["thermal anomaly"].level == 0
+
+
+def test_internal_short_flagged_on_the_right_cell():
+    t, cur, v, temps = synth_pack(20, leak_cell=30, leak_a=3.0)  # ~1.2 ohm short at 3.7 V
+    bank = DetectorBank(N, NT, params=DetectorParams.load(chemistry="nmc"))
+    res = run_bank(t, cur, v, temps, bank)
+    ev = [e for e in bank.events if e.check == "internal short"]
+    assert ev and ev[0].index == 30 and ev[0].set_time > 300.0
+    assert res["internal short"].values["max_leak_cell"] == 30
+    assert res["internal short"].values["max_leak_a"] == pytest.approx(3.0, rel=0.4)
+
+
+def test_thermal_anomaly_flagged_on_the_right_sensor():
+    t, cur, v, temps = synth_pack(20, heat_sensor=11, heat_k=4.0)
+    bank = DetectorBank(N, NT, params=DetectorParams.load(chemistry="nmc"))
+    run_bank(t, cur, v, temps, bank)
+    ev = [e for e in bank.events if e.check == "thermal anomaly"]
+    assert ev and ev[0].index == 11 and ev[0].set_time > 300.0
+
+
+def test_plating_model_onnx_matches_numpy_and_flags_cold_fast_charge():
+    model = PlatingModel.load()
+    if model is None:
+        pytest.skip("no trained plating model in models/faults")
+    x = np.array([[-10.0, 1.0, 3.9], [25.0, 0.3, 3.9], [25.0, 0.05, 4.0]], dtype=np.float32)
+    p_onnx = model.predict(x)
+    ref = PlatingModel(model.w, model.b, model.mean, model.std)  # numpy path, same weights
+    np.testing.assert_allclose(p_onnx, ref.predict(x), atol=1e-5)
+    assert p_onnx[0] > 0.5 > p_onnx[1]
+
+
+def test_detector_step_is_cheap(clean):
+    import time
+
+    t, cur, v, temps = clean
+    bank = DetectorBank(N, NT)
+    times = []
+    for j in range(3000):
+        s = PackSample(stamp=t[j], pack_voltage=float(v[j].sum()), pack_current=float(cur[j]),
+                       cell_voltages=v[j], cell_temperatures=temps[j])
+        t0 = time.perf_counter()
+        bank.step(s, float(t[j]))
+        times.append(time.perf_counter() - t0)
+    p50 = float(np.percentile(times, 50))
+    print(f"detector step p50 {p50 * 1e6:.0f} us p99 {np.percentile(times, 99) * 1e6:.0f} us")
+    assert p50 < 2e-3
+
+
+BUNDLED = sorted((ROOT / "data" / "drives").glob("*isc*/meta.json"))
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled fault drive in data/drives")
+def test_bundled_fault_drive_replays_without_false_alarm_before_onset(tmp_path):
+    from bms_ai.diagnostics.evaluate import evaluate_drive
+    from bms_ai.diagnostics.replay import load_measured, replay
+
+    m = load_measured(BUNDLED[0].parent, tmp_path)
+    r = replay(m)
+    rows, de = evaluate_drive(m, r)
+    assert rows and all(math.isfinite(x.onset_s) for x in rows)
+    assert not de.false_alarms["detector"], [(e.check, e.set_time) for e in de.false_alarms["detector"]]
+
+
+def test_tampered_plating_model_is_refused(tmp_path):
+    import shutil
+
+    src = ROOT / "models" / "faults"
+    if not (src / "plating.onnx").is_file():
+        pytest.skip("no trained plating model")
+    for f in ("plating.onnx", "plating.json", "manifest.json"):
+        shutil.copy(src / f, tmp_path / f)
+    assert PlatingModel.load(tmp_path) is not None
+    blob = bytearray((tmp_path / "plating.onnx").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "plating.onnx").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="sha256"):
+        PlatingModel.load(tmp_path)

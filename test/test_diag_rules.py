@@ -1,0 +1,349 @@
+"""Rule engine: every rule with synthetic inputs at and around its thresholds."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from bms_ai.diagnostics import (
+    ERROR,
+    OK,
+    WARN,
+    LimitsConfigError,
+    RuleEngine,
+    default_limits_path,
+    load_limits,
+    parse_limits,
+)
+from bms_ai.diagnostics.debounce import Debouncer
+from bms_ai.pack import PackSample
+
+N, NT = 96, 32
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(default_limits_path("nmc").read_text())
+
+
+@pytest.fixture
+def cfg(raw):
+    return parse_limits(copy.deepcopy(raw))
+
+
+def sample(t: float, v=None, temps=None, i: float = -10.0, pack_v: float | None = None, stamps: float | None = None,
+           status: dict | None = None) -> PackSample:
+    v = np.full(N, 3.8) if v is None else np.asarray(v, dtype=float)
+    temps = np.full(NT, 25.0) if temps is None else np.asarray(temps, dtype=float)
+    st = t if stamps is None else stamps
+    return PackSample(stamp=t, pack_voltage=float(np.nansum(v)) if pack_v is None else pack_v, pack_current=i,
+                      cell_voltages=v, cell_temperatures=temps, pack_voltage_stamp=st, pack_current_stamp=st,
+                      cell_voltage_stamps=np.full(N, st), cell_temperature_stamps=np.full(NT, st),
+                      status=status or {})
+
+
+def run(eng: RuleEngine, t0: float, n: int, check: str, **kw) -> tuple[list[int], float]:
+    """Step n ticks at 10 Hz; return the check's level per tick and the end time."""
+    levels = []
+    t = t0
+    for _ in range(n):
+        t += 0.1
+        kwargs = {k: (f(t) if callable(f) else f) for k, f in kw.items()}
+        est = {k: kwargs.pop(k) for k in ("soc", "model_fallback", "timed_out", "capacity_ah") if k in kwargs}
+        res = {r.check: r for r in eng.step(sample(t, **kwargs), t, **est)}
+        levels.append(res[check].level)
+    return levels, t
+
+
+def first(levels: list[int], level: int) -> int:
+    return next(k for k, lv in enumerate(levels) if lv >= level) + 1
+
+
+# ---------------------------------------------------------------- config
+def test_shipped_configs_load():
+    for chem in ("nmc", "lfp"):
+        c = load_limits(default_limits_path(chem))
+        assert c.chemistry == chem and c.cell_over.msl > c.cell_over.rsl > c.cell_over.mol
+    with pytest.raises(LimitsConfigError, match="shipped"):
+        default_limits_path("unobtainium")
+
+
+@pytest.mark.parametrize("path,value,match", [
+    (("cell_voltage", "over", "msl"), 4.0, "out of order"),
+    (("cell_voltage", "under", "mol"), 2.0, "out of order"),
+    (("cell_voltage", "debounce", "rsl"), 0, "tick count"),
+    (("pack_current", "charge", "mol"), -5.0, "out of order|magnitudes"),
+    (("cell_temperature", "charge", "over", "rsl"), "hot", "finite number"),
+    (("plausibility", "nonsense"), 1.0, "unknown keys"),
+    (("latch_until_reset",), ["everything"], "latch_until_reset"),
+])
+def test_config_errors_name_the_entry(raw, path, value, match):
+    d = copy.deepcopy(raw)
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(LimitsConfigError, match=match) as ei:
+        parse_limits(d)
+    assert path[0] in str(ei.value) or "latch" in str(ei.value)
+
+
+def test_missing_section(raw):
+    d = copy.deepcopy(raw)
+    del d["pack_current"]
+    with pytest.raises(LimitsConfigError, match="missing pack_current"):
+        parse_limits(d)
+
+
+# ---------------------------------------------------------------- debounce core
+def test_debouncer_up_down_counter_and_hysteresis():
+    d = Debouncer(2, (3,), clear_count=2)
+    v = np.array([[True, False]])
+    inside = ~v
+    assert not d.update(v, inside, 0.1).any
+    assert not d.update(v, inside, 0.2).any
+    tr = d.update(v, inside, 0.3)
+    assert tr.set_index.tolist() == [0] and d.onset[0, 0] == pytest.approx(0.1)
+    # in the hysteresis band: neither violating nor inside -> stays active
+    band = np.array([[False, False]])
+    for k in range(5):
+        d.update(band, band, 0.4 + k)
+    assert d.active[0, 0]
+    d.update(band, np.array([[True, True]]), 10.0)
+    tr = d.update(band, np.array([[True, True]]), 10.1)
+    assert tr.clear_index.tolist() == [0] and not d.active.any()
+    # one good sample inside a violating streak only delays by one up/down step
+    d2 = Debouncer(1, (3,), 1)
+    seq = [True, True, False, True, True]
+    got = [d2.update(np.array([[x]]), np.array([[not x]]), k).any for k, x in enumerate(seq)]
+    assert got == [False, False, False, False, True]
+
+
+# ---------------------------------------------------------------- three-tier limits
+def test_cell_overvoltage_tiers_debounce_latch_and_reset(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    v_mol = np.full(N, 3.8)
+    v_mol[5] = cfg.cell_over.mol  # exactly at the limit: not a violation
+    lv, t = run(eng, 0, 30, "cell overvoltage", v=v_mol)
+    assert max(lv) == OK
+    v_mol[5] = cfg.cell_over.mol + 0.001
+    lv, t = run(eng, t, 30, "cell overvoltage", v=v_mol)
+    assert first(lv, WARN) == cfg.cell_voltage_debounce.set_counts[0]  # flagged exactly at its debounce
+    v_msl = v_mol.copy()
+    v_msl[5] = cfg.cell_over.msl + 0.01
+    lv, t = run(eng, t, 10, "cell overvoltage", v=v_msl)
+    assert first(lv, ERROR) == cfg.cell_voltage_debounce.set_counts[2]
+    ev = [e for e in eng.active_events() if e.tier == "msl"]
+    assert len(ev) == 1 and ev[0].index == 5 and ev[0].set_time - ev[0].onset == pytest.approx(0.2)
+    lv, t = run(eng, t, 40, "cell overvoltage")  # back to normal: MSL latched
+    assert lv[-1] == ERROR
+    eng.reset(t)
+    lv, t = run(eng, t, 3, "cell overvoltage")
+    assert lv[-1] == OK and not eng.active_events()
+    assert all(not math.isnan(e.cleared) for e in eng.events)
+
+
+def test_cell_undervoltage_hysteresis(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    v = np.full(N, 3.8)
+    v[90] = cfg.cell_under.rsl - 0.005
+    lv, t = run(eng, 0, 10, "cell undervoltage", v=v)
+    assert lv[-1] == WARN
+    v[90] = cfg.cell_under.mol + cfg.cell_voltage_debounce.hysteresis / 2  # above MOL but inside the band
+    lv, t = run(eng, t, 50, "cell undervoltage", v=v)
+    assert lv[-1] == WARN
+    v[90] = cfg.cell_under.mol + cfg.cell_voltage_debounce.hysteresis + 0.001
+    lv, t = run(eng, t, 50, "cell undervoltage", v=v)
+    assert lv[-1] == OK
+    assert first([-x for x in lv], 0) == cfg.cell_voltage_debounce.clear_count
+
+
+def test_temperature_uses_charge_or_discharge_range(cfg):
+    tl = cfg.temperature
+    temps = np.full(NT, 25.0)
+    temps[3] = (tl.charge_over.rsl + tl.charge_over.msl) / 2  # above charge RSL, below discharge MOL
+    assert temps[3] < tl.discharge_over.mol
+    eng = RuleEngine(cfg, N, NT)
+    lv, t = run(eng, 0, 30, "cell overtemperature", temps=temps, i=-50.0)
+    assert max(lv) == OK
+    lv, t = run(eng, t, 150, "cell overtemperature", temps=temps, i=+20.0)
+    # the charge range applies after charge_mode_s of charging, then the RSL debounce runs
+    assert lv[-1] == WARN and first(lv, WARN) == round(tl.charge_mode_s * 10) + tl.debounce.set_counts[1]
+    # a short regen pulse does not switch to the charge range
+    eng2 = RuleEngine(cfg, N, NT)
+    lv2, _ = run(eng2, 0, 150, "cell overtemperature", temps=temps, i=lambda t: 20.0 if (t % 10) < 3 else -30.0)
+    assert max(lv2) == OK
+    cold = np.full(NT, 25.0)
+    cold[0] = tl.charge_under.msl - 1.0  # fine for discharge, MSL for charge
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, 20, "cell undertemperature", temps=cold, i=-5.0)[0]) == OK
+    assert run(eng, 2.0, 120, "cell undertemperature", temps=cold, i=5.0)[0][-1] == ERROR
+
+
+@pytest.mark.parametrize("direction,sign", [("charge", 1.0), ("discharge", -1.0)])
+def test_pack_current_limits(cfg, direction, sign):
+    lim = cfg.current_charge if direction == "charge" else cfg.current_discharge
+    check = f"{direction} overcurrent"
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, 30, check, i=sign * lim.mol)[0]) == OK
+    lv, t = run(eng, 3.0, 30, check, i=sign * (lim.rsl + 1))
+    assert first(lv, WARN) == cfg.current_debounce.set_counts[1]
+    lv, t = run(eng, t, 10, check, i=sign * (lim.msl + 1))
+    assert first(lv, ERROR) == cfg.current_debounce.set_counts[2]
+    other = "discharge overcurrent" if direction == "charge" else "charge overcurrent"
+    assert run(eng, t, 1, other, i=sign * (lim.msl + 1))[0][-1] == OK
+
+
+# ---------------------------------------------------------------- plausibility
+def test_pack_voltage_vs_sum_of_cells(cfg):
+    tol = cfg.plausibility.pack_voltage_tolerance_v
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, 20, "pack voltage plausibility", pack_v=96 * 3.8 + tol * 0.9)[0]) == OK
+    lv, _ = run(eng, 2, 20, "pack voltage plausibility", pack_v=96 * 3.8 + tol * 1.1)
+    assert first(lv, ERROR) == cfg.plausibility.debounce
+
+
+def test_temperature_spread_and_cell_spread(cfg):
+    p = cfg.plausibility
+    temps = np.full(NT, 25.0)
+    temps[10] = 25.0 + p.temperature_spread_c * 0.95
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, 10, "temperature spread", temps=temps)[0]) == OK
+    temps[10] = 25.0 + p.temperature_spread_c * 1.05
+    lv, _ = run(eng, 1, 10, "temperature spread", temps=temps)
+    assert first(lv, WARN) == p.debounce
+    v = np.full(N, 3.8)
+    v[40] = 3.8 - p.cell_voltage_spread_v - 0.01
+    assert run(RuleEngine(cfg, N, NT), 0, 10, "cell voltage spread", v=v)[0][-1] == WARN
+
+
+def test_open_wire_nan_low_and_pair(cfg):
+    for v_bad in (np.nan, 0.1):
+        v = np.full(N, 3.8)
+        v[12] = v_bad
+        eng = RuleEngine(cfg, N, NT)
+        lv, _ = run(eng, 0, 8, "open wire", v=v)
+        assert first(lv, ERROR) == cfg.plausibility.debounce
+        r = {x.check: x for x in eng.step(sample(1.0, v=v), 1.0)}["open wire"]
+        assert r.values["channel_index"] == "12"
+    v = np.full(N, 3.8)
+    v[20], v[21] = 3.8 - 0.3, 3.8 + 0.3  # open sense wire between cells 20 and 21: sum preserved
+    eng = RuleEngine(cfg, N, NT)
+    run(eng, 0, 8, "open wire", v=v)
+    r = {x.check: x for x in eng.step(sample(1.0, v=v), 1.0)}["open wire"]
+    assert r.level == ERROR and r.values["channel_index"] == "20,21"
+
+
+def test_stuck_cell_voltage(cfg):
+    p = cfg.plausibility
+    eng = RuleEngine(cfg, N, NT)
+
+    def volts(t):
+        v = np.full(N, 3.6 + 0.003 * t)  # pack charging: every cell rises 3 mV/s
+        v[33] = 3.6                       # frozen reading
+        return v
+
+    lv, t = run(eng, 0, int(p.stuck_window_s * 10) + 20, "stuck signal", v=volts, i=30.0)
+    assert lv[int(p.stuck_window_s * 10) - 5] == OK
+    assert lv[-1] == WARN
+    r = {x.check: x for x in eng.step(sample(t + 0.1, v=volts(t + 0.1), i=30.0), t + 0.1)}["stuck signal"]
+    assert r.values["signal_index"] == "33"
+    # the whole pack at rest (nothing moves): not stuck
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, int(p.stuck_window_s * 10) + 20, "stuck signal", i=0.0)[0]) == OK
+
+
+def test_current_offset_at_rest(cfg):
+    p = cfg.plausibility
+    n = int(p.rest_window_s * 10) + 20
+    eng = RuleEngine(cfg, N, NT)
+    assert max(run(eng, 0, n, "current sensor offset", i=p.current_offset_a * 0.8)[0]) == OK
+    eng = RuleEngine(cfg, N, NT)
+    lv, _ = run(eng, 0, n, "current sensor offset", i=p.current_offset_a * 1.5)
+    assert lv[-1] == WARN and lv[int(p.rest_window_s * 10) - 10] == OK
+    # contactors open: the current must be zero at once, no rest window needed
+    eng = RuleEngine(cfg, N, NT)
+    lv = [{r.check: r for r in eng.step(sample(k / 10, i=1.2, status={"contactor_plus": 0.0}), k / 10)}
+          ["current sensor offset"].level for k in range(1, 10)]
+    assert lv[-1] == WARN
+
+
+def test_can_timeout_named_and_stale(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    r = {x.check: x for x in eng.step(sample(1.0), 1.0, timed_out={"BMS_CellTemps"})}["can timeout"]
+    assert r.level == ERROR and "BMS_CellTemps" in r.message
+    r = {x.check: x for x in eng.step(sample(1.1), 1.1)}["can timeout"]
+    assert r.level == ERROR  # held until clear_count fresh ticks
+    lv, _ = run(eng, 1.1, cfg.plausibility.clear_count, "can timeout")
+    assert lv[-1] == OK
+    stale_at = 2.0 + cfg.plausibility.stale_s + 0.05
+    r = {x.check: x for x in eng.step(sample(stale_at, stamps=2.0), stale_at)}["can timeout"]
+    assert r.level == ERROR and "cell_voltage[96]" in r.values["stale"]
+
+
+def test_estimator_plausibility(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    # SOC follows the current (-10 A, 50 Ah): no alarm
+    lv, t = run(eng, 0, 30, "estimator plausibility", soc=lambda t: 0.8 - 10 * t / 3600 / 50, capacity_ah=50.0)
+    assert max(lv) == OK
+    lv, t = run(eng, t, 1, "estimator plausibility", soc=0.7, capacity_ah=50.0)
+    assert lv[-1] == WARN
+    lv, t = run(eng, t, 1, "estimator plausibility", soc=0.7, capacity_ah=50.0, model_fallback=True)
+    r = {x.check: x for x in eng.step(sample(t + 0.1), t + 0.1, soc=0.7, model_fallback=True)}
+    assert r["estimator plausibility"].level == WARN and "fallback" in r["estimator plausibility"].message
+
+
+def test_derating_trapezoid(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    dr = cfg.derating
+    full = eng.derating(np.full(N, 3.7), np.full(NT, 25.0))
+    assert full.values["max_charge_current_a"] == pytest.approx(dr.max_charge_a)
+    assert full.values["max_discharge_current_a"] == pytest.approx(dr.max_discharge_a)
+    lo, lo_full = cfg.temperature.charge_under.mol, dr.charge_temperature_full[0]
+    half = eng.derating(np.full(N, 3.7), np.full(NT, (lo + lo_full) / 2))
+    assert half.values["max_charge_current_a"] == pytest.approx(dr.max_charge_a / 2)
+    near_top = eng.derating(np.full(N, cfg.cell_over.mol - dr.voltage_headroom_v / 4), np.full(NT, 25.0))
+    assert near_top.values["max_charge_current_a"] == pytest.approx(dr.max_charge_a / 4)
+    assert near_top.values["max_discharge_current_a"] == pytest.approx(dr.max_discharge_a)
+    frozen = eng.derating(np.full(N, 3.7), np.full(NT, cfg.temperature.charge_under.mol - 1))
+    assert frozen.values["max_charge_current_a"] == 0.0 and frozen.level == WARN
+
+
+def test_bad_sample_shape_is_a_clear_error(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    with pytest.raises(ValueError, match="95 cells"):
+        eng.step(sample(0.1, v=np.full(95, 3.8)), 0.1)
+
+
+def test_step_is_cheap(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    rng = np.random.default_rng(1)
+    times = []
+    for k in range(600):
+        t = k / 10
+        s = sample(t, v=3.7 + 0.001 * rng.standard_normal(N), temps=25 + 0.1 * rng.standard_normal(NT),
+                   i=-40 + 20 * math.sin(t))
+        t0 = time.perf_counter()
+        eng.step(s, t, soc=0.5, capacity_ah=50.0)
+        times.append(time.perf_counter() - t0)
+    p50 = float(np.percentile(times, 50))
+    print(f"rule step p50 {p50 * 1e6:.0f} us, p99 {np.percentile(times, 99) * 1e6:.0f} us")
+    assert p50 < 2e-3  # generous for a shared 2-core machine; measured ~0.3 ms
+
+
+def test_open_temperature_sensor_and_missing_message(cfg):
+    temps = np.full(NT, 25.0)
+    temps[4] = np.nan
+    eng = RuleEngine(cfg, N, NT)
+    lv, t = run(eng, 0, 8, "open wire", temps=temps)
+    assert lv[-1] == ERROR
+    r = {x.check: x for x in eng.step(sample(t + 0.1, temps=temps), t + 0.1)}
+    assert r["open wire"].values["channel_index"] == str(N + 4) and r["can timeout"].level == OK
+    eng = RuleEngine(cfg, N, NT)
+    r = {x.check: x for x in eng.step(sample(0.1, temps=np.full(NT, np.nan)), 0.1)}
+    assert r["can timeout"].level == ERROR and "cell_temperature missing" in r["can timeout"].message

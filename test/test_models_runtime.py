@@ -1,0 +1,145 @@
+"""ONNX runtime wrapper: hash + contract verification, fallback reasons, hot reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
+from bms_ai.features import FEATURE_VERSION, N_SOC_FEATURES
+from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, sha256_file, upsert_entry
+from bms_ai.models.runtime import ModelRegistry, verify_and_load
+
+
+def _soc_onnx(path: Path, n_in: int = N_SOC_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
+    """A real ONNX graph: soc = sigmoid(x @ w + b), sigma = 0.02 (built without torch)."""
+    w = np.zeros((n_in, 1), np.float32)
+    w[0, 0] = 1.0
+    nodes = [
+        helper.make_node("MatMul", [input_name, "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["soc"]),
+        helper.make_node("Mul", ["xw", "zero"], ["xz"]),
+        helper.make_node("Add", ["xz", "s"], ["sigma"]),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([bias], np.float32), "b"),
+             numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
+             numpy_helper.from_array(np.array([0.02], np.float32), "s")]
+    g = helper.make_graph(nodes, "soc", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", n_in])],
+                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                           helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def _entry(d: Path, version: int, n_in: int = N_SOC_FEATURES, **kw) -> ModelEntry:
+    f = f"soc_test_v{version}.onnx"
+    _soc_onnx(d / f, n_in=n_in, bias=kw.pop("bias", 0.0), input_name=kw.pop("input_name", "features"))
+    return ModelEntry(name="soc_test", version=version, file=f, sha256=sha256_file(d / f), task="soc",
+                      chemistry="nmc", inputs=[TensorSpec("features", ["batch", n_in])],
+                      outputs=[TensorSpec("soc", ["batch", 1]), TensorSpec("sigma", ["batch", 1])],
+                      feature_version=kw.pop("feature_version", FEATURE_VERSION), **kw)
+
+
+def test_good_model_loads_and_runs(tmp_path: Path) -> None:
+    e = _entry(tmp_path, 1)
+    upsert_entry(tmp_path, e)
+    entries, errors = read_manifest(tmp_path)
+    assert errors == [] and entries[0].sha256 == e.sha256
+    res = verify_and_load(tmp_path, entries[0], soc_model_expectation())
+    assert res.model is not None, res.reason
+    soc, sig = res.model.run(np.zeros((96, N_SOC_FEATURES), np.float32))
+    assert soc.shape == (96, 1) and np.allclose(soc, 0.5) and np.allclose(sig, 0.02)
+    assert res.model.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_hash_mismatch_falls_back_with_reason(tmp_path: Path) -> None:
+    e = _entry(tmp_path, 1)
+    upsert_entry(tmp_path, e)
+    with open(tmp_path / e.file, "r+b") as f:           # corrupt one byte of the model file
+        f.seek(-5, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
+    reg.poll()
+    slot = reg.slot("soc", "nmc")
+    assert slot.model is None and "sha256 mismatch" in slot.reason
+    est = SocEstimator(4, 2, "nmc", 5.0, model=slot.model, model_reason=slot.reason, soc0=0.5)
+    out = est.step(0.0, 0.0, np.full(4, 3.7), np.full(2, 25.0))
+    assert out.method == "ekf" and "sha256 mismatch" in out.fallback_reason
+    assert np.all(np.isfinite(out.cell_soc))
+
+
+@pytest.mark.parametrize("kind", ["n_features", "input_name", "feature_version", "missing_file", "garbage"])
+def test_wrong_contract_is_rejected(tmp_path: Path, kind: str) -> None:
+    if kind == "n_features":
+        e = _entry(tmp_path, 1, n_in=N_SOC_FEATURES + 2)
+    elif kind == "input_name":
+        e = _entry(tmp_path, 1, input_name="x")
+    elif kind == "feature_version":
+        e = _entry(tmp_path, 1, feature_version="soc-cell-v0")
+    elif kind == "missing_file":
+        e = _entry(tmp_path, 1)
+        (tmp_path / e.file).unlink()
+    else:
+        e = _entry(tmp_path, 1)
+        (tmp_path / e.file).write_bytes(b"not an onnx model")
+        e.sha256 = sha256_file(tmp_path / e.file)   # hash fine, content broken
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is None and res.reason
+    expected = {"n_features": "features", "input_name": "name mismatch", "feature_version": "feature version",
+                "missing_file": "missing", "garbage": "load failed"}[kind]
+    assert expected in res.reason
+
+
+def test_hot_reload_swaps_good_and_rejects_bad(tmp_path: Path) -> None:
+    upsert_entry(tmp_path, _entry(tmp_path, 1, bias=0.0))
+    reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
+    assert reg.poll()
+    assert reg.get("soc", "nmc").version == 1
+    est = SocEstimator(2, 1, "nmc", 5.0, model=reg.get("soc", "nmc"), soc0=0.5)
+    est.step(0.0, 0.0, np.full(2, 0.0), np.full(1, 25.0))
+    # drop a new version in as a sidecar (atomic for the reader: file first, then its manifest)
+    e2 = _entry(tmp_path, 2, bias=1.0)
+    (tmp_path / (e2.file + ".json")).write_text(json.dumps(e2.to_dict()))
+    assert reg.poll()
+    m2 = reg.get("soc", "nmc")
+    assert m2.version == 2
+    est.set_model(m2)
+    z, _ = m2.run(np.zeros((1, N_SOC_FEATURES), np.float32))
+    assert z[0, 0] == pytest.approx(1 / (1 + np.exp(-1.0)), abs=1e-5)
+    # a bad v3 (hash mismatch) is rejected; v2 stays active
+    e3 = _entry(tmp_path, 3)
+    e3.sha256 = "0" * 64
+    (tmp_path / (e3.file + ".json")).write_text(json.dumps(e3.to_dict()))
+    assert not reg.poll()
+    assert reg.get("soc", "nmc").version == 2
+    assert "sha256 mismatch" in reg.last_rejection("soc", "nmc")
+    assert any("rejected" in ev for ev in reg.events)
+    # polling again without changes does not retry the bad model
+    n_events = len(reg.events)
+    assert not reg.poll() and len(reg.events) == n_events
+
+
+def test_shipped_models_verify(root: Path, tmp_path: Path) -> None:
+    """Everything committed under models/ passes its own hash and contract checks."""
+    entries, errors = read_manifest(root / "models")
+    assert not errors
+    assert {("soc", "nmc"), ("soc", "lfp")} <= {e.key for e in entries}
+    for e in entries:
+        res = verify_and_load(root / "models", e, soc_model_expectation() if e.task == "soc" else None)
+        assert res.model is not None, res.reason
+        assert e.params <= 20000
+    shutil.copytree(root / "models", tmp_path / "m")
+    reg = ModelRegistry(tmp_path / "m", {"soc": soc_model_expectation()})
+    reg.poll()
+    assert reg.get("soc", "lfp") is not None
