@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import NODES, build_graph, default_params_file
+from .graph import NODES, build_graph, default_params_file, replay_overrides
 from .paths import share_path
 
 LEVEL = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
@@ -241,8 +241,7 @@ def run(args: argparse.Namespace) -> int:
     t_start, t_end = float(frames.ts[0]), float(frames.ts[-1])
     nodes, missing = available_nodes()
     overrides = {
-        "can_bridge": {"can_log": str(log), "replay_speed": float(args.speed), "publish_clock": True,
-                       "pack_config": str(pack_cfg)},
+        "can_bridge": {**replay_overrides(str(log), args.speed, nodes), "pack_config": str(pack_cfg)},
         "estimator": {"pack_config": str(pack_cfg)},
         "fault_monitor": {"pack_config": str(pack_cfg)},
         "cloud_uploader": {"spool_dir": str(out / "spool")},

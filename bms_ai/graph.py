@@ -95,6 +95,16 @@ def build_graph(
     return specs
 
 
+def replay_overrides(can_log: str, speed: float, specs_nodes: list[str]) -> dict[str, Any]:
+    """can_bridge parameters for replaying a file through the graph on sim time.
+
+    The replay waits until every other node of the graph reads pack/measurements,
+    so no sample is published before its readers are discovered.
+    """
+    return {"can_log": str(can_log), "replay_speed": float(speed), "publish_clock": True,
+            "wait_for_subscribers": len([n for n in specs_nodes if n != "can_bridge"])}
+
+
 def launch_node_kwargs(spec: NodeSpec, params_file: str | None) -> dict[str, Any]:
     """Keyword arguments for ``launch_ros.actions.Node`` (the launch file uses exactly this)."""
     params: list[Any] = [params_file] if params_file else []

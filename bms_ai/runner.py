@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .graph import DEFAULT_NAMESPACE, NODES, NodeSpec, build_graph, default_params_file, node_parameters
+from .graph import (
+    DEFAULT_NAMESPACE,
+    NODES,
+    NodeSpec,
+    build_graph,
+    default_params_file,
+    node_parameters,
+    replay_overrides,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,15 +60,15 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 def graph_from_args(args: argparse.Namespace) -> list[NodeSpec]:
     overrides = parse_sets(args.set)
     bridge = overrides.setdefault("can_bridge", {})
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     sim_time = None
     if args.can_log:
-        bridge.update(can_log=str(args.can_log), replay_speed=float(args.speed), publish_clock=True)
+        bridge.update(replay_overrides(args.can_log, args.speed, nodes))
         sim_time = True
     if args.interface:
         bridge["interface"] = args.interface
     if args.channel:
         bridge["channel"] = args.channel
-    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     return build_graph(args.namespace, nodes, overrides, use_sim_time=sim_time)
 
 

@@ -8,7 +8,14 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from bms_ai.graph import DEFAULT_NAMESPACE, NODES, build_graph, default_params_file, launch_node_kwargs
+from bms_ai.graph import (
+    DEFAULT_NAMESPACE,
+    NODES,
+    build_graph,
+    default_params_file,
+    launch_node_kwargs,
+    replay_overrides,
+)
 from launch import LaunchDescription
 
 ARGUMENTS = {
@@ -25,12 +32,14 @@ ARGUMENTS = {
 
 def _nodes(context):
     a = {k: LaunchConfiguration(k).perform(context) for k in ARGUMENTS}
-    bridge = {k: a[k] for k in ("interface", "channel", "can_log") if a[k]}
+    nodes = [n.strip() for n in a["nodes"].split(",") if n.strip()]
+    bridge = {k: a[k] for k in ("interface", "channel") if a[k]}
     if a["can_log"]:
+        bridge.update(replay_overrides(a["can_log"], 1.0, nodes))
         bridge["publish_clock"] = a["use_sim_time"].lower() == "true"
     specs = build_graph(
         namespace=a["namespace"],
-        nodes=[n.strip() for n in a["nodes"].split(",") if n.strip()],
+        nodes=nodes,
         overrides={"can_bridge": bridge},
         use_sim_time=a["use_sim_time"].lower() == "true",
         respawn=a["respawn"].lower() == "true",

@@ -45,6 +45,8 @@ class CanBridgeNode(Node):
             "can_log": declare(self, "can_log", "", "replay this CAN log (.asc .blf .log .trc .csv) instead of a bus"),
             "replay_speed": declare(self, "replay_speed", 1.0, "log replay speed factor; 0 = as fast as possible"),
             "replay_loop": declare(self, "replay_loop", False, "repeat the log"),
+            "wait_for_subscribers": declare(self, "wait_for_subscribers", 0,
+                                            "log replay starts once this many readers of pack/measurements are matched (max 10 s)"),
             "publish_clock": declare(self, "publish_clock", False, "publish /clock from CAN time (log replay on sim time)"),
             "time_source": declare(self, "time_source", "can", "'can': frame timestamps; 'clock': node clock at receipt"),
             "rate_hz": declare(self, "rate_hz", 10.0, "pack/measurements rate (instants on CAN time)"),
@@ -96,7 +98,17 @@ class CanBridgeNode(Node):
         return BusSource(p["interface"], p["channel"], **opts)
 
     # reader thread -------------------------------------------------------
+    def _wait_for_readers(self) -> None:
+        """A file replay would otherwise start before the graph's readers are discovered."""
+        end = time.monotonic() + 10.0
+        want = int(self.p["wait_for_subscribers"])
+        while self.pub.get_subscription_count() < want and time.monotonic() < end:
+            if self._stop.wait(0.05):
+                return
+
     def _run(self) -> None:
+        if isinstance(self.source, LogReplaySource):
+            self._wait_for_readers()
         if (isinstance(self.source, LogReplaySource) and self.source.speed == math.inf and not self.source.loop
                 and self._raw_log is None and self.p["time_source"] == "can"):
             return self._run_batch()
