@@ -48,7 +48,7 @@ setup(
         "msgpack>=1.0",  # python-can udp_multicast (virtual CAN across processes)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "mcap-ros2-support>=0.5",
+        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "wheel", "mcap-ros2-support>=0.5",
                  "boto3>=1.28", "moto[s3,server]>=5.0"],
         "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7", "scipy>=1.10"],
         "s3": ["boto3>=1.28"],

@@ -63,6 +63,8 @@ class Record:
     tmax: list[float] = field(default_factory=list)
     diag: dict[str, tuple[int, str, dict]] = field(default_factory=dict)
     diag_events: list[tuple[float, str, int, str]] = field(default_factory=list)
+    last_rx: float = field(default_factory=time.monotonic)  # wall time of the last estimate from the drive
+    t_end: float = math.inf  # CAN time of the drive's last frame
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -80,6 +82,8 @@ def _probe(runner, rec: Record, namespace: str):
 
     def on_state(m) -> None:
         with rec.lock:
+            if stamp(m) <= rec.t_end:
+                rec.last_rx = time.monotonic()
             rec.t.append(stamp(m))
             rec.soc.append(m.percentage)
             rec.capacity.append(m.capacity)
@@ -163,8 +167,9 @@ def write_report(rec: Record, drive: Path, out: Path, summary: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     truth = _truth(drive)
     figs = []
-    with rec.lock:
-        t, soc = np.array(rec.t), np.array(rec.soc)
+    with rec.lock:  # the drive only: after its end the topics carry aged-out values
+        keep = np.array(rec.t) <= rec.t_end
+        t, soc = np.array(rec.t)[keep], np.array(rec.soc)[keep]
         mt = np.array(rec.mt)
         v, i, spread = np.array(rec.voltage), np.array(rec.current), np.array(rec.spread_mv)
         events = list(rec.diag_events)
@@ -240,11 +245,20 @@ def run(args: argparse.Namespace) -> int:
     frames = read_log(log)
     t_start, t_end = float(frames.ts[0]), float(frames.ts[-1])
     nodes, missing = available_nodes()
+    ingest = None
+    if "cloud_uploader" in nodes:  # the cloud side too: a reference ingest server on 127.0.0.1
+        import secrets
+
+        from .uplink.ingest_server import IngestServer
+
+        token = secrets.token_hex(16)
+        ingest = IngestServer(out / "cloud", token=token).start()
     overrides = {
         "can_bridge": {**replay_overrides(str(log), args.speed, nodes), "pack_config": str(pack_cfg)},
         "estimator": {"pack_config": str(pack_cfg)},
         "fault_monitor": {"pack_config": str(pack_cfg)},
-        "cloud_uploader": {"spool_dir": str(out / "spool")},
+        "cloud_uploader": {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
+                           "token": token if ingest else "", "shutdown_drain_s": 5.0},
     }
     specs = build_graph("/bms", nodes, overrides, use_sim_time=True)
     print(f"bms-ai demo: drive {drive.name} ({t_end - t_start:.0f} s, {len(frames)} frames) at {args.speed:g}x "
@@ -252,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     wall0 = time.monotonic()
     runner = GraphRunner(specs, args.params)
-    rec = Record()
+    rec = Record(t_end=t_end)
     _probe(runner, rec, "/bms")
     live = sys.stdout.isatty() and not args.no_live
     bridge = runner.node("can_bridge")
@@ -264,23 +278,36 @@ def run(args: argparse.Namespace) -> int:
 
     threading.Thread(target=view, daemon=True).start()
 
+    at_end: dict[str, int] = {}
+
     def finished() -> bool:
-        return (bridge.source.finished and bridge.silence() > 1.0) or time.monotonic() - wall0 > args.timeout
+        if bridge.source.finished and not at_end:
+            with rec.lock:  # what the graph said at the end of the drive, before the bus went silent
+                at_end.update({n: lv for n, (lv, _, _) in rec.diag.items()})
+        quiet = time.monotonic() - rec.last_rx > 1.0  # the graph has worked through its queues
+        return (bridge.source.finished and bridge.silence() > 1.0 and quiet) or time.monotonic() - wall0 > args.timeout
 
     try:
         runner.spin(until=finished)
     finally:
         done.set()
         runner.shutdown()
+        if ingest is not None:
+            uploaded = ingest.store.list()
+            ingest.stop()
     wall = time.monotonic() - wall0
     print(_view(rec, t_start, t_end, False), flush=True)
     summary = {
         "drive": drive.name, "chemistry": meta.get("chemistry"), "drive_seconds": t_end - t_start,
         "wall_seconds": wall, "replay_speed": args.speed, "frames": len(frames),
         "samples_received": len(rec.mt), "estimates_received": len(rec.t), "nodes": nodes,
-        "final_diagnostics": {n: LEVEL.get(lv) for n, (lv, _, _) in rec.diag.items()},
+        "diagnostics_at_drive_end": {n: LEVEL.get(lv) for n, lv in sorted(at_end.items())},
+        "diagnostics_after_bus_silence": {n: LEVEL.get(lv) for n, (lv, _, _) in sorted(rec.diag.items())},
     }
+    if ingest is not None:
+        summary["segments_uploaded_to_ingest_server"] = len(uploaded)
     report = write_report(rec, drive, out, summary)
-    mcaps = sorted(str(p) for p in (out / "spool").rglob("*.mcap")) if (out / "spool").is_dir() else []
-    print(f"report: {report}" + (f"\nMCAP log: {len(mcaps)} segment(s) under {out / 'spool'}" if mcaps else ""))
+    mcaps = sorted(str(p) for p in out.rglob("*.mcap"))
+    print(f"report: {report}" + (f"\nMCAP log: {len(mcaps)} segment(s) under {out}" if mcaps else "")
+          + (f" ({len(uploaded)} uploaded to the ingest server)" if ingest is not None else ""))
     return 0 if rec.mt else 1

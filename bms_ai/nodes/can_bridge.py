@@ -186,7 +186,9 @@ class CanBridgeNode(Node):
 
     def _watchdog(self) -> None:
         silent = self.silence()
-        if silent > self.p["stale_after"] and math.isfinite(silent) and math.isfinite(self.source_speed()):
+        replaying = isinstance(self.source, LogReplaySource) and not self.source.finished
+        if (silent > self.p["stale_after"] and math.isfinite(silent) and math.isfinite(self.source_speed())
+                and not replaying):  # a paused replay (readers catching up) is not a silent bus
             # keep publishing at the nominal rate; values age out to NaN
             with self.lock:
                 now_can = self.last_rx_can + silent * self.source_speed()
