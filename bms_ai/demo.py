@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import NODES, build_graph, default_params_file, replay_overrides
+from .graph import NODES, build_graph, default_params_file, merge_overrides, pack_overrides, replay_overrides
 from .paths import share_path
 
 LEVEL = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
@@ -71,10 +71,10 @@ class Record:
 def _probe(runner, rec: Record, namespace: str):
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import BatteryState
 
-    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+    from .nodes.common import GRAPH_SUB_QOS as qos
+
     node = Node("demo_view", namespace=namespace, context=runner.context)
 
     def stamp(m) -> float:
@@ -253,13 +253,11 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_hex(16)
         ingest = IngestServer(out / "cloud", token=token).start()
-    overrides = {
-        "can_bridge": {**replay_overrides(str(log), args.speed, nodes), "pack_config": str(pack_cfg)},
-        "estimator": {"pack_config": str(pack_cfg)},
-        "fault_monitor": {"pack_config": str(pack_cfg)},
+    overrides = merge_overrides(pack_overrides(pack_cfg), {
+        "can_bridge": replay_overrides(str(log), args.speed, nodes),
         "cloud_uploader": {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
                            "token": token if ingest else "", "shutdown_drain_s": 5.0},
-    }
+    })
     specs = build_graph("/bms", nodes, overrides, use_sim_time=True)
     print(f"bms-ai demo: drive {drive.name} ({t_end - t_start:.0f} s, {len(frames)} frames) at {args.speed:g}x "
           f"through {', '.join(nodes)}" + (f"; not installed: {', '.join(missing)}" if missing else ""),

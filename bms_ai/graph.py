@@ -95,6 +95,31 @@ def build_graph(
     return specs
 
 
+def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-node parameters that follow from one pack config, so every node agrees on the pack.
+
+    can_bridge reads the DBC signal map; estimator and fault_monitor need the
+    chemistry and design capacity; all report the same hardware_id.
+    """
+    from .can.packconfig import load_pack_config
+
+    cfg = load_pack_config(pack_config)
+    pack = {"pack_id": cfg.pack_id, "chemistry": cfg.chemistry}
+    if cfg.design_capacity_ah == cfg.design_capacity_ah:  # not NaN
+        pack["capacity_ah"] = float(cfg.design_capacity_ah)
+    return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": dict(pack), "fault_monitor": dict(pack),
+            "cloud_uploader": {"pack_id": cfg.pack_id}}
+
+
+def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Later layers win, parameter by parameter."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for node, params in layer.items():
+            out.setdefault(node, {}).update(params)
+    return out
+
+
 def replay_overrides(can_log: str, speed: float, specs_nodes: list[str]) -> dict[str, Any]:
     """can_bridge parameters for replaying a file through the graph on sim time.
 

@@ -24,7 +24,9 @@ from .graph import (
     NodeSpec,
     build_graph,
     default_params_file,
+    merge_overrides,
     node_parameters,
+    pack_overrides,
     replay_overrides,
 )
 
@@ -35,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", default=",".join(n for n, _, _ in NODES), help="comma-separated nodes to start")
     p.add_argument("--can-log", help="replay this CAN log through can_bridge (sim time from the log)")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed; 0 = as fast as possible")
+    p.add_argument("--pack-config", help="pack config YAML; sets can_bridge's signal map and every node's pack id, "
+                   "chemistry and capacity")
     p.add_argument("--interface", help="python-can interface for can_bridge")
     p.add_argument("--channel", help="CAN channel for can_bridge")
     p.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=JSON",
@@ -59,6 +63,8 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def graph_from_args(args: argparse.Namespace) -> list[NodeSpec]:
     overrides = parse_sets(args.set)
+    if getattr(args, "pack_config", None):
+        overrides = merge_overrides(pack_overrides(args.pack_config), overrides)
     bridge = overrides.setdefault("can_bridge", {})
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     sim_time = None

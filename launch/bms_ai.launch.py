@@ -14,6 +14,8 @@ from bms_ai.graph import (
     build_graph,
     default_params_file,
     launch_node_kwargs,
+    merge_overrides,
+    pack_overrides,
     replay_overrides,
 )
 from launch import LaunchDescription
@@ -24,6 +26,7 @@ ARGUMENTS = {
     "interface": ("", "python-can interface for can_bridge (empty: params file)"),
     "channel": ("", "CAN channel for can_bridge (empty: params file)"),
     "can_log": ("", "replay this CAN log instead of a bus"),
+    "pack_config": ("", "pack config YAML: DBC signal map, pack id, chemistry, capacity for every node"),
     "use_sim_time": ("false", "use /clock"),
     "nodes": (",".join(n for n, _, _ in NODES), "comma-separated nodes to start"),
     "respawn": ("false", "restart nodes that exit"),
@@ -37,10 +40,11 @@ def _nodes(context):
     if a["can_log"]:
         bridge.update(replay_overrides(a["can_log"], 1.0, nodes))
         bridge["publish_clock"] = a["use_sim_time"].lower() == "true"
+    overrides = merge_overrides(pack_overrides(a["pack_config"]) if a["pack_config"] else {}, {"can_bridge": bridge})
     specs = build_graph(
         namespace=a["namespace"],
         nodes=nodes,
-        overrides={"can_bridge": bridge},
+        overrides=overrides,
         use_sim_time=a["use_sim_time"].lower() == "true",
         respawn=a["respawn"].lower() == "true",
     )

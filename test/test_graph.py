@@ -23,6 +23,16 @@ def test_build_graph_defaults_and_overrides(root):
         build_graph(nodes=["nope"])
 
 
+def test_pack_config_sets_every_node(root):
+    from bms_ai.graph import merge_overrides, pack_overrides
+
+    o = merge_overrides(pack_overrides(root / "config" / "pack96_lfp.yaml"), {"estimator": {"capacity_ah": 40.0}})
+    assert o["estimator"]["chemistry"] == "lfp" and o["fault_monitor"]["chemistry"] == "lfp"
+    assert o["estimator"]["capacity_ah"] == 40.0 and o["fault_monitor"]["capacity_ah"] == 46.0
+    assert o["can_bridge"]["pack_config"].endswith("pack96_lfp.yaml")
+    assert len({o[n]["pack_id"] for n in ("estimator", "fault_monitor", "cloud_uploader")}) == 1
+
+
 def test_params_file_wildcards_and_node_keys(tmp_path, root):
     p = tmp_path / "p.yaml"
     p.write_text("/**:\n  ros__parameters: {a: 1, b: 1}\n/**/can_bridge:\n  ros__parameters: {b: 2}\n"
@@ -49,7 +59,7 @@ def test_launch_file_composes_the_graph(root, monkeypatch):
     must be exactly the graph's.
     """
     performed = {"namespace": "/pack7", "params_file": "/tmp/p.yaml", "interface": "socketcan",
-                 "channel": "can3", "can_log": "", "use_sim_time": "false",
+                 "channel": "can3", "can_log": "", "use_sim_time": "false", "pack_config": "",
                  "nodes": "can_bridge,estimator", "respawn": "true"}
 
     class LaunchConfiguration:

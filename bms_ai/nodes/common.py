@@ -19,8 +19,9 @@ SUB_QOS = qos_profile_sensor_data
 DIAG_QOS = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
 # Maximum-speed log replay: nothing may be dropped, the publisher waits for reliable readers.
 LOSSLESS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
-# Subscribers in our own graph: reliable and deep, compatible with both publisher QoS above.
-GRAPH_SUB_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+# Subscribers in our own graph: reliable KEEP_ALL, so a file replay is flow-controlled end to end
+# (a full reader history holds the writer back instead of dropping). Compatible with both publishers above.
+GRAPH_SUB_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
 # Levels as ints (the message constants are bytes); Diagnostics.update accepts either.
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
