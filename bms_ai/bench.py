@@ -21,7 +21,6 @@ import numpy as np
 SECTIONS: dict[str, str] = {
     "decode": "bms_ai.bench:bench_decode",
     "estimator": "bms_ai.estimation.bench:bench",
-    "diagnostics": "bms_ai.diagnostics.bench:bench",
     "uplink": "bms_ai.uplink.bench:bench",
     "graph": "bms_ai.graph_bench:bench",
 }
