@@ -15,7 +15,7 @@ from typing import Any
 
 import can
 
-from .offline import iter_log
+from .offline import iter_log, read_log
 
 
 class SourceError(RuntimeError):
@@ -69,8 +69,11 @@ class LogReplaySource:
 
     kind = "log"
 
-    def __init__(self, path: str | Path, speed: float = 1.0, loop: bool = False) -> None:
+    def __init__(self, path: str | Path, speed: float = 1.0, loop: bool = False, lightweight: bool = False) -> None:
         self.path = Path(path)
+        # lightweight: yield slot objects read through the fast array reader instead of can.Message
+        # (about 10x less CPU per frame; for consumers that never hand frames to python-can)
+        self.lightweight = lightweight
         if not self.path.is_file():
             raise SourceError(f"CAN log not found: {self.path}")
         self.speed = speed if speed and speed > 0 and math.isfinite(speed) else math.inf
@@ -85,7 +88,7 @@ class LogReplaySource:
         log0: float | None = None
         while not stop.is_set():
             last = first = None
-            for msg in iter_log(self.path, self.errors):
+            for msg in self._messages():
                 if stop.is_set():
                     return
                 if first is None:
@@ -110,8 +113,36 @@ class LogReplaySource:
                 return
             yield None
 
+    def _messages(self):
+        if self.lightweight and self.path.suffix.lower() == ".blf":
+            frames = read_log(self.path)
+            if frames.error:
+                self.errors.append(frames.error)
+            ts, ids, ext, dlc, bad = (frames.ts.tolist(), frames.ids.tolist(), frames.ext.tolist(),
+                                      frames.dlc.tolist(), frames.bad.tolist())
+            data = frames.data
+            for i in range(len(ts)):
+                yield Frame(ts[i], ids[i], data[i, :dlc[i]].tobytes(), ext[i], bad[i])
+            return
+        yield from iter_log(self.path, self.errors)
+
     def close(self) -> None:
         pass
+
+
+class Frame:
+    """The fields of a received frame that the pack decoder reads (a light can.Message)."""
+
+    __slots__ = ("timestamp", "arbitration_id", "data", "is_extended_id", "is_error_frame", "is_remote_frame")
+
+    def __init__(self, timestamp: float, arbitration_id: int, data: bytes, is_extended_id: bool,
+                 bad: bool = False) -> None:
+        self.timestamp = timestamp
+        self.arbitration_id = arbitration_id
+        self.data = data
+        self.is_extended_id = is_extended_id
+        self.is_error_frame = bad  # error, remote and oversize frames are all rejected alike
+        self.is_remote_frame = False
 
 
 SOURCES = {"bus": BusSource, "log": LogReplaySource}

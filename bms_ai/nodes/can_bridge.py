@@ -90,7 +90,8 @@ class CanBridgeNode(Node):
     def _make_source(self):
         p = self.p
         if p["can_log"]:
-            return LogReplaySource(p["can_log"], speed=p["replay_speed"], loop=p["replay_loop"])
+            return LogReplaySource(p["can_log"], speed=p["replay_speed"], loop=p["replay_loop"],
+                                   lightweight=not p["raw_log_dir"] and p["time_source"] == "can")
         try:
             opts = json.loads(p["bus_options"] or "{}")
         except json.JSONDecodeError as exc:
