@@ -147,3 +147,50 @@ def test_tampered_plating_model_is_refused(tmp_path):
     (tmp_path / "plating.onnx").write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="sha256"):
         PlatingModel.load(tmp_path)
+
+
+def _cold_profile(current: np.ndarray, temp_c: float = -10.0, status: dict | None = None):
+    """Bank results per tick for a cold pack driven with the given current (10 Hz)."""
+    bank = DetectorBank(N, NT, tick_hz=10.0)
+    levels, anomaly = [], []
+    for j, i in enumerate(current):
+        t = 0.1 * (j + 1)
+        s = PackSample(stamp=t, pack_voltage=96 * 3.95, pack_current=float(i), cell_voltages=np.full(N, 3.95),
+                       cell_temperatures=np.full(NT, temp_c), status=dict(status or {}))
+        r = {x.check: x for x in bank.step(s, t)}
+        levels.append(r["lithium plating"].level)
+        anomaly.append(r["anomaly score"].level)
+    return levels, anomaly, r
+
+
+def test_plating_needs_a_charge_not_regen_pulses():
+    if PlatingModel.load() is None:
+        pytest.skip("no trained plating model in models/faults")
+    # 20 s regen at 1C between 30 s discharges, 10 min at -10 degC: same (T, C-rate, V) as a cold charge
+    t = np.arange(6000) * 0.1
+    regen = np.where(t % 50.0 < 20.0, 50.0, -60.0)
+    lv, an, _ = _cold_profile(regen)
+    assert max(lv) == 0 and max(an) == 0
+    # a sustained 1C charge at -10 degC: flagged within the charge (context + debounce)
+    p = DetectorParams.load()
+    lv, _, r = _cold_profile(np.full(1500, 50.0))
+    k = next(j for j, x in enumerate(lv) if x > 0)
+    assert (p.plating_context_s + p.plating_debounce / 10.0) * 10 - 2 <= k + 1 <= (
+        p.plating_context_s + p.plating_debounce / 10.0) * 10 + 2
+    assert r["lithium plating"].values["charging"] is True
+    # a connected charger is charging context at once
+    lv, _, _ = _cold_profile(np.full(300, 50.0), status={"charger_connected": 1.0})
+    assert next(j for j, x in enumerate(lv) if x > 0) + 1 == p.plating_debounce
+
+
+def test_all_nan_samples_raise_no_detector_alarm(clean):
+    t, cur, v, temps = clean
+    bank = DetectorBank(N, NT, tick_hz=10.0)
+    run_bank(t[:3000], cur[:3000], v[:3000], temps[:3000], bank)
+    t_end = float(t[2999])
+    for j in range(600):  # 60 s of bus silence: every value NaN
+        s = PackSample.empty(N, NT)
+        s.stamp = t_end + 0.1 * (j + 1)
+        res = bank.step(s, s.stamp)
+        assert all(r.level == 0 for r in res), [(r.check, r.message) for r in res if r.level]
+    assert not bank.events

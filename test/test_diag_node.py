@@ -48,12 +48,18 @@ class Harness:
             self.seen.append((time.monotonic(), st.name, st.level[0] if isinstance(st.level, bytes) else int(st.level),
                               st.hardware_id, {kv.key: kv.value for kv in st.values}))
 
-    def ticks(self, n: int) -> None:
-        """Publish n measurements at 10 Hz (stamped with the node clock) and spin."""
+    def ticks(self, n: int, all_nan: bool = False) -> None:
+        """Publish n measurements at 10 Hz (stamped with the node clock) and spin.
+
+        all_nan: what can_bridge publishes once the CAN log has ended (every value aged out).
+        """
         for _ in range(n):
             t = self.io.get_clock().now().nanoseconds * 1e-9
             s = PackSample(stamp=t, pack_voltage=float(self.v.sum()), pack_current=-10.0,
                            cell_voltages=self.v.copy(), cell_temperatures=np.full(32, 25.0))
+            if all_nan:
+                s = PackSample.empty(96, 32)
+                s.stamp = t
             self.pub.publish(sample_to_battery_state(s))
             end = time.monotonic() + 0.1
             while time.monotonic() < end:
@@ -136,3 +142,18 @@ def test_fault_monitor_rejects_bad_shape_and_reports_timeout(h: Harness) -> None
     while time.monotonic() < end:
         h.ex.spin_once(timeout_sec=0.02)
     assert h.level("bms_ai: can timeout") == 2
+
+
+def test_fault_monitor_all_nan_stream_is_timeout_not_open_wire(h: Harness) -> None:
+    h.ticks(10)
+    assert h.level("bms_ai: open wire") == 0
+    h.ticks(20, all_nan=True)
+    assert h.level("bms_ai: can timeout") == 2
+    to = [x for x in h.seen if x[1] == "bms_ai: can timeout"][-1]
+    assert to[4]["communication_lost"] == "True"
+    for check in ("open wire", "stuck signal", "cell voltage spread", "temperature spread", "lithium plating",
+                  "internal short", "thermal anomaly", "anomaly score"):
+        assert h.level(f"bms_ai: {check}") == 0, check
+    assert h.level("bms_ai: current derating") == 3  # STALE: no data to derate from
+    ev = [x for x in h.seen if x[1] == "bms_ai: events"][-1]
+    assert "open wire" not in ev[4].get("event0", "") and "can timeout" in ev[4].get("event0", "")

@@ -13,6 +13,7 @@ import yaml
 from bms_ai.diagnostics import (
     ERROR,
     OK,
+    STALE,
     WARN,
     LimitsConfigError,
     RuleEngine,
@@ -347,3 +348,80 @@ def test_open_temperature_sensor_and_missing_message(cfg):
     eng = RuleEngine(cfg, N, NT)
     r = {x.check: x for x in eng.step(sample(0.1, temps=np.full(NT, np.nan)), 0.1)}
     assert r["can timeout"].level == ERROR and "cell_temperature missing" in r["can timeout"].message
+
+
+def _nan_sample(t: float) -> PackSample:
+    """What can_bridge publishes once the CAN log has ended: every value aged out to NaN."""
+    s = PackSample.empty(N, NT)
+    s.stamp = t
+    return s
+
+
+def test_all_nan_sample_is_communication_loss_not_open_wire(cfg):
+    eng = RuleEngine(cfg, N, NT)
+    _, t = run(eng, 0, 50, "open wire")
+    levels: dict[str, list[int]] = {}
+    for _ in range(100):  # 10 s of bus silence at 10 Hz
+        t += 0.1
+        # the estimator falls back to its model-free path when its inputs vanish: part of the comm loss
+        for r in eng.step(_nan_sample(t), t, soc=0.0, capacity_ah=50.0, model_fallback=True):
+            levels.setdefault(r.check, []).append(r.level)
+    assert levels["can timeout"][0] == ERROR  # at once (debounce 1)
+    r = {x.check: x for x in eng.step(_nan_sample(t + 0.1), t + 0.1)}
+    assert r["can timeout"].values["communication_lost"] is True
+    assert r["can timeout"].message.startswith("communication lost")
+    for check in ("open wire", "stuck signal", "cell voltage spread", "temperature spread", "pack voltage plausibility",
+                  "cell overvoltage", "cell undervoltage", "cell overtemperature", "cell undertemperature",
+                  "current sensor offset", "estimator plausibility"):
+        assert max(levels[check]) == OK, check
+    # derating has nothing to derate from: STALE (data missing), not a WARN of its own
+    assert set(levels["current derating"]) == {STALE}
+    assert {e.check for e in eng.active_events()} == {"can timeout"}
+    # data back: the timeout clears after its clear count, nothing else was raised
+    for _ in range(cfg.plausibility.clear_count + 1):
+        t += 0.1
+        res = {x.check: x for x in eng.step(sample(t), t)}
+    assert all(x.level == OK for x in res.values()), {k: x.level for k, x in res.items() if x.level}
+
+
+def test_values_ageing_out_part_by_part_are_not_open_wires(cfg):
+    """At the end of a log the muxed frames age out one after another: most cells NaN is a timeout."""
+    eng = RuleEngine(cfg, N, NT)
+    _, t = run(eng, 0, 20, "open wire")
+    v = np.full(N, 3.8)
+    v[: N - 8] = np.nan  # only the last two mux frames still fresh
+    temps = np.full(NT, 25.0)
+    temps[4:] = np.nan
+    lv, t = run(eng, t, 20, "open wire", v=v, temps=temps)
+    assert max(lv) == OK
+    lv, _ = run(eng, t, 20, "cell voltage spread", v=v, temps=temps)
+    assert max(lv) == OK
+
+
+def test_single_nan_cell_among_valid_is_open_wire_after_debounce(cfg):
+    v = np.full(N, 3.8)
+    v[40] = np.nan
+    eng = RuleEngine(cfg, N, NT)
+    res = []
+    t = 0.0
+    for _ in range(10):
+        t += 0.1
+        res.append({r.check: r for r in eng.step(sample(t, v=v), t)})
+    ow = [r["open wire"].level for r in res]
+    assert first(ow, ERROR) == cfg.plausibility.debounce and max(ow[: cfg.plausibility.debounce - 1]) == OK
+    assert res[-1]["open wire"].values["channel_index"] == "40"
+    assert max(r["can timeout"].level for r in res) == OK
+
+
+def test_stale_stamped_nan_is_timeout_not_open_wire(cfg):
+    """With per-value CAN stamps (library use), a NaN whose stamp is old is a timed-out value."""
+    eng = RuleEngine(cfg, N, NT)
+    t = 0.0
+    for _ in range(10):
+        t += 0.1
+        s = sample(t)
+        s.cell_voltages[7] = np.nan
+        s.cell_voltage_stamps[7] = t - 5.0
+        r = {x.check: x for x in eng.step(s, t)}
+    assert r["open wire"].level == OK and r["can timeout"].level == ERROR
+    assert "cell_voltage[1]" in r["can timeout"].message

@@ -71,7 +71,10 @@ class DetectorParams:
     thermal_h: float = 300.0           # CUSUM alarm level (sigma * s)
     thermal_debounce: int = 10
     plating_threshold: float = 0.5
-    plating_debounce: int = 100        # 10 s: sustained charge, not a regen pulse
+    plating_debounce: int = 100        # 10 s of risk within a charge
+    plating_charge_c: float = 0.05     # charge current above this C-rate counts as charging
+    plating_context_s: float = 60.0    # ... continuously this long (or charger connected): a charge,
+    plating_gap_s: float = 2.0         # not a regen pulse; dips shorter than this don't end the charge
     anomaly_debounce: int = 20
     clear_count: int = 50
 
@@ -220,6 +223,8 @@ class DetectorBank:
         self.th_sigma = self.p.thermal_sigma_floor_c
         self.th_last = math.nan
         self.p_plating = 0.0
+        self.chg_since = math.nan     # start of the current charge (sustained charge current)
+        self.chg_last = math.nan      # last tick with charge current
         self.score = 0.0
         self.charge_ah_at_risk = 0.0
 
@@ -244,7 +249,9 @@ class DetectorBank:
             a = dt / self.p.current_tau_s
             self.i_ewma += a * (i - self.i_ewma)
             self.i_fast += min(dt / self.p.current_fast_tau_s, 1.0) * (i - self.i_fast)
-        out = [*self._cells(v, i, t), self._thermal(temps, t), self._plating(v, temps, i, t)]
+        charger = (s.status or {}).get("charger_connected", math.nan)
+        out = [*self._cells(v, i, t), self._thermal(temps, t),
+               self._plating(v, temps, i, t, charger == 1.0)]
         out.append(self._anomaly(t))
         return out
 
@@ -377,10 +384,23 @@ class DetectorBank:
         return self.r_th.result(self.th_innov, "no thermal anomaly", kv, " degC above model")
 
     # ------------------------------------------------------------ plating
-    def _plating(self, v: np.ndarray, temps: np.ndarray, i: float, t: float) -> CheckResult:
+    def _plating(self, v: np.ndarray, temps: np.ndarray, i: float, t: float, charger: bool = False) -> CheckResult:
+        """Plating risk only inside a charge: sustained charge current or a connected charger.
+
+        Regen braking at low temperature gives the same instantaneous (T, C-rate, V)
+        as a cold charge but for seconds; plating needs a charge's worth of Ah.
+        """
         p = self.p
         c_rate = i / p.capacity_ah if math.isfinite(i) else math.nan
-        charging = math.isfinite(c_rate) and c_rate > 0.05
+        in_charge = math.isfinite(c_rate) and c_rate > p.plating_charge_c
+        if in_charge:
+            if not (math.isfinite(self.chg_since) and t - self.chg_last <= p.plating_gap_s):
+                self.chg_since = t
+            self.chg_last = t
+        elif not (math.isfinite(self.chg_last) and t - self.chg_last <= p.plating_gap_s):
+            self.chg_since = math.nan
+        charge_s = t - self.chg_since if math.isfinite(self.chg_since) else 0.0
+        charging = in_charge and (charger or charge_s >= p.plating_context_s)
         tmin = float(np.nanmin(temps)) if np.isfinite(temps).any() else math.nan
         vmax = float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
         prob = 0.0
@@ -394,6 +414,7 @@ class DetectorBank:
                          np.array([prob]))
         coldest = int(np.nanargmin(temps)) if np.isfinite(temps).any() else -1
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
+              "charge_s": charge_s, "charging": charging,
               "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
               "charge_ah_at_risk": self.charge_ah_at_risk, "model": "onnx" if (
                   self.plating is not None and self.plating.session is not None) else (

@@ -194,6 +194,8 @@ class RuleEngine:
         self._charging = False
         self._mode_since = math.nan
         self.ticks = 0
+        self.comm_lost = False
+        self._missing: list[str] = []
 
     # ------------------------------------------------------------------ public
     @property
@@ -263,31 +265,47 @@ class RuleEngine:
         out.append(self.pack_v.result(dpa, "pack voltage matches sum of cells",
                                       {"pack_v": s.pack_voltage, "sum_cells_v": sum_v, "diff_v": dpv}, " V"))
 
+        # Whole-sample staleness (CAN log ended, bus silent: every value NaN) is a communication loss,
+        # reported by `can timeout`; the measurement checks below hold their state instead of firing.
+        # A group (cells, sensors) is judged only while most of it is valid, so a message timing out
+        # part by part at the end of a log is not mistaken for open wires or a spread.
+        v_ok = _mostly_valid(finite)
+        tf = np.isfinite(temps)
+        t_ok = _mostly_valid(tf)
+        self.comm_lost = not finite.any() and not tf.any()
         med_v = float(np.median(v[finite])) if finite.any() else math.nan
         dv = np.abs(v - med_v)
-        self.v_spread.update((dv > p.cell_voltage_spread_v)[None], (dv <= p.cell_voltage_spread_v)[None], t, v)
+        if v_ok:
+            self.v_spread.update((dv > p.cell_voltage_spread_v)[None], (dv <= p.cell_voltage_spread_v)[None], t, v)
         out.append(self.v_spread.result(v, "cell voltages within spread",
                                         {"median_v": med_v, "max_dev_v": _nanmax(dv)}, " V"))
-        tf = np.isfinite(temps)
         med_t = float(np.median(temps[tf])) if tf.any() else math.nan
         dt = np.abs(temps - med_t)
-        self.t_spread.update((dt > p.temperature_spread_c)[None], (dt <= p.temperature_spread_c)[None], t, temps)
+        if t_ok:
+            self.t_spread.update((dt > p.temperature_spread_c)[None], (dt <= p.temperature_spread_c)[None], t, temps)
         out.append(self.t_spread.result(temps, "temperatures within spread",
                                         {"median_c": med_t, "max_dev_c": _nanmax(dt)}, " degC"))
 
-        # open wire: invalid reading, implausibly low, or the low/high pair an open sense wire makes
-        ow = ~finite | (v < p.open_wire_min_v)
+        # open wire: an individual reading invalid (NaN with a fresh CAN stamp, or implausibly low), or the
+        # low/high pair an open sense wire makes, while the rest of its group is valid. A stale value
+        # (old stamp) or a whole group missing is a timeout, not an open wire.
+        fresh_v = t - np.asarray(s.cell_voltage_stamps, dtype=float) <= p.stale_s
+        fresh_t = t - np.asarray(s.cell_temperature_stamps, dtype=float) <= p.stale_s
+        if fresh_v.shape != v.shape:
+            fresh_v = np.ones(v.shape, dtype=bool)
+        if fresh_t.shape != temps.shape:
+            fresh_t = np.ones(temps.shape, dtype=bool)
+        ow = (~finite & fresh_v) | (v < p.open_wire_min_v)
         d = v - med_v
         pair = (d[:-1] < -p.open_wire_pair_v) & (d[1:] > p.open_wire_pair_v)
         ow[:-1] |= pair
         ow[1:] |= pair
-        # a single invalid sensor is an open wire; all of them at once is a missing message (can timeout)
-        owt = ~tf if tf.any() else np.zeros(self.n_temps, dtype=bool)
-        if not finite.any():
-            ow[:] = False
-        ow_all = np.concatenate((ow, owt))
+        owt = ~tf & fresh_t
+        # groups not judged this tick: neither violating nor good (active alarms hold, pending counts decay)
+        ow_all = np.concatenate((ow & v_ok, owt & t_ok))
+        good_all = np.concatenate((~ow & v_ok, ~owt & t_ok))
         vals = np.concatenate((v, temps))
-        self.open_wire.update(ow_all[None], ~ow_all[None], t, vals)
+        self.open_wire.update(ow_all[None], good_all[None], t, vals)
         out.append(self.open_wire.result(vals, "all cell and sensor readings valid",
                                          {"invalid_cells": int((~finite).sum()), "invalid_sensors": int((~tf).sum()),
                                           "channels": f"0..{self.n_cells - 1}=cells, {self.n_cells}.."
@@ -304,7 +322,7 @@ class RuleEngine:
             self._fz_pv.step(np.array([s.pack_voltage]), sum_v, t),
         ))
         sig = np.concatenate((v, temps, [s.pack_voltage]))
-        self.stuck.update(fz[None], ~fz[None], t, sig)
+        self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
         out.append(self.stuck.result(sig, "no frozen signal",
                                      {"signals": f"0..{self.n_cells - 1}=cells, {self.n_cells}.."
                                                  f"{self.n_cells + self.n_temps - 1}=sensors, "
@@ -366,8 +384,10 @@ class RuleEngine:
         self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([float(len(names) + len(stale))]))
         r = self.timeout.result(np.array([float(len(names) + len(stale))]), "all messages fresh",
                                 {"timed_out": ",".join(names), "stale": ",".join(stale)})
-        if r.level != OK:
-            r.message = "timeout: " + ", ".join(names + stale) if bad else r.message
+        r.values["communication_lost"] = bool(getattr(self, "comm_lost", False))
+        if r.level != OK and bad:
+            r.message = ("communication lost (no valid measurement); " if r.values["communication_lost"] else
+                         "") + "timeout: " + ", ".join(names + stale)
         return r
 
     def _estimator(self, t: float, i: float, soc: float | None, soc_stamp: float | None,
@@ -375,7 +395,7 @@ class RuleEngine:
         p = self.cfg.plausibility
         jump = 0.0
         bad_jump = False
-        if soc is not None and math.isfinite(soc):
+        if soc is not None and math.isfinite(soc) and not self.comm_lost:  # no SOC reference from a comm loss
             stamp = t if soc_stamp is None else soc_stamp
             if self._soc_prev is not None and stamp > self._soc_prev[1]:
                 dt = stamp - self._soc_prev[1]
@@ -387,7 +407,12 @@ class RuleEngine:
             bad_jump = bad_jump or not (0.0 <= soc <= 1.0)
         fb = bool(fallback)
         viol = np.array([[bad_jump, fb]])
-        self.est.update(viol, ~viol, t, np.array([jump, float(fb)]))
+        if self.comm_lost:
+            # no measurements: the estimator falls back (or coasts) because its inputs are missing; that is
+            # the communication loss reported by can timeout, not an estimator fault. Hold the state.
+            self.est.update(np.zeros_like(viol), np.zeros_like(viol), t, np.array([jump, float(fb)]))
+        else:
+            self.est.update(viol, ~viol, t, np.array([jump, float(fb)]))
         r = self.est.result(np.array([jump, float(fb)]), "estimator plausible",
                             {"soc": soc if soc is not None else math.nan, "soc_jump": jump, "model_fallback": fb})
         if r.level != OK:
@@ -420,10 +445,19 @@ class RuleEngine:
             idis = 0.0
         level = WARN if (ic == 0.0 or idis == 0.0) else OK
         msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
+        if not (math.isfinite(vmax) and math.isfinite(tmax)):
+            # no measurement to derate from: a communication loss (can timeout), not a derating condition
+            level = STALE
+            msg = f"no valid measurements (see can timeout): {msg}"
         return CheckResult("current derating", level, msg, {
             "max_charge_current_a": ic, "max_discharge_current_a": idis,
             "charge_temperature_factor": f_tc, "charge_voltage_factor": f_vc,
             "discharge_temperature_factor": f_td, "discharge_voltage_factor": f_vd})
+
+
+def _mostly_valid(finite: np.ndarray) -> bool:
+    """At least half of a group valid: only then are single invalid members faults of their own."""
+    return bool(finite.size) and 2 * int(finite.sum()) >= finite.size
 
 
 def _nanmax(a: np.ndarray) -> float:
