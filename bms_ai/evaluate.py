@@ -267,24 +267,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", required=True, help="output directory for table + HTML report")
     p.add_argument("--models", default="models", help="model directory with manifest.json ('' = none)")
     p.add_argument("--wrong-init", type=float, default=0.3, help="initial-SOC error for the wrong-init run")
-    p.add_argument("--faults", action="store_true", help="also run the fault-detector evaluation (diagnostics)")
+    p.add_argument("--faults", action="store_true",
+                   help="fault-detector evaluation (rules + learned vs thresholds only) into REPORT/faults")
+    p.add_argument("--no-soc", action="store_true", help="skip the SOC evaluation (with --faults: faults only)")
 
 
 def run(args: argparse.Namespace) -> int:
     paths = find_drives(args.drives)
     if not paths:
         raise FileNotFoundError("no drives found")
-    model_dir = Path(args.models) if args.models else None
-    results = evaluate(paths, model_dir, wrong_init=args.wrong_init)
-    page = write_report(results, Path(args.report), model_dir)
-    print(json.dumps(summary(results), indent=1))
-    print(f"report: {page}")
+    if not args.no_soc:
+        model_dir = Path(args.models) if args.models else None
+        results = evaluate(paths, model_dir, wrong_init=args.wrong_init)
+        page = write_report(results, Path(args.report), model_dir)
+        print(json.dumps(summary(results), indent=1))
+        print(f"report: {page}")
     if args.faults:
         try:
             mod = importlib.import_module("bms_ai.diagnostics.evaluate")
         except ImportError as exc:
             print(f"fault evaluation not available: {exc}")
             return 2
-        mod.run_fault_evaluation([str(p) for p in paths], Path(args.report) / "faults")
-        return 0
+        out = Path(args.report) / "faults"
+        fault_summary = mod.run_fault_evaluation([str(p) for p in paths], out)
+        print(json.dumps(fault_summary, indent=1, default=str))
+        print(f"fault report: {out}")
     return 0
