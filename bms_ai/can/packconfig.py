@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cantools.database import Database
 
+from ..yamlfile import load_yaml
 from .checks import CRC_ALGORITHMS
 from .dbc import load_dbc
 
@@ -216,12 +216,7 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
 def load_pack_config(path: str | Path, dbc: str | Path | None = None) -> PackConfig:
     """Read and validate a pack config YAML; ``dbc`` overrides its DBC path."""
     p = Path(path)
-    if not p.is_file():
-        raise PackConfigError(f"pack config not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise PackConfigError(f"{p}: not valid YAML: {exc}") from exc
+    data = load_yaml(p, "pack config", PackConfigError, PackConfigError)
     cfg = parse_pack_config(data, p.parent.resolve(), p)
     if dbc is not None:
         from dataclasses import replace

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..paths import share_path
+from ..yamlfile import load_yaml
 
 TIERS = ("mol", "rsl", "msl")
 
@@ -261,14 +260,8 @@ def parse_limits(d: Any, source: str = "<dict>") -> LimitsConfig:
 
 def load_limits(path: str | Path) -> LimitsConfig:
     """Load and validate a limits YAML file (``config/limits_<chemistry>.yaml``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"limits config not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise LimitsConfigError(f"{p}: not valid YAML: {exc}") from exc
-    return parse_limits(d, source=str(p))
+    d = load_yaml(path, "limits config", LimitsConfigError)
+    return parse_limits(d, source=str(path))
 
 
 def default_limits_path(chemistry: str = "nmc") -> Path:
