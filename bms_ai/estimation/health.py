@@ -6,8 +6,14 @@
   accumulated Ah over a sliding window (SOC from the NN measurement, which
   does not use the capacity, so the estimate is not pulled to the design
   value); accepted only when the window spans enough SOC.
-- RUL: capacity-fade law SOH = 1 - k * sqrt(EFC) fitted to the SOH history
-  (equivalent full cycles); 90 % interval from the fit's k uncertainty.
+- Capacity per cell from rests (preferred when an OCV curve is given): SOC from
+  OCV at the end of each rest >= ``rest_min_s``; two rests ``min_soc_span`` apart
+  give Q = dAh / dSOC, independent of any SOC model's bias. Estimates are
+  combined as an inverse-variance weighted mean (variance from the OCV slope:
+  pairs on a flat plateau are rejected) (the first one replaces the design value,
+  no slow EMA from design, which biased aged packs to ~100 %).
+- RUL: ``bms_ai.estimation.rul.RulEstimator`` (Bayesian fade-law fit with a
+  conformal-calibrated 90 % interval) on the SOH history vs equivalent full cycles.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
+from .rul import RulEstimator
 
 
 @dataclass
@@ -26,6 +34,11 @@ class HealthParams:
     min_soc_span: float = 0.15       # accept a capacity estimate only over this SOC span
     q_alpha: float = 0.2             # EMA weight per accepted capacity estimate
     eol_soh: float = 0.8
+    rest_max_c: float = 0.02         # |I| below this C-rate counts as rest
+    rest_min_s: float = 600.0        # rest length before the voltage is taken as OCV
+    ocv_sigma_v: float = 0.003       # OCV error at a rest end (noise, quantisation, incomplete relaxation)
+    relax_max_v: float = 0.0         # cap on the rest-relaxation extrapolation (0 = off: no gain measured)
+    max_rel_sd: float = 0.03         # reject a rest pair whose capacity would be worse than this (1 sigma)
 
 
 @dataclass
@@ -43,9 +56,19 @@ class HealthOutput:
     r0_updates: int
 
 
+def rest_ocv(chemistry: str):
+    """OCV curve for rest-based capacity, or None: LFP's OCV hysteresis and flat plateau make the
+    charge-side rest read tens of mV off the table (measured -9 % SOH bias), so LFP keeps the
+    SOC-regression method."""
+    from .ocv import load_ocv
+
+    return None if chemistry.lower() == "lfp" else load_ocv(chemistry)
+
+
 class HealthEstimator:
     def __init__(self, n_cells: int, design_capacity_ah: float, params: HealthParams | None = None,
-                 efc0: float = 0.0, soh_history: list[tuple[float, float]] | None = None) -> None:
+                 efc0: float = 0.0, soh_history: list[tuple[float, float]] | None = None,
+                 ocv=None, rul: RulEstimator | None = None) -> None:
         self.n = n_cells
         self.q_design = float(design_capacity_ah)
         self.p = params or HealthParams()
@@ -59,6 +82,17 @@ class HealthEstimator:
         self.q_updates = 0
         self.r0_updates = 0
         self.history: list[tuple[float, float]] = list(soh_history or [])
+        self.ocv = ocv                      # OCVCurve (inverse: V -> SOC) or None
+        self.rul_est = rul or RulEstimator()
+        self._rest_t0: float | None = None
+        self._rest_tl: float | None = None
+        self._rest_v: list[tuple[float, np.ndarray]] = []
+        self._i_avg = 0.0
+        self._rest_pt: tuple | None = None   # (Ah, SOC_ocv, SOC sd) of the current rest
+        self._prev_rest: tuple | None = None
+        self._q_w = np.zeros(n_cells)       # summed dSOC weights of rest-based estimates
+        self._q_sum = np.zeros(n_cells)
+        self.rest_updates = 0
 
     def update(self, t: float, current: float, cell_v: np.ndarray, soc_meas: np.ndarray) -> None:
         """Every sample: R0 steps and Ah; at 1 Hz: the capacity regression window."""
@@ -82,14 +116,87 @@ class HealthEstimator:
                     self.cell_r0[upd] += self.p.r0_alpha * (r[upd] - self.cell_r0[upd])
                     self.r0_updates += int(ok.any())
         self._last = (t, float(current), v)
+        if self.ocv is not None:
+            self._rest(t, float(current), v)
         if t >= self._t_next:
             self._t_next = t + 1.0
             self._win.append((t, self.ah, np.asarray(soc_meas, dtype=np.float64).copy()))
             while self._win and self._win[0][0] < t - self.p.window_s:
                 self._win.popleft()
 
+    def _rest(self, t: float, current: float, v: np.ndarray) -> None:
+        # 5 s current average: single noisy samples must not end a rest
+        dt = 0.1 if self._rest_tl is None else min(max(t - self._rest_tl, 0.0), 5.0)
+        self._rest_tl = t
+        self._i_avg += min(dt / 5.0, 1.0) * (current - self._i_avg)
+        thr = self.p.rest_max_c * self.q_design
+        if abs(self._i_avg) > thr or abs(current) > 3.0 * thr:
+            if self._rest_pt is not None:
+                self._close_rest()
+            self._rest_t0 = None
+            return
+        if self._rest_t0 is None:
+            self._rest_t0 = t
+            self._rest_v = []
+            return
+        tr = t - self._rest_t0
+        if abs(current) > thr or not np.isfinite(v).all():
+            return
+        if not self._rest_v or tr - self._rest_v[-1][0] >= 5.0:
+            self._rest_v.append((tr, v.copy()))
+        if tr >= self.p.rest_min_s:
+            soc = np.asarray(self.ocv.inverse(self._relaxed(tr, v)), dtype=np.float64)   # latest = most relaxed
+            sd = self.p.ocv_sigma_v / np.maximum(np.abs(np.asarray(self.ocv.slope(soc), dtype=np.float64)), 1e-4)
+            self._rest_pt = (self.ah, soc, sd)
+
+    def _relaxed(self, tr: float, v: np.ndarray) -> np.ndarray:
+        """OCV estimate: Aitken extrapolation of the slowest exponential through V(T/3), V(2T/3), V(T).
+
+        A rest of 10-15 min after a charge is still ~5 mV above OCV (+1..3 % SOH); the correction is
+        capped at ``relax_max_v`` and skipped where the three points are not monotone.
+        """
+        if self.p.relax_max_v <= 0 or len(self._rest_v) < 3:
+            return v
+        ts = np.array([x[0] for x in self._rest_v])
+        v1 = self._rest_v[int(np.argmin(np.abs(ts - tr / 3.0)))][1]
+        v2 = self._rest_v[int(np.argmin(np.abs(ts - 2.0 * tr / 3.0)))][1]
+        d1, d2 = v2 - v1, v - v2
+        ok = (d1 * d2 > 0) & (np.abs(d2) < np.abs(d1))
+        corr = np.where(ok, -d2 * d2 / np.where(ok, d1 - d2, 1.0), 0.0)     # V_inf - V(T)
+        return v + np.clip(corr, -self.p.relax_max_v, self.p.relax_max_v)
+
+    def _close_rest(self) -> None:
+        pt, self._rest_pt = self._rest_pt, None
+        prev, self._prev_rest = self._prev_rest, pt
+        if prev is None:
+            return
+        dsoc = pt[1] - prev[1]
+        dah = pt[0] - prev[0]
+        # flat OCV (LFP plateau): a few mV are many % SOC -> reject imprecise pairs, weight the rest
+        rel_sd = np.hypot(pt[2], prev[2]) / np.maximum(np.abs(dsoc), 1e-6)
+        ok = (np.abs(dsoc) >= self.p.min_soc_span) & (rel_sd <= self.p.max_rel_sd)
+        q = np.where(ok, dah / np.where(ok, dsoc, 1.0), np.nan)
+        ok &= np.isfinite(q) & (q > 0.3 * self.q_design) & (q < 1.5 * self.q_design)
+        if not ok.any():
+            return
+        w = 1.0 / np.maximum(rel_sd, 1e-3) ** 2
+        self._q_sum[ok] += w[ok] * q[ok]
+        self._q_w[ok] += w[ok]
+        self.cell_q[ok] = self._q_sum[ok] / self._q_w[ok]
+        self.rest_updates += 1
+        self.q_updates += 1
+        self.history.append((self.efc, float(np.min(self.cell_q) / self.q_design)))
+
+    def flush_rest(self) -> None:
+        """End of data while resting: use the current rest point (e.g. end of a drive log)."""
+        if self._rest_pt is not None:
+            self._close_rest()
+
     def estimate_capacity(self) -> bool:
-        """Slow rate: regress SOC on Ah over the window; True if an estimate was accepted."""
+        """Slow rate: regress SOC on Ah over the window; True if an estimate was accepted.
+
+        Skipped for cells that already have a rest-based (OCV) estimate: those are unbiased.
+        """
         if len(self._win) < 60:
             return False
         ah = np.array([w[1] for w in self._win])
@@ -102,6 +209,7 @@ class HealthEstimator:
         slope = np.sum(ah_c[:, None] * (soc - soc.mean(axis=0)), axis=0) / var    # 1/Q per cell
         q = 1.0 / np.where(slope > 1e-6, slope, np.nan)
         ok = (span >= self.p.min_soc_span) & np.isfinite(q) & (q > 0.3 * self.q_design) & (q < 1.5 * self.q_design)
+        ok &= self._q_w <= 0
         if not ok.any():
             return False
         self.cell_q[ok] += self.p.q_alpha * (q[ok] - self.cell_q[ok])
@@ -111,21 +219,11 @@ class HealthEstimator:
         return True
 
     def rul(self) -> tuple[float, float, float]:
-        """Remaining EFC to EOL with a 90 % interval from the fade-law fit (NaN if too little history)."""
-        h = np.array(self.history, dtype=np.float64)
-        if len(h) < 3 or np.ptp(h[:, 0]) <= 0:
+        """Remaining EFC to EOL with a 90 % interval (NaN if too little history)."""
+        if not self.history:
             return float("nan"), float("nan"), float("nan")
-        x = np.sqrt(np.maximum(h[:, 0], 0.0))
-        y = 1.0 - h[:, 1]
-        k = float(np.sum(x * y) / max(np.sum(x * x), 1e-12))
-        resid = y - k * x
-        se = float(np.sqrt(np.sum(resid ** 2) / max(len(h) - 1, 1) / max(np.sum(x * x), 1e-12)))
-        lim = 1.0 - self.p.eol_soh
-
-        def remaining(kk: float) -> float:
-            return float("inf") if kk <= 0 else max((lim / kk) ** 2 - self.efc, 0.0)
-
-        return remaining(k), remaining(k + 1.645 * se), remaining(max(k - 1.645 * se, 0.0))
+        h = np.array(self.history, dtype=np.float64)
+        return self.rul_est.predict(h[:, 0], h[:, 1])
 
     def output(self) -> HealthOutput:
         soh_c = self.cell_q / self.q_design

@@ -18,7 +18,8 @@ from rclpy.node import Node
 from sensor_msgs.msg import BatteryState
 
 from ..estimation.ekf import ECMParams
-from ..estimation.health import HealthEstimator, HealthOutput
+from ..estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from ..estimation.rul import load_rul_estimator
 from ..estimation.soc import SocEstimator, SocOutput, soc_model_expectation
 from ..models.runtime import ModelRegistry, default_model_dir
 from .common import ERROR, GRAPH_SUB_QOS, OK, PUB_QOS, WARN, Diagnostics, declare, spin_node
@@ -84,7 +85,9 @@ class EstimatorNode(Node):
         self.soc_est = SocEstimator(n_cells, n_temps, self.chem, float(self.p["capacity_ah"]), model=model,
                                     ecm=self._ecm(),
                                     soc0=s0 if 0.0 <= s0 <= 1.0 else None, model_reason=reason)
-        self.health = HealthEstimator(n_cells, float(self.p["capacity_ah"]), efc0=float(self.p["efc0"]))
+        rul, _ = load_rul_estimator(self.p["model_dir"] or default_model_dir(), self.chem)
+        self.health = HealthEstimator(n_cells, float(self.p["capacity_ah"]), efc0=float(self.p["efc0"]),
+                                      ocv=rest_ocv(self.chem), rul=rul)
 
     # -- per measurement -----------------------------------------------------
     def _on_meas(self, msg: BatteryState) -> None:
@@ -148,7 +151,8 @@ class EstimatorNode(Node):
         model = slot.model.label if (slot.model is not None and self.p["use_models"]) else "none"
         if o is None:
             self.diag.update("soc", WARN, "no measurements yet",
-                             {"model": model, "model_reason": slot.reason, "rejected": self.rejected})
+                             {"model": model, "model_reason": slot.reason, "rejected": self.rejected,
+                              "model_fallback": slot.model is None or not self.p["use_models"]})
             return
         level = OK if o.method == "nn+cc" else WARN
         msg = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}[o.method]
@@ -159,6 +163,7 @@ class EstimatorNode(Node):
         self.diag.update("soc", level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
             "soc_max": float(np.max(o.cell_soc)), "method": o.method, "model": model,
+            "model_fallback": o.method != "nn+cc",
             "model_version": slot.model.version if slot.model is not None else 0,
             "fallback_reason": o.fallback_reason, "ood_cells": o.ood_cells,
             "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last * 1e3, "cycle_max_ms": self.cycle_max * 1e3,

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="100-129", help="synth: drive seeds, e.g. 100-129,200, or 'eval' for the held-out condition suite")
     p.add_argument("--duration", type=float, default=3600.0, help="synth: seconds per drive")
     p.add_argument("--cells", type=int, default=2, help="synth: cells per drive")
+    p.add_argument("--report", default="reports/estimation/health", help="soh/rul: report directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
         make_suite(args.chemistry, Path(args.out), _seeds(args.seeds), n_cells=args.cells, duration=args.duration)
         return 0
+    if args.task in ("soh", "rul"):
+        from .health import train_health
+
+        # soh: --data = where the simulated aged drives go (reused when present); rul: --out gets the params
+        entry = train_health(args.task, args.chemistry, args.data, Path(args.out), seed=args.seed,
+                             report=args.report)
+        print(json.dumps(entry, indent=1))
+        return 0
     if not args.data:
         raise ValueError("--data DIR is required")
     if args.task == "soc":
@@ -67,10 +76,5 @@ def run(args: argparse.Namespace) -> int:
         entry.metrics.update({f"tuned_{k}": v for k, v in res.items()})
         upsert_entry(Path(args.out), entry)
         entry = entry.to_dict()
-    else:
-        from .health import train_health
-
-        entry = train_health(args.task, args.chemistry, args.data, Path(args.out), seed=args.seed,
-                             epochs=args.epochs)
     print(json.dumps({k: entry[k] for k in ("name", "version", "file", "sha256", "params", "metrics")}, indent=1))
     return 0
