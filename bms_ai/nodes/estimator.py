@@ -95,6 +95,10 @@ class EstimatorNode(Node):
             s = battery_state_to_sample(msg)
             if s.cell_voltages.size == 0:
                 raise ValueError("no cell voltages")
+            if not np.isfinite(s.cell_voltages).any() and not math.isfinite(s.pack_current):
+                # communication lost (every value aged out): hold the estimate instead of
+                # integrating nothing; fault_monitor reports the timeout
+                raise ValueError("no valid measurement (communication lost)")
             if not math.isfinite(s.stamp) or s.stamp <= 0:
                 raise ValueError("no header stamp")
             if self.soc_est is None or self.soc_est.n != s.n_cells:
