@@ -295,6 +295,10 @@ def run(args: argparse.Namespace) -> int:
             ingest.stop()
     wall = time.monotonic() - wall0
     print(_view(rec, t_start, t_end, False), flush=True)
+    raised = {n.replace("bms_ai: ", ""): LEVEL.get(lv) for n, lv in sorted(at_end.items()) if lv != 0}
+    print("diagnostics at the end of the drive: " + (", ".join(f"{n}={lv}" for n, lv in raised.items())
+                                                     if raised else "all OK")
+          + " (after it the bus is silent: timeouts and STALE are expected)", flush=True)
     summary = {
         "drive": drive.name, "chemistry": meta.get("chemistry"), "drive_seconds": t_end - t_start,
         "wall_seconds": wall, "replay_speed": args.speed, "frames": len(frames),
