@@ -122,6 +122,23 @@ def _apply_sensor_faults(drive: Drive, target: str, tq: np.ndarray, values: np.n
                 invalid[act] = 1
 
 
+def _mux_block(drive: Drive, tq: np.ndarray, mux: np.ndarray, truth: np.ndarray, offset: np.ndarray,
+               noise: np.ndarray, target: str, prefix: str) -> dict[str, np.ndarray]:
+    """Signal values of a 4-slot multiplexed frame: element = mux * 4 + slot, sensor faults applied."""
+    idx = mux[:, None] * 4 + np.arange(4, dtype=np.int32)[None, :]
+    v = _interp(drive.t, truth, tq, idx) + offset[idx] + noise
+    inv = np.zeros(idx.shape, dtype=np.uint8)
+    for slot in range(4):
+        col, ic = v[:, slot], inv[:, slot]
+        _apply_sensor_faults(drive, target, tq, col, idx[:, slot], ic)
+        v[:, slot], inv[:, slot] = col, ic
+    vals: dict[str, np.ndarray] = {f"{prefix}Mux": mux}
+    for slot in range(4):
+        vals[f"{prefix}{slot}"] = v[:, slot]
+        vals[f"{prefix}{slot}_Invalid"] = inv[:, slot]
+    return vals
+
+
 def build_frames(drive: Drive, dbc=None) -> Frames:
     """Sensor model + schedule + encoding. Deterministic from the drive's seed."""
     db = dbc or load_dbc()
@@ -168,29 +185,11 @@ def build_frames(drive: Drive, dbc=None) -> Frames:
             vals = {"MaxChargeCurrent": _interp(drive.t, lim_chg, tq), "MaxDischargeCurrent": _interp(drive.t, lim_dis, tq),
                     "MaxChargeVoltage": N_CELLS * v_max, "MinDischargeVoltage": N_CELLS * v_min}
         elif name == "BMS_CellVoltages":
-            cells = mux[:, None] * 4 + np.arange(4, dtype=np.int32)[None, :]
-            v = _interp(drive.t, drive.v, tq, cells) + v_off[cells] + sen.cell_v_noise * rng.standard_normal(cells.shape)
-            inv = np.zeros(cells.shape, dtype=np.uint8)
-            for slot in range(4):
-                col, ic = v[:, slot], inv[:, slot]
-                _apply_sensor_faults(drive, "cell_v", tq, col, cells[:, slot], ic)
-                v[:, slot], inv[:, slot] = col, ic
-            vals = {"CellVMux": mux}
-            for slot in range(4):
-                vals[f"CellV{slot}"] = v[:, slot]
-                vals[f"CellV{slot}_Invalid"] = inv[:, slot]
+            vals = _mux_block(drive, tq, mux, drive.v, v_off, sen.cell_v_noise * rng.standard_normal((n, 4)),
+                              "cell_v", "CellV")
         elif name == "BMS_CellTemps":
-            sens = mux[:, None] * 4 + np.arange(4, dtype=np.int32)[None, :]
-            tt = _interp(drive.t, sensor_t, tq, sens) + t_off[sens] + sen.temp_noise * rng.standard_normal(sens.shape)
-            inv = np.zeros(sens.shape, dtype=np.uint8)
-            for slot in range(4):
-                col, ic = tt[:, slot], inv[:, slot]
-                _apply_sensor_faults(drive, "cell_t", tq, col, sens[:, slot], ic)
-                tt[:, slot], inv[:, slot] = col, ic
-            vals = {"CellTMux": mux}
-            for slot in range(4):
-                vals[f"CellT{slot}"] = tt[:, slot]
-                vals[f"CellT{slot}_Invalid"] = inv[:, slot]
+            vals = _mux_block(drive, tq, mux, sensor_t, t_off, sen.temp_noise * rng.standard_normal((n, 4)),
+                              "cell_t", "CellT")
         data = np.zeros((n, 8), dtype=np.uint8)
         data[:, : msg.length] = pack_signals(msg, vals, n)
         crc_sig = {"BMS_PackMeas": "PackMeas_Checksum", "BMS_Status": "Status_Checksum"}.get(name)
