@@ -81,7 +81,7 @@ class CanBridgeNode(Node):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can_bridge_reader", daemon=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.watchdog = self.create_timer(0.1, self._watchdog, clock=steady)
+        self.watchdog = self.create_timer(0.2, self._watchdog, clock=steady)  # silence -> STALE well within 1 s
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
         self._thread.start()

@@ -36,7 +36,7 @@ class FaultMonitorNode(Node):
             "pack_id": declare(self, "pack_id", "pack96-ref", "hardware_id for diagnostics"),
             "chemistry": declare(self, "chemistry", "nmc", "selects config/limits_<chemistry>.yaml when limits_file is empty"),
             "limits_file": declare(self, "limits_file", "", "limits YAML (three-tier limits, plausibility, derating)"),
-            "rate_hz": declare(self, "rate_hz", 10.0, "watchdog rate on the node clock (rules step per measurement)"),
+            "rate_hz": declare(self, "rate_hz", 4.0, "watchdog rate on the node clock (rules step per measurement)"),
             "stale_after": declare(self, "stale_after", 1.0, "no measurement for this long (node clock, s) -> timeout"),
             "capacity_ah": declare(self, "capacity_ah", 50.0, "pack capacity for the SOC-jump check (overridden by battery_state)"),
             "detectors": declare(self, "detectors", True, "run the incipient-fault detectors"),
