@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 
 import rclpy
@@ -12,6 +11,7 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from testutil import wait_for
 
 
 class RosHarness:
@@ -41,12 +41,7 @@ class RosHarness:
 
     @staticmethod
     def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(step)
-        return pred()
+        return wait_for(pred, timeout, step)
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)

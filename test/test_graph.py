@@ -106,13 +106,30 @@ def test_entry_points_match_graph(root):
         assert f'"{exe} = {module}:main"' in setup
 
 
+def _feeder(bus, pack_config_path, seconds: float):
+    """A thread sending `seconds` of the synthetic pack onto a virtual bus, after the graph is up."""
+    import threading
+    import time
+
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.packconfig import load_pack_config
+
+    def feed() -> None:
+        time.sleep(0.3)
+        for m in synthetic_messages(PackDecoder(load_pack_config(pack_config_path)), 0, seconds):
+            bus.send(m)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    return t
+
+
 def test_in_process_runner_on_virtual_bus(pack_config_path, root):
     """`bms-ai run` code path: GraphRunner builds nodes from the graph and they talk over DDS."""
     import can
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.can.decoder import PackDecoder
-    from bms_ai.can.packconfig import load_pack_config
     from bms_ai.runner import GraphRunner
 
     specs = build_graph(nodes=["can_bridge"], overrides={"can_bridge": {"interface": "virtual", "channel": "runner"}})
@@ -121,17 +138,7 @@ def test_in_process_runner_on_virtual_bus(pack_config_path, root):
     probe = runner.nodes[0].create_subscription(BatteryState, "/bms/pack/measurements", got.append, 100)
     bus = can.Bus(interface="virtual", channel="runner")
     try:
-        import threading
-        import time
-
-        def feed():
-            time.sleep(0.3)
-            for m in synthetic_messages(PackDecoder(load_pack_config(pack_config_path)), 0, 1.0):
-                bus.send(m)
-                time.sleep(0.0005)
-
-        t = threading.Thread(target=feed)
-        t.start()
+        t = _feeder(bus, pack_config_path, 1.0)
         runner.spin(until=lambda: len(got) >= 3, duration=10)
         t.join()
     finally:
@@ -143,14 +150,10 @@ def test_in_process_runner_on_virtual_bus(pack_config_path, root):
 
 def test_two_packs_as_two_namespaces(pack_config_path, root):
     """Multiple packs = the same graph in two namespaces; topics stay apart."""
-    import threading
-    import time
 
     import can
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.can.decoder import PackDecoder
-    from bms_ai.can.packconfig import load_pack_config
     from bms_ai.runner import GraphRunner
 
     specs = (build_graph("/pack_a", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_a",
@@ -163,14 +166,7 @@ def test_two_packs_as_two_namespaces(pack_config_path, root):
     subs = [node.create_subscription(BatteryState, f"/pack_{k}/pack/measurements", got[k].append, 100) for k in got]
     bus = can.Bus(interface="virtual", channel="ns_a")  # only pack A has traffic
     try:
-        def feed():
-            time.sleep(0.3)
-            for m in synthetic_messages(PackDecoder(load_pack_config(pack_config_path)), 0, 0.6):
-                bus.send(m)
-                time.sleep(0.0005)
-
-        t = threading.Thread(target=feed)
-        t.start()
+        t = _feeder(bus, pack_config_path, 0.6)
         runner.spin(until=lambda: len(got["a"]) >= 2, duration=10)
         t.join()
     finally:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from testutil import free_port, wait_for
 
 from bms_ai.uplink.backends import make_backend
 from bms_ai.uplink.ingest_server import IngestServer
@@ -28,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BS = "sensor_msgs/msg/BatteryState"
 TOKEN = "s3cret-token"
 FAST = RetryPolicy(base_s=0.05, max_s=0.4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fill(sp: Spool, n: int, cls: str = "estimates", size: int = 4000) -> list[str]:
@@ -49,15 +42,6 @@ def fill(sp: Spool, n: int, cls: str = "estimates", size: int = 4000) -> list[st
 
 def server_hashes(srv: IngestServer) -> list[str]:
     return [d["sha256"] for d in srv.store.list()]
-
-
-def wait_for(cond, timeout: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
 
 
 def http_uploader(sp: Spool, url: str, token: str = TOKEN, **kw) -> Uploader:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testutil import free_port, wait_for
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -23,21 +24,6 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exist
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto broker not installed "
                                 "(apt-get install mosquitto; .ci/run installs it)")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond, timeout: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
 
 
 class Broker:
