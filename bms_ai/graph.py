@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .paths import share_path
+from bms_ai.core.paths import share_path
 
 # (name, console script / executable, module exposing NODE_CLASS)
 NODES: tuple[tuple[str, str, str], ...] = (
@@ -101,7 +101,7 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
     can_bridge reads the DBC signal map; estimator and fault_monitor need the
     chemistry and design capacity; all report the same hardware_id.
     """
-    from .can.packconfig import load_pack_config
+    from bms_ai.can.packconfig import load_pack_config
 
     cfg = load_pack_config(pack_config)
     pack = {"pack_id": cfg.pack_id, "chemistry": cfg.chemistry}

@@ -119,7 +119,7 @@ def test_decode_cli_errors_are_clear(tmp_path, pack_config_path):
 def test_replay_puts_log_on_a_bus_in_time(tmp_path, messages):
     from argparse import Namespace
 
-    from bms_ai.can.replay_cli import replay
+    from bms_ai.ros.replay import replay
 
     log = tmp_path / "d.asc"
     _write(log, messages)
@@ -140,6 +140,7 @@ def test_replay_puts_log_on_a_bus_in_time(tmp_path, messages):
     assert [m.arbitration_id for m in got] == [m.arbitration_id for m in messages]
 
 
+@pytest.mark.ros
 def test_replay_publishes_clock_from_log_time(tmp_path, messages):
     """`bms-ai replay --clock`: /clock follows the log's timestamps."""
     from argparse import Namespace
@@ -149,7 +150,7 @@ def test_replay_publishes_clock_from_log_time(tmp_path, messages):
     from rclpy.executors import SingleThreadedExecutor
     from rosgraph_msgs.msg import Clock
 
-    from bms_ai.can.replay_cli import replay
+    from bms_ai.ros.replay import replay
 
     log = tmp_path / "d.blf"
     _write(log, messages)

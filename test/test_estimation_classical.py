@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.estimation.coulomb import CoulombCounter
 from bms_ai.estimation.ekf import BatchedEKF, ECMParams
-from bms_ai.estimation.ocv import load_ocv
 
 
 @pytest.mark.parametrize("chem,vmin,vmax", [("nmc", 2.5, 4.2), ("lfp", 2.0, 3.6)])

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.estimation.health import HealthEstimator
-from bms_ai.estimation.ocv import load_ocv
 from bms_ai.estimation.rul import (
     RulEstimator,
     RulParams,
@@ -65,6 +65,7 @@ def test_health_estimator_rul_from_history() -> None:
     assert abs(o.rul_efc - (tr.eol_efc - tr.efc[n - 1])) < 0.6 * (tr.eol_efc - tr.efc[n - 1])
 
 
+@pytest.mark.pybamm
 def test_soh_from_rests_on_aged_sim_pack() -> None:
     """Aged pack (SOH 0.88) from bms_ai.sim: rest, partial charge, rest; sensor noise + current offset."""
     pytest.importorskip("pybamm")

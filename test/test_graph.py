@@ -125,12 +125,13 @@ def _feeder(bus, pack_config_path, seconds: float):
     return t
 
 
+@pytest.mark.ros
 def test_in_process_runner_on_virtual_bus(pack_config_path, root):
     """`bms-ai run` code path: GraphRunner builds nodes from the graph and they talk over DDS."""
     import can
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.runner import GraphRunner
+    from bms_ai.ros.runner import GraphRunner
 
     specs = build_graph(nodes=["can_bridge"], overrides={"can_bridge": {"interface": "virtual", "channel": "runner"}})
     runner = GraphRunner(specs, str(root / "config" / "bms_ai.yaml"))
@@ -148,13 +149,14 @@ def test_in_process_runner_on_virtual_bus(pack_config_path, root):
     assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
 
 
+@pytest.mark.ros
 def test_two_packs_as_two_namespaces(pack_config_path, root):
     """Multiple packs = the same graph in two namespaces; topics stay apart."""
 
     import can
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.runner import GraphRunner
+    from bms_ai.ros.runner import GraphRunner
 
     specs = (build_graph("/pack_a", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_a",
                                                                     "pack_id": "A"}})

@@ -9,6 +9,8 @@ import zipfile
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 
 def test_package_xml_format3_with_rosdep_keys(root):
     pkg = ET.parse(root / "package.xml").getroot()
@@ -42,7 +44,7 @@ def test_wheel_installs_share_files_and_entry_points(wheel):
         assert f"{script} = " in eps
     assert not any(n.startswith("test/") for n in names)
     # data read from inside the package at run time
-    for needed in ("bms_ai/estimation/data/ocv_nmc.csv", "bms_ai/estimation/data/ocv_lfp.csv",
+    for needed in ("bms_ai/chemistry/data/ocv_nmc.csv", "bms_ai/chemistry/data/ocv_lfp.csv",
                    "bms_ai/sim/data/cycles/udds.csv"):
         assert needed in names, needed
     for needed in ("share/bms_ai/models/manifest.json", "share/bms_ai/models/faults/manifest.json",

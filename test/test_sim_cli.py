@@ -14,6 +14,8 @@ from bms_ai.cli import main  # noqa: E402
 from bms_ai.sim import Scenario, Segment, read_meta  # noqa: E402
 from bms_ai.sim.suite import SUITE_SIZES, suite  # noqa: E402
 
+pytestmark = pytest.mark.pybamm
+
 
 def test_simulate_scenario_file_with_progress(tmp_path, capsys):
     sc = Scenario("cli_tiny", "lfp", [Segment("drive", "us06", repeats=0.03)], soc0=0.6)

@@ -21,6 +21,8 @@ from bms_ai.sim import Scenario, Segment, read_meta, read_truth, simulate_drive,
 from bms_ai.sim.canlog import CAN_T0, build_frames, load_dbc  # noqa: E402
 from bms_ai.sim.scenario import Sensors  # noqa: E402
 
+pytestmark = pytest.mark.pybamm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHORT = Scenario("t_short", "nmc", [Segment("drive", "udds", repeats=0.05), Segment("rest", duration_s=10),

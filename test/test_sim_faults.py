@@ -21,6 +21,8 @@ from bms_ai.sim import Fault, Scenario, Segment, read_meta, simulate_drive, writ
 from bms_ai.sim.canlog import CAN_T0  # noqa: E402
 from bms_ai.sim.scenario import Sensors  # noqa: E402
 
+pytestmark = pytest.mark.pybamm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = Scenario("t_fault", "nmc", [Segment("drive", "udds", repeats=0.06)], soc0=0.7)
 

@@ -15,6 +15,8 @@ from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
 from bms_ai.sim.chemistry import get_chemistry, ocv  # noqa: E402
 from bms_ai.sim.scenario import Variation  # noqa: E402
 
+pytestmark = pytest.mark.pybamm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAME = Variation(capacity=0, resistance=0, soc=0, self_discharge_a=0, cooling=0)
 

@@ -13,6 +13,8 @@ pytest.importorskip("pybamm")
 from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
 from bms_ai.sim.chemistry import get_chemistry  # noqa: E402
 
+pytestmark = pytest.mark.pybamm
+
 
 def test_aggressive_charge_is_replanned_inside_the_window():
     sc = Scenario("hot_3c", "nmc", [Segment("charge", c_rate=3.0, soc_target=0.85, duration_s=1500)],

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..pack import PackSample
-from .codec import frame_words
-from .decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+from bms_ai.can.codec import frame_words
+from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+from bms_ai.pack import PackSample
 
 REJECT_REASONS = (
     "unknown_id", "dlc_error", "crc_error", "time_backwards", "non_finite",

@@ -97,7 +97,7 @@ class _CollectingReader(BLFReader):
 
 def read_blf_arrays(path: str | Path):
     """Frames of a BLF file as :class:`~bms_ai.can.offline.FrameArrays`; raises Unsupported."""
-    from .offline import FrameArrays
+    from bms_ai.can.offline import FrameArrays
 
     reader = _CollectingReader(str(path))
     try:

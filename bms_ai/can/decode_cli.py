@@ -10,10 +10,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..paths import default_pack_config
-from .decoder import PackDecoder
-from .offline import SampleTable, decode_frames, read_log, sample, sample_times
-from .packconfig import load_pack_config
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.offline import SampleTable, decode_frames, read_log, sample, sample_times
+from bms_ai.can.packconfig import load_pack_config
+from bms_ai.core.paths import default_pack_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

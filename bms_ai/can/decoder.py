@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from cantools.database import Database
 
-from .checks import CRC_ALGORITHMS
-from .codec import SignalPlan, compile_signal
-from .packconfig import PackConfig, validate_against_dbc
+from bms_ai.can.checks import CRC_ALGORITHMS
+from bms_ai.can.codec import SignalPlan, compile_signal
+from bms_ai.can.packconfig import PackConfig, validate_against_dbc
 
 # element kinds
 CELL_V, CELL_T, PACK_V, PACK_I, STATUS = range(5)

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..pack import PackSample
-from .decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+from bms_ai.pack import PackSample
 
 
 class PackEncoder:

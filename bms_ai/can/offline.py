@@ -14,9 +14,9 @@ from pathlib import Path
 import can
 import numpy as np
 
-from .assembler import REJECT_REASONS
-from .codec import frames_to_words
-from .decoder import CELL_T, CELL_V, PACK_I, PACK_V, STATUS, PackDecoder
+from bms_ai.can.assembler import REJECT_REASONS
+from bms_ai.can.codec import frames_to_words
+from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, STATUS, PackDecoder
 
 
 @dataclass
@@ -88,7 +88,7 @@ def iter_log(path: str | Path, errors: list[str] | None = None):
 def read_log(path: str | Path) -> FrameArrays:
     """All frames of a log as arrays; ``.error`` says if the file was cut short."""
     if str(path).lower().endswith(".blf") and Path(path).is_file():
-        from .blf_fast import read_blf_arrays
+        from bms_ai.can.blf_fast import read_blf_arrays
 
         try:
             return read_blf_arrays(path)

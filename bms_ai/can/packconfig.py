@@ -12,9 +12,9 @@ from typing import Any
 
 from cantools.database import Database
 
-from ..yamlfile import load_yaml
-from .checks import CRC_ALGORITHMS
-from .dbc import load_dbc
+from bms_ai.can.checks import CRC_ALGORITHMS
+from bms_ai.can.dbc import load_dbc
+from bms_ai.core.yamlfile import load_yaml
 
 
 class PackConfigError(ValueError):

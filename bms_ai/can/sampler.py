@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..pack import PackSample
-from .assembler import PackAssembler
+from bms_ai.can.assembler import PackAssembler
+from bms_ai.pack import PackSample
 
 
 def first_k_at_or_after(t: float, period: float) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import can
 
-from .offline import iter_log, read_log
+from bms_ai.can.offline import iter_log, read_log
 
 
 class SourceError(RuntimeError):

@@ -3,8 +3,8 @@
 No rclpy here; bms_ai/nodes/fault_monitor.py adapts this to /diagnostics.
 """
 
-from .config import LimitsConfig, LimitsConfigError, default_limits_path, load_limits, parse_limits
-from .rules import ERROR, OK, STALE, WARN, CheckResult, Event, RuleEngine
+from bms_ai.diagnostics.config import LimitsConfig, LimitsConfigError, default_limits_path, load_limits, parse_limits
+from bms_ai.diagnostics.rules import ERROR, OK, STALE, WARN, CheckResult, Event, RuleEngine
 
 __all__ = ["LimitsConfig", "LimitsConfigError", "default_limits_path", "load_limits", "parse_limits",
            "RuleEngine", "CheckResult", "Event", "OK", "WARN", "ERROR", "STALE"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..paths import share_path
-from ..yamlfile import load_yaml
+from bms_ai.core.paths import share_path
+from bms_ai.core.yamlfile import load_yaml
 
 TIERS = ("mol", "rsl", "msl")
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from ..pack import PackSample
-from ..paths import share_path
-from .rules import OK, WARN, CheckResult, Event, _Rule
+from bms_ai.core.paths import share_path
+from bms_ai.diagnostics.rules import OK, WARN, CheckResult, Event, _Rule
+from bms_ai.pack import PackSample
 
 
 @dataclass

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .replay import Measured, ReplayResult, load_measured, replay
-from .rules import Event
+from bms_ai.diagnostics.replay import Measured, ReplayResult, load_measured, replay
+from bms_ai.diagnostics.rules import Event
 
 LIMIT_CHECKS = {"cell overvoltage", "cell undervoltage", "cell overtemperature", "cell undertemperature",
                 "charge overcurrent", "discharge overcurrent"}
@@ -386,7 +386,7 @@ def _html(report: Path, rows: list[FaultRow], drives: list[DriveEval], s: dict, 
 
 def _provenance_html() -> str:
     """Which drives the shipped thresholds / model were fitted on (those results are in-sample)."""
-    from ..paths import share_path
+    from bms_ai.core.paths import share_path
 
     p = share_path("models", "faults", "manifest.json")
     if not p.is_file():

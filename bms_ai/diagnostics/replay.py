@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..pack import PackSample
-from .config import LimitsConfig, default_limits_path, load_limits
-from .detectors import DetectorBank, DetectorParams
-from .rules import Event, RuleEngine
+from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_limits
+from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams
+from bms_ai.diagnostics.rules import Event, RuleEngine
+from bms_ai.pack import PackSample
 
 
 @dataclass
@@ -61,9 +61,9 @@ def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) ->
         z = np.load(cache)
         t, pv, cur, cv, ct, con = (z[k] for k in ("t", "pv", "cur", "cv", "ct", "con"))
     else:
-        from ..can.offline import decode_log
-        from ..can.packconfig import load_pack_config
-        from ..paths import default_pack_config
+        from bms_ai.can.offline import decode_log
+        from bms_ai.can.packconfig import load_pack_config
+        from bms_ai.core.paths import default_pack_config
 
         cfg = load_pack_config(default_pack_config())
         tab = decode_log(log, cfg, rate=10.0)

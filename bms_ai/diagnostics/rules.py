@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from ..pack import PackSample
-from .config import TIERS, LimitsConfig, TierLimits
-from .debounce import Debouncer, Transition
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
+from bms_ai.diagnostics.debounce import Debouncer, Transition
+from bms_ai.pack import PackSample
 
-OK, WARN, ERROR, STALE = 0, 1, 2, 3
 TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
-LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
 
 
 @dataclass
@@ -475,6 +474,3 @@ def _nanargmax(a: np.ndarray) -> int:
 def _nanargmin(a: np.ndarray) -> int:
     return int(np.nanargmin(a)) if np.isfinite(a).any() else -1
 
-
-def level_name(level: int) -> str:
-    return LEVEL_NAMES.get(level, str(level))

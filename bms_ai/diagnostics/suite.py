@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def cases(quick: bool = False) -> list[tuple[str, object, int]]:
-    from ..sim.scenario import Fault, Scenario, Segment
+    from bms_ai.sim.scenario import Fault, Scenario, Segment
 
     udds2 = [Segment("drive", "udds", repeats=2.0)]
     drive_rest = [Segment("drive", "udds", repeats=1.0), Segment("rest", duration_s=600.0),
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="case names to (re)generate")
     a = ap.parse_args(argv)
     os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-    from ..sim.io import write_drive
-    from ..sim.simulator import simulate_drive
+    from bms_ai.sim.io import write_drive
+    from bms_ai.sim.simulator import simulate_drive
 
     a.out.mkdir(parents=True, exist_ok=True)
     for name, scen, seed in cases(a.quick):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import share_path
-from .detectors import DetectorParams
-from .replay import Measured, load_measured, replay
+from bms_ai.core.paths import share_path
+from bms_ai.diagnostics.detectors import DetectorParams
+from bms_ai.diagnostics.replay import Measured, load_measured, replay
 
 FEATURE_VERSION = "faults-1"
 MARGIN = 1.5
@@ -186,17 +186,29 @@ def train(drive_dirs: list[Path], out: Path, cache: Path | None = None, log=prin
     return {"params": params, "calibration": calib, "plating": metrics}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """`bms-ai train faults DRIVES...`."""
     ap.add_argument("drives", nargs="+", type=Path, help="drive directories (or folders of them)")
     ap.add_argument("--out", type=Path, default=share_path("models", "faults"))
     ap.add_argument("--cache", type=Path, default=None, help="decoded-log cache directory")
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Calibrate and train into --out."""
     dirs: list[Path] = []
     for p in a.drives:
         dirs.extend([p] if (p / "meta.json").is_file() else sorted(q.parent for q in p.glob("*/meta.json")))
+    if not dirs:
+        raise FileNotFoundError(f"no drives (folders with meta.json) under {', '.join(map(str, a.drives))}")
     train(dirs, a.out, a.cache)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bms_ai.diagnostics.train`` (same as `bms-ai train faults`)."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

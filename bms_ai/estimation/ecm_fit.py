@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ekf import ECMParams
-from .ocv import load_ocv
+from bms_ai.chemistry.ocv import load_ocv
+from bms_ai.estimation.ekf import ECMParams
 
 
 def _rc_filter(t: np.ndarray, i: np.ndarray, tau: float) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ocv import OCVCurve, load_ocv
+from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 
 
 @dataclass

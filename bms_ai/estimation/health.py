@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rul import RulEstimator
+from bms_ai.estimation.rul import RulEstimator
 
 
 @dataclass
@@ -60,7 +60,7 @@ def rest_ocv(chemistry: str):
     """OCV curve for rest-based capacity, or None: LFP's OCV hysteresis and flat plateau make the
     charge-side rest read tens of mV off the table (measured -9 % SOH bias), so LFP keeps the
     SOC-regression method."""
-    from .ocv import load_ocv
+    from bms_ai.chemistry.ocv import load_ocv
 
     return None if chemistry.lower() == "lfp" else load_ocv(chemistry)
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..features import FEATURE_VERSION, N_SOC_FEATURES, SocFeatures, in_domain
-from ..models.runtime import LoadedModel
-from .coulomb import CoulombCounter
-from .ekf import BatchedEKF, ECMParams
-from .ocv import load_ocv
+from bms_ai.chemistry.ocv import load_ocv
+from bms_ai.estimation.coulomb import CoulombCounter
+from bms_ai.estimation.ekf import BatchedEKF, ECMParams
+from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES, SocFeatures, in_domain
+from bms_ai.models.runtime import LoadedModel
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import ModelEntry, read_manifest, sha256_file
+from bms_ai.models.manifest import ModelEntry, read_manifest, sha256_file
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
 

@@ -20,16 +20,17 @@ from rclpy.node import Node
 from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import BatteryState
 
-from ..can.assembler import PackAssembler
-from ..can.decoder import PackDecoder
-from ..can.offline import decode_frames, read_log, sample, sample_times
-from ..can.packconfig import load_pack_config
-from ..can.sampler import FixedRateSampler
-from ..can.sources import BusSource, LogReplaySource, SourceError
-from ..pack import PackSample
-from ..paths import default_pack_config
-from .common import ERROR, LOSSLESS_QOS, OK, PUB_QOS, STALE, WARN, Diagnostics, declare, spin_node
-from .convert import sample_to_battery_state, stamp_to_time
+from bms_ai.can.assembler import PackAssembler
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.offline import decode_frames, read_log, sample, sample_times
+from bms_ai.can.packconfig import load_pack_config
+from bms_ai.can.sampler import FixedRateSampler
+from bms_ai.can.sources import BusSource, LogReplaySource, SourceError
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.core.paths import default_pack_config
+from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time
+from bms_ai.pack import PackSample
 
 
 class CanBridgeNode(Node):

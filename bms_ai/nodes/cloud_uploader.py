@@ -19,10 +19,11 @@ from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import BatteryState
 
-from ..uplink.config import load_config
-from ..uplink.schemas import normalise_type
-from ..uplink.service import UplinkService
-from .common import ERROR, GRAPH_SUB_QOS, OK, WARN, Diagnostics, declare, spin_node
+from bms_ai.core.levels import ERROR, OK, WARN
+from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.uplink.config import load_config
+from bms_ai.uplink.schemas import normalise_type
+from bms_ai.uplink.service import UplinkService
 
 KNOWN_TYPES = {
     "pack/measurements": "sensor_msgs/msg/BatteryState",

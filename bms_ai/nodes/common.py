@@ -23,9 +23,6 @@ LOSSLESS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=R
 # (a full reader history holds the writer back instead of dropping). Compatible with both publishers above.
 GRAPH_SUB_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
-# Levels as ints (the message constants are bytes); Diagnostics.update accepts either.
-OK, WARN, ERROR, STALE = 0, 1, 2, 3
-LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR", STALE: "STALE"}
 
 
 def declare(node: Node, name: str, default: Any, description: str, read_only: bool = True) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 from builtin_interfaces.msg import Time
 from sensor_msgs.msg import BatteryState
 
-from ..pack import PackSample
+from bms_ai.pack import PackSample
 
 
 def stamp_to_time(t: float) -> Time:

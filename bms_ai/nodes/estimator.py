@@ -17,13 +17,15 @@ import numpy as np
 from rclpy.node import Node
 from sensor_msgs.msg import BatteryState
 
-from ..estimation.ekf import ECMParams
-from ..estimation.health import HealthEstimator, HealthOutput, rest_ocv
-from ..estimation.rul import load_rul_estimator
-from ..estimation.soc import SocEstimator, SocOutput, soc_model_expectation
-from ..models.runtime import ModelRegistry, default_model_dir
-from .common import ERROR, GRAPH_SUB_QOS, OK, PUB_QOS, WARN, Diagnostics, declare, spin_node
-from .convert import battery_state_to_sample, stamp_to_time
+from bms_ai.core.levels import ERROR, OK, WARN
+from bms_ai.estimation import status
+from bms_ai.estimation.ekf import ECMParams
+from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from bms_ai.estimation.rul import load_rul_estimator
+from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.models.runtime import ModelRegistry, default_model_dir
+from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.convert import battery_state_to_sample, stamp_to_time
 
 
 class EstimatorNode(Node):
@@ -73,7 +75,7 @@ class EstimatorNode(Node):
             self.get_logger().info(f"SOC model now {slot.model.label if slot.model else 'none'}")
 
     def _ecm(self) -> ECMParams:
-        from ..evaluate import ecm_for
+        from bms_ai.estimation.evaluate import ecm_for
 
         return ecm_for(self.registry if self.p["use_models"] else None, self.chem, float(self.p["capacity_ah"]))
 
@@ -154,9 +156,9 @@ class EstimatorNode(Node):
         o = self.last
         model = slot.model.label if (slot.model is not None and self.p["use_models"]) else "none"
         if o is None:
-            self.diag.update("soc", WARN, "no measurements yet",
+            self.diag.update(status.SOC_CHECK, WARN, "no measurements yet",
                              {"model": model, "model_reason": slot.reason, "rejected": self.rejected,
-                              "model_fallback": slot.model is None or not self.p["use_models"]})
+                              status.MODEL_FALLBACK: slot.model is None or not self.p["use_models"]})
             return
         level = OK if o.method == "nn+cc" else WARN
         msg = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}[o.method]
@@ -164,10 +166,10 @@ class EstimatorNode(Node):
             msg += f" ({o.fallback_reason})"
         if self.rejected and level == OK:
             level = WARN
-        self.diag.update("soc", level, msg, {
+        self.diag.update(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
             "soc_max": float(np.max(o.cell_soc)), "method": o.method, "model": model,
-            "model_fallback": o.method != "nn+cc",
+            status.MODEL_FALLBACK: o.method != "nn+cc",
             "model_version": slot.model.version if slot.model is not None else 0,
             "fallback_reason": o.fallback_reason, "ood_cells": o.ood_cells,
             "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last * 1e3, "cycle_max_ms": self.cycle_max * 1e3,

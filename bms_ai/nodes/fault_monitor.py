@@ -20,13 +20,13 @@ from rclpy.node import Node
 from sensor_msgs.msg import BatteryState
 from std_msgs.msg import Empty
 
-from ..diagnostics.config import default_limits_path, load_limits
-from ..diagnostics.rules import RuleEngine
-from ..pack import PackSample
-from .common import ERROR, GRAPH_SUB_QOS, OK, STALE, WARN, Diagnostics, declare, spin_node
-from .convert import battery_state_to_sample, time_to_float
-
-_TRUE = {"true", "1", "yes"}
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.diagnostics.config import default_limits_path, load_limits
+from bms_ai.diagnostics.rules import RuleEngine
+from bms_ai.estimation import status
+from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.convert import battery_state_to_sample, time_to_float
+from bms_ai.pack import PackSample
 
 
 class FaultMonitorNode(Node):
@@ -108,14 +108,14 @@ class FaultMonitorNode(Node):
             self.capacity = float(msg.capacity)
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
-        """Model fallback flag from the estimator's diagnostics (key 'model_fallback' or 'fallback')."""
+        """Model fallback flag from this pack's estimator (bms_ai.estimation.status is the contract)."""
         for st in msg.status:
             if st.hardware_id != self.diag.hardware_id or not st.name.startswith("bms_ai: ") or \
                     self.diag.level(st.name[len("bms_ai: "):]) is not None:
                 continue
-            for kv in st.values:
-                if kv.key in ("model_fallback", "fallback"):
-                    self.model_fallback = kv.value.strip().lower() in _TRUE
+            flag = status.model_fallback((kv.key, kv.value) for kv in st.values)
+            if flag is not None:
+                self.model_fallback = flag
 
     def _on_reset(self, _msg: Empty) -> None:
         if self.engine is not None:
@@ -179,7 +179,7 @@ class FaultMonitorNode(Node):
 
 def _make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str):
     """Incipient-fault detectors, if available (they are optional to the rules)."""
-    from ..diagnostics.detectors import DetectorBank, PlatingModel
+    from bms_ai.diagnostics.detectors import DetectorBank, PlatingModel
 
     try:
         plating = PlatingModel.load()

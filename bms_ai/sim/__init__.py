@@ -7,9 +7,9 @@ Training-side only (needs PyBaMM); never imported by the nodes.
     write_drive(drive, "out/nmc_udds_1")     # can.blf, truth.parquet, meta.json
 """
 
-from .io import read_meta, read_truth, truth_arrays, truth_columns, write_drive
-from .scenario import BUNDLED, SCENARIOS, Fault, Scenario, Segment, get_scenario
-from .simulator import Drive, simulate_drive
+from bms_ai.sim.io import read_meta, read_truth, truth_arrays, truth_columns, write_drive
+from bms_ai.sim.scenario import BUNDLED, SCENARIOS, Fault, Scenario, Segment, get_scenario
+from bms_ai.sim.simulator import Drive, simulate_drive
 
 __all__ = ["BUNDLED", "SCENARIOS", "Drive", "Fault", "Scenario", "Segment", "get_scenario", "read_meta",
            "read_truth", "simulate_drive", "truth_arrays", "truth_columns", "write_drive"]

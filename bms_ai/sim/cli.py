@@ -35,8 +35,8 @@ def run(args) -> int:
     os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.list:
-        from .scenario import BUNDLED, SCENARIOS
-        from .suite import SUITE_SIZES
+        from bms_ai.sim.scenario import BUNDLED, SCENARIOS
+        from bms_ai.sim.suite import SUITE_SIZES
 
         print(json.dumps({"scenarios": sorted(SCENARIOS), "bundled": sorted(f"bundled:{k}" for k in BUNDLED),
                           "suites": SUITE_SIZES}, indent=2))
@@ -44,21 +44,21 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out DIR is required")
     if args.import_csv:
-        from .importers import import_kollmeyer_csv
+        from bms_ai.sim.importers import import_kollmeyer_csv
 
         out = import_kollmeyer_csv(args.import_csv, args.out, chemistry=args.chemistry)
         print(f"imported {args.import_csv} -> {out}", file=sys.stderr)
         return 0
     if args.suite:
-        from .suite import build_suite
+        from bms_ai.sim.suite import build_suite
 
         if args.jobs < 1:
             raise ValueError("--jobs must be >= 1")
         summary = build_suite(args.suite, args.out, jobs=args.jobs, formats=_formats(args), limit=args.limit)
         print(json.dumps(summary))
         return 1 if summary["failed"] else 0
-    from .io import write_drive
-    from .simulator import simulate_drive
+    from bms_ai.sim.io import write_drive
+    from bms_ai.sim.simulator import simulate_drive
 
     t0 = time.perf_counter()
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .canlog import CAN_T0, N_CELLS
-from .io import FORMAT_VERSION, _versions
-from .simulator import N_TEMP
+from bms_ai.sim.canlog import CAN_T0, N_CELLS
+from bms_ai.sim.io import FORMAT_VERSION, _versions
+from bms_ai.sim.simulator import N_TEMP
 
 REQUIRED = ("Prog Time", "Voltage", "Current", "Temperature")
 LABELS = ("fault_any", "fault_can", "fault_isc", "fault_plating", "fault_self_discharge", "fault_sensor", "fault_thermal")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .canlog import CAN_T0, N_CELLS, build_frames, write_asc, write_blf
-from .simulator import N_TEMP, Drive
+from bms_ai.sim.canlog import CAN_T0, N_CELLS, build_frames, write_asc, write_blf
+from bms_ai.sim.simulator import N_TEMP, Drive
 
 FORMAT_VERSION = 1
 SIM_VERSION = "1.0"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .chemistry import Chemistry, cell_capacity_ah, ocv
-from .scenario import Scenario, Segment
+from bms_ai.sim.chemistry import Chemistry, cell_capacity_ah, ocv
+from bms_ai.sim.scenario import Scenario, Segment
 
 DATA = Path(__file__).resolve().parent / "data"
 CYCLES = ("udds", "hwfet", "us06", "wltc_3b")

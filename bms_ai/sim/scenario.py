@@ -116,7 +116,7 @@ class Scenario:
     vehicle: Vehicle = field(default_factory=Vehicle)
 
     def validate(self) -> Scenario:
-        from .chemistry import get_chemistry
+        from bms_ai.sim.chemistry import get_chemistry
 
         get_chemistry(self.chemistry)
         if not -40.0 <= self.ambient_c <= 60.0:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chemistry import Chemistry, anode_ocp, base_parameters, cell_capacity_ah, get_chemistry, ocv
-from .profile import MODE_CHARGE, N_SERIES, Profile, build_profile, current_limits
-from .scenario import Scenario
+from bms_ai.sim.chemistry import Chemistry, anode_ocp, base_parameters, cell_capacity_ah, get_chemistry, ocv
+from bms_ai.sim.profile import MODE_CHARGE, N_SERIES, Profile, build_profile, current_limits
+from bms_ai.sim.scenario import Scenario
 
 DT = 0.1          # truth step [s] (10 Hz)
 N_TEMP = 32
@@ -109,7 +109,7 @@ def _replan_scale(chem: Chemistry, sc: Scenario, prof: Profile, t: np.ndarray, n
     done = t_end >= t[-1] - 1e-6
     if done and v.min() >= chem.v_min - 0.05 and v.max() <= chem.v_max + 0.05:
         return None
-    from .profile import planning_resistance
+    from bms_ai.sim.profile import planning_resistance
 
     k = min(len(v), len(t))
     cap_nom = cell_capacity_ah(chem.name) * chem.n_parallel * sc.soh
@@ -125,7 +125,7 @@ def _replan_scale(chem: Chemistry, sc: Scenario, prof: Profile, t: np.ndarray, n
 
 def simulate_drive(scenario: Scenario | str, seed: int = 0, progress=None) -> Drive:
     """Deterministic: same scenario + seed -> identical arrays."""
-    from .scenario import get_scenario
+    from bms_ai.sim.scenario import get_scenario
 
     t_start = time.perf_counter()
     sc = get_scenario(scenario) if isinstance(scenario, str) else scenario

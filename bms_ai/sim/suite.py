@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenario import Fault, Scenario, Segment
+from bms_ai.sim.scenario import Fault, Scenario, Segment
 
 SUITE_SIZES = {"train": 64, "val": 16, "test": 16, "smoke": 2}
 _SPLIT_SEED = {"train": 1, "val": 2, "test": 3, "smoke": 4}
@@ -83,7 +83,7 @@ def suite(split: str) -> list[tuple[str, Scenario, int]]:
 
 
 def is_cached(out: Path, sc: Scenario, seed: int, formats: tuple[str, ...]) -> bool:
-    from .io import scenario_hash
+    from bms_ai.sim.io import scenario_hash
 
     meta = out / "meta.json"
     if not meta.exists():
@@ -99,8 +99,8 @@ def is_cached(out: Path, sc: Scenario, seed: int, formats: tuple[str, ...]) -> b
 def _work(job: tuple[str, dict, int, str, tuple[str, ...]]) -> dict:
     name, scd, seed, out_dir, formats = job
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from .io import write_drive
-    from .simulator import simulate_drive
+    from bms_ai.sim.io import write_drive
+    from bms_ai.sim.simulator import simulate_drive
 
     t0 = time.perf_counter()
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.manifest import ModelEntry, TensorSpec, read_manifest, sha256_file, upsert_entry
+from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, sha256_file, upsert_entry
 
 
 def seed_everything(seed: int) -> None:

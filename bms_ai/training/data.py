@@ -57,7 +57,7 @@ def load_drive(path: str | Path) -> Drive:
     if (path / "drive.npz").exists():
         return _load_npz(path)
     if (path / "truth.parquet").exists():
-        from .simdrive import load_sim_drive  # written against docs in /work/notes/sim.md
+        from bms_ai.training.simdrive import load_sim_drive  # written against docs in /work/notes/sim.md
 
         return load_sim_drive(path)
     raise FileNotFoundError(f"{path}: no drive.npz or truth.parquet")

@@ -20,7 +20,7 @@ SOH_LEVELS = (0.95, 0.9, 0.85, 0.8)
 
 
 def aged_scenario(chemistry: str, soh: float, seed: int):
-    from ..sim import Scenario, Segment
+    from bms_ai.sim import Scenario, Segment
 
     rng = np.random.default_rng(seed)
     soc0 = float(rng.uniform(0.2, 0.4))
@@ -33,7 +33,7 @@ def aged_scenario(chemistry: str, soh: float, seed: int):
 
 def make_aged_drives(chemistry: str, out: Path, seed: int, levels=SOH_LEVELS, log=print) -> list[Path]:
     """One aged drive per SOH level (skipped when already there); returns the drive directories."""
-    from ..sim import simulate_drive, write_drive
+    from bms_ai.sim import simulate_drive, write_drive
 
     dirs = []
     for i, soh in enumerate(levels):
@@ -48,10 +48,10 @@ def make_aged_drives(chemistry: str, out: Path, seed: int, levels=SOH_LEVELS, lo
 
 def soh_on_drive(path: Path) -> dict:
     """HealthEstimator on the decoded CAN view of one drive vs the simulator's true capacity."""
-    from ..estimation.health import HealthEstimator, rest_ocv
-    from ..estimation.soc import SocEstimator
-    from ..sim import truth_arrays
-    from .data import load_drive
+    from bms_ai.estimation.health import HealthEstimator, rest_ocv
+    from bms_ai.estimation.soc import SocEstimator
+    from bms_ai.sim import truth_arrays
+    from bms_ai.training.data import load_drive
 
     d = load_drive(path)
     ocv = rest_ocv(d.chemistry)
@@ -96,7 +96,7 @@ def evaluate_soh(chemistries, drives_dir: Path, seed: int, log=print) -> dict:
 
 def train_rul_params(chemistry: str, seed: int, n_train: int = 300, n_cal: int = 150, n_test: int = 200,
                      obs_sigma: float = 0.01, log=print) -> tuple:
-    from ..estimation.rul import RulEstimator, evaluate_rul, fit_rul, sample_trajectories
+    from bms_ai.estimation.rul import RulEstimator, evaluate_rul, fit_rul, sample_trajectories
 
     t0 = time.time()
     train = sample_trajectories(n_train, seed, chemistry, obs_sigma=obs_sigma)
@@ -154,7 +154,7 @@ def write_report(report: Path, rul: dict, soh: dict | None, examples: dict) -> N
             axes[0].plot(tr.efc, tr.soh, "-", lw=1)
         axes[0].axhline(0.8, color="k", ls="--", lw=0.8)
         axes[0].set(xlabel="EFC", ylabel="SOH", title=f"{chem}: sampled trajectories (true, observed)")
-        from ..estimation.rul import observe_until
+        from bms_ai.estimation.rul import observe_until
         tr = trajs[0]
         xs, med, lo, hi = [], [], [], []
         for f in np.linspace(0.15, 0.95, 17):
@@ -194,7 +194,7 @@ def write_report(report: Path, rul: dict, soh: dict | None, examples: dict) -> N
 def train_health(task: str, chemistry: str, data, out, seed: int = 0, epochs: int = 30,
                  report: str | Path = "reports/estimation/health", log=print) -> dict:
     """soh: measure the classical SOH estimator; rul: fit + evaluate the RUL estimator (both chemistries)."""
-    from ..estimation.rul import RulEstimator
+    from bms_ai.estimation.rul import RulEstimator
 
     report = Path(report)
 
@@ -229,7 +229,7 @@ def train_health(task: str, chemistry: str, data, out, seed: int = 0, epochs: in
         entry = {"name": "rul_fadelaw", "version": 1, "file": saved, "sha256": None, "params": len(p.z_prior) + 2,
                  "metrics": {c: rul_m[c]["pooled"] for c in chems}}
     if not examples:
-        from ..estimation.rul import RulParams, sample_trajectories
+        from bms_ai.estimation.rul import RulParams, sample_trajectories
 
         for chem in rul_m:
             f = Path(out) / f"rul_fadelaw_{chem}_v1.json"
@@ -238,3 +238,18 @@ def train_health(task: str, chemistry: str, data, out, seed: int = 0, epochs: in
     write_report(report, rul_m, soh_m, examples)
     log(f"[health] report: {report / 'index.html'}")
     return entry
+
+
+def add_arguments(p) -> None:
+    """`bms-ai train soh` / `bms-ai train rul`."""
+    from bms_ai.training.cli import add_common
+
+    add_common(p)
+    p.add_argument("--report", default="reports/estimation/health", help="report directory")
+
+
+def run(args) -> int:
+    """soh: --data is where the simulated aged drives go (reused when present); rul: --out gets the parameters."""
+    entry = train_health(args.task, args.chemistry, args.data, Path(args.out), seed=args.seed, report=args.report)
+    print(json.dumps(entry, indent=1))
+    return 0

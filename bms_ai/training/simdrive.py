@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Drive
+from bms_ai.training.data import Drive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,8 @@ def load_sim_drive(path: Path, max_cells: int | None = None) -> Drive:
     cap = float(meta.get("design_capacity_ah", 50.0))
     log = path / "can.blf"
     if log.exists():
-        from ..can.offline import decode_log
-        from ..can.packconfig import load_pack_config
+        from bms_ai.can.offline import decode_log
+        from bms_ai.can.packconfig import load_pack_config
 
         cfg_name = meta.get("pack_config") or ("pack96_lfp.yaml" if chem == "lfp" else "pack96.yaml")
         cfg = load_pack_config(ROOT / "config" / Path(cfg_name).name)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..features import FEATURE_VERSION, N_SOC_FEATURES, SOC_FEATURES, soc_features_table
-from ..models.manifest import TensorSpec
-from .common import data_fingerprint, export_onnx, next_version, register, seed_everything
-from .data import Drive, find_drives, load_drive
+from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES, SOC_FEATURES, soc_features_table
+from bms_ai.models.manifest import TensorSpec
+from bms_ai.training.common import data_fingerprint, export_onnx, next_version, register, seed_everything
+from bms_ai.training.data import Drive, find_drives, load_drive
 
 HIDDEN = 64
 
@@ -71,7 +71,7 @@ def train_soc(chemistry: str, data: list[str | Path], out: Path, seed: int = 0, 
     t0 = time.time()
     Xt, Yt = build_dataset(trn)
     Xv, Yv = build_dataset(val, stride=10)
-    from ..estimation.ecm_fit import fit_ecm
+    from bms_ai.estimation.ecm_fit import fit_ecm
 
     ecm = fit_ecm(trn, chemistry)
     log(f"[soc/{chemistry}] EKF baseline ECM identified on the same drives: {ecm}")
@@ -136,3 +136,22 @@ def train_soc(chemistry: str, data: list[str | Path], out: Path, seed: int = 0, 
         params=int(n_params), extra={"sigma_scale": sigma_scale, "ecm": {k: getattr(ecm, k) for k in ("capacity_ah", "r0", "r1", "tau", "r_v")}})
     log(f"[soc/{chemistry}] wrote {out / fname} ({n_params} params, sha256 {entry.sha256[:12]})")
     return entry.to_dict()
+
+
+def add_arguments(p) -> None:
+    """`bms-ai train soc`."""
+    from bms_ai.training.cli import add_common
+
+    add_common(p, data_required=True)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-drives", type=int, default=None)
+
+
+def run(args) -> int:
+    """Train, export ONNX and update the manifest in --out."""
+    import json
+
+    entry = train_soc(args.chemistry, args.data, Path(args.out), seed=args.seed, epochs=args.epochs,
+                      max_drives=args.max_drives)
+    print(json.dumps({k: entry[k] for k in ("name", "version", "file", "sha256", "params", "metrics")}, indent=1))
+    return 0

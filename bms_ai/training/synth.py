@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Drive, save_npz
+from bms_ai.training.data import Drive, save_npz
 
 PARAM_SETS = {"nmc": "Chen2020", "lfp": "Prada2013"}
 
@@ -152,3 +152,25 @@ def make_eval_suite(chemistry: str, out: Path, duration: float = 3600.0, n_cells
         paths.append(save_npz(Path(out) / d.name, d))
         print(f"  {d.name}: {len(d.t) / 36000:.2f} h", flush=True)
     return paths
+
+
+def add_arguments(p) -> None:
+    """`bms-ai train synth`."""
+    from bms_ai.training.cli import add_common
+
+    add_common(p)
+    p.add_argument("--seeds", default="100-129",
+                   help="drive seeds, e.g. 100-129,200, or 'eval' for the held-out condition suite")
+    p.add_argument("--duration", type=float, default=3600.0, help="seconds per drive")
+    p.add_argument("--cells", type=int, default=2, help="cells per drive")
+
+
+def run(args) -> int:
+    """Write the drives into --out."""
+    from bms_ai.training.cli import seed_list
+
+    if args.seeds == "eval":
+        make_eval_suite(args.chemistry, Path(args.out), duration=args.duration, n_cells=args.cells)
+    else:
+        make_suite(args.chemistry, Path(args.out), seed_list(args.seeds), n_cells=args.cells, duration=args.duration)
+    return 0

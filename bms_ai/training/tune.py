@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..estimation.soc import FusionParams, SocEstimator
-from ..models.runtime import ModelRegistry
-from .data import find_drives, load_drive
+from bms_ai.estimation.soc import FusionParams, SocEstimator
+from bms_ai.models.runtime import ModelRegistry
+from bms_ai.training.data import find_drives, load_drive
 
 
 def _run(d, model, ecm, fp: FusionParams, soc0) -> np.ndarray:
@@ -29,7 +29,7 @@ def _run(d, model, ecm, fp: FusionParams, soc0) -> np.ndarray:
 
 def tune(chemistry: str, model_dir: Path, data: list[str | Path], r_scales=(10.0, 30.0, 100.0),
          q_socs=(2e-9,), max_drives: int = 2, log=print) -> dict:
-    from ..evaluate import ecm_for
+    from bms_ai.estimation.evaluate import ecm_for
 
     reg = ModelRegistry(model_dir)
     reg.poll()
@@ -60,3 +60,26 @@ def tune(chemistry: str, model_dir: Path, data: list[str | Path], r_scales=(10.0
             best = (score, r, q, rmse, max(conv))
     _, r, q, rmse, conv = best
     return {"r_scale": r, "q_soc": q, "val_rmse": rmse, "val_wrong_init_err_5min": conv}
+
+
+def add_arguments(p) -> None:
+    """`bms-ai train tune`."""
+    from bms_ai.training.cli import add_common
+
+    add_common(p, data_required=True)
+
+
+def run(args) -> int:
+    """Tune the filter of the newest model in --out and store the result in its manifest entry."""
+    import json
+
+    from bms_ai.models.manifest import read_manifest, upsert_entry
+
+    res = tune(args.chemistry, Path(args.out), args.data)
+    entries, _ = read_manifest(Path(args.out))
+    entry = max((e for e in entries if e.key == ("soc", args.chemistry)), key=lambda e: e.version)
+    entry.extra["fusion"] = {"r_scale": res["r_scale"], "q_soc": res["q_soc"]}
+    entry.metrics.update({f"tuned_{k}": v for k, v in res.items()})
+    upsert_entry(Path(args.out), entry)
+    print(json.dumps({"name": entry.name, "version": entry.version, "metrics": entry.metrics}, indent=1))
+    return 0

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, BinaryIO, ClassVar
 
-from .spool import Segment
+from bms_ai.uplink.spool import Segment
 
 
 class UploadError(Exception):

@@ -18,8 +18,8 @@ from typing import IO
 
 from mcap.writer import CompressionType, Writer
 
-from .schemas import full_definition, normalise_type
-from .spool import RANK, Segment, Spool
+from bms_ai.uplink.schemas import full_definition, normalise_type
+from bms_ai.uplink.spool import RANK, Segment, Spool
 
 FAULT_SNAPSHOT = "fault_snapshot"
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends import make_backend
-from .config import resolve_env
-from .privacy import Pseudonymizer
-from .segment import Recorder
-from .spool import Spool
-from .telemetry import make_telemetry
-from .uploader import RetryPolicy, Uploader
+from bms_ai.uplink.backends import make_backend
+from bms_ai.uplink.config import resolve_env
+from bms_ai.uplink.privacy import Pseudonymizer
+from bms_ai.uplink.segment import Recorder
+from bms_ai.uplink.spool import Spool
+from bms_ai.uplink.telemetry import make_telemetry
+from bms_ai.uplink.uploader import RetryPolicy, Uploader
 
 ERROR_LEVEL = 2
 

@@ -435,7 +435,7 @@ class Spool:
 
     def _salvage_partials(self, rep: RecoveryReport) -> None:
         """Unfinished segments (writer died): keep their complete chunks as a new segment, count the rest."""
-        from .salvage import salvage_mcap  # mcap is only needed when there is something to salvage
+        from bms_ai.uplink.salvage import salvage_mcap  # mcap is only needed when there is something to salvage
 
         for p in sorted(self.incoming.iterdir()):
             if p.name.endswith(".salvage"):  # a salvage interrupted by another crash: redo from the .part

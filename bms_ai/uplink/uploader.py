@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import Backend, Throttle, UploadError
-from .spool import Segment, Spool, sha256_file
+from bms_ai.uplink.backends import Backend, Throttle, UploadError
+from bms_ai.uplink.spool import Segment, Spool, sha256_file
 
 
 @dataclass

@@ -24,6 +24,8 @@ from bms_ai.uplink.ingest_server import IngestServer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from rosutil import RosHarness  # noqa: E402
 
+pytestmark = pytest.mark.ros
+
 TOKEN = "node-token"
 
 
@@ -95,7 +97,8 @@ def test_node_records_snapshots_and_uploads(tmp_path: Path) -> None:
 
 
 def test_node_mqtt_telemetry_soc_soh_faults(tmp_path: Path) -> None:
-    from test_uplink_mqtt import MOSQUITTO, Broker, Listener, free_port
+    from testutil import MOSQUITTO, Broker, Listener, free_port
+
     if MOSQUITTO is None:
         pytest.skip("mosquitto broker not installed (apt-get install mosquitto)")
     port = free_port()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,64 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from testutil import free_port, wait_for
+from testutil import MOSQUITTO, Broker, Listener, free_port, wait_for
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+from bms_ai.uplink.telemetry import make_telemetry
 
-from bms_ai.uplink.telemetry import make_telemetry  # noqa: E402
-
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto broker not installed "
                                 "(apt-get install mosquitto; .ci/run installs it)")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Broker:
-    def __init__(self, tmp: Path, port: int) -> None:
-        self.port = port
-        self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Broker:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return True
-            except OSError:
-                return False
-        assert wait_for(up, 10), "mosquitto did not start"
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-        self.proc = None
-
-
-class Listener:
-    """A dashboard: subscribes to everything under the prefix and keeps (topic, payload, retained)."""
-
-    def __init__(self, port: int, prefix: str) -> None:
-        self.got: list[tuple[str, str, bool]] = []
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}/#", qos=1)
-        c.on_message = lambda cl, u, m: self.got.append((m.topic, m.payload.decode(), bool(m.retain)))
-        c.reconnect_delay_set(1, 2)
-        c.connect("127.0.0.1", port, 5)
-        c.loop_start()
-        self.c = c
-
-    def states(self) -> list[dict]:
-        return [json.loads(p) for t, p, _ in self.got if t.endswith("/state")]
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 def test_telemetry_retained_and_survives_broker_restart(tmp_path: Path) -> None:

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bms_ai.estimation.evaluate import run_drive
+from bms_ai.estimation.features import SocFeatures, soc_features_table
 from bms_ai.estimation.health import HealthEstimator
 from bms_ai.estimation.soc import soc_model_expectation
-from bms_ai.evaluate import run_drive
-from bms_ai.features import SocFeatures, soc_features_table
 from bms_ai.models.runtime import ModelRegistry
 from bms_ai.training.data import load_drive
 
-DATA = Path(__file__).resolve().parents[1] / "bms_ai" / "estimation" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 # Stated bounds on 15-min self-test drives (25 C; initial SOC known), measured values in docs/estimation.md.
 # Measured with the shipped models: NMC NN+CC 1.5 % / max 2.0 %, LFP 1.3 % / 2.2 %; EKF 1.5 % / 9.4 %.
 BOUNDS = {"nmc": {"nn_rmse": 0.02, "nn_max": 0.03, "ekf_rmse": 0.03, "wrong_init_5min": 0.03},

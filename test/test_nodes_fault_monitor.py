@@ -20,6 +20,8 @@ from bms_ai.nodes.convert import sample_to_battery_state  # noqa: E402
 from bms_ai.nodes.fault_monitor import FaultMonitorNode  # noqa: E402
 from bms_ai.pack import PackSample  # noqa: E402
 
+pytestmark = pytest.mark.ros
+
 OVER = "bms_ai: cell overvoltage"
 
 

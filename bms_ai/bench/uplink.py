@@ -23,11 +23,11 @@ from typing import Any
 
 from mcap.writer import CompressionType, Writer
 
-from .backends import make_backend
-from .schemas import full_definition
-from .segment import Recorder
-from .spool import Spool
-from .uploader import RetryPolicy, Uploader
+from bms_ai.uplink.backends import make_backend
+from bms_ai.uplink.schemas import full_definition
+from bms_ai.uplink.segment import Recorder
+from bms_ai.uplink.spool import Spool
+from bms_ai.uplink.uploader import RetryPolicy, Uploader
 
 BS = "sensor_msgs/msg/BatteryState"
 DA = "diagnostic_msgs/msg/DiagnosticArray"
@@ -92,7 +92,7 @@ def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
     token = "bench"
     srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(tmp / "cloud"),
                             "--port", str(port), "--token", token], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     try:
         end = time.monotonic() + 20
         while True:
@@ -132,7 +132,7 @@ def bench_nominal(seconds: float, tmp: Path) -> dict[str, Any]:
     port = _free_port()
     srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(tmp / "cloud2"),
                             "--port", str(port), "--token", "t"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     try:
         time.sleep(1.0)
         sp = Spool(tmp / "nom", quota_bytes=1 << 40, min_free_bytes=0, fsync=True)

@@ -24,7 +24,9 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.offline import iter_log
 from bms_ai.graph import build_graph, replay_overrides
-from bms_ai.runner import GraphRunner
+from bms_ai.ros.runner import GraphRunner
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ros]
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT / "data" / "drives" / "nmc_udds"

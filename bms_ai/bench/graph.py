@@ -20,7 +20,7 @@ import numpy as np
 def _write_log(path: Path, seconds: float) -> int:
     import can
 
-    from .bench import _synthetic_frames
+    from bms_ai.bench.cli import _synthetic_frames
 
     _dec, frames = _synthetic_frames(seconds)
     with can.Logger(str(path)) as log:
@@ -71,7 +71,7 @@ for m in src.frames(threading.Event()):
 
 def bench_nominal(log: Path, quick: bool) -> dict[str, Any]:
     warm, win = (3.0, 5.0) if quick else (5.0, 20.0)
-    from .demo import available_nodes
+    from bms_ai.ros.demo import available_nodes
 
     have, _ = available_nodes()
     run = [sys.executable, "-m", "bms_ai.cli", "run", "--can-log", str(log), "--speed", "1", "--duration", "120"]
@@ -88,9 +88,9 @@ def bench_nominal(log: Path, quick: bool) -> dict[str, Any]:
 
 def bench_replay(log: Path, seconds: float) -> dict[str, Any]:
     """Full graph at maximum replay speed on sim time vs the offline decoder on the same log."""
-    from .can.offline import decode_log
-    from .can.packconfig import load_pack_config
-    from .paths import default_pack_config
+    from bms_ai.can.offline import decode_log
+    from bms_ai.can.packconfig import load_pack_config
+    from bms_ai.core.paths import default_pack_config
 
     t = time.perf_counter()
     decode_log(log, load_pack_config(default_pack_config()))
@@ -99,8 +99,8 @@ def bench_replay(log: Path, seconds: float) -> dict[str, Any]:
     code = f"""
 import time, sys
 from argparse import Namespace
-from bms_ai.runner import GraphRunner, graph_from_args
-args = Namespace(params={json.dumps(str(Path(__file__).parent.parent / 'config' / 'bms_ai.yaml'))}, namespace='/bms',
+from bms_ai.ros.runner import GraphRunner, graph_from_args
+args = Namespace(params={json.dumps(str(Path(__file__).resolve().parents[2] / 'config' / 'bms_ai.yaml'))}, namespace='/bms',
     nodes='can_bridge,estimator,fault_monitor,cloud_uploader', can_log={json.dumps(str(log))}, speed=0.0,
     interface=None, channel=None, set=[], duration=0)
 import importlib
@@ -141,9 +141,9 @@ def bench_latency(seconds: float) -> dict[str, Any]:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import BatteryState
 
-    from .bench import _synthetic_frames
-    from .demo import available_nodes
-    from .graph import build_graph, node_parameters
+    from bms_ai.bench.cli import _synthetic_frames
+    from bms_ai.graph import build_graph, node_parameters
+    from bms_ai.ros.demo import available_nodes
 
     ctx = Context()
     rclpy.init(context=ctx)

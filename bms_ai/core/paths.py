@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = "bms_ai"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def share_dir() -> Path:

@@ -1,43 +1,19 @@
-"""`bms-ai bench`: performance figures as JSON, each next to its baseline from the same run.
-
-Sections come from the parts that own them; a section whose part is not
-installed is reported as skipped, never invented.
-"""
+"""Decode benchmarks: per-frame decode+assemble vs bare cantools, offline vectorised path, BLF reading."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import os
-import platform
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-# section name -> "module:function" returning a dict
-SECTIONS: dict[str, str] = {
-    "decode": "bms_ai.bench:bench_decode",
-    "estimator": "bms_ai.estimation.bench:bench",
-    "uplink": "bms_ai.uplink.bench:bench",
-    "graph": "bms_ai.graph_bench:bench",
-}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
-    p.add_argument("--quick", action="store_true", help="smaller workloads (for tests)")
-    p.add_argument("-o", "--output", help="write the JSON here as well")
-
 
 def _synthetic_frames(seconds: float):
-    from .can.decoder import PackDecoder
-    from .can.encoder import PackEncoder
-    from .can.packconfig import load_pack_config
-    from .pack import PackSample
-    from .paths import default_pack_config
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.encoder import PackEncoder
+    from bms_ai.can.packconfig import load_pack_config
+    from bms_ai.core.paths import default_pack_config
+    from bms_ai.pack import PackSample
 
     dec = PackDecoder(load_pack_config(default_pack_config()))
     enc = PackEncoder(dec)
@@ -55,9 +31,9 @@ def _synthetic_frames(seconds: float):
 
 def bench_decode(quick: bool = False) -> dict[str, Any]:
     """Per-frame decode+assemble vs a bare cantools decode loop; offline vectorised path."""
-    from .can.assembler import PackAssembler
-    from .can.offline import FrameArrays, decode_frames, sample, sample_times
-    from .can.sampler import FixedRateSampler
+    from bms_ai.can.assembler import PackAssembler
+    from bms_ai.can.offline import FrameArrays, decode_frames, sample, sample_times
+    from bms_ai.can.sampler import FixedRateSampler
 
     dec, frames = _synthetic_frames(5.0 if quick else 40.0)
     by_id = {fid: dec.db.get_message_by_frame_id(fid) for fid, *_ in frames}
@@ -118,7 +94,7 @@ def _blf_read(msgs) -> dict[str, Any]:
 
     import can
 
-    from .can.offline import FrameArrays, iter_log, read_log
+    from bms_ai.can.offline import FrameArrays, iter_log, read_log
 
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/bench.blf"
@@ -134,41 +110,3 @@ def _blf_read(msgs) -> dict[str, Any]:
     same = all(np.array_equal(getattr(fast, f), getattr(ref, f)) for f in ("ts", "ids", "data", "dlc"))
     return {"blf_read_frames_per_s": len(fast) / t_fast, "python_can_blf_read_frames_per_s": len(ref) / t_ref,
             "blf_read_identical_to_python_can": bool(same)}
-
-
-def machine() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return info
-
-
-def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"machine": machine()}
-    for name in names:
-        mod_name, fn_name = SECTIONS[name].split(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            out[name] = {"skipped": f"not available: {exc}"}
-            continue
-        print(f"[bench] {name} ...", file=sys.stderr)
-        out[name] = fn(quick=quick)
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(SECTIONS)
-    bad = [n for n in names if n not in SECTIONS]
-    if bad:
-        raise ValueError(f"unknown bench section(s) {bad}; known: {list(SECTIONS)}")
-    res = run_sections(names, args.quick)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    return 0

@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ros]
+
 
 def test_demo_runs_the_graph_and_writes_report(tmp_path, root):
     r = subprocess.run([sys.executable, "-m", "bms_ai.cli", "demo", "--drive", "nmc_udds", "--speed", "40",

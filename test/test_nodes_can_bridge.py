@@ -19,6 +19,8 @@ from bms_ai.can.offline import decode_log
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.nodes.can_bridge import CanBridgeNode
 
+pytestmark = pytest.mark.ros
+
 
 @pytest.fixture
 def ros():
@@ -112,6 +114,7 @@ def test_sim_time_clock_and_raw_log(ros, drive_log, tmp_path):
     stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in got[:29]]
     assert clock_t[: len(stamps)] == pytest.approx(stamps, abs=1e-6)
     assert ros.wait_for(lambda: abs(node.get_clock().now().nanoseconds * 1e-9 - stamps[-1]) < 0.2, timeout=3)
+    assert ros.wait_for(lambda: node.source.finished, timeout=10)  # every frame read (and logged)
     node.destroy_node()
     ros.nodes.remove(node)
     raw = sorted((tmp_path / "raw").glob("*.blf"))

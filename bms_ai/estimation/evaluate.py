@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .estimation.ekf import ECMParams
-from .estimation.health import HealthEstimator
-from .estimation.soc import SocEstimator, soc_model_expectation
-from .models.runtime import ModelRegistry
-from .training.data import Drive, find_drives, load_drive
+from bms_ai.estimation.ekf import ECMParams
+from bms_ai.estimation.health import HealthEstimator
+from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
+from bms_ai.models.runtime import ModelRegistry
+from bms_ai.training.data import Drive, find_drives, load_drive
 
 METHODS = ("nn", "ekf", "cc")
 TARGETS = {"nmc": {"rmse": 0.010, "max": 0.03}, "lfp": {"rmse": 0.015, "max": 0.04}}

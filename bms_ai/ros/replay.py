@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import threading
 import time
 
 import can
 
-from .sources import LogReplaySource, SourceError
+from bms_ai.can.sources import LogReplaySource, SourceError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,37 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-delay", type=float, default=0.0, help="wait this long (s) before the first frame")
 
 
-class _ClockPublisher:
-    """/clock from log time; rclpy is imported only when asked for."""
-
-    def __init__(self) -> None:
-        import rclpy
-        from rosgraph_msgs.msg import Clock
-
-        rclpy.init()
-        self._rclpy, self._Clock = rclpy, Clock
-        self.node = rclpy.create_node("bms_ai_replay_clock")
-        self.pub = self.node.create_publisher(Clock, "/clock", 10)
-        self.last = -math.inf
-
-    def publish(self, t: float) -> None:
-        if t - self.last >= 0.001:
-            sec = int(t)
-            msg = self._Clock()
-            msg.clock.sec, msg.clock.nanosec = sec, int((t - sec) * 1e9)
-            self.pub.publish(msg)
-            self.last = t
-
-    def close(self) -> None:
-        self.node.destroy_node()
-        self._rclpy.shutdown()
-
-
 def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dict:
     stop = stop or threading.Event()
     source = LogReplaySource(args.log, speed=args.speed, loop=args.loop)
     bus = can.Bus(interface=args.interface, channel=args.channel, **json.loads(args.bus_options))
-    clock = _ClockPublisher() if args.clock else None
+    clock = None
+    if args.clock:
+        from bms_ai.ros.clock import ClockPublisher  # rclpy only when asked for
+
+        clock = ClockPublisher()
     sent = errors = 0
     t0 = time.monotonic()
     try:

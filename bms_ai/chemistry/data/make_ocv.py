@@ -5,7 +5,7 @@ PyBaMM's electrode-SOH solver, i.e. the same SOC definition PyBaMM uses for
 ``initial_soc``. NMC: Chen2020 (LG M50, NMC811/graphite-SiOx).
 LFP: Prada2013 (A123 ANR26650, LFP/graphite).
 
-    PYBAMM_DISABLE_TELEMETRY=true python -m bms_ai.estimation.data.make_ocv
+    PYBAMM_DISABLE_TELEMETRY=true python -m bms_ai.chemistry.data.make_ocv
 """
 
 from __future__ import annotations

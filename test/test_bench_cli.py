@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bms_ai.bench import bench_decode, run_sections
+from bms_ai.bench import cli
+from bms_ai.bench.decode import bench_decode
+from bms_ai.core.registry import Registry
 
 
 def test_decode_bench_reports_ratio_and_identity():
@@ -13,8 +15,8 @@ def test_decode_bench_reports_ratio_and_identity():
 
 
 def test_missing_sections_are_reported_not_invented(monkeypatch):
-    from bms_ai import bench
-
-    monkeypatch.setitem(bench.SECTIONS, "nope", "bms_ai.does_not_exist:bench")
-    out = run_sections(["nope"], quick=True)
+    table = Registry("bench section")
+    table.add("nope", "bms_ai.does_not_exist:bench")
+    monkeypatch.setattr(cli, "SECTIONS", table)
+    out = cli.run_sections(["nope"], quick=True)
     assert "skipped" in out["nope"] and out["machine"]["cpus"] >= 1

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .graph import (
+from bms_ai.graph import (
     DEFAULT_NAMESPACE,
     NODES,
     NodeSpec,

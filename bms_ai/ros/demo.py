@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import NODES, build_graph, default_params_file, merge_overrides, pack_overrides, replay_overrides
-from .paths import share_path
+from bms_ai.core.paths import share_path
+from bms_ai.graph import NODES, build_graph, default_params_file, merge_overrides, pack_overrides, replay_overrides
 
 LEVEL = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
 
@@ -73,7 +73,7 @@ def _probe(runner, rec: Record, namespace: str):
     from rclpy.node import Node
     from sensor_msgs.msg import BatteryState
 
-    from .nodes.common import GRAPH_SUB_QOS as qos
+    from bms_ai.nodes.common import GRAPH_SUB_QOS as qos
 
     node = Node("demo_view", namespace=namespace, context=runner.context)
 
@@ -231,8 +231,8 @@ def available_nodes() -> tuple[list[str], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .can.offline import read_log
-    from .runner import GraphRunner
+    from bms_ai.can.offline import read_log
+    from bms_ai.ros.runner import GraphRunner
 
     drive = resolve_drive(args.drive)
     log = next((drive / n for n in ("can.blf", "can.asc", "can.log") if (drive / n).is_file()), None)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     if "cloud_uploader" in nodes:  # the cloud side too: a reference ingest server on 127.0.0.1
         import secrets
 
-        from .uplink.ingest_server import IngestServer
+        from bms_ai.uplink.ingest_server import IngestServer
 
         token = secrets.token_hex(16)
         ingest = IngestServer(out / "cloud", token=token).start()

@@ -322,7 +322,7 @@ def test_identical_content_is_spooled_once(tmp_path: Path) -> None:
 def test_bench_reports_uplink_figures() -> None:
     import tempfile
 
-    from bms_ai.uplink.bench import bench_recording
+    from bms_ai.bench.uplink import bench_recording
     with tempfile.TemporaryDirectory() as d:
         r = bench_recording(2000, Path(d))
     assert r["recording_msgs_per_s"] > 0 and r["bare_mcap_msgs_per_s"] > 0 and r["compression_ratio"] > 1

@@ -60,6 +60,7 @@ def test_import_produces_truth_schema_with_coulomb_soc(tmp_path):
     assert meta["cells_present"] == 1 and meta["source"]["format"] == "mcmaster_kollmeyer_csv"
 
 
+@pytest.mark.pybamm
 def test_simulated_and_imported_share_columns(tmp_path):
     pytest.importorskip("pybamm")
     from bms_ai.sim import Scenario, Segment, simulate_drive, truth_columns

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.pybamm
+
 pytest.importorskip("torch")
 pytest.importorskip("pybamm")
 

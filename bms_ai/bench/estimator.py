@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from ..models.runtime import ModelRegistry, default_model_dir
-from .soc import SocEstimator, soc_model_expectation
+from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
+from bms_ai.models.runtime import ModelRegistry, default_model_dir
 
 
 def _stream(n_steps: int, n_cells: int, n_temps: int, chemistry: str, seed: int = 0):
-    from .ocv import load_ocv
+    from bms_ai.chemistry.ocv import load_ocv
 
     rng = np.random.default_rng(seed)
     ocv = load_ocv(chemistry)

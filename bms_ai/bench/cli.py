@@ -1,0 +1,62 @@
+"""`bms-ai bench`: performance figures as JSON, each next to its baseline from the same run.
+
+Sections come from the parts that own them; a section whose part is not
+installed is reported as skipped, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from bms_ai.core.registry import NotAvailable, Registry
+
+SECTIONS: Registry = Registry("bench section")
+SECTIONS.add("decode", "bms_ai.bench.decode:bench_decode", "CAN decode per frame and offline, BLF reading")
+SECTIONS.add("estimator", "bms_ai.bench.estimator:bench", "96-cell estimator cycle next to the EKF")
+SECTIONS.add("uplink", "bms_ai.bench.uplink:bench", "MCAP recording and upload next to bare writers")
+SECTIONS.add("graph", "bms_ai.bench.graph:bench", "whole graph CPU, latency, replay speed (needs rclpy)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="smaller workloads (for tests)")
+    p.add_argument("-o", "--output", help="write the JSON here as well")
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return info
+
+
+def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": machine()}
+    for name in names:
+        try:
+            fn = SECTIONS.get(name)
+        except NotAvailable as exc:
+            out[name] = {"skipped": str(exc)}
+            continue
+        print(f"[bench] {name} ...", file=sys.stderr)
+        out[name] = fn(quick=quick)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [SECTIONS.check(n.strip()) for n in args.only.split(",")] if args.only else SECTIONS.names()
+    res = run_sections(names, args.quick)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0

@@ -1,0 +1,1 @@
+"""The chemistry registry: OCV tables, limits and pack defaults per cell chemistry."""

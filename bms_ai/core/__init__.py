@@ -1,0 +1,1 @@
+"""Small shared helpers every room uses: registry by name, shipped files, safe YAML."""

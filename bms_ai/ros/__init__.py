@@ -1,0 +1,1 @@
+"""rclpy applications that are not nodes: in-process runner, demo, /clock publisher."""
