@@ -11,8 +11,9 @@ os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
 pytest.importorskip("pybamm")
 
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
+from bms_ai.chemistry import get_chemistry  # noqa: E402
+from bms_ai.chemistry.pybamm_cell import ocv  # noqa: E402
 from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
-from bms_ai.sim.chemistry import get_chemistry, ocv  # noqa: E402
 from bms_ai.sim.scenario import Variation  # noqa: E402
 
 pytestmark = pytest.mark.pybamm

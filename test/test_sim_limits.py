@@ -10,8 +10,8 @@ import pytest
 os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
 pytest.importorskip("pybamm")
 
+from bms_ai.chemistry import get_chemistry  # noqa: E402
 from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
-from bms_ai.sim.chemistry import get_chemistry  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
 

@@ -14,6 +14,7 @@ from cantools.database import Database
 
 from bms_ai.can.checks import CRC_ALGORITHMS
 from bms_ai.can.dbc import load_dbc
+from bms_ai.chemistry.registry import CHEMISTRIES
 from bms_ai.core.yamlfile import load_yaml
 
 
@@ -89,7 +90,6 @@ _TOP_KEYS = {
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
     "cell_temperatures", "status", "checks",
 }
-CHEMISTRIES = ("nmc", "lfp", "nca", "lto")
 
 
 def _req(d: dict, key: str, where: str) -> Any:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parent / "data"
-CHEMISTRIES = ("nmc", "lfp")
+from bms_ai.chemistry.registry import CHEMISTRIES, get_chemistry
 
 
 class OCVCurve:
@@ -30,20 +28,23 @@ class OCVCurve:
         self.v_max = float(self.ocv[-1])
 
     def __call__(self, soc: np.ndarray | float) -> np.ndarray:
+        """OCV [V] at ``soc``."""
         return np.interp(soc, self.soc, self.ocv)
 
     def slope(self, soc: np.ndarray | float) -> np.ndarray:
+        """dOCV/dSOC [V] at ``soc`` (floored: the EKF needs a non-zero Jacobian)."""
         return np.interp(soc, self.soc, self.docv_tab)
 
     def inverse(self, v: np.ndarray | float) -> np.ndarray:
+        """SOC whose OCV is ``v`` (clamped to the table)."""
         return np.interp(v, self.ocv, self.soc)
 
 
 @lru_cache(maxsize=8)
 def load_ocv(chemistry: str) -> OCVCurve:
+    """The OCV curve of a registered chemistry; ValueError naming the known ones otherwise."""
     chem = chemistry.lower()
-    path = DATA / f"ocv_{chem}.csv"
-    if not path.exists():
-        raise ValueError(f"no OCV table for chemistry {chemistry!r} (have: {', '.join(CHEMISTRIES)})")
-    tab = np.loadtxt(path, delimiter=",", comments="#")
+    if chem not in CHEMISTRIES:
+        raise ValueError(f"no OCV table for chemistry {chemistry!r}; known: {', '.join(CHEMISTRIES.names())}")
+    tab = np.loadtxt(get_chemistry(chem).ocv_table_path, delimiter=",", comments="#")
     return OCVCurve(tab[:, 0], tab[:, 1], chem)

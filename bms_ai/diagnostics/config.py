@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bms_ai.chemistry.registry import find_chemistry
 from bms_ai.core.paths import share_path
 from bms_ai.core.yamlfile import load_yaml
 
@@ -267,7 +268,7 @@ def load_limits(path: str | Path) -> LimitsConfig:
 def default_limits_path(chemistry: str = "nmc") -> Path:
     """Shipped limits for a chemistry; a clear error names the ones that exist."""
     cdir = share_path("config")
-    p = cdir / f"limits_{chemistry.lower()}.yaml"
+    p = known.limits_path if (known := find_chemistry(chemistry)) else cdir / f"limits_{chemistry.lower()}.yaml"
     if not p.is_file():
         have = sorted(q.stem.removeprefix("limits_") for q in cdir.glob("limits_*.yaml"))
         raise LimitsConfigError(f"no limits config for chemistry {chemistry!r}; shipped: {have}")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bms_ai.chemistry.ocv import OCVCurve, load_ocv
+from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.rul import RulEstimator
 
 
@@ -56,13 +58,13 @@ class HealthOutput:
     r0_updates: int
 
 
-def rest_ocv(chemistry: str):
-    """OCV curve for rest-based capacity, or None: LFP's OCV hysteresis and flat plateau make the
-    charge-side rest read tens of mV off the table (measured -9 % SOH bias), so LFP keeps the
-    SOC-regression method."""
-    from bms_ai.chemistry.ocv import load_ocv
+def rest_ocv(chemistry: str) -> OCVCurve | None:
+    """OCV curve for rest-based capacity, or None for a chemistry with OCV hysteresis.
 
-    return None if chemistry.lower() == "lfp" else load_ocv(chemistry)
+    LFP's hysteresis and flat plateau make the charge-side rest read tens of mV
+    off the table (measured -9 % SOH bias), so it keeps the SOC-regression method.
+    """
+    return None if get_chemistry(chemistry).hysteresis_gap_v > 0 else load_ocv(chemistry)
 
 
 class HealthEstimator:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.sim.chemistry import Chemistry, cell_capacity_ah, ocv
+from bms_ai.chemistry.pybamm_cell import cell_capacity_ah, ocv
+from bms_ai.chemistry.registry import Chemistry
 from bms_ai.sim.scenario import Scenario, Segment
 
 DATA = Path(__file__).resolve().parent / "data"

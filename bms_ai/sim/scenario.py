@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from bms_ai.chemistry.registry import get_chemistry
+
 SEGMENT_KINDS = ("drive", "rest", "park", "charge", "discharge")
 FAULT_KINDS = ("isc", "self_discharge", "thermal", "sensor_stuck", "sensor_drift", "open_wire", "can_timeout")
 
@@ -116,8 +118,6 @@ class Scenario:
     vehicle: Vehicle = field(default_factory=Vehicle)
 
     def validate(self) -> Scenario:
-        from bms_ai.sim.chemistry import get_chemistry
-
         get_chemistry(self.chemistry)
         if not -40.0 <= self.ambient_c <= 60.0:
             raise ValueError(f"ambient_c {self.ambient_c} outside -40..60")

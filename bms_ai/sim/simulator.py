@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bms_ai.sim.chemistry import Chemistry, anode_ocp, base_parameters, cell_capacity_ah, get_chemistry, ocv
+from bms_ai.chemistry.pybamm_cell import anode_ocp, base_parameters, cell_capacity_ah, ocv
+from bms_ai.chemistry.registry import Chemistry, get_chemistry
 from bms_ai.sim.profile import MODE_CHARGE, N_SERIES, Profile, build_profile, current_limits
 from bms_ai.sim.scenario import Scenario
 

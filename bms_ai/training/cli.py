@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from bms_ai.chemistry.registry import CHEMISTRIES
 from bms_ai.core.registry import Registry
 
 TASKS: Registry = Registry("training task")
@@ -31,7 +32,7 @@ def seed_list(spec: str) -> list[int]:
 
 def add_common(p: argparse.ArgumentParser, data_required: bool = False) -> None:
     """Arguments most tasks share."""
-    p.add_argument("--chemistry", default="nmc", choices=["nmc", "lfp"])
+    p.add_argument("--chemistry", default="nmc", choices=CHEMISTRIES.names())
     p.add_argument("--data", nargs="*", default=[], required=data_required,
                    help="drive directories (or parents of drives)")
     p.add_argument("--out", default="models", help="model directory (manifest.json is updated)")

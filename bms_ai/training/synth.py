@@ -9,14 +9,13 @@ noise (1 mV cell voltage, current noise + optional offset, 0.3 degC temps).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from bms_ai.chemistry.pybamm_cell import published_parameters, window_capacity_ah
+from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.training.data import Drive, save_npz
-
-PARAM_SETS = {"nmc": "Chen2020", "lfp": "Prada2013"}
 
 
 def current_profile(rng: np.random.Generator, duration: float, capacity_ah: float, soc0: float,
@@ -54,21 +53,12 @@ def current_profile(rng: np.random.Generator, duration: float, capacity_ah: floa
 def simulate_cells(chemistry: str, t: np.ndarray, current: np.ndarray, soc0: float, scales: list[float],
                    ambient_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Solve each cell; returns voltage (T,k), temperature degC (T,k), true SOC (T,k), nominal Ah."""
-    os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
     import pybamm
 
-    base = pybamm.ParameterValues(PARAM_SETS[chemistry])
-    if chemistry != "nmc":
-        # Prada2013 lacks some thermal/geometry entries the lumped model needs: borrow Chen2020's
-        donor = pybamm.ParameterValues("Chen2020")
-        base.update({k: v for k, v in donor.items() if k not in base.keys()}, check_already_exists=False)  # noqa: SIM118
+    base = published_parameters(chemistry)
     q_nom = float(base["Nominal cell capacity [A.h]"])
-    x0, x100, _, _ = pybamm.lithium_ion.get_min_max_stoichiometries(base)
-    q_n = (base["Negative electrode active material volume fraction"] * base["Negative electrode thickness [m]"]
-           * base["Electrode height [m]"] * base["Electrode width [m]"]
-           * base["Maximum concentration in negative electrode [mol.m-3]"] * 96485.33212 / 3600.0)
-    q_window = float(q_n) * (x100 - x0)   # Ah between the SOC 0/1 voltage limits
-    V, T, S = [], [], []
+    q_window = window_capacity_ah(base)   # Ah between the SOC 0/1 voltage limits
+    volts, temps, socs = [], [], []
     for s in scales:
         pv = base.copy()
         pv["Electrode height [m]"] = base["Electrode height [m]"] * s
@@ -89,10 +79,10 @@ def simulate_cells(chemistry: str, t: np.ndarray, current: np.ndarray, soc0: flo
         tc[:n] = sol["X-averaged cell temperature [K]"].entries - 273.15
         dc = np.full(len(t), np.nan)
         dc[:n] = sol["Discharge capacity [A.h]"].entries
-        V.append(v)
-        T.append(tc)
-        S.append(soc0 - dc / (q_window * s))
-    return np.column_stack(V), np.column_stack(T), np.column_stack(S), q_nom
+        volts.append(v)
+        temps.append(tc)
+        socs.append(soc0 - dc / (q_window * s))
+    return np.column_stack(volts), np.column_stack(temps), np.column_stack(socs), q_nom
 
 
 def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 3600.0,
@@ -102,21 +92,21 @@ def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 36
     ambient_c = float(rng.choice([0.0, 10.0, 25.0, 25.0, 40.0])) if ambient_c is None else ambient_c
     soh = float(rng.uniform(0.8, 1.0)) if soh is None else soh
     soc0 = float(rng.uniform(0.3, 0.95)) if soc0 is None else soc0
-    q_nom = {"nmc": 5.0, "lfp": 2.3}[chemistry]
+    q_nom = get_chemistry(chemistry).cell_rated_ah
     t, i = current_profile(rng, duration, q_nom * soh, soc0)
     scales = list(soh * (1.0 + 0.02 * rng.standard_normal(n_cells)))
-    V, Tc, S, q_nom = simulate_cells(chemistry, t, i, soc0, scales, ambient_c)
-    good = np.isfinite(V).all(axis=1) & np.isfinite(S).all(axis=1)
+    volts, temps, socs, q_nom = simulate_cells(chemistry, t, i, soc0, scales, ambient_c)
+    good = np.isfinite(volts).all(axis=1) & np.isfinite(socs).all(axis=1)
     last = int(np.argmin(good)) if not good.all() else len(t)
-    t, i, V, Tc, S = t[:last], i[:last], V[:last], Tc[:last], S[:last]
+    t, i, volts, temps, socs = t[:last], i[:last], volts[:last], temps[:last], socs[:last]
     # sensors: 1 mV voltage resolution + noise, current noise (+ offset), temperature noise
-    vm = np.round((V + 0.001 * rng.standard_normal(V.shape)) * 1000) / 1000
+    vm = np.round((volts + 0.001 * rng.standard_normal(volts.shape)) * 1000) / 1000
     im = i + 0.002 * q_nom * rng.standard_normal(i.shape) + current_offset_c * q_nom
-    tm = np.round((Tc + 0.3 * rng.standard_normal(Tc.shape)) * 10) / 10
+    tm = np.round((temps + 0.3 * rng.standard_normal(temps.shape)) * 10) / 10
     meta = {"seed": seed, "ambient_c": ambient_c, "soh": soh, "cell_scales": scales, "soc0": soc0,
-            "current_offset_a": current_offset_c * q_nom, "source": f"pybamm SPMe lumped {PARAM_SETS[chemistry]}"}
+            "current_offset_a": current_offset_c * q_nom, "source": f"pybamm SPMe lumped {get_chemistry(chemistry).parameter_set}"}
     return Drive(name=f"{chemistry}_s{seed}", chemistry=chemistry, capacity_ah=q_nom, t=t, current=im,
-                 cell_v=vm, cell_t=tm, soc=S, meta=meta)
+                 cell_v=vm, cell_t=tm, soc=socs, meta=meta)
 
 
 def make_suite(chemistry: str, out: Path, seeds: list[int], **kw) -> list[Path]:

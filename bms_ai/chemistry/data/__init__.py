@@ -1,0 +1,1 @@
+"""OCV tables generated from the PyBaMM parameter sets (make_ocv.py)."""
