@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bms_ai.core.files import sha256_file
 from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES
 from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
-from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, sha256_file, upsert_entry
+from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert_entry
 from bms_ai.models.runtime import ModelRegistry, verify_and_load
 
 

@@ -6,7 +6,6 @@ be dropped in with a sidecar ``<file>.onnx.json`` holding one entry (hot reload)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class TensorSpec:
+    """One model input or output as the manifest promises it; the runtime checks the ONNX graph against it."""
+
     name: str
     shape: list[Any]           # e.g. ["batch", 12]; strings are dynamic axes
     dtype: str = "float32"
@@ -27,6 +28,8 @@ class TensorSpec:
 
 @dataclass
 class ModelEntry:
+    """One model in the manifest: file, hash, contract, training domain and provenance."""
+
     name: str
     version: int
     file: str
@@ -45,6 +48,7 @@ class ModelEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelEntry:
+        """Parse a manifest entry; unknown keys are ignored (newer writers), missing ones are a ValueError."""
         try:
             d = dict(d)
             d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
@@ -56,19 +60,13 @@ class ModelEntry:
             raise ValueError(f"invalid manifest entry: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the manifest layout)."""
         return asdict(self)
 
     @property
     def key(self) -> tuple[str, str]:
+        """(task, chemistry): the slot this model competes for."""
         return (self.task, self.chemistry)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(model_dir: Path) -> tuple[list[ModelEntry], list[str]]:
@@ -108,6 +106,7 @@ def write_manifest(model_dir: Path, entries: list[ModelEntry]) -> Path:
 
 
 def upsert_entry(model_dir: Path, entry: ModelEntry) -> Path:
+    """Add or replace (same name and version) one entry of manifest.json; sidecar entries stay in their files."""
     entries, _ = read_manifest(model_dir)
     entries = [e for e in entries if not (e.name == entry.name and e.version == entry.version)]
     # sidecars are re-read each time; keep only manifest.json entries here

@@ -8,13 +8,14 @@ falls back to its classical filter, reporting the reason.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bms_ai.models.manifest import ModelEntry, read_manifest, sha256_file
+from bms_ai.core.files import sha256_file
+from bms_ai.core.paths import share_path
+from bms_ai.models.manifest import ModelEntry, read_manifest
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
 
@@ -28,26 +29,27 @@ class LoadedModel:
         self.path = path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self.last_infer_s = float("nan")
 
     @property
     def version(self) -> int:
+        """Manifest version (newer versions replace older ones on hot reload)."""
         return self.entry.version
 
     @property
     def label(self) -> str:
+        """``name@version``, as reported in diagnostics."""
         return f"{self.entry.name}@{self.entry.version}"
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        t0 = time.perf_counter()
+        """Outputs for the inputs in manifest order (cast to float32, the contract's dtype)."""
         feeds = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(self.input_names, arrays)}
-        out = self.session.run(self.output_names, feeds)
-        self.last_infer_s = time.perf_counter() - t0
-        return out
+        return self.session.run(self.output_names, feeds)
 
 
 @dataclass
 class LoadResult:
+    """Outcome of verifying one manifest entry: the model, or the reason it was refused."""
+
     model: LoadedModel | None
     reason: str = ""
     entry: ModelEntry | None = None
@@ -126,7 +128,7 @@ def _dir_signature(model_dir: Path) -> tuple:
 
 
 @dataclass
-class Slot:
+class ModelSlot:
     """The active model for one (task, chemistry) and why anything else was refused."""
 
     model: LoadedModel | None = None
@@ -145,16 +147,18 @@ class ModelRegistry:
     def __init__(self, model_dir: str | os.PathLike, expect: dict[str, dict] | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.expect = expect or {}
-        self.slots: dict[tuple[str, str], Slot] = {}
+        self.slots: dict[tuple[str, str], ModelSlot] = {}
         self._sig: tuple | None = None
         self.reloads = 0
         self.events: list[str] = []
 
-    def slot(self, task: str, chemistry: str) -> Slot:
+    def slot(self, task: str, chemistry: str) -> ModelSlot:
+        """The slot serving (task, chemistry): its own, else a chemistry-independent ("any") one."""
         s = self.slots.get((task, chemistry)) or self.slots.get((task, "any"))
-        return s if s is not None else self.slots.setdefault((task, chemistry), Slot())
+        return s if s is not None else self.slots.setdefault((task, chemistry), ModelSlot())
 
     def get(self, task: str, chemistry: str) -> LoadedModel | None:
+        """The active model for (task, chemistry), or None (the caller falls back and reports the slot's reason)."""
         return self.slot(task, chemistry).model
 
     def poll(self) -> bool:
@@ -171,7 +175,7 @@ class ModelRegistry:
         for e in entries:
             by_key.setdefault(e.key, []).append(e)
         for key, cands in by_key.items():
-            slot = self.slots.setdefault(key, Slot())
+            slot = self.slots.setdefault(key, ModelSlot())
             current = slot.model
             for e in sorted(cands, key=lambda e: -e.version):
                 if current is not None and e.version <= current.version and e.sha256 == current.entry.sha256:
@@ -200,21 +204,11 @@ class ModelRegistry:
         del self.events[:-50]
 
     def last_rejection(self, task: str, chemistry: str) -> str:
+        """Why the most recently refused model for (task, chemistry) was refused ("" if none)."""
         s = self.slot(task, chemistry)
         return next(reversed(s.rejected.values()), "") if s.rejected else ""
 
 
 def default_model_dir() -> Path:
-    """models/ next to the package (source tree) or in the installed ament share directory."""
-    here = Path(__file__).resolve().parents[2] / "models"
-    if (here / "manifest.json").exists():
-        return here
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        share = Path(get_package_share_directory("bms_ai")) / "models"
-        if share.exists():
-            return share
-    except Exception:  # ament index absent (pip install): fall through
-        pass
-    return here
+    """The shipped models/ (source tree or installed share directory, see bms_ai.core.paths)."""
+    return share_path("models")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, sha256_file, upsert_entry
+from bms_ai.core.files import sha256_file
+from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert_entry
 
 
 def seed_everything(seed: int) -> None:
