@@ -70,11 +70,11 @@ def test_soh_from_rests_on_aged_sim_pack() -> None:
     """Aged pack (SOH 0.88) from bms_ai.sim: rest, partial charge, rest; sensor noise + current offset."""
     pytest.importorskip("pybamm")
     os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-    from bms_ai.sim import Scenario, Segment, simulate_drive
+    from bms_ai.sim import Phase, Scenario, simulate_drive
 
     sc = Scenario("aged_test", chemistry="nmc", segments=[
-        Segment("rest", duration_s=700), Segment("charge", c_rate=1.0, soc_target=0.7),
-        Segment("rest", duration_s=700)], ambient_c=25, soc0=0.3, soh=0.88)
+        Phase("rest", duration_s=700), Phase("charge", c_rate=1.0, soc_target=0.7),
+        Phase("rest", duration_s=700)], ambient_c=25, soc0=0.3, soh=0.88)
     d = simulate_drive(sc, seed=3)
     rng = np.random.default_rng(0)
     q_true = d.capacity[0] / d.design_capacity_ah

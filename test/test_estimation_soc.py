@@ -12,7 +12,7 @@ from bms_ai.estimation.features import SocFeatures, soc_features_table
 from bms_ai.estimation.health import HealthEstimator
 from bms_ai.estimation.soc import soc_model_expectation
 from bms_ai.models.runtime import ModelRegistry
-from bms_ai.training.data import load_drive
+from bms_ai.sim.dataset import load_drive
 
 DATA = Path(__file__).resolve().parent / "data"
 # Stated bounds on 15-min self-test drives (25 C; initial SOC known), measured values in docs/estimation.md.

@@ -18,7 +18,7 @@ from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS
 from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time
 from bms_ai.nodes.estimator import EstimatorNode
 from bms_ai.pack import PackSample
-from bms_ai.training.data import load_drive
+from bms_ai.sim.dataset import load_drive
 
 pytestmark = pytest.mark.ros
 

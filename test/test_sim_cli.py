@@ -11,14 +11,14 @@ os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
 pytest.importorskip("pybamm")
 
 from bms_ai.cli import main  # noqa: E402
-from bms_ai.sim import Scenario, Segment, read_meta  # noqa: E402
+from bms_ai.sim import Phase, Scenario, read_meta  # noqa: E402
 from bms_ai.sim.suite import SUITE_SIZES, suite  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
 
 
 def test_simulate_scenario_file_with_progress(tmp_path, capsys):
-    sc = Scenario("cli_tiny", "lfp", [Segment("drive", "us06", repeats=0.03)], soc0=0.6)
+    sc = Scenario("cli_tiny", "lfp", [Phase("drive", "us06", repeats=0.03)], soc0=0.6)
     f = tmp_path / "sc.json"
     f.write_text(json.dumps(sc.to_dict()))
     rc = main(["simulate", "--scenario", str(f), "--seed", "9", "--out", str(tmp_path / "o"), "--asc"])

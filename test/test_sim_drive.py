@@ -17,7 +17,7 @@ import can  # noqa: E402
 from bms_ai.can.assembler import PackAssembler  # noqa: E402
 from bms_ai.can.decoder import PackDecoder  # noqa: E402
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
-from bms_ai.sim import Scenario, Segment, read_meta, read_truth, simulate_drive, truth_arrays, write_drive  # noqa: E402
+from bms_ai.sim import Phase, Scenario, read_meta, read_truth, simulate_drive, truth_arrays, write_drive  # noqa: E402
 from bms_ai.sim.canlog import CAN_T0, build_frames, load_dbc  # noqa: E402
 from bms_ai.sim.scenario import Sensors  # noqa: E402
 
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.pybamm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SHORT = Scenario("t_short", "nmc", [Segment("drive", "udds", repeats=0.05), Segment("rest", duration_s=10),
-                                    Segment("charge", c_rate=1.0, soc_target=0.95, duration_s=20)], soc0=0.6)
+SHORT = Scenario("t_short", "nmc", [Phase("drive", "udds", repeats=0.05), Phase("rest", duration_s=10),
+                                    Phase("charge", c_rate=1.0, soc_target=0.95, duration_s=20)], soc0=0.6)
 IDEAL = Sensors(cell_v_noise=0, cell_v_offset=0, current_noise=0, current_offset=0, current_gain=0, pack_v_noise=0,
                 temp_noise=0, temp_offset=0, temp_lag_s=0, jitter_s=0, drop_prob=0)
 

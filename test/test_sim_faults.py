@@ -17,14 +17,14 @@ import can  # noqa: E402
 from bms_ai.can.assembler import PackAssembler  # noqa: E402
 from bms_ai.can.decoder import PackDecoder  # noqa: E402
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
-from bms_ai.sim import Fault, Scenario, Segment, read_meta, simulate_drive, write_drive  # noqa: E402
+from bms_ai.sim import Fault, Phase, Scenario, read_meta, simulate_drive, write_drive  # noqa: E402
 from bms_ai.sim.canlog import CAN_T0  # noqa: E402
 from bms_ai.sim.scenario import Sensors  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = Scenario("t_fault", "nmc", [Segment("drive", "udds", repeats=0.06)], soc0=0.7)
+BASE = Scenario("t_fault", "nmc", [Phase("drive", "udds", repeats=0.06)], soc0=0.7)
 
 
 def test_internal_short_onset_and_effects():
@@ -85,7 +85,7 @@ def test_sensor_and_can_faults_reach_the_decoder(tmp_path):
 
 
 def test_cold_fast_charge_plates_warm_charge_does_not():
-    cold = Scenario("t_cold", "nmc", [Segment("charge", c_rate=1.5, soc_target=0.9, duration_s=240)],
+    cold = Scenario("t_cold", "nmc", [Phase("charge", c_rate=1.5, soc_target=0.9, duration_s=240)],
                     ambient_c=-10.0, soc0=0.3)
     d = simulate_drive(cold, seed=8)
     assert d.labels["fault_plating"].any()
@@ -94,7 +94,7 @@ def test_cold_fast_charge_plates_warm_charge_does_not():
     assert d.t[k0] == pytest.approx(onset)
     assert d.labels["fault_plating"][k0:].all()
     assert (d.capacity[-1] < d.capacity[0]).any()
-    warm = simulate_drive(replace(cold, ambient_c=25.0, segments=[Segment("charge", c_rate=0.3, soc_target=0.9,
+    warm = simulate_drive(replace(cold, ambient_c=25.0, segments=[Phase("charge", c_rate=0.3, soc_target=0.9,
                                                                            duration_s=240)]), seed=8)
     assert not warm.labels["fault_plating"].any()
     assert np.array_equal(warm.capacity[-1], warm.capacity[0])

@@ -63,11 +63,11 @@ def test_import_produces_truth_schema_with_coulomb_soc(tmp_path):
 @pytest.mark.pybamm
 def test_simulated_and_imported_share_columns(tmp_path):
     pytest.importorskip("pybamm")
-    from bms_ai.sim import Scenario, Segment, simulate_drive, truth_columns
+    from bms_ai.sim import Phase, Scenario, simulate_drive, truth_columns
 
     _write(tmp_path / "a.csv", n=50)
     out = import_kollmeyer_csv(tmp_path / "a.csv", tmp_path / "d")
-    sim = truth_columns(simulate_drive(Scenario("tiny", "nmc", [Segment("drive", "udds", repeats=0.01)]), seed=0))
+    sim = truth_columns(simulate_drive(Scenario("tiny", "nmc", [Phase("drive", "udds", repeats=0.01)]), seed=0))
     assert read_truth(out).column_names == list(sim)
 
 

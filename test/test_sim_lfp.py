@@ -13,7 +13,7 @@ pytest.importorskip("pybamm")
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
 from bms_ai.chemistry import get_chemistry  # noqa: E402
 from bms_ai.chemistry.pybamm_cell import ocv  # noqa: E402
-from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
+from bms_ai.sim import Phase, Scenario, simulate_drive  # noqa: E402
 from bms_ai.sim.scenario import Variation  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
@@ -24,10 +24,10 @@ SAME = Variation(capacity=0, resistance=0, soc=0, self_discharge_a=0, cooling=0)
 
 def _rest_gap(chem: str) -> float:
     """Rested voltage after reaching SOC 0.55 from below minus from above [V]."""
-    up = Scenario("up", chem, [Segment("charge", c_rate=0.5, soc_target=0.55, duration_s=3000),
-                               Segment("rest", duration_s=1200)], soc0=0.35, variation=SAME)
-    dn = Scenario("dn", chem, [Segment("discharge", c_rate=0.5, soc_target=0.55, duration_s=3000),
-                               Segment("rest", duration_s=1200)], soc0=0.75, variation=SAME)
+    up = Scenario("up", chem, [Phase("charge", c_rate=0.5, soc_target=0.55, duration_s=3000),
+                               Phase("rest", duration_s=1200)], soc0=0.35, variation=SAME)
+    dn = Scenario("dn", chem, [Phase("discharge", c_rate=0.5, soc_target=0.55, duration_s=3000),
+                               Phase("rest", duration_s=1200)], soc0=0.75, variation=SAME)
     du, dd = simulate_drive(up, seed=1), simulate_drive(dn, seed=1)
     assert du.soc[-1, 0] == pytest.approx(0.55, abs=0.01) and dd.soc[-1, 0] == pytest.approx(0.55, abs=0.01)
     # compare against the OCV at each one's own SOC so the small SOC mismatch cancels
@@ -55,6 +55,6 @@ def test_lfp_pack_config_matches_simulator():
 
 
 def test_lfp_drive_voltages_on_the_flat_plateau():
-    d = simulate_drive(Scenario("lfp_short", "lfp", [Segment("drive", "udds", repeats=0.05)], soc0=0.6), seed=2)
+    d = simulate_drive(Scenario("lfp_short", "lfp", [Phase("drive", "udds", repeats=0.05)], soc0=0.6), seed=2)
     assert d.v.min() > 3.0 and d.v.max() < 3.5
     assert d.design_capacity_ah == pytest.approx(46.0)

@@ -11,13 +11,13 @@ os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
 pytest.importorskip("pybamm")
 
 from bms_ai.chemistry import get_chemistry  # noqa: E402
-from bms_ai.sim import Scenario, Segment, simulate_drive  # noqa: E402
+from bms_ai.sim import Phase, Scenario, simulate_drive  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
 
 
 def test_aggressive_charge_is_replanned_inside_the_window():
-    sc = Scenario("hot_3c", "nmc", [Segment("charge", c_rate=3.0, soc_target=0.85, duration_s=1500)],
+    sc = Scenario("hot_3c", "nmc", [Phase("charge", c_rate=3.0, soc_target=0.85, duration_s=1500)],
                   ambient_c=45.0, soc0=0.5, soh=0.7)
     msgs: list[str] = []
     d = simulate_drive(sc, seed=1, progress=msgs.append)
@@ -31,7 +31,7 @@ def test_aggressive_charge_is_replanned_inside_the_window():
 
 
 def test_diffusion_limited_discharge_truncates_cleanly():
-    sc = Scenario("lfp_2c_empty", "lfp", [Segment("discharge", c_rate=2.0, soc_target=0.0, duration_s=2000)],
+    sc = Scenario("lfp_2c_empty", "lfp", [Phase("discharge", c_rate=2.0, soc_target=0.0, duration_s=2000)],
                   soc0=0.5)
     d = simulate_drive(sc, seed=1)
     chem = get_chemistry("lfp")

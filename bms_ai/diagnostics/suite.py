@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def cases(quick: bool = False) -> list[tuple[str, object, int]]:
-    from bms_ai.sim.scenario import Fault, Scenario, Segment
+    from bms_ai.sim.scenario import Fault, Scenario
+    from bms_ai.sim.scenario import Phase as Segment
 
     udds2 = [Segment("drive", "udds", repeats=2.0)]
     drive_rest = [Segment("drive", "udds", repeats=1.0), Segment("rest", duration_s=600.0),

@@ -22,7 +22,7 @@ from bms_ai.estimation.ekf import ECMParams
 from bms_ai.estimation.health import HealthEstimator
 from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
 from bms_ai.models.runtime import ModelRegistry
-from bms_ai.training.data import Drive, find_drives, load_drive
+from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive
 
 METHODS = ("nn", "ekf", "cc")
 TARGETS = {"nmc": {"rmse": 0.010, "max": 0.03}, "lfp": {"rmse": 0.015, "max": 0.04}}
@@ -53,7 +53,7 @@ def ecm_for(registry: ModelRegistry | None, chemistry: str, capacity_ah: float) 
     return p
 
 
-def run_drive(d: Drive, registry: ModelRegistry | None, soc0: np.ndarray | None = None,
+def run_drive(d: RecordedDrive, registry: ModelRegistry | None, soc0: np.ndarray | None = None,
               condition: str | None = None) -> RunResult:
     model = registry.get("soc", d.chemistry) if registry else None
     reason = registry.slot("soc", d.chemistry).reason if registry else "no model directory"
@@ -94,7 +94,7 @@ def run_drive(d: Drive, registry: ModelRegistry | None, soc0: np.ndarray | None 
     return r
 
 
-def true_cell_soh(d: Drive) -> np.ndarray:
+def true_cell_soh(d: RecordedDrive) -> np.ndarray:
     """Capacity / design from the truth itself: regression of true SOC on true Ah throughput."""
     i = d.current - float(d.meta.get("current_offset_a", 0.0))
     ah = np.concatenate([[0.0], np.cumsum(0.5 * (i[1:] + i[:-1]) * np.diff(d.t)) / 3600.0])

@@ -8,8 +8,8 @@ Training-side only (needs PyBaMM); never imported by the nodes.
 """
 
 from bms_ai.sim.io import read_meta, read_truth, truth_arrays, truth_columns, write_drive
-from bms_ai.sim.scenario import BUNDLED, SCENARIOS, Fault, Scenario, Segment, get_scenario
-from bms_ai.sim.simulator import Drive, simulate_drive
+from bms_ai.sim.scenario import BUNDLED, SCENARIOS, Fault, Phase, Scenario, get_scenario
+from bms_ai.sim.simulator import SimulatedDrive, simulate_drive
 
-__all__ = ["BUNDLED", "SCENARIOS", "Drive", "Fault", "Scenario", "Segment", "get_scenario", "read_meta",
+__all__ = ["BUNDLED", "SCENARIOS", "Fault", "Phase", "Scenario", "SimulatedDrive", "get_scenario", "read_meta",
            "read_truth", "simulate_drive", "truth_arrays", "truth_columns", "write_drive"]

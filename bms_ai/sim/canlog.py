@@ -17,7 +17,8 @@ import numpy as np
 from bms_ai.can.checks import crc8_sae_j1850_rows
 from bms_ai.core.paths import share_path
 from bms_ai.sim.profile import MODE_PARK
-from bms_ai.sim.simulator import DT, N_TEMP, Drive, limits_for
+from bms_ai.sim.simulator import DT, N_TEMP, limits_for
+from bms_ai.sim.simulator import SimulatedDrive as Drive
 
 DBC_PATH = share_path("dbc", "bms_ai_pack96.dbc")
 CAN_T0 = 1767225600.0  # 2026-01-01T00:00:00Z: CAN timestamp = CAN_T0 + truth t

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.sim.canlog import CAN_T0, N_CELLS, build_frames, write_asc, write_blf
-from bms_ai.sim.simulator import N_TEMP, Drive
+from bms_ai.sim.simulator import N_TEMP, SimulatedDrive
 
 FORMAT_VERSION = 1
 SIM_VERSION = "1.0"
 
 
-def truth_columns(drive: Drive) -> dict[str, np.ndarray]:
+def truth_columns(drive: SimulatedDrive) -> dict[str, np.ndarray]:
     cols: dict[str, np.ndarray] = {
         "t": drive.t.astype(np.float64),
         "t_can": (CAN_T0 + drive.t).astype(np.float64),
@@ -65,7 +65,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def meta_for(drive: Drive) -> dict:
+def meta_for(drive: SimulatedDrive) -> dict:
     sc = drive.scenario
     return {
         "format_version": FORMAT_VERSION,
@@ -94,7 +94,7 @@ def scenario_hash(scenario_dict: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_drive(drive: Drive, out_dir: Path | str, formats: tuple[str, ...] = ("blf",)) -> Path:
+def write_drive(drive: SimulatedDrive, out_dir: Path | str, formats: tuple[str, ...] = ("blf",)) -> Path:
     """Write the drive directory; returns it. ``formats``: any of blf, asc."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -18,7 +18,7 @@ import numpy as np
 
 from bms_ai.chemistry.pybamm_cell import cell_capacity_ah, ocv
 from bms_ai.chemistry.registry import Chemistry
-from bms_ai.sim.scenario import Scenario, Segment
+from bms_ai.sim.scenario import Phase, Scenario
 
 DATA = Path(__file__).resolve().parent / "data"
 CYCLES = ("udds", "hwfet", "us06", "wltc_3b")
@@ -116,7 +116,7 @@ def build_profile(sc: Scenario, chem: Chemistry, r_scale: float = 1.0) -> Profil
                    np.asarray(out_v), np.asarray(out_cs, dtype=np.int8), np.asarray(out_soc))
 
 
-def _drive(seg: Segment, sc: Scenario, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
+def _drive(seg: Phase, sc: Scenario, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
     t, v = load_cycle(seg.cycle)
     reps = max(seg.repeats, 0.0)
     n = int(round(len(t) * reps))
@@ -140,7 +140,7 @@ def _drive(seg: Segment, sc: Scenario, chem: Chemistry, cap: float, r_group: flo
         step(-i_dis, MODE_DRIVE, float(speed[k]))
 
 
-def _charge(seg: Segment, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
+def _charge(seg: Phase, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
     i_cc = seg.c_rate * cap
     limit = int(round(seg.duration_s)) if seg.duration_s > 0 else 10 ** 7
     cv = False
@@ -161,7 +161,7 @@ def _charge(seg: Segment, chem: Chemistry, cap: float, r_group: float, step, get
         step(0.0, MODE_CHARGE, 0.0, 3)
 
 
-def _discharge(seg: Segment, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
+def _discharge(seg: Phase, chem: Chemistry, cap: float, r_group: float, step, get_soc) -> None:
     """Constant-current discharge (lab-style capacity / OCV-branch tests) to the SOC target or v_min."""
     limit = int(round(seg.duration_s)) if seg.duration_s > 0 else 10 ** 7
     i = seg.c_rate * cap

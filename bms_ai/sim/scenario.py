@@ -14,12 +14,12 @@ from pathlib import Path
 
 from bms_ai.chemistry.registry import get_chemistry
 
-SEGMENT_KINDS = ("drive", "rest", "park", "charge", "discharge")
+PHASE_KINDS = ("drive", "rest", "park", "charge", "discharge")
 FAULT_KINDS = ("isc", "self_discharge", "thermal", "sensor_stuck", "sensor_drift", "open_wire", "can_timeout")
 
 
 @dataclass
-class Segment:
+class Phase:
     """One phase of a drive.
 
     drive: ``cycle`` (udds|hwfet|us06|wltc_3b) run ``repeats`` times (fractions allowed).
@@ -61,6 +61,7 @@ class Fault:
     duration_s: float = math.inf
 
     def active(self, t):
+        """Mask (or bool) of the times ``t`` at which the fault acts."""
         return (t >= self.onset_s) & (t < self.onset_s + self.duration_s)
 
 
@@ -106,9 +107,15 @@ class Vehicle:
 
 @dataclass
 class Scenario:
+    """A whole drive: chemistry, phases in order, ambient, start state, faults and the measurement chain.
+
+    ``segments`` holds the phases; the name is the JSON key of recorded
+    drives' meta.json (and part of their scenario hash), so it stays.
+    """
+
     name: str
     chemistry: str = "nmc"
-    segments: list[Segment] = field(default_factory=lambda: [Segment("drive", "udds")])
+    segments: list[Phase] = field(default_factory=lambda: [Phase("drive", "udds")])
     ambient_c: float = 25.0
     soc0: float = 0.8
     soh: float = 1.0
@@ -118,6 +125,7 @@ class Scenario:
     vehicle: Vehicle = field(default_factory=Vehicle)
 
     def validate(self) -> Scenario:
+        """Self, if every value is in range and every name known; else a ValueError naming the bad one."""
         get_chemistry(self.chemistry)
         if not -40.0 <= self.ambient_c <= 60.0:
             raise ValueError(f"ambient_c {self.ambient_c} outside -40..60")
@@ -126,16 +134,17 @@ class Scenario:
         if not 0.0 <= self.soc0 <= 1.0:
             raise ValueError(f"soc0 {self.soc0} outside 0..1")
         if not self.segments:
-            raise ValueError("scenario has no segments")
+            raise ValueError("scenario has no phases (segments)")
         for s in self.segments:
-            if s.kind not in SEGMENT_KINDS:
-                raise ValueError(f"unknown segment kind {s.kind!r}; choose from {SEGMENT_KINDS}")
+            if s.kind not in PHASE_KINDS:
+                raise ValueError(f"unknown phase kind {s.kind!r}; choose from {PHASE_KINDS}")
         for f in self.faults:
             if f.kind not in FAULT_KINDS:
                 raise ValueError(f"unknown fault kind {f.kind!r}; choose from {FAULT_KINDS}")
         return self
 
     def to_dict(self) -> dict:
+        """Plain data for meta.json (JSON has no infinity: open-ended faults get duration None)."""
         d = asdict(self)
         for f in d["faults"]:
             if math.isinf(f["duration_s"]):
@@ -144,12 +153,13 @@ class Scenario:
 
     @classmethod
     def from_dict(cls, d: dict) -> Scenario:
+        """Inverse of to_dict, validated; unknown keys are an error (a typo must not pass silently)."""
         d = dict(d)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown scenario keys: {sorted(unknown)}")
-        d["segments"] = [Segment(**s) for s in d.get("segments", [])]
+        d["segments"] = [Phase(**s) for s in d.get("segments", [])]
         faults = []
         for f in d.get("faults", []):
             f = dict(f)
@@ -172,14 +182,14 @@ SCENARIOS: dict[str, Scenario] = {
     "nmc_udds": _udds("nmc"),
     "lfp_udds": _udds("lfp", soc0=0.7),
     "nmc_isc": _udds("nmc", name="nmc_isc", faults=[Fault("isc", onset_s=300.0, cell=17, magnitude=3.0)]),
-    "nmc_us06_cold": Scenario("nmc_us06_cold", "nmc", [Segment("drive", "us06")], ambient_c=-10.0, soc0=0.9),
-    "nmc_hwfet_aged": Scenario("nmc_hwfet_aged", "nmc", [Segment("drive", "hwfet")], soh=0.8),
+    "nmc_us06_cold": Scenario("nmc_us06_cold", "nmc", [Phase("drive", "us06")], ambient_c=-10.0, soc0=0.9),
+    "nmc_hwfet_aged": Scenario("nmc_hwfet_aged", "nmc", [Phase("drive", "hwfet")], soh=0.8),
     "nmc_fastcharge_cold": Scenario("nmc_fastcharge_cold", "nmc",
-                                    [Segment("rest", duration_s=30), Segment("charge", c_rate=1.5, soc_target=0.8, duration_s=1200)],
+                                    [Phase("rest", duration_s=30), Phase("charge", c_rate=1.5, soc_target=0.8, duration_s=1200)],
                                     ambient_c=-10.0, soc0=0.2),
     "lfp_charge_drive": Scenario("lfp_charge_drive", "lfp",
-                                 [Segment("charge", c_rate=0.5, soc_target=0.7, duration_s=1200), Segment("rest", duration_s=300),
-                                  Segment("drive", "udds", repeats=0.5), Segment("rest", duration_s=300)], soc0=0.3),
+                                 [Phase("charge", c_rate=0.5, soc_target=0.7, duration_s=1200), Phase("rest", duration_s=300),
+                                  Phase("drive", "udds", repeats=0.5), Phase("rest", duration_s=300)], soc0=0.3),
     "nmc_thermal": _udds("nmc", name="nmc_thermal", faults=[Fault("thermal", onset_s=200.0, cell=40, magnitude=4.0)]),
     "nmc_sensor_faults": _udds("nmc", name="nmc_sensor_faults", faults=[
         Fault("sensor_stuck", onset_s=200.0, cell=5, target="cell_v"),
@@ -190,9 +200,9 @@ SCENARIOS: dict[str, Scenario] = {
 
 # Short versions bundled under data/drives (a few minutes each, small files).
 BUNDLED: dict[str, Scenario] = {
-    "nmc_udds": replace(SCENARIOS["nmc_udds"], segments=[Segment("drive", "udds", repeats=0.13)]),
-    "lfp_udds": replace(SCENARIOS["lfp_udds"], segments=[Segment("drive", "udds", repeats=0.13)]),
-    "nmc_isc": replace(SCENARIOS["nmc_isc"], segments=[Segment("drive", "udds", repeats=0.13)],
+    "nmc_udds": replace(SCENARIOS["nmc_udds"], segments=[Phase("drive", "udds", repeats=0.13)]),
+    "lfp_udds": replace(SCENARIOS["lfp_udds"], segments=[Phase("drive", "udds", repeats=0.13)]),
+    "nmc_isc": replace(SCENARIOS["nmc_isc"], segments=[Phase("drive", "udds", repeats=0.13)],
                        faults=[Fault("isc", onset_s=60.0, cell=17, magnitude=2.0)]),
 }
 

@@ -36,7 +36,7 @@ PLATING_LABEL_SHARE = 1e-4  # label once a cell has plated this share of its cap
 
 
 @dataclass
-class Drive:
+class SimulatedDrive:
     """Simulated drive: truth at 10 Hz plus what the CAN encoder needs."""
 
     scenario: Scenario
@@ -124,7 +124,7 @@ def _replan_scale(chem: Chemistry, sc: Scenario, prof: Profile, t: np.ndarray, n
     return float(np.clip(np.percentile(r_app, 98) / planning_resistance(sc, chem), 1.3, 10.0))
 
 
-def simulate_drive(scenario: Scenario | str, seed: int = 0, progress=None) -> Drive:
+def simulate_drive(scenario: Scenario | str, seed: int = 0, progress=None) -> SimulatedDrive:
     """Deterministic: same scenario + seed -> identical arrays."""
     from bms_ai.sim.scenario import get_scenario
 
@@ -167,7 +167,7 @@ def simulate_drive(scenario: Scenario | str, seed: int = 0, progress=None) -> Dr
     speed = np.interp(t, prof.t, prof.speed)
     say(f"{sc.name}: per-cell layer ({N_SERIES} cells)")
     d = _cell_layer(sc, chem, seed, t, current, mode, nom)
-    drive = Drive(scenario=sc, seed=seed, chemistry=chem, t=t, current=current, mode=mode, charger_state=cstate,
+    drive = SimulatedDrive(scenario=sc, seed=seed, chemistry=chem, t=t, current=current, mode=mode, charger_state=cstate,
                   speed=speed, design_capacity_ah=chem.design_capacity_ah, truncated_at_s=truncated, **d)
     drive.compute_s = time.perf_counter() - t_start
     return drive
@@ -310,11 +310,11 @@ def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current
                 fault_cell=fault_cell, events=events)
 
 
-def limits_for(drive: Drive) -> tuple[np.ndarray, np.ndarray]:
+def limits_for(drive: SimulatedDrive) -> tuple[np.ndarray, np.ndarray]:
     """BMS state-of-function limits per truth step (pack A)."""
     return current_limits(drive.chemistry, drive.temp.max(axis=1), drive.soc.min(axis=1),
                           float(drive.capacity[0].min()))
 
 
-def charging(drive: Drive) -> np.ndarray:
+def charging(drive: SimulatedDrive) -> np.ndarray:
     return drive.mode == MODE_CHARGE

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.sim.scenario import Fault, Scenario, Segment
+from bms_ai.sim.scenario import Fault, Phase, Scenario
 
 SUITE_SIZES = {"train": 64, "val": 16, "test": 16, "smoke": 2}
 _SPLIT_SEED = {"train": 1, "val": 2, "test": 3, "smoke": 4}
@@ -34,14 +34,14 @@ def _one(rng: np.random.Generator, split: str, k: int) -> tuple[str, Scenario, i
     soh = float(rng.choice(SOHS))
     fault = str(rng.choice(FAULT_CHOICES))
     soc0 = float(np.round(rng.uniform(0.55, 0.95), 3))
-    segs = [Segment("drive", cycle, repeats=float(rng.choice([1.0, 1.5, 2.0])))]
+    segs = [Phase("drive", cycle, repeats=float(rng.choice([1.0, 1.5, 2.0])))]
     if rng.random() < 0.4:  # partial charge then more driving
-        segs += [Segment("rest", duration_s=float(rng.integers(60, 600))),
-                 Segment("charge", c_rate=float(rng.choice([0.3, 0.5, 1.0])), soc_target=float(rng.uniform(0.7, 0.95)),
+        segs += [Phase("rest", duration_s=float(rng.integers(60, 600))),
+                 Phase("charge", c_rate=float(rng.choice([0.3, 0.5, 1.0])), soc_target=float(rng.uniform(0.7, 0.95)),
                          duration_s=1800.0),
-                 Segment("rest", duration_s=float(rng.integers(60, 600)))]
+                 Phase("rest", duration_s=float(rng.integers(60, 600)))]
     if rng.random() < 0.3:
-        segs.append(Segment("park", duration_s=float(rng.integers(300, 1200))))
+        segs.append(Phase("park", duration_s=float(rng.integers(300, 1200))))
     faults: list[Fault] = []
     cell = int(rng.integers(0, 96))
     onset = float(np.round(rng.uniform(60.0, 600.0), 1))
@@ -63,9 +63,9 @@ def _one(rng: np.random.Generator, split: str, k: int) -> tuple[str, Scenario, i
     elif fault == "plating":  # low-temperature fast charge
         amb = float(rng.choice([-20.0, -10.0, 0.0]))
         soc0 = float(np.round(rng.uniform(0.15, 0.4), 3))
-        segs = [Segment("rest", duration_s=60.0), Segment("charge", c_rate=float(rng.choice([1.0, 1.5, 2.0])),
+        segs = [Phase("rest", duration_s=60.0), Phase("charge", c_rate=float(rng.choice([1.0, 1.5, 2.0])),
                                                           soc_target=0.8, duration_s=2400.0),
-                Segment("rest", duration_s=600.0), Segment("drive", cycle, repeats=0.5)]
+                Phase("rest", duration_s=600.0), Phase("drive", cycle, repeats=0.5)]
     name = f"{split}_{k:03d}_{chem}_{cycle}_{'m' if amb < 0 else ''}{abs(int(amb))}c_soh{int(round(soh * 100))}_{fault}"
     sc = Scenario(name, chem, segs, ambient_c=amb, soc0=soc0, soh=soh, faults=faults).validate()
     return name, sc, _SPLIT_SEED[split] * 100000 + k
@@ -75,8 +75,8 @@ def suite(split: str) -> list[tuple[str, Scenario, int]]:
     if split not in SUITE_SIZES:
         raise ValueError(f"unknown suite {split!r}; choose from {sorted(SUITE_SIZES)}")
     if split == "smoke":
-        return [("smoke_000_nmc", Scenario("smoke_000_nmc", "nmc", [Segment("drive", "udds", repeats=0.03)]), 1),
-                ("smoke_001_lfp", Scenario("smoke_001_lfp", "lfp", [Segment("drive", "us06", repeats=0.05)], soc0=0.7,
+        return [("smoke_000_nmc", Scenario("smoke_000_nmc", "nmc", [Phase("drive", "udds", repeats=0.03)]), 1),
+                ("smoke_001_lfp", Scenario("smoke_001_lfp", "lfp", [Phase("drive", "us06", repeats=0.05)], soc0=0.7,
                                            faults=[Fault("thermal", onset_s=5.0, cell=3, magnitude=5.0)]), 2)]
     rng = np.random.default_rng([_SPLIT_SEED[split], 2026])
     return [_one(rng, split, k) for k in range(SUITE_SIZES[split])]

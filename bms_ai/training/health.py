@@ -20,14 +20,14 @@ SOH_LEVELS = (0.95, 0.9, 0.85, 0.8)
 
 
 def aged_scenario(chemistry: str, soh: float, seed: int):
-    from bms_ai.sim import Scenario, Segment
+    from bms_ai.sim import Phase, Scenario
 
     rng = np.random.default_rng(seed)
     soc0 = float(rng.uniform(0.2, 0.4))
     target = float(rng.uniform(0.7, 0.9))
     return Scenario(f"aged_{chemistry}_{int(round(soh * 100))}_{seed}", chemistry=chemistry, segments=[
-        Segment("rest", duration_s=900), Segment("charge", c_rate=float(rng.uniform(0.3, 0.7)), soc_target=target),
-        Segment("rest", duration_s=900), Segment("drive", "udds", repeats=1.0), Segment("rest", duration_s=900)],
+        Phase("rest", duration_s=900), Phase("charge", c_rate=float(rng.uniform(0.3, 0.7)), soc_target=target),
+        Phase("rest", duration_s=900), Phase("drive", "udds", repeats=1.0), Phase("rest", duration_s=900)],
         ambient_c=float(rng.uniform(15.0, 35.0)), soc0=soc0, soh=soh)
 
 
@@ -51,7 +51,7 @@ def soh_on_drive(path: Path) -> dict:
     from bms_ai.estimation.health import HealthEstimator, rest_ocv
     from bms_ai.estimation.soc import SocEstimator
     from bms_ai.sim import truth_arrays
-    from bms_ai.training.data import load_drive
+    from bms_ai.sim.dataset import load_drive
 
     d = load_drive(path)
     ocv = rest_ocv(d.chemistry)

@@ -9,13 +9,13 @@ import numpy as np
 
 from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES, SOC_FEATURES, soc_features_table
 from bms_ai.models.manifest import TensorSpec
+from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive
 from bms_ai.training.common import data_fingerprint, export_onnx, next_version, register, seed_everything
-from bms_ai.training.data import Drive, find_drives, load_drive
 
 HIDDEN = 64
 
 
-def build_dataset(drives: list[Drive], stride: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def build_dataset(drives: list[RecordedDrive], stride: int = 5) -> tuple[np.ndarray, np.ndarray]:
     X, Y = [], []
     for d in drives:
         f = soc_features_table(d.t, d.current, d.cell_v, d.cell_t, d.capacity_ah)

@@ -15,7 +15,7 @@ import numpy as np
 
 from bms_ai.chemistry.pybamm_cell import published_parameters, window_capacity_ah
 from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.training.data import Drive, save_npz
+from bms_ai.sim.dataset import RecordedDrive, save_npz
 
 
 def current_profile(rng: np.random.Generator, duration: float, capacity_ah: float, soc0: float,
@@ -87,7 +87,7 @@ def simulate_cells(chemistry: str, t: np.ndarray, current: np.ndarray, soc0: flo
 
 def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 3600.0,
                ambient_c: float | None = None, soh: float | None = None, current_offset_c: float = 0.0,
-               soc0: float | None = None) -> Drive:
+               soc0: float | None = None) -> RecordedDrive:
     rng = np.random.default_rng(seed)
     ambient_c = float(rng.choice([0.0, 10.0, 25.0, 25.0, 40.0])) if ambient_c is None else ambient_c
     soh = float(rng.uniform(0.8, 1.0)) if soh is None else soh
@@ -105,7 +105,7 @@ def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 36
     tm = np.round((temps + 0.3 * rng.standard_normal(temps.shape)) * 10) / 10
     meta = {"seed": seed, "ambient_c": ambient_c, "soh": soh, "cell_scales": scales, "soc0": soc0,
             "current_offset_a": current_offset_c * q_nom, "source": f"pybamm SPMe lumped {get_chemistry(chemistry).parameter_set}"}
-    return Drive(name=f"{chemistry}_s{seed}", chemistry=chemistry, capacity_ah=q_nom, t=t, current=im,
+    return RecordedDrive(name=f"{chemistry}_s{seed}", chemistry=chemistry, capacity_ah=q_nom, t=t, current=im,
                  cell_v=vm, cell_t=tm, soc=socs, meta=meta)
 
 

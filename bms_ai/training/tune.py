@@ -15,7 +15,7 @@ import numpy as np
 
 from bms_ai.estimation.soc import FusionParams, SocEstimator
 from bms_ai.models.runtime import ModelRegistry
-from bms_ai.training.data import find_drives, load_drive
+from bms_ai.sim.dataset import find_drives, load_drive
 
 
 def _run(d, model, ecm, fp: FusionParams, soc0) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""Recorded drives for training and evaluation: measured inputs (PackSample-like) plus truth.
+
+Two sources, one ``RecordedDrive`` record:
+- a simulated drive directory (``bms_ai.sim.io``: truth.parquet [+ can.blf]). With a
+  CAN log, the inputs come from decoding it through the pack config, i.e. exactly
+  what the estimator sees at run time (quantisation, noise, dropped frames); truth
+  SOC per cell comes from truth.parquet, matched on CAN time. Without a CAN log
+  the truth table's own columns are used (true values, no sensor effects), flagged in meta;
+- a ``drive.npz`` written by ``bms_ai.training.synth`` (cell-level PyBaMM drives).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.core.paths import share_path
+
+
+@dataclass
+class RecordedDrive:
+    """One drive as the estimator sees it (measured inputs) with the true SOC alongside."""
+
+    name: str
+    chemistry: str
+    capacity_ah: float                 # design capacity per cell (= pack Ah for series strings)
+    t: np.ndarray                      # (T,) s
+    current: np.ndarray                # (T,) A, + = charging (measured)
+    cell_v: np.ndarray                 # (T, n) V (measured)
+    cell_t: np.ndarray                 # (T, m) degC (measured)
+    soc: np.ndarray                    # (T, n) truth
+    meta: dict = field(default_factory=dict)   # condition labels, soh, r0, ...
+
+    @property
+    def n_cells(self) -> int:
+        """Number of series cells (groups) measured."""
+        return int(self.cell_v.shape[1])
+
+
+def save_npz(path: Path, d: RecordedDrive) -> Path:
+    """Write ``drive.npz`` + ``meta.json`` into the directory ``path``; returns it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path / "drive.npz", t=d.t, current=d.current, cell_v=d.cell_v.astype(np.float32),
+                        cell_t=d.cell_t.astype(np.float32), soc=d.soc.astype(np.float32))
+    meta = dict(d.meta, name=d.name, chemistry=d.chemistry, capacity_ah=d.capacity_ah)
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def _load_npz(path: Path) -> RecordedDrive:
+    z = np.load(path / "drive.npz")
+    meta = json.loads((path / "meta.json").read_text())
+    return RecordedDrive(name=meta.get("name", path.name), chemistry=meta["chemistry"],
+                         capacity_ah=float(meta["capacity_ah"]), t=z["t"], current=z["current"],
+                         cell_v=z["cell_v"].astype(np.float64), cell_t=z["cell_t"].astype(np.float64),
+                         soc=z["soc"].astype(np.float64), meta=meta)
+
+
+def load_drive(path: str | Path) -> RecordedDrive:
+    """A drive directory of either source (drive.npz, or truth.parquet [+ can.blf])."""
+    path = Path(path)
+    if (path / "drive.npz").exists():
+        return _load_npz(path)
+    if (path / "truth.parquet").exists():
+        return load_sim_drive(path)
+    raise FileNotFoundError(f"{path}: no drive.npz or truth.parquet")
+
+
+def find_drives(paths: list[str | Path]) -> list[Path]:
+    """Expand directories of drives; a path that is itself a drive is kept."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "drive.npz").exists() or (p / "truth.parquet").exists():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(q.parent for q in p.rglob("drive.npz")))
+            out.extend(sorted(q.parent for q in p.rglob("truth.parquet")))
+        else:
+            raise FileNotFoundError(f"{p}: not a drive or directory of drives")
+    return out
+
+
+def load_sim_drive(path: Path, max_cells: int | None = None) -> RecordedDrive:
+    """A simulated drive directory (format_version 1, see bms_ai.sim.io) as a RecordedDrive."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    tab = pq.read_table(path / "truth.parquet")
+    cols = set(tab.column_names)
+    n = sum(1 for c in cols if c.startswith("soc_c"))
+    n_t = sum(1 for c in cols if c.startswith("tsens_c_s"))
+    soc = np.column_stack([tab.column(f"soc_c{k:02d}").to_numpy() for k in range(n)])
+    t_can = tab.column("t_can").to_numpy() if "t_can" in cols else tab.column("t").to_numpy()
+    chem = str(meta.get("chemistry", "nmc"))
+    cap = float(meta.get("design_capacity_ah", 50.0))
+    log = path / "can.blf"
+    if log.exists():
+        from bms_ai.can.offline import decode_log
+        from bms_ai.can.packconfig import load_pack_config
+
+        cfg_name = meta.get("pack_config") or get_chemistry(chem).pack_config
+        cfg = load_pack_config(share_path("config", Path(cfg_name).name))
+        st = decode_log(log, cfg, rate=10.0)
+        # truth at the decoded sample instants (nearest 0.1 s row)
+        idx = np.clip(np.searchsorted(t_can, st.t - 0.05), 0, len(t_can) - 1)
+        keep = np.abs(t_can[idx] - st.t) <= 0.06
+        t, cur, cv, ct, s = st.t[keep], st.pack_current[keep], st.cell_voltages[keep], st.cell_temperatures[keep], soc[idx[keep]]
+        source = "can.blf decoded (bms_ai.can.offline)"
+    else:
+        t, cur, s = t_can, tab.column("current_a").to_numpy(), soc
+        cv = np.column_stack([tab.column(f"v_c{k:02d}").to_numpy() for k in range(n)])
+        ct = np.column_stack([tab.column(f"tsens_c_s{k:02d}").to_numpy() for k in range(n_t)])
+        source = "truth.parquet true values (no CAN log)"
+    if max_cells:
+        cv, s = cv[:, :max_cells], s[:, :max_cells]
+    scenario = meta.get("scenario") if isinstance(meta.get("scenario"), dict) else None
+    m = {"condition": str(scenario.get("name", path.name) if scenario else path.name),
+         "ambient_c": scenario.get("ambient_c") if scenario else None,
+         "source": f"bms_ai.sim: {source}", "sim_meta": meta}
+    if "soh" in cols:
+        m["soh"] = float(tab.column("soh").to_numpy()[0])
+    return RecordedDrive(name=path.name, chemistry=chem, capacity_ah=cap, t=np.asarray(t, float),
+                         current=np.asarray(cur, float), cell_v=np.asarray(cv, float), cell_t=np.asarray(ct, float),
+                         soc=np.asarray(s, float), meta=m)
