@@ -45,7 +45,7 @@ def _replay(h: RosHarness, model_dir: Path, seconds: float, initial_soc: float =
                        cell_voltages=d.cell_v[k], cell_temperatures=d.cell_t[k])
         meas.publish(sample_to_battery_state(s))
         time.sleep(0.003)
-    h.wait_for(lambda: len(states) >= node.steps and node.steps > n * 0.5, timeout=5)
+    h.wait_for(lambda: len(states) >= node.est.steps and node.est.steps > n * 0.5, timeout=5)
     time.sleep(0.3)
     return node, d, states, diags
 
@@ -60,7 +60,7 @@ def harness():
 def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, root: Path) -> None:
     node, d, states, diags = _replay(harness, root / "models", 120.0)
     # sensor-data QoS may drop a few under load; every processed sample gives one battery_state
-    assert len(states) >= 600 and len(states) == node.steps, (len(states), node.steps)
+    assert len(states) >= 600 and len(states) == node.est.steps, (len(states), node.est.steps)
     stamps = np.array([m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in states])
     assert np.all(np.diff(stamps) > 0)
     truth = np.interp(stamps - T0, d.t, d.soc.mean(axis=1))
@@ -82,7 +82,7 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
     assert diag_levels(diags, "bms_ai: soc")[-1] == 0
     assert diag_values(diags, "bms_ai: soh")
     assert all(st.hardware_id == "pack96-ref" for a in diags for st in a.status if st.name.startswith("bms_ai: so"))
-    assert node.rejected == 0
+    assert node.est.rejected == 0
 
 
 def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, root: Path, tmp_path: Path) -> None:
@@ -151,12 +151,12 @@ def test_node_hot_reloads_a_new_model_and_rejects_a_bad_one(harness: RosHarness,
     v3 = dict(v2, version=nmc.version + 2, file=f"{nmc.name}_v{nmc.version + 2}.onnx", sha256="0" * 64)
     shutil.copy(root / "models" / nmc.file, mdir / v3["file"])
     (mdir / (v3["file"] + ".json")).write_text(json.dumps(v3))
-    steps = node.steps
+    steps = node.est.steps
     play(5.0)
     kv = diag_values(diags, "bms_ai: soc")
     assert kv["model"] == f"{nmc.name}@{nmc.version + 1}"
     assert "rejected" in kv["last_model_event"] and "sha256 mismatch" in kv["last_model_event"]
-    assert kv["method"] == "nn+cc" and node.steps > steps
+    assert kv["method"] == "nn+cc" and node.est.steps > steps
 
 
 # model_fallback (read by the fault monitor) and SOH/RUL diagnostics
@@ -168,7 +168,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
     kv = diag_values(diags, "bms_ai: soc")
     assert kv["method"] == "ekf"
     assert kv["model_fallback"] == "True", kv
-    assert node.health.ocv is not None and node.health.rul_est is not None
+    assert node.est.health.ocv is not None and node.est.health.rul_est is not None
 
 
 def test_model_fallback_false_on_the_nn(harness: RosHarness, root: Path) -> None:
@@ -197,13 +197,21 @@ def test_all_nan_measurements_hold_the_estimate(tmp_path):
         for k in range(20):
             good.stamp = 100.0 + 0.1 * k
             node._on_meas(to_msg(good))
-        soc_before, steps = node.last.soc, node.steps
+        soc_before, steps = node.est.last.soc, node.est.steps
         for k in range(20):
             lost = PS.empty(96, 32)
             lost.stamp = 110.0 + 0.1 * k
             node._on_meas(to_msg(lost))
-        assert node.steps == steps and node.last.soc == soc_before
-        assert node.rejected == 20 and "communication lost" in node.reject_reason
+        assert node.est.steps == steps and node.est.last.soc == soc_before
+        assert node.est.rejected == 20 and "communication lost" in node.est.reject_reason
     finally:
         node.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+def test_library_health_codes_are_the_battery_state_codes() -> None:
+    from bms_ai.estimation import status
+
+    assert (status.HEALTH_UNKNOWN, status.HEALTH_GOOD, status.HEALTH_DEAD, status.HEALTH_UNSPEC_FAILURE) == (
+        BatteryState.POWER_SUPPLY_HEALTH_UNKNOWN, BatteryState.POWER_SUPPLY_HEALTH_GOOD,
+        BatteryState.POWER_SUPPLY_HEALTH_DEAD, BatteryState.POWER_SUPPLY_HEALTH_UNSPEC_FAILURE)

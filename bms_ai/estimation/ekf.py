@@ -10,10 +10,14 @@ All 2x2 algebra is written out element-wise so 96 cells cost a handful of numpy 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
+
+if TYPE_CHECKING:
+    from bms_ai.models.runtime import LoadedModel
 
 
 @dataclass
@@ -31,8 +35,24 @@ class ECMParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> ECMParams:
+        """From a manifest's ``extra.ecm``; keys that are not parameters are ignored."""
         known = {k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def ecm_for(model: LoadedModel | None, capacity_ah: float) -> ECMParams:
+    """The EKF's ECM for a cell of ``capacity_ah``: identified with the SOC model when there is one.
+
+    Resistances identified on the training cells are scaled to this cell's
+    capacity (parallel cells: R ~ 1/capacity); without a model, the defaults.
+    """
+    d = dict(model.entry.extra.get("ecm", {})) if model is not None else {}
+    p = ECMParams.from_dict(d) if d else ECMParams()
+    if d:
+        k = float(d.get("capacity_ah", capacity_ah)) / capacity_ah
+        p.r0, p.r1 = p.r0 * k, p.r1 * k
+    p.capacity_ah = capacity_ah
+    return p
 
 
 DEFAULT_ECM = {
@@ -56,18 +76,13 @@ class BatchedEKF:
         self.P01 = np.zeros(n)
         self.P11 = np.full(n, 1e-4)
 
-    def init_from_voltage(self, v: np.ndarray, sigma: float = 0.1) -> None:
-        """Seed SOC from a (rested) voltage through the inverse OCV."""
-        v = np.asarray(v, dtype=np.float64)
-        ok = np.isfinite(v)
-        self.soc[ok] = self.ocv.inverse(v[ok])
-        self.P00[ok] = sigma ** 2
-
     @property
     def sigma(self) -> np.ndarray:
+        """SOC standard deviation per cell."""
         return np.sqrt(np.maximum(self.P00, 0.0))
 
     def step(self, current: float, voltage: np.ndarray, dt: float) -> np.ndarray:
+        """Predict over ``dt`` with ``current``, update on the cells whose voltage is known; returns SOC per cell."""
         p = self.p
         if not np.isfinite(current) or not np.isfinite(dt) or dt <= 0:
             return self.soc

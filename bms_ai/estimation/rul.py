@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-EOL = 0.8
+from bms_ai.estimation.status import SOH_EOL
+
 Z_GRID = np.round(np.arange(0.35, 1.21, 0.05), 3)
 KNEE_FRACS = (0.5, 0.7, 0.85)
 R_GAS = 8.314
@@ -72,11 +73,11 @@ def sample_trajectories(n: int, seed: int, chemistry: str = "nmc", obs_sigma: fl
             p["c_knee"] = 10 ** rng.uniform(-7.3, -6.3)
         grid = np.arange(0.0, max_efc + 1e-9, 1.0)
         s = _soh_law(grid, p)
-        below = np.nonzero(s <= EOL)[0]
+        below = np.nonzero(s <= SOH_EOL)[0]
         if below.size == 0 or below[0] < 5 * obs_every:
             continue
         i = below[0]
-        eol = float(grid[i - 1] + (s[i - 1] - EOL) / (s[i - 1] - s[i]))
+        eol = float(grid[i - 1] + (s[i - 1] - SOH_EOL) / (s[i - 1] - s[i]))
         efc = np.arange(obs_every, eol * 1.02, obs_every)
         soh = _soh_law(efc, p)
         days = efc / p["efc_per_day"]
@@ -170,7 +171,7 @@ class RulEstimator:
             ab[:, 1] = np.maximum(ab[:, 1], 0.0)
             knee = np.zeros_like(xg) if xk is None else np.clip(xg - xk, 0, None) ** 2
             loss = ab[:, :1] * xg[None, :] ** z + ab[:, 1:] * knee[None, :]
-            hit = loss >= 1.0 - EOL
+            hit = loss >= 1.0 - SOH_EOL
             first = np.where(hit.any(axis=1), hit.argmax(axis=1), len(xg) - 1)
             ruls.append(xg[first] * 1000.0 - now)
             wts.append(np.full(N_SAMPLES, w[k] / N_SAMPLES))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.estimation.ekf import ecm_for
 from bms_ai.estimation.soc import FusionParams, SocEstimator
 from bms_ai.models.runtime import ModelRegistry
 from bms_ai.sim.dataset import find_drives, load_drive
@@ -29,8 +30,6 @@ def _run(d, model, ecm, fp: FusionParams, soc0) -> np.ndarray:
 
 def tune(chemistry: str, model_dir: Path, data: list[str | Path], r_scales=(10.0, 30.0, 100.0),
          q_socs=(2e-9,), max_drives: int = 2, log=print) -> dict:
-    from bms_ai.estimation.evaluate import ecm_for
-
     reg = ModelRegistry(model_dir)
     reg.poll()
     model = reg.get("soc", chemistry)
@@ -45,7 +44,7 @@ def tune(chemistry: str, model_dir: Path, data: list[str | Path], r_scales=(10.0
         fp = FusionParams(r_scale=r, q_soc=q)
         se, conv = [], []
         for d in drives:
-            ecm = ecm_for(reg, chemistry, d.capacity_ah)
+            ecm = ecm_for(model, d.capacity_ah)
             e = _run(d, model, ecm, fp, d.soc[0]) - d.soc
             se.append(np.mean(e ** 2))
             s0 = np.clip(d.soc[0] + (0.3 if d.soc[0].mean() < 0.6 else -0.3), 0, 1)

@@ -1,0 +1,236 @@
+"""PackEstimator: SOC, SOH and RUL of one pack, with the model/fallback decision made in one place.
+
+The estimator node and ``bms-ai evaluate`` both run this class, so what the
+evaluation measures is what the vehicle runs. It owns:
+
+- model selection: the SOC model from a ``ModelRegistry`` (hot reload swaps it
+  in without a jump in the output), or the EKF fallback with the reason
+  (no model directory, models disabled, no valid model);
+- the ``SocEstimator`` (every measurement), the ``HealthEstimator`` (capacity,
+  R0; capacity estimate every ``health_period`` s of measurement time) and its RUL;
+- input checks: a sample the estimator cannot use is rejected, counted and its
+  reason kept (never an exception into the caller);
+- what gets reported: BatteryState figures per step and the diagnostic checks
+  (``soc``, ``soh``, ``rul``) with keys from ``bms_ai.estimation.status``.
+
+    est = PackEstimator.from_model_dir("", "nmc", 50.0)   # shipped models
+    est.poll_models()
+    step = est.step(t, current, cell_v, cell_t)           # None: rejected (est.reject_reason)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.core.levels import OK, WARN
+from bms_ai.estimation import status
+from bms_ai.estimation.ekf import ecm_for
+from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
+from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.models.runtime import LoadedModel, ModelRegistry, ModelSlot, default_model_dir
+
+SOC_METHOD_TEXT = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}
+
+
+@dataclass
+class PackStep:
+    """The result of one accepted measurement: SOC, plus the capacity view BatteryState carries."""
+
+    soc: SocOutput
+    capacity_ah: float            # latest capacity estimate (the design value until the first one)
+    design_capacity_ah: float
+    health: int                   # BatteryState power_supply_health code (status.HEALTH_*)
+
+    @property
+    def charge_ah(self) -> float:
+        """Charge left: pack SOC times the estimated capacity."""
+        return float(self.soc.soc * self.capacity_ah)
+
+
+def open_models(model_dir: str | Path | None) -> ModelRegistry:
+    """A model registry that checks SOC models against this feature pipeline ('' or None: the shipped models)."""
+    return ModelRegistry(Path(model_dir) if model_dir else default_model_dir(), {"soc": soc_model_expectation()})
+
+
+class PackEstimator:
+    """SOC / SOH / RUL of one series string; call ``step`` once per measurement sample."""
+
+    def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
+                 use_models: bool = True, initial_soc: float | np.ndarray | None = None,
+                 health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
+                 rest_capacity: bool = True) -> None:
+        """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
+
+        ``rest_capacity`` False keeps the capacity estimate on the SOC-regression
+        method even where the chemistry allows rests (the evaluation reports it so).
+        """
+        self.chemistry = get_chemistry(chemistry).name
+        self.capacity_ah = float(capacity_ah)
+        if not self.capacity_ah > 0:
+            raise ValueError(f"capacity_ah must be > 0, got {capacity_ah}")
+        self.models = models
+        self.use_models = bool(use_models)
+        self.initial_soc = initial_soc
+        self.health_period = float(health_period)
+        self.efc0 = float(efc0)
+        self.rul = rul
+        self.rest_capacity = rest_capacity
+        self.soc_est: SocEstimator | None = None
+        self.health: HealthEstimator | None = None
+        self.last: SocOutput | None = None
+        self.last_health: HealthOutput | None = None
+        self._t_health = -math.inf
+        self.steps = 0
+        self.rejected = 0
+        self.reject_reason = ""
+        self.cycle_last_s = 0.0
+        self.cycle_max_s = 0.0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path | None, chemistry: str, capacity_ah: float,
+                       **kwargs) -> PackEstimator:
+        """SOC models and RUL parameters from one directory ('' or None: the shipped models)."""
+        models = open_models(model_dir)
+        rul, _ = load_rul_estimator(models.model_dir, get_chemistry(chemistry).name)
+        return cls(chemistry, capacity_ah, models, rul=rul, **kwargs)
+
+    # -- model selection -------------------------------------------------------
+    def slot(self) -> ModelSlot:
+        """The registry slot serving this chemistry's SOC (an empty one without a model directory)."""
+        if self.models is None:
+            return ModelSlot(reason="no model directory")
+        return self.models.slot("soc", self.chemistry)
+
+    def soc_model(self) -> tuple[LoadedModel | None, str]:
+        """The SOC model to run, or None and why the EKF runs instead: the one fallback decision."""
+        if not self.use_models:
+            return None, "models disabled (use_models=false)"
+        s = self.slot()
+        return s.model, s.reason
+
+    def poll_models(self) -> str:
+        """Hot reload: re-scan the model directory and swap a changed SOC model in; a log line if one was."""
+        if not self.use_models or self.models is None or not self.models.poll() or self.soc_est is None:
+            return ""
+        model, reason = self.soc_model()
+        self.soc_est.set_model(model, reason)
+        return f"SOC model now {model.label if model else 'none'}"
+
+    @property
+    def model_events(self) -> list[str]:
+        """Recent model-directory events (loaded, rejected with reason), oldest first."""
+        return self.models.events if self.models is not None else []
+
+    # -- per measurement -------------------------------------------------------
+    def _create(self, n_cells: int, n_temps: int) -> None:
+        model, reason = self.soc_model()
+        self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
+                                    ecm=ecm_for(model, self.capacity_ah), soc0=self.initial_soc,
+                                    model_reason=reason)
+        ocv = rest_ocv(self.chemistry) if self.rest_capacity else None
+        self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul)
+
+    def _admit(self, t: float, current: float, cell_v: np.ndarray, n_temps: int) -> str:
+        """Why the sample cannot be used ("" if it can); (re)creates the filters for a new cell count."""
+        if cell_v.size == 0:
+            return "no cell voltages"
+        if not np.isfinite(cell_v).any() and not math.isfinite(current):
+            # communication lost (every value aged out): hold the estimate instead of integrating nothing
+            return "no valid measurement (communication lost)"
+        if not math.isfinite(t):
+            return "no valid time stamp"
+        if self.soc_est is None or self.soc_est.n != cell_v.size:
+            self._create(cell_v.size, n_temps)
+        if self.last is not None and t <= self.last.stamp:
+            return f"stamp {t:.3f} not after {self.last.stamp:.3f}"
+        return ""
+
+    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> PackStep | None:
+        """SOC every call, capacity every ``health_period`` s of ``t``; None for a rejected sample."""
+        cell_v = np.asarray(cell_v, dtype=np.float64)
+        cell_t = np.asarray(cell_t, dtype=np.float64)
+        why = self._admit(t, current, cell_v, cell_t.size)
+        if why:
+            self.rejected += 1
+            self.reject_reason = why
+            return None
+        t0 = time.perf_counter()
+        out = self.soc_est.step(t, current, cell_v, cell_t)
+        # capacity regression input: the NN's absolute SOC where it was used, else the EKF's
+        self.health.update(t, current, cell_v, np.where(np.isfinite(out.nn_soc), out.nn_soc, out.ekf_soc))
+        if t - self._t_health >= self.health_period:
+            self._t_health = t
+            self.health.estimate_capacity()
+            self.last_health = self.health.output()
+        self.cycle_last_s = time.perf_counter() - t0
+        self.cycle_max_s = max(self.cycle_max_s, self.cycle_last_s)
+        self.steps += 1
+        self.last = out
+        h = self.last_health
+        return PackStep(out, h.capacity_ah if h is not None else self.capacity_ah, self.capacity_ah,
+                        status.soh_verdict(h.soh if h is not None else 1.0).health)
+
+    def health_output(self) -> HealthOutput | None:
+        """SOH/R0/RUL now (the periodic snapshot is ``last_health``); None before the first sample."""
+        return self.health.output() if self.health is not None else None
+
+    # -- what is reported --------------------------------------------------------
+    def soc_status(self) -> status.CheckStatus:
+        """The ``soc`` check: OK on the NN, WARN on any fallback or after rejected samples."""
+        model, _ = self.soc_model()
+        label = model.label if model is not None else "none"
+        o = self.last
+        if o is None:
+            return status.CheckStatus(status.SOC_CHECK, WARN, "no measurements yet", {
+                "model": label, "model_reason": self.slot().reason, "rejected": self.rejected,
+                status.MODEL_FALLBACK: model is None})
+        level = OK if o.method == "nn+cc" and not self.rejected else WARN
+        msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        events = self.model_events
+        return status.CheckStatus(status.SOC_CHECK, level, msg, {
+            "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
+            "soc_max": float(np.max(o.cell_soc)), "method": o.method, "model": label,
+            status.MODEL_FALLBACK: o.method != "nn+cc",
+            "model_version": model.version if model is not None else 0,
+            "fallback_reason": o.fallback_reason, "ood_cells": o.ood_cells,
+            "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last_s * 1e3, "cycle_max_ms": self.cycle_max_s * 1e3,
+            "ekf_soc": float(np.mean(o.ekf_soc)), "cc_soc": float(np.mean(o.cc_soc)), "steps": self.steps,
+            "rejected": self.rejected, "reject_reason": self.reject_reason,
+            "model_reloads": self.models.reloads if self.models is not None else 0,
+            "last_model_event": (events or [""])[-1]})
+
+    def soh_status(self) -> status.CheckStatus:
+        """The ``soh`` check: level from ``status.soh_verdict`` of the latest estimate."""
+        h = self.last_health
+        if h is None:
+            return status.CheckStatus(status.SOH_CHECK, OK, "collecting data", {"capacity_ah": self.capacity_ah})
+        r0_max = float(np.nanmax(h.cell_r0)) if np.isfinite(h.cell_r0).any() else float("nan")
+        return status.CheckStatus(status.SOH_CHECK, status.soh_verdict(h.soh).level, f"SOH {h.soh * 100:.1f} %", {
+            "soh": h.soh, "capacity_ah": h.capacity_ah, "r0_ohm": h.r0, "r0_max_ohm": r0_max,
+            "soh_min_cell": int(np.argmin(h.cell_soh)), "capacity_updates": h.capacity_updates,
+            "r0_updates": h.r0_updates, "method": "classical (field data)"})
+
+    def rul_status(self) -> status.CheckStatus | None:
+        """The ``rul`` check (always OK: a forecast, not a fault); None before the first SOH estimate."""
+        h = self.last_health
+        if h is None:
+            return None
+        msg = (f"RUL (equivalent full cycles to {status.SOH_EOL * 100:.0f} % SOH)" if math.isfinite(h.rul_efc)
+               else "RUL: not enough SOH history yet")
+        return status.CheckStatus(status.RUL_CHECK, OK, msg,
+                                  {"rul_efc": h.rul_efc, "rul_lo_90": h.rul_lo, "rul_hi_90": h.rul_hi, "efc": h.efc})
+
+    def statuses(self) -> list[status.CheckStatus]:
+        """All checks to publish now: soc; soh once measurements came; rul once there is an SOH estimate."""
+        if self.last is None:
+            return [self.soc_status()]
+        out = [self.soc_status(), self.soh_status()]
+        rul = self.rul_status()
+        return out + [rul] if rul is not None else out

@@ -1,0 +1,111 @@
+"""PackEstimator: the one model/fallback decision, input checks, and the SOH verdict thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bms_ai.core.levels import ERROR, OK, WARN
+from bms_ai.core.registry import UnknownName
+from bms_ai.estimation import status
+from bms_ai.estimation.health import HealthOutput
+from bms_ai.estimation.pack import PackEstimator, open_models
+from bms_ai.models.manifest import read_manifest, write_manifest
+
+N, M = 4, 2
+V, T = np.full(N, 3.7), np.full(M, 25.0)
+
+
+def _run(est: PackEstimator, seconds: float, t0: float = 0.0, current: float = -5.0):
+    step = None
+    for k in range(int(seconds * 10)):
+        step = est.step(t0 + 0.1 * k, current, V, T)
+    return step
+
+
+def test_without_model_directory_the_ekf_runs_and_says_why() -> None:
+    est = PackEstimator("nmc", 5.0, None, initial_soc=0.5)
+    assert est.statuses()[0].values[status.MODEL_FALLBACK] is True
+    step = _run(est, 2.0)
+    assert step.soc.method == "ekf" and step.soc.fallback_reason == "no model directory"
+    assert 0.0 < step.soc.soc < 1.0 and step.capacity_ah == step.design_capacity_ah == 5.0
+    assert step.health == status.HEALTH_GOOD          # no SOH estimate yet: design capacity
+    soc = est.soc_status()
+    assert soc.level == WARN and soc.message == "fallback: EKF (no model directory)"
+    assert soc.values[status.MODEL_FALLBACK] is True and soc.values["model"] == "none"
+
+
+def test_models_disabled_is_a_fallback_with_its_own_reason(root: Path) -> None:
+    models = open_models(root / "models")
+    models.poll()
+    est = PackEstimator("nmc", 5.0, models, use_models=False, initial_soc=0.5)
+    assert est.soc_model() == (None, "models disabled (use_models=false)")
+    assert _run(est, 0.5).soc.method == "ekf"
+    assert est.poll_models() == ""                    # no reload while models are disabled
+
+
+def test_model_used_and_hot_reload_swaps_it(root: Path, tmp_path: Path) -> None:
+    entries, _ = read_manifest(root / "models")
+    nmc = next(e for e in entries if e.key == ("soc", "nmc"))
+    shutil.copy(root / "models" / nmc.file, tmp_path / nmc.file)
+    write_manifest(tmp_path, [nmc])
+    est = PackEstimator.from_model_dir(tmp_path, "nmc", 5.0, initial_soc=0.5)
+    assert est.poll_models() == ""                    # loaded before any filter exists: nothing to swap
+    model, reason = est.soc_model()
+    assert model is not None and model.version == nmc.version and reason == ""
+    step = _run(est, 61.0)                            # past the NN warm-up
+    assert step.soc.method == "nn+cc" and est.soc_status().level == OK
+    v2 = dict(nmc.to_dict(), version=nmc.version + 1, file=f"{nmc.name}_v{nmc.version + 1}.onnx")
+    shutil.copy(root / "models" / nmc.file, tmp_path / v2["file"])
+    (tmp_path / (v2["file"] + ".json")).write_text(json.dumps(v2))
+    assert est.poll_models() == f"SOC model now {nmc.name}@{nmc.version + 1}"
+    assert est.soc_est.model.version == nmc.version + 1
+    assert est.soc_status().values["model"] == f"{nmc.name}@{nmc.version + 1}"
+
+
+def test_unusable_samples_are_counted_not_raised() -> None:
+    est = PackEstimator("lfp", 2.3, None, initial_soc=0.5)
+    assert est.step(1.0, -1.0, np.empty(0), T) is None and est.reject_reason == "no cell voltages"
+    assert est.step(1.0, float("nan"), np.full(N, np.nan), T) is None and "communication lost" in est.reject_reason
+    assert est.step(float("nan"), -1.0, V, T) is None and "time stamp" in est.reject_reason
+    assert est.step(2.0, -1.0, V, T) is not None
+    assert est.step(2.0, -1.0, V, T) is None and "not after" in est.reject_reason
+    assert est.rejected == 4 and est.steps == 1
+    assert est.soc_status().values["rejected"] == 4
+
+
+def test_config_errors_fail_at_construction() -> None:
+    with pytest.raises(UnknownName, match="'nca'"):
+        PackEstimator("nca", 50.0)
+    with pytest.raises(ValueError, match="capacity_ah"):
+        PackEstimator("nmc", 0.0)
+
+
+@pytest.mark.parametrize("soh,level,health", [
+    (1.0, OK, status.HEALTH_GOOD), (0.8, OK, status.HEALTH_GOOD), (0.79, WARN, status.HEALTH_UNSPEC_FAILURE),
+    (0.7, WARN, status.HEALTH_UNSPEC_FAILURE), (0.69, ERROR, status.HEALTH_UNSPEC_FAILURE),
+    (0.6, ERROR, status.HEALTH_UNSPEC_FAILURE), (0.59, ERROR, status.HEALTH_DEAD)])
+def test_soh_verdict_thresholds(soh: float, level: int, health: int) -> None:
+    assert status.soh_verdict(soh) == status.SohVerdict(level, health)
+
+
+def test_health_checks_follow_the_verdict() -> None:
+    est = PackEstimator("nmc", 50.0, None, initial_soc=0.5, health_period=1.0)
+    assert [s.check for s in est.statuses()] == ["soc"]
+    _run(est, 1.5)
+    assert [s.check for s in est.statuses()] == ["soc", "soh", "rul"]
+    assert est.rul_status().message == "RUL: not enough SOH history yet"
+    cells = np.full(N, 0.65)
+    est.last_health = HealthOutput(soh=0.65, cell_soh=cells, capacity_ah=32.5, r0=0.001, cell_r0=np.full(N, 0.001),
+                                   rul_efc=float("nan"), rul_lo=float("nan"), rul_hi=float("nan"), efc=10.0,
+                                   capacity_updates=1, r0_updates=1)
+    soh = est.soh_status()
+    assert soh.level == ERROR and soh.message == "SOH 65.0 %" and soh.values["capacity_ah"] == 32.5
+    est.health_period = 1e9                            # keep the injected estimate for the next step
+    step = est.step(10.0, -5.0, V, T)
+    assert step.health == status.HEALTH_UNSPEC_FAILURE and step.capacity_ah == 32.5
+    assert step.charge_ah == pytest.approx(step.soc.soc * 32.5)
