@@ -42,6 +42,7 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 
 def bench(quick: bool = False, model_dir: str | Path | None = None, chemistry: str = "nmc",
           n_cells: int = 96, n_temps: int = 32) -> dict[str, Any]:
+    """SOC cycle times of a 96-cell pack (EKF only, then NN+CC when a model loads), in ms; one run."""
     n = 1500 if quick else 12000
     reg = ModelRegistry(model_dir or default_model_dir(), {"soc": soc_model_expectation()})
     reg.poll()

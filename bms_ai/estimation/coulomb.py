@@ -18,6 +18,7 @@ class CoulombCounter:
         self.efficiency = efficiency
 
     def step(self, current: float | np.ndarray, dt: float) -> np.ndarray:
+        """Integrate ``current`` over ``dt``; SOC per cell, held when current or dt is unusable."""
         i = np.asarray(current, dtype=np.float64)
         if not np.all(np.isfinite(i)) or not np.isfinite(dt) or dt < 0:
             return self.soc  # hold: an unknown current must not move the SOC

@@ -20,21 +20,22 @@ def _rc_filter(t: np.ndarray, i: np.ndarray, tau: float) -> np.ndarray:
 
 
 def fit_ecm(drives: list, chemistry: str, taus=(10.0, 20.0, 40.0, 80.0, 160.0), stride: int = 10) -> ECMParams:
+    """R0, R1, tau (grid) and the voltage noise by least squares on drives with true SOC; capacity = median design."""
     ocv = load_ocv(chemistry)
     best = None
     for tau in taus:
-        A, y = [], []
+        rows, y = [], []
         for d in drives:
             t, i = d.t[::stride], d.current[::stride]
             f = _rc_filter(t, i, tau)
             for c in range(d.n_cells):
                 resid = d.cell_v[::stride, c] - ocv(np.clip(d.soc[::stride, c], 0, 1))
                 ok = np.isfinite(resid) & (d.soc[::stride, c] > 0.1) & (d.soc[::stride, c] < 0.95)
-                A.append(np.column_stack([i[ok], f[ok]]))
+                rows.append(np.column_stack([i[ok], f[ok]]))
                 y.append(resid[ok])
-        A, y = np.concatenate(A), np.concatenate(y)
-        coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-        sse = float(np.sum((A @ coef - y) ** 2))
+        design, y = np.concatenate(rows), np.concatenate(y)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        sse = float(np.sum((design @ coef - y) ** 2))
         if best is None or sse < best[0]:
             best = (sse, tau, coef, len(y))
     sse, tau, (r0, r1), n = best

@@ -27,6 +27,8 @@ TARGETS = {"nmc": {"rmse": 0.010, "max": 0.03}, "lfp": {"rmse": 0.015, "max": 0.
 
 @dataclass
 class RunResult:
+    """One drive through the estimator: SOC traces per method, truth and metrics."""
+
     drive: str
     chemistry: str
     condition: str
@@ -88,6 +90,7 @@ def true_cell_soh(d: RecordedDrive) -> np.ndarray:
 
 
 def metrics(t: np.ndarray, est: np.ndarray, truth: np.ndarray) -> dict:
+    """RMSE, max error, error at and after 5 min, and the time after which the error stays within 2 points."""
     e = est - truth
     ok = np.isfinite(e).all(axis=1)
     e, tt = e[ok], t[ok]
@@ -105,6 +108,7 @@ def metrics(t: np.ndarray, est: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def evaluate(paths: list[Path], model_dir: Path | None, wrong_init: float = 0.3, log=print) -> list[RunResult]:
+    """Every drive once with its stored initial SOC, plus a wrong-initial-SOC run on the 25 C drives."""
     reg = None
     if model_dir is not None:
         reg = open_models(model_dir)
@@ -131,6 +135,7 @@ def _line(r: RunResult) -> str:
 
 
 def summary(results: list[RunResult]) -> dict:
+    """Per chemistry: pooled RMSE / max per method, SOH error, the targets and whether they pass."""
     out: dict = {}
     for chem in sorted({r.chemistry for r in results}):
         rs = [r for r in results if r.chemistry == chem and "init" not in r.condition]
@@ -168,6 +173,7 @@ def summary(results: list[RunResult]) -> dict:
 
 
 def write_report(results: list[RunResult], out: Path, model_dir: Path | None) -> Path:
+    """results.json, table.md and index.html with plots into ``out``; returns the HTML page."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,6 +253,7 @@ def _md_table_html(md: list[str]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bms-ai evaluate` arguments."""
     p.add_argument("drives", nargs="+", help="held-out drives (directories)")
     p.add_argument("--report", required=True, help="output directory for table + HTML report")
     p.add_argument("--models", default="models", help="model directory with manifest.json ('' = none)")
@@ -257,6 +264,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the SOC evaluation (and optionally the fault-detector one); 0 on success."""
     paths = find_drives(args.drives)
     if not paths:
         raise FileNotFoundError("no drives found")

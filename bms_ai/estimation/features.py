@@ -54,6 +54,7 @@ class SocFeatures:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the history: the next update starts the EMAs from its own values."""
         self.t_last = float("nan")
         self.v_ema = np.full((3, self.n), np.nan)
         self.i_ema = np.full(3, np.nan)

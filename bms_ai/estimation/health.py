@@ -30,12 +30,13 @@ from bms_ai.estimation.rul import RulEstimator
 
 @dataclass
 class HealthParams:
+    """Tuning of the classical SOH estimator (steps for R0, windows and rests for capacity)."""
+
     step_min_c: float = 0.3          # |dI| (C-rate) that counts as a current step
     r0_alpha: float = 0.05           # EMA weight per accepted step
     window_s: float = 1800.0         # capacity regression window
     min_soc_span: float = 0.15       # accept a capacity estimate only over this SOC span
     q_alpha: float = 0.2             # EMA weight per accepted capacity estimate
-    eol_soh: float = 0.8
     rest_max_c: float = 0.02         # |I| below this C-rate counts as rest
     rest_min_s: float = 600.0        # rest length before the voltage is taken as OCV
     ocv_sigma_v: float = 0.003       # OCV error at a rest end (noise, quantisation, incomplete relaxation)
@@ -45,6 +46,8 @@ class HealthParams:
 
 @dataclass
 class HealthOutput:
+    """SOH, capacity, R0 and RUL as reported (pack values are the weakest cell's)."""
+
     soh: float                      # pack (min over cells) capacity SOH
     cell_soh: np.ndarray
     capacity_ah: float
@@ -68,6 +71,8 @@ def rest_ocv(chemistry: str) -> OCVCurve | None:
 
 
 class HealthEstimator:
+    """Capacity and R0 per cell from field data (no lab test), plus the RUL from the SOH history."""
+
     def __init__(self, n_cells: int, design_capacity_ah: float, params: HealthParams | None = None,
                  efc0: float = 0.0, soh_history: list[tuple[float, float]] | None = None,
                  ocv=None, rul: RulEstimator | None = None) -> None:
@@ -87,13 +92,13 @@ class HealthEstimator:
         self.ocv = ocv                      # OCVCurve (inverse: V -> SOC) or None
         self.rul_est = rul or RulEstimator()
         self._rest_t0: float | None = None
-        self._rest_tl: float | None = None
+        self._rest_t_prev: float | None = None
         self._rest_v: list[tuple[float, np.ndarray]] = []
-        self._i_avg = 0.0
-        self._rest_pt: tuple | None = None   # (Ah, SOC_ocv, SOC sd) of the current rest
+        self._i_avg_5s = 0.0
+        self._rest_point: tuple | None = None   # (Ah, SOC_ocv, SOC sd) of the current rest
         self._prev_rest: tuple | None = None
-        self._q_w = np.zeros(n_cells)       # summed dSOC weights of rest-based estimates
-        self._q_sum = np.zeros(n_cells)
+        self._rest_weight = np.zeros(n_cells)       # summed dSOC weights of rest-based estimates
+        self._rest_weighted_q = np.zeros(n_cells)
         self.rest_updates = 0
 
     def update(self, t: float, current: float, cell_v: np.ndarray, soc_meas: np.ndarray) -> None:
@@ -128,12 +133,12 @@ class HealthEstimator:
 
     def _rest(self, t: float, current: float, v: np.ndarray) -> None:
         # 5 s current average: single noisy samples must not end a rest
-        dt = 0.1 if self._rest_tl is None else min(max(t - self._rest_tl, 0.0), 5.0)
-        self._rest_tl = t
-        self._i_avg += min(dt / 5.0, 1.0) * (current - self._i_avg)
+        dt = 0.1 if self._rest_t_prev is None else min(max(t - self._rest_t_prev, 0.0), 5.0)
+        self._rest_t_prev = t
+        self._i_avg_5s += min(dt / 5.0, 1.0) * (current - self._i_avg_5s)
         thr = self.p.rest_max_c * self.q_design
-        if abs(self._i_avg) > thr or abs(current) > 3.0 * thr:
-            if self._rest_pt is not None:
+        if abs(self._i_avg_5s) > thr or abs(current) > 3.0 * thr:
+            if self._rest_point is not None:
                 self._close_rest()
             self._rest_t0 = None
             return
@@ -149,7 +154,7 @@ class HealthEstimator:
         if tr >= self.p.rest_min_s:
             soc = np.asarray(self.ocv.inverse(self._relaxed(tr, v)), dtype=np.float64)   # latest = most relaxed
             sd = self.p.ocv_sigma_v / np.maximum(np.abs(np.asarray(self.ocv.slope(soc), dtype=np.float64)), 1e-4)
-            self._rest_pt = (self.ah, soc, sd)
+            self._rest_point = (self.ah, soc, sd)
 
     def _relaxed(self, tr: float, v: np.ndarray) -> np.ndarray:
         """OCV estimate: Aitken extrapolation of the slowest exponential through V(T/3), V(2T/3), V(T).
@@ -168,7 +173,7 @@ class HealthEstimator:
         return v + np.clip(corr, -self.p.relax_max_v, self.p.relax_max_v)
 
     def _close_rest(self) -> None:
-        pt, self._rest_pt = self._rest_pt, None
+        pt, self._rest_point = self._rest_point, None
         prev, self._prev_rest = self._prev_rest, pt
         if prev is None:
             return
@@ -182,16 +187,16 @@ class HealthEstimator:
         if not ok.any():
             return
         w = 1.0 / np.maximum(rel_sd, 1e-3) ** 2
-        self._q_sum[ok] += w[ok] * q[ok]
-        self._q_w[ok] += w[ok]
-        self.cell_q[ok] = self._q_sum[ok] / self._q_w[ok]
+        self._rest_weighted_q[ok] += w[ok] * q[ok]
+        self._rest_weight[ok] += w[ok]
+        self.cell_q[ok] = self._rest_weighted_q[ok] / self._rest_weight[ok]
         self.rest_updates += 1
         self.q_updates += 1
         self.history.append((self.efc, float(np.min(self.cell_q) / self.q_design)))
 
     def flush_rest(self) -> None:
         """End of data while resting: use the current rest point (e.g. end of a drive log)."""
-        if self._rest_pt is not None:
+        if self._rest_point is not None:
             self._close_rest()
 
     def estimate_capacity(self) -> bool:
@@ -211,7 +216,7 @@ class HealthEstimator:
         slope = np.sum(ah_c[:, None] * (soc - soc.mean(axis=0)), axis=0) / var    # 1/Q per cell
         q = 1.0 / np.where(slope > 1e-6, slope, np.nan)
         ok = (span >= self.p.min_soc_span) & np.isfinite(q) & (q > 0.3 * self.q_design) & (q < 1.5 * self.q_design)
-        ok &= self._q_w <= 0
+        ok &= self._rest_weight <= 0
         if not ok.any():
             return False
         self.cell_q[ok] += self.p.q_alpha * (q[ok] - self.cell_q[ok])
@@ -228,6 +233,7 @@ class HealthEstimator:
         return self.rul_est.predict(h[:, 0], h[:, 1])
 
     def output(self) -> HealthOutput:
+        """The current estimate (runs the RUL forecast, so call it at the slow rate)."""
         soh_c = self.cell_q / self.q_design
         rul, lo, hi = self.rul()
         return HealthOutput(soh=float(np.min(soh_c)), cell_soh=soh_c.copy(), capacity_ah=float(np.min(self.cell_q)),

@@ -37,6 +37,8 @@ N_SAMPLES = 48
 
 @dataclass
 class Trajectory:
+    """One sampled aging history: true and observed SOH, resistance growth, true end of life."""
+
     efc: np.ndarray          # observation points (EFC)
     soh: np.ndarray          # true capacity SOH at efc
     soh_obs: np.ndarray      # field estimate (noisy)
@@ -88,6 +90,8 @@ def sample_trajectories(n: int, seed: int, chemistry: str = "nmc", obs_sigma: fl
 
 @dataclass
 class RulParams:
+    """Fitted RUL estimator parameters (z prior, conformal factors), saved as JSON next to the models."""
+
     obs_sigma: float = 0.01
     z_prior: list[float] = field(default_factory=lambda: [1.0 / len(Z_GRID)] * len(Z_GRID))
     conformal_lo: float = 1.0        # split-conformal widening of the lower / upper half of the interval
@@ -98,10 +102,12 @@ class RulParams:
     metrics: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
+        """Write as sorted JSON (diff-friendly)."""
         Path(path).write_text(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RulParams:
+        """Read a saved parameter file; unknown keys are ignored."""
         d = json.loads(Path(path).read_text())
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
@@ -127,23 +133,24 @@ class RulEstimator:
         for k, z in enumerate(Z_GRID):
             for kf in (None,) + KNEE_FRACS:
                 xk = None if kf is None else kf * now
-                X = np.column_stack([x ** z, np.zeros_like(x) if xk is None else np.clip(x - xk, 0, None) ** 2])
-                a = float(X[:, 0] @ y / (X[:, 0] @ X[:, 0]))
-                b, Gi, logdet = np.array([a, 0.0]), np.array([[s2 / (X[:, 0] @ X[:, 0]), 0.0], [0.0, 0.0]]), 0.0
-                logdet = float(np.log(Gi[0, 0]))
+                basis = np.column_stack([x ** z, np.zeros_like(x) if xk is None else np.clip(x - xk, 0, None) ** 2])
+                a = float(basis[:, 0] @ y / (basis[:, 0] @ basis[:, 0]))
+                b = np.array([a, 0.0])
+                post_cov = np.array([[s2 / (basis[:, 0] @ basis[:, 0]), 0.0], [0.0, 0.0]])
+                logdet = float(np.log(post_cov[0, 0]))
                 if xk is not None:
-                    G = X.T @ X
-                    if np.linalg.det(G) <= 1e-18 * G[0, 0] * max(G[1, 1], 1e-30):
+                    gram = basis.T @ basis
+                    if np.linalg.det(gram) <= 1e-18 * gram[0, 0] * max(gram[1, 1], 1e-30):
                         continue
-                    bb = np.linalg.solve(G, X.T @ y)
+                    bb = np.linalg.solve(gram, basis.T @ y)
                     if bb[1] <= 0 or bb[0] <= 0:
                         continue
-                    b, Gi = bb, s2 * np.linalg.inv(G)
-                    logdet = float(np.linalg.slogdet(Gi)[1]) - 2.0 * np.log(self.p.knee_penalty * len(KNEE_FRACS))
-                sse = float(np.sum((y - X @ b) ** 2))
+                    b, post_cov = bb, s2 * np.linalg.inv(gram)
+                    logdet = float(np.linalg.slogdet(post_cov)[1]) - 2.0 * np.log(self.p.knee_penalty * len(KNEE_FRACS))
+                sse = float(np.sum((y - basis @ b) ** 2))
                 models.append((float(z), xk))
                 mean.append(b)
-                cov.append(Gi)
+                cov.append(post_cov)
                 logw.append(self.log_prior[k] - 0.5 * sse / s2 + 0.5 * logdet)
         lw = np.asarray(logw)
         w = np.exp(lw - lw.max())
@@ -165,8 +172,8 @@ class RulEstimator:
         ruls, wts = [], []
         for k in np.nonzero(w > 1e-4 * w.max())[0]:
             z, xk = models[k]
-            L = np.linalg.cholesky(cov[k] + np.eye(2) * 1e-18)
-            ab = mean[k] + eps @ L.T
+            chol = np.linalg.cholesky(cov[k] + np.eye(2) * 1e-18)
+            ab = mean[k] + eps @ chol.T
             ab[:, 0] = np.maximum(ab[:, 0], 1e-9)
             ab[:, 1] = np.maximum(ab[:, 1], 0.0)
             knee = np.zeros_like(xg) if xk is None else np.clip(xg - xk, 0, None) ** 2

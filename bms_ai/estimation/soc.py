@@ -26,6 +26,8 @@ from bms_ai.models.runtime import LoadedModel
 
 @dataclass
 class FusionParams:
+    """Tuning of the NN+CC filter (process noise, NN trust, wrong-state detector, warm-up)."""
+
     q_soc: float = 2e-9          # SOC^2/s: current-sensor offset and capacity error
     r_scale: float = 3.0         # inflates NN sigma: 10 Hz NN errors are strongly correlated
     r_floor: float = 1e-5        # SOC^2
@@ -39,11 +41,14 @@ class FusionParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> FusionParams:
+        """From a manifest's ``extra.fusion``; keys that are not parameters are ignored."""
         return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
 class SocOutput:
+    """One SOC step: pack and per-cell SOC with sigma, the method used and why, and the side filters."""
+
     stamp: float
     soc: float
     sigma: float
@@ -59,6 +64,7 @@ class SocOutput:
 
 
 def soc_model_expectation() -> dict:
+    """What a SOC model must declare to be loaded: this pipeline's feature version and width."""
     return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES}
 
 
@@ -73,7 +79,7 @@ class SocEstimator:
         self.chemistry = chemistry
         self.capacity_ah = float(capacity_ah)
         self._fusion_given = fusion is not None
-        self.fp = fusion or FusionParams()
+        self.fusion = fusion or FusionParams()
         self.features = SocFeatures(n_cells, n_temps, capacity_ah)
         ecm = ecm or ECMParams(capacity_ah=capacity_ah)
         ecm.capacity_ah = self.capacity_ah
@@ -81,10 +87,9 @@ class SocEstimator:
         self.ekf = BatchedEKF(n_cells, chemistry, ecm, soc0=0.5, ocv=self.ocv)
         self.cc = CoulombCounter(capacity_ah, 0.5, n_cells)
         self.soc = np.full(n_cells, 0.5)
-        self.P = np.full(n_cells, self.fp.sigma0 ** 2)
+        self.P = np.full(n_cells, self.fusion.sigma0 ** 2)
         self.soc0 = soc0
         self.innov = np.zeros(n_cells)
-        self.reinits = 0
         self.t_last = float("nan")
         self.t_start = float("nan")
         self._sigma_scale = 1.0
@@ -103,20 +108,20 @@ class SocEstimator:
             # filter tuning found on the model's validation drives (bms_ai.training.tune)
             tuned = model.entry.extra.get("fusion", {})
             if tuned and not self._fusion_given:
-                self.fp = FusionParams.from_dict({**self.fp.__dict__, **tuned})
-            dom = model.entry.domain
-            self._lo = np.asarray(dom.get("min", [-np.inf] * N_SOC_FEATURES), dtype=np.float32)
-            self._hi = np.asarray(dom.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
+                self.fusion = FusionParams.from_dict({**self.fusion.__dict__, **tuned})
+            domain = model.entry.domain
+            self._domain_min = np.asarray(domain.get("min", [-np.inf] * N_SOC_FEATURES), dtype=np.float32)
+            self._domain_max = np.asarray(domain.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
 
     # -- main cycle -------------------------------------------------------
     def _initialise(self, current: float, v: np.ndarray) -> None:
         if self.soc0 is not None:
             s0 = np.broadcast_to(np.asarray(self.soc0, dtype=np.float64), (self.n,)).copy()
-            sig = self.fp.sigma0_given
+            sig = self.fusion.sigma0_given
         else:
             # no stored SOC: inverse OCV of the first voltage (rough under load, hence the wide sigma)
             s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - 0.0)), 0.5)
-            sig = self.fp.sigma0
+            sig = self.fusion.sigma0
         self.soc[:] = s0
         self.P[:] = sig ** 2
         self.ekf.soc[:] = s0
@@ -124,6 +129,7 @@ class SocEstimator:
         self.cc.soc[:] = s0
 
     def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
+        """One measurement sample (current > 0 charging); a failing model never stops the estimate."""
         v = np.asarray(cell_v, dtype=np.float64)
         if not np.isfinite(self.t_last):
             self._initialise(current, v)
@@ -135,46 +141,45 @@ class SocEstimator:
                 dt = 0.0
         self.t_last = t
         feats = self.features.update(t, current, v, cell_t)
-        ok_i = np.isfinite(current)
-        if dt > 0 and ok_i:
+        current_ok = np.isfinite(current)
+        if dt > 0 and current_ok:
             self.ekf.step(current, v, dt)
             self.cc.step(current, dt)
             self.soc = self.soc + current * dt / (3600.0 * self.capacity_ah)
-            self.P = self.P + self.fp.q_soc * dt
+            self.P = self.P + self.fusion.q_soc * dt
         elif dt > 0:
             self.P = self.P + 1e-6 * dt  # unknown current: SOC held, uncertainty grows fast
         method, reason, n_ood, infer = "ekf", self.model_reason, 0, float("nan")
         nn_soc = np.full(self.n, np.nan)
         if self.model is not None:
             valid = np.isfinite(feats).all(axis=1)
-            dom = valid & in_domain(feats, self._lo, self._hi, self.fp.domain_margin)
-            n_ood = int(self.n - dom.sum())
+            trusted = valid & in_domain(feats, self._domain_min, self._domain_max, self.fusion.domain_margin)
+            n_ood = int(self.n - trusted.sum())
             t0 = time.perf_counter()
             try:
                 z, sig = self.model.run(np.nan_to_num(feats))
                 z = z.reshape(-1).astype(np.float64)
-                sig = np.clip(sig.reshape(-1).astype(np.float64) * self._sigma_scale, 1e-3, self.fp.max_sigma_nn)
-                if t - self.t_start < self.fp.warmup_s:
-                    dom = np.zeros_like(dom)
+                sig = np.clip(sig.reshape(-1).astype(np.float64) * self._sigma_scale, 1e-3, self.fusion.max_sigma_nn)
+                if t - self.t_start < self.fusion.warmup_s:
+                    trusted = np.zeros_like(trusted)
                 infer = time.perf_counter() - t0
-                R = (self.fp.r_scale * sig) ** 2 + self.fp.r_floor
+                meas_var = (self.fusion.r_scale * sig) ** 2 + self.fusion.r_floor
                 # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
                 # (a bad stored SOC, a missed charge while asleep) reopens the covariance
-                a = min(dt / self.fp.reinit_tau, 1.0) if dt > 0 else 0.0
-                self.innov = np.where(dom, self.innov + a * (np.clip(z, 0.0, 1.0) - self.soc - self.innov), self.innov)
-                wrong = dom & (np.abs(self.innov) > self.fp.reinit_threshold)
+                a = min(dt / self.fusion.reinit_tau, 1.0) if dt > 0 else 0.0
+                self.innov = np.where(trusted, self.innov + a * (np.clip(z, 0.0, 1.0) - self.soc - self.innov), self.innov)
+                wrong = trusted & (np.abs(self.innov) > self.fusion.reinit_threshold)
                 if wrong.any():
-                    self.P[wrong] = np.maximum(self.P[wrong], self.fp.sigma0 ** 2)   # as if nothing were known
+                    self.P[wrong] = np.maximum(self.P[wrong], self.fusion.sigma0 ** 2)   # as if nothing were known
                     self.innov[wrong] = 0.0
-                    self.reinits += int(wrong.sum())
-                K = np.where(dom, self.P / (self.P + R), 0.0)
-                nn_soc = np.where(dom, np.clip(z, 0.0, 1.0), np.nan)
-                self.soc = self.soc + K * (np.clip(z, 0.0, 1.0) - self.soc)
-                self.P = (1.0 - K) * self.P
+                gain = np.where(trusted, self.P / (self.P + meas_var), 0.0)
+                nn_soc = np.where(trusted, np.clip(z, 0.0, 1.0), np.nan)
+                self.soc = self.soc + gain * (np.clip(z, 0.0, 1.0) - self.soc)
+                self.P = (1.0 - gain) * self.P
                 method, reason = "nn+cc", ""
-                if n_ood and t - self.t_start >= self.fp.warmup_s:
+                if n_ood and t - self.t_start >= self.fusion.warmup_s:
                     # cells outside the training domain follow the EKF (and restart from it later)
-                    bad = ~dom
+                    bad = ~trusted
                     self.soc[bad] = self.ekf.soc[bad]
                     self.P[bad] = self.ekf.P00[bad]
                     method = "ekf" if n_ood == self.n else "mixed"

@@ -10,6 +10,7 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bms-ai simulate` arguments."""
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--scenario", help="scenario name, bundled:NAME, or a scenario .json file")
     g.add_argument("--suite", choices=["train", "val", "test", "smoke"], help="build a scenario grid")
@@ -32,6 +33,7 @@ def _formats(args) -> tuple[str, ...]:
 
 
 def run(args) -> int:
+    """Simulate one scenario, build a suite, list, or import real data; 0 on success."""
     os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.list:

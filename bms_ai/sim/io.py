@@ -25,6 +25,7 @@ SIM_VERSION = "1.0"
 
 
 def truth_columns(drive: SimulatedDrive) -> dict[str, np.ndarray]:
+    """The truth table's columns (schema in the module docstring)."""
     cols: dict[str, np.ndarray] = {
         "t": drive.t.astype(np.float64),
         "t_can": (CAN_T0 + drive.t).astype(np.float64),
@@ -66,6 +67,7 @@ def _versions() -> dict[str, str]:
 
 
 def meta_for(drive: SimulatedDrive) -> dict:
+    """meta.json content: scenario, seed, chemistry, pack config, versions and fault events."""
     sc = drive.scenario
     return {
         "format_version": FORMAT_VERSION,
@@ -90,6 +92,7 @@ def meta_for(drive: SimulatedDrive) -> dict:
 
 
 def scenario_hash(scenario_dict: dict, seed: int) -> str:
+    """Short hash of scenario + seed + simulator version: a cached drive is reused only if it matches."""
     blob = json.dumps({"scenario": scenario_dict, "seed": seed, "sim": SIM_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -148,4 +151,5 @@ def truth_arrays(drive_dir: Path | str) -> dict[str, np.ndarray]:
 
 
 def read_meta(drive_dir: Path | str) -> dict:
+    """meta.json of a drive directory."""
     return json.loads((Path(drive_dir) / "meta.json").read_text())

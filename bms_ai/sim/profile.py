@@ -56,6 +56,8 @@ def current_limits(chem: Chemistry, temp_c: float | np.ndarray, soc: float | np.
 
 @dataclass
 class Profile:
+    """The planned pack current at 1 s steps, with mode, speed and charger state."""
+
     t: np.ndarray            # s, 1 s steps
     current: np.ndarray      # pack current A, + = charging
     mode: np.ndarray         # MODE_*

@@ -24,7 +24,7 @@ import numpy as np
 
 from bms_ai.chemistry.pybamm_cell import anode_ocp, base_parameters, cell_capacity_ah, ocv
 from bms_ai.chemistry.registry import Chemistry, get_chemistry
-from bms_ai.sim.profile import MODE_CHARGE, N_SERIES, Profile, build_profile, current_limits
+from bms_ai.sim.profile import N_SERIES, Profile, build_profile, current_limits
 from bms_ai.sim.scenario import Scenario
 
 DT = 0.1          # truth step [s] (10 Hz)
@@ -33,6 +33,8 @@ PLATING_IRREVERSIBLE = 0.3  # share of plated lithium counted as capacity loss (
 MAX_REPLANS = 2            # re-plans of the current profile when cells leave their voltage window
 PLATING_MAX_SHARE = 0.1     # max share of the charge current going to plating
 PLATING_LABEL_SHARE = 1e-4  # label once a cell has plated this share of its capacity (ignores µAh regen blips)
+CELL_FAULTS = ("isc", "self_discharge", "thermal")
+SENSOR_FAULTS = ("sensor_stuck", "sensor_drift", "open_wire")
 
 
 @dataclass
@@ -62,10 +64,12 @@ class SimulatedDrive:
 
     @property
     def duration_s(self) -> float:
+        """Length of the drive [s] (truth steps times DT)."""
         return float(self.t[-1] - self.t[0] + DT)
 
     @property
     def pack_voltage(self) -> np.ndarray:
+        """True pack voltage per step: sum of the series groups."""
         return self.v.sum(axis=1)
 
 
@@ -166,100 +170,120 @@ def simulate_drive(scenario: Scenario | str, seed: int = 0, progress=None) -> Si
     cstate = prof.charger_state[np.minimum((t + 1e-9).astype(int), len(prof.mode) - 1)]
     speed = np.interp(t, prof.t, prof.speed)
     say(f"{sc.name}: per-cell layer ({N_SERIES} cells)")
-    d = _cell_layer(sc, chem, seed, t, current, mode, nom)
+    d = _cell_layer(sc, chem, seed, t, current, nom)
     drive = SimulatedDrive(scenario=sc, seed=seed, chemistry=chem, t=t, current=current, mode=mode, charger_state=cstate,
                   speed=speed, design_capacity_ah=chem.design_capacity_ah, truncated_at_s=truncated, **d)
     drive.compute_s = time.perf_counter() - t_start
     return drive
 
 
-def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current: np.ndarray,
-                mode: np.ndarray, nom: dict) -> dict:
+@dataclass
+class _CellSpread:
+    """Per-cell deviations from the nominal cell (one draw per drive, from the seed)."""
+
+    cap0: np.ndarray      # initial capacity [Ah]
+    rho: np.ndarray       # resistance factor
+    soc0: np.ndarray
+    leak_a: np.ndarray    # self-discharge current [A]
+    cool: np.ndarray      # cooling factor (module-end cells see the coolant better)
+
+
+def _cell_spread(sc: Scenario, cap_nom: float, seed: int, m: int) -> _CellSpread:
     rng = np.random.default_rng([seed, 1])
     var = sc.variation
-    n, m = len(t), N_SERIES
-    cap_nom = cell_capacity_ah(chem.name) * chem.n_parallel * sc.soh
     cap0 = cap_nom * (1.0 + var.capacity * rng.standard_normal(m))
     rho = np.exp(var.resistance * rng.standard_normal(m))
     soc0 = np.clip(sc.soc0 + var.soc * rng.standard_normal(m), 0.0, 1.0)
-    sd = var.self_discharge_a * np.exp(0.5 * rng.standard_normal(m) - 0.125)
-    # cooling: cells at module ends (12 per module) see the coolant better
-    pos = np.arange(m) % 12
+    leak = var.self_discharge_a * np.exp(0.5 * rng.standard_normal(m) - 0.125)
+    pos = np.arange(m) % 12     # 12 cells per module
     cool = (1.0 + var.cooling * rng.standard_normal(m)) * np.where((pos == 0) | (pos == 11), 0.8, 1.0)
+    return _CellSpread(cap0, rho, soc0, leak, cool)
 
-    # nominal cell: SOC by Coulomb counting (matches PyBaMM's discharge capacity)
-    soc_nom = sc.soc0 - nom["q"] * chem.n_parallel / cap_nom
-    eta = nom["v"] - ocv(chem.name, soc_nom)                  # per physical cell == per group
-    dphi_n_over = nom["dphi_n"] - anode_ocp(chem.name, soc_nom)  # anode overpotential (neg. when charging)
-    t_nom_c = nom["T"] - 273.15
 
-    # effective DC resistance of the nominal group over this drive (for the r0 truth column)
-    i_cell = current
-    busy = np.abs(i_cell) > 0.05 * cap_nom
-    r_eff = float(np.sum(eta[busy] * i_cell[busy]) / np.sum(i_cell[busy] ** 2)) if busy.sum() > 20 else chem.r_guess_ohm / chem.n_parallel
-    if not (r_eff > 0):
-        r_eff = chem.r_guess_ohm / chem.n_parallel
+@dataclass
+class _CellFaults:
+    """Cell faults as per-cell arrays (onset inf = never) plus their ground-truth events."""
 
-    # faults on cells
-    isc_r = np.full(m, np.inf)
-    isc_on = np.full(m, np.inf)
-    sd_extra = np.zeros(m)
-    sd_on = np.full(m, np.inf)
-    heat = np.zeros(m)
-    heat_on = np.full(m, np.inf)
-    events: list[dict] = []
+    isc_r: np.ndarray
+    isc_on: np.ndarray
+    sd_extra: np.ndarray
+    sd_on: np.ndarray
+    heat: np.ndarray
+    heat_on: np.ndarray
+    events: list[dict]
+
+
+def _cell_faults(sc: Scenario, m: int) -> _CellFaults:
+    f_ = _CellFaults(np.full(m, np.inf), np.full(m, np.inf), np.zeros(m), np.full(m, np.inf), np.zeros(m),
+                     np.full(m, np.inf), [])
     for f in sc.faults:
         c = f.cell
-        if f.kind in ("isc", "self_discharge", "thermal") and not 0 <= c < m:
+        if f.kind in CELL_FAULTS and not 0 <= c < m:
             raise ValueError(f"fault {f.kind}: cell {c} outside 0..{m - 1}")
         if f.kind == "isc":
             if not f.magnitude > 0:
                 raise ValueError("isc fault needs magnitude = R_ISC > 0 ohm")
-            isc_r[c], isc_on[c] = f.magnitude, f.onset_s
+            f_.isc_r[c], f_.isc_on[c] = f.magnitude, f.onset_s
         elif f.kind == "self_discharge":
-            sd_extra[c], sd_on[c] = f.magnitude, f.onset_s
+            f_.sd_extra[c], f_.sd_on[c] = f.magnitude, f.onset_s
         elif f.kind == "thermal":
-            heat[c], heat_on[c] = f.magnitude, f.onset_s
-        events.append({"kind": f.kind, "onset_s": f.onset_s, "cell": c, "magnitude": f.magnitude,
-                       "target": f.target, "duration_s": None if math.isinf(f.duration_s) else f.duration_s})
+            f_.heat[c], f_.heat_on[c] = f.magnitude, f.onset_s
+        f_.events.append({"kind": f.kind, "onset_s": f.onset_s, "cell": c, "magnitude": f.magnitude,
+                          "target": f.target, "duration_s": None if math.isinf(f.duration_s) else f.duration_s})
+    return f_
 
+
+def _effective_resistance(chem: Chemistry, eta: np.ndarray, current: np.ndarray, cap_nom: float) -> float:
+    """DC resistance of the nominal group over this drive (least squares of eta on I above C/20)."""
+    busy = np.abs(current) > 0.05 * cap_nom
+    fallback = chem.r_guess_ohm / chem.n_parallel
+    r_eff = float(np.sum(eta[busy] * current[busy]) / np.sum(current[busy] ** 2)) if busy.sum() > 20 else fallback
+    return r_eff if r_eff > 0 else fallback
+
+
+def _plating_current(chem: Chemistry, i: float, s: np.ndarray, rho: np.ndarray, dphi_n_over: float) -> np.ndarray:
+    """Charge current diverted to lithium plating per cell (zero unless the anode goes below 0 V vs Li)."""
+    if i <= 0:
+        return np.zeros(s.shape)
+    dphi = anode_ocp(chem.name, s) + rho * dphi_n_over
+    pl = dphi < 0
+    if not pl.any():
+        return np.zeros(s.shape)
+    # surrogate: share of the charge current diverted to plating grows with the
+    # negative anode potential, up to PLATING_MAX_SHARE at -50 mV vs Li/Li+
+    return np.where(pl, i * np.clip(-dphi / 0.05, 0.0, 1.0) * PLATING_MAX_SHARE, 0.0)
+
+
+def _integrate_cells(chem: Chemistry, t: np.ndarray, current: np.ndarray, spread: _CellSpread,
+                     faults: _CellFaults, dphi_n_over: np.ndarray) -> dict[str, np.ndarray]:
+    """Step the per-cell states (SOC, capacity, hysteresis, extra temperature) at DT; plating onsets."""
+    n, m = len(t), len(spread.cap0)
     c_th = chem.n_parallel * chem.cell_mass_kg * chem.cell_cp
     r_th = chem.r_th_cell / chem.n_parallel
     gap = chem.hysteresis_gap_v
-
-    soc = np.empty((n, m))
-    cap = np.empty((n, m))
-    hyst = np.empty((n, m))
-    dtemp = np.empty((n, m))
+    out = {k: np.empty((n, m)) for k in ("soc", "capacity", "hyst", "dtemp")}
     plated = np.zeros(m)                     # cumulative plated charge per cell [Ah]
     plating_onset = np.full(m, -1, dtype=np.int64)
-    s = soc0.copy()
-    c_now = cap0.copy()
+    s = spread.soc0.copy()
+    c_now = spread.cap0.copy()
     h = np.zeros(m)  # hysteresis state starts mid-gap (history unknown)
     dt_extra = np.zeros(m)
     for k in range(n):
         tk = t[k]
-        soc[k], cap[k], hyst[k], dtemp[k] = s, c_now, h, dt_extra
+        out["soc"][k], out["capacity"][k], out["hyst"][k], out["dtemp"][k] = s, c_now, h, dt_extra
         i = current[k]
         u = ocv(chem.name, s)
-        leak = sd + np.where(tk >= sd_on, sd_extra, 0.0)
-        p_extra = np.where(tk >= heat_on, heat, 0.0)
-        short = tk >= isc_on
+        leak = spread.leak_a + np.where(tk >= faults.sd_on, faults.sd_extra, 0.0)
+        p_extra = np.where(tk >= faults.heat_on, faults.heat, 0.0)
+        short = tk >= faults.isc_on
         if short.any():
-            i_sc = np.where(short, u / isc_r, 0.0)
+            i_sc = np.where(short, u / faults.isc_r, 0.0)
             leak = leak + i_sc
             p_extra = p_extra + i_sc * u
-        i_pl = np.zeros(m)
-        if i > 0:
-            dphi = anode_ocp(chem.name, s) + rho * dphi_n_over[k]
-            pl = dphi < 0
-            if pl.any():
-                # surrogate: share of the charge current diverted to plating grows with the
-                # negative anode potential, up to PLATING_MAX_SHARE at -50 mV vs Li/Li+
-                i_pl = np.where(pl, i * np.clip(-dphi / 0.05, 0.0, 1.0) * PLATING_MAX_SHARE, 0.0)
+        i_pl = _plating_current(chem, i, s, spread.rho, dphi_n_over[k])
         if i_pl.any():
             plated += i_pl * DT / 3600.0
-            new = (plating_onset < 0) & (plated > PLATING_LABEL_SHARE * cap0)
+            new = (plating_onset < 0) & (plated > PLATING_LABEL_SHARE * spread.cap0)
             plating_onset[new] = k
         s = s + (i - leak - i_pl) * DT / (3600.0 * c_now)
         c_now = c_now - PLATING_IRREVERSIBLE * i_pl * DT / 3600.0
@@ -268,19 +292,18 @@ def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current
             rate = chem.hysteresis_rate * abs(i) * DT / (3600.0 * c_now)
             h = h + (np.sign(i) * 0.5 * gap - h) * np.minimum(rate, 1.0)
         dt_extra = dt_extra + DT * (p_extra - dt_extra / r_th) / c_th
+    out["plating_onset"] = plating_onset
+    return out
 
-    v = ocv(chem.name, soc.ravel()).reshape(n, m) + rho[None, :] * eta[:, None] + hyst
-    temp = sc.ambient_c + (t_nom_c - sc.ambient_c)[:, None] * (rho * cool)[None, :] + dtemp
-    r0 = np.broadcast_to(rho * r_eff, (n, m)).copy()
-    # temperature sensor s sits between cells 3s and 3s+2 (DBC comment): mean of the three
-    sensor_temp = temp.reshape(n, N_TEMP, 3).mean(axis=2)
 
-    labels: dict[str, np.ndarray] = {}
+def _fault_labels(sc: Scenario, t: np.ndarray, cap0: np.ndarray, cap: np.ndarray, plating_onset: np.ndarray,
+                  events: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """fault_* label columns and the faulty cell per step; appends the plating event to ``events``."""
+    n = len(t)
+    labels: dict[str, np.ndarray] = {f"fault_{kind}": np.zeros(n, dtype=np.uint8) for kind in CELL_FAULTS}
     fault_cell = np.full(n, -1, dtype=np.int16)
-    for kind in ("isc", "self_discharge", "thermal"):
-        labels[f"fault_{kind}"] = np.zeros(n, dtype=np.uint8)
     for f in sc.faults:
-        if f.kind in ("isc", "self_discharge", "thermal"):
+        if f.kind in CELL_FAULTS:
             act = f.active(t)
             labels[f"fault_{f.kind}"] |= act.astype(np.uint8)
             fault_cell[act & (fault_cell < 0)] = f.cell
@@ -297,7 +320,7 @@ def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current
     labels["fault_sensor"] = np.zeros(n, dtype=np.uint8)
     labels["fault_can"] = np.zeros(n, dtype=np.uint8)
     for f in sc.faults:
-        if f.kind in ("sensor_stuck", "sensor_drift", "open_wire"):
+        if f.kind in SENSOR_FAULTS:
             labels["fault_sensor"] |= f.active(t).astype(np.uint8)
         elif f.kind == "can_timeout":
             labels["fault_can"] |= f.active(t).astype(np.uint8)
@@ -305,9 +328,32 @@ def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current
     for k in list(labels):
         if k != "fault_any":
             labels["fault_any"] |= labels[k]
-    events.sort(key=lambda e: (e["onset_s"], e["kind"]))
+    return labels, fault_cell
+
+
+def _cell_layer(sc: Scenario, chem: Chemistry, seed: int, t: np.ndarray, current: np.ndarray, nom: dict) -> dict:
+    """The 96 series groups from the nominal cell's solve (module docstring: the per-cell approximation)."""
+    n, m = len(t), N_SERIES
+    cap_nom = cell_capacity_ah(chem.name) * chem.n_parallel * sc.soh
+    spread = _cell_spread(sc, cap_nom, seed, m)
+    # nominal cell: SOC by Coulomb counting (matches PyBaMM's discharge capacity)
+    soc_nom = sc.soc0 - nom["q"] * chem.n_parallel / cap_nom
+    eta = nom["v"] - ocv(chem.name, soc_nom)                  # per physical cell == per group
+    dphi_n_over = nom["dphi_n"] - anode_ocp(chem.name, soc_nom)  # anode overpotential (neg. when charging)
+    t_nom_c = nom["T"] - 273.15
+    r_eff = _effective_resistance(chem, eta, current, cap_nom)   # for the r0 truth column
+    faults = _cell_faults(sc, m)
+    st = _integrate_cells(chem, t, current, spread, faults, dphi_n_over)
+    soc, cap = st["soc"], st["capacity"]
+    v = ocv(chem.name, soc.ravel()).reshape(n, m) + spread.rho[None, :] * eta[:, None] + st["hyst"]
+    temp = sc.ambient_c + (t_nom_c - sc.ambient_c)[:, None] * (spread.rho * spread.cool)[None, :] + st["dtemp"]
+    r0 = np.broadcast_to(spread.rho * r_eff, (n, m)).copy()
+    # temperature sensor s sits between cells 3s and 3s+2 (DBC comment): mean of the three
+    sensor_temp = temp.reshape(n, N_TEMP, 3).mean(axis=2)
+    labels, fault_cell = _fault_labels(sc, t, spread.cap0, cap, st["plating_onset"], faults.events)
+    faults.events.sort(key=lambda e: (e["onset_s"], e["kind"]))
     return dict(soc=soc, v=v, temp=temp, capacity=cap, r0=r0, sensor_temp=sensor_temp, labels=labels,
-                fault_cell=fault_cell, events=events)
+                fault_cell=fault_cell, events=faults.events)
 
 
 def limits_for(drive: SimulatedDrive) -> tuple[np.ndarray, np.ndarray]:
@@ -315,6 +361,3 @@ def limits_for(drive: SimulatedDrive) -> tuple[np.ndarray, np.ndarray]:
     return current_limits(drive.chemistry, drive.temp.max(axis=1), drive.soc.min(axis=1),
                           float(drive.capacity[0].min()))
 
-
-def charging(drive: SimulatedDrive) -> np.ndarray:
-    return drive.mode == MODE_CHARGE

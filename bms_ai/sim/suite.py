@@ -72,6 +72,7 @@ def _one(rng: np.random.Generator, split: str, k: int) -> tuple[str, Scenario, i
 
 
 def suite(split: str) -> list[tuple[str, Scenario, int]]:
+    """The (name, scenario, seed) list of a split; same split -> same list."""
     if split not in SUITE_SIZES:
         raise ValueError(f"unknown suite {split!r}; choose from {sorted(SUITE_SIZES)}")
     if split == "smoke":
@@ -83,6 +84,7 @@ def suite(split: str) -> list[tuple[str, Scenario, int]]:
 
 
 def is_cached(out: Path, sc: Scenario, seed: int, formats: tuple[str, ...]) -> bool:
+    """True if ``out`` holds this scenario + seed already (hash match and all files present)."""
     from bms_ai.sim.io import scenario_hash
 
     meta = out / "meta.json"

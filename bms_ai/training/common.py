@@ -15,6 +15,7 @@ from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch and force deterministic kernels (same seed -> same model bytes)."""
     import torch
 
     random.seed(seed)
@@ -25,11 +26,13 @@ def seed_everything(seed: int) -> None:
 
 
 def next_version(out: Path, name: str) -> int:
+    """The next free version number for model ``name`` in ``out``."""
     entries, _ = read_manifest(out)
     return 1 + max((e.version for e in entries if e.name == name), default=0)
 
 
 def data_fingerprint(paths: list[Path]) -> str:
+    """SHA-256 over the drive files used, recorded in the model's provenance."""
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(str(p.name).encode())
@@ -53,6 +56,7 @@ def export_onnx(module, example, out_path: Path, input_names: list[str], output_
 def register(out: Path, *, name: str, version: int, file: str, task: str, chemistry: str,
              inputs: list[TensorSpec], outputs: list[TensorSpec], feature_version: str, normalisation: dict,
              domain: dict, provenance: dict, metrics: dict, params: int, extra: dict | None = None) -> ModelEntry:
+    """Hash the exported file and add its entry to the manifest in ``out``."""
     entry = ModelEntry(name=name, version=version, file=file, sha256=sha256_file(out / file), task=task,
                        chemistry=chemistry, inputs=inputs, outputs=outputs, feature_version=feature_version,
                        normalisation=normalisation, domain=domain,

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.estimation.status import SOH_EOL
+
 SOH_LEVELS = (0.95, 0.9, 0.85, 0.8)
 
 
 def aged_scenario(chemistry: str, soh: float, seed: int):
+    """Rest, partial charge, rest, UDDS, rest at a given SOH: what the rest- and regression-based SOH need."""
     from bms_ai.sim import Phase, Scenario
 
     rng = np.random.default_rng(seed)
@@ -79,6 +82,7 @@ def soh_on_drive(path: Path) -> dict:
 
 
 def evaluate_soh(chemistries, drives_dir: Path, seed: int, log=print) -> dict:
+    """SOH error per drive and per chemistry on simulated aged packs (simulated when missing)."""
     rows = []
     for chem in chemistries:
         for p in make_aged_drives(chem, drives_dir, seed, log=log):
@@ -96,6 +100,7 @@ def evaluate_soh(chemistries, drives_dir: Path, seed: int, log=print) -> dict:
 
 def train_rul_params(chemistry: str, seed: int, n_train: int = 300, n_cal: int = 150, n_test: int = 200,
                      obs_sigma: float = 0.01, log=print) -> tuple:
+    """Fit the RUL estimator on sampled trajectories and measure it on held-out ones; (params, test set)."""
     from bms_ai.estimation.rul import RulEstimator, evaluate_rul, fit_rul, sample_trajectories
 
     t0 = time.time()
@@ -128,7 +133,7 @@ def write_report(report: Path, rul: dict, soh: dict | None, examples: dict) -> N
 
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
-    lines = ["# SOH / RUL (issue 4) — measured", "", "## RUL (EFC to 80 % SOH), held-out trajectories", "",
+    lines = ["# SOH / RUL — measured", "", f"## RUL (EFC to {SOH_EOL * 100:.0f} % SOH), held-out trajectories", "",
              "| chemistry | slice | n | median rel. error | mean rel. error | 90 % coverage |", "|---|---|---|---|---|---|"]
     for chem, m in rul.items():
         for k in ("life_30", "life_50", "life_70", "pooled", "no_knee", "knee"):
@@ -152,7 +157,7 @@ def write_report(report: Path, rul: dict, soh: dict | None, examples: dict) -> N
         for tr in trajs[:6]:
             axes[0].plot(tr.efc, tr.soh_obs, ".", ms=2, alpha=0.5)
             axes[0].plot(tr.efc, tr.soh, "-", lw=1)
-        axes[0].axhline(0.8, color="k", ls="--", lw=0.8)
+        axes[0].axhline(SOH_EOL, color="k", ls="--", lw=0.8)
         axes[0].set(xlabel="EFC", ylabel="SOH", title=f"{chem}: sampled trajectories (true, observed)")
         from bms_ai.estimation.rul import observe_until
         tr = trajs[0]

@@ -16,20 +16,22 @@ HIDDEN = 64
 
 
 def build_dataset(drives: list[RecordedDrive], stride: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    X, Y = [], []
+    """(features, true SOC) rows over all cells of the drives, after the 60 s EMA warm-up."""
+    feats, socs = [], []
     for d in drives:
         f = soc_features_table(d.t, d.current, d.cell_v, d.cell_t, d.capacity_ah)
         # skip the first 60 s: EMAs start from an assumed steady state
         k0 = int(np.searchsorted(d.t, d.t[0] + 60.0))
         f, y = f[k0::stride], d.soc[k0::stride]
-        X.append(f.reshape(-1, N_SOC_FEATURES))
-        Y.append(y.reshape(-1))
-    X, Y = np.concatenate(X), np.concatenate(Y)
-    ok = np.isfinite(X).all(axis=1) & np.isfinite(Y)
-    return X[ok].astype(np.float32), Y[ok].astype(np.float32)
+        feats.append(f.reshape(-1, N_SOC_FEATURES))
+        socs.append(y.reshape(-1))
+    x, y = np.concatenate(feats), np.concatenate(socs)
+    ok = np.isfinite(x).all(axis=1) & np.isfinite(y)
+    return x[ok].astype(np.float32), y[ok].astype(np.float32)
 
 
 def make_module(mean: np.ndarray, std: np.ndarray, hidden: int = HIDDEN):
+    """The SOC MLP (torch) with the feature normalisation baked in."""
     import torch
     from torch import nn
 
@@ -54,6 +56,7 @@ def make_module(mean: np.ndarray, std: np.ndarray, hidden: int = HIDDEN):
 
 def train_soc(chemistry: str, data: list[str | Path], out: Path, seed: int = 0, epochs: int = 30,
               val_fraction: float = 0.2, max_drives: int | None = None, log=print) -> dict:
+    """Train, calibrate sigma, export ONNX and register it in ``out``; returns the manifest entry."""
     import torch
 
     seed_everything(seed)
@@ -69,21 +72,21 @@ def train_soc(chemistry: str, data: list[str | Path], out: Path, seed: int = 0, 
     val = [drives[i] for i in order[:n_val]]
     trn = [drives[i] for i in order[n_val:]]
     t0 = time.time()
-    Xt, Yt = build_dataset(trn)
-    Xv, Yv = build_dataset(val, stride=10)
+    feats_trn, soc_trn = build_dataset(trn)
+    feats_val, soc_val = build_dataset(val, stride=10)
     from bms_ai.estimation.ecm_fit import fit_ecm
 
     ecm = fit_ecm(trn, chemistry)
     log(f"[soc/{chemistry}] EKF baseline ECM identified on the same drives: {ecm}")
-    log(f"[soc/{chemistry}] {len(trn)} train drives ({len(Xt)} samples), {len(val)} val drives "
-        f"({len(Xv)} samples); features {time.time() - t0:.1f}s")
-    mean, std = Xt.mean(0), Xt.std(0) + 1e-6
+    log(f"[soc/{chemistry}] {len(trn)} train drives ({len(feats_trn)} samples), {len(val)} val drives "
+        f"({len(feats_val)} samples); features {time.time() - t0:.1f}s")
+    mean, std = feats_trn.mean(0), feats_trn.std(0) + 1e-6
     model = make_module(mean, std)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    xt, yt = torch.from_numpy(Xt), torch.from_numpy(Yt)[:, None]
-    xv, yv = torch.from_numpy(Xv), torch.from_numpy(Yv)[:, None]
+    xt, yt = torch.from_numpy(feats_trn), torch.from_numpy(soc_trn)[:, None]
+    xv, yv = torch.from_numpy(feats_val), torch.from_numpy(soc_val)[:, None]
     g = torch.Generator().manual_seed(seed)
     bs = 1024
     for ep in range(epochs):
@@ -127,7 +130,7 @@ def train_soc(chemistry: str, data: list[str | Path], out: Path, seed: int = 0, 
         outputs=[TensorSpec("soc", ["batch", 1], units=["1"]), TensorSpec("sigma", ["batch", 1], units=["1"])],
         feature_version=FEATURE_VERSION,
         normalisation={"baked_into_graph": True, "mean": mean.tolist(), "std": std.tolist()},
-        domain={"min": Xt.min(0).tolist(), "max": Xt.max(0).tolist()},
+        domain={"min": feats_trn.min(0).tolist(), "max": feats_trn.max(0).tolist()},
         provenance={"drives": [d.name for d in trn], "val_drives": [d.name for d in val],
                     "data_sha256": data_fingerprint([Path(p) for p in paths]),
                     "source": sorted({str(d.meta.get("source", "")) for d in drives}), "seed": seed,

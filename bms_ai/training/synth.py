@@ -88,6 +88,7 @@ def simulate_cells(chemistry: str, t: np.ndarray, current: np.ndarray, soc0: flo
 def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 3600.0,
                ambient_c: float | None = None, soh: float | None = None, current_offset_c: float = 0.0,
                soc0: float | None = None) -> RecordedDrive:
+    """One cell-level drive with sensor noise; unset conditions are drawn from the seed."""
     rng = np.random.default_rng(seed)
     ambient_c = float(rng.choice([0.0, 10.0, 25.0, 25.0, 40.0])) if ambient_c is None else ambient_c
     soh = float(rng.uniform(0.8, 1.0)) if soh is None else soh
@@ -110,6 +111,7 @@ def make_drive(chemistry: str, seed: int, n_cells: int = 2, duration: float = 36
 
 
 def make_suite(chemistry: str, out: Path, seeds: list[int], **kw) -> list[Path]:
+    """One drive per seed into ``out``; returns the drive directories."""
     paths = []
     for s in seeds:
         d = make_drive(chemistry, s, **kw)
@@ -133,6 +135,7 @@ EVAL_CONDITIONS: list[dict] = [
 
 
 def make_eval_suite(chemistry: str, out: Path, duration: float = 3600.0, n_cells: int = 2) -> list[Path]:
+    """The held-out condition suite (EVAL_CONDITIONS) into ``out``."""
     paths = []
     for c in EVAL_CONDITIONS:
         kw = {k: v for k, v in c.items() if k not in ("tag", "seed")}

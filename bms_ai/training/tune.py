@@ -30,6 +30,7 @@ def _run(d, model, ecm, fp: FusionParams, soc0) -> np.ndarray:
 
 def tune(chemistry: str, model_dir: Path, data: list[str | Path], r_scales=(10.0, 30.0, 100.0),
          q_socs=(2e-9,), max_drives: int = 2, log=print) -> dict:
+    """The fusion parameters with the best validation score (RMSE + wrong-init penalty)."""
     reg = ModelRegistry(model_dir)
     reg.poll()
     model = reg.get("soc", chemistry)
