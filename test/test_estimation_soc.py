@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,14 @@ from bms_ai.estimation.features import SocFeatures, soc_features_table
 from bms_ai.estimation.health import HealthEstimator
 from bms_ai.estimation.soc import soc_model_expectation
 from bms_ai.models.runtime import ModelRegistry
-from bms_ai.sim.dataset import load_drive
+from bms_ai.sim.dataset import RecordedDrive, load_drive
 
 DATA = Path(__file__).resolve().parent / "data"
-# Stated bounds on 15-min self-test drives (25 C; initial SOC known), measured values in docs/estimation.md.
+# Stated bounds on the 15-min self-test drives (25 C; initial SOC known), measured values in docs/estimation.md.
 # Measured with the shipped models: NMC NN+CC 1.5 % / max 2.0 %, LFP 1.3 % / 2.2 %; EKF 1.5 % / 9.4 %.
+# The fast tier runs the first minutes (4 past the NN warm-up; 6 for the convergence checked at 5 min),
+# -m slow the whole drives.
+WHOLE = pytest.param(None, marks=pytest.mark.slow, id="whole")
 BOUNDS = {"nmc": {"nn_rmse": 0.02, "nn_max": 0.03, "ekf_rmse": 0.03, "wrong_init_5min": 0.03},
           "lfp": {"nn_rmse": 0.02, "nn_max": 0.035, "ekf_rmse": 0.15, "wrong_init_5min": 0.10}}
 
@@ -28,9 +32,19 @@ def registry(root: Path) -> ModelRegistry:
     return reg
 
 
-@pytest.mark.parametrize("chem", ["nmc", "lfp"])
-def test_soc_against_truth_within_bounds(registry: ModelRegistry, chem: str) -> None:
+def selftest_drive(chem: str, seconds: float | None = None) -> RecordedDrive:
+    """The bundled self-test drive, cut to its first ``seconds`` (None: whole)."""
     d = load_drive(DATA / f"selftest_{chem}")
+    if seconds is None:
+        return d
+    k = int(np.searchsorted(d.t, d.t[0] + seconds))
+    return replace(d, t=d.t[:k], current=d.current[:k], cell_v=d.cell_v[:k], cell_t=d.cell_t[:k], soc=d.soc[:k])
+
+
+@pytest.mark.parametrize("seconds", [240.0, WHOLE])
+@pytest.mark.parametrize("chem", ["nmc", "lfp"])
+def test_soc_against_truth_within_bounds(registry: ModelRegistry, chem: str, seconds: float | None) -> None:
+    d = selftest_drive(chem, seconds)
     r = run_drive(d, registry)
     assert r.method_used == "nn+cc"
     m = r.metrics
@@ -42,9 +56,10 @@ def test_soc_against_truth_within_bounds(registry: ModelRegistry, chem: str) -> 
     assert np.all(np.isfinite(r.sigma)) and r.sigma[-1] < 0.05
 
 
+@pytest.mark.parametrize("seconds", [360.0, WHOLE])
 @pytest.mark.parametrize("chem", ["nmc", "lfp"])
-def test_wrong_initial_soc_converges(registry: ModelRegistry, chem: str) -> None:
-    d = load_drive(DATA / f"selftest_{chem}")
+def test_wrong_initial_soc_converges(registry: ModelRegistry, chem: str, seconds: float | None) -> None:
+    d = selftest_drive(chem, seconds)
     s0 = np.clip(d.soc[0] - 0.3, 0, 1)
     r = run_drive(d, registry, soc0=s0, condition="init-30")
     assert r.metrics["cc"]["max_after_5min"] > 0.25          # Coulomb counting keeps the error
@@ -53,7 +68,7 @@ def test_wrong_initial_soc_converges(registry: ModelRegistry, chem: str) -> None
 
 
 def test_no_model_falls_back_to_ekf_with_reason() -> None:
-    d = load_drive(DATA / "selftest_nmc")
+    d = selftest_drive("nmc", 120.0)
     r = run_drive(d, None)
     assert r.method_used == "ekf"
     assert np.allclose(r.est["nn"], r.est["ekf"])
