@@ -11,7 +11,7 @@ import pytest
 from bms_ai.estimation.evaluate import run_drive
 from bms_ai.estimation.features import SocFeatures, soc_features_table
 from bms_ai.estimation.health import HealthEstimator
-from bms_ai.estimation.soc import soc_model_expectation
+from bms_ai.estimation.pack import open_models
 from bms_ai.models.runtime import ModelRegistry
 from bms_ai.sim.dataset import RecordedDrive, load_drive
 
@@ -27,7 +27,7 @@ BOUNDS = {"nmc": {"nn_rmse": 0.02, "nn_max": 0.03, "ekf_rmse": 0.03, "wrong_init
 
 @pytest.fixture(scope="module")
 def registry(root: Path) -> ModelRegistry:
-    reg = ModelRegistry(root / "models", {"soc": soc_model_expectation()})
+    reg = open_models(root / "models")
     reg.poll()
     return reg
 

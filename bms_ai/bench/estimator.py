@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
-from bms_ai.models.runtime import ModelRegistry, default_model_dir
+from bms_ai.estimation.pack import open_models
+from bms_ai.estimation.soc import SocEstimator
 
 
 def _stream(n_steps: int, n_cells: int, n_temps: int, chemistry: str, seed: int = 0):
@@ -44,7 +44,7 @@ def bench(quick: bool = False, model_dir: str | Path | None = None, chemistry: s
           n_cells: int = 96, n_temps: int = 32) -> dict[str, Any]:
     """SOC cycle times of a 96-cell pack (EKF only, then NN+CC when a model loads), in ms; one run."""
     n = 1500 if quick else 12000
-    reg = ModelRegistry(model_dir or default_model_dir(), {"soc": soc_model_expectation()})
+    reg = open_models(model_dir)
     reg.poll()
     model = reg.get("soc", chemistry)
     cur, v, temps = _stream(n, n_cells, n_temps, chemistry)
@@ -74,4 +74,4 @@ def bench(quick: bool = False, model_dir: str | Path | None = None, chemistry: s
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(bench(quick=True, model_dir="/tmp/models_dbg"), indent=1))
+    print(json.dumps(bench(quick=True), indent=1))
