@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from bms_ai.chemistry.registry import CHEMISTRIES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`bms-ai simulate` arguments."""
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N drives of the suite")
     p.add_argument("--can", default="blf", choices=["blf", "asc", "both", "none"], help="CAN log format(s)")
     p.add_argument("--asc", action="store_true", help="also write can.asc")
-    p.add_argument("--chemistry", default="nmc", help="chemistry label for --import-csv")
+    p.add_argument("--chemistry", default="nmc", choices=CHEMISTRIES.names(), help="chemistry label for --import-csv")
 
 
 def _formats(args) -> tuple[str, ...]:
