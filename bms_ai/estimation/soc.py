@@ -114,13 +114,13 @@ class SocEstimator:
             self._domain_max = np.asarray(domain.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
 
     # -- main cycle -------------------------------------------------------
-    def _initialise(self, current: float, v: np.ndarray) -> None:
+    def _initialise(self, v: np.ndarray) -> None:
         if self.soc0 is not None:
             s0 = np.broadcast_to(np.asarray(self.soc0, dtype=np.float64), (self.n,)).copy()
             sig = self.fusion.sigma0_given
         else:
             # no stored SOC: inverse OCV of the first voltage (rough under load, hence the wide sigma)
-            s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - 0.0)), 0.5)
+            s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v)), 0.5)
             sig = self.fusion.sigma0
         self.soc[:] = s0
         self.P[:] = sig ** 2
@@ -132,7 +132,7 @@ class SocEstimator:
         """One measurement sample (current > 0 charging); a failing model never stops the estimate."""
         v = np.asarray(cell_v, dtype=np.float64)
         if not np.isfinite(self.t_last):
-            self._initialise(current, v)
+            self._initialise(v)
             self.t_start = t
             dt = 0.0
         else:
