@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics import (
-    ERROR,
-    OK,
-    STALE,
-    WARN,
     LimitsConfigError,
     RuleEngine,
     default_limits_path,

@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.rules import OK, WARN, CheckResult, Event, _Rule
+from bms_ai.diagnostics.rules import CheckResult, Event, _Rule
 from bms_ai.pack import PackSample
 
 

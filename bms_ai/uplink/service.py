@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bms_ai.core.levels import ERROR
 from bms_ai.uplink.backends import make_backend
 from bms_ai.uplink.config import resolve_env
 from bms_ai.uplink.privacy import Pseudonymizer
@@ -19,8 +20,6 @@ from bms_ai.uplink.segment import Recorder
 from bms_ai.uplink.spool import Spool
 from bms_ai.uplink.telemetry import make_telemetry
 from bms_ai.uplink.uploader import RetryPolicy, Uploader
-
-ERROR_LEVEL = 2
 
 
 class UplinkService:
@@ -82,7 +81,7 @@ class UplinkService:
 
     def diagnostics(self, statuses: list[tuple[str, int]], t_ns: int) -> bool:
         """Feed (name, level) pairs; a name newly at ERROR starts (or extends) a fault snapshot."""
-        now_err = {n for n, lvl in statuses if lvl == ERROR_LEVEL}
+        now_err = {n for n, lvl in statuses if lvl == ERROR}
         seen = {n for n, _ in statuses}
         new = now_err - self._errors
         self._errors = (self._errors - seen) | now_err
