@@ -348,7 +348,7 @@ def test_upload_order_priority_then_age(tmp_path: Path) -> None:
             return super().upload(seg, f, throttle, headers)
 
     from bms_ai.uplink.backends import BACKENDS
-    assert BACKENDS["directory"] is not Recording
+    assert BACKENDS.get("directory") is not Recording
     assert Uploader(sp, Recording(str(tmp_path / "o"))).drain(5)
     assert seen == [("fault_snapshot", 4), ("diagnostics", 5), ("estimates", 2), ("estimates", 6), ("raw", 1), ("raw", 3)]
     sp.close()
