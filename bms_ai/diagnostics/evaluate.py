@@ -35,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.diagnostics.detectors import DetectorBank
 from bms_ai.diagnostics.replay import Measured, ReplayResult, load_measured, replay
 from bms_ai.diagnostics.rules import Event
 
 LIMIT_CHECKS = {"cell overvoltage", "cell undervoltage", "cell overtemperature", "cell undertemperature",
                 "charge overcurrent", "discharge overcurrent"}
-DETECTOR_CHECKS = {"internal short", "imbalance growth", "thermal anomaly", "lithium plating", "anomaly score"}
+DETECTOR_CHECKS = set(DetectorBank.CHECKS)
 # a cell fault is "located" when the first detector alarm names the cell (or its temperature sensor)
 CELL_FAULTS = {"isc", "self_discharge", "thermal", "plating"}
 CELL_CHECKS = {"internal short", "imbalance growth", "thermal anomaly", "lithium plating"}

@@ -40,9 +40,6 @@ class Measured:
     def hours(self) -> float:
         return self.duration_s / 3600.0
 
-    def faults_of(self, kinds: tuple[str, ...]) -> list[dict]:
-        return [f for f in self.faults if f.get("kind") in kinds]
-
 
 def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) -> Measured:
     """Decode a drive's CAN log (cached) and read its ground-truth fault list from meta.json."""
@@ -122,7 +119,7 @@ def replay(m: Measured, limits: LimitsConfig | None = None, params: DetectorPara
             tr["drift"].append(bank.drift.copy())
             tr["leak_z"].append(bank.leak_z.copy())
             tr["leak_lcb"].append(bank.leak_lcb.copy())
-            tr["th_cusum"].append(bank.th_cusum.copy())
+            tr["th_cusum"].append(bank.thermal_cusum.copy())
             tr["p_plating"].append(bank.p_plating)
             tr["score"].append(bank.score)
     trace = {key: np.asarray(v) for key, v in tr.items()}

@@ -160,31 +160,35 @@ class RuleEngine:
     def __init__(self, cfg: LimitsConfig, n_cells: int, n_temps: int) -> None:
         self.cfg, self.n_cells, self.n_temps = cfg, n_cells, n_temps
         p = cfg.plausibility
-        pc, pd, lat1 = (p.debounce,), p.clear_count, (False,)
+
+        def plausibility(check: str, n: int, level: int, element: str = "cell", set_count: int = p.debounce,
+                         tier: str = "plausibility") -> _Rule:
+            return _Rule(check, n, (set_count,), p.clear_count, (False,), (level,), (tier,), element)
+
         self.cell_over = _LimitRule("cell overvoltage", n_cells, cfg, cfg.cell_voltage_debounce)
         self.cell_under = _LimitRule("cell undervoltage", n_cells, cfg, cfg.cell_voltage_debounce)
         self.temp_over = _LimitRule("cell overtemperature", n_temps, cfg, cfg.temperature.debounce, "sensor")
         self.temp_under = _LimitRule("cell undertemperature", n_temps, cfg, cfg.temperature.debounce, "sensor")
         self.cur_charge = _LimitRule("charge overcurrent", 1, cfg, cfg.current_debounce)
         self.cur_discharge = _LimitRule("discharge overcurrent", 1, cfg, cfg.current_debounce)
-        self.pack_v = _Rule("pack voltage plausibility", 1, pc, pd, lat1, (ERROR,), ("plausibility",))
-        self.v_spread = _Rule("cell voltage spread", n_cells, pc, pd, lat1, (WARN,), ("plausibility",))
-        self.t_spread = _Rule("temperature spread", n_temps, pc, pd, lat1, (WARN,), ("plausibility",), "sensor")
+        self.pack_v = plausibility("pack voltage plausibility", 1, ERROR)
+        self.v_spread = plausibility("cell voltage spread", n_cells, WARN)
+        self.t_spread = plausibility("temperature spread", n_temps, WARN, "sensor")
         # open wire over cells then temperature sensors (index >= n_cells: sensor index + n_cells)
-        self.open_wire = _Rule("open wire", n_cells + n_temps, pc, pd, lat1, (ERROR,), ("plausibility",), "channel")
+        self.open_wire = plausibility("open wire", n_cells + n_temps, ERROR, "channel")
         # stuck: cells, sensors, pack voltage in one rule (elements concatenated). Pack current is not
         # checked: a CC charge legitimately holds it constant while everything else moves.
-        self.stuck = _Rule("stuck signal", n_cells + n_temps + 1, pc, pd, lat1, (WARN,), ("plausibility",), "signal")
-        self.offset = _Rule("current sensor offset", 1, pc, pd, lat1, (WARN,), ("plausibility",))
-        self.timeout = _Rule("can timeout", 1, (1,), pd, lat1, (ERROR,), ("timeout",))
-        self.est = _Rule("estimator plausibility", 2, (1,), pd, lat1, (WARN,), ("plausibility",), "signal")
+        self.stuck = plausibility("stuck signal", n_cells + n_temps + 1, WARN, "signal")
+        self.offset = plausibility("current sensor offset", 1, WARN)
+        self.timeout = plausibility("can timeout", 1, ERROR, set_count=1, tier="timeout")
+        self.est = plausibility("estimator plausibility", 2, WARN, "signal", set_count=1)
         self.rules: list[_Rule] = [self.cell_over, self.cell_under, self.temp_over, self.temp_under,
                                    self.cur_charge, self.cur_discharge, self.pack_v, self.v_spread, self.t_spread,
                                    self.open_wire, self.stuck, self.offset, self.timeout, self.est]
-        self._fz_v = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
-        self._fz_t = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
-                                    p.stuck_temperature_window_s)
-        self._fz_pv = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
+        self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
+        self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
+                                              p.stuck_temperature_window_s)
+        self._frozen_pack_voltage = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
         self._rest_start = math.nan
         self._rest_isum = 0.0
         self._rest_n = 0
@@ -316,9 +320,9 @@ class RuleEngine:
 
         # stuck / frozen signals
         fz = np.concatenate((
-            self._fz_v.step(v, med_v, t),
-            self._fz_t.step(temps, med_t, t),
-            self._fz_pv.step(np.array([s.pack_voltage]), sum_v, t),
+            self._frozen_cells.step(v, med_v, t),
+            self._frozen_sensors.step(temps, med_t, t),
+            self._frozen_pack_voltage.step(np.array([s.pack_voltage]), sum_v, t),
         ))
         sig = np.concatenate((v, temps, [s.pack_voltage]))
         self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
@@ -377,13 +381,12 @@ class RuleEngine:
             n_old = int((~(t - a <= p.stale_s)).sum()) if a.size else 0
             if n_old:
                 stale.append(f"{label}[{n_old}]")
-        missing = getattr(self, "_missing", [])
-        stale = stale + [f"{m} missing" for m in missing]
+        stale = stale + [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
         self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([float(len(names) + len(stale))]))
         r = self.timeout.result(np.array([float(len(names) + len(stale))]), "all messages fresh",
                                 {"timed_out": ",".join(names), "stale": ",".join(stale)})
-        r.values["communication_lost"] = bool(getattr(self, "comm_lost", False))
+        r.values["communication_lost"] = bool(self.comm_lost)
         if r.level != OK and bad:
             r.message = ("communication lost (no valid measurement); " if r.values["communication_lost"] else
                          "") + "timeout: " + ", ".join(names + stale)

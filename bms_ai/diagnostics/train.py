@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.detectors import DetectorParams
+from bms_ai.diagnostics.detectors import DetectorParams, PlatingModel
 from bms_ai.diagnostics.replay import Measured, load_measured, replay
 
 FEATURE_VERSION = "faults-1"
@@ -158,7 +158,7 @@ def train(drive_dirs: list[Path], out: Path, cache: Path | None = None, log=prin
         export_plating_onnx(out / "plating.onnx", w, b, mean, std)
         (out / "plating.json").write_text(json.dumps({
             "weights": w.tolist(), "bias": b, "mean": mean.tolist(), "std": std.tolist(),
-            "features": ["t_min_c", "c_rate", "v_max"], "metrics": metrics}, indent=1) + "\n")
+            "features": list(PlatingModel.FEATURES), "metrics": metrics}, indent=1) + "\n")
         log(f"plating model: {metrics}")
     else:
         log(f"plating model: not trained (labels {metrics})")

@@ -152,7 +152,6 @@ class Recorder:
         self._snap_end_ns: int | None = None
         self.snapshots = 0
         self.segments_committed = 0
-        self.segments_rejected = 0
         self.messages = 0
         self.write_errors = 0
 
@@ -208,10 +207,6 @@ class Recorder:
         self._snap_end_ns = max(self._snap_end_ns, end)
         return False
 
-    @property
-    def snapshot_active(self) -> bool:
-        return self._snap_end_ns is not None
-
     def tick(self, now_ns: int) -> None:
         for cls in list(self._open):
             if cls == FAULT_SNAPSHOT:
@@ -237,9 +232,7 @@ class Recorder:
             if self.on_segment:
                 self.on_segment(None, f"write error: {exc}")
             return None
-        if seg is None:
-            self.segments_rejected += 1
-        else:
+        if seg is not None:  # None: no room, counted by the spool as 'rejected'
             self.segments_committed += 1
         if self.on_segment:
             self.on_segment(seg, cls)

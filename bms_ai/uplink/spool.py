@@ -89,10 +89,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class SpoolFull(RuntimeError):
-    """No room for a segment even after evicting everything of lower or equal priority."""
-
-
 class Spool:
     """Segment store with quota, minimum free space and priority eviction. Thread-safe."""
 
@@ -263,14 +259,6 @@ class Spool:
             self._bump("evicted")
             self._bump("evicted_bytes", vsize)
         return [vfile for _vid, vfile, _vsize in plan]
-
-    def enforce_limits(self) -> int:
-        """Evict until quota/free space hold again (e.g. the disk filled from elsewhere). Returns evictions."""
-        with self._lock:
-            with self._tx():
-                victims = self._make_room(0, 0) or []
-            self._unlink(victims)
-            return len(victims)
 
     # -- reading / state changes ------------------------------------------------------------
     def _row(self, r: tuple) -> Segment:
