@@ -48,6 +48,7 @@ def battery_payload(rng: random.Random, cells: int = 96, temps: int = 32) -> byt
 
 
 def diag_payload(rng: random.Random, n: int = 8) -> bytes:
+    """Printable bytes of a few statuses' size: /diagnostics traffic for the nominal load."""
     return bytes(rng.randrange(32, 127) for _ in range(60 * n))
 
 
@@ -58,6 +59,7 @@ def _free_port() -> int:
 
 
 def bench_recording(n: int, tmp: Path) -> dict[str, Any]:
+    """Recorder throughput (spool, rotation, snapshot ring, fsync) next to a bare mcap Writer."""
     rng = random.Random(0)
     payloads = [battery_payload(rng) for _ in range(4096)]  # distinct within any chunk: no free dedup
     sp = Spool(tmp / "rec", quota_bytes=1 << 40, min_free_bytes=0, fsync=True)
@@ -88,6 +90,7 @@ def bench_recording(n: int, tmp: Path) -> dict[str, Any]:
 
 
 def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
+    """Upload throughput to a real ingest server process on 127.0.0.1."""
     port = _free_port()
     token = "bench"
     srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(tmp / "cloud"),
@@ -162,6 +165,7 @@ def bench_nominal(seconds: float, tmp: Path) -> dict[str, Any]:
 
 
 def bench(quick: bool = False) -> dict[str, Any]:
+    """All uplink figures (the `uplink` section of `bms-ai bench`)."""
     with tempfile.TemporaryDirectory(prefix="bms_ai_uplink_bench_") as d:
         tmp = Path(d)
         out: dict[str, Any] = {}

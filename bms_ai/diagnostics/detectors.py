@@ -146,6 +146,7 @@ class PlatingModel:
                 self.session = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        """Plating probability per row of [t_min_c, c_rate, v_max]."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         if self.session is not None:
             return self.session.run(None, {"features": x})[0].reshape(-1)
@@ -154,6 +155,7 @@ class PlatingModel:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PlatingModel | None:
+        """The shipped model (models/faults/plating.*), None if not trained; ValueError if its hash is wrong."""
         d = directory or share_path("models", "faults")
         meta = d / "plating.json"
         if not meta.is_file():

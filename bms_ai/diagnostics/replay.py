@@ -24,6 +24,8 @@ from bms_ai.pack import PackSample
 
 @dataclass
 class Measured:
+    """A drive's decoded measurements (what can_bridge would publish) and its true faults."""
+
     name: str
     chemistry: str
     capacity_ah: float
@@ -38,6 +40,7 @@ class Measured:
 
     @property
     def hours(self) -> float:
+        """Drive length in hours (false-alarm rates are per hour)."""
         return self.duration_s / 3600.0
 
 
@@ -79,6 +82,8 @@ def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) ->
 
 @dataclass
 class ReplayResult:
+    """Events of one replay, a decimated detector trace and the step cost."""
+
     rule_events: list[Event]
     detector_events: list[Event]
     trace: dict[str, np.ndarray]

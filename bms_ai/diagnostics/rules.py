@@ -47,6 +47,7 @@ class Event:
 
     @property
     def active(self) -> bool:
+        """Not cleared yet."""
         return math.isnan(self.cleared)
 
 
@@ -203,9 +204,11 @@ class RuleEngine:
     # ------------------------------------------------------------------ public
     @property
     def events(self) -> list[Event]:
+        """Every event of every rule, in the order they were set."""
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
+        """Events not cleared yet."""
         return [e for e in self.events if e.active]
 
     def reset(self, t: float) -> None:

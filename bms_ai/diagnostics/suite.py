@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 def cases(quick: bool = False) -> list[tuple[str, object, int]]:
+    """(name, scenario, seed) of every drive in the suite; ``quick`` keeps fewer severities."""
     from bms_ai.sim.scenario import Fault, Scenario, Segment
 
     udds2 = [Segment("drive", "udds", repeats=2.0)]
@@ -65,6 +66,7 @@ def cases(quick: bool = False) -> list[tuple[str, object, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Simulate the missing drives of the suite into OUT_DIR."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter cases")

@@ -25,6 +25,8 @@ from bms_ai.uplink.spool import Segment
 
 
 class UploadError(Exception):
+    """An upload that did not happen; ``transient`` says whether retrying can help, ``auth`` flags credentials."""
+
     def __init__(self, message: str, transient: bool = True, auth: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
@@ -42,6 +44,7 @@ class Throttle:
         self._lock = threading.Lock()
 
     def take(self, n: int) -> None:
+        """Wait until ``n`` bytes may be sent."""
         if self.rate <= 0:
             return
         with self._lock:
@@ -55,6 +58,7 @@ class Throttle:
 
 
 def read_chunks(f: BinaryIO, throttle: Throttle, chunk: int = 64 << 10) -> Iterator[bytes]:
+    """The file in chunks, each paid for in the throttle before it is sent."""
     while data := f.read(chunk):
         throttle.take(len(data))
         yield data
@@ -68,6 +72,7 @@ class Backend(ABC):
         """Upload the open file; return a short description ('created', 'duplicate', ...)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (optional)."""
         pass
 
 
@@ -111,6 +116,7 @@ class HttpBackend(Backend):
         return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """PUT the segment; 201 'created', 200 'duplicate'; 401/403 are not transient."""
         path = self._u.path.rstrip("/") + "/segments/" + seg.sha256
         h = {"Content-Type": "application/octet-stream", "Content-Length": str(seg.size),
              "Idempotency-Key": seg.sha256, "X-Content-SHA256": seg.sha256, **headers}
@@ -158,6 +164,7 @@ class S3Backend(Backend):
         return f"{self.prefix}{vehicle + '/' if vehicle else ''}{seg.cls}/{name[0]}.{ext}"
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """Put the object unless its key exists ('duplicate'); access errors are not transient."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self.key(seg, headers.get("X-BMS-Vehicle", ""))
@@ -190,6 +197,7 @@ class DirectoryBackend(Backend):
         self.path = Path(path)
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """Copy via a temp file and rename, so the target never holds a partial segment."""
         import os
         self.path.mkdir(parents=True, exist_ok=True)
         dst = self.path / seg.path.name

@@ -70,6 +70,7 @@ class MqttTelemetry:
             self._state.update(values)
 
     def publish_now(self) -> None:
+        """Publish the current state now (the thread calls this at rate_hz)."""
         with self._lock:
             doc = dict(self._state, t=time.time())
         try:
@@ -90,6 +91,7 @@ class MqttTelemetry:
             self._stop.wait(max(0.0, nxt - time.monotonic()))
 
     def start(self) -> MqttTelemetry:
+        """Connect in the background and start publishing; returns self."""
         self._client.connect_async(self._host, self._port, self._keepalive)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._run, name="bms_ai-mqtt", daemon=True)
@@ -107,6 +109,7 @@ class MqttTelemetry:
         self._client.loop_stop()
 
     def stats(self) -> dict[str, Any]:
+        """Connection and publish counters."""
         return {"connected": self.connected, "published": self.published, "publish_errors": self.publish_errors,
                 "connects": self.connects}
 
