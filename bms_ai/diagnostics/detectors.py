@@ -244,6 +244,7 @@ class DetectorBank:
         self.leak_lcb = np.zeros(n_cells)
         self.drift = np.zeros(n_cells)
         self.drift_rate = np.zeros(n_cells)   # V/h relative to the pack
+        self.drift_cell = 0                   # cell whose drift is furthest from the median
         self.ocv_slope = self.p.dvdah_default  # pack dV/dAh
         self.spread_v = math.nan
         # thermal model of each sensor's deviation from the pack median
@@ -380,7 +381,7 @@ class DetectorBank:
             f"learning ({span:.0f}/{p.min_span_s:.0f} s of quiet data)", kv, " A leak")
 
     def _imbalance_result(self) -> CheckResult:
-        j = int(np.argmax(np.abs(self.drift - np.median(self.drift))))
+        j = self.drift_cell
         kv = {"max_drift_v": float(self.drift[j]), "max_drift_cell": j, "drift_rate_v_per_h": float(self.drift_rate[j])}
         return self.imbalance_rule.result(self.drift, "no growing imbalance", kv, " V drift")
 
@@ -413,6 +414,7 @@ class DetectorBank:
         self.leak_lcb = self.leak - p.leak_z * se
         hours = (self.quiet_last_t - self.t0) / 3600.0
         self.drift = rel * hours
+        self.drift_cell = int(np.argmax(np.abs(self.drift - np.median(self.drift))))
 
     # ------------------------------------------------------------ thermal
     def _thermal(self, temps: np.ndarray, t: float) -> CheckResult:
@@ -475,8 +477,8 @@ class DetectorBank:
         in_charge = math.isfinite(c_rate) and c_rate > p.plating_charge_c
         charge_s = self._charge_seconds(in_charge, t)
         charging = in_charge and (charger or charge_s >= p.plating_context_s)
-        tmin = float(np.nanmin(temps)) if np.isfinite(temps).any() else math.nan
-        vmax = float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
+        coldest, tmin = _nan_argmin(temps)
+        vmax = _nan_max(v)
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
@@ -486,7 +488,6 @@ class DetectorBank:
             self.charge_ah_at_risk += i * self.tick_s / 3600.0
         clear = not charging or prob < p.plating_clear_fraction * p.plating_threshold
         self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
-        coldest = int(np.nanargmin(temps)) if np.isfinite(temps).any() else -1
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
               "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
@@ -518,3 +519,23 @@ class DetectorBank:
         if r.level == OK:
             r.message = f"score {self.score:.2f} (alarm > 1)"
         return r
+
+
+def _nan_argmin(a: np.ndarray) -> tuple[int, float]:
+    """(index, value) of the smallest finite element, (-1, NaN) if none; the NaN-aware scan only when needed."""
+    finite = np.isfinite(a)
+    if finite.all():
+        k = int(a.argmin())
+        return k, float(a[k])
+    if not finite.any():
+        return -1, math.nan
+    k = int(np.nanargmin(a))
+    return k, float(a[k])
+
+
+def _nan_max(a: np.ndarray) -> float:
+    """Largest finite element, NaN if none."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.max())
+    return float(np.nanmax(a)) if finite.any() else math.nan

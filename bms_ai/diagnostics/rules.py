@@ -90,30 +90,45 @@ class _Rule:
 
     def result(self, values: np.ndarray | float, ok_message: str, extra: dict[str, Any] | None = None,
                unit: str = "") -> CheckResult:
+        """This tick's verdict: the highest active tier, where (first element, count) and since when."""
         deb = self.deb
         top = deb.top_tier()
         kv: dict[str, Any] = dict(extra or {})
         if top < 0:
             return CheckResult(self.check, OK, ok_message, kv)
-        vals = np.broadcast_to(np.asarray(values, dtype=float), (deb.n,))
         idx = np.nonzero(deb.active[top])[0]
-        onset = float(np.nanmin(deb.onset[top, idx])) if np.isfinite(deb.onset[top, idx]).any() else math.nan
         first = int(idx[0])
+        value = _element(values, first, deb.n)
         kv.update({"tier": self.tier_names[top].upper(), "count": int(idx.size),
-                   "onset": onset, "set_time": float(np.nanmin(deb.set_time[top, idx]))})
+                   "onset": _finite_min(deb.onset[top, idx]), "set_time": _finite_min(deb.set_time[top, idx])})
         if deb.n > 1:
             kv[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + ("..." if idx.size > 16 else "")
-            kv["value"] = float(vals[first])
             where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
         else:
-            kv["value"] = float(vals[0])
             where = "pack"
+        kv["value"] = value
         latched = bool(deb.latch[top, 0])
         kv["latched"] = latched
-        msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(vals[first])}{unit}"
+        msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(value)}{unit}"
         if latched:
             msg += " (latched until reset)"
         return CheckResult(self.check, self.levels[top], msg, kv)
+
+
+def _element(values: np.ndarray | float, i: int, n: int) -> float:
+    """Element ``i`` of per-element ``values`` of length ``n``, or the one value shared by all."""
+    a = np.asarray(values, dtype=float)
+    if a.size not in (1, n):
+        raise ValueError(f"{a.size} values for {n} elements")
+    return float(a.flat[i if a.size > 1 else 0])
+
+
+def _finite_min(a: np.ndarray) -> float:
+    """Smallest finite value, NaN if there is none (without numpy's all-NaN warning)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.min())
+    return float(np.nanmin(a)) if finite.any() else math.nan
 
 
 def _fmt(v: float) -> str:
