@@ -325,7 +325,7 @@ def test_step_is_cheap(cfg):
     eng = RuleEngine(cfg, N, NT)
     rng = np.random.default_rng(1)
     times = []
-    for k in range(600):
+    for k in range(300):
         t = k / 10
         s = sample(t, v=3.7 + 0.001 * rng.standard_normal(N), temps=25 + 0.1 * rng.standard_normal(NT),
                    i=-40 + 20 * math.sin(t))
