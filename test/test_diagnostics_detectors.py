@@ -54,6 +54,7 @@ def synth_pack(minutes: float, leak_cell: int = -1, leak_a: float = 0.0, heat_se
 
 
 def pack_sample(t: float, cur: float, v: np.ndarray, temps: np.ndarray) -> PackSample:
+    """One measurement of a synthetic pack (all stamps at t)."""
     return PackSample(stamp=t, pack_voltage=float(v.sum()), pack_current=float(cur), cell_voltages=v,
                       cell_temperatures=temps)
 
@@ -100,6 +101,7 @@ def faulted():
 
 
 def test_no_alarm_on_fault_free_pack(clean):
+    """Fault-free driving with rests: judged (past learning) and silent."""
     events, res = clean["events"], clean["results"]
     assert not events, [(e.check, e.index, e.set_time) for e in events]
     assert res["internal short"].level == 0 and res["thermal anomaly"].level == 0
@@ -107,6 +109,7 @@ def test_no_alarm_on_fault_free_pack(clean):
 
 
 def test_internal_short_flagged_on_the_right_cell(faulted):
+    """A 3 A leak in cell 30 is flagged on cell 30, after the onset, with about the right size."""
     res, bank = faulted
     ev = [e for e in bank.events if e.check == "internal short"]
     assert ev and ev[0].index == 30 and ev[0].set_time > 300.0
@@ -115,6 +118,7 @@ def test_internal_short_flagged_on_the_right_cell(faulted):
 
 
 def test_thermal_anomaly_flagged_on_the_right_sensor(faulted):
+    """Extra heat at sensor 11 is flagged on sensor 11 after the onset; nothing else alarms."""
     _res, bank = faulted
     ev = [e for e in bank.events if e.check == "thermal anomaly"]
     assert ev and ev[0].index == 11 and ev[0].set_time > 300.0
@@ -124,6 +128,7 @@ def test_thermal_anomaly_flagged_on_the_right_sensor(faulted):
 
 
 def test_plating_model_onnx_matches_numpy_and_flags_cold_fast_charge():
+    """ONNX and numpy give the same probability; cold fast charge is risky, warm is not."""
     model = PlatingModel.load()
     if model is None:
         pytest.skip("no trained plating model in models/faults")
@@ -135,6 +140,7 @@ def test_plating_model_onnx_matches_numpy_and_flags_cold_fast_charge():
 
 
 def test_detector_step_is_cheap(clean):
+    """The detectors fit a 10 Hz tick with room to spare."""
     times = clean["step_times"][:3000]
     p50 = float(np.percentile(times, 50))
     print(f"detector step p50 {p50 * 1e6:.0f} us p99 {np.percentile(times, 99) * 1e6:.0f} us")
@@ -146,6 +152,7 @@ BUNDLED = sorted((ROOT / "data" / "drives").glob("*isc*/meta.json"))
 
 @pytest.mark.skipif(not BUNDLED, reason="no bundled fault drive in data/drives")
 def test_bundled_fault_drive_replays_without_false_alarm_before_onset(tmp_path):
+    """A bundled internal-short drive replays through rules and detectors without a false alarm before the onset."""
     from bms_ai.diagnostics.evaluate import evaluate_drive
     from bms_ai.diagnostics.replay import load_measured, replay
 
@@ -162,6 +169,7 @@ def test_bundled_fault_drive_replays_without_false_alarm_before_onset(tmp_path):
 
 
 def test_tampered_plating_model_is_refused(tmp_path):
+    """A plating model whose bytes do not match the manifest is refused."""
     import shutil
 
     src = ROOT / "models" / "faults"
@@ -192,6 +200,7 @@ def _cold_profile(current: np.ndarray, temp_c: float = -10.0, status: dict | Non
 
 
 def test_plating_needs_a_charge_not_regen_pulses():
+    """Regen pulses in the cold are no charge; a sustained or charger-connected charge is."""
     if PlatingModel.load() is None:
         pytest.skip("no trained plating model in models/faults")
     # 20 s regen at 1C between 30 s discharges at -10 degC: same (T, C-rate, V) as a cold charge
@@ -212,6 +221,7 @@ def test_plating_needs_a_charge_not_regen_pulses():
 
 
 def test_all_nan_samples_raise_no_detector_alarm(clean):
+    """Bus silence after a drive (all NaN) raises no detector alarm."""
     for res in clean["silent"]:  # 60 s of bus silence after the drive: every value NaN
         assert all(r.level == 0 for r in res), [(r.check, r.message) for r in res if r.level]
     assert not clean["bank"].events

@@ -27,10 +27,12 @@ def sample(t: float, v: np.ndarray | None = None, n: int = N, status_: dict | No
 
 @pytest.fixture
 def mon() -> FaultMonitor:
+    """A monitor on the shipped NMC limits, rules only (detectors have their own tests)."""
     return FaultMonitor.load("", "nmc", "packT", detectors=False, stale_after=1.0, max_events=2)
 
 
 def by_check(results: list) -> dict:
+    """Results keyed by check name."""
     return {r.check: r for r in results}
 
 

@@ -18,6 +18,7 @@ BS = "sensor_msgs/msg/BatteryState"
 
 @pytest.fixture
 def svc(tmp_path: Path):
+    """A service on a 1 MiB spool, no backend, no threads."""
     cfg = load_config(None, {"spool": {"dir": str(tmp_path / "spool"), "min_free_mb": 0, "fsync": False,
                                        "quota_mb": 1},
                              "segments": {"max_mb": 0.01, "max_duration_s": 1.0},
