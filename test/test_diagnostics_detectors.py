@@ -157,8 +157,8 @@ def test_bundled_fault_drive_replays_without_false_alarm_before_onset(tmp_path):
     from bms_ai.diagnostics.replay import load_measured, replay
 
     m = load_measured(BUNDLED[0].parent, tmp_path)
-    # the first 90 s: before the onset and 30 s of the fault (the false-alarm window is before the onset)
-    n = int(np.searchsorted(m.t, 90.0))
+    # the first 75 s: the minute before the onset and 15 s of the fault (false alarms count before the onset)
+    n = int(np.searchsorted(m.t, 75.0))
     m = dataclasses.replace(m, t=m.t[:n], pack_voltage=m.pack_voltage[:n], current=m.current[:n],
                             cell_v=m.cell_v[:n], cell_t=m.cell_t[:n], contactor=m.contactor[:n])
     assert m.faults and all(f["onset_s"] < m.t[-1] for f in m.faults)

@@ -249,6 +249,7 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.e2e  # several processes: a recording uploader killed -9, then a second one draining
 def test_kill9_mid_upload_then_restart(tmp_path: Path) -> None:
     """kill -9 mid-upload: after restart every acknowledged segment arrives exactly once."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()

@@ -40,7 +40,7 @@ import numpy as np
 
 from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.rules import CheckResult, Event, _Rule
+from bms_ai.diagnostics.rules import CheckResult, Event, _nanargmin, _nanmax, _nanmin, _Rule
 from bms_ai.pack import PackSample
 
 # robust standard deviation from the median absolute deviation (normal data)
@@ -477,8 +477,7 @@ class DetectorBank:
         in_charge = math.isfinite(c_rate) and c_rate > p.plating_charge_c
         charge_s = self._charge_seconds(in_charge, t)
         charging = in_charge and (charger or charge_s >= p.plating_context_s)
-        coldest, tmin = _nan_argmin(temps)
-        vmax = _nan_max(v)
+        coldest, tmin, vmax = _nanargmin(temps), _nanmin(temps), _nanmax(v)
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
@@ -519,23 +518,3 @@ class DetectorBank:
         if r.level == OK:
             r.message = f"score {self.score:.2f} (alarm > 1)"
         return r
-
-
-def _nan_argmin(a: np.ndarray) -> tuple[int, float]:
-    """(index, value) of the smallest finite element, (-1, NaN) if none; the NaN-aware scan only when needed."""
-    finite = np.isfinite(a)
-    if finite.all():
-        k = int(a.argmin())
-        return k, float(a[k])
-    if not finite.any():
-        return -1, math.nan
-    k = int(np.nanargmin(a))
-    return k, float(a[k])
-
-
-def _nan_max(a: np.ndarray) -> float:
-    """Largest finite element, NaN if none."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return float(a.max())
-    return float(np.nanmax(a)) if finite.any() else math.nan

@@ -449,14 +449,14 @@ class RuleEngine:
         def trap(lo0: float, lo1: float, hi1: float, hi0: float) -> float:
             if not (math.isfinite(tmin) and math.isfinite(tmax)):
                 return 0.0
-            f_lo = np.clip((tmin - lo0) / max(lo1 - lo0, 1e-9), 0.0, 1.0)
-            f_hi = np.clip((hi0 - tmax) / max(hi0 - hi1, 1e-9), 0.0, 1.0)
+            f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
+            f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
             return float(min(f_lo, f_hi))
 
         f_tc = trap(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
         f_td = trap(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
-        f_vc = float(np.clip((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v, 0, 1)) if math.isfinite(vmax) else 0.0
-        f_vd = float(np.clip((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v, 0, 1)) if math.isfinite(vmin) else 0.0
+        f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
+        f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
         # an active limit violation forbids current in that direction
         if self.cell_over.deb.active[1:].any() or self.temp_over.deb.active[2].any():
@@ -481,17 +481,37 @@ def _mostly_valid(finite: np.ndarray) -> bool:
 
 
 def _nanmax(a: np.ndarray) -> float:
-    return float(np.nanmax(a)) if np.isfinite(a).any() else math.nan
+    """Largest value ignoring NaN; NaN when nothing is finite (the NaN-aware scan only when needed)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.max()) if a.size else math.nan
+    return float(np.nanmax(a)) if finite.any() else math.nan
 
 
 def _nanmin(a: np.ndarray) -> float:
-    return float(np.nanmin(a)) if np.isfinite(a).any() else math.nan
+    """Smallest value ignoring NaN; NaN when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.min()) if a.size else math.nan
+    return float(np.nanmin(a)) if finite.any() else math.nan
 
 
 def _nanargmax(a: np.ndarray) -> int:
-    return int(np.nanargmax(a)) if np.isfinite(a).any() else -1
+    """Index of the largest value ignoring NaN; -1 when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return int(a.argmax()) if a.size else -1
+    return int(np.nanargmax(a)) if finite.any() else -1
 
 
 def _nanargmin(a: np.ndarray) -> int:
-    return int(np.nanargmin(a)) if np.isfinite(a).any() else -1
+    """Index of the smallest value ignoring NaN; -1 when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return int(a.argmin()) if a.size else -1
+    return int(np.nanargmin(a)) if finite.any() else -1
 
+
+def _clip01(x: float) -> float:
+    """x limited to [0, 1] (NaN stays NaN), without numpy's per-call overhead on a scalar."""
+    return min(max(x, 0.0), 1.0)
