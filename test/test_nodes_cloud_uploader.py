@@ -30,6 +30,7 @@ TOKEN = "node-token"
 
 
 def test_node_records_snapshots_and_uploads(tmp_path: Path) -> None:
+    """Published topics are recorded, snapshotted on ERROR, uploaded once each, pseudonymised."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()
     cfg = {"uplink": {
         "spool": {"dir": str(tmp_path / "spool"), "quota_mb": 64, "min_free_mb": 0},
@@ -97,6 +98,7 @@ def test_node_records_snapshots_and_uploads(tmp_path: Path) -> None:
 
 
 def test_node_mqtt_telemetry_soc_soh_faults(tmp_path: Path) -> None:
+    """battery_state and /diagnostics reach MQTT telemetry as SOC, SOH and active faults."""
     from testutil import MOSQUITTO, Broker, Listener, free_port
 
     if MOSQUITTO is None:

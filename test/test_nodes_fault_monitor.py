@@ -26,6 +26,8 @@ OVER = "bms_ai: cell overvoltage"
 
 
 class Harness:
+    """fault_monitor and a publisher node in one executor, with every /diagnostics status seen."""
+
     def __init__(self) -> None:
         self.ctx = rclpy.Context()
         rclpy.init(context=self.ctx)
@@ -68,10 +70,12 @@ class Harness:
                 self.ex.spin_once(timeout_sec=0.01)
 
     def level(self, name: str) -> int | None:
+        """Last published level of a status, None if never seen."""
         lv = [x[2] for x in self.seen if x[1] == name]
         return lv[-1] if lv else None
 
     def close(self) -> None:
+        """Tear down nodes and context."""
         self.ex.shutdown()
         self.mon.destroy_node()
         self.io.destroy_node()
@@ -80,12 +84,14 @@ class Harness:
 
 @pytest.fixture
 def h():
+    """A fresh harness per test."""
     hh = Harness()
     yield hh
     hh.close()
 
 
 def test_fault_monitor_overvoltage_debounce_latch_reset(h: Harness) -> None:
+    """Overvoltage through ROS: debounce, MSL latch, reset message, hysteresis."""
     h.ticks(8)
     assert h.level(OVER) == 0
     names = {x[1] for x in h.seen}
@@ -130,6 +136,7 @@ def test_fault_monitor_overvoltage_debounce_latch_reset(h: Harness) -> None:
 
 
 def test_fault_monitor_rejects_bad_shape_and_reports_timeout(h: Harness) -> None:
+    """A wrong-shape message is counted; silence fires can timeout via the watchdog."""
     h.ticks(3)
     bad = BatteryState()
     bad.header.stamp = h.io.get_clock().now().to_msg()
@@ -147,6 +154,7 @@ def test_fault_monitor_rejects_bad_shape_and_reports_timeout(h: Harness) -> None
 
 
 def test_fault_monitor_all_nan_stream_is_timeout_not_open_wire(h: Harness) -> None:
+    """An all-NaN stream is a timeout, not open wires or detector alarms."""
     h.ticks(10)
     assert h.level("bms_ai: open wire") == 0
     h.ticks(20, all_nan=True)

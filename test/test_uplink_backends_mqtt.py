@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_telemetry_retained_and_survives_broker_restart(tmp_path: Path) -> None:
+    """Retained state reaches late subscribers and publishing resumes after a broker restart."""
     port = free_port()
     broker = Broker(tmp_path, port).start()
     tel = make_telemetry({"enabled": True, "kind": "mqtt", "port": port, "topic_prefix": "fleet/v1",
@@ -66,6 +67,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_last_will_marks_vehicle_offline_after_kill9(tmp_path: Path) -> None:
+    """A killed vehicle process is marked offline by its last will."""
     port = free_port()
     broker = Broker(tmp_path, port).start()
     script = tmp_path / "veh.py"

@@ -30,6 +30,7 @@ FAST = RetryPolicy(base_s=0.05, max_s=0.4)
 
 
 def fill(sp: Spool, n: int, cls: str = "estimates", size: int = 4000) -> list[str]:
+    """Commit n random segments of a class; their hashes."""
     out = []
     for _ in range(n):
         p = sp.new_part_path()
@@ -41,14 +42,17 @@ def fill(sp: Spool, n: int, cls: str = "estimates", size: int = 4000) -> list[st
 
 
 def server_hashes(srv: IngestServer) -> list[str]:
+    """Hashes the ingest server stores."""
     return [d["sha256"] for d in srv.store.list()]
 
 
 def http_uploader(sp: Spool, url: str, token: str = TOKEN, **kw) -> Uploader:
+    """An HTTP uploader with fast retries, deterministic jitter."""
     return Uploader(sp, make_backend({"kind": "http", "url": url, "token": token}), FAST, idle_s=0.05, seed=1, **kw)
 
 
 def test_server_down_then_up(tmp_path: Path) -> None:
+    """Segments wait while the server is down and all arrive once it is up."""
     sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
     acked = fill(sp, 12)
     port = free_port()
@@ -73,6 +77,7 @@ def test_server_down_then_up(tmp_path: Path) -> None:
 
 
 def test_bad_token_keeps_everything_then_recovers(tmp_path: Path) -> None:
+    """A rejected token uploads nothing and loses nothing; the right token then uploads all."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()
     sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
     try:
@@ -91,6 +96,7 @@ def test_bad_token_keeps_everything_then_recovers(tmp_path: Path) -> None:
 
 
 def test_corrupt_spool_file_is_quarantined_not_uploaded(tmp_path: Path) -> None:
+    """A segment changed on disk is quarantined, counted and never uploaded."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()
     sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
     try:
@@ -112,6 +118,7 @@ def test_corrupt_spool_file_is_quarantined_not_uploaded(tmp_path: Path) -> None:
 
 
 def test_disk_quota_exhausted_during_outage(tmp_path: Path) -> None:
+    """A full spool evicts raw data first and keeps snapshots and diagnostics; the rest arrives."""
     from rclpy.serialization import serialize_message
     from sensor_msgs.msg import BatteryState
     m = BatteryState()
@@ -149,6 +156,7 @@ def test_disk_quota_exhausted_during_outage(tmp_path: Path) -> None:
 
 
 def test_https_verifies_certificate(tmp_path: Path) -> None:
+    """HTTPS refuses an untrusted certificate and works with the configured CA."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
@@ -172,6 +180,7 @@ def test_https_verifies_certificate(tmp_path: Path) -> None:
 
 
 def test_s3_backend_with_moto_server(tmp_path: Path) -> None:
+    """S3 upload against moto: keys by class and hash, duplicates skipped."""
     moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
     port = free_port()
@@ -240,7 +249,9 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.e2e  # several processes: a recording uploader killed -9, then a second one draining
 def test_kill9_mid_upload_then_restart(tmp_path: Path) -> None:
+    """kill -9 mid-upload: after restart every acknowledged segment arrives exactly once."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=str(ROOT), token=TOKEN))
@@ -286,6 +297,7 @@ def test_kill9_mid_upload_then_restart(tmp_path: Path) -> None:
 
 
 def test_ingest_server_cli_protocol(tmp_path: Path) -> None:
+    """`bms-ai ingest-server` speaks the protocol: auth, hash check, idempotency, listing."""
     import hashlib
     import http.client
     import json

@@ -23,6 +23,7 @@ LOG = "rcl_interfaces/msg/Log"
 
 
 def battery(i: int):
+    """A BatteryState as CDR, voltage i."""
     from sensor_msgs.msg import BatteryState
     m = BatteryState()
     m.header.stamp.sec = i
@@ -37,6 +38,7 @@ def battery(i: int):
 
 
 def diag(level: int, name: str = "bms_ai: limits"):
+    """A DiagnosticArray with one status as CDR."""
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
     m = DiagnosticArray()
     m.status = [DiagnosticStatus(level=bytes([level]), name=name, message="msg", hardware_id="pack1",
@@ -45,12 +47,14 @@ def diag(level: int, name: str = "bms_ai: limits"):
 
 
 def read_segment(path: Path) -> list[tuple[str, str, object, int]]:
+    """Decoded (topic, type, message, log time) of a segment."""
     with open(path, "rb") as f:
         r = make_reader(f, decoder_factories=[DecoderFactory()])
         return [(s.name, c.topic, d, m.log_time) for s, c, m, d in r.iter_decoded_messages()]
 
 
 def test_schema_text_is_full_rosbag2_style() -> None:
+    """Schema text has every dependency once, as rosbag2 writes it."""
     bs = full_definition("sensor_msgs/BatteryState")
     from bms_ai.uplink.schemas import msg_file
     assert bs.startswith(msg_file(BS).read_text())
@@ -68,6 +72,7 @@ def test_schema_text_is_full_rosbag2_style() -> None:
 
 
 def test_segment_roundtrip_decodes_to_original_messages(tmp_path: Path) -> None:
+    """What is written decodes back to the same messages and times."""
     from rcl_interfaces.msg import Log
     w = SegmentWriter(tmp_path / "a.mcap", metadata={"vehicle": "v"})
     originals = []
@@ -104,6 +109,7 @@ def test_segment_roundtrip_decodes_to_original_messages(tmp_path: Path) -> None:
 
 
 def test_rotation_by_size_and_time(tmp_path: Path) -> None:
+    """Segments rotate by compressed size and by message time."""
     sp = Spool(tmp_path / "s", quota_bytes=1 << 30, min_free_bytes=0, fsync=False)
     data = serialize_message(battery(1))
     rec = Recorder(sp, {"pack/measurements": "raw", "battery_state": "estimates"}, max_bytes=20_000,
@@ -130,6 +136,7 @@ def test_rotation_by_size_and_time(tmp_path: Path) -> None:
 
 
 def test_eviction_lowest_priority_oldest_first_and_counted(tmp_path: Path) -> None:
+    """A full spool evicts the lowest class, oldest first, and counts it."""
     sp = Spool(tmp_path / "s", quota_bytes=10_000, min_free_bytes=0, fsync=False)
 
     def add(cls: str, n: int, tag: str):
@@ -160,6 +167,7 @@ def test_eviction_lowest_priority_oldest_first_and_counted(tmp_path: Path) -> No
 
 
 def test_recovery_counts_damage_and_never_crashes(tmp_path: Path) -> None:
+    """Damaged state at start is counted, never raised."""
     root = tmp_path / "s"
     sp = Spool(root, quota_bytes=1 << 30, min_free_bytes=0)
     segs = []
@@ -198,6 +206,7 @@ def test_recovery_counts_damage_and_never_crashes(tmp_path: Path) -> None:
 
 
 def test_fault_snapshot_keeps_before_and_after(tmp_path: Path) -> None:
+    """A fault snapshot holds the seconds before and after the trigger."""
     sp = Spool(tmp_path / "s", quota_bytes=1 << 30, min_free_bytes=0, fsync=False)
     rec = Recorder(sp, {"pack/measurements": "raw", "/diagnostics": "diagnostics"}, max_duration_s=1000,
                    snapshot_pre_s=2.0, snapshot_post_s=3.0)
@@ -217,6 +226,7 @@ def test_fault_snapshot_keeps_before_and_after(tmp_path: Path) -> None:
 
 
 def test_pseudonymizer() -> None:
+    """Pseudonyms are stable, keyed and not the identifier."""
     p = Pseudonymizer("fleet-secret")
     a = p("WVWZZZ1JZXW000001")
     assert a == p("WVWZZZ1JZXW000001") and a != p("WVWZZZ1JZXW000002") and "WVW" not in a
@@ -227,6 +237,7 @@ def test_pseudonymizer() -> None:
 
 
 def test_retry_policy_bounds() -> None:
+    """Backoff grows, is capped, and jitter stays in [d/2, d]."""
     import random
     pol = RetryPolicy(base_s=1.0, max_s=60.0, factor=2.0)
     rng = random.Random(1)
@@ -238,6 +249,7 @@ def test_retry_policy_bounds() -> None:
 
 
 def test_can_log_pickup_backlog_age_and_bandwidth_cap(tmp_path: Path) -> None:
+    """Closed CAN logs are picked up once; backlog age and bandwidth cap are reported."""
     import time
 
     from bms_ai.uplink.config import load_config
@@ -278,6 +290,7 @@ def test_can_log_pickup_backlog_age_and_bandwidth_cap(tmp_path: Path) -> None:
 
 
 def test_min_free_space_refuses_instead_of_filling_the_disk(tmp_path: Path) -> None:
+    """Below the free-space floor the spool refuses new segments instead of filling the disk."""
     import shutil
     free = shutil.disk_usage(tmp_path).free
     sp = Spool(tmp_path / "s", quota_bytes=1 << 40, min_free_bytes=free + (10 << 30), fsync=False)
@@ -289,6 +302,7 @@ def test_min_free_space_refuses_instead_of_filling_the_disk(tmp_path: Path) -> N
 
 
 def test_clock_jump_back_closes_segment_and_resets_snapshot_window(tmp_path: Path) -> None:
+    """A replay restart (clock back) closes the segment and clears the snapshot window."""
     sp = Spool(tmp_path / "s", quota_bytes=1 << 30, min_free_bytes=0, fsync=False)
     rec = Recorder(sp, {"t": "raw"}, max_duration_s=100.0, snapshot_pre_s=2.0, snapshot_post_s=1.0)
     data = serialize_message(battery(0))
@@ -307,6 +321,7 @@ def test_clock_jump_back_closes_segment_and_resets_snapshot_window(tmp_path: Pat
 
 
 def test_identical_content_is_spooled_once(tmp_path: Path) -> None:
+    """The same content committed twice is one segment."""
     sp = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
     segs = []
     for _ in range(2):
@@ -320,6 +335,7 @@ def test_identical_content_is_spooled_once(tmp_path: Path) -> None:
 
 
 def test_bench_reports_uplink_figures() -> None:
+    """The uplink bench section produces its figures."""
     import tempfile
 
     from bms_ai.bench.uplink import bench_recording
@@ -329,6 +345,7 @@ def test_bench_reports_uplink_figures() -> None:
 
 
 def test_upload_order_priority_then_age(tmp_path: Path) -> None:
+    """Uploads go by class priority, then age."""
     import time
 
     from bms_ai.uplink.backends import make_backend
@@ -348,13 +365,14 @@ def test_upload_order_priority_then_age(tmp_path: Path) -> None:
             return super().upload(seg, f, throttle, headers)
 
     from bms_ai.uplink.backends import BACKENDS
-    assert BACKENDS["directory"] is not Recording
+    assert BACKENDS.get("directory") is not Recording
     assert Uploader(sp, Recording(str(tmp_path / "o"))).drain(5)
     assert seen == [("fault_snapshot", 4), ("diagnostics", 5), ("estimates", 2), ("estimates", 6), ("raw", 1), ("raw", 3)]
     sp.close()
 
 
 def test_crashed_segment_complete_chunks_are_salvaged(tmp_path: Path) -> None:
+    """A segment cut by a crash keeps its complete chunks."""
     import shutil
     sp = Spool(tmp_path / "a", min_free_bytes=0, fsync=False)
     rec = Recorder(sp, {"pack/measurements": "estimates"}, chunk_size=4096, max_duration_s=1e9, snapshot_pre_s=-1)

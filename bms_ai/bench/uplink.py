@@ -8,6 +8,7 @@ ingest server runs as a separate process (`bms-ai ingest-server`) on
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ def battery_payload(rng: random.Random, cells: int = 96, temps: int = 32) -> byt
 
 
 def diag_payload(rng: random.Random, n: int = 8) -> bytes:
+    """Printable bytes of a few statuses' size: /diagnostics traffic for the nominal load."""
     return bytes(rng.randrange(32, 127) for _ in range(60 * n))
 
 
@@ -58,14 +61,16 @@ def _free_port() -> int:
 
 
 def bench_recording(n: int, tmp: Path) -> dict[str, Any]:
+    """Recorder throughput (spool, rotation, snapshot ring, fsync) next to a bare mcap Writer."""
     rng = random.Random(0)
-    payloads = [battery_payload(rng) for _ in range(4096)]  # distinct within any chunk: no free dedup
+    # distinct within any chunk: no free dedup (and no more than the run uses)
+    payloads = [battery_payload(rng) for _ in range(min(n, 4096))]
     sp = Spool(tmp / "rec", quota_bytes=1 << 40, min_free_bytes=0, fsync=True)
     rec = Recorder(sp, {"pack/measurements": "raw"}, max_bytes=8 << 20, max_duration_s=60.0, snapshot_pre_s=30.0,
                    chunk_size=64 << 10)
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
-        rec.write("pack/measurements", BS, payloads[i & 4095], i * 10**8)
+        rec.write("pack/measurements", BS, payloads[i % len(payloads)], i * 10**8)
     rec.flush()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     size = sp.used_bytes()
@@ -78,7 +83,7 @@ def bench_recording(n: int, tmp: Path) -> dict[str, Any]:
     cid = w.register_channel("pack/measurements", "cdr", sid)
     t1 = time.perf_counter()
     for i in range(n):
-        w.add_message(cid, log_time=i * 10**8, data=payloads[i & 4095], publish_time=i * 10**8)
+        w.add_message(cid, log_time=i * 10**8, data=payloads[i % len(payloads)], publish_time=i * 10**8)
     w.finish()
     base = n / (time.perf_counter() - t1)
     rate = n / dt
@@ -87,10 +92,11 @@ def bench_recording(n: int, tmp: Path) -> dict[str, Any]:
             "payload_bytes": len(payloads[0]), "compression_ratio": round(n * len(payloads[0]) / max(size, 1), 2)}
 
 
-def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _ingest_server(root: Path, token: str) -> Iterator[int | None]:
+    """`bms-ai ingest-server` as its own process (its CPU is not the vehicle's); the port, None if it never came up."""
     port = _free_port()
-    token = "bench"
-    srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(tmp / "cloud"),
+    srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(root),
                             "--port", str(port), "--token", token], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     try:
@@ -101,8 +107,21 @@ def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
                 break
             except OSError:
                 if time.monotonic() > end or srv.poll() is not None:
-                    return {"upload_skipped": "ingest server did not start"}
+                    port = None
+                    break
                 time.sleep(0.1)
+        yield port
+    finally:
+        srv.terminate()
+        srv.wait(5)
+
+
+def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
+    """Upload throughput to a real ingest server process on 127.0.0.1."""
+    token = "bench"
+    with _ingest_server(tmp / "cloud", token) as port:
+        if port is None:
+            return {"upload_skipped": "ingest server did not start"}
         sp = Spool(tmp / "up", quota_bytes=1 << 40, min_free_bytes=0, fsync=False)
         n = max(1, int(total_mb / seg_mb))
         for _ in range(n):
@@ -119,9 +138,6 @@ def bench_upload(total_mb: float, seg_mb: float, tmp: Path) -> dict[str, Any]:
         return {"upload_MB_per_s": round(total / 2**20 / dt, 1), "upload_segments": n, "upload_segment_MB": seg_mb,
                 "upload_all_arrived": bool(ok and up.stats.uploaded == n),
                 "upload_cpu_s_per_MB": round(cpu / (total / 2**20), 4)}
-    finally:
-        srv.terminate()
-        srv.wait(5)
 
 
 def bench_nominal(seconds: float, tmp: Path) -> dict[str, Any]:
@@ -129,12 +145,9 @@ def bench_nominal(seconds: float, tmp: Path) -> dict[str, Any]:
     rng = random.Random(1)
     bp = [battery_payload(rng) for _ in range(1024)]
     dp = [diag_payload(rng) for _ in range(4)]
-    port = _free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "ingest-server", "--root", str(tmp / "cloud2"),
-                            "--port", str(port), "--token", "t"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
-    try:
-        time.sleep(1.0)
+    with _ingest_server(tmp / "cloud2", "t") as port:
+        if port is None:
+            return {"nominal_skipped": "ingest server did not start"}
         sp = Spool(tmp / "nom", quota_bytes=1 << 40, min_free_bytes=0, fsync=True)
         topics = {"pack/measurements": "raw", "battery_state": "estimates", "/diagnostics": "diagnostics"}
         rec = Recorder(sp, topics, max_bytes=8 << 20, max_duration_s=60.0, chunk_size=64 << 10)
@@ -156,12 +169,10 @@ def bench_nominal(seconds: float, tmp: Path) -> dict[str, Any]:
         return {"nominal_cpu_s_per_s": round(cpu / seconds, 5),
                 "nominal_cpu_percent_of_core": round(100 * cpu / seconds, 3),
                 "nominal_simulated_s": seconds, "nominal_segments_uploaded": uploaded}
-    finally:
-        srv.terminate()
-        srv.wait(5)
 
 
 def bench(quick: bool = False) -> dict[str, Any]:
+    """All uplink figures (the `uplink` section of `bms-ai bench`)."""
     with tempfile.TemporaryDirectory(prefix="bms_ai_uplink_bench_") as d:
         tmp = Path(d)
         out: dict[str, Any] = {}

@@ -34,6 +34,7 @@ class TierLimits:
     upper: bool
 
     def as_tuple(self) -> tuple[float, float, float]:
+        """(MOL, RSL, MSL), the order the debouncer's tiers use."""
         return (self.mol, self.rsl, self.msl)
 
 
@@ -48,6 +49,8 @@ class Debounce:
 
 @dataclass(frozen=True)
 class TemperatureLimits:
+    """Temperature tiers per current direction (cells tolerate less heat and cold while charging)."""
+
     charge_over: TierLimits
     charge_under: TierLimits
     discharge_over: TierLimits
@@ -59,6 +62,8 @@ class TemperatureLimits:
 
 @dataclass(frozen=True)
 class Plausibility:
+    """Sensor plausibility thresholds; defaults apply to keys the YAML leaves out."""
+
     pack_voltage_tolerance_v: float = 3.0
     cell_voltage_spread_v: float = 0.3
     temperature_spread_c: float = 10.0
@@ -83,6 +88,8 @@ class Plausibility:
 
 @dataclass(frozen=True)
 class Derating:
+    """Current-limit recommendation (SOF trapezoid) inputs."""
+
     max_charge_a: float
     max_discharge_a: float
     charge_temperature_full: tuple[float, float]
@@ -92,6 +99,8 @@ class Derating:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    """A validated limits file: everything the rule engine reads, immutable."""
+
     chemistry: str
     tick_hz: float
     cell_over: TierLimits
@@ -108,6 +117,7 @@ class LimitsConfig:
 
     @property
     def latch_mask(self) -> tuple[bool, bool, bool]:
+        """Per tier (MOL, RSL, MSL): stays active until an explicit reset."""
         return tuple(t in self.latch_until_reset for t in TIERS)  # type: ignore[return-value]
 
 

@@ -27,6 +27,7 @@ class Transition:
 
     @property
     def any(self) -> bool:
+        """Whether anything was set or cleared (most ticks: nothing)."""
         return bool(self.set_tier.size or self.clear_tier.size)
 
 

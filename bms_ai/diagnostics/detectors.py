@@ -38,13 +38,19 @@ from typing import Any
 
 import numpy as np
 
+from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.rules import OK, WARN, CheckResult, Event, _Rule
+from bms_ai.diagnostics.rules import CheckResult, Event, _nanargmin, _nanmax, _nanmin, _Rule
 from bms_ai.pack import PackSample
+
+# robust standard deviation from the median absolute deviation (normal data)
+MAD_TO_SIGMA = 1.4826
 
 
 @dataclass
 class DetectorParams:
+    """Every number the detectors use, so calibration (bms_ai.diagnostics.train) sees and can set each one."""
+
     capacity_ah: float = 50.0
     quiet_current_c: float = 0.05      # |I| below this C-rate counts as quiet
     quiet_settle_s: float = 10.0       # ... for at least this long
@@ -77,9 +83,25 @@ class DetectorParams:
     plating_gap_s: float = 2.0         # not a regen pulse; dips shorter than this don't end the charge
     anomaly_debounce: int = 20
     clear_count: int = 50
+    max_tick_gap_s: float = 5.0        # a longer gap between ticks counts as this long (Ah, current EWMAs)
+    resistance_min_samples: int = 50   # load samples before the resistance signature is projected out
+    resistance_ridge: tuple[float, float] = (1e-9, 1e-6)  # [offset, slope] ridge of the resistance fit
+    spread_floor_v: float = 1e-3       # floor of the cross-cell spread that normalises the residuals
+    spread_rate: float = 0.05          # weight of each new settled spread in its running average
+    fit_min_samples: int = 20          # quiet samples before the leak fit is judged
+    fit_ridge_scale: float = 1e-6      # numerical ridge of the leak fit, relative to each regressor's scale
+    thermal_period_s: float = 1.0      # thermal model update period
+    thermal_max_dt_s: float = 10.0     # a longer gap counts as this long in the CUSUM
+    thermal_min_samples: int = 10      # samples before the thermal model predicts
+    thermal_ridge: tuple[float, float] = (1e-6, 1e-2)  # [offset, gain] ridge of the thermal model
+    thermal_learn_fraction: float = 0.25  # a sensor with CUSUM above this share of thermal_h stops learning
+    plating_clear_fraction: float = 0.5   # plating risk clears below this share of the threshold
+    anomaly_clear_score: float = 0.7      # the anomaly alarm clears below this score
+    anomaly_unconfirmed_cap: float = 0.99  # plating's share of the score until its own debounce confirmed it
 
     @classmethod
     def defaults(cls, chemistry: str = "nmc") -> DetectorParams:
+        """Uncalibrated values for a chemistry (the OCV slope differs: LFP is flat)."""
         if chemistry.lower() == "lfp":  # flat OCV: a leak moves the voltage far less per Ah
             return cls(dvdah_default=0.004, dvdah_min=0.001)
         return cls()
@@ -99,6 +121,7 @@ class DetectorParams:
         return cls(**{**asdict(base), **d})
 
     def to_dict(self) -> dict[str, Any]:
+        """All parameters by name (what detectors.json stores per chemistry)."""
         return asdict(self)
 
 
@@ -123,6 +146,7 @@ class PlatingModel:
                 self.session = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        """Plating probability per row of [t_min_c, c_rate, v_max]."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
         if self.session is not None:
             return self.session.run(None, {"features": x})[0].reshape(-1)
@@ -131,6 +155,7 @@ class PlatingModel:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PlatingModel | None:
+        """The shipped model (models/faults/plating.*), None if not trained; ValueError if its hash is wrong."""
         d = directory or share_path("models", "faults")
         meta = d / "plating.json"
         if not meta.is_file():
@@ -183,72 +208,83 @@ class DetectorBank:
     def __init__(self, n_cells: int, n_temps: int, tick_hz: float = 10.0, params: DetectorParams | None = None,
                  plating: PlatingModel | None | bool = True, chemistry: str = "nmc") -> None:
         self.p = params or DetectorParams.load(chemistry=chemistry)
-        self.n, self.m, self.dt = n_cells, n_temps, 1.0 / tick_hz
+        self.n_cells, self.n_temps, self.tick_s = n_cells, n_temps, 1.0 / tick_hz
         self.plating = PlatingModel.load() if plating is True else (plating or None)
         p = self.p
-        self.r_isc = _Rule("internal short", n_cells, (p.isc_debounce,), p.clear_count, None, (WARN,), ("detector",))
-        self.r_imb = _Rule("imbalance growth", n_cells, (p.isc_debounce,), p.clear_count, None, (WARN,), ("detector",))
-        self.r_th = _Rule("thermal anomaly", n_temps, (p.thermal_debounce,), p.clear_count, None, (WARN,),
-                          ("detector",), "sensor")
-        self.r_pl = _Rule("lithium plating", 1, (p.plating_debounce,), p.clear_count, None, (WARN,), ("detector",))
-        self.r_an = _Rule("anomaly score", 1, (p.anomaly_debounce,), p.clear_count, None, (WARN,), ("detector",))
-        self.rules = [self.r_isc, self.r_imb, self.r_th, self.r_pl, self.r_an]
-        # state
+
+        def rule(check: str, n: int, debounce: int, element: str = "cell") -> _Rule:
+            return _Rule(check, n, (debounce,), p.clear_count, None, (WARN,), ("detector",), element)
+
+        self.internal_short_rule = rule("internal short", n_cells, p.isc_debounce)
+        self.imbalance_rule = rule("imbalance growth", n_cells, p.isc_debounce)
+        self.thermal_rule = rule("thermal anomaly", n_temps, p.thermal_debounce, "sensor")
+        self.plating_rule = rule("lithium plating", 1, p.plating_debounce)
+        self.anomaly_rule = rule("anomaly score", 1, p.anomaly_debounce)
+        self.rules = [self.internal_short_rule, self.imbalance_rule, self.thermal_rule, self.plating_rule,
+                      self.anomaly_rule]
+        # time, charge throughput and current filters
         self.t0 = math.nan
-        self.ah = 0.0
-        self.i_ewma = 0.0
         self.last_t = math.nan
+        self.ah = 0.0
+        self.current_slow = 0.0   # EWMA over current_tau_s
+        self.current_fast = 0.0   # EWMA over current_fast_tau_s
+        # quiet periods: when the cell residuals are mostly OCV (SOC) differences
         self.quiet_since = math.nan
-        self.quiet_n = 0
-        self.episodes = 0
+        self.quiet_episodes = 0
         self._was_settled = False
-        self.q_first = math.nan
-        self.q_last = math.nan
-        self.v_rls = _SharedRLS(6, n_cells + 1)
-        self.r_rls = _SharedRLS(2, n_cells)
-        self.load_n = 0  # last column: pack median (for dV/dAh)
+        self.quiet_first_t = math.nan
+        self.quiet_last_t = math.nan
+        self.quiet_ticks = 0
+        self.load_ticks = 0
+        # cell residual regression (last column: pack median, for dV/dAh) and resistance signatures
+        self.residual_fit = _SharedRLS(6, n_cells + 1)
+        self.resistance_fit = _SharedRLS(2, n_cells)
         self.leak = np.zeros(n_cells)
         self.leak_z = np.zeros(n_cells)
-        self.leak_se = np.zeros(n_cells)
         self.leak_lcb = np.zeros(n_cells)
         self.drift = np.zeros(n_cells)
-        self.dvdah = self.p.dvdah_default
+        self.drift_rate = np.zeros(n_cells)   # V/h relative to the pack
+        self.drift_cell = 0                   # cell whose drift is furthest from the median
+        self.ocv_slope = self.p.dvdah_default  # pack dV/dAh
         self.spread_v = math.nan
-        self.tick_n = 0
-        self.i_fast = 0.0
-        self.th_rls = _SharedRLS(2, n_temps)
-        self.th_tmed0 = math.nan
-        self.th_cusum = np.zeros(n_temps)
-        self.th_innov = np.zeros(n_temps)
-        self.th_sigma = self.p.thermal_sigma_floor_c
-        self.th_last = math.nan
+        # thermal model of each sensor's deviation from the pack median
+        self.thermal_fit = _SharedRLS(2, n_temps)
+        self.thermal_median0 = math.nan
+        self.thermal_cusum = np.zeros(n_temps)
+        self.thermal_excess = np.zeros(n_temps)   # innovation: degC above the model
+        self.thermal_sigma = self.p.thermal_sigma_floor_c
+        self.thermal_last_t = math.nan
+        # plating
         self.p_plating = 0.0
-        self.chg_since = math.nan     # start of the current charge (sustained charge current)
-        self.chg_last = math.nan      # last tick with charge current
-        self.score = 0.0
+        self.charge_since = math.nan  # start of the current charge (sustained charge current)
+        self.charge_last = math.nan   # last tick with charge current
         self.charge_ah_at_risk = 0.0
+        self.score = 0.0
 
     # ------------------------------------------------------------ public
     @property
     def events(self) -> list[Event]:
+        """Every event of every detector, in the order they were set."""
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
+        """Events not cleared yet."""
         return [e for e in self.events if e.active]
 
     def step(self, s: PackSample, t: float) -> list[CheckResult]:
+        """Evaluate every detector for one tick at time ``t``: one result per check in CHECKS order."""
         v = np.asarray(s.cell_voltages, dtype=float)
         temps = np.asarray(s.cell_temperatures, dtype=float)
         i = float(s.pack_current)
-        dt = self.dt if not math.isfinite(self.last_t) else min(max(t - self.last_t, 0.0), 5.0)
+        dt = self.tick_s if not math.isfinite(self.last_t) else min(max(t - self.last_t, 0.0), self.p.max_tick_gap_s)
         if not math.isfinite(self.t0):
             self.t0 = t
         self.last_t = t
         if math.isfinite(i):
             self.ah += i * dt / 3600.0
             a = dt / self.p.current_tau_s
-            self.i_ewma += a * (i - self.i_ewma)
-            self.i_fast += min(dt / self.p.current_fast_tau_s, 1.0) * (i - self.i_fast)
+            self.current_slow += a * (i - self.current_slow)
+            self.current_fast += min(dt / self.p.current_fast_tau_s, 1.0) * (i - self.current_fast)
         charger = (s.status or {}).get("charger_connected", math.nan)
         out = [*self._cells(v, i, t), self._thermal(temps, t),
                self._plating(v, temps, i, t, charger == 1.0)]
@@ -256,9 +292,9 @@ class DetectorBank:
         return out
 
     # ------------------------------------------------------------ cells
-    def _cells(self, v: np.ndarray, i: float, t: float) -> list[CheckResult]:
+    def _settled(self, finite: bool, i: float, t: float) -> bool:
+        """Quiet (|I| small) for quiet_settle_s; counts separate rests."""
         p = self.p
-        finite = math.isfinite(i) and bool(np.isfinite(v).all())
         quiet = finite and abs(i) < p.quiet_current_c * p.capacity_ah
         if not quiet:
             self.quiet_since = math.nan
@@ -266,78 +302,106 @@ class DetectorBank:
             self.quiet_since = t
         settled = quiet and t - self.quiet_since >= p.quiet_settle_s
         if settled and not self._was_settled:
-            self.episodes += 1  # time and Ah separate only across several distinct rests
+            self.quiet_episodes += 1  # time and Ah separate only across several distinct rests
         self._was_settled = settled
-        judged = False
+        return settled
+
+    def _learn_resistance(self, v: np.ndarray, i: float) -> None:
+        """On load ticks: each cell's resistance signature (V/A against the median)."""
+        p = self.p
+        self.load_ticks += 1
+        if self.load_ticks % p.quiet_decimate == 0:
+            self.resistance_fit.add(np.array([1.0, i / p.capacity_ah]), v - float(np.median(v)))
+
+    def _residuals(self, v: np.ndarray, settled: bool) -> tuple[np.ndarray, float]:
+        """Cell residuals against the median, common-mode polarisation removed, in units of the cell spread."""
+        p = self.p
+        med = float(np.median(v))
+        r = v - med
+        if self.resistance_fit.w >= p.resistance_min_samples:
+            # remaining polarisation at a stop is common-mode eta(t) x each cell's resistance signature:
+            # estimate eta(t) across cells and remove it (a single leaking cell barely moves the fit)
+            k = self.resistance_fit.solve(np.asarray(p.resistance_ridge))[1]
+            kc = k - k.mean()
+            den = float(kc @ kc)
+            if den > 0:
+                r = r - kc * float(kc @ (r - r.mean())) / den
+        # a SOC offset shows as OCV'(soc) x offset, and OCV' is common to all cells: dividing by the
+        # cross-cell spread (measured at settled ticks, where IR drops do not widen it) removes it
+        if settled or not math.isfinite(self.spread_v):
+            sp = max(MAD_TO_SIGMA * float(np.median(np.abs(r))), p.spread_floor_v)
+            self.spread_v = sp if not math.isfinite(self.spread_v) else \
+                self.spread_v + p.spread_rate * (sp - self.spread_v)
+        return r / self.spread_v, med
+
+    def _regress(self, v: np.ndarray, i: float, t: float, settled: bool) -> bool:
+        """Add one sample to the residual regression; True when the leak fit was (re)judged."""
+        p = self.p
+        y_cells, med = self._residuals(v, settled)
+        y = np.append(y_cells, med)
+        c = p.capacity_ah
+        # load ticks too: resistance and polarisation differences are absorbed by the current terms
+        x = np.array([1.0, self.ah, (t - self.t0) / 3600.0, i / c, self.current_fast / c, self.current_slow / c])
+        self.residual_fit.add(x, y)
+        if not math.isfinite(self.quiet_first_t):
+            self.quiet_first_t = t
+        self.quiet_last_t = t
+        if self.quiet_last_t - self.quiet_first_t >= p.min_span_s and self.residual_fit.w >= p.fit_min_samples and \
+                self.quiet_episodes >= p.min_quiet_episodes:
+            self._fit()
+            return True
+        return False
+
+    def _cells(self, v: np.ndarray, i: float, t: float) -> list[CheckResult]:
+        p = self.p
+        finite = math.isfinite(i) and bool(np.isfinite(v).all())
+        settled = self._settled(finite, i, t)
         if finite and abs(i) > p.load_current_c * p.capacity_ah:
-            self.load_n += 1
-            if self.load_n % p.quiet_decimate == 0:  # each cell's resistance signature (V/A vs the median)
-                self.r_rls.add(np.array([1.0, i / p.capacity_ah]), v - float(np.median(v)))
-        if settled or (finite and p.all_ticks):
-            self.tick_n += 1
-        if (settled or (finite and p.all_ticks)) and self.tick_n % p.quiet_decimate == 0:
-            med = float(np.median(v))
-            r = v - med
-            if self.r_rls.w >= 50:
-                # remaining polarisation at a stop is common-mode eta(t) x each cell's resistance signature:
-                # estimate eta(t) across cells and remove it (a single leaking cell barely moves the fit)
-                k = self.r_rls.solve(np.array([1e-9, 1e-6]))[1]
-                kc = k - k.mean()
-                den = float(kc @ kc)
-                if den > 0:
-                    r = r - kc * float(kc @ (r - r.mean())) / den
-            # a SOC offset shows as OCV'(soc) x offset, and OCV' is common to all cells: dividing by the
-            # cross-cell spread (measured at settled ticks, where IR drops do not widen it) removes it
-            if settled or not math.isfinite(self.spread_v):
-                sp = max(1.4826 * float(np.median(np.abs(r))), 1e-3)
-                self.spread_v = sp if not math.isfinite(self.spread_v) else self.spread_v + 0.05 * (sp - self.spread_v)
-            y = np.append(r / self.spread_v, med)
-            c = p.capacity_ah
-            # load ticks too: resistance and polarisation differences are absorbed by the current terms
-            x = np.array([1.0, self.ah, (t - self.t0) / 3600.0, i / c, self.i_fast / c, self.i_ewma / c])
-            self.v_rls.add(x, y)
-            if not math.isfinite(self.q_first):
-                self.q_first = t
-            self.q_last = t
-            if self.q_last - self.q_first >= p.min_span_s and self.v_rls.w >= 20 and \
-                    self.episodes >= p.min_quiet_episodes:
-                self._fit()
-                judged = True
-        if judged:
+            self._learn_resistance(v, i)
+        sampled = settled or (finite and p.all_ticks)
+        if sampled:
+            self.quiet_ticks += 1
+        if sampled and self.quiet_ticks % p.quiet_decimate == 0 and self._regress(v, i, t, settled):
             isc = self.leak_lcb > p.leak_alarm_a  # lower confidence bound of the leak above the threshold
             imb = np.abs(self.drift - np.median(self.drift)) > p.imbalance_alarm_v
-            self.r_isc.update(isc[None], ~isc[None], t, self.leak)
-            self.r_imb.update(imb[None], ~imb[None], t, self.drift)
-        span = (self.q_last - self.q_first) if math.isfinite(self.q_first) else 0.0
+            self.internal_short_rule.update(isc[None], ~isc[None], t, self.leak)
+            self.imbalance_rule.update(imb[None], ~imb[None], t, self.drift)
+        return [self._internal_short_result(), self._imbalance_result()]
+
+    def _internal_short_result(self) -> CheckResult:
+        p = self.p
+        span = (self.quiet_last_t - self.quiet_first_t) if math.isfinite(self.quiet_first_t) else 0.0
         k = int(np.argmax(self.leak)) if self.leak.size else -1
         kv = {"max_leak_a": float(self.leak[k]) if k >= 0 else math.nan, "max_leak_cell": k,
               "leak_z": float(self.leak_z[k]) if k >= 0 else math.nan,
-              "leak_lower_bound_a": float(self.leak_lcb[k]) if k >= 0 else math.nan, "dv_dah": self.dvdah,
-              "quiet_span_s": span, "quiet_samples": int(self.v_rls.w), "quiet_episodes": self.episodes}
-        r1 = self.r_isc.result(self.leak, "no abnormal leak current" if span >= p.min_span_s else
-                               f"learning ({span:.0f}/{p.min_span_s:.0f} s of quiet data)", kv, " A leak")
-        j = int(np.argmax(np.abs(self.drift - np.median(self.drift))))
-        kv2 = {"max_drift_v": float(self.drift[j]), "max_drift_cell": j,
-               "drift_rate_v_per_h": float(self._slope_t[j]) if hasattr(self, "_slope_t") else 0.0}
-        r2 = self.r_imb.result(self.drift, "no growing imbalance", kv2, " V drift")
-        return [r1, r2]
+              "leak_lower_bound_a": float(self.leak_lcb[k]) if k >= 0 else math.nan, "dv_dah": self.ocv_slope,
+              "quiet_span_s": span, "quiet_samples": int(self.residual_fit.w), "quiet_episodes": self.quiet_episodes}
+        return self.internal_short_rule.result(
+            self.leak, "no abnormal leak current" if span >= p.min_span_s else
+            f"learning ({span:.0f}/{p.min_span_s:.0f} s of quiet data)", kv, " A leak")
+
+    def _imbalance_result(self) -> CheckResult:
+        j = self.drift_cell
+        kv = {"max_drift_v": float(self.drift[j]), "max_drift_cell": j, "drift_rate_v_per_h": float(self.drift_rate[j])}
+        return self.imbalance_rule.result(self.drift, "no growing imbalance", kv, " V drift")
 
     def _fit(self) -> None:
         p = self.p
-        rls = self.v_rls
+        rls = self.residual_fit
         scale = np.sqrt(np.maximum(np.diag(rls.xx), 1e-12))
         # Bayesian ridge: capacity mismatch (the Ah term) has a known prior spread; when Ah and time
         # are collinear (steady driving) the data cannot split them and the prior decides - a drift
         # beyond what ~1 % capacity spread explains is then attributed to a leak.
-        ridge = 1e-6 * scale ** 2 + np.array([0.0, p.ah_ridge, 0.0, p.relax_ridge, p.relax_ridge, p.relax_ridge])
+        ridge = p.fit_ridge_scale * scale ** 2 + np.array(
+            [0.0, p.ah_ridge, 0.0, p.relax_ridge, p.relax_ridge, p.relax_ridge])
         coef = rls.solve(ridge)
         # pack OCV slope (V/Ah) from the median column; prior when throughput is too small to tell
         b_pack = float(coef[1, -1])
-        self.dvdah = b_pack if b_pack > p.dvdah_min else p.dvdah_default
+        self.ocv_slope = b_pack if b_pack > p.dvdah_min else p.dvdah_default
         slope_t = coef[2, :-1] * self.spread_v   # V/h relative to the pack
-        self._slope_t = slope_t
+        self.drift_rate = slope_t
         rel = slope_t - np.median(slope_t)
-        self.leak = -rel / self.dvdah  # A: a leaking cell falls behind the pack
+        self.leak = -rel / self.ocv_slope  # A: a leaking cell falls behind the pack
         # standard error of each cell's slope (residual variance x (X'X)^-1), in A; decimated quiet
         # samples are still correlated, so z is a ranking statistic with a calibrated threshold
         a = rls.xx + np.diag(ridge)
@@ -345,45 +409,63 @@ class DetectorBank:
         rss = np.maximum(rls.yy[:-1] - 2 * np.sum(c * rls.xy[:, :-1], axis=0) + np.sum(c * (a @ c), axis=0), 0.0)
         dof = max(rls.w - 6.0, 1.0)
         inv22 = float(np.linalg.inv(a)[2, 2])
-        se = np.sqrt(rss / dof * inv22) * self.spread_v / self.dvdah
-        self.leak_se = se
+        se = np.sqrt(rss / dof * inv22) * self.spread_v / self.ocv_slope
         self.leak_z = self.leak / np.maximum(se, p.leak_mad_floor_a)
         self.leak_lcb = self.leak - p.leak_z * se
-        hours = (self.q_last - self.t0) / 3600.0
+        hours = (self.quiet_last_t - self.t0) / 3600.0
         self.drift = rel * hours
+        self.drift_cell = int(np.argmax(np.abs(self.drift - np.median(self.drift))))
 
     # ------------------------------------------------------------ thermal
     def _thermal(self, temps: np.ndarray, t: float) -> CheckResult:
         p = self.p
-        if np.isfinite(temps).all() and (not math.isfinite(self.th_last) or t - self.th_last >= 1.0):
-            dt = 1.0 if not math.isfinite(self.th_last) else min(t - self.th_last, 10.0)
-            self.th_last = t
-            med = float(np.median(temps))
-            if not math.isfinite(self.th_tmed0):
-                self.th_tmed0 = med
-            e = temps - med
-            x = np.array([1.0, med - self.th_tmed0])
-            self.th_dtmax = max(getattr(self, "th_dtmax", 0.0), abs(med - self.th_tmed0))
-            warm = t - self.t0 >= p.thermal_warmup_s
-            if warm and self.th_rls.w >= 10:
-                theta = self.th_rls.solve(np.array([1e-6, 1e-2]))
-                innov = e - x @ theta
-                mad = 1.4826 * float(np.median(np.abs(innov - np.median(innov))))
-                self.th_sigma = max(mad, p.thermal_sigma_floor_c)
-                z = innov / self.th_sigma
-                self.th_innov = innov
-                self.th_cusum = np.maximum(0.0, self.th_cusum + (z - p.thermal_k) * dt)
-            lam = math.exp(-dt / p.thermal_tau_s)
-            learn = self.th_cusum <= 0.25 * p.thermal_h  # a clearly suspect sensor must not learn its fault
-            self.th_rls.add(x, e, lam, mask=None if learn.all() else learn)
-            alarm = self.th_cusum > p.thermal_h
-            self.r_th.update(alarm[None], (self.th_cusum == 0.0)[None], t, self.th_innov)
-        k = int(np.argmax(self.th_cusum))
-        kv = {"max_cusum": float(self.th_cusum[k]), "sensor": k, "cells": f"{3 * k}..{3 * k + 2}",
-              "excess_c": float(self.th_innov[k]), "sigma_c": self.th_sigma}
-        return self.r_th.result(self.th_innov, "no thermal anomaly", kv, " degC above model")
+        if np.isfinite(temps).all() and (not math.isfinite(self.thermal_last_t) or
+                                         t - self.thermal_last_t >= p.thermal_period_s):
+            self._thermal_update(temps, t)
+        k = int(np.argmax(self.thermal_cusum))
+        kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": f"{3 * k}..{3 * k + 2}",
+              "excess_c": float(self.thermal_excess[k]), "sigma_c": self.thermal_sigma}
+        return self.thermal_rule.result(self.thermal_excess, "no thermal anomaly", kv, " degC above model")
+
+    def _thermal_update(self, temps: np.ndarray, t: float) -> None:
+        """Each sensor's deviation from the pack median against the pack's own heating; CUSUM on the excess."""
+        p = self.p
+        dt = p.thermal_period_s if not math.isfinite(self.thermal_last_t) else \
+            min(t - self.thermal_last_t, p.thermal_max_dt_s)
+        self.thermal_last_t = t
+        med = float(np.median(temps))
+        if not math.isfinite(self.thermal_median0):
+            self.thermal_median0 = med
+        e = temps - med
+        x = np.array([1.0, med - self.thermal_median0])
+        warm = t - self.t0 >= p.thermal_warmup_s
+        if warm and self.thermal_fit.w >= p.thermal_min_samples:
+            theta = self.thermal_fit.solve(np.asarray(p.thermal_ridge))
+            innov = e - x @ theta
+            mad = MAD_TO_SIGMA * float(np.median(np.abs(innov - np.median(innov))))
+            self.thermal_sigma = max(mad, p.thermal_sigma_floor_c)
+            z = innov / self.thermal_sigma
+            self.thermal_excess = innov
+            self.thermal_cusum = np.maximum(0.0, self.thermal_cusum + (z - p.thermal_k) * dt)
+        lam = math.exp(-dt / p.thermal_tau_s)
+        # a clearly suspect sensor must not learn its fault
+        learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
+        self.thermal_fit.add(x, e, lam, mask=None if learn.all() else learn)
+        alarm = self.thermal_cusum > p.thermal_h
+        self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
 
     # ------------------------------------------------------------ plating
+    def _charge_seconds(self, in_charge: bool, t: float) -> float:
+        """How long the current charge has lasted; dips shorter than plating_gap_s do not end it."""
+        gap = self.p.plating_gap_s
+        if in_charge:
+            if not (math.isfinite(self.charge_since) and t - self.charge_last <= gap):
+                self.charge_since = t
+            self.charge_last = t
+        elif not (math.isfinite(self.charge_last) and t - self.charge_last <= gap):
+            self.charge_since = math.nan
+        return t - self.charge_since if math.isfinite(self.charge_since) else 0.0
+
     def _plating(self, v: np.ndarray, temps: np.ndarray, i: float, t: float, charger: bool = False) -> CheckResult:
         """Plating risk only inside a charge: sustained charge current or a connected charger.
 
@@ -393,50 +475,46 @@ class DetectorBank:
         p = self.p
         c_rate = i / p.capacity_ah if math.isfinite(i) else math.nan
         in_charge = math.isfinite(c_rate) and c_rate > p.plating_charge_c
-        if in_charge:
-            if not (math.isfinite(self.chg_since) and t - self.chg_last <= p.plating_gap_s):
-                self.chg_since = t
-            self.chg_last = t
-        elif not (math.isfinite(self.chg_last) and t - self.chg_last <= p.plating_gap_s):
-            self.chg_since = math.nan
-        charge_s = t - self.chg_since if math.isfinite(self.chg_since) else 0.0
+        charge_s = self._charge_seconds(in_charge, t)
         charging = in_charge and (charger or charge_s >= p.plating_context_s)
-        tmin = float(np.nanmin(temps)) if np.isfinite(temps).any() else math.nan
-        vmax = float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
+        coldest, tmin, vmax = _nanargmin(temps), _nanmin(temps), _nanmax(v)
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
         self.p_plating = prob
         risk = prob > p.plating_threshold
         if risk:
-            self.charge_ah_at_risk += i * self.dt / 3600.0
-        self.r_pl.update(np.array([[risk]]), np.array([[not charging or prob < 0.5 * p.plating_threshold]]), t,
-                         np.array([prob]))
-        coldest = int(np.nanargmin(temps)) if np.isfinite(temps).any() else -1
+            self.charge_ah_at_risk += i * self.tick_s / 3600.0
+        clear = not charging or prob < p.plating_clear_fraction * p.plating_threshold
+        self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
               "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
-              "charge_ah_at_risk": self.charge_ah_at_risk, "model": "onnx" if (
-                  self.plating is not None and self.plating.session is not None) else (
-                  "numpy" if self.plating is not None else "missing")}
-        return self.r_pl.result(np.array([prob]), "no plating risk" if self.plating is not None else
-                                "plating model missing", kv, " probability")
+              "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind()}
+        return self.plating_rule.result(np.array([prob]), "no plating risk" if self.plating is not None else
+                                        "plating model missing", kv, " probability")
+
+    def _plating_model_kind(self) -> str:
+        if self.plating is None:
+            return "missing"
+        return "onnx" if self.plating.session is not None else "numpy"
 
     # ------------------------------------------------------------ anomaly
     def _anomaly(self, t: float) -> CheckResult:
         p = self.p
+        plating = self.p_plating / p.plating_threshold
         parts = {
             "leak": float(np.max(self.leak_lcb)) / p.leak_alarm_a if self.leak.size else 0.0,
-            "thermal": float(np.max(self.th_cusum)) / p.thermal_h if self.th_cusum.size else 0.0,
+            "thermal": float(np.max(self.thermal_cusum)) / p.thermal_h if self.thermal_cusum.size else 0.0,
             # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
-            "plating": self.p_plating / p.plating_threshold if self.r_pl.deb.active.any() else
-            min(self.p_plating / p.plating_threshold, 0.99),
+            "plating": plating if self.plating_rule.deb.active.any() else min(plating, p.anomaly_unconfirmed_cap),
         }
         self.score = max(parts.values())
         bad = self.score > 1.0
-        self.r_an.update(np.array([[bad]]), np.array([[self.score < 0.7]]), t, np.array([self.score]))
+        self.anomaly_rule.update(np.array([[bad]]), np.array([[self.score < p.anomaly_clear_score]]), t,
+                                 np.array([self.score]))
         kv = {"score": self.score, **{f"{k}_part": v for k, v in parts.items()}}
-        r = self.r_an.result(np.array([self.score]), f"score {self.score:.2f}", kv)
+        r = self.anomaly_rule.result(np.array([self.score]), f"score {self.score:.2f}", kv)
         if r.level == OK:
             r.message = f"score {self.score:.2f} (alarm > 1)"
         return r

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.diagnostics.detectors import DetectorBank
 from bms_ai.diagnostics.replay import Measured, ReplayResult, load_measured, replay
 from bms_ai.diagnostics.rules import Event
 
 LIMIT_CHECKS = {"cell overvoltage", "cell undervoltage", "cell overtemperature", "cell undertemperature",
                 "charge overcurrent", "discharge overcurrent"}
-DETECTOR_CHECKS = {"internal short", "imbalance growth", "thermal anomaly", "lithium plating", "anomaly score"}
+DETECTOR_CHECKS = set(DetectorBank.CHECKS)
 # a cell fault is "located" when the first detector alarm names the cell (or its temperature sensor)
 CELL_FAULTS = {"isc", "self_discharge", "thermal", "plating"}
 CELL_CHECKS = {"internal short", "imbalance growth", "thermal anomaly", "lithium plating"}
@@ -59,6 +60,8 @@ IN_SPEC = {"isc": lambda m: m <= 100.0, "plating": lambda m: m >= 0.01}
 
 @dataclass
 class FaultRow:
+    """One injected fault: when the full system and the thresholds-only baseline first alarmed."""
+
     drive: str
     kind: str
     severity: str
@@ -74,14 +77,17 @@ class FaultRow:
 
     @property
     def detected(self) -> bool:
+        """Whether the full system alarmed at or after the onset."""
         return math.isfinite(self.system_s)
 
     @property
     def delay_s(self) -> float:
+        """Full-system detection time after the onset (s)."""
         return self.system_s - self.onset_s
 
     @property
     def baseline_delay_s(self) -> float:
+        """Baseline detection time after the onset (s)."""
         return self.baseline_s - self.onset_s
 
     @property
@@ -96,6 +102,8 @@ class FaultRow:
 
 @dataclass
 class DriveEval:
+    """Per drive: false alarms by group, fault-free exposure and step cost."""
+
     name: str
     hours: float
     fault_free: bool
@@ -126,6 +134,7 @@ def _located(ev: Event | None, cell: int) -> bool | None:
 
 
 def evaluate_drive(m: Measured, r: ReplayResult) -> tuple[list[FaultRow], DriveEval]:
+    """Fault rows and false alarms of one replayed drive."""
     rows: list[FaultRow] = []
     all_ev = r.rule_events + r.detector_events
     onsets = [float(f["onset_s"]) for f in m.faults]
@@ -406,6 +415,7 @@ def _opt(x, nd: int = 0) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bms-ai evaluate --faults` arguments."""
     p.add_argument("drives", nargs="+", help="drive directories (bms_ai/sim layout) or folders of them")
     p.add_argument("--report", required=True, help="output directory for report.html, summary.json, plots")
     p.add_argument("--cache", default=None, help="decoded-log cache directory (default: $TMPDIR/bms_ai_fault_cache)")
@@ -413,12 +423,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate, write the report and print the headline figures."""
     s = run_fault_evaluation(args.drives, args.report, args.cache, jobs=getattr(args, "jobs", 1))
     print(json.dumps({k: s[k] for k in ("recall", "baseline_recall", "false_alarms_per_100h")}, indent=1))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m bms_ai.diagnostics.evaluate``."""
     p = argparse.ArgumentParser(prog="bms-ai evaluate --faults", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -24,6 +24,8 @@ from bms_ai.pack import PackSample
 
 @dataclass
 class Measured:
+    """A drive's decoded measurements (what can_bridge would publish) and its true faults."""
+
     name: str
     chemistry: str
     capacity_ah: float
@@ -38,10 +40,8 @@ class Measured:
 
     @property
     def hours(self) -> float:
+        """Drive length in hours (false-alarm rates are per hour)."""
         return self.duration_s / 3600.0
-
-    def faults_of(self, kinds: tuple[str, ...]) -> list[dict]:
-        return [f for f in self.faults if f.get("kind") in kinds]
 
 
 def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) -> Measured:
@@ -82,6 +82,8 @@ def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) ->
 
 @dataclass
 class ReplayResult:
+    """Events of one replay, a decimated detector trace and the step cost."""
+
     rule_events: list[Event]
     detector_events: list[Event]
     trace: dict[str, np.ndarray]
@@ -122,7 +124,7 @@ def replay(m: Measured, limits: LimitsConfig | None = None, params: DetectorPara
             tr["drift"].append(bank.drift.copy())
             tr["leak_z"].append(bank.leak_z.copy())
             tr["leak_lcb"].append(bank.leak_lcb.copy())
-            tr["th_cusum"].append(bank.th_cusum.copy())
+            tr["th_cusum"].append(bank.thermal_cusum.copy())
             tr["p_plating"].append(bank.p_plating)
             tr["score"].append(bank.score)
     trace = {key: np.asarray(v) for key, v in tr.items()}

@@ -47,6 +47,7 @@ class Event:
 
     @property
     def active(self) -> bool:
+        """Not cleared yet."""
         return math.isnan(self.cleared)
 
 
@@ -89,30 +90,45 @@ class _Rule:
 
     def result(self, values: np.ndarray | float, ok_message: str, extra: dict[str, Any] | None = None,
                unit: str = "") -> CheckResult:
+        """This tick's verdict: the highest active tier, where (first element, count) and since when."""
         deb = self.deb
         top = deb.top_tier()
         kv: dict[str, Any] = dict(extra or {})
         if top < 0:
             return CheckResult(self.check, OK, ok_message, kv)
-        vals = np.broadcast_to(np.asarray(values, dtype=float), (deb.n,))
         idx = np.nonzero(deb.active[top])[0]
-        onset = float(np.nanmin(deb.onset[top, idx])) if np.isfinite(deb.onset[top, idx]).any() else math.nan
         first = int(idx[0])
+        value = _element(values, first, deb.n)
         kv.update({"tier": self.tier_names[top].upper(), "count": int(idx.size),
-                   "onset": onset, "set_time": float(np.nanmin(deb.set_time[top, idx]))})
+                   "onset": _finite_min(deb.onset[top, idx]), "set_time": _finite_min(deb.set_time[top, idx])})
         if deb.n > 1:
             kv[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + ("..." if idx.size > 16 else "")
-            kv["value"] = float(vals[first])
             where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
         else:
-            kv["value"] = float(vals[0])
             where = "pack"
+        kv["value"] = value
         latched = bool(deb.latch[top, 0])
         kv["latched"] = latched
-        msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(vals[first])}{unit}"
+        msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(value)}{unit}"
         if latched:
             msg += " (latched until reset)"
         return CheckResult(self.check, self.levels[top], msg, kv)
+
+
+def _element(values: np.ndarray | float, i: int, n: int) -> float:
+    """Element ``i`` of per-element ``values`` of length ``n``, or the one value shared by all."""
+    a = np.asarray(values, dtype=float)
+    if a.size not in (1, n):
+        raise ValueError(f"{a.size} values for {n} elements")
+    return float(a.flat[i if a.size > 1 else 0])
+
+
+def _finite_min(a: np.ndarray) -> float:
+    """Smallest finite value, NaN if there is none (without numpy's all-NaN warning)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.min())
+    return float(np.nanmin(a)) if finite.any() else math.nan
 
 
 def _fmt(v: float) -> str:
@@ -160,31 +176,35 @@ class RuleEngine:
     def __init__(self, cfg: LimitsConfig, n_cells: int, n_temps: int) -> None:
         self.cfg, self.n_cells, self.n_temps = cfg, n_cells, n_temps
         p = cfg.plausibility
-        pc, pd, lat1 = (p.debounce,), p.clear_count, (False,)
+
+        def plausibility(check: str, n: int, level: int, element: str = "cell", set_count: int = p.debounce,
+                         tier: str = "plausibility") -> _Rule:
+            return _Rule(check, n, (set_count,), p.clear_count, (False,), (level,), (tier,), element)
+
         self.cell_over = _LimitRule("cell overvoltage", n_cells, cfg, cfg.cell_voltage_debounce)
         self.cell_under = _LimitRule("cell undervoltage", n_cells, cfg, cfg.cell_voltage_debounce)
         self.temp_over = _LimitRule("cell overtemperature", n_temps, cfg, cfg.temperature.debounce, "sensor")
         self.temp_under = _LimitRule("cell undertemperature", n_temps, cfg, cfg.temperature.debounce, "sensor")
         self.cur_charge = _LimitRule("charge overcurrent", 1, cfg, cfg.current_debounce)
         self.cur_discharge = _LimitRule("discharge overcurrent", 1, cfg, cfg.current_debounce)
-        self.pack_v = _Rule("pack voltage plausibility", 1, pc, pd, lat1, (ERROR,), ("plausibility",))
-        self.v_spread = _Rule("cell voltage spread", n_cells, pc, pd, lat1, (WARN,), ("plausibility",))
-        self.t_spread = _Rule("temperature spread", n_temps, pc, pd, lat1, (WARN,), ("plausibility",), "sensor")
+        self.pack_v = plausibility("pack voltage plausibility", 1, ERROR)
+        self.v_spread = plausibility("cell voltage spread", n_cells, WARN)
+        self.t_spread = plausibility("temperature spread", n_temps, WARN, "sensor")
         # open wire over cells then temperature sensors (index >= n_cells: sensor index + n_cells)
-        self.open_wire = _Rule("open wire", n_cells + n_temps, pc, pd, lat1, (ERROR,), ("plausibility",), "channel")
+        self.open_wire = plausibility("open wire", n_cells + n_temps, ERROR, "channel")
         # stuck: cells, sensors, pack voltage in one rule (elements concatenated). Pack current is not
         # checked: a CC charge legitimately holds it constant while everything else moves.
-        self.stuck = _Rule("stuck signal", n_cells + n_temps + 1, pc, pd, lat1, (WARN,), ("plausibility",), "signal")
-        self.offset = _Rule("current sensor offset", 1, pc, pd, lat1, (WARN,), ("plausibility",))
-        self.timeout = _Rule("can timeout", 1, (1,), pd, lat1, (ERROR,), ("timeout",))
-        self.est = _Rule("estimator plausibility", 2, (1,), pd, lat1, (WARN,), ("plausibility",), "signal")
+        self.stuck = plausibility("stuck signal", n_cells + n_temps + 1, WARN, "signal")
+        self.offset = plausibility("current sensor offset", 1, WARN)
+        self.timeout = plausibility("can timeout", 1, ERROR, set_count=1, tier="timeout")
+        self.est = plausibility("estimator plausibility", 2, WARN, "signal", set_count=1)
         self.rules: list[_Rule] = [self.cell_over, self.cell_under, self.temp_over, self.temp_under,
                                    self.cur_charge, self.cur_discharge, self.pack_v, self.v_spread, self.t_spread,
                                    self.open_wire, self.stuck, self.offset, self.timeout, self.est]
-        self._fz_v = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
-        self._fz_t = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
-                                    p.stuck_temperature_window_s)
-        self._fz_pv = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
+        self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
+        self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
+                                              p.stuck_temperature_window_s)
+        self._frozen_pack_voltage = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
         self._rest_start = math.nan
         self._rest_isum = 0.0
         self._rest_n = 0
@@ -199,9 +219,11 @@ class RuleEngine:
     # ------------------------------------------------------------------ public
     @property
     def events(self) -> list[Event]:
+        """Every event of every rule, in the order they were set."""
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
+        """Events not cleared yet."""
         return [e for e in self.events if e.active]
 
     def reset(self, t: float) -> None:
@@ -316,9 +338,9 @@ class RuleEngine:
 
         # stuck / frozen signals
         fz = np.concatenate((
-            self._fz_v.step(v, med_v, t),
-            self._fz_t.step(temps, med_t, t),
-            self._fz_pv.step(np.array([s.pack_voltage]), sum_v, t),
+            self._frozen_cells.step(v, med_v, t),
+            self._frozen_sensors.step(temps, med_t, t),
+            self._frozen_pack_voltage.step(np.array([s.pack_voltage]), sum_v, t),
         ))
         sig = np.concatenate((v, temps, [s.pack_voltage]))
         self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
@@ -377,13 +399,12 @@ class RuleEngine:
             n_old = int((~(t - a <= p.stale_s)).sum()) if a.size else 0
             if n_old:
                 stale.append(f"{label}[{n_old}]")
-        missing = getattr(self, "_missing", [])
-        stale = stale + [f"{m} missing" for m in missing]
+        stale = stale + [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
         self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([float(len(names) + len(stale))]))
         r = self.timeout.result(np.array([float(len(names) + len(stale))]), "all messages fresh",
                                 {"timed_out": ",".join(names), "stale": ",".join(stale)})
-        r.values["communication_lost"] = bool(getattr(self, "comm_lost", False))
+        r.values["communication_lost"] = bool(self.comm_lost)
         if r.level != OK and bad:
             r.message = ("communication lost (no valid measurement); " if r.values["communication_lost"] else
                          "") + "timeout: " + ", ".join(names + stale)
@@ -428,14 +449,14 @@ class RuleEngine:
         def trap(lo0: float, lo1: float, hi1: float, hi0: float) -> float:
             if not (math.isfinite(tmin) and math.isfinite(tmax)):
                 return 0.0
-            f_lo = np.clip((tmin - lo0) / max(lo1 - lo0, 1e-9), 0.0, 1.0)
-            f_hi = np.clip((hi0 - tmax) / max(hi0 - hi1, 1e-9), 0.0, 1.0)
+            f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
+            f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
             return float(min(f_lo, f_hi))
 
         f_tc = trap(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
         f_td = trap(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
-        f_vc = float(np.clip((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v, 0, 1)) if math.isfinite(vmax) else 0.0
-        f_vd = float(np.clip((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v, 0, 1)) if math.isfinite(vmin) else 0.0
+        f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
+        f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
         # an active limit violation forbids current in that direction
         if self.cell_over.deb.active[1:].any() or self.temp_over.deb.active[2].any():
@@ -460,17 +481,37 @@ def _mostly_valid(finite: np.ndarray) -> bool:
 
 
 def _nanmax(a: np.ndarray) -> float:
-    return float(np.nanmax(a)) if np.isfinite(a).any() else math.nan
+    """Largest value ignoring NaN; NaN when nothing is finite (the NaN-aware scan only when needed)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.max()) if a.size else math.nan
+    return float(np.nanmax(a)) if finite.any() else math.nan
 
 
 def _nanmin(a: np.ndarray) -> float:
-    return float(np.nanmin(a)) if np.isfinite(a).any() else math.nan
+    """Smallest value ignoring NaN; NaN when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return float(a.min()) if a.size else math.nan
+    return float(np.nanmin(a)) if finite.any() else math.nan
 
 
 def _nanargmax(a: np.ndarray) -> int:
-    return int(np.nanargmax(a)) if np.isfinite(a).any() else -1
+    """Index of the largest value ignoring NaN; -1 when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return int(a.argmax()) if a.size else -1
+    return int(np.nanargmax(a)) if finite.any() else -1
 
 
 def _nanargmin(a: np.ndarray) -> int:
-    return int(np.nanargmin(a)) if np.isfinite(a).any() else -1
+    """Index of the smallest value ignoring NaN; -1 when nothing is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return int(a.argmin()) if a.size else -1
+    return int(np.nanargmin(a)) if finite.any() else -1
 
+
+def _clip01(x: float) -> float:
+    """x limited to [0, 1] (NaN stays NaN), without numpy's per-call overhead on a scalar."""
+    return min(max(x, 0.0), 1.0)

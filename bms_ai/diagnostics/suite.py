@@ -18,12 +18,12 @@ from pathlib import Path
 
 
 def cases(quick: bool = False) -> list[tuple[str, object, int]]:
-    from bms_ai.sim.scenario import Fault, Scenario
-    from bms_ai.sim.scenario import Phase as Segment
+    """(name, scenario, seed) of every drive in the suite; ``quick`` keeps fewer severities."""
+    from bms_ai.sim.scenario import Fault, Phase, Scenario
 
-    udds2 = [Segment("drive", "udds", repeats=2.0)]
-    drive_rest = [Segment("drive", "udds", repeats=1.0), Segment("rest", duration_s=600.0),
-                  Segment("drive", "hwfet", repeats=1.0)]
+    udds2 = [Phase("drive", "udds", repeats=2.0)]
+    drive_rest = [Phase("drive", "udds", repeats=1.0), Phase("rest", duration_s=600.0),
+                  Phase("drive", "hwfet", repeats=1.0)]
 
     def sc(name: str, segs=None, **kw) -> Scenario:
         return Scenario(name=name, chemistry=kw.pop("chemistry", "nmc"), segments=list(segs or udds2), **kw)
@@ -33,11 +33,11 @@ def cases(quick: bool = False) -> list[tuple[str, object, int]]:
     for seed in range(3 if quick else 4):
         out.append((f"ff_udds_s{seed}", sc(f"ff_udds_s{seed}"), seed))
     out.append(("ff_drive_rest", sc("ff_drive_rest", drive_rest), 11))
-    out.append(("ff_us06_cold", sc("ff_us06_cold", [Segment("drive", "us06", repeats=2.0)], ambient_c=-5.0, soc0=0.9), 12))
-    out.append(("ff_hwfet_aged", sc("ff_hwfet_aged", [Segment("drive", "hwfet", repeats=2.0)], soh=0.85), 13))
-    out.append(("ff_charge", sc("ff_charge", [Segment("rest", duration_s=60), Segment("charge", c_rate=0.5, soc_target=0.9,
+    out.append(("ff_us06_cold", sc("ff_us06_cold", [Phase("drive", "us06", repeats=2.0)], ambient_c=-5.0, soc0=0.9), 12))
+    out.append(("ff_hwfet_aged", sc("ff_hwfet_aged", [Phase("drive", "hwfet", repeats=2.0)], soh=0.85), 13))
+    out.append(("ff_charge", sc("ff_charge", [Phase("rest", duration_s=60), Phase("charge", c_rate=0.5, soc_target=0.9,
                                                                                          duration_s=3600),
-                                              Segment("rest", duration_s=600)], soc0=0.3), 14))
+                                              Phase("rest", duration_s=600)], soc0=0.3), 14))
     if not quick:
         out.append(("ff_lfp_udds", sc("ff_lfp_udds", chemistry="lfp", soc0=0.7), 15))
     # internal short: R_ISC ohm, onset 300 s
@@ -54,9 +54,9 @@ def cases(quick: bool = False) -> list[tuple[str, object, int]]:
     # lithium plating: fast charge in the cold (label from the anode potential)
     for amb, c in (((-10.0, 1.0),) if quick else ((-10.0, 1.0), (0.0, 1.5))):
         name = f"plating_{amb:g}C_{c:g}C"
-        out.append((name, sc(name, [Segment("rest", duration_s=60), Segment("charge", c_rate=c, soc_target=0.8,
+        out.append((name, sc(name, [Phase("rest", duration_s=60), Phase("charge", c_rate=c, soc_target=0.8,
                                                                              duration_s=1800),
-                                    Segment("rest", duration_s=600)], ambient_c=amb, soc0=0.2), 23))
+                                    Phase("rest", duration_s=600)], ambient_c=amb, soc0=0.2), 23))
     # sensor faults (rules)
     out.append(("sensor_faults", sc("sensor_faults", faults=[
         Fault("sensor_stuck", onset_s=200.0, cell=5, target="cell_v"),
@@ -66,6 +66,7 @@ def cases(quick: bool = False) -> list[tuple[str, object, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Simulate the missing drives of the suite into OUT_DIR."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter cases")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.detectors import DetectorParams
+from bms_ai.diagnostics.detectors import DetectorParams, PlatingModel
 from bms_ai.diagnostics.replay import Measured, load_measured, replay
 
 FEATURE_VERSION = "faults-1"
@@ -33,6 +33,7 @@ MARGIN = 1.5
 
 
 def is_fault_free(m: Measured) -> bool:
+    """A drive without injected faults (the calibration set)."""
     return not m.faults
 
 
@@ -72,6 +73,7 @@ def _plating_labels(drive_dir: Path, t: np.ndarray) -> np.ndarray:
 
 
 def plating_dataset(dirs: list[Path], drives: list[Measured]) -> tuple[np.ndarray, np.ndarray]:
+    """Plating features and labels over the charging ticks of the drives (every 5th: ticks are correlated)."""
     xs, ys = [], []
     for d, m in zip(dirs, drives):
         c = m.current / m.capacity_ah
@@ -108,6 +110,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50
 
 
 def export_plating_onnx(path: Path, w: np.ndarray, b: float, mean: np.ndarray, std: np.ndarray) -> None:
+    """The logistic model as ONNX (normalisation in the graph), so the runtime needs no separate scaler."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -135,6 +138,7 @@ def _sha(p: Path) -> str:
 
 
 def train(drive_dirs: list[Path], out: Path, cache: Path | None = None, log=print) -> dict:
+    """Calibrate thresholds per chemistry, train the plating model, write files and manifest to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     drives = [load_measured(d, cache) for d in drive_dirs]
@@ -158,7 +162,7 @@ def train(drive_dirs: list[Path], out: Path, cache: Path | None = None, log=prin
         export_plating_onnx(out / "plating.onnx", w, b, mean, std)
         (out / "plating.json").write_text(json.dumps({
             "weights": w.tolist(), "bias": b, "mean": mean.tolist(), "std": std.tolist(),
-            "features": ["t_min_c", "c_rate", "v_max"], "metrics": metrics}, indent=1) + "\n")
+            "features": list(PlatingModel.FEATURES), "metrics": metrics}, indent=1) + "\n")
         log(f"plating model: {metrics}")
     else:
         log(f"plating model: not trained (labels {metrics})")

@@ -1,7 +1,8 @@
 """Upload backends: one small interface, implementations picked by name from config.
 
 Like python-can's interfaces: ``make_backend({"kind": "http", ...})`` looks the
-kind up in ``BACKENDS``; adding one is a subclass with ``kind = "..."``.
+kind up in the ``BACKENDS`` registry; adding one is a ``Backend`` subclass
+registered with ``@BACKENDS.register("name")``.
 Backends raise ``UploadError`` with ``transient`` telling the uploader whether
 retrying can help (network down, 5xx) or not without a fix (bad token).
 """
@@ -17,12 +18,15 @@ import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO
 
+from bms_ai.core.registry import Registry
 from bms_ai.uplink.spool import Segment
 
 
 class UploadError(Exception):
+    """An upload that did not happen; ``transient`` says whether retrying can help, ``auth`` flags credentials."""
+
     def __init__(self, message: str, transient: bool = True, auth: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
@@ -40,6 +44,7 @@ class Throttle:
         self._lock = threading.Lock()
 
     def take(self, n: int) -> None:
+        """Wait until ``n`` bytes may be sent."""
         if self.rate <= 0:
             return
         with self._lock:
@@ -53,46 +58,40 @@ class Throttle:
 
 
 def read_chunks(f: BinaryIO, throttle: Throttle, chunk: int = 64 << 10) -> Iterator[bytes]:
+    """The file in chunks, each paid for in the throttle before it is sent."""
     while data := f.read(chunk):
         throttle.take(len(data))
         yield data
 
 
-BACKENDS: dict[str, type[Backend]] = {}
-
-
 class Backend(ABC):
     """Puts one segment somewhere durable; must be idempotent by content hash."""
-
-    kind: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if cls.__dict__.get("kind"):  # only classes that name their own kind register (not test subclasses)
-            BACKENDS[cls.kind] = cls
 
     @abstractmethod
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
         """Upload the open file; return a short description ('created', 'duplicate', ...)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (optional)."""
         pass
 
 
+BACKENDS: Registry[type[Backend]] = Registry("upload backend")
+
+
 def make_backend(config: dict[str, Any]) -> Backend:
+    """The backend a config section names (``kind``), built from the section's other keys.
+
+    An unknown kind is a one-line ValueError listing the registered kinds.
+    """
     cfg = dict(config)
     kind = cfg.pop("kind", None)
-    try:
-        cls = BACKENDS[str(kind)]
-    except KeyError:
-        raise ValueError(f"unknown upload backend {kind!r}; available: {sorted(BACKENDS)}") from None
-    return cls(**cfg)
+    return BACKENDS.get(str(kind))(**cfg)
 
 
+@BACKENDS.register("http", "HTTP(S) PUT to an ingest endpoint")
 class HttpBackend(Backend):
     """PUT to an ingest endpoint (``bms-ai ingest-server`` or compatible): bearer token, sha256 idempotency key."""
-
-    kind = "http"
 
     def __init__(self, url: str, token: str = "", ca_file: str | None = None, timeout_s: float = 30.0,
                  verify_tls: bool = True) -> None:
@@ -117,6 +116,7 @@ class HttpBackend(Backend):
         return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """PUT the segment; 201 'created', 200 'duplicate'; 401/403 are not transient."""
         path = self._u.path.rstrip("/") + "/segments/" + seg.sha256
         h = {"Content-Type": "application/octet-stream", "Content-Length": str(seg.size),
              "Idempotency-Key": seg.sha256, "X-Content-SHA256": seg.sha256, **headers}
@@ -139,10 +139,9 @@ class HttpBackend(Backend):
         raise UploadError(f"HTTP {resp.status}: {body[:200]}", transient=True)
 
 
+@BACKENDS.register("s3", "S3-compatible object storage (boto3)")
 class S3Backend(Backend):
     """S3-compatible object storage via boto3; key = prefix/class/sha256.ext; skip if already there."""
-
-    kind = "s3"
 
     def __init__(self, bucket: str, prefix: str = "bms_ai/", endpoint_url: str | None = None,
                  region: str = "us-east-1", access_key: str | None = None, secret_key: str | None = None,
@@ -165,6 +164,7 @@ class S3Backend(Backend):
         return f"{self.prefix}{vehicle + '/' if vehicle else ''}{seg.cls}/{name[0]}.{ext}"
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """Put the object unless its key exists ('duplicate'); access errors are not transient."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self.key(seg, headers.get("X-BMS-Vehicle", ""))
@@ -188,16 +188,16 @@ class S3Backend(Backend):
             raise UploadError(f"S3 {type(exc).__name__}: {exc}", transient=True) from exc
 
 
+@BACKENDS.register("directory", "copy into a local or mounted directory")
 class DirectoryBackend(Backend):
     """Copy into a local/mounted directory (sneakernet, NFS); same idempotency by hash."""
-
-    kind = "directory"
 
     def __init__(self, path: str) -> None:
         from pathlib import Path
         self.path = Path(path)
 
     def upload(self, seg: Segment, f: BinaryIO, throttle: Throttle, headers: dict[str, str]) -> str:
+        """Copy via a temp file and rename, so the target never holds a partial segment."""
         import os
         self.path.mkdir(parents=True, exist_ok=True)
         dst = self.path / seg.path.name

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-import yaml
+from bms_ai.core.paths import share_path
+from bms_ai.core.yamlfile import load_yaml
 
 DEFAULTS: dict[str, Any] = {
     "vehicle_id": "",
@@ -43,15 +44,40 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def default_config_path() -> str:
+    """The shipped config/uploader.yaml (source tree or installed share/), or "" if there is none."""
+    p = share_path("config", "uploader.yaml")
+    return str(p) if p.is_file() else ""
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """DEFAULTS <- file (its ``uplink:`` section or the whole document) <- overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+        doc = load_yaml(path, "uploader config") or {}
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected a mapping")
         cfg = deep_merge(cfg, doc.get("uplink", doc))
     return deep_merge(cfg, overrides or {})
+
+
+def parameter_overrides(spool_dir: str = "", backend_url: str = "", token: str = "", vehicle_id: str = "",
+                        topics: Iterable[str] = ()) -> dict[str, Any]:
+    """Config overrides from the node's parameters: empty values leave the file's settings alone.
+
+    ``topics`` entries are ``topic=class`` (a bare topic records as ``raw``) and replace the file's list.
+    """
+    over: dict[str, Any] = {}
+    if spool_dir:
+        over["spool"] = {"dir": spool_dir}
+    if backend_url or token:
+        over["backend"] = {k: v for k, v in (("url", backend_url), ("token", token)) if v}
+    if vehicle_id:
+        over["vehicle_id"] = vehicle_id
+    wanted = [t for t in topics if t]
+    if wanted:
+        over["topics"] = dict(t.split("=", 1) if "=" in t else (t, "raw") for t in wanted)
+    return over
 
 
 def resolve_env(section: dict[str, Any]) -> dict[str, Any]:

@@ -41,9 +41,11 @@ class IngestStore:
         self.rejected = 0
 
     def path(self, sha: str) -> Path:
+        """Where the object with this hash is stored."""
         return self.root / "objects" / sha
 
     def put(self, sha: str, stream: Any, length: int, meta: dict[str, str]) -> tuple[int, str]:
+        """Store ``length`` bytes from ``stream`` if they hash to ``sha``: (HTTP status, result)."""
         tmp = self.root / "tmp" / f"{sha}.{uuid.uuid4().hex}"
         h = hashlib.sha256()
         remaining = length
@@ -83,6 +85,7 @@ class IngestStore:
             return 201, "created"
 
     def list(self) -> list[dict[str, Any]]:
+        """Stored objects with their metadata."""
         out = []
         for p in sorted((self.root / "objects").iterdir()):
             if _SHA.match(p.name):
@@ -93,94 +96,112 @@ class IngestStore:
         return out
 
 
+class IngestHandler(BaseHTTPRequestHandler):
+    """One HTTP request against ``store`` (set per server by :func:`make_handler`)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "bms-ai-ingest/1"
+    store: IngestStore
+    token: str = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+        """Access log only with ``--verbose``."""
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    def _send(self, code: int, doc: Any) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _refuse(self, code: int, error: str) -> None:
+        """Answer without reading the body's content (it is drained, so the connection stays usable)."""
+        self._drain()
+        self._send(code, {"error": error})
+
+    def _authorised(self) -> bool:
+        if not self.token:
+            return True
+        got = self.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode())
+
+    def _drain(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        while n > 0:
+            c = self.rfile.read(min(n, 1 << 20))
+            if not c:
+                break
+            n -= len(c)
+
+    def do_GET(self) -> None:  # noqa: N802
+        """/healthz without a token; /segments lists what is stored."""
+        if self.path.rstrip("/") in ("/healthz", ""):
+            self._send(200, {"ok": True})
+        elif not self._authorised():
+            self._send(401, {"error": "bad or missing token"})
+        elif self.path.rstrip("/") == "/segments":
+            self._send(200, {"segments": self.store.list(), "received": self.store.received,
+                             "duplicates": self.store.duplicates, "rejected": self.store.rejected})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def do_PUT(self) -> None:  # noqa: N802
+        """PUT /segments/<sha256>."""
+        parts = self.path.strip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "segments":
+            self._put(parts[-1])
+        else:
+            self._refuse(404, "PUT /segments/<sha256>")
+
+    def do_POST(self) -> None:  # noqa: N802
+        """POST /segments with the hash in X-Content-SHA256."""
+        if self.path.rstrip("/").endswith("/segments"):
+            self._put(self.headers.get("X-Content-SHA256", ""))
+        else:
+            self._refuse(404, "POST /segments")
+
+    def _body_length(self) -> int | None:
+        """Content-Length if usable; otherwise answers 411/413, closes the connection and returns None."""
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            code, error = 411, "Content-Length required"
+        else:
+            if 0 <= length <= MAX_BODY:
+                return length
+            code, error = 413, "too large"
+        self._send(code, {"error": error})
+        self.close_connection = True
+        return None
+
+    def _put(self, sha: str) -> None:
+        if not self._authorised():
+            self._refuse(401, "bad or missing token")
+            return
+        sha = sha.lower()
+        if not _SHA.match(sha):
+            self._refuse(400, "need sha256 (64 hex) in path or X-Content-SHA256")
+            return
+        length = self._body_length()
+        if length is None:
+            return
+        meta = {k[6:].lower(): v for k, v in self.headers.items() if k.lower().startswith("x-bms-")}
+        try:
+            code, msg = self.store.put(sha, self.rfile, length, meta)
+        except OSError:
+            self.close_connection = True
+            return
+        if code == 400:
+            self.close_connection = True  # body may be partly unread
+        self._send(code, {"sha256": sha, "result": msg})
+
+
 def make_handler(store: IngestStore, token: str) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "bms-ai-ingest/1"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
-            if getattr(self.server, "verbose", False):
-                super().log_message(format, *args)
-
-        def _send(self, code: int, doc: Any) -> None:
-            body = json.dumps(doc).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _authorised(self) -> bool:
-            if not token:
-                return True
-            got = self.headers.get("Authorization", "")
-            return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
-
-        def _drain(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            while n > 0:
-                c = self.rfile.read(min(n, 1 << 20))
-                if not c:
-                    break
-                n -= len(c)
-
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path.rstrip("/") in ("/healthz", ""):
-                self._send(200, {"ok": True})
-            elif not self._authorised():
-                self._send(401, {"error": "bad or missing token"})
-            elif self.path.rstrip("/") == "/segments":
-                self._send(200, {"segments": store.list(), "received": store.received,
-                                 "duplicates": store.duplicates, "rejected": store.rejected})
-            else:
-                self._send(404, {"error": "not found"})
-
-        def _put(self, sha: str) -> None:
-            if not self._authorised():
-                self._drain()
-                self._send(401, {"error": "bad or missing token"})
-                return
-            sha = sha.lower()
-            if not _SHA.match(sha):
-                self._drain()
-                self._send(400, {"error": "need sha256 (64 hex) in path or X-Content-SHA256"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._send(411, {"error": "Content-Length required"})
-                self.close_connection = True
-                return
-            if length < 0 or length > MAX_BODY:
-                self._send(413, {"error": "too large"})
-                self.close_connection = True
-                return
-            meta = {k[6:].lower(): v for k, v in self.headers.items() if k.lower().startswith("x-bms-")}
-            try:
-                code, msg = store.put(sha, self.rfile, length, meta)
-            except OSError:
-                self.close_connection = True
-                return
-            if code == 400:
-                self.close_connection = True  # body may be partly unread
-            self._send(code, {"sha256": sha, "result": msg})
-
-        def do_PUT(self) -> None:  # noqa: N802
-            parts = self.path.strip("/").split("/")
-            if len(parts) >= 2 and parts[-2] == "segments":
-                self._put(parts[-1])
-            else:
-                self._drain()
-                self._send(404, {"error": "PUT /segments/<sha256>"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path.rstrip("/").endswith("/segments"):
-                self._put(self.headers.get("X-Content-SHA256", ""))
-            else:
-                self._drain()
-                self._send(404, {"error": "POST /segments"})
-
-    return Handler
+    """A handler class bound to one store and token (http.server builds one handler per request)."""
+    return type("Handler", (IngestHandler,), {"store": store, "token": token})
 
 
 class _Server(ThreadingHTTPServer):
@@ -215,18 +236,22 @@ class IngestServer:
 
     @property
     def port(self) -> int:
+        """The bound port (useful with port 0)."""
         return int(self.httpd.server_address[1])
 
     @property
     def url(self) -> str:
+        """Base URL for backends."""
         return f"{self.scheme}://{self.httpd.server_address[0]}:{self.port}"
 
     def start(self) -> IngestServer:
+        """Serve in a daemon thread."""
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         self.httpd.shutdown()
         self.httpd.server_close()
         if self._thread is not None:
@@ -234,6 +259,7 @@ class IngestServer:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`bms-ai ingest-server` arguments."""
     p.add_argument("--root", default="ingest_store", help="directory for received segments")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -244,6 +270,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve in the foreground until Ctrl-C."""
     token = args.token if args.token is not None else os.environ.get("BMS_AI_INGEST_TOKEN", "")
     srv = IngestServer(args.root, token, args.host, args.port, args.certfile, args.keyfile, args.verbose)
     print(f"bms-ai ingest-server: {srv.url} storing in {Path(args.root).resolve()}"

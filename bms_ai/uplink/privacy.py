@@ -13,6 +13,8 @@ import os
 
 
 class Pseudonymizer:
+    """Keyed pseudonyms for identifiers; the identity when disabled."""
+
     def __init__(self, key: bytes | str | None, length: int = 24, prefix: str = "p-") -> None:
         if isinstance(key, str):
             key = key.encode()
@@ -39,9 +41,11 @@ class Pseudonymizer:
 
     @property
     def enabled(self) -> bool:
+        """Whether a key is set (otherwise identifiers pass unchanged)."""
         return bool(self.key)
 
     def __call__(self, identifier: str) -> str:
+        """The stable pseudonym of ``identifier`` (empty stays empty)."""
         if not self.enabled or not identifier:
             return identifier
         got = self._cache.get(identifier)

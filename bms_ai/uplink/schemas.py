@@ -24,7 +24,7 @@ PRIMITIVES = frozenset({
 _FIELD_TYPE = re.compile(r"(?:^|\n)\s*([a-zA-Z0-9_/]+)(?:<=\d+)?(?:\[(?:<=)?\d*\])?\s+")
 
 
-class SchemaNotFound(LookupError):
+class SchemaNotFoundError(LookupError):
     """The .msg file for a type is not installed where ament or the venv puts it."""
 
 
@@ -64,15 +64,17 @@ def _share_dirs(package: str) -> list[Path]:
 
 @lru_cache(maxsize=256)
 def msg_file(type_name: str) -> Path:
+    """The installed .msg file of a type."""
     pkg, _, name = normalise_type(type_name).split("/")
     for d in _share_dirs(pkg):
         f = d / "msg" / f"{name}.msg"
         if f.is_file():
             return f
-    raise SchemaNotFound(f"{pkg}/msg/{name}.msg not found (looked in ament index, AMENT_PREFIX_PATH, {sys.prefix}/share)")
+    raise SchemaNotFoundError(f"{pkg}/msg/{name}.msg not found (looked in ament index, AMENT_PREFIX_PATH, {sys.prefix}/share)")
 
 
 def dependencies(text: str, package: str) -> list[str]:
+    """Message types a .msg text refers to (Header and package-relative names resolved)."""
     deps: set[str] = set()
     for m in _FIELD_TYPE.finditer(text):
         t = m.group(1)

@@ -26,6 +26,8 @@ FAULT_SNAPSHOT = "fault_snapshot"
 
 @dataclass(frozen=True)
 class Message:
+    """One recorded message: CDR bytes with topic, type and times."""
+
     topic: str
     type_name: str  # pkg/msg/Name
     data: bytes  # CDR
@@ -68,6 +70,7 @@ class SegmentWriter:
         return cid
 
     def write(self, m: Message) -> None:
+        """Append a message (channels and schemas are registered on first use)."""
         cid = self._channel(m.topic, m.type_name)
         self._seq[cid] += 1
         self._w.add_message(cid, log_time=m.log_time_ns, data=m.data,
@@ -84,9 +87,11 @@ class SegmentWriter:
 
     @property
     def bytes_written(self) -> int:
+        """Bytes on disk so far (rotation by size)."""
         return self._f.tell()
 
     def close(self) -> None:
+        """Finish the file (summary, footer); it is then a complete MCAP."""
         if not self.closed:
             self._w.finish()
             self._f.flush()
@@ -94,6 +99,7 @@ class SegmentWriter:
             self.closed = True
 
     def abort(self) -> None:
+        """Drop the file (write error): an unacknowledged segment leaves nothing behind."""
         if not self.closed:
             self._f.close()
             self.closed = True
@@ -108,6 +114,7 @@ class SnapshotBuffer:
         self._buf: deque[Message] = deque()
 
     def add(self, m: Message) -> None:
+        """Remember a message; older ones drop out of the window."""
         if self._buf and m.log_time_ns < self._buf[-1].log_time_ns - self.pre_ns:
             self._buf.clear()  # clock jumped back (replay restarted): the old window is not "before" anything
         self._buf.append(m)
@@ -116,6 +123,7 @@ class SnapshotBuffer:
             self._buf.popleft()
 
     def drain(self) -> list[Message]:
+        """The messages in the window, oldest first."""
         out = list(self._buf)
         return out
 
@@ -152,7 +160,6 @@ class Recorder:
         self._snap_end_ns: int | None = None
         self.snapshots = 0
         self.segments_committed = 0
-        self.segments_rejected = 0
         self.messages = 0
         self.write_errors = 0
 
@@ -166,6 +173,7 @@ class Recorder:
         return w
 
     def class_of(self, topic: str) -> str:
+        """The priority class a topic is recorded in."""
         return self.topic_classes.get(topic, self.default_class)
 
     def write(self, topic: str, type_name: str, data: bytes, log_time_ns: int, cls: str | None = None) -> None:
@@ -208,11 +216,8 @@ class Recorder:
         self._snap_end_ns = max(self._snap_end_ns, end)
         return False
 
-    @property
-    def snapshot_active(self) -> bool:
-        return self._snap_end_ns is not None
-
     def tick(self, now_ns: int) -> None:
+        """Close segments that are due by time (and an expired snapshot), even when no message arrives."""
         for cls in list(self._open):
             if cls == FAULT_SNAPSHOT:
                 if self._snap_end_ns is not None and now_ns >= self._snap_end_ns:
@@ -237,15 +242,14 @@ class Recorder:
             if self.on_segment:
                 self.on_segment(None, f"write error: {exc}")
             return None
-        if seg is None:
-            self.segments_rejected += 1
-        else:
+        if seg is not None:  # None: no room, counted by the spool as 'rejected'
             self.segments_committed += 1
         if self.on_segment:
             self.on_segment(seg, cls)
         return seg
 
     def flush_files(self) -> None:
+        """Hand finished chunks of open segments to the OS (a crash then loses only open chunks)."""
         for w in self._open.values():
             w.flush()
 

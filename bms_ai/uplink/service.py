@@ -7,11 +7,15 @@ names, so it runs in a plain process too (tests kill -9 such a process).
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bms_ai.core.levels import ERROR, OK, WARN
+from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.uplink.backends import make_backend
 from bms_ai.uplink.config import resolve_env
 from bms_ai.uplink.privacy import Pseudonymizer
@@ -20,10 +24,46 @@ from bms_ai.uplink.spool import Spool
 from bms_ai.uplink.telemetry import make_telemetry
 from bms_ai.uplink.uploader import RetryPolicy, Uploader
 
-ERROR_LEVEL = 2
+# Types of the graph's own topics; other topics come from ``topic_types`` in the config or the live graph.
+KNOWN_TYPES = {
+    "pack/measurements": "sensor_msgs/msg/BatteryState",
+    "battery_state": "sensor_msgs/msg/BatteryState",
+    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    "/rosout": "rcl_interfaces/msg/Log",
+}
+HEALTH_CHECK = "uploader"
+# stats reported in the uploader's DiagnosticStatus (the rest stays in stats())
+HEALTH_KEYS = ("backlog_segments", "backlog_bytes", "backlog_age_s", "acknowledged", "uploaded", "evicted",
+               "evicted_bytes", "expired", "rejected", "corrupt", "lost", "messages", "segments_committed",
+               "snapshots", "upload_last_upload_age_s", "upload_failures", "upload_consecutive_failures",
+               "upload_bytes", "mqtt_connected", "mqtt_published", "can_logs_picked")
+
+
+def health_level(stats: dict[str, Any], evicted_new: int, warn_age_s: float) -> tuple[int, str]:
+    """Level and message of the uploader status; later conditions win (rejected credentials the most)."""
+    level, msg = OK, "uploading" if stats["backlog_segments"] else "idle, backlog empty"
+    failing = stats.get("upload_consecutive_failures", 0)
+    if evicted_new > 0:
+        level, msg = WARN, f"spool full: evicted {evicted_new} segment(s)"
+    if failing:
+        level, msg = WARN, f"upload failing: {stats.get('upload_last_error', '')[:120]}"
+    if warn_age_s > 0 and stats["backlog_age_s"] > warn_age_s:
+        level, msg = WARN, f"oldest pending segment is {stats['backlog_age_s'] / 3600:.1f} h old"
+    if stats.get("upload_last_error_auth") and failing:
+        level, msg = ERROR, "ingest rejects our credentials"
+    return level, msg
+
+
+def battery_telemetry(percentage: float, capacity: float, design_capacity: float) -> dict[str, float | None]:
+    """SOC and SOH for the telemetry state from battery_state fields; None where the estimator has none."""
+    soh = capacity / design_capacity if design_capacity and math.isfinite(capacity) else math.nan
+    return {"soc": None if math.isnan(percentage) else float(percentage),
+            "soh": None if not math.isfinite(soh) else float(soh)}
 
 
 class UplinkService:
+    """Spool, recorder, uploader and telemetry for one vehicle, composed from one config dict."""
+
     def __init__(self, cfg: dict[str, Any], start_threads: bool = True) -> None:
         self.cfg = cfg
         self.pseudonymize = Pseudonymizer.from_config(resolve_env(cfg.get("privacy", {})))
@@ -60,10 +100,12 @@ class UplinkService:
         self._last_scan = 0.0
         self.can_logs_picked = 0
         self.rejected_messages = 0
+        self._evicted_seen = self.spool.counters()["evicted"]
         if start_threads:
             self.start()
 
     def start(self) -> None:
+        """Start the upload and telemetry threads (if configured)."""
         if self.uploader is not None:
             self.uploader.start()
         if self.telemetry is not None:
@@ -73,8 +115,31 @@ class UplinkService:
         if seg is not None and self.uploader is not None:
             self.uploader.wake()
 
+    # -- topics -----------------------------------------------------------------------------
+    @property
+    def topics(self) -> list[str]:
+        """The topics to record, as configured (relative names resolve in the node's namespace)."""
+        return list(self.cfg["topics"])
+
+    def topic_type(self, topic: str, full_name: str,
+                   discover: Callable[[], Iterable[tuple[str, list[str]]]] = tuple) -> str | None:
+        """A topic's message type: configured, else one of the graph's own, else from ``discover()``
+
+        (the live graph's (name, types) pairs, matched on the fully resolved ``full_name``); None if unknown yet.
+        """
+        configured = self.cfg.get("topic_types") or {}
+        if topic in configured:
+            return configured[topic]
+        if topic in KNOWN_TYPES:
+            return KNOWN_TYPES[topic]
+        for name, types in discover():
+            if name == full_name and types:
+                return types[0]
+        return None
+
     # -- inputs -----------------------------------------------------------------------------
     def record(self, topic: str, type_name: str, data: bytes, t_ns: int, cls: str | None = None) -> None:
+        """Record one CDR message; a message the recorder cannot take is counted, never raised."""
         try:
             self.recorder.write(topic, type_name, data, t_ns, cls)
         except (OSError, ValueError, LookupError):
@@ -82,7 +147,7 @@ class UplinkService:
 
     def diagnostics(self, statuses: list[tuple[str, int]], t_ns: int) -> bool:
         """Feed (name, level) pairs; a name newly at ERROR starts (or extends) a fault snapshot."""
-        now_err = {n for n, lvl in statuses if lvl == ERROR_LEVEL}
+        now_err = {n for n, lvl in statuses if lvl == ERROR}
         seen = {n for n, _ in statuses}
         new = now_err - self._errors
         self._errors = (self._errors - seen) | now_err
@@ -93,7 +158,41 @@ class UplinkService:
 
     @property
     def active_faults(self) -> list[str]:
+        """Statuses at ERROR now (for telemetry)."""
         return sorted(self._errors)
+
+    def telemetry_state(self, pack_id: str, battery: tuple[float, float, float] | None = None) -> dict[str, Any]:
+        """The telemetry state: vehicle (pseudonymised), active faults, and SOC/SOH once battery_state came.
+
+        ``battery`` is (percentage, capacity, design_capacity) of the last battery_state.
+        """
+        vals: dict[str, Any] = {"vehicle": self.vehicle or self.pseudonymize(pack_id), "faults": self.active_faults}
+        if battery is not None:
+            vals.update(battery_telemetry(*battery))
+        return vals
+
+    # -- health -----------------------------------------------------------------------------
+    def started_status(self) -> CheckResult:
+        """The first uploader status: what the spool recovery found."""
+        rec = self.spool.last_recovery
+        return CheckResult(HEALTH_CHECK, OK, "started", {
+            "recovered_partial": rec.partial_removed, "recovery_missing": rec.missing,
+            "recovery_orphans": rec.orphans_adopted + rec.orphans_removed})
+
+    def health(self, rejected: int = 0, reject_reason: str = "", subscribed: Iterable[str] = ()) -> CheckResult:
+        """The periodic uploader status; ``rejected`` counts the node's own rejected messages.
+
+        Evictions are reported once, in the first status after they happened.
+        """
+        s = self.stats()
+        evicted_new = s["evicted"] - self._evicted_seen
+        self._evicted_seen = s["evicted"]
+        warn_age = float(self.cfg.get("backlog", {}).get("warn_age_s", 86400.0))
+        level, msg = health_level(s, evicted_new, warn_age)
+        vals = {k: s[k] for k in HEALTH_KEYS if k in s}
+        vals.update(rejected_messages=rejected + s["rejected_messages"], reject_reason=reject_reason,
+                    subscribed=",".join(subscribed))
+        return CheckResult(HEALTH_CHECK, level, msg, vals)
 
     def tick(self, t_ns: int) -> None:
         """Periodic (1 Hz): close due segments, flush finished chunks, pick up CAN logs."""
@@ -130,6 +229,7 @@ class UplinkService:
         return n
 
     def stats(self) -> dict[str, Any]:
+        """Spool, recorder, uploader (``upload_*``) and telemetry (``mqtt_*``) figures in one dict."""
         s: dict[str, Any] = dict(self.spool.stats())
         s.update(messages=self.recorder.messages, segments_committed=self.recorder.segments_committed,
                  snapshots=self.recorder.snapshots, rejected_messages=self.rejected_messages,
@@ -141,6 +241,7 @@ class UplinkService:
         return s
 
     def close(self, drain_s: float = 0.0) -> None:
+        """Commit open segments, upload for up to ``drain_s``, stop the threads, close the spool."""
         self.recorder.flush()
         if self.uploader is not None:
             self.uploader.stop()

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 @dataclass(frozen=True)
 class Segment:
+    """An acknowledged segment: its file, class, hash and upload attempts."""
+
     id: int
     path: Path
     cls: str
@@ -64,6 +66,8 @@ class Segment:
 
 @dataclass
 class RecoveryReport:
+    """What recovery found and did at start."""
+
     partial_removed: int = 0
     orphans_adopted: int = 0
     orphans_removed: int = 0
@@ -74,6 +78,7 @@ class RecoveryReport:
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
@@ -87,10 +92,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class SpoolFull(RuntimeError):
-    """No room for a segment even after evicting everything of lower or equal priority."""
 
 
 class Spool:
@@ -156,6 +157,7 @@ class Spool:
                          "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, n))
 
     def counters(self) -> dict[str, int]:
+        """Lifetime counters (survive restarts: they live in the database)."""
         with self._lock:
             got = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         return {k: int(got.get(k, 0)) for k in COUNTERS}
@@ -223,11 +225,13 @@ class Spool:
 
     # -- space ------------------------------------------------------------------------------
     def used_bytes(self) -> int:
+        """Bytes of pending segments (what the quota counts)."""
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM segments WHERE state=?",
                                         (PENDING,)).fetchone()[0])
 
     def free_bytes(self) -> int:
+        """Free bytes on the spool's file system."""
         return shutil.disk_usage(self.root).free
 
     def _make_room(self, size: int, rank: int) -> list[str] | None:
@@ -264,19 +268,12 @@ class Spool:
             self._bump("evicted_bytes", vsize)
         return [vfile for _vid, vfile, _vsize in plan]
 
-    def enforce_limits(self) -> int:
-        """Evict until quota/free space hold again (e.g. the disk filled from elsewhere). Returns evictions."""
-        with self._lock:
-            with self._tx():
-                victims = self._make_room(0, 0) or []
-            self._unlink(victims)
-            return len(victims)
-
     # -- reading / state changes ------------------------------------------------------------
     def _row(self, r: tuple) -> Segment:
         return Segment(int(r[0]), self.segments_dir / r[1], r[2], r[3], int(r[4]), float(r[5]), int(r[6]), r[7])
 
     def pending(self, newest_first: bool = False, limit: int = 1000) -> list[Segment]:
+        """Pending segments in upload order: class first, then age."""
         order = "DESC" if newest_first else "ASC"
         with self._lock:
             rows = self._db.execute(
@@ -294,6 +291,7 @@ class Spool:
         return None
 
     def release(self, seg: Segment, error: str = "") -> None:
+        """Give a claimed segment back (upload failed: the error is recorded, the segment stays pending)."""
         with self._lock:
             self._busy.discard(seg.id)
             if error:
@@ -301,6 +299,7 @@ class Spool:
                                  (error[:500], seg.id))
 
     def mark_uploaded(self, seg: Segment, delete: bool = True) -> None:
+        """The backend confirmed it: the row is done and the file goes."""
         with self._lock:
             self._busy.discard(seg.id)
             with self._tx():
@@ -324,6 +323,7 @@ class Spool:
                 self._bump("corrupt")
 
     def mark_lost(self, seg: Segment, reason: str) -> None:
+        """The file vanished: counted, never retried."""
         with self._lock:
             self._busy.discard(seg.id)
             with self._tx():
@@ -354,28 +354,33 @@ class Spool:
         return n
 
     def states(self) -> dict[str, int]:
+        """Row count per state."""
         with self._lock:
             return dict(self._db.execute("SELECT state, COUNT(*) FROM segments GROUP BY state").fetchall())
 
     def hashes(self, states: Iterable[str] = (PENDING, UPLOADED)) -> list[str]:
+        """Content hashes of segments in the given states."""
         st = list(states)
         with self._lock:
             q = f"SELECT sha256 FROM segments WHERE state IN ({','.join('?' * len(st))})"
             return [r[0] for r in self._db.execute(q, st).fetchall()]
 
     def rows(self) -> list[dict]:
+        """Every row as a dict (inspection and tests)."""
         with self._lock:
             cur = self._db.execute("SELECT id, file, cls, sha256, size, created, state, attempts FROM segments")
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def oldest_pending_age(self, now: float | None = None) -> float:
+        """Age of the oldest pending segment in seconds (0 when none)."""
         now = time.time() if now is None else now
         with self._lock:
             r = self._db.execute("SELECT MIN(created) FROM segments WHERE state=?", (PENDING,)).fetchone()[0]
         return 0.0 if r is None else max(0.0, now - float(r))
 
     def stats(self) -> dict[str, float | int]:
+        """Backlog and counters in one dict."""
         with self._lock:
             n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size),0) FROM segments WHERE state=?",
                                     (PENDING,)).fetchone()
@@ -463,5 +468,6 @@ class Spool:
                 self._bump("recovered_partial", rep.partial_removed)
 
     def close(self) -> None:
+        """Close the database."""
         with self._lock:
             self._db.close()

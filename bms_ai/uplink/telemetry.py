@@ -13,11 +13,14 @@ import threading
 import time
 from typing import Any
 
-TELEMETRY: dict[str, type] = {}
+from bms_ai.core.registry import Registry
+
+TELEMETRY: Registry[type] = Registry("telemetry kind")
 
 
+@TELEMETRY.register("mqtt", "MQTT (paho-mqtt): retained state, online/offline with last will")
 class MqttTelemetry:
-    kind = "mqtt"
+    """Publishes the latest state at a fixed rate from its own thread; never blocks the caller."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, topic_prefix: str = "bms_ai/vehicle",
                  client_id: str = "", rate_hz: float = 1.0, qos: int = 1, retain: bool = True,
@@ -67,6 +70,7 @@ class MqttTelemetry:
             self._state.update(values)
 
     def publish_now(self) -> None:
+        """Publish the current state now (the thread calls this at rate_hz)."""
         with self._lock:
             doc = dict(self._state, t=time.time())
         try:
@@ -87,6 +91,7 @@ class MqttTelemetry:
             self._stop.wait(max(0.0, nxt - time.monotonic()))
 
     def start(self) -> MqttTelemetry:
+        """Connect in the background and start publishing; returns self."""
         self._client.connect_async(self._host, self._port, self._keepalive)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._run, name="bms_ai-mqtt", daemon=True)
@@ -104,20 +109,18 @@ class MqttTelemetry:
         self._client.loop_stop()
 
     def stats(self) -> dict[str, Any]:
+        """Connection and publish counters."""
         return {"connected": self.connected, "published": self.published, "publish_errors": self.publish_errors,
                 "connects": self.connects}
 
 
-TELEMETRY["mqtt"] = MqttTelemetry
-
-
 def make_telemetry(config: dict[str, Any] | None) -> MqttTelemetry | None:
+    """The telemetry publisher a config section names (``kind``, default mqtt); None when disabled.
+
+    An unknown kind is a one-line ValueError listing the registered kinds.
+    """
     cfg = dict(config or {})
     if not cfg or not cfg.pop("enabled", True):
         return None
     kind = cfg.pop("kind", "mqtt")
-    try:
-        cls = TELEMETRY[kind]
-    except KeyError:
-        raise ValueError(f"unknown telemetry kind {kind!r}; available: {sorted(TELEMETRY)}") from None
-    return cls(**cfg)
+    return TELEMETRY.get(str(kind))(**cfg)

@@ -28,6 +28,7 @@ class RetryPolicy:
     jitter: bool = True
 
     def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after ``failures`` consecutive failures."""
         if failures <= 0:
             return 0.0
         d = min(self.max_s, self.base_s * self.factor ** min(failures - 1, 60))
@@ -38,6 +39,8 @@ class RetryPolicy:
 
 @dataclass
 class UploaderStats:
+    """Upload counters and the last error, reported in the uploader status."""
+
     uploaded: int = 0
     duplicates: int = 0
     bytes: int = 0
@@ -54,12 +57,15 @@ class UploaderStats:
     history: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """Counters plus the age of the last successful upload (-1 before the first)."""
         d = {k: v for k, v in self.__dict__.items() if k != "history"}
         d["last_upload_age_s"] = time.time() - self.last_upload_wall if self.last_upload_wall else -1.0
         return d
 
 
 class Uploader:
+    """Drains the spool through a backend, in its own thread or step by step."""
+
     def __init__(self, spool: Spool, backend: Backend, retry: RetryPolicy | None = None, bandwidth_bps: float = 0.0,
                  max_age_s: dict[str, float] | None = None, newest_first: bool = False,
                  headers: dict[str, str] | None = None, idle_s: float = 0.5, seed: int | None = None) -> None:
@@ -148,6 +154,7 @@ class Uploader:
 
     # -- background thread ------------------------------------------------------------------
     def start(self) -> None:
+        """Run the upload loop in a daemon thread."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="bms_ai-uplink", daemon=True)
@@ -172,6 +179,7 @@ class Uploader:
                 self._wake.clear()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop (the segment in flight finishes or is retried next time)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -1,0 +1,216 @@
+"""The fault monitor without ROS: rules and detectors for one pack, fed sample by sample.
+
+bms_ai/nodes/fault_monitor.py only converts messages and publishes what this
+returns: one :class:`CheckResult` per check (``bms_ai: <check>``), plus the
+latched-event summary (``events``) and the monitor's own health
+(``fault monitor``). Rules step with the measurement's stamp as time, so the
+results are the same at any replay speed; :meth:`FaultMonitor.watchdog` steps
+them on the last sample when measurements stop, so the CAN timeout fires even
+when the bridge goes silent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_limits
+from bms_ai.diagnostics.rules import CheckResult, Event, RuleEngine
+from bms_ai.estimation import status
+from bms_ai.pack import PackSample
+
+MONITOR_CHECK = "fault monitor"
+EVENTS_CHECK = "events"
+STATUS_PREFIX = "bms_ai: "
+
+
+def limits_path(limits_file: str, chemistry: str) -> Path:
+    """The limits file to load: the explicit one, else the shipped one for the chemistry."""
+    return Path(limits_file) if limits_file else default_limits_path(chemistry)
+
+
+def make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str) -> Any:
+    """Incipient-fault detectors (optional to the rules); a broken plating model file disables only that check."""
+    from bms_ai.diagnostics.detectors import DetectorBank, PlatingModel
+
+    try:
+        plating = PlatingModel.load()
+    except (ValueError, OSError):  # bad model file: run without it, the plating check says so
+        plating = None
+    return DetectorBank(n_cells, n_temps, tick_hz=tick_hz, plating=plating or False, chemistry=chemistry)
+
+
+def format_event(e: Event) -> str:
+    """One latched event as the ``eventN`` value: check, tier, element, onset, set time and value."""
+    where = f" #{e.index}" if e.index >= 0 else ""
+    return f"{e.check} {e.tier.upper()}{where} onset={e.onset:.1f} set={e.set_time:.1f} value={e.value:.4g}"
+
+
+def events_status(events: list[Event], total: int, max_events: int) -> CheckResult:
+    """The ``events`` status: level of the worst active event, the first ``max_events`` listed."""
+    level = max((e.level for e in events), default=OK)
+    values: dict[str, Any] = {"active": len(events), "total": total}
+    for k, e in enumerate(events[:max_events]):
+        values[f"event{k}"] = format_event(e)
+    message = "no active events" if not events else f"{len(events)} active: " + ", ".join(
+        sorted({f"{e.check} ({e.tier.upper()})" for e in events}))
+    return CheckResult(EVENTS_CHECK, level, message, values)
+
+
+class FaultMonitor:
+    """Everything fault_monitor decides; the node feeds it converted messages and publishes its results.
+
+    Bad input (wrong shape, out-of-order stamps, a failing rule) is counted and
+    reported in the ``fault monitor`` status, never raised.
+    """
+
+    def __init__(self, cfg: LimitsConfig, hardware_id: str, detectors: bool = True, stale_after: float = 1.0,
+                 capacity_ah: float = 50.0, max_events: int = 8) -> None:
+        self.cfg = cfg
+        self.hardware_id = hardware_id
+        self.use_detectors = bool(detectors)
+        self.stale_after = float(stale_after)
+        self.max_events = int(max_events)
+        self.engine: RuleEngine | None = None
+        self.detectors: Any = None
+        self.sample: PackSample | None = None
+        self.last_rx = math.nan     # monitor clock at the last accepted measurement
+        self.last_t = math.nan      # time of the last rule step
+        self.rejected = 0
+        self.reject_reason = ""
+        self.steps = 0
+        self.step_time_max = 0.0
+        self.step_time_sum = 0.0
+        self.soc: float | None = None
+        self.soc_stamp: float | None = None
+        self.capacity = float(capacity_ah)
+        self.model_fallback: bool | None = None
+        self._own_checks: set[str] = set()
+
+    @classmethod
+    def load(cls, limits_file: str, chemistry: str, hardware_id: str, **kwargs: Any) -> FaultMonitor:
+        """A monitor on the given limits file, or the shipped one for ``chemistry``."""
+        return cls(load_limits(limits_path(limits_file, chemistry)), hardware_id, **kwargs)
+
+    # ---------------------------------------------------------------- inputs
+    def reject(self, reason: str) -> None:
+        """Count a measurement that cannot be used; the reason shows in the next ``fault monitor`` status."""
+        self.rejected += 1
+        self.reject_reason = reason
+
+    def startup_status(self) -> list[CheckResult]:
+        """What to publish before the first measurement."""
+        return self._own([CheckResult(MONITOR_CHECK, STALE, "waiting for pack/measurements",
+                                      {"limits": self.cfg.source, "chemistry": self.cfg.chemistry})])
+
+    def on_sample(self, s: PackSample, now: float) -> list[CheckResult]:
+        """One measurement at monitor time ``now``: the statuses to publish ([] if it was rejected)."""
+        if not self._accepts_shape(s):
+            return []
+        self.sample = s
+        self.last_rx = now
+        t = s.stamp if s.stamp > 0 else now
+        if math.isfinite(self.last_t) and t <= self.last_t:
+            self.reject("out-of-order stamp")
+            return []
+        return self._step(s, t)
+
+    def _accepts_shape(self, s: PackSample) -> bool:
+        """The first sample sizes the rules; later ones must match it."""
+        n_temps = s.cell_temperatures.size
+        if self.engine is None:
+            if s.n_cells == 0:
+                self.reject("no cell voltages")
+                return False
+            self.engine = RuleEngine(self.cfg, s.n_cells, n_temps)
+            if self.use_detectors:
+                self.detectors = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz, self.cfg.chemistry)
+            return True
+        if s.n_cells != self.engine.n_cells or n_temps != self.engine.n_temps:
+            self.reject(f"shape {s.n_cells}/{n_temps} != {self.engine.n_cells}/{self.engine.n_temps}")
+            return False
+        return True
+
+    def on_estimate(self, soc: float, stamp: float, capacity_ah: float) -> None:
+        """The estimator's battery_state: SOC (with its stamp) for the jump check, capacity when known."""
+        if math.isfinite(soc):
+            self.soc = float(soc)
+            self.soc_stamp = stamp or None
+        if math.isfinite(capacity_ah) and capacity_ah > 0:
+            self.capacity = float(capacity_ah)
+
+    def on_peer_status(self, hardware_id: str, name: str, values: Iterable[tuple[str, str]]) -> None:
+        """A /diagnostics status from another node of this pack: the estimator's model-fallback flag."""
+        if hardware_id != self.hardware_id or not name.startswith(STATUS_PREFIX) or \
+                name[len(STATUS_PREFIX):] in self._own_checks:
+            return
+        flag = status.model_fallback(values)
+        if flag is not None:
+            self.model_fallback = flag
+
+    def reset(self, now: float) -> bool:
+        """Acknowledge latched events (at the last step time, else ``now``); False before the first sample."""
+        if self.engine is None:
+            return False
+        self.engine.reset(self.last_t if math.isfinite(self.last_t) else now)
+        return True
+
+    def watchdog(self, now: float) -> list[CheckResult]:
+        """Periodic: with no measurement for ``stale_after`` s, step on the last sample so the timeout check fires."""
+        if self.sample is None or self.engine is None:
+            return []
+        if now - self.last_rx > self.stale_after and now > self.last_t:
+            return self._step(self.sample, now)
+        return []
+
+    # ---------------------------------------------------------------- rules
+    def _step(self, s: PackSample, t: float) -> list[CheckResult]:
+        assert self.engine is not None
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.step(s, t, soc=self.soc, soc_stamp=self.soc_stamp, capacity_ah=self.capacity,
+                                       model_fallback=self.model_fallback)
+            if self.detectors is not None:
+                results += self.detectors.step(s, t)
+        except Exception as exc:  # a rule bug must not take down the monitor
+            self.reject(f"rule step failed: {exc!r}")
+            return self._own([CheckResult(MONITOR_CHECK, ERROR, f"rule step failed: {exc!r}",
+                                          {"rejected": self.rejected})])
+        dt = time.perf_counter() - t0
+        self.steps += 1
+        self.step_time_sum += dt
+        self.step_time_max = max(self.step_time_max, dt)
+        self.last_t = t
+        return self._own([*results, self.events_status(), self.health()])
+
+    def active_events(self) -> list[Event]:
+        """Active latched events of the rules, then of the detectors."""
+        if self.engine is None:
+            return []
+        events = self.engine.active_events()
+        if self.detectors is not None:
+            events += self.detectors.active_events()
+        return events
+
+    def events_status(self) -> CheckResult:
+        """The ``events`` status for the current state."""
+        total = len(self.engine.events) if self.engine is not None else 0
+        return events_status(self.active_events(), total, self.max_events)
+
+    def health(self) -> CheckResult:
+        """The ``fault monitor`` status: steps, rejections (WARN once any), step cost, limits in use."""
+        rejected = f" ({self.reject_reason})" if self.rejected else ""
+        return CheckResult(MONITOR_CHECK, WARN if self.rejected else OK,
+                           f"{self.steps} steps, {self.rejected} rejected{rejected}",
+                           {"steps": self.steps, "rejected": self.rejected, "last_reject": self.reject_reason,
+                            "step_mean_us": 1e6 * self.step_time_sum / max(self.steps, 1),
+                            "step_max_us": 1e6 * self.step_time_max,
+                            "limits": self.cfg.source, "chemistry": self.cfg.chemistry})
+
+    def _own(self, results: list[CheckResult]) -> list[CheckResult]:
+        self._own_checks.update(r.check for r in results)
+        return results

@@ -1,0 +1,155 @@
+"""FaultMonitor (what fault_monitor decides, without ROS): rejections, events, watchdog, peer status, reset."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.diagnostics.monitor import FaultMonitor, events_status, format_event, limits_path
+from bms_ai.diagnostics.rules import Event
+from bms_ai.estimation import status
+from bms_ai.pack import PackSample
+
+N, NT = 96, 32
+
+
+def sample(t: float, v: np.ndarray | None = None, n: int = N, status_: dict | None = None) -> PackSample:
+    """A healthy 10 Hz measurement stamped ``t`` (cell voltages ``v``)."""
+    v = np.full(n, 3.8) if v is None else v
+    return PackSample(stamp=t, pack_voltage=float(v.sum()), pack_current=-10.0, cell_voltages=v.copy(),
+                      cell_temperatures=np.full(NT, 25.0), pack_voltage_stamp=t, pack_current_stamp=t,
+                      cell_voltage_stamps=np.full(n, t), cell_temperature_stamps=np.full(NT, t),
+                      status=status_ or {})
+
+
+@pytest.fixture
+def mon() -> FaultMonitor:
+    """A monitor on the shipped NMC limits, rules only (detectors have their own tests)."""
+    return FaultMonitor.load("", "nmc", "packT", detectors=False, stale_after=1.0, max_events=2)
+
+
+def by_check(results: list) -> dict:
+    """Results keyed by check name."""
+    return {r.check: r for r in results}
+
+
+def test_startup_status_names_the_limits_in_use(mon: FaultMonitor) -> None:
+    """Before any measurement the monitor says STALE and which limits file it loaded."""
+    (r,) = mon.startup_status()
+    assert (r.check, r.level) == ("fault monitor", STALE)
+    assert r.values["limits"] == str(limits_path("", "nmc")) and r.values["chemistry"] == "nmc"
+
+
+def test_every_check_plus_events_and_health_per_step(mon: FaultMonitor) -> None:
+    """One step returns every rule check, then the event summary and the monitor's own health."""
+    res = mon.on_sample(sample(0.1), now=100.0)
+    checks = [r.check for r in res]
+    assert checks[-2:] == ["events", "fault monitor"]
+    assert {"cell overvoltage", "can timeout", "current derating"} <= set(checks)
+    r = by_check(res)
+    assert r["events"].level == OK and r["events"].message == "no active events"
+    assert r["fault monitor"].level == OK and r["fault monitor"].message == "1 steps, 0 rejected"
+
+
+def test_bad_samples_are_counted_not_raised(mon: FaultMonitor) -> None:
+    """No cells, a changed shape, an old stamp: each is counted and named in the next health status."""
+    assert mon.on_sample(sample(0.1, n=0, v=np.empty(0)), now=1.0) == []
+    assert mon.rejected == 1 and mon.reject_reason == "no cell voltages"
+    assert mon.on_sample(sample(0.2), now=1.1)
+    assert mon.on_sample(sample(0.3, n=10), now=1.2) == []
+    assert mon.reject_reason == "shape 10/32 != 96/32"
+    assert mon.on_sample(sample(0.2), now=1.3) == []
+    assert mon.reject_reason == "out-of-order stamp"
+    health = by_check(mon.on_sample(sample(0.4), now=1.4))["fault monitor"]
+    assert health.level == WARN and health.message == "2 steps, 3 rejected (out-of-order stamp)"
+    assert health.values["rejected"] == 3 and health.values["steps"] == 2
+
+
+def test_a_failing_rule_step_is_reported_as_error(mon: FaultMonitor) -> None:
+    """A sample the rules cannot digest (non-numeric contactor state) gives an ERROR status, not a crash."""
+    mon.on_sample(sample(0.1), now=1.0)
+    (r,) = mon.on_sample(sample(0.2, status_={"contactor_plus": "closed"}), now=1.1)
+    assert (r.check, r.level) == ("fault monitor", ERROR) and r.message.startswith("rule step failed: TypeError")
+    assert mon.rejected == 1 and mon.steps == 1
+
+
+def test_latched_event_is_listed_and_cleared_by_reset(mon: FaultMonitor) -> None:
+    """Cell 7 beyond MSL: ERROR event listed as eventN, still there after recovery, gone after reset."""
+    assert mon.reset(now=0.0) is False  # nothing to reset before the first sample
+    v = np.full(N, 3.8)
+    v[7] = 4.30
+    t = 0.0
+    for _ in range(12):
+        t += 0.1
+        res = by_check(mon.on_sample(sample(t, v), now=t))
+    ev = res["events"]
+    assert ev.level == ERROR and ev.values["active"] == 4  # MOL, RSL, MSL of cell 7 and the cell spread
+    assert len([k for k in ev.values if k.startswith("event")]) == 2  # max_events
+    assert ev.message == ("4 active: cell overvoltage (MOL), cell overvoltage (MSL), cell overvoltage (RSL), "
+                          "cell voltage spread (PLAUSIBILITY)")
+    for _ in range(20):
+        t += 0.1
+        res = by_check(mon.on_sample(sample(t), now=t))
+    assert res["events"].level == ERROR and res["events"].values["event0"].startswith("cell overvoltage MSL #7 ")
+    assert mon.reset(now=t) is True
+    t += 0.1
+    res = by_check(mon.on_sample(sample(t), now=t))
+    assert res["events"].level == OK and res["cell overvoltage"].level == OK
+
+
+def test_format_and_summary_of_events() -> None:
+    """Event text: check, tier, element, onset, set time, value; pack-level events have no element."""
+    cell = Event("cell overvoltage", "msl", 7, 1.25, 1.5, 4.3, level=ERROR)
+    pack = Event("can timeout", "timeout", -1, 3.0, 3.0, 2.0, level=ERROR)
+    assert format_event(cell) == "cell overvoltage MSL #7 onset=1.2 set=1.5 value=4.3"
+    assert format_event(pack) == "can timeout TIMEOUT onset=3.0 set=3.0 value=2"
+    r = events_status([cell, pack], total=5, max_events=8)
+    assert (r.level, r.values["active"], r.values["total"]) == (ERROR, 2, 5)
+    assert r.message == "2 active: can timeout (TIMEOUT), cell overvoltage (MSL)"
+    assert events_status([], 0, 8).message == "no active events"
+
+
+def test_watchdog_steps_on_stale_data_only_after_silence(mon: FaultMonitor) -> None:
+    """No step while measurements flow; after stale_after of silence the timeout check fires."""
+    assert mon.watchdog(now=10.0) == []  # nothing received yet
+    mon.on_sample(sample(0.1), now=10.0)
+    assert mon.watchdog(now=10.5) == []
+    res = by_check(mon.watchdog(now=11.2))
+    assert res["can timeout"].level == ERROR and mon.last_t == 11.2
+
+
+def test_model_fallback_only_from_this_packs_estimator(mon: FaultMonitor) -> None:
+    """The fallback flag counts from another node of this pack; other packs and own checks are ignored."""
+    flag = [(status.MODEL_FALLBACK, "True")]
+    mon.on_peer_status("other-pack", "bms_ai: soc", flag)
+    mon.on_peer_status("packT", "foreign: soc", flag)
+    assert mon.model_fallback is None
+    mon.startup_status()
+    mon.on_peer_status("packT", "bms_ai: fault monitor", flag)  # our own status is not the estimator's
+    assert mon.model_fallback is None
+    mon.on_peer_status("packT", "bms_ai: soc", [("soc", "0.5")])
+    assert mon.model_fallback is None
+    mon.on_peer_status("packT", "bms_ai: soc", flag)
+    assert mon.model_fallback is True
+    res = by_check(mon.on_sample(sample(0.1), now=1.0))
+    assert res["estimator plausibility"].level == WARN and "model fallback" in res["estimator plausibility"].message
+
+
+def test_estimate_inputs_ignore_unknown_values(mon: FaultMonitor) -> None:
+    """NaN SOC and non-positive capacity keep the previous values; a zero stamp means 'use step time'."""
+    mon.on_estimate(0.5, 12.0, 45.0)
+    assert (mon.soc, mon.soc_stamp, mon.capacity) == (0.5, 12.0, 45.0)
+    mon.on_estimate(math.nan, 13.0, 0.0)
+    assert (mon.soc, mon.soc_stamp, mon.capacity) == (0.5, 12.0, 45.0)
+    mon.on_estimate(0.4, 0.0, math.nan)
+    assert (mon.soc, mon.soc_stamp, mon.capacity) == (0.4, None, 45.0)
+
+
+def test_detectors_join_the_step_when_enabled() -> None:
+    """With detectors on, their checks come with the rules' in one step."""
+    mon = FaultMonitor.load("", "nmc", "packT", detectors=True)
+    checks = {r.check for r in mon.on_sample(sample(0.1), now=1.0)}
+    assert {"internal short", "thermal anomaly", "lithium plating", "anomaly score", "cell overvoltage"} <= checks
