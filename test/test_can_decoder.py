@@ -14,7 +14,8 @@ from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.checks import crc8_sae_j1850
 from bms_ai.can.codec import compile_signal, frame_words
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.offline import FrameArrays, decode_frames, sample, sample_times
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.offline import decode_frames, sample, sample_times
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 

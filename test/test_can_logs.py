@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.offline import decode_log, read_log
+from bms_ai.can.logs import read_log
+from bms_ai.can.offline import decode_log
 from bms_ai.can.packconfig import load_pack_config
 
 FORMATS = [".asc", ".blf", ".log", ".trc", ".csv"]
@@ -192,7 +193,8 @@ def _mixed_messages(messages, error_frame: bool):
 
 @pytest.mark.parametrize("error_frame", [False, True])
 def test_fast_blf_reader_is_bit_identical_to_python_can(tmp_path, messages, error_frame):
-    from bms_ai.can.offline import FrameArrays, iter_log
+    from bms_ai.can.frames import FrameArrays
+    from bms_ai.can.logs import iter_log
 
     path = tmp_path / "mixed.blf"
     _write(path, _mixed_messages(messages * 60, error_frame))  # several zlib containers

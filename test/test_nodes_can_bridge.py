@@ -83,12 +83,13 @@ def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
     bus = can.Bus(interface="virtual", channel="bridge_test")
     try:
         msgs = synthetic_messages(PackDecoder(cfg), 0.0, 1.5)  # the virtual bus stamps receive time
+        bus.send(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False))  # unknown id
+        bus.send(can.Message(arbitration_id=0x120, data=b"\x01\x02", is_extended_id=False))  # wrong DLC
+        # > 1.2 s of traffic after the bad frames: a 1 Hz report falls inside it (WARN, not yet STALE)
         for i, m in enumerate(msgs):
             bus.send(m)
             if i % 50 == 0:
-                time.sleep(0.01)
-        bus.send(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False))  # unknown id
-        bus.send(can.Message(arbitration_id=0x120, data=b"\x01\x02", is_extended_id=False))  # wrong DLC
+                time.sleep(0.03)
         assert ros.wait_for(lambda: any(np.isfinite(m.cell_voltage).all() for m in got), timeout=5)
         ok = ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_dlc_error") == "1", timeout=3)
         assert ok, diag_values(diags, "bms_ai: can_bus")

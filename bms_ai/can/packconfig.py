@@ -13,7 +13,6 @@ from typing import Any
 from cantools.database import Database
 
 from bms_ai.can.checks import CRC_ALGORITHMS
-from bms_ai.can.dbc import load_dbc
 from bms_ai.core.yamlfile import load_yaml
 
 
@@ -79,9 +78,6 @@ class PackConfig:
     status: dict[str, ScalarMap]
     checks: tuple[MessageCheck, ...]
     source: Path | None = None
-
-    def load_dbc(self) -> Database:
-        return load_dbc(self.dbc_path, strict=self.dbc_strict)
 
 
 _TOP_KEYS = {
