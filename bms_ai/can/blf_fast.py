@@ -141,4 +141,4 @@ class BlfLog(PythonCanLog):
         return super().arrays(path)
 
 
-BLF = BlfLog()
+BLF = BlfLog("BLFReader")

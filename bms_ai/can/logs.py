@@ -41,23 +41,26 @@ class LogFormat:
 
 
 class PythonCanLog(LogFormat):
-    """A format python-can reads (``can.LogReader``; gzip-compressed files too)."""
+    """A format python-can reads with the reader class ``can.<reader>`` (gzip-compressed files too)."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
 
     def open(self, path: Path):
-        """python-can's reader for the suffix."""
-        return can.LogReader(str(path))
+        """python-can's reader (its ``LogReader`` for ``.gz``, which decompresses)."""
+        if Path(path).suffix.lower() == ".gz":
+            return can.LogReader(str(path))
+        return getattr(can, self.reader)(str(path))
 
-
-PYTHON_CAN = PythonCanLog()
 
 LOG_FORMATS: Registry[LogFormat] = Registry("log format")
-LOG_FORMATS.add(".asc", PYTHON_CAN, "Vector ASCII")
+LOG_FORMATS.add(".asc", PythonCanLog("ASCReader"), "Vector ASCII")
 LOG_FORMATS.add(".blf", "bms_ai.can.blf_fast:BLF", "Vector binary logging format (fast array reader)")
-LOG_FORMATS.add(".csv", PYTHON_CAN, "python-can CSV")
-LOG_FORMATS.add(".db", PYTHON_CAN, "python-can SQLite")
-LOG_FORMATS.add(".log", PYTHON_CAN, "SocketCAN candump -l")
-LOG_FORMATS.add(".mf4", PYTHON_CAN, "ASAM MDF 4 (needs asammdf)")
-LOG_FORMATS.add(".trc", PYTHON_CAN, "PEAK trace")
+LOG_FORMATS.add(".csv", PythonCanLog("CSVReader"), "python-can CSV")
+LOG_FORMATS.add(".db", PythonCanLog("SqliteReader"), "python-can SQLite")
+LOG_FORMATS.add(".log", PythonCanLog("CanutilsLogReader"), "SocketCAN candump -l")
+LOG_FORMATS.add(".mf4", PythonCanLog("MF4Reader"), "ASAM MDF 4 (needs asammdf)")
+LOG_FORMATS.add(".trc", PythonCanLog("TRCReader"), "PEAK trace")
 
 
 def log_suffix(path: str | Path) -> str:

@@ -30,10 +30,12 @@ class Events:
     vals: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ts: np.ndarray, vals: np.ndarray) -> None:
+        """Append one message's values (merged in time order later)."""
         self.ts.append(ts)
         self.vals.append(vals)
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """(times, values) of every part, in time order (stable for equal times)."""
         if not self.ts:
             return np.empty(0), np.empty(0)
         if len(self.ts) == 1:
@@ -46,6 +48,8 @@ class Events:
 
 @dataclass
 class DecodedLog:
+    """A whole log decoded: accepted values per pack element, and what the live path would have counted."""
+
     pack_voltage: Events
     pack_current: Events
     cells: list[Events]
