@@ -4,12 +4,13 @@ The inverse of :class:`~bms_ai.can.decoder.PackDecoder`: it walks the same
 routes, so whatever the decoder reads back is what was meant. Alive counters
 and checksums are filled in per the pack config's checks.
 
-One packing path, vectorised: :meth:`PackEncoder.encode_rows` encodes any
-number of frames of one message at once (a simulated drive is ~10^6 frames);
-:meth:`PackEncoder.encode` is the one-frame case. Values are converted like
-cantools' ``encode_message`` (clamped to the DBC range, ``raw =
-round((value - offset) / scale)`` half to even); a value that is not finite
-is sent as raw 0 with its invalid flag set.
+One layout, two executions: :meth:`PackEncoder.encode_rows` packs any
+number of frames of one message with numpy (a simulated drive is ~10^6
+frames), :meth:`PackEncoder.encode` packs one frame in plain integers (tests,
+benchmarks); they share slots, conversions and alive counters and are tested
+equal. Values are converted like cantools' ``encode_message`` (clamped to the
+DBC range, ``raw = round((value - offset) / scale)`` half to even); a value
+that is not finite is sent as raw 0 with its invalid flag set.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class PackEncoder:
     # layout -------------------------------------------------------------------
     def _slots(self, route: Route, mux: int) -> list[SignalSlot]:
         plain = route.by_mux.get(-1, [])
-        if route.mux is None:
+        if route.mux is None or mux < 0:
             return list(plain)
         return list(plain) + list(route.by_mux.get(mux, []))
 
