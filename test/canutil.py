@@ -1,6 +1,8 @@
-"""Test helpers: a synthetic pack drive encoded into frames of the reference DBC."""
+"""Test helpers: a synthetic pack drive encoded into frames of the reference DBC, and log files of it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import can
 import numpy as np
@@ -23,11 +25,23 @@ def synthetic_sample(t: float, n_cells: int = 96, n_temps: int = 32) -> PackSamp
     return s
 
 
+_ENCODED: dict[tuple, list[tuple[float, int, bool, bytes]]] = {}
+
+
 def synthetic_messages(decoder: PackDecoder, t0: float, t1: float) -> list[can.Message]:
-    enc = PackEncoder(decoder)
-    out = []
-    for t, name, mux in enc.schedule(t0, t1):
-        fid, ext = enc.frame_id(name)
-        data = enc.encode(name, mux, synthetic_sample(t))
-        out.append(can.Message(timestamp=t, arbitration_id=fid, is_extended_id=ext, data=data, channel=0))
-    return out
+    """Every frame the reference pack sends in [t0, t1), per the DBC cycle times (fresh objects each call)."""
+    key = (decoder.cfg.source, decoder.cfg.dbc_path, t0, t1)
+    if key not in _ENCODED:  # encoding is the slow part; tests may modify the messages they get
+        enc = PackEncoder(decoder)
+        _ENCODED[key] = [(t, *enc.frame_id(name), enc.encode(name, mux, synthetic_sample(t)))
+                         for t, name, mux in enc.schedule(t0, t1)]
+    return [can.Message(timestamp=t, arbitration_id=fid, is_extended_id=ext, data=data, channel=0)
+            for t, fid, ext, data in _ENCODED[key]]
+
+
+def write_log(path: str | Path, msgs) -> Path:
+    """A log file of ``msgs`` in the format its suffix names (python-can's writers)."""
+    with can.Logger(str(path)) as log:
+        for m in msgs:
+            log.on_message_received(m)
+    return Path(path)

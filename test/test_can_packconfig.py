@@ -36,6 +36,7 @@ def _write_cfg(tmp_path: Path, base: Path, **changes) -> Path:
 
 
 def test_reference_config_loads_and_covers_every_cell(pack_config_path):
+    """The shipped config validates against its DBC and maps every one of the 96 cells."""
     cfg = load_pack_config(pack_config_path)
     dec = PackDecoder(cfg)
     assert cfg.n_cells == 96 and cfg.n_temps == 32 and cfg.chemistry == "nmc"
@@ -57,6 +58,7 @@ def test_reference_config_loads_and_covers_every_cell(pack_config_path):
     ],
 )
 def test_invalid_configs_name_the_entry(tmp_path, pack_config_path, changes, needle):
+    """Each kind of mistake is reported with the YAML path of the entry at fault."""
     p = _write_cfg(tmp_path, pack_config_path, **changes)
     with pytest.raises(PackConfigError) as ei:
         PackDecoder(load_pack_config(p))
@@ -64,6 +66,7 @@ def test_invalid_configs_name_the_entry(tmp_path, pack_config_path, changes, nee
 
 
 def test_missing_files_and_bad_yaml(tmp_path):
+    """Missing files and broken YAML are one-line errors, not tracebacks."""
     with pytest.raises(PackConfigError, match="not found"):
         load_pack_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -75,6 +78,7 @@ def test_missing_files_and_bad_yaml(tmp_path):
 
 
 def test_strict_rejection_explains_how_to_load_anyway(tmp_path):
+    """A DBC cantools rejects in strict mode names the switch that loads it anyway."""
     p = tmp_path / "overlap.dbc"
     p.write_text(OVERLAP_DBC)
     with pytest.raises(DbcError) as ei:

@@ -22,7 +22,7 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from sensor_msgs.msg import BatteryState
 
-from bms_ai.can.offline import iter_log
+from bms_ai.can.logs import iter_log
 from bms_ai.graph import build_graph, replay_overrides
 from bms_ai.ros.runner import GraphRunner
 

@@ -18,12 +18,14 @@ from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.offline import decode_log
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.nodes.can_bridge import CanBridgeNode
+from bms_ai.nodes.convert import time_to_float
 
 pytestmark = pytest.mark.ros
 
 
 @pytest.fixture
 def ros():
+    """A private rclpy context with an executor thread, closed after the test."""
     h = RosHarness()
     yield h
     h.close()
@@ -31,11 +33,13 @@ def ros():
 
 @pytest.fixture(scope="module")
 def cfg(pack_config_path):
+    """The reference pack config."""
     return load_pack_config(pack_config_path)
 
 
 @pytest.fixture(scope="module")
 def drive_log(tmp_path_factory, cfg):
+    """Three seconds of traffic as BLF, one frame with a corrupted checksum."""
     path = tmp_path_factory.mktemp("drive") / "drive.blf"
     msgs = synthetic_messages(PackDecoder(cfg), 1000.0, 1003.0)
     msgs[100].data[0] ^= 0x55  # one corrupted checksum
@@ -51,6 +55,7 @@ def _node(ros, **params) -> CanBridgeNode:
 
 
 def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg):
+    """A 2x replay publishes the offline decoder's samples; the end of the log goes STALE within 1 s."""
     got = ros.collect(BatteryState, "/bms/pack/measurements")
     diags = ros.collect(DiagnosticArray, "/diagnostics")
     time.sleep(0.5)  # discovery
@@ -58,7 +63,7 @@ def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg)
     expected = decode_log(drive_log, cfg, rate=10.0, max_age=1.0)
     assert ros.wait_for(lambda: len(got) >= len(expected), timeout=10)
     replayed = got[: len(expected)]
-    stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in replayed]
+    stamps = [time_to_float(m.header.stamp) for m in replayed]
     np.testing.assert_allclose(stamps, expected.t, atol=1e-6)
     np.testing.assert_allclose([m.voltage for m in replayed], expected.pack_voltage, rtol=1e-6)
     np.testing.assert_allclose([m.current for m in replayed], expected.pack_current, rtol=1e-6, atol=1e-6)
@@ -77,18 +82,20 @@ def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg)
 
 
 def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
+    """Live frames become samples; unknown ids and bad lengths are counted on /diagnostics (WARN, then STALE)."""
     got = ros.collect(BatteryState, "/bms/pack/measurements")
     diags = ros.collect(DiagnosticArray, "/diagnostics")
     _node(ros, interface="virtual", channel="bridge_test", stale_after=0.5)
     bus = can.Bus(interface="virtual", channel="bridge_test")
     try:
         msgs = synthetic_messages(PackDecoder(cfg), 0.0, 1.5)  # the virtual bus stamps receive time
+        bus.send(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False))  # unknown id
+        bus.send(can.Message(arbitration_id=0x120, data=b"\x01\x02", is_extended_id=False))  # wrong DLC
+        # > 1.2 s of traffic after the bad frames: a 1 Hz report falls inside it (WARN, not yet STALE)
         for i, m in enumerate(msgs):
             bus.send(m)
             if i % 50 == 0:
-                time.sleep(0.01)
-        bus.send(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False))  # unknown id
-        bus.send(can.Message(arbitration_id=0x120, data=b"\x01\x02", is_extended_id=False))  # wrong DLC
+                time.sleep(0.03)
         assert ros.wait_for(lambda: any(np.isfinite(m.cell_voltage).all() for m in got), timeout=5)
         ok = ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_dlc_error") == "1", timeout=3)
         assert ok, diag_values(diags, "bms_ai: can_bus")
@@ -110,10 +117,10 @@ def test_sim_time_clock_and_raw_log(ros, drive_log, tmp_path):
     node = _node(ros, can_log=str(drive_log), replay_speed=0.0, publish_clock=True, use_sim_time=True,
                  raw_log_dir=str(tmp_path / "raw"))
     assert ros.wait_for(lambda: len(got) >= 29, timeout=10)
-    clock_t = [c.clock.sec + c.clock.nanosec * 1e-9 for c in clocks]
-    stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in got[:29]]
+    clock_t = [time_to_float(c.clock) for c in clocks]
+    stamps = [time_to_float(m.header.stamp) for m in got[:29]]
     assert clock_t[: len(stamps)] == pytest.approx(stamps, abs=1e-6)
-    assert ros.wait_for(lambda: abs(node.get_clock().now().nanoseconds * 1e-9 - stamps[-1]) < 0.2, timeout=3)
+    assert ros.wait_for(lambda: abs(time_to_float(node.get_clock().now().to_msg()) - stamps[-1]) < 0.2, timeout=3)
     assert ros.wait_for(lambda: node.source.finished, timeout=10)  # every frame read (and logged)
     node.destroy_node()
     ros.nodes.remove(node)

@@ -18,7 +18,7 @@ from bms_ai.can.assembler import PackAssembler  # noqa: E402
 from bms_ai.can.decoder import PackDecoder  # noqa: E402
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
 from bms_ai.sim import Phase, Scenario, read_meta, read_truth, simulate_drive, truth_arrays, write_drive  # noqa: E402
-from bms_ai.sim.canlog import CAN_T0, build_frames, load_dbc  # noqa: E402
+from bms_ai.sim.canlog import CAN_T0, build_frames, drive_encoder  # noqa: E402
 from bms_ai.sim.scenario import Sensors  # noqa: E402
 
 pytestmark = pytest.mark.pybamm
@@ -94,7 +94,7 @@ def test_same_seed_identical_files(tmp_path):
 
 
 def test_vectorised_packing_equals_cantools(drive):
-    db = load_dbc()
+    db = drive_encoder(drive).db
     fr = build_frames(drive, db)
     rng = np.random.default_rng(0)
     for arb in np.unique(fr.arb_id):

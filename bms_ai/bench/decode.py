@@ -32,7 +32,8 @@ def _synthetic_frames(seconds: float):
 def bench_decode(quick: bool = False) -> dict[str, Any]:
     """Per-frame decode+assemble vs a bare cantools decode loop; offline vectorised path."""
     from bms_ai.can.assembler import PackAssembler
-    from bms_ai.can.offline import FrameArrays, decode_frames, sample, sample_times
+    from bms_ai.can.frames import FrameArrays
+    from bms_ai.can.offline import decode_frames, sample, sample_times
     from bms_ai.can.sampler import FixedRateSampler
 
     dec, frames = _synthetic_frames(5.0 if quick else 40.0)
@@ -94,7 +95,8 @@ def _blf_read(msgs) -> dict[str, Any]:
 
     import can
 
-    from bms_ai.can.offline import FrameArrays, iter_log, read_log
+    from bms_ai.can.frames import FrameArrays
+    from bms_ai.can.logs import iter_log, read_log
 
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/bench.blf"

@@ -1,1 +1,1 @@
-"""CAN ingest: DBC loading, pack signal map, frame decode, checks, bus sources."""
+"""CAN: DBC loading, pack signal map, frame decode and encode, log readers, frame sources, bus health."""

@@ -23,6 +23,8 @@ REJECT_REASONS = (
 
 @dataclass(slots=True)
 class MessageStats:
+    """Receive statistics of one message: counts, times, protection errors, timeouts."""
+
     count: int = 0
     first_rx: float = math.nan
     last_rx: float = math.nan
@@ -35,11 +37,14 @@ class MessageStats:
 
 @dataclass(slots=True)
 class Counters:
+    """Frames accepted, and rejected per reason (the bus-health counters)."""
+
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
 
     @property
     def total_rejected(self) -> int:
+        """All rejected frames, whatever the reason."""
         return sum(self.rejected.values())
 
 
@@ -84,35 +89,41 @@ class PackAssembler:
         if route is None:
             self.unknown_ids[arb_id] = self.unknown_ids.get(arb_id, 0) + 1
             return self._reject("unknown_id")
-        st = self.stats[route.name]
         if n != route.length:
             return self._reject("dlc_error")
         data = bytes(data)
-        if route.crc_byte >= 0:
-            body = data[:route.crc_byte] + data[route.crc_byte + 1:]
-            if route.crc_fn(body) != data[route.crc_byte]:
-                st.crc_errors += 1
-                return self._reject("crc_error")
+        if route.crc_byte >= 0 and not self._crc_ok(route, data):
+            return self._reject("crc_error")
         le, be = frame_words(data, route.length) if route.needs_be else (int.from_bytes(data, "little"), 0)
+        slots = self._slots(route, le, be)
+        if slots is None:
+            return self._reject("unknown_mux")
+        values = _values(slots, le, be)
+        if values is None:
+            return self._reject("non_finite")
+        self._store(slots, values, ts)
+        self._received(route, le, be, ts)
+        return True
+
+    def _crc_ok(self, route: Route, data: bytes) -> bool:
+        body = data[:route.crc_byte] + data[route.crc_byte + 1:]
+        if route.crc_fn(body) == data[route.crc_byte]:
+            return True
+        self.stats[route.name].crc_errors += 1
+        return False
+
+    @staticmethod
+    def _slots(route: Route, le: int, be: int):
+        """The slots this frame carries (plain + its multiplexer value's); None for an unknown mux value."""
         slots = route.by_mux.get(-1, ())
-        if route.mux is not None:
-            mslots = route.by_mux.get(route.mux.raw(le, be))
-            if mslots is None and not slots:
-                return self._reject("unknown_mux")
-            slots = (list(slots) + mslots) if slots and mslots else (mslots or slots)
-        values = []
-        for s in slots:
-            v = s.plan.value(le, be) * s.scale + s.offset
-            if not math.isfinite(v):
-                return self._reject("non_finite")
-            if (s.invalid is not None and s.invalid.raw(le, be)) or (s.valid is not None and not s.valid.raw(le, be)):
-                v = math.nan
-            values.append(v)
-        if route.counter is not None:
-            c = route.counter.raw(le, be)
-            if st.last_counter >= 0 and c != (st.last_counter + 1) & route.counter.mask:
-                st.counter_errors += 1
-            st.last_counter = c
+        if route.mux is None:
+            return slots
+        mslots = route.by_mux.get(route.mux.raw(le, be))
+        if mslots is None and not slots:
+            return None
+        return (list(slots) + mslots) if slots and mslots else (mslots or slots)
+
+    def _store(self, slots, values: list[float], ts: float) -> None:
         smp = self.sample
         for s, v in zip(slots, values):
             k = s.kind
@@ -133,12 +144,20 @@ class PackAssembler:
                 smp.status[name] = v
                 self.status_stamps[name] = ts
         smp.stamp = ts
+
+    def _received(self, route: Route, le: int, be: int, ts: float) -> None:
+        """Per-message statistics of an accepted frame (alive counter, receive times)."""
+        st = self.stats[route.name]
+        if route.counter is not None:
+            c = route.counter.raw(le, be)
+            if st.last_counter >= 0 and c != (st.last_counter + 1) & route.counter.mask:
+                st.counter_errors += 1
+            st.last_counter = c
         st.count += 1
         if st.count == 1:
             st.first_rx = ts
         st.last_rx = ts
         self.counters.accepted += 1
-        return True
 
     def snapshot(self, now: float | None = None, max_age: float | None = None) -> PackSample:
         """Copy of the current sample; values older than ``max_age`` become NaN."""
@@ -169,6 +188,19 @@ class PackAssembler:
             span = st.last_rx - st.first_rx
             out[name] = (st.count - 1) / span if st.count > 1 and span > 0 else 0.0
         return out
+
+
+def _values(slots, le: int, be: int) -> list[float] | None:
+    """Scaled values of a frame's slots (NaN where flagged invalid); None if any is not finite."""
+    values = []
+    for s in slots:
+        v = s.plan.value(le, be) * s.scale + s.offset
+        if not math.isfinite(v):
+            return None
+        if (s.invalid is not None and s.invalid.raw(le, be)) or (s.valid is not None and not s.valid.raw(le, be)):
+            v = math.nan
+        values.append(v)
+    return values
 
 
 def apply_max_age(sample: PackSample, now: float, max_age: float) -> None:

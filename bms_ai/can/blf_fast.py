@@ -7,15 +7,21 @@ collects raw fields; timestamps are computed so that they equal python-can's
 bit for bit (``raw / 10**k`` is the correctly rounded quotient, exactly what
 ``float(Decimal(raw) * Decimal('1e-k'))`` gives). Files holding anything but
 classic CAN frames fall back to python-can.
+
+:data:`BLF` is the ``.blf`` entry of :data:`bms_ai.can.logs.LOG_FORMATS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
 import numpy as np
 from can.io.blf import BLFReader
+
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.logs import PythonCanLog
 
 _BASE = struct.Struct("<4sHHLL")
 _V1 = struct.Struct("<LHHQ")
@@ -25,7 +31,7 @@ _CAN_TYPES = (1, 86)  # CAN_MESSAGE, CAN_MESSAGE2
 _REMOTE = 0x80
 
 
-class Unsupported(Exception):
+class UnsupportedContentError(Exception):
     """The file holds objects this fast path does not handle (CAN FD, error frames, ...)."""
 
 
@@ -37,6 +43,8 @@ assert _REC.itemsize == 48
 
 
 class _CollectingReader(BLFReader):
+    """python-can's BLF container handling, collecting raw rows instead of building messages."""
+
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.parts: list[np.ndarray] = []
@@ -73,7 +81,7 @@ class _CollectingReader(BLFReader):
             except ValueError:
                 if pos + 8 > max_pos:
                     return
-                raise Unsupported("could not find next object") from None
+                raise UnsupportedContentError("could not find next object") from None
             sig, _hsize, hver, obj_size, obj_type = base(data, pos)
             next_pos = pos + obj_size
             if next_pos > max_pos:
@@ -86,19 +94,17 @@ class _CollectingReader(BLFReader):
                 flags, _, _, ts = v2(data, pos)
                 pos += 24
             else:
-                raise Unsupported(f"object header version {hver}")
+                raise UnsupportedContentError(f"object header version {hver}")
             if obj_type in _CAN_TYPES:
                 rows.append((flags, ts) + canm(data, pos))
             elif obj_type != 96:  # 96 = GLOBAL_MARKER (ignored by python-can's CAN view too)
-                raise Unsupported(f"object type {obj_type}")
+                raise UnsupportedContentError(f"object type {obj_type}")
             pos = next_pos
             yield from ()
 
 
-def read_blf_arrays(path: str | Path):
-    """Frames of a BLF file as :class:`~bms_ai.can.offline.FrameArrays`; raises Unsupported."""
-    from bms_ai.can.offline import FrameArrays
-
+def read_blf_arrays(path: str | Path) -> FrameArrays:
+    """Frames of a BLF file as :class:`FrameArrays`; raises UnsupportedContentError (and python-can's errors)."""
     reader = _CollectingReader(str(path))
     try:
         for _ in reader:
@@ -109,14 +115,30 @@ def read_blf_arrays(path: str | Path):
     n = len(rec)
     raw = rec["ts"]
     if n and raw.max() >= 2**53:
-        raise Unsupported("timestamps beyond float precision")
+        raise UnsupportedContentError("timestamps beyond float precision")
     tenmics = rec["flags"] == 1
     ts = np.where(tenmics, raw.astype(np.float64) / 1e5, raw.astype(np.float64) / 1e9) + reader.start_timestamp
     cid = rec["id"].astype(np.uint32)
     dl = rec["dlc"].astype(np.int16)
     if (dl > 8).any():
-        raise Unsupported("DLC above 8 in a classic CAN object")
+        raise UnsupportedContentError("DLC above 8 in a classic CAN object")
     # python-can truncates data to the DLC; zero the bytes beyond it the same way
     buf = np.where(np.arange(8)[None, :] < dl[:, None], rec["data"], 0).astype(np.uint8)
     remote = (rec["mflags"] & _REMOTE) != 0
     return FrameArrays(ts, cid & np.uint32(0x1FFFFFFF), (cid & np.uint32(0x80000000)) != 0, dl, buf, remote)
+
+
+class BlfLog(PythonCanLog):
+    """BLF: whole files through the array reader, python-can for messages and for anything unusual."""
+
+    fast_arrays = True
+
+    def arrays(self, path: Path) -> FrameArrays:
+        """The fast reader; on anything it does not handle, python-can's reader decides (and reports damage)."""
+        if Path(path).suffix.lower() == ".blf":  # not gzip-compressed
+            with contextlib.suppress(Exception):  # the fallback reads (and reports) the same file
+                return read_blf_arrays(path)
+        return super().arrays(path)
+
+
+BLF = BlfLog("BLFReader")

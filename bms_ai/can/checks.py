@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+from bms_ai.core.registry import Registry
 
 
 def _crc8_table(poly: int) -> np.ndarray:
@@ -36,9 +40,7 @@ def crc8_sae_j1850_rows(rows: np.ndarray) -> np.ndarray:
     return c ^ np.uint8(0xFF)
 
 
-CRC_ALGORITHMS = {"crc8_sae_j1850": (crc8_sae_j1850, crc8_sae_j1850_rows)}
+# the pack config's ``crc.algorithm`` -> (per-frame function, vectorised rows function)
+CRC_ALGORITHMS: Registry[tuple[Callable[[bytes], int], Callable[[np.ndarray], np.ndarray]]] = Registry("checksum algorithm")
+CRC_ALGORITHMS.add("crc8_sae_j1850", (crc8_sae_j1850, crc8_sae_j1850_rows), "CRC-8 SAE J1850 (poly 0x1D, init and xor-out 0xFF)")
 
-
-def protected_bytes(data: bytes, crc_byte: int) -> bytes:
-    """The bytes a checksum in byte ``crc_byte`` covers: every other byte of the frame."""
-    return bytes(data[:crc_byte]) + bytes(data[crc_byte + 1:])

@@ -36,15 +36,18 @@ class SignalPlan:
 
     @property
     def mask(self) -> int:
+        """All ones over the signal's length."""
         return (1 << self.length) - 1
 
     def raw(self, le: int, be: int) -> int:
+        """The raw (unscaled, sign-extended) integer from a frame's little/big-endian words."""
         v = ((be if self.big_endian else le) >> self.shift) & self.mask
         if self.signed and v >> (self.length - 1):
             v -= 1 << self.length
         return v
 
     def value(self, le: int, be: int) -> float:
+        """The DBC-scaled value from a frame's words (floats reinterpreted from their bits)."""
         v = self.raw(le, be)
         if self.is_float:
             fmt = "<f" if self.length == 32 else "<d"

@@ -11,12 +11,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.offline import SampleTable, decode_frames, read_log, sample, sample_times
+from bms_ai.can.logs import read_log
+from bms_ai.can.offline import SampleTable, sample_frames
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.core.paths import default_pack_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The decode subcommand's options."""
     p.add_argument("log", help="CAN log (.asc .blf .log .trc .csv .mf4)")
     p.add_argument("--dbc", help="DBC file (default: the pack config's)")
     p.add_argument("--pack-config", default=str(default_pack_config()), help="pack config YAML")
@@ -32,6 +34,7 @@ def _num(v: float) -> float | None:
 
 
 def write_table(t: SampleTable, fmt: str, out) -> None:
+    """One line per sample: CSV with a header, or JSON lines (NaN -> null)."""
     n_c, n_t = t.cell_voltages.shape[1], t.cell_temperatures.shape[1]
     status = sorted(t.status)
     if fmt == "csv":
@@ -54,6 +57,7 @@ def write_table(t: SampleTable, fmt: str, out) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``bms-ai decode``: samples to a file or stdout, a one-line summary on stderr."""
     cfg = load_pack_config(args.pack_config, dbc=args.dbc)
     if args.no_strict:
         from dataclasses import replace
@@ -61,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, dbc_strict=False)
     dec = PackDecoder(cfg)
     frames = read_log(args.log)
-    decoded = decode_frames(frames, dec)
-    table = sample(decoded, sample_times(decoded.t_first, decoded.t_last, 1.0 / args.rate, decoded.frame_ts),
-                   args.max_age)
+    table, _ = sample_frames(frames, dec, 1.0 / args.rate, args.max_age)
     with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as out:
         write_table(table, args.format, out)
     rej = {k: v for k, v in table.rejected.items() if v}

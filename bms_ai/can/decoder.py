@@ -13,6 +13,7 @@ from cantools.database import Database
 
 from bms_ai.can.checks import CRC_ALGORITHMS
 from bms_ai.can.codec import SignalPlan, compile_signal
+from bms_ai.can.dbc import load_dbc
 from bms_ai.can.packconfig import PackConfig, validate_against_dbc
 
 # element kinds
@@ -20,7 +21,7 @@ CELL_V, CELL_T, PACK_V, PACK_I, STATUS = range(5)
 
 
 @dataclass(slots=True)
-class Slot:
+class SignalSlot:
     """One value a frame carries: target kind/index, plan, config scaling, invalid flag."""
 
     kind: int
@@ -34,12 +35,14 @@ class Slot:
 
 @dataclass(slots=True)
 class Route:
+    """Everything about one CAN id: its slots per multiplexer value and the checks that guard it."""
+
     name: str
     frame_id: int
     extended: bool
     length: int
     mux: SignalPlan | None
-    by_mux: dict[int, list[Slot]] = field(default_factory=dict)  # key -1 = not multiplexed
+    by_mux: dict[int, list[SignalSlot]] = field(default_factory=dict)  # key -1 = not multiplexed
     counter: SignalPlan | None = None
     crc_byte: int = -1
     crc_fn: object = None
@@ -47,15 +50,12 @@ class Route:
     timeout: float | None = None
     needs_be: bool = False
 
-    def slots_for(self, mux: int) -> list[Slot] | None:
-        return self.by_mux.get(mux)
-
 
 class PackDecoder:
     """Routes for every configured message, keyed by (frame id, extended)."""
 
     def __init__(self, cfg: PackConfig, db: Database | None = None) -> None:
-        db = db if db is not None else cfg.load_dbc()
+        db = db if db is not None else load_dbc(cfg.dbc_path, strict=cfg.dbc_strict)
         validate_against_dbc(cfg, db)
         self.cfg = cfg
         self.db = db
@@ -83,7 +83,7 @@ class PackDecoder:
         m = self.db.get_message_by_name(message)
         return compile_signal(m.get_signal_by_name(signal), m.length)
 
-    def _add(self, route: Route, muxes: list[int], slot: Slot) -> None:
+    def _add(self, route: Route, muxes: list[int], slot: SignalSlot) -> None:
         for mux in muxes:
             route.by_mux.setdefault(mux, []).append(slot)
 
@@ -97,12 +97,12 @@ class PackDecoder:
         cfg = self.cfg
         for kind, sm in ((PACK_V, cfg.pack_voltage), (PACK_I, cfg.pack_current)):
             r = self._route(sm.message)
-            slot = Slot(kind, 0, self._plan(sm.message, sm.signal), sm.scale, sm.offset,
+            slot = SignalSlot(kind, 0, self._plan(sm.message, sm.signal), sm.scale, sm.offset,
                         valid=self._plan(sm.message, sm.valid))
             self._add(r, self._muxes(r, sm.message, sm.signal), slot)
         for i, (_name, sm) in enumerate(cfg.status.items()):
             r = self._route(sm.message)
-            slot = Slot(STATUS, i, self._plan(sm.message, sm.signal), sm.scale, sm.offset,
+            slot = SignalSlot(STATUS, i, self._plan(sm.message, sm.signal), sm.scale, sm.offset,
                         valid=self._plan(sm.message, sm.valid))
             self._add(r, self._muxes(r, sm.message, sm.signal), slot)
         for kind, groups in ((CELL_V, cfg.cell_voltages), (CELL_T, cfg.cell_temperatures)):
@@ -113,9 +113,9 @@ class PackDecoder:
                     plan, iplan = self._plan(g.message, sname), self._plan(g.message, inv)
                     for mux in self._muxes(r, g.message, sname):
                         idx = max(mux, 0) * g.per_mux + k + g.offset
-                        r.by_mux.setdefault(mux, []).append(Slot(kind, idx, plan, g.scale, g.value_offset, invalid=iplan))
+                        r.by_mux.setdefault(mux, []).append(SignalSlot(kind, idx, plan, g.scale, g.value_offset, invalid=iplan))
                 for sname, idx in g.signals.items():
-                    slot = Slot(kind, idx, self._plan(g.message, sname), g.scale, g.value_offset)
+                    slot = SignalSlot(kind, idx, self._plan(g.message, sname), g.scale, g.value_offset)
                     self._add(r, self._muxes(r, g.message, sname), slot)
         for c in cfg.checks:
             r = self._route(c.message)
@@ -125,7 +125,7 @@ class PackDecoder:
             if c.crc_signal:
                 s = self.db.get_message_by_name(c.message).get_signal_by_name(c.crc_signal)
                 r.crc_byte = s.start // 8
-                r.crc_fn, r.crc_rows_fn = CRC_ALGORITHMS[c.crc_algorithm]
+                r.crc_fn, r.crc_rows_fn = CRC_ALGORITHMS.get(c.crc_algorithm)
         for r in self.routes.values():
             plans = [r.mux, r.counter] + [p for slots in r.by_mux.values() for s in slots
                                           for p in (s.plan, s.invalid, s.valid)]

@@ -8,96 +8,18 @@ are identical to feeding the frames one by one (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import can
 import numpy as np
 
 from bms_ai.can.assembler import REJECT_REASONS
 from bms_ai.can.codec import frames_to_words
-from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, STATUS, PackDecoder
-
-
-@dataclass
-class FrameArrays:
-    """Frames of a log as columns (classic CAN, payload zero-padded to 8 bytes)."""
-
-    ts: np.ndarray  # float64 seconds
-    ids: np.ndarray  # uint32 arbitration id
-    ext: np.ndarray  # bool
-    dlc: np.ndarray  # int16 payload length
-    data: np.ndarray  # (N, 8) uint8
-    bad: np.ndarray  # bool: error/remote frames or payloads > 8 bytes
-    error: str | None = None  # why reading stopped early (frames before it are kept)
-
-    def __len__(self) -> int:
-        return int(self.ts.shape[0])
-
-    @classmethod
-    def from_messages(cls, msgs) -> FrameArrays:
-        msgs = list(msgs)
-        n = len(msgs)
-        ts = np.empty(n)
-        ids = np.empty(n, dtype=np.uint32)
-        ext = np.empty(n, dtype=bool)
-        dlc = np.empty(n, dtype=np.int16)
-        bad = np.zeros(n, dtype=bool)
-        buf = bytearray(8 * n)
-        for i, m in enumerate(msgs):
-            ts[i] = m.timestamp
-            ids[i] = m.arbitration_id
-            ext[i] = m.is_extended_id
-            d = m.data
-            k = len(d)
-            dlc[i] = k
-            if m.is_error_frame or m.is_remote_frame or k > 8:
-                bad[i] = True
-            else:
-                buf[8 * i:8 * i + k] = d
-        data = np.frombuffer(bytes(buf), dtype=np.uint8).reshape(n, 8)
-        return cls(ts, ids, ext, dlc, data, bad)
-
-
-def iter_log(path: str | Path, errors: list[str] | None = None):
-    """Messages of any log format python-can knows (.asc .blf .log .trc .csv .mf4 ...).
-
-    A damaged file yields every frame before the damage; the reason goes into
-    ``errors`` (or raises ValueError when no list is given and nothing was read).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"CAN log not found: {p}")
-    try:
-        reader = can.LogReader(str(p))
-    except Exception as exc:  # unknown suffix, bad header: python-can raises many types
-        raise ValueError(f"{p}: cannot open as a CAN log ({type(exc).__name__}: {exc})") from exc
-    n = 0
-    try:
-        with reader:
-            for msg in reader:
-                n += 1
-                yield msg
-    except Exception as exc:  # corrupt content
-        reason = f"{p}: unreadable after {n} frames ({type(exc).__name__}: {exc})"
-        if errors is None:
-            raise ValueError(reason) from exc
-        errors.append(reason)
-
-
-def read_log(path: str | Path) -> FrameArrays:
-    """All frames of a log as arrays; ``.error`` says if the file was cut short."""
-    if str(path).lower().endswith(".blf") and Path(path).is_file():
-        from bms_ai.can.blf_fast import read_blf_arrays
-
-        try:
-            return read_blf_arrays(path)
-        except Exception:  # anything unusual: python-can's reader decides (and reports damage)
-            pass
-    errors: list[str] = []
-    frames = FrameArrays.from_messages(iter_log(path, errors))
-    frames.error = errors[0] if errors else None
-    return frames
+from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route, SignalSlot
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.logs import read_log
+from bms_ai.pack import PackSample
 
 
 @dataclass
@@ -108,10 +30,12 @@ class Events:
     vals: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ts: np.ndarray, vals: np.ndarray) -> None:
+        """Append one message's values (merged in time order later)."""
         self.ts.append(ts)
         self.vals.append(vals)
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """(times, values) of every part, in time order (stable for equal times)."""
         if not self.ts:
             return np.empty(0), np.empty(0)
         if len(self.ts) == 1:
@@ -124,6 +48,8 @@ class Events:
 
 @dataclass
 class DecodedLog:
+    """A whole log decoded: accepted values per pack element, and what the live path would have counted."""
+
     pack_voltage: Events
     pack_current: Events
     cells: list[Events]
@@ -138,6 +64,7 @@ class DecodedLog:
 
 
 def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
+    """Every accepted value of a whole log, per pack element, with the per-frame path's rejection counts."""
     cfg = decoder.cfg
     rejected = dict.fromkeys(REJECT_REASONS, 0)
     out = DecodedLog(Events(), Events(), [Events() for _ in range(cfg.n_cells)],
@@ -153,70 +80,10 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
     time_ok = keep & (ts >= prev_max)
     rejected["time_backwards"] = int((keep & ~time_ok).sum())
     routed = np.zeros(len(frames), dtype=bool)
-    accepted_ts = []
     for (fid, ext), r in decoder.routes.items():
         rows = np.flatnonzero(time_ok & (frames.ids == fid) & (frames.ext == ext))
         routed[rows] = True
-        if rows.size == 0:
-            continue
-        ok_len = frames.dlc[rows] == r.length
-        rejected["dlc_error"] += int((~ok_len).sum())
-        rows = rows[ok_len]
-        data = frames.data[rows]
-        if r.crc_byte >= 0 and rows.size:
-            body = np.delete(data[:, :r.length], r.crc_byte, axis=1)
-            ok_crc = r.crc_rows_fn(body) == data[:, r.crc_byte]
-            rejected["crc_error"] += int((~ok_crc).sum())
-            rows, data = rows[ok_crc], data[ok_crc]
-        if rows.size == 0:
-            continue
-        le, be = frames_to_words(data, r.length)
-        t = ts[rows]
-        plain = r.by_mux.get(-1, [])
-        if r.mux is not None:
-            mux = r.mux.values(le, be).astype(np.int64)
-            known = np.isin(mux, [m for m in r.by_mux if m >= 0]) if not plain else np.ones(rows.size, bool)
-            rejected["unknown_mux"] += int((~known).sum())
-            groups = [(np.flatnonzero(known & (mux == m)), slots) for m, slots in r.by_mux.items() if m >= 0]
-            if plain:
-                groups.append((np.flatnonzero(known), plain))
-            sel_all = np.flatnonzero(known)
-        else:
-            groups = [(np.arange(rows.size), plain)]
-            sel_all = np.arange(rows.size)
-        # frames with a non-finite decoded value are rejected whole
-        finite = np.ones(rows.size, dtype=bool)
-        decoded = []
-        for sel, slots in groups:
-            for s in slots:
-                v = s.plan.values(le[sel], be[sel]) * s.scale + s.offset
-                finite[sel[~np.isfinite(v)]] = False
-                decoded.append((sel, s, v))
-        rejected["non_finite"] += int((~finite[sel_all]).sum())
-        for sel, s, v in decoded:
-            ok = finite[sel]
-            sel, v = sel[ok], v[ok]
-            if s.invalid is not None:
-                v = np.where(s.invalid.values(le[sel], be[sel]) != 0, np.nan, v)
-            if s.valid is not None:
-                v = np.where(s.valid.values(le[sel], be[sel]) == 0, np.nan, v)
-            tt = t[sel]
-            if s.kind == CELL_V:
-                out.cells[s.index].add(tt, v)
-            elif s.kind == CELL_T:
-                out.temps[s.index].add(tt, v)
-            elif s.kind == PACK_V:
-                out.pack_voltage.add(tt, v)
-            elif s.kind == PACK_I:
-                out.pack_current.add(tt, v)
-            elif s.kind == STATUS:
-                out.status[decoder.status_names[s.index]].add(tt, v)
-        acc = sel_all[finite[sel_all]]
-        out.accepted += int(acc.size)
-        accepted_ts.append(t[acc])
-        if r.counter is not None and acc.size > 1:
-            c = r.counter.values(le[acc], be[acc]).astype(np.int64)
-            out.counter_errors[r.name] = int(((c[1:] - c[:-1]) % (r.counter.mask + 1) != 1).sum())
+        _decode_route(frames, rows, r, decoder, out)
     rejected["unknown_id"] = int((time_ok & ~routed).sum())
     # the live path's stamp follows every time-accepted frame, known or not
     good_t = ts[time_ok]
@@ -224,6 +91,82 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
     if good_t.size:
         out.t_first, out.t_last = float(good_t[0]), float(good_t[-1])
     return out
+
+
+def _checked_rows(frames: FrameArrays, rows: np.ndarray, r: Route, rejected: dict[str, int]):
+    """Rows of one message that pass the length and checksum checks, and their payloads."""
+    ok_len = frames.dlc[rows] == r.length
+    rejected["dlc_error"] += int((~ok_len).sum())
+    rows = rows[ok_len]
+    data = frames.data[rows]
+    if r.crc_byte >= 0 and rows.size:
+        body = np.delete(data[:, :r.length], r.crc_byte, axis=1)
+        ok_crc = r.crc_rows_fn(body) == data[:, r.crc_byte]
+        rejected["crc_error"] += int((~ok_crc).sum())
+        rows, data = rows[ok_crc], data[ok_crc]
+    return rows, data
+
+
+def _mux_groups(r: Route, le: np.ndarray, be: np.ndarray, rejected: dict[str, int]):
+    """(row selection, slots) per multiplexer value, and the rows that carry a known layout."""
+    n = le.shape[0]
+    plain = r.by_mux.get(-1, [])
+    if r.mux is None:
+        return [(np.arange(n), plain)], np.arange(n)
+    mux = r.mux.values(le, be).astype(np.int64)
+    known = np.isin(mux, [m for m in r.by_mux if m >= 0]) if not plain else np.ones(n, bool)
+    rejected["unknown_mux"] += int((~known).sum())
+    groups = [(np.flatnonzero(known & (mux == m)), slots) for m, slots in r.by_mux.items() if m >= 0]
+    if plain:
+        groups.append((np.flatnonzero(known), plain))
+    return groups, np.flatnonzero(known)
+
+
+def _decode_route(frames: FrameArrays, rows: np.ndarray, r: Route, decoder: PackDecoder, out: DecodedLog) -> None:
+    """Decode the frames of one message id into ``out`` (values, counts, alive-counter errors)."""
+    if rows.size == 0:
+        return
+    rows, data = _checked_rows(frames, rows, r, out.rejected)
+    if rows.size == 0:
+        return
+    le, be = frames_to_words(data, r.length)
+    t = frames.ts[rows]
+    groups, sel_all = _mux_groups(r, le, be, out.rejected)
+    # frames with a non-finite decoded value are rejected whole
+    finite = np.ones(rows.size, dtype=bool)
+    decoded = []
+    for sel, slots in groups:
+        for s in slots:
+            v = s.plan.values(le[sel], be[sel]) * s.scale + s.offset
+            finite[sel[~np.isfinite(v)]] = False
+            decoded.append((sel, s, v))
+    out.rejected["non_finite"] += int((~finite[sel_all]).sum())
+    for sel, s, v in decoded:
+        ok = finite[sel]
+        sel, v = sel[ok], v[ok]
+        if s.invalid is not None:
+            v = np.where(s.invalid.values(le[sel], be[sel]) != 0, np.nan, v)
+        if s.valid is not None:
+            v = np.where(s.valid.values(le[sel], be[sel]) == 0, np.nan, v)
+        _events(out, decoder, s).add(t[sel], v)
+    acc = sel_all[finite[sel_all]]
+    out.accepted += int(acc.size)
+    if r.counter is not None and acc.size > 1:
+        c = r.counter.values(le[acc], be[acc]).astype(np.int64)
+        out.counter_errors[r.name] = int(((c[1:] - c[:-1]) % (r.counter.mask + 1) != 1).sum())
+
+
+def _events(out: DecodedLog, decoder: PackDecoder, s: SignalSlot) -> Events:
+    """The time series a slot's values belong to."""
+    if s.kind == CELL_V:
+        return out.cells[s.index]
+    if s.kind == CELL_T:
+        return out.temps[s.index]
+    if s.kind == PACK_V:
+        return out.pack_voltage
+    if s.kind == PACK_I:
+        return out.pack_current
+    return out.status[decoder.status_names[s.index]]
 
 
 def sample_times(t_first: float, t_last: float, period: float, frame_ts: np.ndarray | None = None,
@@ -287,8 +230,21 @@ class SampleTable:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
+    def samples(self) -> Iterator[PackSample]:
+        """Row by row as PackSamples, the records a live replay publishes (per-value stamps stay NaN)."""
+        base = PackSample.empty(self.cell_voltages.shape[1], self.cell_temperatures.shape[1])
+        for i in range(len(self)):
+            s = base.copy()
+            s.stamp = float(self.t[i])
+            s.pack_voltage, s.pack_current = float(self.pack_voltage[i]), float(self.pack_current[i])
+            s.cell_voltages[:] = self.cell_voltages[i]
+            s.cell_temperatures[:] = self.cell_temperatures[i]
+            s.status = {k: float(v[i]) for k, v in self.status.items()}
+            yield s
+
 
 def sample(decoded: DecodedLog, times: np.ndarray, max_age: float | None = None) -> SampleTable:
+    """Values at ``times`` (the latest accepted before each); older than ``max_age`` -> NaN (status never ages)."""
     def col(ev: Events) -> np.ndarray:
         v, s = _at(ev, times)
         if max_age is not None:
@@ -302,10 +258,15 @@ def sample(decoded: DecodedLog, times: np.ndarray, max_age: float | None = None)
                        decoded.rejected, decoded.accepted, decoded.counter_errors)
 
 
+def sample_frames(frames: FrameArrays, decoder: PackDecoder, period: float, max_age: float | None = 1.0,
+                  max_catchup: int = 600) -> tuple[SampleTable, DecodedLog]:
+    """Samples every ``period`` s of CAN time, exactly those the live sampler would emit for these frames."""
+    decoded = decode_frames(frames, decoder)
+    times = sample_times(decoded.t_first, decoded.t_last, period, decoded.frame_ts, max_catchup)
+    return sample(decoded, times, max_age), decoded
+
+
 def decode_log(path: str | Path, cfg, rate: float = 10.0, max_age: float | None = 1.0,
                decoder: PackDecoder | None = None) -> SampleTable:
     """Read a CAN log and return pack samples at ``rate`` Hz (the can_bridge's view)."""
-    decoder = decoder or PackDecoder(cfg)
-    decoded = decode_frames(read_log(path), decoder)
-    times = sample_times(decoded.t_first, decoded.t_last, 1.0 / rate, decoded.frame_ts)
-    return sample(decoded, times, max_age)
+    return sample_frames(read_log(path), decoder or PackDecoder(cfg), 1.0 / rate, max_age)[0]

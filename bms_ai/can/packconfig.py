@@ -13,7 +13,6 @@ from typing import Any
 from cantools.database import Database
 
 from bms_ai.can.checks import CRC_ALGORITHMS
-from bms_ai.can.dbc import load_dbc
 from bms_ai.chemistry.registry import CHEMISTRIES
 from bms_ai.core.yamlfile import load_yaml
 
@@ -66,6 +65,8 @@ class MessageCheck:
 
 @dataclass(frozen=True)
 class PackConfig:
+    """One pack: its DBC, cell and sensor counts, and where every pack quantity sits in the DBC."""
+
     pack_id: str
     dbc_path: Path
     dbc_strict: bool
@@ -80,9 +81,6 @@ class PackConfig:
     status: dict[str, ScalarMap]
     checks: tuple[MessageCheck, ...]
     source: Path | None = None
-
-    def load_dbc(self) -> Database:
-        return load_dbc(self.dbc_path, strict=self.dbc_strict)
 
 
 _TOP_KEYS = {
@@ -227,15 +225,36 @@ def load_pack_config(path: str | Path, dbc: str | Path | None = None) -> PackCon
 
 def validate_against_dbc(cfg: PackConfig, db: Database) -> None:
     """Check that every referenced message and signal exists, and indices fit."""
-    where = str(cfg.source) if cfg.source else "pack config"
+    v = _DbcCheck(db, str(cfg.source) if cfg.source else "pack config")
+    where = v.where
+    for key in ("pack_voltage", "pack_current"):
+        s: ScalarMap = getattr(cfg, key)
+        m = v.msg(s.message, f"{where}.{key}")
+        v.sig(m, s.signal, f"{where}.{key}.signal")
+        v.sig(m, s.valid, f"{where}.{key}.valid")
+    for k, s in cfg.status.items():
+        m = v.msg(s.message, f"{where}.status.{k}")
+        v.sig(m, s.signal, f"{where}.status.{k}.signal")
+    for key, n in (("cell_voltages", cfg.n_cells), ("cell_temperatures", cfg.n_temps)):
+        v.array(key, getattr(cfg, key), n)
+    for c in cfg.checks:
+        v.check(c)
 
-    def msg(name: str, w: str):
+
+class _DbcCheck:
+    """Lookups into the DBC whose errors name the config entry and what the DBC has instead."""
+
+    def __init__(self, db: Database, where: str) -> None:
+        self.db, self.where = db, where
+
+    def msg(self, name: str, w: str):
         try:
-            return db.get_message_by_name(name)
+            return self.db.get_message_by_name(name)
         except KeyError:
-            names = sorted(m.name for m in db.messages)
+            names = sorted(m.name for m in self.db.messages)
             raise PackConfigError(f"{w}: message '{name}' is not in the DBC; it has {names}") from None
 
+    @staticmethod
     def sig(m, name: str | None, w: str) -> None:
         if name is None:
             return
@@ -246,41 +265,36 @@ def validate_against_dbc(cfg: PackConfig, db: Database) -> None:
                 f"{w}: signal '{name}' is not in message '{m.name}'; it has {[s.name for s in m.signals]}"
             ) from None
 
-    for key in ("pack_voltage", "pack_current"):
-        s: ScalarMap = getattr(cfg, key)
-        m = msg(s.message, f"{where}.{key}")
-        sig(m, s.signal, f"{where}.{key}.signal")
-        sig(m, s.valid, f"{where}.{key}.valid")
-    for k, s in cfg.status.items():
-        m = msg(s.message, f"{where}.status.{k}")
-        sig(m, s.signal, f"{where}.status.{k}.signal")
-    for key, n in (("cell_voltages", cfg.n_cells), ("cell_temperatures", cfg.n_temps)):
+    def array(self, key: str, groups: tuple[ArrayGroup, ...], n: int) -> None:
+        """Every element 0..n-1 of an array quantity is carried by some signal, and no index falls outside."""
         covered: set[int] = set()
-        for i, g in enumerate(getattr(cfg, key)):
-            w = f"{where}.{key}[{i}]"
-            m = msg(g.message, w)
+        for i, g in enumerate(groups):
+            w = f"{self.where}.{key}[{i}]"
+            m = self.msg(g.message, w)
             for s in g.slots + tuple(x for x in g.invalid if x) + tuple(g.signals):
-                sig(m, s, w)
+                self.sig(m, s, w)
             if g.slots:
-                muxes = _mux_values(m, g.slots[0])
-                for mux in muxes:
-                    for slot in range(len(g.slots)):
-                        covered.add(mux * g.per_mux + slot + g.offset)
+                for mux in _mux_values(m, g.slots[0]):
+                    covered.update(mux * g.per_mux + slot + g.offset for slot in range(len(g.slots)))
             covered.update(g.signals.values())
         bad = sorted(i for i in covered if not 0 <= i < n)
         if bad:
-            raise PackConfigError(f"{where}.{key}: indices {bad[:5]} outside 0..{n - 1} (check per_mux/offset and the count)")
+            raise PackConfigError(
+                f"{self.where}.{key}: indices {bad[:5]} outside 0..{n - 1} (check per_mux/offset and the count)")
         missing = sorted(set(range(n)) - covered)
         if missing and n:
-            raise PackConfigError(f"{where}.{key}: no signal maps to element(s) {missing[:8]} of {n}")
-    for c in cfg.checks:
-        m = msg(c.message, f"{where}.checks.{c.message}")
-        sig(m, c.counter, f"{where}.checks.{c.message}.counter")
-        sig(m, c.crc_signal, f"{where}.checks.{c.message}.crc.signal")
+            raise PackConfigError(f"{self.where}.{key}: no signal maps to element(s) {missing[:8]} of {n}")
+
+    def check(self, c: MessageCheck) -> None:
+        """The counter and checksum signals exist; a checksum fills one whole byte."""
+        w = f"{self.where}.checks.{c.message}"
+        m = self.msg(c.message, w)
+        self.sig(m, c.counter, f"{w}.counter")
+        self.sig(m, c.crc_signal, f"{w}.crc.signal")
         if c.crc_signal:
             s = m.get_signal_by_name(c.crc_signal)
             if s.length != 8 or s.start % 8 != 0:
-                raise PackConfigError(f"{where}.checks.{c.message}.crc: checksum signal must be one whole byte")
+                raise PackConfigError(f"{w}.crc: checksum signal must be one whole byte")
 
 
 def _mux_values(message, signal_name: str) -> list[int]:

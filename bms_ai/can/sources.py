@@ -1,38 +1,99 @@
 """Frame sources: any python-can bus by name, or a recorded log replayed in time.
 
-One small interface (``frames(stop)``), implementations picked by name from
-config, in the style of python-can's ``Bus``/``LogReader``.
+One small interface (:class:`FrameSource`), implementations picked by name
+from :data:`SOURCES`, in the style of python-can's ``Bus``/``LogReader``.
+Callers open one with :func:`open_source` and ask the source, never its
+type, how to treat it (replay or live bus, speed, finished).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import can
 
-from bms_ai.can.offline import iter_log, read_log
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.logs import iter_log, log_format, read_log
+from bms_ai.core.registry import Registry
 
 
 class SourceError(RuntimeError):
     """The source failed (bus down, driver error, unreadable log); the caller reports and retries."""
 
 
-class BusSource:
+@dataclass(frozen=True)
+class SourceOptions:
+    """Everything a source may be configured with (the bridge's parameters); each source reads its own."""
+
+    log: str | Path = ""
+    interface: str = "virtual"
+    channel: str | int = "vcan0"
+    bus_options: str | dict | None = None  # extra python-can Bus kwargs, a dict or a JSON object
+    speed: float = 1.0  # log replay: x real time; <= 0 or inf = as fast as possible
+    loop: bool = False
+    # the consumer never hands frames to python-can and keeps their log timestamps,
+    # so a replay may skip building can.Message objects
+    lightweight: bool = False
+
+
+class FrameSource:
+    """A stream of received CAN frames with the few facts a consumer needs about it."""
+
+    description = ""
+    #: a recorded log rather than a live bus: it can wait for its readers and be published losslessly
+    replay = False
+    #: CAN seconds per wall-clock second (math.inf: as fast as the consumer takes the frames)
+    speed = 1.0
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []  # read problems that did not stop the source (damaged log tail)
+        self.finished = False  # every frame has been delivered (a live bus never finishes)
+
+    @property
+    def replaying(self) -> bool:
+        """Frames are still coming from a log: a pause is the reader catching up, not a silent bus."""
+        return self.replay and not self.finished
+
+    @classmethod
+    def from_options(cls, options: SourceOptions) -> FrameSource:
+        """The source as configured by ``options`` (what :func:`open_source` calls)."""
+        raise NotImplementedError
+
+    def frames(self, stop: threading.Event) -> Iterator[can.Message | None]:
+        """Frames until ``stop`` is set; None on idle polls so the caller can run its watchdogs."""
+        raise NotImplementedError
+
+    def all_frames(self) -> FrameArrays | None:
+        """The whole source at once when it may be decoded vectorised (a finite log at maximum speed), else None."""
+        return None
+
+    def close(self) -> None:
+        """Release the driver or file; the source may be opened again by iterating :meth:`frames`."""
+
+
+class BusSource(FrameSource):
     """A python-can bus: socketcan, pcan, kvaser, vector, virtual, udp_multicast, ..."""
 
-    kind = "bus"
-
     def __init__(self, interface: str, channel: str | int, poll: float = 0.05, **kwargs: Any) -> None:
+        super().__init__()
         self.interface, self.channel, self.poll, self.kwargs = interface, channel, poll, kwargs
         self.description = f"{interface}:{channel}"
         self._bus: can.BusABC | None = None
 
+    @classmethod
+    def from_options(cls, options: SourceOptions) -> BusSource:
+        """The bus named by ``interface``/``channel`` with the extra ``bus_options``."""
+        return cls(options.interface, options.channel, **bus_options(options.bus_options))
+
     def open(self) -> can.BusABC:
+        """The python-can bus, opened on first use; SourceError with the driver's reason on failure."""
         if self._bus is None:
             try:
                 self._bus = can.Bus(interface=self.interface, channel=self.channel, **self.kwargs)
@@ -41,7 +102,7 @@ class BusSource:
         return self._bus
 
     def frames(self, stop: threading.Event) -> Iterator[can.Message | None]:
-        """Yields frames, and None on each idle poll so callers can run watchdogs."""
+        """Received frames, and None on each idle poll."""
         bus = self.open()
         while not stop.is_set():
             try:
@@ -52,6 +113,7 @@ class BusSource:
             yield msg
 
     def close(self) -> None:
+        """Shut the bus down (it reopens on the next :meth:`frames`)."""
         if self._bus is not None:
             try:
                 self._bus.shutdown()
@@ -59,7 +121,7 @@ class BusSource:
                 self._bus = None
 
 
-class LogReplaySource:
+class LogReplaySource(FrameSource):
     """A recorded log at real time, x ``speed``, or as fast as possible (speed <= 0 or inf).
 
     Frames keep their log timestamps (CAN time = log time), so replays are
@@ -67,11 +129,12 @@ class LogReplaySource:
     forward so time never runs backwards.
     """
 
-    kind = "log"
+    replay = True
 
     def __init__(self, path: str | Path, speed: float = 1.0, loop: bool = False, lightweight: bool = False) -> None:
+        super().__init__()
         self.path = Path(path)
-        # lightweight: yield slot objects read through the fast array reader instead of can.Message
+        # lightweight: yield Frame objects read through the format's array reader instead of can.Message
         # (about 10x less CPU per frame; for consumers that never hand frames to python-can)
         self.lightweight = lightweight
         if not self.path.is_file():
@@ -79,10 +142,14 @@ class LogReplaySource:
         self.speed = speed if speed and speed > 0 and math.isfinite(speed) else math.inf
         self.loop = loop
         self.description = f"log:{self.path.name}"
-        self.errors: list[str] = []
-        self.finished = False
+
+    @classmethod
+    def from_options(cls, options: SourceOptions) -> LogReplaySource:
+        """A replay of ``log`` at ``speed``."""
+        return cls(options.log, speed=options.speed, loop=options.loop, lightweight=options.lightweight)
 
     def frames(self, stop: threading.Event) -> Iterator[can.Message | None]:
+        """The log's frames paced by :attr:`speed`, then None polls (a silent bus) until stopped."""
         offset = 0.0
         wall0 = time.monotonic()
         log0: float | None = None
@@ -115,44 +182,49 @@ class LogReplaySource:
                 return
             yield None
 
+    def _read_arrays(self) -> FrameArrays:
+        frames = read_log(self.path)
+        if frames.error:
+            self.errors.append(frames.error)
+        return frames
+
     def _messages(self):
-        if self.lightweight and self.path.suffix.lower() == ".blf":
-            frames = read_log(self.path)
-            if frames.error:
-                self.errors.append(frames.error)
-            ts, ids, ext, dlc, bad = (frames.ts.tolist(), frames.ids.tolist(), frames.ext.tolist(),
-                                      frames.dlc.tolist(), frames.bad.tolist())
-            data = frames.data
-            for i in range(len(ts)):
-                yield Frame(ts[i], ids[i], data[i, :dlc[i]].tobytes(), ext[i], bad[i])
+        if self.lightweight and log_format(self.path).fast_arrays:
+            yield from self._read_arrays().frames()
             return
         yield from iter_log(self.path, self.errors)
 
-    def close(self) -> None:
-        pass
+    def all_frames(self) -> FrameArrays | None:
+        """The whole log, when it plays once at maximum speed to a consumer of light frames."""
+        if self.speed != math.inf or self.loop or not self.lightweight:
+            return None
+        return self._read_arrays()
 
 
-class Frame:
-    """The fields of a received frame that the pack decoder reads (a light can.Message)."""
-
-    __slots__ = ("timestamp", "arbitration_id", "data", "is_extended_id", "is_error_frame", "is_remote_frame")
-
-    def __init__(self, timestamp: float, arbitration_id: int, data: bytes, is_extended_id: bool,
-                 bad: bool = False) -> None:
-        self.timestamp = timestamp
-        self.arbitration_id = arbitration_id
-        self.data = data
-        self.is_extended_id = is_extended_id
-        self.is_error_frame = bad  # error, remote and oversize frames are all rejected alike
-        self.is_remote_frame = False
+SOURCES: Registry[type[FrameSource]] = Registry("CAN source")
+SOURCES.add("bus", BusSource, "a python-can bus by interface name (socketcan, pcan, virtual, udp_multicast, ...)")
+SOURCES.add("log", LogReplaySource, "a recorded log replayed in CAN time (any format in bms_ai.can.logs)")
 
 
-SOURCES = {"bus": BusSource, "log": LogReplaySource}
-
-
-def make_source(kind: str, **kwargs: Any):
+def bus_options(text: str | dict | None) -> dict[str, Any]:
+    """Extra python-can ``Bus`` keyword arguments from a JSON object (ROS parameters are strings)."""
+    if isinstance(text, dict):
+        return dict(text)
     try:
-        cls = SOURCES[kind]
-    except KeyError:
-        raise SourceError(f"unknown source kind '{kind}'; known: {sorted(SOURCES)}") from None
-    return cls(**kwargs)
+        opts = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bus_options is not JSON: {exc}") from exc
+    if not isinstance(opts, dict):
+        raise ValueError(f"bus_options must be a JSON object, got {type(opts).__name__}")
+    return opts
+
+
+def open_source(log: str | Path = "", *, kind: str | None = None, **options: Any) -> FrameSource:
+    """The frame source a bridge or replayer is configured for.
+
+    ``kind`` names an entry of :data:`SOURCES`; by default a set ``log``
+    means a replay, else a bus. ``options`` are the fields of
+    :class:`SourceOptions`; each source takes the ones it needs.
+    """
+    kind = kind or ("log" if log else "bus")
+    return SOURCES.get(kind).from_options(SourceOptions(log=log, **options))

@@ -8,7 +8,6 @@ the same messages at any speed. A steady-clock watchdog reports silence
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -22,18 +21,19 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.offline import decode_frames, read_log, sample, sample_times
+from bms_ai.can.health import BusHealth, silence_sample_time
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
-from bms_ai.can.sources import BusSource, LogReplaySource, SourceError
-from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.can.sources import SourceError, open_source
 from bms_ai.core.paths import default_pack_config
 from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
-from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time
+from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time, time_to_float
 from bms_ai.pack import PackSample
 
 
 class CanBridgeNode(Node):
+    """CAN frames in, fixed-rate BatteryState and bus-health diagnostics out."""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(kwargs.pop("node_name", "can_bridge"), **kwargs)
         p = {
@@ -62,18 +62,21 @@ class CanBridgeNode(Node):
         self.pack_id = p["pack_id"] or cfg.pack_id
         self.asm = PackAssembler(PackDecoder(cfg))
         self.sampler = FixedRateSampler(self.asm, 1.0 / p["rate_hz"], p["max_age"])
-        lossless = bool(p["can_log"])  # a file can wait for its readers; a live bus never does
-        self.pub = self.create_publisher(BatteryState, "pack/measurements", LOSSLESS_QOS if lossless else PUB_QOS)
+        self.health = BusHealth(p["stale_after"])
+        self.source = open_source(p["can_log"], interface=p["interface"], channel=p["channel"],
+                                  bus_options=p["bus_options"], speed=p["replay_speed"], loop=p["replay_loop"],
+                                  lightweight=not p["raw_log_dir"] and p["time_source"] == "can")
+        # a replay can wait for its readers; a live bus never does
+        qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
+        self.pub = self.create_publisher(BatteryState, "pack/measurements", qos)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
         self.diag = Diagnostics(self, self.pack_id)
-        self.source = self._make_source()
         self.lock = threading.Lock()
         self.samples_published = 0
         self.source_errors = 0
         self.last_error = ""
         self.last_rx_steady = math.nan
         self.last_rx_can = math.nan
-        self._last_rejected = 0
         self._raw_log = None
         if p["raw_log_dir"]:
             Path(p["raw_log_dir"]).mkdir(parents=True, exist_ok=True)
@@ -88,17 +91,6 @@ class CanBridgeNode(Node):
         self._thread.start()
         self.get_logger().info(f"reading {self.source.description}, pack {self.pack_id} ({cfg.n_cells} cells)")
 
-    def _make_source(self):
-        p = self.p
-        if p["can_log"]:
-            return LogReplaySource(p["can_log"], speed=p["replay_speed"], loop=p["replay_loop"],
-                                   lightweight=not p["raw_log_dir"] and p["time_source"] == "can")
-        try:
-            opts = json.loads(p["bus_options"] or "{}")
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"parameter bus_options is not JSON: {exc}") from exc
-        return BusSource(p["interface"], p["channel"], **opts)
-
     # reader thread -------------------------------------------------------
     def _wait_for_readers(self) -> None:
         """A file replay would otherwise start before the graph's readers are discovered."""
@@ -109,29 +101,15 @@ class CanBridgeNode(Node):
                 return
 
     def _run(self) -> None:
-        if isinstance(self.source, LogReplaySource):
+        if self.source.replay:
             self._wait_for_readers()
-        if (isinstance(self.source, LogReplaySource) and self.source.speed == math.inf and not self.source.loop
-                and self._raw_log is None and self.p["time_source"] == "can"):
-            return self._run_batch()
+        frames = self.source.all_frames()
+        if frames is not None:
+            return self._run_batch(frames)
         backoff = 0.5
-        use_clock = self.p["time_source"] == "clock"
         while not self._stop.is_set():
             try:
-                for msg in self.source.frames(self._stop):
-                    if msg is None:
-                        continue
-                    if use_clock:
-                        msg.timestamp = self.get_clock().now().nanoseconds * 1e-9
-                    if self._raw_log is not None:
-                        self._raw_log.on_message_received(msg)
-                    with self.lock:
-                        samples = self.sampler.feed_message(msg)
-                        self.last_rx_steady = time.monotonic()
-                        self.last_rx_can = self.asm.last_ts
-                    for s in samples:
-                        self._publish(s)
-                    backoff = 0.5
+                self._read()
                 return
             except SourceError as exc:
                 self.source_errors += 1
@@ -141,40 +119,38 @@ class CanBridgeNode(Node):
                     return
                 backoff = min(backoff * 2, 10.0)
 
-    def _run_batch(self) -> None:
+    def _read(self) -> None:
+        use_clock = self.p["time_source"] == "clock"
+        for msg in self.source.frames(self._stop):
+            if msg is None:
+                continue
+            if use_clock:
+                msg.timestamp = time_to_float(self.get_clock().now().to_msg())
+            if self._raw_log is not None:
+                self._raw_log.on_message_received(msg)
+            with self.lock:
+                samples = self.sampler.feed_message(msg)
+                self.last_rx_steady = time.monotonic()
+                self.last_rx_can = self.asm.last_ts
+            for s in samples:
+                self._publish(s)
+
+    def _run_batch(self, frames) -> None:
         """Maximum-speed replay: the whole log decoded vectorised (identical samples, ~10x faster).
 
         Publishing is lossless (KEEP_ALL), so the replay runs as fast as the
         slowest reliable subscriber takes the samples.
         """
-        src: LogReplaySource = self.source
-        frames = read_log(src.path)
-        if frames.error:
-            src.errors.append(frames.error)
         with self.lock:
-            decoded = decode_frames(frames, self.asm.decoder)
-            table = sample(decoded, sample_times(decoded.t_first, decoded.t_last, self.sampler.period,
-                                                 decoded.frame_ts), self.sampler.max_age)
-            c = self.asm.counters
-            c.accepted += decoded.accepted
-            for k, v in decoded.rejected.items():
-                c.rejected[k] += v
-            self.asm.last_ts = decoded.t_last
-        base = PackSample.empty(table.cell_voltages.shape[1], table.cell_temperatures.shape[1])
-        for i in range(len(table)):
+            table = self.sampler.feed_arrays(frames)
+        for s in table.samples():
             if self._stop.is_set():
                 return
-            s = base.copy()
-            s.stamp = float(table.t[i])
-            s.pack_voltage, s.pack_current = float(table.pack_voltage[i]), float(table.pack_current[i])
-            s.cell_voltages[:] = table.cell_voltages[i]
-            s.cell_temperatures[:] = table.cell_temperatures[i]
-            s.status = {k: float(v[i]) for k, v in table.status.items()}
             self._publish(s)
             with self.lock:
                 self.last_rx_steady = time.monotonic()
                 self.last_rx_can = s.stamp
-        src.finished = True
+        self.source.finished = True
 
     def _publish(self, s: PackSample) -> None:
         if self.clock_pub is not None:
@@ -184,81 +160,33 @@ class CanBridgeNode(Node):
 
     # watchdog (steady clock) ------------------------------------------------
     def silence(self) -> float:
+        """Steady-clock seconds since the last frame (inf before the first)."""
         return time.monotonic() - self.last_rx_steady if math.isfinite(self.last_rx_steady) else math.inf
 
     def _watchdog(self) -> None:
         silent = self.silence()
-        replaying = isinstance(self.source, LogReplaySource) and not self.source.finished
-        if (silent > self.p["stale_after"] and math.isfinite(silent) and math.isfinite(self.source_speed())
-                and not replaying):  # a paused replay (readers catching up) is not a silent bus
-            # keep publishing at the nominal rate; values age out to NaN
-            with self.lock:
-                now_can = self.last_rx_can + silent * self.source_speed()
-                s = self.asm.snapshot(now_can, self.p["max_age"])
-            s.stamp = now_can
+        with self.lock:
+            t = silence_sample_time(self.last_rx_can, silent, self.source.speed, self.p["stale_after"],
+                                    self.source.replaying)
+            s = None if t is None else self.asm.snapshot(t, self.p["max_age"])
+        if s is not None:
+            s.stamp = t
             self._publish(s)
         if silent > self.p["stale_after"]:
             self._update_diagnostics()
 
-    def source_speed(self) -> float:
-        if isinstance(self.source, LogReplaySource):
-            return self.source.speed
-        return 1.0
-
     def _update_diagnostics(self) -> None:
+        silence = self.silence()
         with self.lock:
-            c = self.asm.counters
-            rejected = c.total_rejected
-            new_rej = rejected - self._last_rejected
-            self._last_rejected = rejected
-            now_can = self.asm.last_ts
-            timeouts = self.asm.check_timeouts(now_can + (self.silence() if math.isfinite(self.silence()) else 0.0)) \
-                if math.isfinite(now_can) else [r.name for r in self.asm.decoder.routes.values()]
-            rates = self.asm.rates()
-            stats = {name: (st.count, st.timeouts, st.counter_errors, st.crc_errors) for name, st in self.asm.stats.items()}
-            unknown = sorted(self.asm.unknown_ids.items(), key=lambda kv: -kv[1])[:5]
-            values = {
-                "source": self.source.description,
-                "frames_accepted": c.accepted,
-                "frames_rejected": rejected,
-                **{f"rejected_{k}": v for k, v in c.rejected.items()},
-                "unknown_ids": ",".join(f"0x{i:X}:{n}" for i, n in unknown),
-                "samples_published": self.samples_published,
-                "samples_skipped_gaps": self.sampler.skipped,
-                "source_errors": self.source_errors,
-                "last_frame_age_s": self.silence(),
-            }
-        silent = self.silence()
-        if self.source_errors and not math.isfinite(self.last_rx_steady) or (
-                self.last_error and silent > self.p["stale_after"]):
-            level, msg = ERROR, f"CAN source failing: {self.last_error}"
-        elif silent > self.p["stale_after"]:
-            level, msg = STALE, ("no CAN frame received yet" if not math.isfinite(silent)
-                                 else f"CAN bus silent for {silent:.1f} s")
-        elif new_rej:
-            level, msg = WARN, f"{new_rej} frames rejected in the last period"
-        else:
-            level, msg = OK, "receiving"
-        values["level_reason"] = msg
+            statuses = self.health.assess(self.sampler, source=self.source.description, silence=silence,
+                                          samples_published=self.samples_published,
+                                          source_errors=self.source_errors, last_error=self.last_error)
         with self.diag.batch():
-            self._update_statuses(level, msg, values, stats, rates, timeouts, silent)
-
-    def _update_statuses(self, level, msg, values, stats, rates, timeouts, silent) -> None:
-        self.diag.update("can_bus", level, msg, values)
-        per_msg = {}
-        for name, (_count, n_to, n_ctr, n_crc) in stats.items():
-            per_msg[f"{name}.rate_hz"] = rates.get(name, 0.0)
-            per_msg[f"{name}.timeouts"] = n_to
-            per_msg[f"{name}.counter_errors"] = n_ctr
-            per_msg[f"{name}.crc_errors"] = n_crc
-        if silent > self.p["stale_after"]:
-            self.diag.update("can_messages", STALE, "no traffic", per_msg)
-        elif timeouts:
-            self.diag.update("can_messages", WARN, "timeout: " + ", ".join(timeouts), per_msg)
-        else:
-            self.diag.update("can_messages", OK, "all messages within timeout", per_msg)
+            for st in statuses:
+                self.diag.update(st.check, st.level, st.message, st.values)
 
     def destroy_node(self) -> None:
+        """Stop the reader thread, then release the source and the raw log."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
@@ -272,6 +200,7 @@ NODE_CLASS = CanBridgeNode
 
 
 def main(args: list[str] | None = None) -> None:
+    """``ros2 run bms_ai can_bridge``."""
     spin_node(CanBridgeNode, args)
 
 

@@ -14,10 +14,11 @@ import time
 
 import can
 
-from bms_ai.can.sources import LogReplaySource, SourceError
+from bms_ai.can.sources import SourceError, bus_options, open_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The replay subcommand's options."""
     p.add_argument("log", help="CAN log (.asc .blf .log .trc .csv .mf4)")
     p.add_argument("--interface", default="virtual", help="python-can interface (socketcan, udp_multicast, ...)")
     p.add_argument("--channel", default="vcan0")
@@ -29,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dict:
+    """Send the log's frames onto the bus in log time; returns counts, duration and read errors."""
     stop = stop or threading.Event()
-    source = LogReplaySource(args.log, speed=args.speed, loop=args.loop)
-    bus = can.Bus(interface=args.interface, channel=args.channel, **json.loads(args.bus_options))
+    source = open_source(args.log, kind="log", speed=args.speed, loop=args.loop)
+    bus = can.Bus(interface=args.interface, channel=args.channel, **bus_options(args.bus_options))
     clock = None
     if args.clock:
         from bms_ai.ros.clock import ClockPublisher  # rclpy only when asked for
@@ -62,6 +64,7 @@ def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
+    """``bms-ai replay``: exit status 1 on a source error or a damaged log."""
     try:
         stats = replay(args)
     except SourceError as exc:

@@ -1,10 +1,11 @@
-"""Sensor model + CAN encoding of a simulated drive.
+"""Sensor model of the simulated BMS, and its CAN log.
 
-Frames are packed vectorised per message from the cantools signal
-definitions of the reference DBC (same raw conversion as
-``cantools`` ``encode_message``: raw = round((phys - offset) / scale),
-half-to-even), so a 10-minute drive (~850k frames) encodes in seconds.
-test_sim_can.py checks byte equality with cantools on sampled frames.
+What the BMS measures (noise, offsets, lag, sensor faults, dropped and
+jittered frames) is modelled here; turning the values into frames is the
+one pack encoder's job (:class:`bms_ai.can.encoder.PackEncoder`, vectorised
+``encode_rows``), driven by the drive's pack config and its DBC, so the
+simulator and the decoder cannot disagree about the bus. A 10-minute drive
+(~850k frames) encodes in seconds.
 """
 
 from __future__ import annotations
@@ -13,25 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cantools.database import Database
 
-from bms_ai.can.checks import crc8_sae_j1850_rows
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.encoder import PackEncoder
+from bms_ai.can.packconfig import load_pack_config
 from bms_ai.core.paths import share_path
-from bms_ai.sim.profile import MODE_PARK
-from bms_ai.sim.simulator import DT, N_TEMP, limits_for
-from bms_ai.sim.simulator import SimulatedDrive as Drive
+from bms_ai.sim.profile import MODE_CHARGE, MODE_PARK, N_SERIES
+from bms_ai.sim.simulator import DT, SimulatedDrive, limits_for
 
-DBC_PATH = share_path("dbc", "bms_ai_pack96.dbc")
 CAN_T0 = 1767225600.0  # 2026-01-01T00:00:00Z: CAN timestamp = CAN_T0 + truth t
-N_CELLS = 96
+N_CELLS = N_SERIES  # cells of the simulated pack (its pack config must carry as many)
 
-# (message, period s, phase s, frames per period)
-SCHEDULE = {
-    "BMS_PackMeas": (0.010, 0.0001, 1),
-    "BMS_Status": (0.100, 0.0003, 1),
-    "BMS_Limits": (0.100, 0.0005, 1),
-    "BMS_CellVoltages": (0.020, 0.0007, 24),
-    "BMS_CellTemps": (0.100, 0.0041, 8),
-}
+# the simulated BMS's bus timing: offset of each message within its DBC cycle (s), and the share
+# of a cycle over which the frames of one multiplexed cycle are spread
+PHASE_S = {"BMS_PackMeas": 0.0001, "BMS_Status": 0.0003, "BMS_Limits": 0.0005,
+           "BMS_CellVoltages": 0.0007, "BMS_CellTemps": 0.0041}
+MUX_SPREAD = 0.5
 
 
 @dataclass
@@ -48,30 +47,10 @@ class Frames:
         return len(self.t)
 
 
-def load_dbc(path: Path | str = DBC_PATH):
-    import cantools
-
-    return cantools.database.load_file(str(path), strict=True)
-
-
-def pack_signals(message, values: dict[str, np.ndarray], n: int) -> np.ndarray:
-    """(n, length) uint8 payloads; missing signals are 0. Little-endian signals only."""
-    word = np.zeros(n, dtype=np.uint64)
-    for sig in message.signals:
-        if sig.byte_order != "little_endian":
-            raise ValueError(f"{message.name}.{sig.name}: big-endian packing not supported by the simulator")
-        if sig.name not in values:
-            continue
-        phys = np.broadcast_to(np.asarray(values[sig.name], dtype=float), (n,))
-        raw = np.round((phys - sig.offset) / sig.scale)
-        if sig.is_signed:
-            lo, hi = -(1 << (sig.length - 1)), (1 << (sig.length - 1)) - 1
-        else:
-            lo, hi = 0, (1 << sig.length) - 1
-        raw = np.clip(np.nan_to_num(raw, nan=0.0), lo, hi).astype(np.int64)
-        mask = (1 << sig.length) - 1
-        word |= (raw.astype(np.uint64) & np.uint64(mask)) << np.uint64(sig.start)
-    return word.astype("<u8").view(np.uint8).reshape(n, 8)[:, : message.length]
+def drive_encoder(drive: SimulatedDrive, dbc: Database | None = None) -> PackEncoder:
+    """The encoder of the drive's pack config (its chemistry's reference pack); ``dbc`` overrides its DBC."""
+    cfg = load_pack_config(share_path("config", drive.chemistry.pack_config))
+    return PackEncoder(PackDecoder(cfg, dbc))
 
 
 def _interp(t_truth: np.ndarray, arr: np.ndarray, tq: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
@@ -101,7 +80,7 @@ def _lag(x: np.ndarray, tau: float) -> np.ndarray:
     return y + x[0]
 
 
-def _apply_sensor_faults(drive: Drive, target: str, tq: np.ndarray, values: np.ndarray, channel: np.ndarray | None,
+def _apply_sensor_faults(drive: SimulatedDrive, target: str, tq: np.ndarray, values: np.ndarray, channel: np.ndarray | None,
                          invalid: np.ndarray | None) -> None:
     """In-place: stuck/drift/open-wire faults on the channels of ``target``."""
     for f in drive.scenario.faults:
@@ -123,79 +102,102 @@ def _apply_sensor_faults(drive: Drive, target: str, tq: np.ndarray, values: np.n
                 invalid[act] = 1
 
 
-def _mux_block(drive: Drive, tq: np.ndarray, mux: np.ndarray, truth: np.ndarray, offset: np.ndarray,
-               noise: np.ndarray, target: str, prefix: str) -> dict[str, np.ndarray]:
-    """Signal values of a 4-slot multiplexed frame: element = mux * 4 + slot, sensor faults applied."""
-    idx = mux[:, None] * 4 + np.arange(4, dtype=np.int32)[None, :]
-    v = _interp(drive.t, truth, tq, idx) + offset[idx] + noise
-    inv = np.zeros(idx.shape, dtype=np.uint8)
-    for slot in range(4):
-        col, ic = v[:, slot], inv[:, slot]
-        _apply_sensor_faults(drive, target, tq, col, idx[:, slot], ic)
-        v[:, slot], inv[:, slot] = col, ic
-    vals: dict[str, np.ndarray] = {f"{prefix}Mux": mux}
-    for slot in range(4):
-        vals[f"{prefix}{slot}"] = v[:, slot]
-        vals[f"{prefix}{slot}_Invalid"] = inv[:, slot]
-    return vals
+class _SensorModel:
+    """What the simulated BMS measures for each of its messages, at the frames' send times.
+
+    Random draws happen in a fixed order (per-channel errors first, then per
+    message in the encoder's order), so a drive's CAN log is a pure function
+    of its seed.
+    """
+
+    def __init__(self, drive: SimulatedDrive, enc: PackEncoder, rng: np.random.Generator) -> None:
+        cfg = enc.decoder.cfg
+        if (cfg.n_cells, cfg.n_temps) != (drive.v.shape[1], drive.sensor_temp.shape[1]):
+            raise ValueError(f"pack config {cfg.source}: {cfg.n_cells} cells / {cfg.n_temps} sensors, "
+                             f"the drive has {drive.v.shape[1]} / {drive.sensor_temp.shape[1]}")
+        self.drive, self.enc, self.rng, self.n_cells = drive, enc, rng, cfg.n_cells
+        sen = self.sen = drive.scenario.sensors
+        # fixed per-channel errors
+        self.i_gain = 1.0 + sen.current_gain * rng.standard_normal()
+        self.i_off = sen.current_offset * rng.standard_normal()
+        self.v_off = sen.cell_v_offset * rng.standard_normal(cfg.n_cells)
+        self.pv_gain = 1.0 + 0.001 * rng.standard_normal()
+        self.t_off = sen.temp_offset * rng.standard_normal(cfg.n_temps)
+        self.sensor_t = _lag(drive.sensor_temp, sen.temp_lag_s)
+        self.lim_chg, self.lim_dis = limits_for(drive)
+
+    def measure(self, name: str, tq: np.ndarray, mux: np.ndarray) -> tuple[dict, dict, dict]:
+        """(pack quantities, extra DBC signals, invalid flags) of message ``name`` at times ``tq``."""
+        model = self.MESSAGES.get(name)
+        if model is None:
+            raise ValueError(f"the simulated BMS has no sensor model for message {name} of the pack config")
+        return getattr(self, model)(tq, mux)
+
+    # DBC message -> the method measuring its values
+    MESSAGES = {"BMS_PackMeas": "_pack_meas", "BMS_Status": "_status", "BMS_Limits": "_limits",
+                "BMS_CellVoltages": "_cell_voltages", "BMS_CellTemps": "_cell_temps"}
+
+    def _pack_meas(self, tq, mux):
+        d, sen, rng, n = self.drive, self.sen, self.rng, len(tq)
+        i_meas = self.i_gain * _interp(d.t, d.current, tq) + self.i_off + sen.current_noise * rng.standard_normal(n)
+        _apply_sensor_faults(d, "current", tq, i_meas, None, None)
+        pv = self.pv_gain * _interp(d.t, d.pack_voltage, tq) + sen.pack_v_noise * rng.standard_normal(n)
+        _apply_sensor_faults(d, "pack_v", tq, pv, None, None)
+        return {"pack_voltage": pv, "pack_current": i_meas}, {"PackPower": pv * i_meas / 1000.0}, {}
+
+    def _status(self, tq, mux):
+        d = self.drive
+        k = np.minimum((tq / DT).astype(int), len(d.t) - 1)
+        mode = d.mode[k]
+        closed = (mode != MODE_PARK).astype(int)
+        return {"bms_state": mode, "contactor_plus": closed, "contactor_minus": closed,
+                "charger_connected": (mode == MODE_CHARGE).astype(int), "charger_state": d.charger_state[k],
+                "error_flags": 0, "isolation_kohm": 4000 + self.rng.integers(-20, 21, len(tq))}, {}, {}
+
+    def _limits(self, tq, mux):
+        d, chem = self.drive, self.drive.chemistry
+        return ({"max_charge_current": _interp(d.t, self.lim_chg, tq),
+                 "max_discharge_current": _interp(d.t, self.lim_dis, tq)},
+                {"MaxChargeVoltage": self.n_cells * chem.v_max, "MinDischargeVoltage": self.n_cells * chem.v_min}, {})
+
+    def _cell_voltages(self, tq, mux):
+        return self._mux_block("BMS_CellVoltages", "cell_voltages", tq, mux, self.drive.v, self.v_off,
+                               self.sen.cell_v_noise, "cell_v")
+
+    def _cell_temps(self, tq, mux):
+        return self._mux_block("BMS_CellTemps", "cell_temperatures", tq, mux, self.sensor_t, self.t_off,
+                               self.sen.temp_noise, "cell_t")
+
+    def _mux_block(self, name: str, key: str, tq: np.ndarray, mux: np.ndarray, truth: np.ndarray,
+                   offset: np.ndarray, noise: float, target: str) -> tuple[dict, dict, dict]:
+        """Channels of a multiplexed array frame (the encoder says which), sensor faults applied per slot."""
+        d = self.drive
+        idx = self.enc.element_index(name, key, mux)
+        v = _interp(d.t, truth, tq, idx) + offset[idx] + noise * self.rng.standard_normal(idx.shape)
+        inv = np.zeros(idx.shape, dtype=np.uint8)
+        for slot in range(idx.shape[1]):
+            col, ic = v[:, slot], inv[:, slot]
+            _apply_sensor_faults(d, target, tq, col, idx[:, slot], ic)
+            v[:, slot], inv[:, slot] = col, ic
+        return {key: v}, {}, {key: inv}
 
 
-def build_frames(drive: Drive, dbc=None) -> Frames:
+def build_frames(drive: SimulatedDrive, dbc: Database | None = None) -> Frames:
     """Sensor model + schedule + encoding. Deterministic from the drive's seed."""
-    db = dbc or load_dbc()
+    enc = drive_encoder(drive, dbc)
     rng = np.random.default_rng([drive.seed, 2])
+    model = _SensorModel(drive, enc, rng)
     sen = drive.scenario.sensors
     t_end = drive.t[-1]
-    # fixed per-channel errors
-    i_gain = 1.0 + sen.current_gain * rng.standard_normal()
-    i_off = sen.current_offset * rng.standard_normal()
-    v_off = sen.cell_v_offset * rng.standard_normal(N_CELLS)
-    pv_gain = 1.0 + 0.001 * rng.standard_normal()
-    t_off = sen.temp_offset * rng.standard_normal(N_TEMP)
-    sensor_t = _lag(drive.sensor_temp, sen.temp_lag_s)
-    lim_chg, lim_dis = limits_for(drive)
-    v_max, v_min = drive.chemistry.v_max, drive.chemistry.v_min
-
     parts = []
-    names = tuple(SCHEDULE)
-    for mi, (name, (period, phase, per)) in enumerate(SCHEDULE.items()):
-        msg = db.get_message_by_name(name)
-        n_cyc = int(np.floor((t_end - phase) / period)) + 1
-        cyc = np.repeat(np.arange(n_cyc, dtype=np.int32), per)
-        mux = np.tile(np.arange(per, dtype=np.int32), n_cyc)
-        tq = cyc * period + phase + mux * (period / max(per, 1)) * 0.5
+    names = tuple(enc.messages())
+    for mi, name in enumerate(names):
+        tq, mux = enc.cycle_times(name, t_end, PHASE_S.get(name, 0.0), MUX_SPREAD)
         n = len(tq)
-        vals: dict[str, np.ndarray] = {}
-        seq = np.arange(n)
-        if name == "BMS_PackMeas":
-            i_true = _interp(drive.t, drive.current, tq)
-            i_meas = i_gain * i_true + i_off + sen.current_noise * rng.standard_normal(n)
-            _apply_sensor_faults(drive, "current", tq, i_meas, None, None)
-            pv = pv_gain * _interp(drive.t, drive.pack_voltage, tq) + sen.pack_v_noise * rng.standard_normal(n)
-            _apply_sensor_faults(drive, "pack_v", tq, pv, None, None)
-            vals = {"PackMeas_AliveCounter": seq % 16, "PackVoltageValid": 1, "PackCurrentValid": 1,
-                    "PackVoltage": pv, "PackCurrent": i_meas, "PackPower": pv * i_meas / 1000.0}
-        elif name == "BMS_Status":
-            k = np.minimum((tq / DT).astype(int), len(drive.t) - 1)
-            mode = drive.mode[k]
-            closed = (mode != MODE_PARK).astype(int)
-            vals = {"Status_AliveCounter": seq % 16, "BmsState": mode, "ContactorPlus": closed, "ContactorMinus": closed,
-                    "PrechargeRelay": 0, "ChargerConnected": (mode == 4).astype(int), "ChargerState": drive.charger_state[k],
-                    "ErrorFlags": 0, "IsolationResistance": 4000 + rng.integers(-20, 21, n)}
-        elif name == "BMS_Limits":
-            vals = {"MaxChargeCurrent": _interp(drive.t, lim_chg, tq), "MaxDischargeCurrent": _interp(drive.t, lim_dis, tq),
-                    "MaxChargeVoltage": N_CELLS * v_max, "MinDischargeVoltage": N_CELLS * v_min}
-        elif name == "BMS_CellVoltages":
-            vals = _mux_block(drive, tq, mux, drive.v, v_off, sen.cell_v_noise * rng.standard_normal((n, 4)),
-                              "cell_v", "CellV")
-        elif name == "BMS_CellTemps":
-            vals = _mux_block(drive, tq, mux, sensor_t, t_off, sen.temp_noise * rng.standard_normal((n, 4)),
-                              "cell_t", "CellT")
+        values, signals, invalid = model.measure(name, tq, mux)
+        payload = enc.encode_rows(name, mux, values, signals, invalid)
         data = np.zeros((n, 8), dtype=np.uint8)
-        data[:, : msg.length] = pack_signals(msg, vals, n)
-        crc_sig = {"BMS_PackMeas": "PackMeas_Checksum", "BMS_Status": "Status_Checksum"}.get(name)
-        if crc_sig is not None:
-            data[:, 0] = crc8_sae_j1850_rows(data[:, 1:8])
+        data[:, : payload.shape[1]] = payload
         # what is actually on the bus: BMS asleep while parked, CAN timeouts, random drops
         keep = np.ones(n, dtype=bool)
         k = np.minimum((tq / DT).astype(int), len(drive.t) - 1)
@@ -206,7 +208,8 @@ def build_frames(drive: Drive, dbc=None) -> Frames:
         keep &= rng.random(n) >= sen.drop_prob
         jit = np.clip(sen.jitter_s * rng.standard_normal(n), -3 * sen.jitter_s, 3 * sen.jitter_s)
         ts = np.maximum(tq + jit, 0.0)
-        parts.append((ts[keep], np.full(keep.sum(), msg.frame_id, np.uint32), data[keep], np.full(keep.sum(), mi, np.uint8)))
+        fid, _ext = enc.frame_id(name)
+        parts.append((ts[keep], np.full(keep.sum(), fid, np.uint32), data[keep], np.full(keep.sum(), mi, np.uint8)))
     t = np.concatenate([p[0] for p in parts])
     order = np.argsort(t, kind="stable")
     return Frames(t=t[order], arb_id=np.concatenate([p[1] for p in parts])[order],
@@ -215,6 +218,7 @@ def build_frames(drive: Drive, dbc=None) -> Frames:
 
 
 def iter_messages(frames: Frames, t0: float = CAN_T0):
+    """The frames as python-can messages on CAN time ``t0 + t`` (channel 0, standard ids)."""
     import can
 
     ts = (t0 + frames.t).tolist()

@@ -1,0 +1,92 @@
+"""Bus-health decisions: levels and values of the bridge's diagnostics, CAN time while the bus is silent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from canutil import synthetic_messages
+
+from bms_ai.can.assembler import PackAssembler
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.health import BusHealth, can_time_now, silence_sample_time
+from bms_ai.can.packconfig import load_pack_config
+from bms_ai.can.sampler import FixedRateSampler
+from bms_ai.core.levels import ERROR, OK, STALE, WARN
+
+
+@pytest.fixture(scope="module")
+def decoder(pack_config_path):
+    """The reference pack's decoder (config/pack96.yaml)."""
+    return PackDecoder(load_pack_config(pack_config_path))
+
+
+@pytest.fixture(scope="module")
+def messages(decoder):
+    """One second of the reference pack's traffic."""
+    return synthetic_messages(decoder, 10.0, 11.0)
+
+
+def _sampler(decoder, msgs=()) -> FixedRateSampler:
+    s = FixedRateSampler(PackAssembler(decoder), 0.1)
+    for m in msgs:
+        s.feed_message(m)
+    return s
+
+
+def _assess(health, sampler, silence, errors=0, last_error=""):
+    return health.assess(sampler, source="virtual:vcan0", silence=silence, samples_published=7,
+                         source_errors=errors, last_error=last_error)
+
+
+def test_silence_extrapolates_can_time_and_publishes_only_when_really_silent():
+    """A silent bus keeps CAN time running at the source's speed; a paused or timeless replay does not."""
+    assert can_time_now(100.0, 2.0) == 102.0 and can_time_now(100.0, 2.0, speed=4.0) == 108.0
+    assert silence_sample_time(100.0, 0.3, 1.0, stale_after=0.5, replaying=False) is None  # not silent yet
+    assert silence_sample_time(100.0, 0.7, 1.0, 0.5, False) == pytest.approx(100.7)
+    assert silence_sample_time(100.0, 0.7, 2.0, 0.5, False) == pytest.approx(101.4)
+    assert silence_sample_time(100.0, 0.7, 1.0, 0.5, replaying=True) is None  # readers catching up
+    assert silence_sample_time(100.0, 0.7, math.inf, 0.5, False) is None  # maximum speed: no CAN clock
+    assert silence_sample_time(math.nan, math.inf, 1.0, 0.5, False) is None  # nothing received yet
+
+
+def test_bus_levels_from_silence_rejections_and_source_errors(decoder, messages):
+    """STALE before traffic, OK while receiving, WARN once per batch of rejections, ERROR while failing."""
+    health = BusHealth(stale_after=0.5)
+    empty = _sampler(decoder)
+    bus, msgs = _assess(health, empty, math.inf)
+    assert (bus.check, bus.level, bus.message) == ("can_bus", STALE, "no CAN frame received yet")
+    assert (msgs.check, msgs.level, msgs.message) == ("can_messages", STALE, "no traffic")
+    bus, _ = _assess(health, empty, math.inf, errors=1, last_error="cannot open CAN bus x")
+    assert bus.level == ERROR and bus.message == "CAN source failing: cannot open CAN bus x"
+
+    sampler = _sampler(decoder, messages)
+    bus, msgs = _assess(health, sampler, 0.01)
+    assert (bus.level, bus.message) == (OK, "receiving") and msgs.level == OK
+    sampler.asm.feed(0x7AB, b"\x01", 11.0)
+    sampler.asm.feed(0x7AB, b"\x01", 11.0)
+    bus, _ = _assess(health, sampler, 0.01)
+    assert (bus.level, bus.message) == (WARN, "2 frames rejected in the last period")
+    assert bus.values["unknown_ids"] == "0x7AB:2" and bus.values["rejected_unknown_id"] == 2
+    assert _assess(health, sampler, 0.01)[0].level == OK  # no new rejections since
+    bus, msgs = _assess(health, sampler, 2.0)
+    assert (bus.level, bus.message, msgs.level) == (STALE, "CAN bus silent for 2.0 s", STALE)
+    assert _assess(health, sampler, 2.0, errors=3, last_error="bus off")[0].level == ERROR
+    assert _assess(health, sampler, 0.01, errors=3, last_error="bus off")[0].level == OK  # frames flow again
+
+
+def test_values_and_per_message_timeouts(decoder, messages):
+    """Counters go out as values; a message past its timeout (CAN time + silence) is named."""
+    sampler = _sampler(decoder, messages)
+    health = BusHealth(stale_after=0.5)
+    bus, msgs = _assess(health, sampler, 0.0)
+    v = bus.values
+    assert v["source"] == "virtual:vcan0" and v["frames_accepted"] == len(messages) and v["frames_rejected"] == 0
+    assert v["samples_published"] == 7 and v["samples_skipped_gaps"] == 0 and v["level_reason"] == "receiving"
+    assert msgs.values["BMS_PackMeas.rate_hz"] == pytest.approx(100.0, rel=0.02)
+    assert msgs.values["BMS_PackMeas.timeouts"] == 0
+    _, msgs = _assess(health, sampler, 0.2)  # 200 ms: past PackMeas' 50 ms, within Status' 300 ms
+    assert msgs.level == WARN and "BMS_PackMeas" in msgs.message and "BMS_Status" not in msgs.message
+    assert msgs.values["BMS_PackMeas.timeouts"] == 1
+    never = _assess(BusHealth(0.5), _sampler(decoder), 0.1)[1]
+    assert never.message.startswith("timeout: BMS_PackMeas")  # nothing received: every message is late

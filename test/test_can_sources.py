@@ -1,0 +1,124 @@
+"""Frame sources: chosen by name, asked (not type-checked) how to treat them, replays identical either way."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import can
+import numpy as np
+import pytest
+from canutil import synthetic_messages, write_log
+
+from bms_ai.can.assembler import PackAssembler
+from bms_ai.can.decoder import PackDecoder
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.packconfig import load_pack_config
+from bms_ai.can.sampler import FixedRateSampler
+from bms_ai.can.sources import SOURCES, BusSource, LogReplaySource, SourceError, open_source
+from bms_ai.core.registry import UnknownName
+
+
+@pytest.fixture(scope="module")
+def decoder(pack_config_path):
+    """The reference pack's decoder (config/pack96.yaml)."""
+    return PackDecoder(load_pack_config(pack_config_path))
+
+
+@pytest.fixture(scope="module")
+def messages(decoder):
+    """One second of the reference pack's traffic."""
+    return synthetic_messages(decoder, 100.0, 101.0)
+
+
+def _drain(src, stop=None):
+    out = []
+    for m in src.frames(stop or threading.Event()):
+        if src.finished:
+            break
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def test_sources_by_name_and_what_the_bridge_asks_them(tmp_path, messages):
+    """open_source picks the table entry; replay/speed/finished answer the bridge's questions."""
+    assert SOURCES.names() == ["bus", "log"]
+    log = write_log(tmp_path / "d.blf", messages)
+    bus = open_source("", interface="virtual", channel="src_test", bus_options='{"receive_own_messages": false}')
+    assert isinstance(bus, BusSource) and bus.description == "virtual:src_test"
+    assert (bus.replay, bus.speed, bus.replaying, bus.all_frames()) == (False, 1.0, False, None)
+    rep = open_source(log, speed=2.0)
+    assert isinstance(rep, LogReplaySource) and rep.description == "log:d.blf"
+    assert (rep.replay, rep.speed, rep.replaying, rep.all_frames()) == (True, 2.0, True, None)
+    assert open_source(log, speed=0.0).speed == math.inf
+    assert open_source(log, speed=math.inf, loop=True, lightweight=True).all_frames() is None
+    whole = open_source(log, speed=0.0, lightweight=True).all_frames()
+    assert isinstance(whole, FrameArrays) and len(whole) == len(messages)
+    with pytest.raises(UnknownName, match="unknown CAN source 'can0'; known: bus, log"):
+        open_source(log, kind="can0")
+
+
+def test_source_configuration_errors_are_one_line(tmp_path):
+    """A missing log is a SourceError; bus options that are not a JSON object are a ValueError."""
+    with pytest.raises(SourceError, match="CAN log not found"):
+        open_source(tmp_path / "nope.blf")
+    with pytest.raises(ValueError, match="bus_options is not JSON"):
+        open_source(interface="virtual", channel="x", bus_options="{bitrate: 5}")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        open_source(interface="virtual", channel="x", bus_options="[1]")
+    with pytest.raises(SourceError, match="cannot open CAN bus nosuchinterface:x"):
+        next(open_source(interface="nosuchinterface", channel="x").frames(threading.Event()))
+
+
+def test_bus_source_yields_frames_and_idle_polls():
+    """A live bus gives what was sent, None while idle, and never finishes."""
+    src = open_source(interface="virtual", channel="src_bus_test", bus_options={"receive_own_messages": False})
+    tx = can.Bus(interface="virtual", channel="src_bus_test")
+    stop = threading.Event()
+    try:
+        it = src.frames(stop)
+        assert next(it) is None  # idle poll
+        tx.send(can.Message(arbitration_id=0x120, data=b"\x01\x02", is_extended_id=False))
+        got = next(m for m in it if m is not None)
+        assert got.arbitration_id == 0x120 and bytes(got.data) == b"\x01\x02"
+        assert not src.finished
+    finally:
+        stop.set()
+        tx.shutdown()
+        src.close()
+
+
+def test_log_replay_finishes_then_stays_silent_and_loops_forward(tmp_path, messages):
+    """After the last frame the replay is finished (a silent bus); a loop shifts time forward."""
+    log = write_log(tmp_path / "d.blf", messages)
+    src = open_source(log, speed=0.0)
+    assert len(_drain(src)) == len(messages) and src.finished and not src.replaying
+    loop = open_source(log, speed=0.0, loop=True)
+    stop = threading.Event()
+    ts = []
+    for m in loop.frames(stop):
+        ts.append(m.timestamp)
+        if len(ts) == 2 * len(messages) + 1:
+            stop.set()
+    assert np.all(np.diff(ts) >= 0) and ts[len(messages)] == pytest.approx(ts[len(messages) - 1] + 0.01)
+
+
+def test_lightweight_replay_source_yields_the_same_frames(tmp_path, messages, decoder):
+    """The fast array path for replays gives the decoder exactly what python-can's messages give."""
+    path = write_log(tmp_path / "d.blf", messages)
+
+    def samples(lightweight: bool):
+        src = LogReplaySource(path, speed=0.0, lightweight=lightweight)
+        sampler = FixedRateSampler(PackAssembler(decoder), 0.1)
+        out = []
+        for m in _drain(src):
+            out.extend(sampler.feed_message(m))
+        return out, sampler.asm.counters
+
+    fast, c_fast = samples(True)
+    ref, c_ref = samples(False)
+    assert len(fast) == len(ref) > 5 and c_fast == c_ref
+    for a, b in zip(fast, ref):
+        assert a.stamp == b.stamp
+        np.testing.assert_array_equal(a.cell_voltages, b.cell_voltages)
