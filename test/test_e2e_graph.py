@@ -140,6 +140,7 @@ def _netns_ok() -> bool:
 @pytest.mark.netns
 @pytest.mark.skipif(not _netns_ok(), reason="needs unshare -n (root) and iproute2 for a private network namespace")
 def test_b_processes_over_udp_multicast_in_private_netns(tmp_path):
+    """As on a vehicle: replayer, graph and consumer are separate processes on a real (multicast) CAN transport."""
     t_truth, soc_truth = _truth()
     seconds, speed = 60.0, 5.0
     log = _cut(tmp_path, seconds)
