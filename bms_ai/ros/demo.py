@@ -64,7 +64,6 @@ class Record:
     tmax: list[float] = field(default_factory=list)
     diag: dict[str, tuple[int, str, dict]] = field(default_factory=dict)
     diag_events: list[tuple[float, str, int, str]] = field(default_factory=list)
-    last_rx: float = field(default_factory=time.monotonic)  # wall time of the last estimate from the drive
     t_end: float = math.inf  # CAN time of the drive's last frame
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,8 +83,6 @@ def _probe(runner, rec: Record, namespace: str):
 
     def on_state(m) -> None:
         with rec.lock:
-            if stamp(m) <= rec.t_end:
-                rec.last_rx = time.monotonic()
             rec.t.append(stamp(m))
             rec.soc.append(m.percentage)
             rec.capacity.append(m.capacity)
@@ -262,7 +259,9 @@ def run(args: argparse.Namespace) -> int:
                "can_log": str(log), "replay_speed": repr(float(args.speed)), "use_sim_time": "true"}
     uploader = {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
                 "token": token if ingest else "", "shutdown_drain_s": 5.0}
-    specs = graph_from_options(options, overrides={"cloud_uploader": uploader})
+    # the replay also waits for this view's reader, so the view sees every sample (drained() counts on it)
+    specs = graph_from_options(options, overrides={"cloud_uploader": uploader,
+                                                   "can_bridge": {"wait_for_subscribers": len(nodes)}})
     print(f"bms-ai demo: drive {drive.name} ({t_end - t_start:.0f} s, {len(frames)} frames) at {args.speed:g}x "
           f"through {', '.join(nodes)}" + (f"; not installed: {', '.join(missing)}" if missing else ""),
           file=sys.stderr)
@@ -282,12 +281,23 @@ def run(args: argparse.Namespace) -> int:
 
     at_end: dict[str, int] = {}
 
+    estimator = runner.node("estimator") if "estimator" in nodes else None
+
+    def drained() -> bool:  # every sample can_bridge published is through the estimator and in the view
+        published = bridge.samples_published
+        with rec.lock:
+            measurements, estimates = len(rec.mt), len(rec.t)
+        return measurements >= published and (
+            estimator is None or (estimator.steps + estimator.rejected >= published and estimates >= estimator.steps))
+
     def finished() -> bool:
         if bridge.source.finished and not at_end:
-            with rec.lock:  # what the graph said at the end of the drive, before the bus went silent
+            with rec.lock:  # what the graph said as the drive ended, before the bus went silent
                 at_end.update({n: lv for n, (lv, _, _) in rec.diag.items()})
-        quiet = time.monotonic() - rec.last_rx > 1.0  # the graph has worked through its queues
-        return (bridge.source.finished and bridge.silence() > 1.0 and quiet) or time.monotonic() - wall0 > args.timeout
+        if time.monotonic() - wall0 > args.timeout:
+            return True
+        # the graph has worked through the whole drive, then a second of bus silence for what follows it
+        return bridge.source.finished and drained() and bridge.silence() > 1.0
 
     try:
         runner.spin(until=finished)
