@@ -8,7 +8,7 @@ import struct
 import cantools
 import numpy as np
 import pytest
-from canutil import synthetic_messages, synthetic_sample
+from testutil import synthetic_messages, synthetic_sample
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.checks import crc8_sae_j1850

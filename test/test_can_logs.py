@@ -10,9 +10,9 @@ import threading
 import can
 import numpy as np
 import pytest
-from canutil import synthetic_messages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from canutil import synthetic_messages
+from testutil import synthetic_messages
 
 from bms_ai.cli import main
 from bms_ai.graph import build_graph, coerce_parameter, graph_from_options, load_params_file, ros_type_name
