@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bms_ai developer entry point (works on a fresh machine; installs what it needs).
 #   ./dev.sh demo [ARGS]   main job: the whole node graph on a bundled recorded drive
-#   ./dev.sh test [ARGS]   the test suite (default run; ARGS go to pytest)
+#   ./dev.sh test [ARGS]   CI run: ruff, then every test tier but slow (ARGS go to pytest)
 #   ./dev.sh bench [ARGS]  performance figures as JSON
 #   ./dev.sh setup         only create/refresh the virtual environment (.venv)
 set -euo pipefail
@@ -61,7 +61,8 @@ case "$cmd" in
     setup
     system_packages
     "$PY" -m ruff check bms_ai test launch
-    exec "$PY" -m pytest -q -m "not slow" "$@"
+    # CI effort for property tests (conftest.py; a plain `pytest` uses the quick "dev" profile)
+    HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}" exec "$PY" -m pytest -q -m "not slow" "$@"
     ;;
   *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

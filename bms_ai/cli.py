@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bms_ai.core.registry import NotAvailable, Registry
+from bms_ai.core.registry import NotAvailableError, Registry
 
 COMMANDS: Registry = Registry("command")
 COMMANDS.add("run", "bms_ai.ros.runner:", "run the whole node graph in one process")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if name is not None:
         try:
             module = COMMANDS.get(name)
-        except NotAvailable as exc:
+        except NotAvailableError as exc:
             print(f"bms-ai {name}: {exc}; see README for the optional extras", file=sys.stderr)
             return 2
     args = build_parser(only=name).parse_args(argv)

@@ -1,11 +1,21 @@
 """The node graph, defined once: used by launch/bms_ai.launch.py and by `bms-ai run`.
 
+``OPTIONS`` is the one table of graph options: each row is a launch argument
+(``name:=value``) and a `bms-ai run` flag with the same default, and
+:func:`graph_from_options` is the one function that turns their text into the
+nodes to start. Values are read as ROS reads them (booleans ``true/false/1/0/
+yes/no/on/off``, parameter values as YAML); a bad value is a one-line
+ValueError naming the option.
+
 Neither ``launch`` nor rclpy is imported here, so the graph can be built and
 tested anywhere.
 """
 
 from __future__ import annotations
 
+import math
+import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +23,7 @@ from typing import Any
 import yaml
 
 from bms_ai.core.paths import share_path
+from bms_ai.core.yamlfile import load_yaml
 
 # (name, console script / executable, module exposing NODE_CLASS)
 NODES: tuple[tuple[str, str, str], ...] = (
@@ -21,15 +32,19 @@ NODES: tuple[tuple[str, str, str], ...] = (
     ("fault_monitor", "fault_monitor", "bms_ai.nodes.fault_monitor"),
     ("cloud_uploader", "cloud_uploader", "bms_ai.nodes.cloud_uploader"),
 )
+NODE_NAMES: tuple[str, ...] = tuple(n for n, _, _ in NODES)
 DEFAULT_NAMESPACE = "/bms"
 
 
 def default_params_file() -> Path:
+    """The shipped params file: this deployment's choices on top of the declared defaults."""
     return share_path("config", "bms_ai.yaml")
 
 
 @dataclass(frozen=True)
 class NodeSpec:
+    """One node to start: where, and which parameters it gets on top of its params file."""
+
     name: str
     executable: str
     module: str
@@ -37,22 +52,234 @@ class NodeSpec:
     parameters: dict[str, Any] = field(default_factory=dict)  # overrides on top of the params file
     remappings: tuple[tuple[str, str], ...] = ()
     respawn: bool = False
+    params_file: str | None = None
 
     @property
     def fqn(self) -> str:
+        """Fully qualified node name, as ROS tools show it."""
         return f"{self.namespace.rstrip('/')}/{self.name}"
+
+
+# ----------------------------------------------------------------------------- option values
+
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(text: str, name: str) -> bool:
+    """A boolean as ROS tools accept it (launch conditions, YAML 1.1), case-insensitive."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}: expected a boolean (true/false, 1/0, yes/no, on/off), got {text!r}")
+
+
+def parse_optional_bool(text: str, name: str) -> bool | None:
+    """Like :func:`parse_bool`, but empty text means "not given" (None)."""
+    return None if not text.strip() else parse_bool(text, name)
+
+
+def parse_seconds(text: str, name: str) -> float:
+    """A finite number >= 0 (durations, replay speed factors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_text(text: str, name: str) -> str:
+    """Text as given, surrounding blanks removed."""
+    return text.strip()
+
+
+def parse_namespace(text: str, name: str) -> str:
+    """An absolute namespace; ``pack2`` and ``/pack2/`` both mean ``/pack2``."""
+    ns = text.strip().strip("/")
+    if ns and not all(part and (part[0].isalpha() or part[0] == "_") and part.replace("_", "").isalnum()
+                      for part in ns.split("/")):
+        raise ValueError(f"{name}: not a ROS namespace: {text!r}")
+    return "/" + ns
+
+
+def parse_node_list(text: str, name: str) -> list[str]:
+    """Comma-separated node names of the graph, at least one."""
+    nodes = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in nodes if n not in NODE_NAMES]
+    if bad:
+        raise ValueError(f"{name}: unknown node(s) {', '.join(bad)}; the graph has {', '.join(NODE_NAMES)}")
+    if not nodes:
+        raise ValueError(f"{name}: no node to start; the graph has {', '.join(NODE_NAMES)}")
+    return nodes
+
+
+def parse_value(raw: str) -> Any:
+    """A parameter value written on a command line, read as ``ros2 run ... -p name:=value`` reads it.
+
+    YAML, plus what ROS's parameter parser adds: unquoted ``1e3`` is a double.
+    Text that YAML would make a mapping or null stays text (a ROS parameter is
+    neither), so JSON-valued string parameters such as ``bus_options`` work
+    unquoted; a list of numbers with any float in it is a list of floats.
+    """
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if value is None or isinstance(value, dict):
+        return raw
+    if isinstance(value, str) and value == raw.strip():  # unquoted text: a number in C notation is one
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value) and any(isinstance(v, float) for v in value):
+        return [float(v) for v in value]
+    return value
+
+
+def parse_sets(text: str, name: str = "set") -> dict[str, dict[str, Any]]:
+    """``NODE.PARAM=VALUE`` items (shell-quoted, space-separated) -> overrides per node (``*`` = every node)."""
+    try:
+        items = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        node, dot, param = key.partition(".")
+        if not sep or not dot or not node or not param:
+            raise ValueError(f"{name}: expected NODE.PARAM=VALUE, got {item!r}")
+        if node != "*" and node not in NODE_NAMES:
+            raise ValueError(f"{name}: unknown node {node!r} in {item!r}; the graph has {', '.join(NODE_NAMES)}")
+        out.setdefault(node, {})[param] = parse_value(raw)
+    return out
+
+
+# ----------------------------------------------------------------------------- the option table
+
+@dataclass(frozen=True)
+class Option:
+    """One graph option: launch argument ``name:=value`` and `bms-ai run` flag(s), one default, one parser."""
+
+    name: str
+    default: str
+    help: str
+    parse: Callable[[str, str], Any] = parse_text
+    flags: tuple[str, ...] = ()  # bms-ai run flags; () = --name-with-dashes
+    launch: bool = True  # a launch argument
+    run: bool = True  # a bms-ai run option
+    repeat: bool = False  # bms-ai run: the flag may be given several times (items joined shell-quoted)
+
+    @property
+    def run_flags(self) -> tuple[str, ...]:
+        """The `bms-ai run` spelling(s); the first one is the documented one."""
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+    @property
+    def label(self) -> str:
+        """How an error message names this option: the launch name and the run flag."""
+        return f"{self.name} ({self.run_flags[0]})" if self.run else self.name
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("namespace", DEFAULT_NAMESPACE, "namespace of this pack's nodes (one namespace per pack)",
+           parse_namespace),
+    Option("params_file", str(default_params_file()), "ROS 2 params file ('' = none: the declared defaults)",
+           flags=("--params", "--params-file")),
+    Option("nodes", ",".join(NODE_NAMES), "comma-separated nodes to start", parse_node_list),
+    Option("pack_config", "", "pack config YAML: DBC signal map, pack id, chemistry, capacity for every node"),
+    Option("interface", "", "python-can interface for can_bridge ('' = params file)"),
+    Option("channel", "", "CAN channel for can_bridge ('' = params file)"),
+    Option("can_log", "", "replay this CAN log through can_bridge instead of reading a bus"),
+    Option("replay_speed", "1.0", "replay speed factor with can_log; 0 = as fast as the graph consumes "
+           "(lossless, deterministic on sim time)", parse_seconds, flags=("--speed", "--replay-speed")),
+    Option("use_sim_time", "", "nodes follow /clock ('' = true when replaying can_log, which then publishes "
+           "/clock)", parse_optional_bool),
+    Option("set", "", "parameter overrides NODE.PARAM=VALUE, value as in ros2 -p (launch: space-separated; "
+           "run: repeat the flag), e.g. can_bridge.rate_hz=20", parse_sets, repeat=True),
+    Option("respawn", "false", "restart nodes that exit", parse_bool, run=False),
+    Option("duration", "0", "stop after this many seconds (0 = run until Ctrl-C)", parse_seconds, launch=False),
+)
+OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def parse_options(options: Mapping[str, str | None]) -> dict[str, Any]:
+    """Typed values of every option; a missing or None value takes the table's default."""
+    unknown = sorted(set(options) - set(OPTION_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION_BY_NAME)}")
+    out: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = options.get(opt.name)
+        out[opt.name] = opt.parse(opt.default if raw is None else str(raw), opt.label)
+    return out
+
+
+def graph_from_options(options: Mapping[str, str | None],
+                       overrides: dict[str, dict[str, Any]] | None = None) -> list[NodeSpec]:
+    """The nodes that launch arguments or `bms-ai run` options ask for (the one translation of both).
+
+    Parameters are layered, later wins: pack config, then interface/channel/
+    replay for can_bridge, then ``set``, then ``overrides`` (for programs that
+    compose the graph, such as the demo).
+    """
+    v = parse_options(options)
+    nodes = v["nodes"]
+    bridge: dict[str, Any] = {k: v[k] for k in ("interface", "channel") if v[k]}
+    sim_time = v["use_sim_time"]
+    if v["can_log"]:
+        sim_time = True if sim_time is None else sim_time
+        bridge.update(replay_overrides(v["can_log"], v["replay_speed"], nodes))
+        bridge["publish_clock"] = sim_time
+    layers = [pack_overrides(v["pack_config"]) if v["pack_config"] else {}, {"can_bridge": bridge},
+              v["set"], overrides or {}]
+    return build_graph(v["namespace"], nodes, merge_overrides(*layers), use_sim_time=sim_time,
+                       respawn=v["respawn"], params_file=v["params_file"] or None)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def ros_type_name(value: Any) -> str:
+    """The ROS parameter type a Python value maps to (bool, integer, double, string, <type>_array)."""
+    if isinstance(value, (list, tuple)):
+        return (ros_type_name(value[0]) if value else "empty") + "_array"
+    for py, ros in ((bool, "bool"), (int, "integer"), (float, "double"), (str, "string")):
+        if isinstance(value, py):
+            return ros
+    return type(value).__name__
+
+
+def coerce_parameter(name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the declared ``default``, or a one-line ValueError.
+
+    The one widening users expect is allowed (an integer for a double, so
+    ``rate_hz:=20`` works); anything else must already have the declared type.
+    """
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        if default and value:
+            return [coerce_parameter(name, v, default[0]) for v in value]
+        return list(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is type(default):
+        return value
+    hint = " (quote it to pass text)" if isinstance(default, str) else ""
+    raise ValueError(f"parameter {name} expects {ros_type_name(default)}, got {value!r} "
+                     f"({ros_type_name(value)}){hint}")
 
 
 def load_params_file(path: str | Path | None, node_name: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
     """Parameters a ROS 2 params file gives one node (``/**`` first, then matching node keys)."""
     if not path:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"params file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = load_yaml(path, "params file") or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: a ROS 2 params file is a mapping of node names")
+        raise ValueError(f"{path}: a ROS 2 params file is a mapping of node names")
     fqn = f"{namespace.rstrip('/')}/{node_name}"
     out: dict[str, Any] = {}
     for key in sorted(data, key=lambda k: k != "/**"):  # wildcard first, specific keys override
@@ -60,7 +287,7 @@ def load_params_file(path: str | Path | None, node_name: str, namespace: str = D
             block = data[key] or {}
             params = block.get("ros__parameters", {}) if isinstance(block, dict) else {}
             if not isinstance(params, dict):
-                raise ValueError(f"{p}: '{key}.ros__parameters' must be a mapping")
+                raise ValueError(f"{path}: '{key}.ros__parameters' must be a mapping")
             out.update(params)
     return out
 
@@ -71,16 +298,16 @@ def build_graph(
     overrides: dict[str, dict[str, Any]] | None = None,
     use_sim_time: bool | None = None,
     respawn: bool = False,
+    params_file: str | Path | None = None,
 ) -> list[NodeSpec]:
     """The nodes to start and the parameters each gets on top of the params file.
 
     ``overrides`` maps a node name (or ``"*"`` for all) to parameter values.
     """
-    known = [n for n, _, _ in NODES]
-    wanted = known if not nodes else list(nodes)
-    bad = [n for n in wanted if n not in known]
+    wanted = list(NODE_NAMES) if not nodes else list(nodes)
+    bad = [n for n in wanted if n not in NODE_NAMES]
     if bad:
-        raise ValueError(f"unknown node(s) {bad}; the graph has {known}")
+        raise ValueError(f"unknown node(s) {bad}; the graph has {list(NODE_NAMES)}")
     overrides = overrides or {}
     ns = "/" + namespace.strip("/") if namespace.strip("/") else "/"
     specs = []
@@ -91,7 +318,8 @@ def build_graph(
         params.update(overrides.get(name, {}))
         if use_sim_time is not None:
             params["use_sim_time"] = bool(use_sim_time)
-        specs.append(NodeSpec(name, exe, module, ns, params, respawn=respawn))
+        specs.append(NodeSpec(name, exe, module, ns, params, respawn=respawn,
+                              params_file=str(params_file) if params_file else None))
     return specs
 
 
@@ -130,9 +358,9 @@ def replay_overrides(can_log: str, speed: float, specs_nodes: list[str]) -> dict
             "wait_for_subscribers": len([n for n in specs_nodes if n != "can_bridge"])}
 
 
-def launch_node_kwargs(spec: NodeSpec, params_file: str | None) -> dict[str, Any]:
+def launch_node_kwargs(spec: NodeSpec) -> dict[str, Any]:
     """Keyword arguments for ``launch_ros.actions.Node`` (the launch file uses exactly this)."""
-    params: list[Any] = [params_file] if params_file else []
+    params: list[Any] = [spec.params_file] if spec.params_file else []
     if spec.parameters:
         params.append(dict(spec.parameters))
     kw: dict[str, Any] = {
@@ -150,8 +378,8 @@ def launch_node_kwargs(spec: NodeSpec, params_file: str | None) -> dict[str, Any
     return kw
 
 
-def node_parameters(spec: NodeSpec, params_file: str | Path | None) -> dict[str, Any]:
-    """Effective parameter values for the in-process runner (file, then overrides)."""
-    params = load_params_file(params_file, spec.name, spec.namespace)
+def node_parameters(spec: NodeSpec) -> dict[str, Any]:
+    """Effective parameter values for the in-process runner (params file, then overrides)."""
+    params = load_params_file(spec.params_file, spec.name, spec.namespace)
     params.update(spec.parameters)
     return params

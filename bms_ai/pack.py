@@ -30,6 +30,7 @@ class PackSample:
 
     @classmethod
     def empty(cls, n_cells: int, n_temps: int) -> PackSample:
+        """A sample with nothing received yet: every value and stamp NaN."""
         nan = float("nan")
         return cls(
             stamp=nan,
@@ -43,6 +44,7 @@ class PackSample:
 
     @property
     def n_cells(self) -> int:
+        """Number of series cells (length of the cell-voltage vector)."""
         return int(self.cell_voltages.shape[0])
 
     @property
@@ -64,6 +66,7 @@ class PackSample:
         return float(np.min(stamps)) if np.isfinite(stamps).all() else float("nan")
 
     def copy(self) -> PackSample:
+        """A deep copy, so a published sample never changes under its reader."""
         return PackSample(
             stamp=self.stamp,
             pack_voltage=self.pack_voltage,

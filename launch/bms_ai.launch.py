@@ -1,58 +1,32 @@
-"""Standard ROS 2 launch file for the bms_ai graph; the graph itself lives in bms_ai.graph.
+"""Standard ROS 2 launch file for the bms_ai graph; the graph and its options live in bms_ai.graph.
 
     ros2 launch bms_ai bms_ai.launch.py namespace:=/bms interface:=socketcan channel:=can0
-    ros2 launch bms_ai bms_ai.launch.py can_log:=/path/drive.blf use_sim_time:=true
+    ros2 launch bms_ai bms_ai.launch.py can_log:=/path/drive.blf replay_speed:=0
+    ros2 launch bms_ai bms_ai.launch.py set:="can_bridge.rate_hz=20 estimator.use_models=false"
+
+The launch arguments are the rows of ``bms_ai.graph.OPTIONS`` (the same table
+as `bms-ai run`'s flags); ``ros2 launch bms_ai bms_ai.launch.py --show-args``
+lists them.
 """
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from bms_ai.graph import (
-    DEFAULT_NAMESPACE,
-    NODES,
-    build_graph,
-    default_params_file,
-    launch_node_kwargs,
-    merge_overrides,
-    pack_overrides,
-    replay_overrides,
-)
+from bms_ai.graph import OPTIONS, graph_from_options, launch_node_kwargs
 from launch import LaunchDescription
 
-ARGUMENTS = {
-    "namespace": (DEFAULT_NAMESPACE, "namespace of this pack's nodes (one namespace per pack)"),
-    "params_file": (str(default_params_file()), "ROS 2 params file"),
-    "interface": ("", "python-can interface for can_bridge (empty: params file)"),
-    "channel": ("", "CAN channel for can_bridge (empty: params file)"),
-    "can_log": ("", "replay this CAN log instead of a bus"),
-    "pack_config": ("", "pack config YAML: DBC signal map, pack id, chemistry, capacity for every node"),
-    "use_sim_time": ("false", "use /clock"),
-    "nodes": (",".join(n for n, _, _ in NODES), "comma-separated nodes to start"),
-    "respawn": ("false", "restart nodes that exit"),
-}
+LAUNCH_OPTIONS = [o for o in OPTIONS if o.launch]
 
 
 def _nodes(context):
-    a = {k: LaunchConfiguration(k).perform(context) for k in ARGUMENTS}
-    nodes = [n.strip() for n in a["nodes"].split(",") if n.strip()]
-    bridge = {k: a[k] for k in ("interface", "channel") if a[k]}
-    if a["can_log"]:
-        bridge.update(replay_overrides(a["can_log"], 1.0, nodes))
-        bridge["publish_clock"] = a["use_sim_time"].lower() == "true"
-    overrides = merge_overrides(pack_overrides(a["pack_config"]) if a["pack_config"] else {}, {"can_bridge": bridge})
-    specs = build_graph(
-        namespace=a["namespace"],
-        nodes=nodes,
-        overrides=overrides,
-        use_sim_time=a["use_sim_time"].lower() == "true",
-        respawn=a["respawn"].lower() == "true",
-    )
-    return [Node(**launch_node_kwargs(s, a["params_file"] or None)) for s in specs]
+    values = {o.name: LaunchConfiguration(o.name).perform(context) for o in LAUNCH_OPTIONS}
+    return [Node(**launch_node_kwargs(spec)) for spec in graph_from_options(values)]
 
 
 def generate_launch_description():
+    """Entry point of ros2 launch: the declared arguments, then the nodes they select."""
     return LaunchDescription(
-        [DeclareLaunchArgument(k, default_value=v, description=d) for k, (v, d) in ARGUMENTS.items()]
+        [DeclareLaunchArgument(o.name, default_value=o.default, description=o.help) for o in LAUNCH_OPTIONS]
         + [OpaqueFunction(function=_nodes)]
     )

@@ -1,4 +1,8 @@
-"""Test-wide settings: DDS stays on this machine; each test gets its own ROS domain."""
+"""Test-wide settings: DDS stays on this machine, one ROS domain per run, hypothesis effort per tier.
+
+HYPOTHESIS_PROFILE selects how hard property tests search: "dev" (default, a
+few examples, for quick feedback) or "ci" (ten times as many; ./dev.sh test).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +20,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("dev", max_examples=20, deadline=None)
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")
 def root() -> Path:
+    """The checkout (config/, data/, launch/ are read from here)."""
     return ROOT
 
 
 @pytest.fixture(scope="session")
 def pack_config_path() -> Path:
+    """The reference pack config (96 cells, the shipped DBC)."""
     return ROOT / "config" / "pack96.yaml"

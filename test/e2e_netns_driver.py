@@ -18,6 +18,7 @@ GROUP = "239.74.163.2"
 
 
 def main() -> int:
+    """Start graph and consumer, replay the log onto the bus, stop everything; the replay's exit code."""
     out, log, seconds, speed = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
     nodes = sys.argv[5] if len(sys.argv) > 5 else "can_bridge,estimator,fault_monitor"
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)

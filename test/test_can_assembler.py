@@ -7,9 +7,9 @@ import struct
 
 import numpy as np
 import pytest
-from canutil import synthetic_messages, synthetic_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testutil import synthetic_messages, synthetic_sample
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.checks import crc8_sae_j1850

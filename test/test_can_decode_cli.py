@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from canutil import synthetic_messages, write_log
+from testutil import synthetic_messages, write_log
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.packconfig import load_pack_config

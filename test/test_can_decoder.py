@@ -5,7 +5,7 @@ from __future__ import annotations
 import cantools
 import numpy as np
 import pytest
-from canutil import synthetic_messages
+from testutil import synthetic_messages
 
 from bms_ai.can.checks import crc8_sae_j1850
 from bms_ai.can.codec import compile_signal, frame_words

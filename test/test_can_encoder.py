@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import yaml
-from canutil import synthetic_sample
+from testutil import synthetic_sample
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from canutil import synthetic_messages
+from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder

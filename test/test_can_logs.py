@@ -7,9 +7,9 @@ import gzip
 import can
 import numpy as np
 import pytest
-from canutil import synthetic_messages, write_log
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testutil import synthetic_messages, write_log
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import FrameArrays

@@ -8,7 +8,7 @@ import threading
 import can
 import numpy as np
 import pytest
-from canutil import synthetic_messages, write_log
+from testutil import synthetic_messages, write_log
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ ROS_LAYERS = ("bms_ai.nodes", "bms_ai.ros")  # the only places allowed to import
 
 
 def modules() -> list[str]:
+    """Every module of the package, dotted."""
     out = []
     for f in sorted(PKG.rglob("*.py")):
         parts = list(f.relative_to(ROOT).with_suffix("").parts)
@@ -23,6 +25,7 @@ def modules() -> list[str]:
 
 
 def test_library_imports_with_rclpy_blocked():
+    """The library runs where ROS is not installed (training machines, the cloud side)."""
     lib = [m for m in modules() if not m.startswith(ROS_LAYERS)]
     code = f"""
 import importlib, importlib.abc, sys
@@ -42,13 +45,19 @@ print("imported", len({lib!r}))
     assert f"imported {len(lib)}" in r.stdout
 
 
-def _module_imports(mod: str, names: set[str]) -> set[str]:
-    """bms_ai modules imported at module level (not inside functions: those are lazy on purpose)."""
+@functools.cache
+def _tree(mod: str) -> ast.Module:
+    """Parsed source of a module (parsed once per run: three tests walk every module)."""
     path = PKG.parent / (mod.replace(".", "/") + ".py")
     if not path.is_file():
         path = PKG.parent / mod.replace(".", "/") / "__init__.py"
+    return ast.parse(path.read_text())
+
+
+def _module_imports(mod: str, names: set[str]) -> set[str]:
+    """bms_ai modules imported at module level (not inside functions: those are lazy on purpose)."""
     deps = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in _tree(mod).body:
         targets = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bms_ai"):
             targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
@@ -59,6 +68,7 @@ def _module_imports(mod: str, names: set[str]) -> set[str]:
 
 
 def test_no_import_cycles():
+    """Module-level imports form no cycle, so any module can be imported first."""
     names = set(modules())
     graph = {m: _module_imports(m, names) for m in names}
     # a package's __init__ importing its own modules is not a cycle through that package
@@ -93,20 +103,19 @@ LAYERS: list[set[str]] = [
 KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
-def _all_imports(mod: str) -> set[str]:
-    path = PKG.parent / (mod.replace(".", "/") + ".py")
-    if not path.is_file():
-        path = PKG.parent / mod.replace(".", "/") / "__init__.py"
+@functools.cache
+def _all_imports(mod: str) -> frozenset[str]:
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(mod)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bms_ai"):
             out.add(node.module)
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("bms_ai")}
-    return out
+    return frozenset(out)
 
 
 def test_layers_point_downwards():
+    """Lower rooms never reach into higher ones, so each room can be tested on its own."""
     layer = {name: i for i, group in enumerate(LAYERS) for name in group}
     found = set()
     for m in modules():
@@ -123,6 +132,7 @@ def test_layers_point_downwards():
 
 
 def test_no_import_cycles_including_lazy_imports():
+    """Even lazy imports do not tie two modules together (the known pairs may only go away)."""
     names = set(modules())
     graph = {m: {d for d in _all_imports(m) if d in names and d != m} for m in names}
     known: set[frozenset[str]] = set()  # pairs still to be split; must only shrink

@@ -8,11 +8,10 @@ import time
 import can
 import numpy as np
 import pytest
-from canutil import synthetic_messages
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
-from rosutil import RosHarness, diag_levels, diag_values
 from sensor_msgs.msg import BatteryState
+from testutil import RosHarness, diag_levels, diag_values, synthetic_messages
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.offline import decode_log

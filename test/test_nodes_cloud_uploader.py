@@ -22,7 +22,7 @@ from bms_ai.nodes.common import DIAG_QOS, PUB_QOS  # noqa: E402
 from bms_ai.uplink.ingest_server import IngestServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rosutil import RosHarness  # noqa: E402
+from testutil import RosHarness  # noqa: E402
 
 pytestmark = pytest.mark.ros
 

@@ -11,8 +11,8 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock
-from rosutil import RosHarness, diag_levels, diag_values
 from sensor_msgs.msg import BatteryState
+from testutil import RosHarness, diag_levels, diag_values
 
 from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS
 from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_package_xml_format3_with_rosdep_keys(root):
+    """rosdep can install what the package needs on a ROS machine."""
     pkg = ET.parse(root / "package.xml").getroot()
     assert pkg.get("format") == "3" and pkg.findtext("name") == "bms_ai"
     deps = {e.text for e in pkg.findall("exec_depend")}
@@ -23,6 +24,7 @@ def test_package_xml_format3_with_rosdep_keys(root):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory, root):
+    """The package built as a wheel, as pip or colcon would build it."""
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(out), str(root)], capture_output=True, text=True, timeout=300)
@@ -31,6 +33,7 @@ def wheel(tmp_path_factory, root):
 
 
 def test_wheel_installs_share_files_and_entry_points(wheel):
+    """An installed package finds its launch file, configs, models and drives, and ros2 run finds its nodes."""
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]

@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ros]
 
 
 def test_demo_runs_the_graph_and_writes_report(tmp_path, root):
+    """The README's main job works end to end: lossless replay, accurate SOC, uploads, report."""
     r = subprocess.run([sys.executable, "-m", "bms_ai.cli", "demo", "--drive", "nmc_udds", "--speed", "40",
                         "--no-live", "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,7 +8,7 @@ from argparse import Namespace
 
 import can
 import pytest
-from canutil import synthetic_messages, write_log
+from testutil import synthetic_messages, write_log
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.packconfig import load_pack_config

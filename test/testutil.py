@@ -1,24 +1,45 @@
-"""Helpers shared by tests: a free loopback port, polling with a deadline, a real mosquitto broker."""
+"""Helpers shared by tests, in one module.
+
+- loopback ports and polling with a deadline;
+- a real mosquitto broker and an MQTT listener;
+- a synthetic pack drive encoded into frames of the reference DBC;
+- real rclpy in tests: a private context, an executor thread, collecting subscribers,
+  diagnostic levels and values. rclpy is imported inside these helpers only, so the
+  library tier never loads it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import can
+
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.pack import PackSample
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; its last value (a bound, not a measurement)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
@@ -27,10 +48,14 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bo
     return bool(cond())
 
 
+# ----------------------------------------------------------------------------- MQTT
+
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 
 
 class Broker:
+    """A real mosquitto on 127.0.0.1 that tests can stop and restart (outages)."""
+
     def __init__(self, tmp: Path, port: int) -> None:
         self.port = port
         self.conf = tmp / "mosquitto.conf"
@@ -38,6 +63,7 @@ class Broker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Broker:
+        """Start the broker and wait until it accepts connections."""
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
 
@@ -51,6 +77,7 @@ class Broker:
         return self
 
     def stop(self) -> None:
+        """Terminate the broker (an outage for the clients)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)
@@ -73,8 +100,128 @@ class Listener:
         self.c = c
 
     def states(self) -> list[dict]:
+        """The JSON state messages received so far."""
         return [json.loads(p) for t, p, _ in self.got if t.endswith("/state")]
 
     def close(self) -> None:
+        """Disconnect and stop the client thread."""
         self.c.disconnect()
         self.c.loop_stop()
+
+
+# ----------------------------------------------------------------------------- CAN
+
+def synthetic_sample(t: float, n_cells: int = 96, n_temps: int = 32) -> PackSample:
+    """Smoothly varying pack values (distinct per cell) at time t."""
+    from bms_ai.pack import PackSample
+
+    cells = 3.6 + 0.002 * np.arange(n_cells) / n_cells + 0.05 * np.sin(0.3 * t + np.arange(n_cells) * 0.01)
+    temps = 25.0 + 0.1 * np.arange(n_temps) + 2.0 * np.sin(0.05 * t)
+    s = PackSample.empty(n_cells, n_temps)
+    s.cell_voltages[:] = cells
+    s.cell_temperatures[:] = temps
+    s.pack_voltage = float(cells.sum())
+    s.pack_current = float(-50.0 * np.sin(0.2 * t))
+    s.status = {"bms_state": 3.0, "contactor_plus": 1.0, "contactor_minus": 1.0}
+    return s
+
+
+_ENCODED: dict[tuple, list[tuple[float, int, bool, bytes]]] = {}
+
+
+def synthetic_messages(decoder: PackDecoder, t0: float, t1: float) -> list[can.Message]:
+    """Every frame the reference pack sends in [t0, t1), per the DBC cycle times (fresh objects each call)."""
+    import can
+
+    from bms_ai.can.encoder import PackEncoder
+
+    key = (decoder.cfg.source, decoder.cfg.dbc_path, t0, t1)
+    if key not in _ENCODED:  # encoding is the slow part; tests may modify the messages they get
+        enc = PackEncoder(decoder)
+        _ENCODED[key] = [(t, *enc.frame_id(name), enc.encode(name, mux, synthetic_sample(t)))
+                         for t, name, mux in enc.schedule(t0, t1)]
+    return [can.Message(timestamp=t, arbitration_id=fid, is_extended_id=ext, data=data, channel=0)
+            for t, fid, ext, data in _ENCODED[key]]
+
+
+def write_log(path: str | Path, msgs) -> Path:
+    """A log file of ``msgs`` in the format its suffix names (python-can's writers)."""
+    import can
+
+    with can.Logger(str(path)) as log:
+        for m in msgs:
+            log.on_message_received(m)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- ROS
+
+class RosHarness:
+    """Real rclpy for a test: a private context, an executor thread, a probe node that collects topics."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+
+        self._rclpy = rclpy
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.nodes: list[Any] = []
+        self.node = self.add(Node("test_probe", context=self.context))
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        with contextlib.suppress(Exception):  # shutdown races
+            self.executor.spin()
+
+    def add(self, node: Any) -> Any:
+        """Spin ``node`` with the others (it is destroyed on close)."""
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def collect(self, msg_type: type, topic: str) -> list:
+        """Every message on ``topic`` from now on, in a list that fills as they arrive (reliable, deep)."""
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        got: list = []
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(msg_type, topic, got.append, qos)
+        return got
+
+    @staticmethod
+    def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
+        """:func:`wait_for` with ROS-test defaults."""
+        return wait_for(pred, timeout, step)
+
+    def close(self) -> None:
+        """Stop spinning, destroy every node, shut the context down."""
+        self.executor.shutdown(timeout_sec=2.0)
+        for n in self.nodes:
+            n.destroy_node()
+        self._rclpy.shutdown(context=self.context)
+        self._thread.join(timeout=2.0)
+
+
+def diag_levels(arrays, name: str) -> list[int]:
+    """Levels of the status ``name`` over a list of DiagnosticArray messages, in order."""
+    out = []
+    for a in arrays:
+        for st in a.status:
+            if st.name == name:
+                lv = st.level
+                out.append(lv[0] if isinstance(lv, (bytes, bytearray)) else int(lv))
+    return out
+
+
+def diag_values(arrays, name: str) -> dict[str, str]:
+    """Key/values of the latest status ``name`` in a list of DiagnosticArray messages."""
+    for a in reversed(arrays):
+        for st in a.status:
+            if st.name == name:
+                return {kv.key: kv.value for kv in st.values}
+    return {}

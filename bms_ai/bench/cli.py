@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Any
 
-from bms_ai.core.registry import NotAvailable, Registry
+from bms_ai.core.registry import NotAvailableError, Registry
 
 SECTIONS: Registry = Registry("bench section")
 SECTIONS.add("decode", "bms_ai.bench.decode:bench_decode", "CAN decode per frame and offline, BLF reading")
@@ -23,12 +23,14 @@ SECTIONS.add("graph", "bms_ai.bench.graph:bench", "whole graph CPU, latency, rep
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `bms-ai bench` flags."""
     p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="smaller workloads (for tests)")
     p.add_argument("-o", "--output", help="write the JSON here as well")
 
 
 def machine() -> dict[str, Any]:
+    """Where the figures were taken (Python, CPU, core count): figures mean nothing without it."""
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,11 +41,12 @@ def machine() -> dict[str, Any]:
 
 
 def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
+    """Each named section's figures; a section whose part is not installed is reported as skipped."""
     out: dict[str, Any] = {"machine": machine()}
     for name in names:
         try:
             fn = SECTIONS.get(name)
-        except NotAvailable as exc:
+        except NotAvailableError as exc:
             out[name] = {"skipped": str(exc)}
             continue
         print(f"[bench] {name} ...", file=sys.stderr)
@@ -52,6 +55,7 @@ def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`bms-ai bench`: the chosen sections as JSON on stdout (and in --output)."""
     names = [SECTIONS.check(n.strip()) for n in args.only.split(",")] if args.only else SECTIONS.names()
     res = run_sections(names, args.quick)
     text = json.dumps(res, indent=2)

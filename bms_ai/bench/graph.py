@@ -20,7 +20,7 @@ import numpy as np
 def _write_log(path: Path, seconds: float) -> int:
     import can
 
-    from bms_ai.bench.cli import _synthetic_frames
+    from bms_ai.bench.decode import _synthetic_frames
 
     _dec, frames = _synthetic_frames(seconds)
     with can.Logger(str(path)) as log:
@@ -70,6 +70,7 @@ for m in src.frames(threading.Event()):
 
 
 def bench_nominal(log: Path, quick: bool) -> dict[str, Any]:
+    """CPU and RSS of `bms-ai run` replaying at 1x (graph, can_bridge alone) next to a bare log replay."""
     warm, win = (3.0, 5.0) if quick else (5.0, 20.0)
     from bms_ai.ros.demo import available_nodes
 
@@ -97,26 +98,17 @@ def bench_replay(log: Path, seconds: float) -> dict[str, Any]:
     t_off = time.perf_counter() - t
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     code = f"""
-import time, sys
-from argparse import Namespace
-from bms_ai.ros.runner import GraphRunner, graph_from_args
-args = Namespace(params={json.dumps(str(Path(__file__).resolve().parents[2] / 'config' / 'bms_ai.yaml'))}, namespace='/bms',
-    nodes='can_bridge,estimator,fault_monitor,cloud_uploader', can_log={json.dumps(str(log))}, speed=0.0,
-    interface=None, channel=None, set=[], duration=0)
-import importlib
-ok = []
-for n in args.nodes.split(','):
-    try:
-        importlib.import_module('bms_ai.nodes.' + n); ok.append(n)
-    except ImportError:
-        pass
-args.nodes = ','.join(ok)
-r = GraphRunner(graph_from_args(args), args.params)
+import time
+from bms_ai.graph import graph_from_options
+from bms_ai.ros.demo import available_nodes
+from bms_ai.ros.runner import GraphRunner
+nodes = ','.join(available_nodes()[0])
+r = GraphRunner(graph_from_options({{'nodes': nodes, 'can_log': {json.dumps(str(log))}, 'replay_speed': '0'}}))
 b = r.node('can_bridge')
 t0 = time.monotonic()
 r.spin(until=lambda: b.source.finished)
 wall = time.monotonic() - t0
-print(wall, b.samples_published, args.nodes)
+print(wall, b.samples_published, nodes)
 r.shutdown()
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
@@ -130,41 +122,30 @@ r.shutdown()
 
 def bench_latency(seconds: float) -> dict[str, Any]:
     """CAN frame in (virtual bus) -> battery_state out, next to frame -> pack/measurements."""
-    import importlib
-
     import can
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
-    from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.bench.cli import _synthetic_frames
-    from bms_ai.graph import build_graph, node_parameters
+    from bms_ai.bench.decode import _synthetic_frames
+    from bms_ai.graph import graph_from_options
+    from bms_ai.nodes.convert import time_to_float
     from bms_ai.ros.demo import available_nodes
+    from bms_ai.ros.runner import GraphRunner
 
-    ctx = Context()
-    rclpy.init(context=ctx)
-    ex = SingleThreadedExecutor(context=ctx)
     have, _ = available_nodes()
     names = [n for n in ("can_bridge", "estimator") if n in have]
-    specs = build_graph("/bms", names, {"can_bridge": {"interface": "virtual", "channel": "lat"}})
-    nodes = []
-    for s in specs:
-        cls = importlib.import_module(s.module).NODE_CLASS
-        params = node_parameters(s, None)
-        nodes.append(cls(node_name=s.name, namespace=s.namespace, context=ctx,
-                         parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]))
-    probe = Node("lat_probe", context=ctx)
+    runner = GraphRunner(graph_from_options({"nodes": ",".join(names), "params_file": "", "interface": "virtual",
+                                             "channel": "lat"}))
+    ex = runner.executor
+    probe = Node("lat_probe", context=runner.context)
     recv: dict[str, list[tuple[float, float]]] = {"pack/measurements": [], "battery_state": []}
     qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
     for topic, lst in recv.items():
         probe.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
-            (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, time.time())), qos)
-    for n in nodes + [probe]:
-        ex.add_node(n)
+            (time_to_float(m.header.stamp), time.time())), qos)
+    ex.add_node(probe)
+    runner.nodes.append(probe)
     th = threading.Thread(target=ex.spin, daemon=True)
     th.start()
     _dec, frames = _synthetic_frames(seconds)
@@ -179,10 +160,8 @@ def bench_latency(seconds: float) -> dict[str, Any]:
         sent.append(time.time())
     time.sleep(1.0)
     bus.shutdown()
-    ex.shutdown(timeout_sec=1)
-    for n in nodes + [probe]:
-        n.destroy_node()
-    rclpy.shutdown(context=ctx)
+    ex.shutdown(timeout_sec=1)  # stop the spin thread before the nodes go
+    runner.shutdown()
     sent_arr = np.array(sent)
 
     def lat(lst) -> dict[str, float]:
@@ -201,6 +180,7 @@ def bench_latency(seconds: float) -> dict[str, Any]:
 
 
 def bench(quick: bool = False) -> dict[str, Any]:
+    """The graph section of `bms-ai bench`: nominal traffic, maximum-speed replay, latency."""
     seconds = 20.0 if quick else 60.0
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "nominal.blf"

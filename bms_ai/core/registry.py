@@ -17,12 +17,16 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownName(ValueError):
+class UnknownNameError(ValueError):
     """A name that the table does not hold; the message lists the names it does."""
 
 
-class NotAvailable(ImportError):
+class NotAvailableError(ImportError):
     """An entry whose module cannot be imported (usually an optional extra that is not installed)."""
+
+
+UnknownName = UnknownNameError  # the shorter spellings stay importable
+NotAvailable = NotAvailableError
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Registry(Generic[T]):
     def check(self, name: str) -> str:
         """``name`` if registered, else UnknownName naming the choices (no import)."""
         if name not in self._entries:
-            raise UnknownName(f"unknown {self.what} '{name}'; known: {', '.join(self.names()) or 'none'}")
+            raise UnknownNameError(f"unknown {self.what} '{name}'; known: {', '.join(self.names()) or 'none'}")
         return name
 
     def get(self, name: str) -> T:
@@ -72,7 +76,7 @@ class Registry(Generic[T]):
             try:
                 mod = importlib.import_module(module)
             except ImportError as exc:
-                raise NotAvailable(f"{self.what} '{name}' is not available: {exc}") from exc
+                raise NotAvailableError(f"{self.what} '{name}' is not available: {exc}") from exc
             target = getattr(mod, attr) if attr else mod
         self._resolved[name] = target
         return target

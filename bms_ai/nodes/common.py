@@ -10,8 +10,11 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+from bms_ai.graph import coerce_parameter
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -24,11 +27,28 @@ LOSSLESS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=R
 GRAPH_SUB_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
 
-
 def declare(node: Node, name: str, default: Any, description: str, read_only: bool = True) -> Any:
-    """Declare a parameter with a descriptor and return its value."""
-    node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
-    return node.get_parameter(name).value
+    """Declare a parameter with a descriptor and return its value.
+
+    The declared default is the parameter's only home. An override of another
+    type (params file, launch, ``--set``, ``-p``) is coerced as
+    :func:`bms_ai.graph.coerce_parameter` allows (``rate_hz: 20`` for a double)
+    or rejected with a one-line ValueError naming node and parameter, instead
+    of rclpy's InvalidParameterTypeException traceback.
+    """
+    descriptor = ParameterDescriptor(description=description, read_only=read_only)
+    try:
+        return node.declare_parameter(name, default, descriptor).value
+    except InvalidParameterTypeException:
+        pass
+    # Read the override as given (dynamically typed), then declare again statically with the coerced value.
+    given = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
+    node.undeclare_parameter(name)
+    try:
+        value = coerce_parameter(name, given, default)
+    except ValueError as exc:
+        raise ValueError(f"{node.get_fully_qualified_name()}: {exc}") from None
+    return node.declare_parameter(name, value, descriptor, ignore_override=True).value
 
 
 def _fmt(v: Any) -> str:
@@ -38,6 +58,7 @@ def _fmt(v: Any) -> str:
 
 
 def key_values(values: dict[str, Any]) -> list[KeyValue]:
+    """Diagnostic values as text, floats short and NaN spelled the same everywhere."""
     return [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
 
 
@@ -68,6 +89,7 @@ class Diagnostics:
 
     def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
                publish_on_change: bool = True) -> None:
+        """Set a check's status; a level change goes out at once (or with the batch) unless told otherwise."""
         name = f"bms_ai: {check}"
         prev = self._status.get(name)
         lv = level if isinstance(level, bytes) else bytes([int(level)])
@@ -81,10 +103,12 @@ class Diagnostics:
                 self.publish([name])
 
     def level(self, check: str) -> int | None:
+        """The check's current level, None before its first update."""
         st = self._status.get(f"bms_ai: {check}")
         return None if st is None else st.level[0]
 
     def publish(self, names: Iterable[str] | None = None) -> None:
+        """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""
         msg = DiagnosticArray()
         msg.header.stamp = self._node.get_clock().now().to_msg()
         keys = list(self._status) if names is None else list(names)

@@ -3,7 +3,8 @@
     ros2 run bms_ai consumer_example --ros-args -r __ns:=/bms
 
 Subscribes to battery_state and /diagnostics and logs SOC, capacity and the
-worst active diagnostic once per second. Nothing of bms_ai is imported.
+worst active diagnostic once per second. Only the stamp conversion and level names
+come from bms_ai (one home each); everything else is standard rclpy.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import BatteryState
 
-LEVELS = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
-SEVERITY = {0: 0, 3: 1, 1: 2, 2: 3}  # OK < STALE < WARN < ERROR
+from bms_ai.core.levels import ERROR, OK, STALE, WARN, level_name
+from bms_ai.nodes.convert import time_to_float
+
+SEVERITY = {OK: 0, STALE: 1, WARN: 2, ERROR: 3}
 
 
 class BatteryConsumer(Node):
+    """Keeps the latest battery_state and every bms_ai diagnostic; reports once per second."""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(kwargs.pop("node_name", "battery_consumer"), **kwargs)
         self.state: BatteryState | None = None
@@ -42,6 +47,7 @@ class BatteryConsumer(Node):
                 self.diagnostics[st.name] = (level, st.message)
 
     def worst(self) -> tuple[int, str]:
+        """The most severe diagnostic (ERROR > WARN > STALE > OK) as (level, 'name: message')."""
         if not self.diagnostics:
             return 0, "none"
         name, (level, msg) = max(self.diagnostics.items(), key=lambda kv: (SEVERITY.get(kv[1][0], 0), kv[0]))
@@ -54,23 +60,24 @@ class BatteryConsumer(Node):
             print(json.dumps({
                 "soc": None if s is None or math.isnan(s.percentage) else s.percentage,
                 "capacity": None if s is None or math.isnan(s.capacity) else s.capacity,
-                "stamp": None if s is None else s.header.stamp.sec + s.header.stamp.nanosec * 1e-9,
+                "stamp": None if s is None else time_to_float(s.header.stamp),
                 "diagnostics": {n: lv for n, (lv, _m) in self.diagnostics.items()},
             }), flush=True)
             return
         if self.state is None:
-            self.get_logger().info(f"waiting for battery_state; diagnostics {LEVELS.get(level)} ({what})")
+            self.get_logger().info(f"waiting for battery_state; diagnostics {level_name(level)} ({what})")
             return
         s = self.state
         self.get_logger().info(
             f"SOC {100 * s.percentage:.1f} %  capacity {s.capacity:.1f} Ah  V {s.voltage:.1f}  I {s.current:.1f} A"
-            f"  worst {LEVELS.get(level)} ({what})")
+            f"  worst {level_name(level)} ({what})")
 
 
 NODE_CLASS = BatteryConsumer
 
 
 def main(args: list[str] | None = None) -> None:
+    """Console script `consumer_example`."""
     rclpy.init(args=args)
     node = BatteryConsumer()
     try:

@@ -1,4 +1,4 @@
-"""PackSample <-> sensor_msgs/BatteryState (the only place that knows both)."""
+"""PackSample <-> sensor_msgs/BatteryState and seconds <-> ROS time: the only place that knows both sides."""
 
 from __future__ import annotations
 
@@ -10,16 +10,28 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.pack import PackSample
 
+_MAX_SEC = 2**31  # builtin_interfaces/Time.sec is int32
+
 
 def stamp_to_time(t: float) -> Time:
-    if not math.isfinite(t) or t < 0:
+    """Seconds -> builtin_interfaces/Time, rounded to the nearest nanosecond.
+
+    A fraction that rounds up to a whole second carries into ``sec`` (never a
+    stamp one second early). Times a stamp cannot hold (NaN, inf, negative,
+    beyond int32 seconds) become the zero stamp instead of an exception in a callback.
+    """
+    if not math.isfinite(t) or t < 0 or t >= _MAX_SEC:
         return Time()
-    sec = int(t)
-    return Time(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+    sec = math.floor(t)
+    nanosec = round((t - sec) * 1e9)  # t - sec is exact for floats
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    return Time(sec=int(sec), nanosec=int(nanosec))
 
 
 def time_to_float(t: Time) -> float:
-    return t.sec + t.nanosec * 1e-9
+    """builtin_interfaces/Time (or rosgraph Clock.clock, header.stamp) -> seconds."""
+    return t.sec + t.nanosec / 1e9
 
 
 def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryState:
@@ -48,6 +60,7 @@ def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "")
 
 
 def battery_state_to_sample(m: BatteryState) -> PackSample:
+    """The library's view of a pack/measurements message: every value stamped with the header time."""
     t = time_to_float(m.header.stamp)
     cv = np.asarray(m.cell_voltage, dtype=np.float64)
     ct = np.asarray(m.cell_temperature, dtype=np.float64)

@@ -20,10 +20,12 @@ class ClockPublisher:
         self.last = -math.inf
 
     def publish(self, t: float) -> None:
+        """Publish log time ``t`` unless less than 1 ms after the last one (bounded /clock rate)."""
         if t - self.last >= 0.001:
             self.pub.publish(Clock(clock=stamp_to_time(t)))
             self.last = t
 
     def close(self) -> None:
+        """Destroy the node and shut its context down."""
         self.node.destroy_node()
         rclpy.shutdown()

@@ -23,22 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.core.levels import level_name
 from bms_ai.core.paths import share_path
-from bms_ai.graph import NODES, build_graph, default_params_file, merge_overrides, pack_overrides, replay_overrides
-
-LEVEL = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
+from bms_ai.graph import NODES, OPTION_BY_NAME, graph_from_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `bms-ai demo` flags."""
     p.add_argument("--drive", default="nmc_udds", help="bundled drive name (data/drives/NAME) or a drive directory")
     p.add_argument("--speed", type=float, default=20.0, help="replay speed factor")
     p.add_argument("--out", default="out/demo", help="report directory")
-    p.add_argument("--params", default=str(default_params_file()))
+    p.add_argument("--params", default=OPTION_BY_NAME["params_file"].default, help=OPTION_BY_NAME["params_file"].help)
     p.add_argument("--no-live", action="store_true", help="no live view (plain progress lines)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
 
 
 def resolve_drive(name: str) -> Path:
+    """A drive directory given as a path or as the name of a bundled drive."""
     p = Path(name)
     if p.is_dir():
         return p
@@ -63,7 +64,6 @@ class Record:
     tmax: list[float] = field(default_factory=list)
     diag: dict[str, tuple[int, str, dict]] = field(default_factory=dict)
     diag_events: list[tuple[float, str, int, str]] = field(default_factory=list)
-    last_rx: float = field(default_factory=time.monotonic)  # wall time of the last estimate from the drive
     t_end: float = math.inf  # CAN time of the drive's last frame
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -73,17 +73,16 @@ def _probe(runner, rec: Record, namespace: str):
     from rclpy.node import Node
     from sensor_msgs.msg import BatteryState
 
-    from bms_ai.nodes.common import GRAPH_SUB_QOS as qos
+    from bms_ai.nodes.common import GRAPH_SUB_QOS
+    from bms_ai.nodes.convert import time_to_float
 
     node = Node("demo_view", namespace=namespace, context=runner.context)
 
     def stamp(m) -> float:
-        return m.header.stamp.sec + m.header.stamp.nanosec * 1e-9
+        return time_to_float(m.header.stamp)
 
     def on_state(m) -> None:
         with rec.lock:
-            if stamp(m) <= rec.t_end:
-                rec.last_rx = time.monotonic()
             rec.t.append(stamp(m))
             rec.soc.append(m.percentage)
             rec.capacity.append(m.capacity)
@@ -106,9 +105,9 @@ def _probe(runner, rec: Record, namespace: str):
                     rec.diag_events.append((stamp(m), st.name, lv, st.message))
                 rec.diag[st.name] = (lv, st.message, {kv.key: kv.value for kv in st.values})
 
-    node.create_subscription(BatteryState, "battery_state", on_state, qos)
-    node.create_subscription(BatteryState, "pack/measurements", on_meas, qos)
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, qos)
+    node.create_subscription(BatteryState, "battery_state", on_state, GRAPH_SUB_QOS)
+    node.create_subscription(BatteryState, "pack/measurements", on_meas, GRAPH_SUB_QOS)
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, GRAPH_SUB_QOS)
     runner.executor.add_node(node)
     runner.nodes.append(node)
     return node
@@ -132,7 +131,7 @@ def _view(rec: Record, t0: float, t_end: float, live: bool) -> str:
         f"bms_ai demo  [{bar}] {prog:5.1f} %   drive time {mt - t0:7.1f} s",
         f"  SOC {100 * soc:6.2f} %   SOH {soh or 'n/a':>8}   capacity {cap:6.2f} Ah",
         f"  pack {v:7.2f} V {i:8.2f} A   cell spread {spread:6.1f} mV   T max {tmax:5.1f} degC",
-        "  diagnostics: " + (", ".join(f"{n.replace('bms_ai: ', '')}={LEVEL.get(lv)}" for n, lv, _ in active[:6])
+        "  diagnostics: " + (", ".join(f"{n.replace('bms_ai: ', '')}={level_name(lv)}" for n, lv, _ in active[:6])
                              if active else "all OK"),
     ]
     text = "\n".join(lines)
@@ -159,6 +158,7 @@ def _truth(drive: Path):
 
 
 def write_report(rec: Record, drive: Path, out: Path, summary: dict) -> Path:
+    """report.html (plots, diagnostics) and summary.json in ``out``; the SOC error against truth goes into summary."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,9 +201,9 @@ def write_report(rec: Record, drive: Path, out: Path, summary: dict) -> Path:
         ax[2].set_xlabel("drive time [s]")
         figs.append(("Measurements (pack/measurements)", _fig_png(fig)))
         plt.close(fig)
-    rows = "".join(f"<tr><td>{e[0] - t0:.1f}</td><td>{html.escape(e[1])}</td><td>{LEVEL.get(e[2])}</td>"
+    rows = "".join(f"<tr><td>{e[0] - t0:.1f}</td><td>{html.escape(e[1])}</td><td>{level_name(e[2])}</td>"
                    f"<td>{html.escape(e[3])}</td></tr>" for e in events)
-    finals = "".join(f"<tr><td>{html.escape(n)}</td><td>{LEVEL.get(lv)}</td><td>{html.escape(m)}</td></tr>"
+    finals = "".join(f"<tr><td>{html.escape(n)}</td><td>{level_name(lv)}</td><td>{html.escape(m)}</td></tr>"
                      for n, (lv, m, _) in sorted(final.items()))
     body = "".join(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>" for title, png in figs)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>bms_ai demo: {html.escape(drive.name)}</title>
@@ -220,6 +220,7 @@ def write_report(rec: Record, drive: Path, out: Path, summary: dict) -> Path:
 
 
 def available_nodes() -> tuple[list[str], dict[str, str]]:
+    """Graph nodes whose modules import here, and why the others do not (an optional extra missing)."""
     ok, missing = [], {}
     for name, _exe, module in NODES:
         try:
@@ -231,6 +232,7 @@ def available_nodes() -> tuple[list[str], dict[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`bms-ai demo`: replay the drive through the graph, show it live, write the report; 1 if nothing arrived."""
     from bms_ai.can.offline import read_log
     from bms_ai.ros.runner import GraphRunner
 
@@ -253,19 +255,20 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_hex(16)
         ingest = IngestServer(out / "cloud", token=token).start()
-    overrides = merge_overrides(pack_overrides(pack_cfg), {
-        "can_bridge": replay_overrides(str(log), args.speed, nodes),
-        "cloud_uploader": {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
-                           "token": token if ingest else "", "shutdown_drain_s": 5.0},
-    })
-    specs = build_graph("/bms", nodes, overrides, use_sim_time=True)
+    options = {"params_file": args.params, "nodes": ",".join(nodes), "pack_config": str(pack_cfg),
+               "can_log": str(log), "replay_speed": repr(float(args.speed)), "use_sim_time": "true"}
+    uploader = {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
+                "token": token if ingest else "", "shutdown_drain_s": 5.0}
+    # the replay also waits for this view's reader, so the view sees every sample (drained() counts on it)
+    specs = graph_from_options(options, overrides={"cloud_uploader": uploader,
+                                                   "can_bridge": {"wait_for_subscribers": len(nodes)}})
     print(f"bms-ai demo: drive {drive.name} ({t_end - t_start:.0f} s, {len(frames)} frames) at {args.speed:g}x "
           f"through {', '.join(nodes)}" + (f"; not installed: {', '.join(missing)}" if missing else ""),
           file=sys.stderr)
     wall0 = time.monotonic()
-    runner = GraphRunner(specs, args.params)
+    runner = GraphRunner(specs)
     rec = Record(t_end=t_end)
-    _probe(runner, rec, "/bms")
+    _probe(runner, rec, specs[0].namespace)
     live = sys.stdout.isatty() and not args.no_live
     bridge = runner.node("can_bridge")
     done = threading.Event()
@@ -278,12 +281,23 @@ def run(args: argparse.Namespace) -> int:
 
     at_end: dict[str, int] = {}
 
+    estimator = runner.node("estimator") if "estimator" in nodes else None
+
+    def drained() -> bool:  # every sample can_bridge published is through the estimator and in the view
+        published = bridge.samples_published
+        with rec.lock:
+            measurements, estimates = len(rec.mt), len(rec.t)
+        return measurements >= published and (
+            estimator is None or (estimator.steps + estimator.rejected >= published and estimates >= estimator.steps))
+
     def finished() -> bool:
         if bridge.source.finished and not at_end:
-            with rec.lock:  # what the graph said at the end of the drive, before the bus went silent
+            with rec.lock:  # what the graph said as the drive ended, before the bus went silent
                 at_end.update({n: lv for n, (lv, _, _) in rec.diag.items()})
-        quiet = time.monotonic() - rec.last_rx > 1.0  # the graph has worked through its queues
-        return (bridge.source.finished and bridge.silence() > 1.0 and quiet) or time.monotonic() - wall0 > args.timeout
+        if time.monotonic() - wall0 > args.timeout:
+            return True
+        # the graph has worked through the whole drive, then a second of bus silence for what follows it
+        return bridge.source.finished and drained() and bridge.silence() > 1.0
 
     try:
         runner.spin(until=finished)
@@ -295,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             ingest.stop()
     wall = time.monotonic() - wall0
     print(_view(rec, t_start, t_end, False), flush=True)
-    raised = {n.replace("bms_ai: ", ""): LEVEL.get(lv) for n, lv in sorted(at_end.items()) if lv != 0}
+    raised = {n.replace("bms_ai: ", ""): level_name(lv) for n, lv in sorted(at_end.items()) if lv != 0}
     print("diagnostics at the end of the drive: " + (", ".join(f"{n}={lv}" for n, lv in raised.items())
                                                      if raised else "all OK")
           + " (after it the bus is silent: timeouts and STALE are expected)", flush=True)
@@ -303,8 +317,8 @@ def run(args: argparse.Namespace) -> int:
         "drive": drive.name, "chemistry": meta.get("chemistry"), "drive_seconds": t_end - t_start,
         "wall_seconds": wall, "replay_speed": args.speed, "frames": len(frames),
         "samples_received": len(rec.mt), "estimates_received": len(rec.t), "nodes": nodes,
-        "diagnostics_at_drive_end": {n: LEVEL.get(lv) for n, lv in sorted(at_end.items())},
-        "diagnostics_after_bus_silence": {n: LEVEL.get(lv) for n, (lv, _, _) in sorted(rec.diag.items())},
+        "diagnostics_at_drive_end": {n: level_name(lv) for n, lv in sorted(at_end.items())},
+        "diagnostics_after_bus_silence": {n: level_name(lv) for n, (lv, _, _) in sorted(rec.diag.items())},
     }
     if ingest is not None:
         summary["segments_uploaded_to_ingest_server"] = len(uploaded)

@@ -1,0 +1,170 @@
+"""`bms-ai run`: the graph in one process, parameters taking the types their nodes declare."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import pytest
+from testutil import synthetic_messages
+
+from bms_ai.cli import main
+from bms_ai.graph import build_graph, coerce_parameter, graph_from_options, load_params_file, ros_type_name
+
+pytestmark = pytest.mark.ros
+
+
+def _feeder(bus, pack_config_path, seconds: float) -> threading.Thread:
+    """A thread sending `seconds` of the synthetic pack onto a virtual bus, after the graph is up."""
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.packconfig import load_pack_config
+
+    def feed() -> None:
+        time.sleep(0.3)
+        for m in synthetic_messages(PackDecoder(load_pack_config(pack_config_path)), 0, seconds):
+            bus.send(m)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    return t
+
+
+def test_in_process_runner_on_virtual_bus(pack_config_path):
+    """`bms-ai run` code path: GraphRunner builds nodes from the graph and they talk over DDS."""
+    import can
+    from sensor_msgs.msg import BatteryState
+
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(graph_from_options({"nodes": "can_bridge", "interface": "virtual", "channel": "runner"}))
+    got = []
+    probe = runner.nodes[0].create_subscription(BatteryState, "/bms/pack/measurements", got.append, 100)
+    bus = can.Bus(interface="virtual", channel="runner")
+    try:
+        t = _feeder(bus, pack_config_path, 1.0)
+        runner.spin(until=lambda: len(got) >= 3, duration=10)
+        t.join()
+    finally:
+        bus.shutdown()
+        runner.node("can_bridge").destroy_subscription(probe)
+        runner.shutdown()
+    assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
+
+
+def test_two_packs_as_two_namespaces(pack_config_path):
+    """Multiple packs = the same graph in two namespaces; topics stay apart."""
+    import can
+    from sensor_msgs.msg import BatteryState
+
+    from bms_ai.ros.runner import GraphRunner
+
+    specs = (build_graph("/pack_a", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_a",
+                                                                    "pack_id": "A"}})
+             + build_graph("/pack_b", ["can_bridge"], {"can_bridge": {"interface": "virtual", "channel": "ns_b",
+                                                                      "pack_id": "B"}}))
+    runner = GraphRunner(specs)
+    got: dict[str, list] = {"a": [], "b": []}
+    node = runner.nodes[0]
+    subs = [node.create_subscription(BatteryState, f"/pack_{k}/pack/measurements", got[k].append, 100) for k in got]
+    bus = can.Bus(interface="virtual", channel="ns_a")  # only pack A has traffic
+    try:
+        t = _feeder(bus, pack_config_path, 0.6)
+        runner.spin(until=lambda: len(got["a"]) >= 2, duration=10)
+        t.join()
+    finally:
+        bus.shutdown()
+        for s in subs:
+            node.destroy_subscription(s)
+        runner.shutdown()
+    assert len(got["a"]) >= 2 and got["a"][-1].serial_number == "A"
+    assert all(m.serial_number == "B" for m in got["b"])  # B is silent: only NaN watchdog samples, if any
+    assert all(all(v != v for v in m.cell_voltage) for m in got["b"])
+
+
+def test_integers_for_double_parameters_become_doubles(tmp_path):
+    """--set can_bridge.rate_hz=20 (the --help example) and `max_age: 2` in a params file both work."""
+    from rclpy.parameter import Parameter
+
+    from bms_ai.ros.runner import GraphRunner, add_arguments
+
+    params = tmp_path / "p.yaml"
+    params.write_text("/**/can_bridge:\n  ros__parameters:\n    max_age: 2\n")
+    runner = GraphRunner(graph_from_options({"nodes": "can_bridge", "params_file": str(params), "interface": "virtual",
+                                             "channel": "coerce", "set": "can_bridge.rate_hz=20"}))
+    try:
+        node = runner.node("can_bridge")
+        rate, age = node.get_parameter("rate_hz"), node.get_parameter("max_age")
+        assert (rate.value, rate.type_) == (20.0, Parameter.Type.DOUBLE)
+        assert (age.value, age.type_) == (2.0, Parameter.Type.DOUBLE)
+        assert node.sampler.period == pytest.approx(0.05) and node.sampler.max_age == 2.0
+        described = node.describe_parameter("rate_hz")
+        assert described.read_only and described.description  # the declared descriptor, not the probe's
+    finally:
+        runner.shutdown()
+    parser = argparse.ArgumentParser(prog="bms-ai run")
+    add_arguments(parser)
+    assert "can_bridge.rate_hz=20" in " ".join(parser.format_help().split())
+
+
+def test_the_help_example_runs(capsys):
+    """`bms-ai run --set can_bridge.rate_hz=20` starts and stops cleanly."""
+    rc = main(["run", "--nodes", "can_bridge", "--params", "", "--interface", "virtual", "--channel", "help",
+               "--set", "can_bridge.rate_hz=20", "--duration", "0.3"])
+    assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--set", "can_bridge.rate_hz=fast"], "/bms/can_bridge: parameter rate_hz expects double, got 'fast' (string)"),
+    (["--set", "can_bridge.rate_hx=20"], "/bms/can_bridge has no parameter rate_hx"),
+    (["--set", "can_bridge.frame_id=[1, a]"], "/bms/can_bridge: parameter frame_id: "),
+    (["--use-sim-time", "maybe"], "use_sim_time (--use-sim-time): expected a boolean"),
+    (["--speed", "-2"], "replay_speed (--speed): expected a finite number >= 0"),
+])
+def test_bad_run_options_are_one_line_errors(capsys, extra, says):
+    """A mistyped option or parameter stops `bms-ai run` with one line naming it, exit code 1."""
+    rc = main(["run", "--nodes", "can_bridge", "--params", "", "--interface", "virtual", "--channel", "bad", *extra])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bms-ai run")]
+    assert rc == 1 and len(err) == 1 and says in err[0], err
+
+
+def _mismatches(runner, params_file) -> list[str]:
+    """Keys of a params file that are no declared parameter of the node, or whose value has another type."""
+    out = []
+    for node in runner.nodes:
+        for key, value in load_params_file(params_file, node.get_name(), node.get_namespace()).items():
+            if not node.has_parameter(key):
+                out.append(f"{node.get_name()}.{key}: not declared")
+                continue
+            declared = node.get_parameter(key).value
+            try:
+                ok = ros_type_name(coerce_parameter(key, value, declared)) == ros_type_name(declared)
+            except ValueError:
+                ok = False
+            if not ok:
+                out.append(f"{node.get_name()}.{key}: {value!r} is not {ros_type_name(declared)}")
+    return out
+
+
+def test_shipped_params_file_sets_only_declared_parameters(root, tmp_path):
+    """Typo guard: every key in config/bms_ai.yaml is a declared parameter of its node, with the declared type."""
+    from bms_ai.ros.demo import available_nodes
+    from bms_ai.ros.runner import GraphRunner
+
+    nodes, _missing = available_nodes()
+    runner = GraphRunner(graph_from_options({"nodes": ",".join(nodes), "params_file": "",
+                                             "set": f"'cloud_uploader.spool_dir={tmp_path / 'spool'}'"}))
+    try:
+        assert [n.get_name() for n in runner.nodes] == nodes
+        shipped = root / "config" / "bms_ai.yaml"
+        assert load_params_file(shipped, "can_bridge"), "the shipped file sets can_bridge's bus"
+        assert _mismatches(runner, shipped) == []
+        typo = tmp_path / "typo.yaml"
+        typo.write_text("/**/can_bridge:\n  ros__parameters: {rate_hx: 10.0, channel: 5}\n"
+                        "/**:\n  ros__parameters: {frame_id: battery}\n")
+        found = _mismatches(runner, typo)
+        assert "can_bridge.rate_hx: not declared" in found and "can_bridge.channel: 5 is not string" in found
+        assert not any("frame_id" in f for f in found if f.startswith("can_bridge"))
+    finally:
+        runner.shutdown()
