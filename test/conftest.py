@@ -37,3 +37,20 @@ def root() -> Path:
 def pack_config_path() -> Path:
     """The reference pack config (96 cells, the shipped DBC)."""
     return ROOT / "config" / "pack96.yaml"
+
+
+@pytest.fixture(scope="session")
+def decoder(pack_config_path):
+    """The reference pack's decoder (config/pack96.yaml)."""
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.packconfig import load_pack_config
+
+    return PackDecoder(load_pack_config(pack_config_path))
+
+
+@pytest.fixture(scope="module")
+def messages(decoder):
+    """One second of the reference pack's traffic (fresh message objects per module)."""
+    from testutil import synthetic_messages
+
+    return synthetic_messages(decoder, 100.0, 101.0)

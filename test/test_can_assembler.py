@@ -13,14 +13,6 @@ from testutil import synthetic_messages, synthetic_sample
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.checks import crc8_sae_j1850
-from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.packconfig import load_pack_config
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
 
 
 def _packmeas(counter: int, volts_raw: int, amps_raw: int, crc_ok: bool = True) -> bytes:

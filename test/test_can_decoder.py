@@ -9,14 +9,6 @@ from testutil import synthetic_messages
 
 from bms_ai.can.checks import crc8_sae_j1850
 from bms_ai.can.codec import compile_signal, frame_words
-from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.packconfig import load_pack_config
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
 
 
 def test_crc8_sae_j1850_check_value():

@@ -16,12 +16,6 @@ from bms_ai.can.packconfig import load_pack_config
 from bms_ai.pack import PackSample
 
 
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
-
-
 def _samples(rng, n, n_cells=96, n_temps=32):
     """Random samples with the awkward cases: NaN, infinities, values beyond the DBC range, missing status."""
     out = []

@@ -8,17 +8,9 @@ import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.health import BusHealth, can_time_now, silence_sample_time
-from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
 
 
 @pytest.fixture(scope="module")

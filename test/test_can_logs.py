@@ -9,27 +9,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testutil import synthetic_messages, write_log
+from testutil import write_log
 
-from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import LOG_FORMATS, LogFormat, iter_log, log_format, log_suffix, read_log
 from bms_ai.can.offline import decode_log
-from bms_ai.can.packconfig import load_pack_config
 
 FORMATS = [".asc", ".blf", ".log", ".trc", ".csv"]
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
-
-
-@pytest.fixture(scope="module")
-def messages(decoder):
-    """One second of the reference pack's traffic."""
-    return synthetic_messages(decoder, 100.0, 101.0)
 
 
 @pytest.mark.parametrize("suffix", FORMATS)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.offline import decode_frames, sample_times
-from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
 
 
 def test_sampler_caps_catchup_over_gaps_same_as_offline(decoder):

@@ -8,27 +8,13 @@ import threading
 import can
 import numpy as np
 import pytest
-from testutil import synthetic_messages, write_log
+from testutil import write_log
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import FrameArrays
-from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.can.sources import SOURCES, BusSource, LogReplaySource, SourceError, open_source
 from bms_ai.core.registry import UnknownName
-
-
-@pytest.fixture(scope="module")
-def decoder(pack_config_path):
-    """The reference pack's decoder (config/pack96.yaml)."""
-    return PackDecoder(load_pack_config(pack_config_path))
-
-
-@pytest.fixture(scope="module")
-def messages(decoder):
-    """One second of the reference pack's traffic."""
-    return synthetic_messages(decoder, 100.0, 101.0)
 
 
 def _drain(src, stop=None):

@@ -52,21 +52,21 @@ def _ecm_drive(chem: str, n: int, seconds: float, seed: int = 0):
     soc = np.full(n, 0.8) + rng.uniform(-0.05, 0.05, n)
     v1 = np.zeros(n)
     a = np.exp(-dt / p.tau)
-    S, V = [], []
+    socs, volts = [], []
     for i in seg:
         soc = soc + i * dt / 3600 / p.capacity_ah
         v1 = a * v1 + p.r1 * (1 - a) * i
-        V.append(ocv(soc) + v1 + p.r0 * i + 0.001 * rng.standard_normal(n))
-        S.append(soc.copy())
-    return p, seg, np.array(V), np.array(S)
+        volts.append(ocv(soc) + v1 + p.r0 * i + 0.001 * rng.standard_normal(n))
+        socs.append(soc.copy())
+    return p, seg, np.array(volts), np.array(socs)
 
 
 def test_batched_ekf_recovers_from_wrong_initial_soc_on_96_cells() -> None:
-    p, cur, V, S = _ecm_drive("nmc", 96, 900.0)
+    p, cur, volts, socs = _ecm_drive("nmc", 96, 900.0)
     ekf = BatchedEKF(96, "nmc", ECMParams(**{**p.__dict__, "r_v": 1e-5}), soc0=0.5)
     for k in range(len(cur)):
-        ekf.step(cur[k], V[k], 0.1)
-    assert np.max(np.abs(ekf.soc - S[-1])) < 0.02
+        ekf.step(cur[k], volts[k], 0.1)
+    assert np.max(np.abs(ekf.soc - socs[-1])) < 0.02
     assert np.all(ekf.sigma < 0.05)
 
 

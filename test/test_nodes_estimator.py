@@ -184,13 +184,13 @@ def test_all_nan_measurements_hold_the_estimate(tmp_path):
 
     from bms_ai.nodes.convert import sample_to_battery_state as to_msg
     from bms_ai.nodes.estimator import EstimatorNode as Est
-    from bms_ai.pack import PackSample as PS
+    from bms_ai.pack import PackSample
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = Est(context=ctx, namespace="/bms")
     try:
-        good = PS.empty(96, 32)
+        good = PackSample.empty(96, 32)
         good.cell_voltages[:] = 3.7
         good.cell_temperatures[:] = 25.0
         good.pack_current, good.pack_voltage = -10.0, 355.2
@@ -199,7 +199,7 @@ def test_all_nan_measurements_hold_the_estimate(tmp_path):
             node._on_meas(to_msg(good))
         soc_before, steps = node.est.last.soc, node.est.steps
         for k in range(20):
-            lost = PS.empty(96, 32)
+            lost = PackSample.empty(96, 32)
             lost.stamp = 110.0 + 0.1 * k
             node._on_meas(to_msg(lost))
         assert node.est.steps == steps and node.est.last.soc == soc_before

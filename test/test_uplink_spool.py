@@ -11,10 +11,11 @@ from mcap.reader import make_reader
 from mcap_ros2.decoder import DecoderFactory
 from rclpy.serialization import serialize_message
 
+from bms_ai.core.files import sha256_file
 from bms_ai.uplink.privacy import Pseudonymizer
 from bms_ai.uplink.schemas import DELIMITER, full_definition
 from bms_ai.uplink.segment import Message, Recorder, SegmentWriter
-from bms_ai.uplink.spool import Spool, sha256_file
+from bms_ai.uplink.spool import Spool
 from bms_ai.uplink.uploader import RetryPolicy
 
 BS = "sensor_msgs/msg/BatteryState"

@@ -10,7 +10,6 @@ files, orphan files and rows whose file is missing or wrong are counted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sqlite3
@@ -20,6 +19,8 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bms_ai.core.files import sha256_file
 
 # Highest priority first. Eviction takes the lowest class, oldest first.
 PRIORITY_CLASSES: tuple[str, ...] = ("fault_snapshot", "diagnostics", "estimates", "raw")
@@ -75,15 +76,6 @@ class RecoveryReport:
     wrong_size: int = 0
     salvaged_messages: int = 0
     details: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

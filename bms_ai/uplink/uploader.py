@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bms_ai.core.files import sha256_file
 from bms_ai.uplink.backends import Backend, Throttle, UploadError
-from bms_ai.uplink.spool import Segment, Spool, sha256_file
+from bms_ai.uplink.spool import Segment, Spool
 
 
 @dataclass
