@@ -60,6 +60,16 @@ class EstimatorNode(Node):
         if changed:
             self.get_logger().info(changed)
 
+    @property
+    def steps(self) -> int:
+        """Measurements estimated so far (apps and tests wait on these counters)."""
+        return self.est.steps
+
+    @property
+    def rejected(self) -> int:
+        """Measurements refused so far (reason in the soc diagnostic)."""
+        return self.est.rejected
+
     def _on_meas(self, msg: BatteryState) -> None:
         s = battery_state_to_sample(msg)
         stamp = s.stamp if s.stamp > 0 else math.nan    # an unset header stamp is 0

@@ -86,13 +86,23 @@ class GraphRunner:
         return next(n for n in self.nodes if n.get_name() == name)
 
     def spin(self, until: Callable[[], bool] | None = None, duration: float = 0.0) -> None:
-        """Spin until ``until()`` holds, ``duration`` seconds pass (0 = no limit) or Ctrl-C."""
+        """Spin until ``until()`` holds, ``duration`` seconds pass (0 = no limit) or Ctrl-C.
+
+        An exception raised by ``until`` stops the spin and is raised here (a
+        watcher that died silently would leave the graph spinning forever).
+        """
         end = time.monotonic() + duration if duration > 0 else None
         stop = threading.Event()
+        failed: list[BaseException] = []
 
         def watch() -> None:
             while not stop.wait(0.1):
-                if (end is not None and time.monotonic() >= end) or (until is not None and until()):
+                try:
+                    done = (end is not None and time.monotonic() >= end) or (until is not None and until())
+                except Exception as exc:  # noqa: BLE001  (handed to the spinning thread)
+                    failed.append(exc)
+                    done = True
+                if done:
                     self.executor.shutdown(timeout_sec=0)  # wakes spin()
                     return
 
@@ -104,6 +114,8 @@ class GraphRunner:
             pass
         finally:
             stop.set()
+        if failed:
+            raise failed[0]
 
     def shutdown(self) -> None:
         """Destroy the nodes and this runner's context (idempotent)."""
