@@ -118,3 +118,60 @@ def test_other_vehicle_dbc_with_config_only(tmp_path):
     assert asm.sample.pack_current == -25.0  # discharge-positive DBC flipped to ROS convention
     assert asm.sample.pack_voltage == pytest.approx(320.0)
     assert asm.sample.cell_voltages[4:8].tolist() == pytest.approx([3.301, 3.302, 3.303, 3.304])
+
+
+# ----------------------------------------------------------------------------- schema: types and limits
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"dbc_strict": "false"}, "dbc_strict: expected a boolean true/false, got str 'false' (write true or false"),
+        ({"dbc_strict": 0}, "dbc_strict: expected a boolean"),
+        ({"pack_id": ["a", "b"]}, "pack_id: expected a non-empty string, got list"),
+        ({"dbc": 12}, "dbc: expected a non-empty string, got int 12"),
+        ({"cells": True}, "cells: expected an integer, got bool True"),
+        ({"cells": 10**9}, "cells: expected an integer in 1..4096"),
+        ({"design_capacity_ah": ".nan"}, "design_capacity_ah: expected a number, got str"),
+        ({"design_capacity_ah": -5}, "design_capacity_ah: expected Ah > 0"),
+        ({"status": ["bms_state"]}, "status: expected a mapping, got list"),
+        ({"status": {"x": {"message": 5, "signal": "S"}}}, "status.x.message: expected a non-empty string, got int 5"),
+        ({"checks": ["BMS_Status"]}, "checks: expected a mapping, got list"),
+        ({"checks": {"BMS_Status": {"timeout": "fast"}}}, "checks.BMS_Status.timeout: expected a number"),
+        ({"checks": {"BMS_Status": {"timeout": 0}}}, "checks.BMS_Status.timeout: expected seconds > 0"),
+        ({"checks": {"BMS_Status": {"crc": "Status_Checksum"}}}, "checks.BMS_Status.crc: expected a mapping"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "slots": 4}}, "cell_voltages.slots: expected a list"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "signals": ["a"]}}, "cell_voltages.signals: expected a mapping"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "slots": [1, 2]}}, "cell_voltages.slots[0]: expected a non-empty string"),
+        ({"cell_voltages": []}, "cell_voltages: expected a group or a non-empty list"),
+        ({"cell_voltages": "BMS_CellVoltages"}, "cell_voltages: expected a mapping, got str"),
+        ({"pack_voltage": {"message": "BMS_PackMeas", "signal": "PackVoltage", "scale": "2"}}, "pack_voltage.scale: expected a number"),
+        ({"pack_voltage": {"message": "BMS_PackMeas", "signal": "PackVoltage", "valid": True}}, "pack_voltage.valid: expected a non-empty string"),
+    ],
+)
+def test_wrong_types_are_one_line_errors_naming_the_key(tmp_path, pack_config_path, changes, needle):
+    """Every value is type-checked: the error names the key and the expected type, never a TypeError."""
+    p = _write_cfg(tmp_path, pack_config_path, **changes)
+    with pytest.raises(PackConfigError) as ei:
+        load_pack_config(p)
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_dbc_strict_false_turns_strict_mode_off(tmp_path, pack_config_path):
+    """A real boolean false is honoured (the string "false" is refused above, never read as true)."""
+    assert load_pack_config(_write_cfg(tmp_path, pack_config_path, dbc_strict=False)).dbc_strict is False
+    assert load_pack_config(pack_config_path).dbc_strict is True
+
+
+def test_hostile_yaml_is_refused_as_pack_config_error(tmp_path):
+    """Billion laughs and deep nesting reach the pack config loader as one-line PackConfigErrors."""
+    laughs = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    prev = "a"
+    for name in "bcdefghi":
+        laughs += f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]\n"
+        prev = name
+    laughs += "pack_id: *i\n"
+    for text, needle in ((laughs, "aliases"), ("pack_id: " + "[" * 3000 + "]" * 3000, "nested deeper")):
+        p = tmp_path / "hostile.yaml"
+        p.write_text(text)
+        with pytest.raises(PackConfigError, match=needle):
+            load_pack_config(p)
