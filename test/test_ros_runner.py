@@ -129,6 +129,15 @@ def test_bad_run_options_are_one_line_errors(capsys, extra, says):
     assert rc == 1 and len(err) == 1 and says in err[0], err
 
 
+def test_out_of_range_params_file_value_is_one_line_error(tmp_path, capsys):
+    """A params file (not only --set) giving rate_hz: 0 stops at the node's declare(), one line naming it."""
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    rate_hz: 0\n")
+    rc = main(["run", "--nodes", "fault_monitor", "--params", str(params), "--duration", "0.3"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bms-ai run")]
+    assert rc == 1 and err == ["bms-ai run: error: /bms/fault_monitor: parameter rate_hz must be > 0 and <= 1000, got 0.0"]
+
+
 def _mismatches(runner, params_file) -> list[str]:
     """Keys of a params file that are no declared parameter of the node, or whose value has another type."""
     out = []

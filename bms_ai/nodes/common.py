@@ -14,7 +14,7 @@ from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
-from bms_ai.graph import coerce_parameter
+from bms_ai.graph import check_parameter, coerce_parameter, describe_limit
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -34,21 +34,26 @@ def declare(node: Node, name: str, default: Any, description: str, read_only: bo
     type (params file, launch, ``--set``, ``-p``) is coerced as
     :func:`bms_ai.graph.coerce_parameter` allows (``rate_hz: 20`` for a double)
     or rejected with a one-line ValueError naming node and parameter, instead
-    of rclpy's InvalidParameterTypeException traceback.
+    of rclpy's InvalidParameterTypeException traceback; a value outside
+    :data:`bms_ai.graph.PARAMETER_LIMITS` (``rate_hz: 0``) likewise, before
+    the node divides by it.
     """
-    descriptor = ParameterDescriptor(description=description, read_only=read_only)
+    descriptor = ParameterDescriptor(description=describe_limit(name, description), read_only=read_only)
     try:
-        return node.declare_parameter(name, default, descriptor).value
+        value = node.declare_parameter(name, default, descriptor).value
     except InvalidParameterTypeException:
-        pass
-    # Read the override as given (dynamically typed), then declare again statically with the coerced value.
-    given = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
-    node.undeclare_parameter(name)
+        # Read the override as given (dynamically typed), then declare again statically with the coerced value.
+        given = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
+        node.undeclare_parameter(name)
+        try:
+            value = coerce_parameter(name, given, default)
+        except ValueError as exc:
+            raise ValueError(f"{node.get_fully_qualified_name()}: {exc}") from None
+        value = node.declare_parameter(name, value, descriptor, ignore_override=True).value
     try:
-        value = coerce_parameter(name, given, default)
+        return check_parameter(name, value)
     except ValueError as exc:
         raise ValueError(f"{node.get_fully_qualified_name()}: {exc}") from None
-    return node.declare_parameter(name, value, descriptor, ignore_override=True).value
 
 
 def _fmt(v: Any) -> str:
