@@ -235,7 +235,7 @@ def test_broken_manifest_at_start_falls_back_with_reason(tmp_path: Path, text: s
     est = PackEstimator.from_model_dir(tmp_path, "nmc", 5.0)
     est.poll_models()
     model, reason = est.soc_model()
-    assert model is None and reason.startswith("no model (manifest error: manifest.json: ")
+    assert model is None and reason.startswith("no model: manifest.json: ")
     assert any(ev.startswith("manifest error:") for ev in est.model_events)
 
 
@@ -250,3 +250,10 @@ def test_broken_manifest_on_hot_reload_keeps_the_model(tmp_path: Path, root: Pat
     assert not reg.poll()
     assert reg.get("soc", "nmc") is active and reg.slot("soc", "nmc").reason == ""
     assert reg.errors and reg.events[-1].startswith("manifest error: manifest.json")
+
+
+def test_missing_model_directory_is_named_in_the_fallback_reason(tmp_path: Path) -> None:
+    """A mistyped --models / model_dir says so, instead of passing for "no model trained"."""
+    reg = ModelRegistry(tmp_path / "nope", {"soc": soc_model_expectation()})
+    assert not reg.poll()
+    assert reg.slot("soc", "nmc").reason == f"no model: model directory not found: {tmp_path / 'nope'}"

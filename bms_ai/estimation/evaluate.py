@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.estimation.pack import PackEstimator, open_models
-from bms_ai.models.runtime import ModelRegistry
+from bms_ai.models.runtime import ModelRegistry, default_model_dir
 from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive
 
 METHODS = ("nn", "ekf", "cc")
@@ -256,7 +256,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """`bms-ai evaluate` arguments."""
     p.add_argument("drives", nargs="+", help="held-out drives (directories)")
     p.add_argument("--report", required=True, help="output directory for table + HTML report")
-    p.add_argument("--models", default="models", help="model directory with manifest.json ('' = none)")
+    p.add_argument("--models", default=str(default_model_dir()), help="model directory with manifest.json (default: the shipped models; '' = none)")
     p.add_argument("--wrong-init", type=float, default=0.3, help="initial-SOC error for the wrong-init run")
     p.add_argument("--faults", action="store_true",
                    help="fault-detector evaluation (rules + learned vs thresholds only) into REPORT/faults")

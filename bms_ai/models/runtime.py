@@ -278,6 +278,8 @@ class ModelRegistry:
             entries, errors = read_manifest(self.model_dir)
         except Exception as exc:  # noqa: BLE001  (read_manifest returns its errors; this is the last line)
             entries, errors = [], [f"{self.model_dir}: {type(exc).__name__}: {exc}"]
+        if not self.model_dir.is_dir():  # a mistyped path must not pass for "no model trained yet"
+            errors = [f"model directory not found: {self.model_dir}"]
         self.errors = errors
         for e in errors:
             self._event(f"manifest error: {e}")
@@ -293,7 +295,7 @@ class ModelRegistry:
         return changed
 
     def _no_model_reason(self) -> str:
-        return f"{NO_MODEL} (manifest error: {self.errors[0]})" if self.errors else NO_MODEL
+        return f"{NO_MODEL}: {self.errors[0]}" if self.errors else NO_MODEL
 
     def _update_slot(self, key: tuple[str, str], cands: list[ModelEntry]) -> bool:
         """Swap in the newest candidate that verifies; True if the active model changed."""
