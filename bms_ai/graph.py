@@ -396,7 +396,7 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
     """Per-node parameters that follow from one pack config, so every node agrees on the pack.
 
     can_bridge reads the DBC signal map; estimator and fault_monitor need the
-    chemistry and design capacity; all report the same hardware_id.
+    chemistry and design capacity; all report the same hardware_id (:func:`pack_hardware_id`).
     """
     from bms_ai.can.packconfig import load_pack_config
 
@@ -406,6 +406,18 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
         pack["capacity_ah"] = float(cfg.design_capacity_ah)
     return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": dict(pack), "fault_monitor": dict(pack),
             "cloud_uploader": {"pack_id": cfg.pack_id}}
+
+
+def pack_hardware_id(pack_id: str, namespace: str) -> str:
+    """The diagnostics hardware_id of a pack's nodes: its pack id, qualified by the namespace outside ``/bms``.
+
+    Two packs started from the same pack config (or both on the defaults) in
+    two namespaces would otherwise report the same hardware_id, and every
+    consumer of /diagnostics (aggregator, fault_monitor, uploader) would mix
+    them up: ``/pack2`` + ``pack96-ref`` gives ``pack2/pack96-ref``.
+    """
+    ns = namespace.strip("/")
+    return pack_id if ns in ("", DEFAULT_NAMESPACE.strip("/")) else f"{ns}/{pack_id}"
 
 
 def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

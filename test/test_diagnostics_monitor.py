@@ -124,16 +124,20 @@ def test_watchdog_steps_on_stale_data_only_after_silence(mon: FaultMonitor) -> N
 def test_model_fallback_only_from_this_packs_estimator(mon: FaultMonitor) -> None:
     """The fallback flag counts from another node of this pack; other packs and own checks are ignored."""
     flag = [(status.MODEL_FALLBACK, "True")]
-    mon.on_peer_status("other-pack", "bms_ai: soc", flag)
-    mon.on_peer_status("packT", "foreign: soc", flag)
+    mon.on_peer_status("other-pack", "estimator: soc", flag)
+    mon.on_peer_status("packT", "foreign: limits", flag)
+    mon.on_peer_status("packT", "soc", flag)                  # not a <node>: <check> name
     assert mon.model_fallback is None
     mon.startup_status()
-    mon.on_peer_status("packT", "bms_ai: fault monitor", flag)  # our own status is not the estimator's
+    mon.on_peer_status("packT", "fault_monitor: fault monitor", flag)  # our own status is not the estimator's
     assert mon.model_fallback is None
-    mon.on_peer_status("packT", "bms_ai: soc", [("soc", "0.5")])
+    mon.on_peer_status("packT", "estimator: soc", [("soc", "0.5")])
     assert mon.model_fallback is None
-    mon.on_peer_status("packT", "bms_ai: soc", flag)
+    mon.on_peer_status("packT", "estimator: soc", flag)
     assert mon.model_fallback is True
+    mon.on_peer_status("packT", "estimator_2: soc", [(status.MODEL_FALLBACK, "false")])  # a renamed estimator
+    assert mon.model_fallback is False
+    mon.on_peer_status("packT", "estimator: soc", flag)
     res = by_check(mon.on_sample(sample(0.1), now=1.0))
     assert res["estimator plausibility"].level == WARN and "model fallback" in res["estimator plausibility"].message
 

@@ -370,3 +370,21 @@ def test_cli_run_with_zero_rate_is_one_line_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err == ["bms-ai run: error: set (--set): can_bridge: parameter rate_hz must be > 0 and <= 1000, "
                                "got 0.0"]
+
+
+def test_hardware_id_is_unique_per_namespace():
+    """The default namespace keeps the pack id; any other qualifies it, so two packs never share one."""
+    from bms_ai.graph import pack_hardware_id
+
+    assert pack_hardware_id("pack96-ref", "/bms") == "pack96-ref" == pack_hardware_id("pack96-ref", "/")
+    ids = {pack_hardware_id("pack96-ref", ns) for ns in ("/bms", "/pack_a", "/pack_b", "/fleet/pack_a")}
+    assert ids == {"pack96-ref", "pack_a/pack96-ref", "pack_b/pack96-ref", "fleet/pack_a/pack96-ref"}
+
+
+def test_status_names_follow_diagnostic_updater():
+    """``<node>: <check>`` both ways; a name without a node part has none."""
+    from bms_ai.core.levels import split_status_name, status_name
+
+    assert status_name("estimator", "soc") == "estimator: soc"
+    assert split_status_name("fault_monitor: cell overvoltage") == ("fault_monitor", "cell overvoltage")
+    assert split_status_name("plain") == ("", "plain") and split_status_name(": x") == ("", ": x")

@@ -72,10 +72,10 @@ def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg)
     assert all(np.isfinite(m.cell_voltage).all() for m in replayed[5:])
     # the log ends: STALE within 1 s of silence, values age out to NaN
     t_end = time.monotonic()
-    assert ros.wait_for(lambda: 3 in diag_levels(diags, "bms_ai: can_bus"), timeout=3)
+    assert ros.wait_for(lambda: 3 in diag_levels(diags, "can_bridge: can_bus"), timeout=3)
     assert time.monotonic() - t_end < 1.5
     assert ros.wait_for(lambda: math.isnan(got[-1].voltage), timeout=4)
-    vals = diag_values(diags, "bms_ai: can_bus")
+    vals = diag_values(diags, "can_bridge: can_bus")
     assert vals["rejected_crc_error"] == "1"
     assert all(st.hardware_id == cfg.pack_id for a in diags for st in a.status)
 
@@ -96,12 +96,12 @@ def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
             if i % 50 == 0:
                 time.sleep(0.03)
         assert ros.wait_for(lambda: any(np.isfinite(m.cell_voltage).all() for m in got), timeout=5)
-        ok = ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_dlc_error") == "1", timeout=3)
-        assert ok, diag_values(diags, "bms_ai: can_bus")
-        v = diag_values(diags, "bms_ai: can_bus")
+        ok = ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_dlc_error") == "1", timeout=3)
+        assert ok, diag_values(diags, "can_bridge: can_bus")
+        v = diag_values(diags, "can_bridge: can_bus")
         assert v["rejected_unknown_id"] == "1" and "0x7AB:1" in v["unknown_ids"]
-        assert 1 in diag_levels(diags, "bms_ai: can_bus")  # WARN for the rejected frames
-        assert ros.wait_for(lambda: diag_levels(diags, "bms_ai: can_bus")[-1:] == [3], timeout=3)  # silence
+        assert 1 in diag_levels(diags, "can_bridge: can_bus")  # WARN for the rejected frames
+        assert ros.wait_for(lambda: diag_levels(diags, "can_bridge: can_bus")[-1:] == [3], timeout=3)  # silence
     finally:
         bus.shutdown()
 
@@ -138,4 +138,4 @@ def test_max_speed_batch_replay_equals_offline_decode(ros, drive_log, cfg):
     np.testing.assert_allclose([m.voltage for m in got[: len(expected)]], expected.pack_voltage, rtol=1e-6)
     np.testing.assert_allclose(np.array([m.cell_temperature for m in got[: len(expected)]]),
                                expected.cell_temperatures, atol=1e-4)
-    assert ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_crc_error") == "1", timeout=3)
+    assert ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_crc_error") == "1", timeout=3)

@@ -73,7 +73,7 @@ def test_node_records_snapshots_and_uploads(tmp_path: Path) -> None:
         assert h.wait_for(lambda: {"raw", "diagnostics", "fault_snapshot"} <= uploaded_classes(), 10), \
             srv.store.list()
         def uploader_status() -> dict[str, str]:
-            sts = [s for a in list(diags) for s in a.status if s.name == "bms_ai: uploader"]
+            sts = [s for a in list(diags) for s in a.status if s.name == "cloud_uploader: uploader"]
             return {k.key: k.value for k in sts[-1].values} if sts else {}
         # the 1 Hz status lags the uploads by up to a second
         assert h.wait_for(lambda: int(uploader_status().get("uploaded", 0)) >= 3, 5), uploader_status()

@@ -177,3 +177,23 @@ def test_shipped_params_file_sets_only_declared_parameters(root, tmp_path):
         assert not any("frame_id" in f for f in found if f.startswith("can_bridge"))
     finally:
         runner.shutdown()
+
+
+def test_two_packs_on_defaults_report_apart_on_diagnostics():
+    """Two namespaces, both on the default pack id: status names carry the node, hardware ids the namespace."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(build_graph("/pack_a", ["fault_monitor"]) + build_graph("/pack_b", ["fault_monitor"]))
+    seen: set[tuple[str, str]] = set()
+    node = runner.nodes[0]
+    sub = node.create_subscription(DiagnosticArray, "/diagnostics",
+                                   lambda m: seen.update((s.name, s.hardware_id) for s in m.status), 50)
+    want = {("fault_monitor: fault monitor", "pack_a/pack96-ref"), ("fault_monitor: fault monitor", "pack_b/pack96-ref")}
+    try:
+        runner.spin(until=lambda: want <= seen, duration=10)
+    finally:
+        node.destroy_subscription(sub)
+        runner.shutdown()
+    assert want <= seen and not any(name.startswith("bms_ai: ") for name, _ in seen)

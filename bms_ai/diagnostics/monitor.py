@@ -1,7 +1,7 @@
 """The fault monitor without ROS: rules and detectors for one pack, fed sample by sample.
 
 bms_ai/nodes/fault_monitor.py only converts messages and publishes what this
-returns: one :class:`CheckResult` per check (``bms_ai: <check>``), plus the
+returns: one :class:`CheckResult` per check (``fault_monitor: <check>``), plus the
 latched-event summary (``events``) and the monitor's own health
 (``fault monitor``). Rules step with the measurement's stamp as time, so the
 results are the same at any replay speed; :meth:`FaultMonitor.watchdog` steps
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.core.levels import ERROR, OK, STALE, WARN, split_status_name
 from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_limits
 from bms_ai.diagnostics.rules import CheckResult, Event, RuleEngine
 from bms_ai.estimation import status
@@ -25,7 +25,6 @@ from bms_ai.pack import PackSample
 
 MONITOR_CHECK = "fault monitor"
 EVENTS_CHECK = "events"
-STATUS_PREFIX = "bms_ai: "
 
 
 def limits_path(limits_file: str, chemistry: str) -> Path:
@@ -144,9 +143,14 @@ class FaultMonitor:
             self.capacity = float(capacity_ah)
 
     def on_peer_status(self, hardware_id: str, name: str, values: Iterable[tuple[str, str]]) -> None:
-        """A /diagnostics status from another node of this pack: the estimator's model-fallback flag."""
-        if hardware_id != self.hardware_id or not name.startswith(STATUS_PREFIX) or \
-                name[len(STATUS_PREFIX):] in self._own_checks:
+        """A /diagnostics status from another node of this pack: the estimator's model-fallback flag.
+
+        Same pack = same hardware_id; the status is ``<node>: soc`` (the
+        estimator's check, whatever the node is named) and not one of our own
+        checks (our own statuses come back on /diagnostics).
+        """
+        node, check = split_status_name(name)
+        if hardware_id != self.hardware_id or not node or check != status.SOC_CHECK or check in self._own_checks:
             return
         flag = status.model_fallback(values)
         if flag is not None:

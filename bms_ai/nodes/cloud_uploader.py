@@ -4,7 +4,7 @@ Subscriptions are raw (CDR bytes, no deserialisation); the library
 (bms_ai.uplink) writes segments, keeps them in a durable spool and uploads
 them in its own thread. Only /diagnostics (fault snapshots, active faults) and,
 for MQTT telemetry or pseudonymisation, a few messages are deserialised.
-Its own health goes out as ``bms_ai: uploader``.
+Its own health goes out as ``cloud_uploader: uploader``.
 """
 
 from __future__ import annotations

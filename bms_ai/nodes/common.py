@@ -14,7 +14,8 @@ from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
-from bms_ai.graph import check_parameter, coerce_parameter, describe_limit
+from bms_ai.core.levels import status_name
+from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -70,12 +71,14 @@ def key_values(values: dict[str, Any]) -> list[KeyValue]:
 class Diagnostics:
     """One DiagnosticStatus per check, published at 1 Hz and at once on a level change.
 
-    Names follow DESIGN.md: ``bms_ai: <check>``; hardware_id is the pack id.
+    Names follow diagnostic_updater: ``<node name>: <check>``; hardware_id is
+    the pack id, qualified by the node's namespace outside ``/bms``
+    (:func:`bms_ai.graph.pack_hardware_id`), so two packs never share one.
     """
 
-    def __init__(self, node: Node, hardware_id: str, period: float = 1.0, topic: str = "/diagnostics") -> None:
+    def __init__(self, node: Node, pack_id: str, period: float = 1.0, topic: str = "/diagnostics") -> None:
         self._node = node
-        self.hardware_id = hardware_id
+        self.hardware_id = pack_hardware_id(pack_id, node.get_namespace())
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
         self._status: dict[str, DiagnosticStatus] = {}
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
@@ -95,7 +98,7 @@ class Diagnostics:
     def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
                publish_on_change: bool = True) -> None:
         """Set a check's status; a level change goes out at once (or with the batch) unless told otherwise."""
-        name = f"bms_ai: {check}"
+        name = self.name(check)
         prev = self._status.get(name)
         lv = level if isinstance(level, bytes) else bytes([int(level)])
         st = DiagnosticStatus(level=lv, name=name, message=message,
@@ -109,8 +112,12 @@ class Diagnostics:
 
     def level(self, check: str) -> int | None:
         """The check's current level, None before its first update."""
-        st = self._status.get(f"bms_ai: {check}")
+        st = self._status.get(self.name(check))
         return None if st is None else st.level[0]
+
+    def name(self, check: str) -> str:
+        """The status name of ``check`` from this node."""
+        return status_name(self._node.get_name(), check)
 
     def publish(self, names: Iterable[str] | None = None) -> None:
         """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.core.levels import level_name
+from bms_ai.core.levels import level_name, split_status_name
 from bms_ai.core.paths import share_path
 from bms_ai.graph import NODES, OPTION_BY_NAME, graph_from_options
 
@@ -131,7 +131,7 @@ def _view(rec: Record, t0: float, t_end: float, live: bool) -> str:
         f"bms_ai demo  [{bar}] {prog:5.1f} %   drive time {mt - t0:7.1f} s",
         f"  SOC {100 * soc:6.2f} %   SOH {soh or 'n/a':>8}   capacity {cap:6.2f} Ah",
         f"  pack {v:7.2f} V {i:8.2f} A   cell spread {spread:6.1f} mV   T max {tmax:5.1f} degC",
-        "  diagnostics: " + (", ".join(f"{n.replace('bms_ai: ', '')}={level_name(lv)}" for n, lv, _ in active[:6])
+        "  diagnostics: " + (", ".join(f"{split_status_name(n)[1]}={level_name(lv)}" for n, lv, _ in active[:6])
                              if active else "all OK"),
     ]
     text = "\n".join(lines)
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             ingest.stop()
     wall = time.monotonic() - wall0
     print(_view(rec, t_start, t_end, False), flush=True)
-    raised = {n.replace("bms_ai: ", ""): level_name(lv) for n, lv in sorted(at_end.items()) if lv != 0}
+    raised = {split_status_name(n)[1]: level_name(lv) for n, lv in sorted(at_end.items()) if lv != 0}
     print("diagnostics at the end of the drive: " + (", ".join(f"{n}={lv}" for n, lv in raised.items())
                                                      if raised else "all OK")
           + " (after it the bus is silent: timeouts and STALE are expected)", flush=True)
