@@ -6,7 +6,10 @@ latched-event summary (``events``) and the monitor's own health
 (``fault monitor``). Rules step with the measurement's stamp as time, so the
 results are the same at any replay speed; :meth:`FaultMonitor.watchdog` steps
 them on the last sample when measurements stop, so the CAN timeout fires even
-when the bridge goes silent.
+when the bridge goes silent. Watchdog steps run on the samples' own time
+base (the last stamp plus the silence measured on the monitor clock), so a
+node clock that differs from CAN time can neither reorder nor reject the
+samples that follow a bus gap.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bms_ai.pack import PackSample
 
 MONITOR_CHECK = "fault monitor"
 EVENTS_CHECK = "events"
+REJECT_HOLD_STEPS = 50      # the monitor status stays WARN for this many steps after a rejection (5 s at 10 Hz)
 
 
 def limits_path(limits_file: str, chemistry: str) -> Path:
@@ -78,8 +82,10 @@ class FaultMonitor:
         self.detectors: Any = None
         self.sample: PackSample | None = None
         self.last_rx = math.nan     # monitor clock at the last accepted measurement
-        self.last_t = math.nan      # time of the last rule step
+        self.last_stamp = math.nan  # time (sample time base) of the last accepted measurement
+        self.last_t = math.nan      # time of the last rule step (sample or watchdog)
         self.rejected = 0
+        self._reject_step = -REJECT_HOLD_STEPS  # self.steps at the last rejection
         self.reject_reason = ""
         self.steps = 0
         self.step_time_max = 0.0
@@ -100,6 +106,7 @@ class FaultMonitor:
         """Count a measurement that cannot be used; the reason shows in the next ``fault monitor`` status."""
         self.rejected += 1
         self.reject_reason = reason
+        self._reject_step = self.steps
 
     def startup_status(self) -> list[CheckResult]:
         """What to publish before the first measurement."""
@@ -110,13 +117,13 @@ class FaultMonitor:
         """One measurement at monitor time ``now``: the statuses to publish ([] if it was rejected)."""
         if not self._accepts_shape(s):
             return []
-        self.sample = s
-        self.last_rx = now
-        t = s.stamp if s.stamp > 0 else now
-        if math.isfinite(self.last_t) and t <= self.last_t:
+        stamp = s.stamp if s.stamp > 0 else now
+        if math.isfinite(self.last_stamp) and stamp <= self.last_stamp:
             self.reject("out-of-order stamp")
             return []
-        return self._step(s, t)
+        self.sample, self.last_rx, self.last_stamp = s, now, stamp
+        # a watchdog step may have run a little past this stamp (delivery latency): time never goes back
+        return self._step(s, stamp if not stamp < self.last_t else self.last_t)
 
     def _accepts_shape(self, s: PackSample) -> bool:
         """The first sample sizes the rules; later ones must match it."""
@@ -164,11 +171,17 @@ class FaultMonitor:
         return True
 
     def watchdog(self, now: float) -> list[CheckResult]:
-        """Periodic: with no measurement for ``stale_after`` s, step on the last sample so the timeout check fires."""
+        """Periodic: with no measurement for ``stale_after`` s, step on the last sample so the timeout check fires.
+
+        The step's time is the last sample's stamp plus the silence on the
+        monitor clock: the samples' time base, whatever the monitor clock is.
+        """
         if self.sample is None or self.engine is None:
             return []
-        if now - self.last_rx > self.stale_after and now > self.last_t:
-            return self._step(self.sample, now)
+        silence = now - self.last_rx
+        t = self.last_stamp + silence
+        if silence > self.stale_after and t > self.last_t:
+            return self._step(self.sample, t)
         return []
 
     # ---------------------------------------------------------------- rules
@@ -206,9 +219,14 @@ class FaultMonitor:
         return events_status(self.active_events(), total, self.max_events)
 
     def health(self) -> CheckResult:
-        """The ``fault monitor`` status: steps, rejections (WARN once any), step cost, limits in use."""
+        """The ``fault monitor`` status: steps, rejections (WARN for a while after one), step cost, limits in use.
+
+        The WARN clears ``REJECT_HOLD_STEPS`` steps after the last rejection; the
+        count stays in the values, so one bad message does not raise the status forever.
+        """
         rejected = f" ({self.reject_reason})" if self.rejected else ""
-        return CheckResult(MONITOR_CHECK, WARN if self.rejected else OK,
+        recent = self.rejected and self.steps - self._reject_step < REJECT_HOLD_STEPS
+        return CheckResult(MONITOR_CHECK, WARN if recent else OK,
                            f"{self.steps} steps, {self.rejected} rejected{rejected}",
                            {"steps": self.steps, "rejected": self.rejected, "last_reject": self.reject_reason,
                             "step_mean_us": 1e6 * self.step_time_sum / max(self.steps, 1),
