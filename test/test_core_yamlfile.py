@@ -71,3 +71,32 @@ def test_binary_file_is_a_one_line_error(tmp_path):
     p.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match="not UTF-8"):
         load_yaml(p, "test config")
+
+
+def test_fuzz_documents_round_trip_within_limits(tmp_path_factory):
+    """Any document a writer produces (no aliases, shallow) reads back equal: the limits refuse only abuse."""
+    import math
+
+    import yaml
+    from hypothesis import given, settings
+    from testutil import FUZZ_DEADLINE_MS, json_like, within_memory
+
+    d = tmp_path_factory.mktemp("fuzz")
+
+    def same(a, b) -> bool:
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+            return math.isnan(b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b and type(a) is type(b)
+
+    @settings(deadline=FUZZ_DEADLINE_MS)
+    @given(json_like(30))
+    def check(doc):
+        p = d / "c.yaml"
+        p.write_text(yaml.safe_dump(doc))
+        assert same(doc, within_memory(lambda: load_yaml(p, "test config")))
+
+    check()

@@ -75,3 +75,89 @@ def test_entry_round_trip_keeps_output_ranges(root: Path) -> None:
     assert ModelEntry.from_dict(e.to_dict()) == e
     assert "range" not in e.to_dict()["inputs"][0]
     assert TensorSpec("x", ["batch", 1], range=[None, 5.0]).bounds == (float("-inf"), 5.0)
+
+
+# ----------------------------------------------------------------------------- fuzzing (bounded per case)
+
+def _fuzz_settings():
+    from hypothesis import HealthCheck, settings
+    from testutil import FUZZ_DEADLINE_MS
+
+    return settings(deadline=FUZZ_DEADLINE_MS, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _checked_read(d: Path):
+    from testutil import within_memory
+
+    entries, errors = within_memory(lambda: read_manifest(d))
+    assert all(isinstance(e, ModelEntry) for e in entries)
+    assert all(isinstance(e, str) and e and "\n" not in e for e in errors)
+    return entries, errors
+
+
+def test_fuzz_manifest_documents(tmp_path_factory):
+    """Any JSON document as manifest.json (and as a sidecar): entries or error lines, never an exception."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from testutil import json_like
+
+    d = tmp_path_factory.mktemp("fuzz")
+
+    @_fuzz_settings()
+    @given(json_like(30), st.one_of(st.none(), json_like(10)))
+    def check(doc, side):
+        (d / "manifest.json").write_text(json.dumps(doc))
+        if side is not None:
+            (d / "m.onnx.json").write_text(json.dumps(side))
+        _checked_read(d)
+        (d / "m.onnx.json").unlink(missing_ok=True)
+
+    check()
+
+
+def test_fuzz_manifest_entry_fields(tmp_path_factory, root):
+    """Any value in any field of a real entry: the entry loads or is refused; a registry polling it never raises."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from testutil import json_like
+
+    from bms_ai.models.runtime import ModelRegistry
+
+    d = tmp_path_factory.mktemp("fuzz")
+    for f in (root / "models").glob("*.onnx"):
+        shutil.copy(f, d / f.name)
+    good = _good(root)
+    fields = sorted(good) + ["inputs.0", "outputs.0", "outputs.0.range", "inputs.0.shape", "domain.min"]
+
+    def put(entry: dict, path: str, value) -> dict:
+        entry = json.loads(json.dumps(entry))
+        node, *rest = path.split(".")
+        if not rest:
+            entry[node] = value
+        elif isinstance(entry.get(node), list):
+            target = entry[node][int(rest[0])]
+            if len(rest) == 1:
+                entry[node][int(rest[0])] = value
+            else:
+                target[rest[1]] = value
+        else:
+            entry.setdefault(node, {})[rest[0]] = value
+        return entry
+
+    @_fuzz_settings()
+    @given(st.lists(st.tuples(st.sampled_from(fields), json_like(6)), min_size=1, max_size=3))
+    def check(changes):
+        entry = good
+        for path, value in changes:
+            try:
+                entry = put(entry, path, value)
+            except (TypeError, IndexError, AttributeError, ValueError):  # an earlier change replaced the parent
+                continue
+        (d / "manifest.json").write_text(json.dumps({"schema": 1, "models": [entry]}))
+        entries, errors = _checked_read(d)
+        assert len(entries) + len(errors) == 1
+        reg = ModelRegistry(d)
+        reg.poll()                                   # loads, refuses with a reason, never raises
+        assert reg.get(good["task"], good["chemistry"]) is not None or reg.slot(good["task"], good["chemistry"]).reason
+
+    check()

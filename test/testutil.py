@@ -5,7 +5,8 @@
 - a synthetic pack drive encoded into frames of the reference DBC;
 - real rclpy in tests: a private context, an executor thread, collecting subscribers,
   diagnostic levels and values. rclpy is imported inside these helpers only, so the
-  library tier never loads it.
+  library tier never loads it;
+- fuzzing: JSON-like values for hypothesis and a per-case memory bound.
 """
 
 from __future__ import annotations
@@ -225,3 +226,32 @@ def diag_values(arrays, name: str) -> dict[str, str]:
             if st.name == name:
                 return {kv.key: kv.value for kv in st.values}
     return {}
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+FUZZ_DEADLINE_MS = 3000       # per case: a hang guard for hostile input, far above any honest case
+FUZZ_MAX_BYTES = 32 << 20     # per case: Python allocations at peak (a billion laughs reaches gigabytes)
+
+
+def json_like(max_leaves: int = 20):
+    """Hypothesis strategy: what a YAML or JSON document can hold (None, bools, numbers, text, lists, mappings)."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+               | st.text(max_size=12))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                        max_leaves=max_leaves)
+
+
+def within_memory(fn: Callable[[], Any], max_bytes: int = FUZZ_MAX_BYTES) -> Any:
+    """``fn()`` with its peak Python allocation checked against ``max_bytes`` (raised or returned, as fn does)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= max_bytes, f"peak allocation {peak} bytes > {max_bytes}"
