@@ -36,15 +36,27 @@ def limits_path(limits_file: str, chemistry: str) -> Path:
     return Path(limits_file) if limits_file else default_limits_path(chemistry)
 
 
-def make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str) -> Any:
-    """Incipient-fault detectors (optional to the rules); a broken plating model file disables only that check."""
-    from bms_ai.diagnostics.detectors import DetectorBank, PlatingModel
+def make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str) -> tuple[Any, list[str]]:
+    """Incipient-fault detectors (optional to the rules) and what was wrong with their files.
 
+    A broken plating model disables only that check; broken calibrated
+    thresholds fall back to the defaults. Neither stops the monitor.
+    """
+    from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams, PlatingModel
+
+    problems = []
     try:
         plating = PlatingModel.load()
-    except (ValueError, OSError):  # bad model file: run without it, the plating check says so
+    except (ValueError, OSError) as exc:  # bad model file: run without it, the plating check says so
         plating = None
-    return DetectorBank(n_cells, n_temps, tick_hz=tick_hz, plating=plating or False, chemistry=chemistry)
+        problems.append(f"plating model not used: {exc}")
+    try:
+        params = DetectorParams.load(chemistry=chemistry)
+    except (ValueError, OSError) as exc:
+        params = DetectorParams.defaults(chemistry)
+        problems.append(f"default detector thresholds: {exc}")
+    bank = DetectorBank(n_cells, n_temps, tick_hz=tick_hz, params=params, plating=plating or False, chemistry=chemistry)
+    return bank, problems
 
 
 def format_event(e: Event) -> str:
@@ -95,6 +107,7 @@ class FaultMonitor:
         self.capacity = float(capacity_ah)
         self.model_fallback: bool | None = None
         self._own_checks: set[str] = set()
+        self.detector_problems: list[str] = []
 
     @classmethod
     def load(cls, limits_file: str, chemistry: str, hardware_id: str, **kwargs: Any) -> FaultMonitor:
@@ -134,7 +147,8 @@ class FaultMonitor:
                 return False
             self.engine = RuleEngine(self.cfg, s.n_cells, n_temps)
             if self.use_detectors:
-                self.detectors = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz, self.cfg.chemistry)
+                self.detectors, self.detector_problems = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz,
+                                                                        self.cfg.chemistry)
             return True
         if s.n_cells != self.engine.n_cells or n_temps != self.engine.n_temps:
             self.reject(f"shape {s.n_cells}/{n_temps} != {self.engine.n_cells}/{self.engine.n_temps}")
@@ -231,7 +245,8 @@ class FaultMonitor:
                            {"steps": self.steps, "rejected": self.rejected, "last_reject": self.reject_reason,
                             "step_mean_us": 1e6 * self.step_time_sum / max(self.steps, 1),
                             "step_max_us": 1e6 * self.step_time_max,
-                            "limits": self.cfg.source, "chemistry": self.cfg.chemistry})
+                            "limits": self.cfg.source, "chemistry": self.cfg.chemistry,
+                            "detector_files": "; ".join(self.detector_problems) or "ok"})
 
     def _own(self, results: list[CheckResult]) -> list[CheckResult]:
         self._own_checks.update(r.check for r in results)
