@@ -257,3 +257,25 @@ def test_missing_model_directory_is_named_in_the_fallback_reason(tmp_path: Path)
     reg = ModelRegistry(tmp_path / "nope", {"soc": soc_model_expectation()})
     assert not reg.poll()
     assert reg.slot("soc", "nmc").reason == f"no model: model directory not found: {tmp_path / 'nope'}"
+
+
+def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) -> None:
+    """A model the guard keeps refusing is retired: fallback with the reason, never reloaded, v2 still loads."""
+    upsert_entry(tmp_path, _trap_entry(tmp_path, "huge"))
+    reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
+    assert reg.poll()
+    model = reg.get("soc", "nmc")
+    x = np.full((2, N_SOC_FEATURES), 3.7, np.float32)
+    for _ in range(3):
+        _, verdict = model.run_guarded(x)
+    assert model.guard.consecutive_rejected_calls == 3 and not verdict.ok.any()
+    assert reg.retire(model, model.guard.last_reason) and not reg.retire(model, "again")
+    slot = reg.slot("soc", "nmc")
+    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: soc: ")
+    (tmp_path / "extra.txt").write_text("directory changed")
+    (tmp_path / "touch.json").write_text("{}")
+    reg.poll()
+    assert reg.get("soc", "nmc") is None                     # the retired file is not loaded again
+    e2 = _entry(tmp_path, 2)
+    (tmp_path / (e2.file + ".json")).write_text(json.dumps(e2.to_dict()))
+    assert reg.poll() and reg.get("soc", "nmc").version == 2

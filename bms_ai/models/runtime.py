@@ -322,6 +322,22 @@ class ModelRegistry:
             return True
         return False
 
+    def retire(self, model: LoadedModel, reason: str) -> bool:
+        """Take a model out of service at run time (e.g. its output guard keeps refusing it).
+
+        Its slot falls back (the caller's classical filter) with ``reason``, and
+        the same file is not loaded again; a new version dropped in later is.
+        Returns False if ``model`` is not active any more.
+        """
+        for key, slot in self.slots.items():
+            if slot.model is model:
+                e = model.entry
+                slot.model, slot.reason = None, f"{model.label} retired: {reason}"
+                slot.rejected[(e.name, e.version, e.sha256)] = slot.reason
+                self._event(f"retired {model.label} for {key[0]}/{key[1]}: {reason}")
+                return True
+        return False
+
     def _event(self, msg: str) -> None:
         self.events.append(msg)
         del self.events[:-50]
