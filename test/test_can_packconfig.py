@@ -249,7 +249,7 @@ def test_fuzz_pack_config_mutations(tmp_path_factory):
         for path, value in mutations:
             try:
                 doc = _mutate(doc, path, value)
-            except (KeyError, TypeError):  # an earlier mutation replaced the parent
+            except (KeyError, TypeError, AttributeError):  # an earlier mutation replaced the parent
                 continue
         p = d / "pack.yaml"
         p.write_text(yaml.safe_dump(doc))

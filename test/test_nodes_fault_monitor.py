@@ -37,6 +37,7 @@ class Harness:
         self.pub = self.io.create_publisher(BatteryState, "pack/measurements", PUB_QOS)
         self.reset_pub = self.io.create_publisher(Empty, "fault_monitor/reset", 10)
         self.seen: list[tuple[float, str, int, str, dict[str, str]]] = []
+        self.published = 0
         self.io.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 200)
         self.ex = SingleThreadedExecutor(context=self.ctx)
         self.ex.add_node(self.mon)
@@ -65,9 +66,17 @@ class Harness:
                 s = PackSample.empty(96, 32)
                 s.stamp = t
             self.pub.publish(sample_to_battery_state(s))
+            self.published += 1
             end = time.monotonic() + 0.1
             while time.monotonic() < end:
                 self.ex.spin_once(timeout_sec=0.01)
+        # under load DDS may deliver late: the rules count samples, so wait until each one was handled
+        end = time.monotonic() + 5.0
+        while self.mon.monitor.received < self.published and time.monotonic() < end:
+            self.ex.spin_once(timeout_sec=0.01)
+        end = time.monotonic() + 0.1                       # and the statuses it published reach us
+        while time.monotonic() < end:
+            self.ex.spin_once(timeout_sec=0.01)
 
     def level(self, name: str) -> int | None:
         """Last published level of a status, None if never seen."""

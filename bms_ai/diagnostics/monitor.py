@@ -100,6 +100,7 @@ class FaultMonitor:
         self._reject_step = -REJECT_HOLD_STEPS  # self.steps at the last rejection
         self.reject_reason = ""
         self.steps = 0
+        self.received = 0           # measurements handed to on_sample (accepted or rejected)
         self.step_time_max = 0.0
         self.step_time_sum = 0.0
         self.soc: float | None = None
@@ -128,6 +129,7 @@ class FaultMonitor:
 
     def on_sample(self, s: PackSample, now: float) -> list[CheckResult]:
         """One measurement at monitor time ``now``: the statuses to publish ([] if it was rejected)."""
+        self.received += 1
         if not self._accepts_shape(s):
             return []
         stamp = s.stamp if s.stamp > 0 else now
