@@ -376,6 +376,13 @@ def _fuzz_request(case: dict) -> tuple[bytes, str]:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body, sha
 
 
+def _authorization(case: dict) -> str | None:
+    """The Authorization header the server sees first (the generated one, then any from the header list)."""
+    found = [f"Bearer {case['auth']}"] if case["auth"] else []
+    found += [v for k, v in case["headers"] if k.lower() == "authorization"]
+    return found[0] if found else None
+
+
 @pytest.mark.e2e  # a server process and thousands of connections
 def test_fuzz_request_parsing(fuzz_server) -> None:  # noqa: ANN001
     """Random requests: a well-formed answer (or a close) in bounded time and memory, never a 5xx or a traceback.
