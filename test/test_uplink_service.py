@@ -52,8 +52,8 @@ def test_bad_config_files_are_one_line_errors(tmp_path: Path) -> None:
 def test_parameter_overrides_only_for_set_parameters() -> None:
     """Empty parameters keep the file's settings; topics 'name=class' replace the list (bare name -> raw)."""
     assert parameter_overrides(topics=[""]) == {}
-    over = parameter_overrides("/var/spool", "", "tok", "VIN1", ["a=estimates", "b", ""])
-    assert over == {"spool": {"dir": "/var/spool"}, "backend": {"token": "tok"}, "vehicle_id": "VIN1",
+    over = parameter_overrides("/var/spool", "", "/run/secrets/ingest", "", "VIN1", ["a=estimates", "b", ""])
+    assert over == {"spool": {"dir": "/var/spool"}, "backend": {"token_file": "/run/secrets/ingest"}, "vehicle_id": "VIN1",
                     "topics": {"a": "estimates", "b": "raw"}}
     cfg = load_config(None, parameter_overrides(backend_url="https://x/ingest"))
     assert cfg["backend"]["url"] == "https://x/ingest" and cfg["backend"]["token_env"] == "BMS_AI_INGEST_TOKEN"
@@ -78,7 +78,7 @@ def test_started_and_periodic_health(svc: UplinkService) -> None:
     """Start status reports the recovery; evictions show once; node rejections add to the service's."""
     r = svc.started_status()
     assert (r.check, r.level, r.message) == ("uploader", OK, "started")
-    assert r.values == {"recovered_partial": 0, "recovery_missing": 0, "recovery_orphans": 0}
+    assert r.values == {"recovered_partial": 0, "recovery_missing": 0, "recovery_orphans": 0, "recovery_unsafe": 0}
     r = svc.health(2, "pack/measurements: bad", ["a", "b"])
     assert (r.level, r.message) == (OK, "idle, backlog empty")
     assert r.values["rejected_messages"] == 2 and r.values["subscribed"] == "a,b"

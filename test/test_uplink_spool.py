@@ -21,6 +21,7 @@ from bms_ai.uplink.uploader import RetryPolicy
 BS = "sensor_msgs/msg/BatteryState"
 DA = "diagnostic_msgs/msg/DiagnosticArray"
 LOG = "rcl_interfaces/msg/Log"
+DB = 1 << 20  # database allowance in quota arithmetic (its real size stays below this)
 
 
 def battery(i: int):
@@ -137,8 +138,8 @@ def test_rotation_by_size_and_time(tmp_path: Path) -> None:
 
 
 def test_eviction_lowest_priority_oldest_first_and_counted(tmp_path: Path) -> None:
-    """A full spool evicts the lowest class, oldest first, and counts it."""
-    sp = Spool(tmp_path / "s", quota_bytes=10_000, min_free_bytes=0, fsync=False)
+    """A full spool evicts the lowest class, oldest first, and counts it (the database counts as 1 MiB here)."""
+    sp = Spool(tmp_path / "s", quota_bytes=DB + 10_000, min_free_bytes=0, fsync=False, db_reserve_bytes=DB)
 
     def add(cls: str, n: int, tag: str):
         p = sp.new_part_path()
