@@ -337,3 +337,31 @@ def test_ingest_server_cli_protocol(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_permanent_refusal_is_quarantined_and_the_rest_keep_flowing(tmp_path: Path) -> None:
+    """HTTP 413 for one segment: it is quarantined (kept, counted, reported); the ones behind it upload.
+
+    Before: the refused segment was retried forever with backoff and blocked its class.
+    """
+    from bms_ai.uplink.ingest_server import Limits
+    from bms_ai.uplink.service import health_level
+
+    srv = IngestServer(tmp_path / "cloud", TOKEN, limits=Limits(max_body=50_000)).start()
+    sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
+    try:
+        big = fill(sp, 1, "diagnostics", size=80_000)[0]  # oldest in the highest class: first in line
+        rest = fill(sp, 4, "diagnostics") + fill(sp, 3, "raw")
+        up = http_uploader(sp, srv.url)
+        assert up.drain(10), up.stats.last_error
+        assert sorted(server_hashes(srv)) == sorted(rest)
+        assert up.stats.refused == 1 and "HTTP 413" in up.stats.last_refusal
+        assert sp.counters()["refused"] == 1 and sp.states().get("refused") == 1
+        assert list(sp.quarantine.glob(f"{big}.diagnostics.*"))  # kept for inspection
+        assert up.stats.consecutive_failures == 0  # no backoff for a refusal
+        stats = {"backlog_segments": 0, "backlog_age_s": 0.0, "upload_last_refusal": up.stats.last_refusal}
+        level, msg = health_level(stats, 0, 0.0, refused_new=1)
+        assert level == 1 and msg.startswith("server refused 1 segment(s) for good (quarantined): HTTP 413")
+    finally:
+        srv.stop()
+        sp.close()

@@ -295,7 +295,7 @@ class Recorder:
         except OSError as exc:  # disk full / I/O error: drop this unacknowledged segment, pause the class
             self._failed(cls, exc, 1)
             return
-        if w.bytes_written >= self.part_bytes:
+        if w.bytes_written + w.close_reserve() >= self.part_bytes:  # closed, it stays within part_bytes
             self._close(cls)
 
     def _failed(self, cls: str, exc: OSError, extra_dropped: int = 0) -> None:
@@ -311,6 +311,8 @@ class Recorder:
         self.stats.last_error = f"{cls}: {exc}"
         full = is_full(exc)
         self.stats.disk_full += int(full)
+        if full:  # the disk is fuller than measured: free a segment's worth, lowest priority first
+            self.spool.evict_bytes(self.part_bytes, RANK[cls])
         self._pause(cls, f"disk full: {exc}" if full else f"write error: {exc}")
 
     def _pause(self, cls: str, why: str) -> None:
@@ -439,6 +441,8 @@ class Recorder:
         except OSError as exc:  # finished file, but no room to acknowledge it now (database or disk full)
             self.stats.disk_full += int(is_full(exc))
             self.stats.last_error = f"{cls}: {exc}"
+            if is_full(exc):
+                self.spool.evict_bytes(self.part_bytes, RANK[cls])
             self._unacked.append((w.path, cls, meta))
             if cls != FAULT_SNAPSHOT:
                 if cls not in self.paused:

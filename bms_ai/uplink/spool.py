@@ -103,6 +103,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _evictable(rank: int) -> int:
+    """Lowest rank a newcomer of ``rank`` may evict: its own class and below, but a fault snapshot never
+    pushes out another (or its own earlier parts): it is cut short instead, keeping what is nearest the fault."""
+    return max(rank, RANK["fault_snapshot"] + 1)
+
+
 def _tree_bytes(root: Path) -> Iterator[tuple[Path, int]]:
     """(path, size) of every entry under ``root``; symlinks are counted as links, never followed."""
     try:
@@ -258,7 +264,7 @@ class Spool:
             return self._make_room(need, rank)
 
     def _make_room(self, need: int, rank: int) -> bool:
-        """Evict quarantine, then pending rank >= ``rank`` (lowest class, oldest first) until ``need`` fits."""
+        """Evict quarantine, then pending segments ``rank`` may evict (lowest class, oldest first) until it fits."""
         quarantined = sorted(((p.stat(follow_symlinks=False).st_mtime, p) for p in self.quarantine.iterdir()),
                              key=lambda t: t[0]) if self.quarantine.is_dir() else []
         q_plan: list[tuple[Path, int]] = []
@@ -271,7 +277,7 @@ class Spool:
             reclaimed += size
         victims = self._db.execute(
             "SELECT id, file, size FROM segments WHERE state=? AND rank>=? ORDER BY rank DESC, created ASC, id ASC",
-            (PENDING, rank)).fetchall()
+            (PENDING, _evictable(rank))).fetchall()
         plan: list[tuple[int, str, int]] = []
         for vid, vfile, vsize in victims:
             if self._fits(need, reclaimed):
@@ -283,6 +289,30 @@ class Spool:
             return False  # evicting would not help: keep what we have, refuse the newcomer
         self._evict(plan, q_plan)
         return True
+
+    def evict_bytes(self, nbytes: int, rank: int) -> int:
+        """Free at least ``nbytes`` now: the disk is full although the measurement said otherwise (another
+        writer, a stale reading). Quarantine first, then pending segments of rank >= ``rank``, lowest class
+        and oldest first. Returns the bytes freed (0 when nothing of that priority is left)."""
+        with self._lock:
+            q_plan: list[tuple[Path, int]] = []
+            plan: list[tuple[int, str, int]] = []
+            freed = 0
+            for p in sorted(self.quarantine.iterdir(), key=lambda p: p.lstat().st_mtime):
+                if freed >= nbytes:
+                    break
+                q_plan.append((p, p.lstat().st_size))
+                freed += q_plan[-1][1]
+            rows = self._db.execute("SELECT id, file, size FROM segments WHERE state=? AND rank>=? "
+                                    "ORDER BY rank DESC, created ASC, id ASC", (PENDING, _evictable(rank))).fetchall()
+            for vid, vfile, vsize in rows:
+                if freed >= nbytes:
+                    break
+                if vid not in self._busy:
+                    plan.append((vid, vfile, vsize))
+                    freed += vsize
+            self._evict(plan, q_plan)
+            return freed
 
     def _evict(self, plan: list[tuple[int, str, int]], q_plan: list[tuple[Path, int]]) -> None:
         now = time.time()
