@@ -136,6 +136,7 @@ class ShutdownSignals:
     def __init__(self, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
         self.stopping = False
+        self.signalled = False  # a signal started (or arrived during) the shutdown
         self.ignored = 0
         self._deadline: float | None = None
         self._saved: dict[int, Any] = {}
@@ -149,6 +150,7 @@ class ShutdownSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        self.signalled = True
         if not self.stopping:
             self.stopping = True
             raise KeyboardInterrupt
@@ -164,10 +166,13 @@ class ShutdownSignals:
         self._deadline = time.monotonic() + self.timeout_s
 
     def restore(self) -> None:
-        """Put the previous handlers back."""
+        """Put the previous handlers back; after a signal-triggered shutdown, ignore further ones instead.
+
+        The process is on its way out then: a late second Ctrl-C must not turn a clean exit into exit -2.
+        """
         for sig, old in self._saved.items():
             with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, old)
+                signal.signal(sig, signal.SIG_IGN if self.signalled else old)
         self._saved.clear()
 
 
