@@ -583,3 +583,25 @@ def test_symlinks_and_special_files_are_never_adopted_or_uploaded(tmp_path: Path
     assert not out.exists() or not any(f.read_bytes() == secret.read_bytes() for f in out.iterdir() if f.is_file())
     assert sp2.counters()["corrupt"] == 1 and secret.read_bytes() == b"not for the cloud"
     sp2.close()
+
+
+def test_finished_but_unacknowledged_part_is_recovered_whole_with_its_metadata(tmp_path: Path) -> None:
+    """A segment finished but not acknowledged (shutdown cut after close, or the database was full):
+    the next start recovers every message and keeps its metadata (vehicle, class)."""
+    from mcap.reader import make_reader as reader
+    sp = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    w = SegmentWriter(sp.new_part_path(cls="diagnostics"), metadata={"vehicle": "p-abc", "priority_class": "diagnostics"},
+                      opener=sp.open_part)
+    for i in range(40):
+        w.write(Message("/diagnostics", DA, serialize_message(diag(0)), i * 10**8))
+    w.close()
+    sp.close()
+    sp2 = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    assert sp2.last_recovery.partial_removed == 1 and sp2.last_recovery.salvaged_messages == 40
+    seg = sp2.pending()[0]
+    assert seg.cls == "diagnostics" and len(read_segment(seg.path)) == 40
+    with open(seg.path, "rb") as f:
+        md = {m.name: dict(m.metadata) for m in reader(f).iter_metadata()}
+    assert md["bms_ai"]["vehicle"] == "p-abc"
+    assert not list(sp2.incoming.iterdir())
+    sp2.close()

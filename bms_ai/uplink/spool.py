@@ -239,9 +239,15 @@ class Spool:
         """Free bytes on the spool's file system (as last measured, minus what was written since)."""
         return self._free
 
-    def used_bytes(self) -> int:
+    def spool_bytes(self) -> int:
         """Bytes counted against the quota (as last measured, plus what was written since)."""
         return self._usage
+
+    def used_bytes(self) -> int:
+        """Bytes of pending segments (the backlog; the quota covers more, see :meth:`spool_bytes`)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM segments WHERE state=?",
+                                        (PENDING,)).fetchone()[0])
 
     def _fits(self, need: int, reclaim: int = 0) -> bool:
         return (self._usage - reclaim + need <= self.quota_bytes
