@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -129,17 +133,82 @@ class Diagnostics:
             self._pub.publish(msg)
 
 
-def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> None:
-    """Standard entry point: init, spin until Ctrl-C or shutdown, clean up."""
-    rclpy.init(args=args)
+class ShutdownSignals:
+    """The first SIGINT/SIGTERM stops the spin; further ones are ignored while the node shuts down.
+
+    A second Ctrl-C (or launch's SIGTERM after its SIGINT) used to raise KeyboardInterrupt inside
+    destroy_node, cutting a node mid-flush (the uploader inside fsync). For ``timeout_s`` after shutdown
+    starts, extra signals are only reported; after that, one interrupts as usual (a hung shutdown can
+    still be stopped). Installed before rclpy.init, so rclpy's own handlers (which wake the executor)
+    chain to these.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self.stopping = False
+        self.signalled = False  # a signal started (or arrived during) the shutdown
+        self.ignored = 0
+        self._deadline: float | None = None
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> ShutdownSignals:
+        """Take over SIGINT/SIGTERM (only possible in the main thread; elsewhere nothing changes)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise KeyboardInterrupt  # shutdown overran its time: let this one through
+        self.ignored += 1
+        with contextlib.suppress(OSError):
+            os.write(2, f"[bms_ai] shutting down: {signal.Signals(signum).name} ignored\n".encode())
+
+    def shutting_down(self) -> None:
+        """Shutdown starts now: ignore further signals for up to ``timeout_s``."""
+        self.stopping = True
+        self._deadline = time.monotonic() + self.timeout_s
+
+    def restore(self) -> None:
+        """Put the previous handlers back; after a signal-triggered shutdown, ignore further ones instead.
+
+        The process is on its way out then: a late second Ctrl-C must not turn a clean exit into exit -2.
+        """
+        for sig, old in self._saved.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, signal.SIG_IGN if self.signalled else old)
+        self._saved.clear()
+
+
+def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
+              shutdown_timeout_s: float = 10.0) -> None:
+    """Standard entry point: init, spin until Ctrl-C/SIGTERM or shutdown, clean up.
+
+    Cleanup (destroy_node: the uploader flushes and drains) is not cut by further SIGINT/SIGTERM
+    for up to ``shutdown_timeout_s`` (see :class:`ShutdownSignals`).
+    """
+    signals = ShutdownSignals(shutdown_timeout_s).install()
     node = None
     try:
+        rclpy.init(args=args)
         node = node_factory()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        signals.shutting_down()
+        try:
+            if node is not None:
+                node.destroy_node()
+            if rclpy.ok():
+                rclpy.shutdown()
+        finally:
+            signals.restore()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -21,6 +20,7 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.core.levels import ERROR, OK, STALE, WARN, level_name, split_status_name
 from bms_ai.graph import NODE_NAMES
+from bms_ai.nodes.common import spin_node
 from bms_ai.nodes.convert import time_to_float
 
 SEVERITY = {OK: 0, STALE: 1, WARN: 2, ERROR: 3}
@@ -79,17 +79,8 @@ NODE_CLASS = BatteryConsumer
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console script `consumer_example`."""
-    rclpy.init(args=args)
-    node = BatteryConsumer()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    """Console script `consumer_example` (the shared entry point: survives a second Ctrl-C on shutdown)."""
+    spin_node(BatteryConsumer, args)
 
 
 if __name__ == "__main__":

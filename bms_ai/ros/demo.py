@@ -255,10 +255,13 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_hex(16)
         ingest = IngestServer(out / "cloud", token=token).start()
+        token_file = out / "ingest.token"  # the uploader reads its token from a file, never a parameter
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
     options = {"params_file": args.params, "nodes": ",".join(nodes), "pack_config": str(pack_cfg),
                "can_log": str(log), "replay_speed": repr(float(args.speed)), "use_sim_time": "true"}
     uploader = {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
-                "token": token if ingest else "", "shutdown_drain_s": 5.0}
+                "token_file": str(token_file) if ingest else "", "shutdown_drain_s": 5.0}
     # the replay also waits for this view's reader, so the view sees every sample (drained() counts on it)
     specs = graph_from_options(options, overrides={"cloud_uploader": uploader,
                                                    "can_bridge": {"wait_for_subscribers": len(nodes)}})
