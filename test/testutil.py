@@ -1,6 +1,6 @@
 """Helpers shared by tests, in one module.
 
-- loopback ports and polling with a deadline;
+- loopback ports and polling with a deadline; a deadline and a memory cap on a block of code;
 - a real mosquitto broker and an MQTT listener;
 - a synthetic pack drive encoded into frames of the reference DBC;
 - real rclpy in tests: a private context, an executor thread, collecting subscribers,
@@ -14,11 +14,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +109,42 @@ class Listener:
         """Disconnect and stop the client thread."""
         self.c.disconnect()
         self.c.loop_stop()
+
+
+class DeadlineError(AssertionError):
+    """A block of code ran past its deadline (a hang turned into a test failure)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging: raise :class:`DeadlineError` inside the block after ``seconds`` (main thread)."""
+    def expire(signum, frame):
+        raise DeadlineError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Peak bytes Python and numpy allocated inside the block (tracemalloc), in the yielded list after it."""
+    out: list[int] = []
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        yield out
+    finally:
+        out.append(tracemalloc.get_traced_memory()[1] - base)
+        if started:
+            tracemalloc.stop()
 
 
 # ----------------------------------------------------------------------------- CAN

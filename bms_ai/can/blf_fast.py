@@ -14,11 +14,13 @@ classic CAN frames fall back to python-can.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
-from can.io.blf import BLFReader
+from can.io.blf import LOG_CONTAINER, LOG_CONTAINER_STRUCT, NO_COMPRESSION, ZLIB_DEFLATE, BLFParseError, BLFReader
 
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import PythonCanLog
@@ -35,6 +37,95 @@ class UnsupportedContentError(Exception):
     """The file holds objects this fast path does not handle (CAN FD, error frames, ...)."""
 
 
+#: no BLF object is smaller than its base and version-1 headers; a smaller size field
+#: (0 in a damaged file) would make a reader step on the spot forever
+_MIN_OBJ = _BASE.size + _V1.size
+#: the most one container may inflate to (writers use 128 KiB): a damaged one cannot eat the memory
+_MAX_CONTAINER = 16 * 2**20
+
+
+def _check_object_sizes(data: bytes) -> None:
+    """Walk a container's objects as python-can's parser does; raise on a size that cannot advance it."""
+    pos, n = 0, len(data)
+    while True:
+        j = data.find(b"LOBJ", pos, pos + 8)
+        if j < 0 or j + 16 > n:
+            return  # the parser decides: damage or the rest in the next container
+        size = int.from_bytes(data[j + 8:j + 12], "little")
+        if size < _MIN_OBJ:
+            raise BLFParseError(f"object size {size} in a container (damaged file)")
+        pos = j + size
+        if pos > n:
+            return
+
+
+class SafeBLFReader(BLFReader):
+    """python-can's BLF reader that stops on damage instead of looping, and says when a file is cut short.
+
+    python-can trusts the object size fields: a size of 0 makes it parse the
+    same bytes forever, and a truncated file ends silently. Here a damaged
+    size, a truncated object or container, and an over-large container raise
+    ``BLFParseError`` naming the byte offset.
+    """
+
+    def __init__(self, file) -> None:
+        path = Path(file)
+        # the reader owns the file and closes it in stop()
+        super().__init__(gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path)  # noqa: SIM115
+
+    def __iter__(self):
+        """Messages of each container in turn; BLFParseError on damage or truncation."""
+        while True:
+            offset = self.file.tell()
+            head = self.file.read(_BASE.size)
+            if not head:
+                break
+            if len(head) < _BASE.size:
+                raise BLFParseError(f"truncated: object header at byte {offset} cut off")
+            sig, _, _, size, otype = _BASE.unpack(head)
+            if sig != b"LOBJ":
+                raise BLFParseError(f"no object signature at byte {offset}")
+            if size < _BASE.size:
+                raise BLFParseError(f"object size {size} at byte {offset}")
+            body = self.file.read(size - _BASE.size)
+            short = len(body) < size - _BASE.size  # the frames before the cut are still read
+            self.file.read(size % 4)
+            if otype == LOG_CONTAINER:
+                yield from self._parse_container(_inflate(body, offset, partial=short))
+            if short:
+                raise BLFParseError(f"truncated: object at byte {offset} needs {size} bytes, "
+                                    f"the file ends {len(body) + _BASE.size} bytes into it")
+        if b"LOBJ" in self._tail:
+            raise BLFParseError("truncated: the last object in the file is incomplete")
+        self.stop()
+
+    def _parse_data(self, data: bytes):
+        """python-can's object loop, after checking that every size field moves it forward."""
+        _check_object_sizes(data)
+        return super()._parse_data(data)
+
+
+def _inflate(body: bytes, offset: int, partial: bool = False) -> bytes:
+    """A container's objects, bounded in size; BLFParseError if unreadable or (unless ``partial``) cut short."""
+    if len(body) < LOG_CONTAINER_STRUCT.size:
+        raise BLFParseError(f"container at byte {offset} too short")
+    method, _ = LOG_CONTAINER_STRUCT.unpack_from(body)
+    data = body[LOG_CONTAINER_STRUCT.size:]
+    if method == NO_COMPRESSION:
+        return data
+    if method != ZLIB_DEFLATE:
+        return b""  # unknown compression: skipped, as python-can does
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(data, _MAX_CONTAINER)
+    except zlib.error as exc:
+        raise BLFParseError(f"container at byte {offset}: {exc}") from None
+    if not z.eof and not (partial and len(out) < _MAX_CONTAINER):
+        raise BLFParseError(f"truncated: compressed container at byte {offset} is incomplete or over "
+                            f"{_MAX_CONTAINER} bytes")
+    return out
+
+
 # A CAN_MESSAGE object with a version-1 header: 48 bytes, no padding.
 _REC = np.dtype([("sig", "S4"), ("hsize", "<u2"), ("hver", "<u2"), ("osize", "<u4"), ("otype", "<u4"),
                  ("flags", "<u4"), ("client", "<u2"), ("over", "<u2"), ("ts", "<u8"), ("chan", "<u2"),
@@ -42,7 +133,7 @@ _REC = np.dtype([("sig", "S4"), ("hsize", "<u2"), ("hver", "<u2"), ("osize", "<u
 assert _REC.itemsize == 48
 
 
-class _CollectingReader(BLFReader):
+class _CollectingReader(SafeBLFReader):
     """python-can's BLF container handling, collecting raw rows instead of building messages."""
 
     def __init__(self, path: str) -> None:
@@ -83,6 +174,8 @@ class _CollectingReader(BLFReader):
                     return
                 raise UnsupportedContentError("could not find next object") from None
             sig, _hsize, hver, obj_size, obj_type = base(data, pos)
+            if obj_size < _MIN_OBJ:
+                raise BLFParseError(f"object size {obj_size} in a container (damaged file)")
             next_pos = pos + obj_size
             if next_pos > max_pos:
                 return
@@ -132,6 +225,10 @@ class BlfLog(PythonCanLog):
     """BLF: whole files through the array reader, python-can for messages and for anything unusual."""
 
     fast_arrays = True
+
+    def open(self, path: Path) -> SafeBLFReader:
+        """python-can's reader made safe against damaged size fields (gzip-compressed files too)."""
+        return SafeBLFReader(path)
 
     def arrays(self, path: Path) -> FrameArrays:
         """The fast reader; on anything it does not handle, python-can's reader decides (and reports damage)."""

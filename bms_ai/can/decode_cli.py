@@ -8,7 +8,6 @@ import json
 import math
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.logs import read_log
@@ -57,7 +56,12 @@ def write_table(t: SampleTable, fmt: str, out) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``bms-ai decode``: samples to a file or stdout, a one-line summary on stderr."""
+    """``bms-ai decode``: samples to a file or stdout, a one-line summary on stderr.
+
+    Exit status 0: the whole log read and frames decoded; 1: bad input, a
+    damaged or truncated log (the samples before the damage are written, a
+    ``warning:`` line names it) or nothing valid decoded (no frame accepted).
+    """
     cfg = load_pack_config(args.pack_config, dbc=args.dbc)
     if args.no_strict:
         from dataclasses import replace
@@ -69,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
     with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as out:
         write_table(table, args.format, out)
     rej = {k: v for k, v in table.rejected.items() if v}
+    gaps = f", {table.skipped} instants of long gaps skipped" if table.skipped else ""
     print(f"decoded {len(frames)} frames ({table.accepted} accepted, rejected {rej or 'none'}) "
-          f"-> {len(table)} samples", file=sys.stderr)
+          f"-> {len(table)} samples{gaps}", file=sys.stderr)
     if frames.error:
         print(f"warning: {frames.error}", file=sys.stderr)
-    return 0 if Path(args.log).is_file() else 1
+    if not table.accepted:
+        print(f"warning: {args.log}: nothing decoded (no frame of the pack config accepted)", file=sys.stderr)
+    return 0 if table.accepted and not frames.error else 1

@@ -17,7 +17,7 @@ import numpy as np
 from bms_ai.can.assembler import REJECT_REASONS
 from bms_ai.can.codec import frames_to_words
 from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route, SignalSlot
-from bms_ai.can.frames import FrameArrays
+from bms_ai.can.frames import MAX_ID, FrameArrays, stamps_ok
 from bms_ai.can.logs import read_log
 from bms_ai.pack import PackSample
 
@@ -72,8 +72,10 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
                      {n: Events() for n in decoder.status_names}, rejected, 0, {}, math.nan, math.nan, np.empty(0))
     bad = frames.bad
     rejected["error_frame"] = int(bad.sum())  # error, remote and oversize frames
-    keep = ~bad
     ts = frames.ts
+    time_valid = stamps_ok(ts)
+    rejected["bad_time"] = int((~bad & ~time_valid).sum())
+    keep = ~bad & time_valid
     # accepted in time iff ts >= every earlier (non-bad) timestamp; NaN never accepted
     masked = np.where(keep, ts, -np.inf)
     prev_max = np.concatenate(([-np.inf], np.fmax.accumulate(masked)[:-1]))
@@ -84,7 +86,9 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
         rows = np.flatnonzero(time_ok & (frames.ids == fid) & (frames.ext == ext))
         routed[rows] = True
         _decode_route(frames, rows, r, decoder, out)
-    rejected["unknown_id"] = int((time_ok & ~routed).sum())
+    bad_id = frames.ids > MAX_ID
+    rejected["bad_id"] = int((time_ok & ~routed & bad_id).sum())
+    rejected["unknown_id"] = int((time_ok & ~routed & ~bad_id).sum())
     # the live path's stamp follows every time-accepted frame, known or not
     good_t = ts[time_ok]
     out.frame_ts = good_t
@@ -169,37 +173,53 @@ def _events(out: DecodedLog, decoder: PackDecoder, s: SignalSlot) -> Events:
     return out.status[decoder.status_names[s.index]]
 
 
+def first_k_at_or_after(t: np.ndarray, period: float) -> np.ndarray:
+    """Smallest k with k * period >= t per element, exact in floating point (int64).
+
+    One correction step each way suffices: stamps are bounded (frames.STAMP_MAX),
+    so t / period is far inside float precision and off by at most one.
+    """
+    k = np.ceil(t / period)
+    k = np.where((k - 1) * period >= t, k - 1, k)
+    k = np.where(k * period < t, k + 1, k)
+    return k.astype(np.int64)
+
+
+def sample_instants(frame_ts: np.ndarray, period: float, max_catchup: int = 600) -> tuple[np.ndarray, int]:
+    """The instants the live sampler emits for these accepted frame times, and how many it skips.
+
+    The live path (:class:`~bms_ai.can.sampler.FixedRateSampler`) emits the
+    sample for instant T when the first frame later than T arrives, and at
+    most ``max_catchup`` instants per gap between two frames (the rest of a
+    long gap is skipped and counted). Work and memory are bounded by
+    ``len(frame_ts) * max_catchup``, never by the span of time the log covers.
+    """
+    ts = np.asarray(frame_ts, dtype=np.float64)
+    if ts.size < 2 or not np.isfinite(ts[[0, -1]]).all():
+        return np.empty(0), 0
+    p = first_k_at_or_after(ts, period)
+    p[0] = math.floor(ts[0] / period) + 1  # the first instant strictly after the first frame
+    p = np.maximum.accumulate(p)  # the next instant due, after each frame
+    gap = np.diff(p)
+    n = np.minimum(gap, max_catchup)
+    total = int(n.sum())
+    starts = p[:-1] - (np.cumsum(n) - n)
+    k = np.repeat(starts, n) + np.arange(total, dtype=np.int64)
+    return k * period, int((gap - n).sum())
+
+
 def sample_times(t_first: float, t_last: float, period: float, frame_ts: np.ndarray | None = None,
                  max_catchup: int = 600) -> np.ndarray:
     """Fixed-rate sample instants k*period strictly between the first and last frame.
 
-    The live path (:class:`~bms_ai.can.sampler.FixedRateSampler`) emits the
-    sample for instant T when the first frame later than T arrives, and at
-    most ``max_catchup`` instants per gap between two frames; given the frame
-    times, this returns exactly the instants it would emit.
+    Exactly the instants the live sampler emits for these frame times (see
+    :func:`sample_instants`); without ``frame_ts`` the log is taken as one gap.
     """
     if not (math.isfinite(t_first) and math.isfinite(t_last)):
         return np.empty(0)
-    times = _candidate_times(t_first, t_last, period)
-    if frame_ts is None or times.size == 0:
-        return times
-    prev = frame_ts[np.searchsorted(frame_ts, times, side="right") - 1]
-    kf = np.ceil(prev / period)
-    kf = np.where((kf - 1) * period >= prev, kf - 1, kf)
-    kf = np.where(kf * period < prev, kf + 1, kf)
-    k = np.rint(times / period)
-    kf = np.maximum(kf, k[0])  # the first gap counts from the first instant after the first frame
-    return times[k - kf < max_catchup]
-
-
-def _candidate_times(t_first: float, t_last: float, period: float) -> np.ndarray:
-    k0 = math.floor(t_first / period) + 1
-    k1 = math.ceil(t_last / period)
-    while k1 >= k0 and not t_last > k1 * period:
-        k1 -= 1
-    while t_last > (k1 + 1) * period:
-        k1 += 1
-    return np.arange(k0, k1 + 1, dtype=np.int64) * period
+    if frame_ts is None:
+        frame_ts = np.array([t_first, t_last])
+    return sample_instants(frame_ts, period, max_catchup)[0]
 
 
 def _at(ev: Events, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +246,7 @@ class SampleTable:
     rejected: dict[str, int]
     accepted: int
     counter_errors: dict[str, int]
+    skipped: int = 0  # instants of long gaps not sampled (beyond max_catchup per gap)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -262,8 +283,10 @@ def sample_frames(frames: FrameArrays, decoder: PackDecoder, period: float, max_
                   max_catchup: int = 600) -> tuple[SampleTable, DecodedLog]:
     """Samples every ``period`` s of CAN time, exactly those the live sampler would emit for these frames."""
     decoded = decode_frames(frames, decoder)
-    times = sample_times(decoded.t_first, decoded.t_last, period, decoded.frame_ts, max_catchup)
-    return sample(decoded, times, max_age), decoded
+    times, skipped = sample_instants(decoded.frame_ts, period, max_catchup)
+    table = sample(decoded, times, max_age)
+    table.skipped = skipped
+    return table, decoded
 
 
 def decode_log(path: str | Path, cfg, rate: float = 10.0, max_age: float | None = 1.0,

@@ -11,17 +11,21 @@ from __future__ import annotations
 import math
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.frames import FrameArrays
+from bms_ai.can.frames import STAMP_MAX, STAMP_MIN, FrameArrays
 from bms_ai.can.offline import SampleTable, sample_frames
 from bms_ai.pack import PackSample
 
 
 def first_k_at_or_after(t: float, period: float) -> int:
-    """Smallest k with k * period >= t (exact in floating point, not just in theory)."""
+    """Smallest k with k * period >= t (exact in floating point, not just in theory).
+
+    One correction step each way, no loop: stamps are bounded (frames.STAMP_MAX),
+    so ``t / period`` is off by at most one.
+    """
     k = math.ceil(t / period)
-    while (k - 1) * period >= t:
+    if (k - 1) * period >= t:
         k -= 1
-    while k * period < t:
+    if k * period < t:
         k += 1
     return k
 
@@ -50,7 +54,8 @@ class FixedRateSampler:
             tsf = float(ts)
         except (TypeError, ValueError):
             tsf = math.nan
-        if tsf >= self.asm.last_ts:  # the frame passes the time check
+        # the frame passes the time checks (a damaged stamp is rejected by the assembler)
+        if STAMP_MIN <= tsf < STAMP_MAX and tsf >= self.asm.last_ts:
             if self._k is None:
                 self._k = math.floor(tsf / self.period) + 1
             else:
@@ -83,5 +88,6 @@ class FixedRateSampler:
         c.accepted += decoded.accepted
         for k, v in decoded.rejected.items():
             c.rejected[k] += v
+        self.skipped += table.skipped
         self.asm.last_ts = decoded.t_last
         return table
