@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 from testutil import deadline, peak_memory, write_log
 
 from bms_ai.can.frames import FrameArrays
-from bms_ai.can.logs import LOG_FORMATS, LogError, LogFormat, iter_log, log_format, log_suffix, read_log
+from bms_ai.can.logs import (
+    LOG_FORMATS,
+    LogError,
+    LogFormat,
+    iter_log,
+    log_format,
+    log_suffix,
+    read_log,
+    read_log_chunks,
+)
 from bms_ai.can.offline import decode_log
 
 FORMATS = [".asc", ".blf", ".log", ".trc", ".csv"]
@@ -212,3 +221,16 @@ def test_asc_without_its_end_line_is_truncated(tmp_path, messages):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[: len(lines) // 2]))
     assert "truncated: no 'end triggerblock' line" in read_log(path).error
+
+
+@pytest.mark.parametrize("suffix", [".blf", ".blf-error-frame", ".asc"])
+def test_chunked_reading_equals_reading_whole(tmp_path, messages, suffix):
+    """Chunks concatenate to the whole log; the fast BLF reader hands over to python-can mid-file exactly."""
+    error_frame = suffix == ".blf-error-frame"
+    path = write_log(tmp_path / f"mixed{suffix[:4]}", _mixed_messages(messages * 8, error_frame))
+    whole = read_log(path)
+    errors: list[str] = []
+    chunks = list(read_log_chunks(path, rows=3000, errors=errors))
+    assert errors == [] and len(chunks) >= 2 and max(len(c) for c in chunks) < 3000 + 6000  # whole containers
+    for f in ("ts", "ids", "ext", "dlc", "data", "bad"):
+        np.testing.assert_array_equal(np.concatenate([getattr(c, f) for c in chunks]), getattr(whole, f), err_msg=f)

@@ -12,7 +12,16 @@ from testutil import deadline, peak_memory, synthetic_messages
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import iter_log, read_log
-from bms_ai.can.offline import decode_frames, sample, sample_frames, sample_instants, sample_times
+from bms_ai.can.offline import (
+    concat_tables,
+    decode_chunks,
+    decode_frames,
+    decode_log_chunks,
+    sample,
+    sample_frames,
+    sample_instants,
+    sample_times,
+)
 from bms_ai.can.sampler import FixedRateSampler, first_k_at_or_after
 
 
@@ -105,7 +114,7 @@ def test_sample_instants_equal_counting_one_by_one():
     for _ in range(20):
         ts = np.sort(rng.choice([0.0, 0.05, 0.1, 3.0, 70.0], size=30).cumsum() + rng.uniform(0, 5))
         ts[5] = ts[4]  # a tie
-        times, skipped = sample_instants(ts, 0.1, max_catchup=40)
+        times, skipped, _ = sample_instants(ts, 0.1, max_catchup=40)
         k = first_k(ts[0])
         want, skip = [], 0
         for t in ts[1:]:
@@ -139,3 +148,63 @@ def test_negative_arbitration_id_in_csv_is_a_counted_rejection(tmp_path, decoder
     live, sampler, table = _live_and_offline(decoder, list(iter_log(path)))
     assert table.rejected["bad_id"] == sampler.asm.counters.rejected["bad_id"] == 1
     np.testing.assert_array_equal(live, table.t)
+
+
+def _nan_equal(a, b) -> None:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # NaN == NaN here
+
+
+@pytest.mark.parametrize(("rows", "n"), [(7, 150), (97, None), (500, None)])
+def test_decoding_in_chunks_equals_decoding_whole(decoder, rows, n):
+    """Chunk boundaries change nothing: samples, ageing, rejections, alive-counter errors, gap skips."""
+    msgs = synthetic_messages(decoder, 10.0, 12.0)
+    msgs[next(i for i, m in enumerate(msgs) if m.arbitration_id == 0x120)].data[0] ^= 0xFF  # a bad checksum
+    msgs[20].arbitration_id = 0x555  # an unknown id
+    msgs[30].timestamp = msgs[29].timestamp - 1.0  # backwards
+    del msgs[100:180]  # a gap: values age out across it
+    for m in msgs[1500:]:
+        m.timestamp += 100.0  # a long gap: instants skipped
+    msgs = msgs[:n] if n else msgs
+    frames = FrameArrays.from_messages(msgs)
+    whole, _ = sample_frames(frames, decoder, 0.1, 0.5, max_catchup=50)
+    parts = [FrameArrays(frames.ts[i:i + rows], frames.ids[i:i + rows], frames.ext[i:i + rows],
+                         frames.dlc[i:i + rows], frames.data[i:i + rows], frames.bad[i:i + rows])
+             for i in range(0, len(frames), rows)]
+    chunked = concat_tables(list(decode_chunks(parts, decoder, 0.1, 0.5, max_catchup=50)))
+    for f in ("t", "pack_voltage", "pack_current", "cell_voltages", "cell_temperatures"):
+        _nan_equal(getattr(chunked, f), getattr(whole, f))
+    for k in whole.status:
+        _nan_equal(chunked.status[k], whole.status[k])
+    assert (chunked.rejected, chunked.accepted, chunked.skipped) == (whole.rejected, whole.accepted, whole.skipped)
+    assert chunked.counter_errors == {k: v for k, v in whole.counter_errors.items()}
+    assert whole.rejected["crc_error"] == 1 and whole.rejected["time_backwards"] == 1
+    assert whole.skipped > 0 or n
+
+
+def _long_blf(tmp_path, decoder, seconds: int):
+    """A BLF of ``seconds`` s of the reference pack's traffic (1 s of frames repeated in time)."""
+    one = synthetic_messages(decoder, 0.0, 1.0)
+    path = tmp_path / f"drive{seconds}.blf"
+    with can.BLFWriter(str(path)) as w:
+        for k in range(seconds):
+            for m in one:
+                w.on_message_received(can.Message(timestamp=m.timestamp + k, arbitration_id=m.arbitration_id,
+                                                  is_extended_id=False, data=m.data))
+    return path
+
+
+def test_streamed_decode_memory_is_flat_in_drive_length(tmp_path, decoder):
+    """Peak memory of decoding a 4x longer log stays about the same (chunks, not the whole log).
+
+    Decoding the whole log at once takes about 4x here: the test can fail.
+    """
+    peaks = []
+    for seconds in (3, 12):
+        path = _long_blf(tmp_path, decoder, seconds)
+        n = 0
+        with peak_memory() as peak:
+            for table in decode_log_chunks(path, decoder.cfg, decoder=decoder, rows=2000):
+                n += len(table)
+        assert n == 10 * seconds - 1
+        peaks.append(peak[0])
+    assert peaks[1] < 1.5 * peaks[0], peaks

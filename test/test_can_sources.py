@@ -33,14 +33,14 @@ def test_sources_by_name_and_what_the_bridge_asks_them(tmp_path, messages):
     log = write_log(tmp_path / "d.blf", messages)
     bus = open_source("", interface="virtual", channel="src_test", bus_options='{"receive_own_messages": false}')
     assert isinstance(bus, BusSource) and bus.description == "virtual:src_test"
-    assert (bus.replay, bus.speed, bus.replaying, bus.all_frames()) == (False, 1.0, False, None)
+    assert (bus.replay, bus.speed, bus.replaying, bus.frame_chunks()) == (False, 1.0, False, None)
     rep = open_source(log, speed=2.0)
     assert isinstance(rep, LogReplaySource) and rep.description == "log:d.blf"
-    assert (rep.replay, rep.speed, rep.replaying, rep.all_frames()) == (True, 2.0, True, None)
+    assert (rep.replay, rep.speed, rep.replaying, rep.frame_chunks()) == (True, 2.0, True, None)
     assert open_source(log, speed=0.0).speed == math.inf
-    assert open_source(log, speed=math.inf, loop=True, lightweight=True).all_frames() is None
-    whole = open_source(log, speed=0.0, lightweight=True).all_frames()
-    assert isinstance(whole, FrameArrays) and len(whole) == len(messages)
+    assert open_source(log, speed=math.inf, loop=True, lightweight=True).frame_chunks() is None
+    chunks = list(open_source(log, speed=0.0, lightweight=True).frame_chunks())
+    assert all(isinstance(c, FrameArrays) for c in chunks) and sum(map(len, chunks)) == len(messages)
     with pytest.raises(UnknownName, match="unknown CAN source 'can0'; known: bus, log"):
         open_source(log, kind="can0")
 

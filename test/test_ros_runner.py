@@ -168,3 +168,11 @@ def test_shipped_params_file_sets_only_declared_parameters(root, tmp_path):
         assert not any("frame_id" in f for f in found if f.startswith("can_bridge"))
     finally:
         runner.shutdown()
+
+
+def test_run_with_a_missing_can_log_is_one_line_exit_2(tmp_path, capsys):
+    """`bms-ai run --can-log /nonexistent.blf`: a usage error in one line, no traceback."""
+    code = main(["run", "--can-log", str(tmp_path / "nonexistent.blf"), "--duration", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"bms-ai run: error: CAN log not found: {tmp_path / 'nonexistent.blf'}"

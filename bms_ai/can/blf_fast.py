@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ class _CollectingReader(SafeBLFReader):
                     & ((rec["otype"] == 1) | (rec["otype"] == 86))).all():
                 self.parts.append(rec)
                 self._pos = n * 48
+                yield None  # a container read: the caller may hand out a chunk
                 return
         rows: list[tuple] = []
         try:
@@ -160,6 +162,7 @@ class _CollectingReader(SafeBLFReader):
                     part[name] = col
                 part["data"] = np.frombuffer(b"".join(r[6] for r in rows), np.uint8).reshape(-1, 8)
                 self.parts.append(part)
+        yield None
 
     def _parse_objects(self, data: bytes, rows: list[tuple]):  # python-can's loop, collecting tuples
         base, v1, v2, canm = _BASE.unpack_from, _V1.unpack_from, _V2.unpack_from, _CAN.unpack_from
@@ -196,21 +199,15 @@ class _CollectingReader(SafeBLFReader):
             yield from ()
 
 
-def read_blf_arrays(path: str | Path) -> FrameArrays:
-    """Frames of a BLF file as :class:`FrameArrays`; raises UnsupportedContentError (and python-can's errors)."""
-    reader = _CollectingReader(str(path))
-    try:
-        for _ in reader:
-            pass
-    finally:
-        reader.stop()
-    rec = np.concatenate(reader.parts) if reader.parts else np.zeros(0, dtype=_REC)
+def _to_frames(parts: list[np.ndarray], start_timestamp: float) -> FrameArrays:
+    """Collected raw rows as columns, stamps bit-identical to python-can's."""
+    rec = np.concatenate(parts) if parts else np.zeros(0, dtype=_REC)
     n = len(rec)
     raw = rec["ts"]
     if n and raw.max() >= 2**53:
         raise UnsupportedContentError("timestamps beyond float precision")
     tenmics = rec["flags"] == 1
-    ts = np.where(tenmics, raw.astype(np.float64) / 1e5, raw.astype(np.float64) / 1e9) + reader.start_timestamp
+    ts = np.where(tenmics, raw.astype(np.float64) / 1e5, raw.astype(np.float64) / 1e9) + start_timestamp
     cid = rec["id"].astype(np.uint32)
     dl = rec["dlc"].astype(np.int16)
     if (dl > 8).any():
@@ -219,6 +216,31 @@ def read_blf_arrays(path: str | Path) -> FrameArrays:
     buf = np.where(np.arange(8)[None, :] < dl[:, None], rec["data"], 0).astype(np.uint8)
     remote = (rec["mflags"] & _REMOTE) != 0
     return FrameArrays(ts, cid & np.uint32(0x1FFFFFFF), (cid & np.uint32(0x80000000)) != 0, dl, buf, remote)
+
+
+def iter_blf_arrays(path: str | Path, rows: int) -> Iterator[FrameArrays]:
+    """Frames of a BLF file, about ``rows`` at a time (whole containers); raises like :func:`read_blf_arrays`."""
+    reader = _CollectingReader(str(path))
+    try:
+        for _ in reader:
+            if sum(len(p) for p in reader.parts) >= rows:
+                parts, reader.parts = reader.parts, []
+                yield _to_frames(parts, reader.start_timestamp)
+        if reader.parts:
+            yield _to_frames(reader.parts, reader.start_timestamp)
+    finally:
+        reader.stop()
+
+
+def read_blf_arrays(path: str | Path) -> FrameArrays:
+    """Frames of a BLF file as :class:`FrameArrays`; raises UnsupportedContentError (and python-can's errors)."""
+    reader = _CollectingReader(str(path))
+    try:
+        for _ in reader:
+            pass
+    finally:
+        reader.stop()
+    return _to_frames(reader.parts, reader.start_timestamp)
 
 
 class BlfLog(PythonCanLog):
@@ -236,6 +258,23 @@ class BlfLog(PythonCanLog):
             with contextlib.suppress(Exception):  # the fallback reads (and reports) the same file
                 return read_blf_arrays(path)
         return super().arrays(path)
+
+    def array_chunks(self, path: Path, rows: int, errors: list[str] | None, skip: int = 0) -> Iterator[FrameArrays]:
+        """The fast reader in chunks; where it stops, python-can's reader goes on from the same frame.
+
+        Everything before the point the fast reader gives up on is plain CAN
+        frames, which python-can yields one for one, so skipping the frames
+        already handed out continues the stream exactly.
+        """
+        if Path(path).suffix.lower() == ".blf" and skip == 0:
+            try:
+                for chunk in iter_blf_arrays(path, rows):
+                    yield chunk
+                    skip += len(chunk)
+                return
+            except Exception:  # noqa: BLE001  (the fallback reads, and reports, the same file)
+                pass
+        yield from super().array_chunks(path, rows, errors, skip)
 
 
 BLF = BlfLog("BLFReader")

@@ -76,6 +76,11 @@ class FrameArrays:
         return int(self.ts.shape[0])
 
     @classmethod
+    def empty(cls) -> FrameArrays:
+        """No frames."""
+        return cls.from_messages([])
+
+    @classmethod
     def from_messages(cls, msgs: Iterable) -> FrameArrays:
         """Columns from python-can messages (any reader's output), bad frames flagged rather than dropped.
 

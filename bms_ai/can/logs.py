@@ -10,12 +10,16 @@ whole-file array reader (BLF does).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import can
 
 from bms_ai.can.frames import FrameArrays
 from bms_ai.core.registry import Registry, UnknownName
+
+#: frames per chunk when a log is streamed (a few MB of arrays, whatever the drive's length)
+CHUNK_ROWS = 65536
 
 
 class LogError(ValueError):
@@ -50,6 +54,12 @@ class LogFormat:
         frames = FrameArrays.from_messages(messages(self, path, errors))
         frames.error = errors[0] if errors else None
         return frames
+
+    def array_chunks(self, path: Path, rows: int, errors: list[str] | None, skip: int = 0) -> Iterator[FrameArrays]:
+        """The frames after the first ``skip`` as columns, ``rows`` at a time (damage as in :func:`messages`)."""
+        it = islice(messages(self, path, errors), skip, None)
+        while batch := list(islice(it, rows)):
+            yield FrameArrays.from_messages(batch)
 
 
 class PythonCanLog(LogFormat):
@@ -148,6 +158,16 @@ def iter_log(path: str | Path, errors: list[str] | None = None) -> Iterator[can.
     """
     p = _existing(path)
     yield from messages(log_format(p), p, errors)
+
+
+def read_log_chunks(path: str | Path, rows: int = CHUNK_ROWS,
+                    errors: list[str] | None = None) -> Iterator[FrameArrays]:
+    """A log's frames as arrays, ``rows`` at a time: memory bounded by a chunk, not by the log.
+
+    Damage ends the stream with its reason in ``errors`` (LogError without a list).
+    """
+    p = _existing(path)
+    return log_format(p).array_chunks(p, max(1, int(rows)), errors)
 
 
 def read_log(path: str | Path) -> FrameArrays:

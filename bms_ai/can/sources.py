@@ -20,7 +20,7 @@ from typing import Any
 import can
 
 from bms_ai.can.frames import FrameArrays, stamp_ok
-from bms_ai.can.logs import iter_log, log_format, read_log
+from bms_ai.can.logs import iter_log, log_format, read_log_chunks
 from bms_ai.core.registry import Registry
 
 
@@ -70,8 +70,10 @@ class FrameSource:
         """Frames until ``stop`` is set; None on idle polls so the caller can run its watchdogs."""
         raise NotImplementedError
 
-    def all_frames(self) -> FrameArrays | None:
-        """The whole source at once when it may be decoded vectorised (a finite log at maximum speed), else None."""
+    def frame_chunks(self) -> Iterator[FrameArrays] | None:
+        """The source as arrays, chunk by chunk, when it may be decoded vectorised (a finite log at
+        maximum speed), else None. Damage ends the chunks with its reason in :attr:`errors`.
+        """
         return None
 
     def close(self) -> None:
@@ -220,23 +222,18 @@ class LogReplaySource(FrameSource):
                 return
             yield None
 
-    def _read_arrays(self) -> FrameArrays:
-        frames = read_log(self.path)
-        if frames.error:
-            self.errors.append(frames.error)
-        return frames
-
     def _messages(self):
         if self.lightweight and log_format(self.path).fast_arrays:
-            yield from self._read_arrays().frames()
+            for chunk in read_log_chunks(self.path, errors=self.errors):
+                yield from chunk.frames()
             return
         yield from iter_log(self.path, self.errors)
 
-    def all_frames(self) -> FrameArrays | None:
-        """The whole log, when it plays once at maximum speed to a consumer of light frames."""
+    def frame_chunks(self) -> Iterator[FrameArrays] | None:
+        """The log in chunks, when it plays once at maximum speed to a consumer of light frames."""
         if self.speed != math.inf or self.loop or not self.lightweight:
             return None
-        return self._read_arrays()
+        return read_log_chunks(self.path, errors=self.errors)
 
 
 SOURCES: Registry[type[FrameSource]] = Registry("CAN source")
