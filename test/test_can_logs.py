@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testutil import deadline, peak_memory, write_log
+from testutil import deadline, memory_cap, peak_memory, write_log
 
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import (
@@ -234,3 +234,17 @@ def test_chunked_reading_equals_reading_whole(tmp_path, messages, suffix):
     assert errors == [] and len(chunks) >= 2 and max(len(c) for c in chunks) < 3000 + 6000  # whole containers
     for f in ("ts", "ids", "ext", "dlc", "data", "bad"):
         np.testing.assert_array_equal(np.concatenate([getattr(c, f) for c in chunks]), getattr(whole, f), err_msg=f)
+
+
+def test_blf_header_size_field_is_checked_before_reading(tmp_path, messages):
+    """A BLF file header claiming 4 GB is damage named in one line, not a 4 GB read (found by fuzzing)."""
+    import struct
+
+    path = write_log(tmp_path / "hdr.blf", messages[:20])
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<L", raw, 4, 0xFFFFFFF0)
+    path.write_bytes(bytes(raw))
+    with memory_cap(256 * 2**20):
+        for read in (read_log, lambda p: list(read_log_chunks(p, errors=[]))):
+            with pytest.raises(LogError, match="file header size 4294967280"):
+                read(path)

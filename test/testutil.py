@@ -1,6 +1,6 @@
 """Helpers shared by tests, in one module.
 
-- loopback ports and polling with a deadline; a deadline and a memory cap on a block of code;
+- loopback ports and polling with a deadline; a deadline, a memory cap and peak memory of a block of code;
 - a real mosquitto broker and an MQTT listener;
 - a synthetic pack drive encoded into frames of the reference DBC;
 - real rclpy in tests: a private context, an executor thread, collecting subscribers,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -128,6 +129,23 @@ def deadline(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextlib.contextmanager
+def memory_cap(extra_bytes: int) -> Iterator[None]:
+    """Inside the block the process may grow by at most ``extra_bytes`` of address space (MemoryError beyond).
+
+    Far cheaper than tracemalloc per call, so a fuzz case can afford it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * resource.getpagesize()
+    cap = used + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @contextlib.contextmanager

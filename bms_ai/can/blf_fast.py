@@ -13,7 +13,6 @@ classic CAN frames fall back to python-can.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import struct
 import zlib
@@ -41,6 +40,9 @@ class UnsupportedContentError(Exception):
 #: no BLF object is smaller than its base and version-1 headers; a smaller size field
 #: (0 in a damaged file) would make a reader step on the spot forever
 _MIN_OBJ = _BASE.size + _V1.size
+_FILE_HEAD = struct.Struct("<4sL")  # signature and header size of a BLF file
+#: a BLF file header is 144 bytes; a larger size field is damage (python-can would read that many)
+_MAX_HEADER = 2**16
 #: the most one container may inflate to (writers use 128 KiB): a damaged one cannot eat the memory
 _MAX_CONTAINER = 16 * 2**20
 
@@ -72,7 +74,16 @@ class SafeBLFReader(BLFReader):
     def __init__(self, file) -> None:
         path = Path(file)
         # the reader owns the file and closes it in stop()
-        super().__init__(gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path)  # noqa: SIM115
+        f = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+        try:
+            head = f.read(_FILE_HEAD.size)
+            if len(head) == _FILE_HEAD.size and not _FILE_HEAD.size <= _FILE_HEAD.unpack(head)[1] <= _MAX_HEADER:
+                raise BLFParseError(f"file header size {_FILE_HEAD.unpack(head)[1]} (damaged file)")
+            f.seek(0)
+            super().__init__(f)
+        except BaseException:
+            f.close()
+            raise
 
     def __iter__(self):
         """Messages of each container in turn; BLFParseError on damage or truncation."""
@@ -88,7 +99,7 @@ class SafeBLFReader(BLFReader):
                 raise BLFParseError(f"no object signature at byte {offset}")
             if size < _BASE.size:
                 raise BLFParseError(f"object size {size} at byte {offset}")
-            body = self.file.read(size - _BASE.size)
+            body = _read(self.file, size - _BASE.size)
             short = len(body) < size - _BASE.size  # the frames before the cut are still read
             self.file.read(size % 4)
             if otype == LOG_CONTAINER:
@@ -104,6 +115,15 @@ class SafeBLFReader(BLFReader):
         """python-can's object loop, after checking that every size field moves it forward."""
         _check_object_sizes(data)
         return super()._parse_data(data)
+
+
+def _read(f, n: int) -> bytes:
+    """Up to ``n`` bytes, read in pieces: a damaged size field costs what the file holds, not what it claims."""
+    parts = []
+    while n > 0 and (part := f.read(min(n, 2**20))):
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 def _inflate(body: bytes, offset: int, partial: bool = False) -> bytes:
@@ -255,8 +275,12 @@ class BlfLog(PythonCanLog):
     def arrays(self, path: Path) -> FrameArrays:
         """The fast reader; on anything it does not handle, python-can's reader decides (and reports damage)."""
         if Path(path).suffix.lower() == ".blf":  # not gzip-compressed
-            with contextlib.suppress(Exception):  # the fallback reads (and reports) the same file
+            try:
                 return read_blf_arrays(path)
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001, S110  (the fallback reads, and reports, the same file)
+                pass
         return super().arrays(path)
 
     def array_chunks(self, path: Path, rows: int, errors: list[str] | None, skip: int = 0) -> Iterator[FrameArrays]:
@@ -272,7 +296,9 @@ class BlfLog(PythonCanLog):
                     yield chunk
                     skip += len(chunk)
                 return
-            except Exception:  # noqa: BLE001  (the fallback reads, and reports, the same file)
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001, S110  (the fallback reads, and reports, the same file)
                 pass
         yield from super().array_chunks(path, rows, errors, skip)
 

@@ -141,6 +141,8 @@ def messages(fmt: LogFormat, path: Path, errors: list[str] | None = None) -> Ite
                 n += 1
                 yield msg
         reason = fmt.cut_short(path)
+    except MemoryError:  # out of memory is not damage of the file
+        raise
     except Exception as exc:  # corrupt content
         reason = f"{path}: unreadable after {n} frames ({type(exc).__name__}: {exc})"
     if reason is None:
