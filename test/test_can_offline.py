@@ -208,3 +208,19 @@ def test_streamed_decode_memory_is_flat_in_drive_length(tmp_path, decoder):
         assert n == 10 * seconds - 1
         peaks.append(peak[0])
     assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_blf_stamp_beyond_2_63_ns_is_a_counted_rejection(tmp_path, decoder):
+    """A BLF frame 2^63 ns after the start: read (python-can path), rejected as bad_time, others decoded."""
+    msgs = synthetic_messages(decoder, 10.0, 10.3)
+    msgs.insert(len(msgs) // 2, can.Message(timestamp=9.3e9, arbitration_id=0x120, is_extended_id=False,
+                                            data=bytes(8)))
+    path = tmp_path / "far.blf"
+    with can.BLFWriter(str(path)) as w:
+        for m in msgs:
+            w.on_message_received(m)
+    frames = read_log(path)
+    assert frames.error is None and len(frames) == len(msgs) and frames.ts.max() > 2**32
+    table, _ = sample_frames(frames, decoder, 0.1, 1.0)
+    assert table.rejected["bad_time"] == 1 and table.rejected["time_backwards"] == 0
+    assert len(table) == 2 and table.skipped == 0

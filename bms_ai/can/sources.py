@@ -213,6 +213,8 @@ class LogReplaySource(FrameSource):
                     return
                 yield msg
             self.gaps_shortened = clock.gaps
+            if len(self.errors) > 1 and self.errors[-1] == self.errors[-2]:
+                self.errors.pop()  # a looped damaged log: the same damage once, not once per pass
             if not self.loop or last is None:
                 break
             offset += last + 0.01 - first  # the next pass starts 10 ms after this one ended
