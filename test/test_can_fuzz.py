@@ -4,7 +4,7 @@ Each case mutates a small valid log (ASC, BLF plain and compressed, candump
 .log, TRC, python-can CSV), then reads it whole, in chunks and frame by
 frame, and decodes it with the reference pack. The only exception allowed is
 the one-line :class:`~bms_ai.can.logs.LogError` ("cannot open as a CAN log");
-every case runs under a deadline (a hang fails the case instead of the run)
+every case runs under a deadline in CPU seconds (a hang fails the case instead of the run)
 and a memory cap (address space: an unbounded allocation is a MemoryError).
 
 The default run is >= 2,000 cases; ``pytest -m slow test/test_can_fuzz.py``
@@ -34,7 +34,7 @@ SEEDS = {"asc": "seed.asc", "blf": "seed.blf", "blf-zlib": "seed_zlib.blf", "log
          "trc": "seed.trc", "csv": "seed.csv"}
 FAST_CASES = int(os.environ.get("BMS_AI_FUZZ_CASES", "340"))  # per seed: >= 2,000 in all
 SLOW_CASES = 17_000  # per seed: >= 100,000 in all
-CASE_SECONDS = 5.0  # a case taking longer is a hang
+CASE_SECONDS = 5.0  # CPU seconds: a case taking longer is a hang (a loaded machine does not count)
 CASE_BYTES = 256 * 2**20  # growth of the process's address space allowed in one case
 #: tokens that break parsers in interesting ways (stamps, ids, sizes, line structure)
 TOKENS = [b"1e300", b"inf", b"nan", b"-", b"-1", b"0x", b"99999999999999999999", b"\n", b"\r\n", b" ",
@@ -121,7 +121,7 @@ def run_case(case_dir: Path, decoder, kind: str, data: bytes) -> None:
     """One mutated file through :func:`exercise` under the deadline and the memory cap (MemoryError beyond)."""
     path = case_dir / SEEDS[kind]
     path.write_bytes(data)
-    with deadline(CASE_SECONDS), memory_cap(CASE_BYTES):
+    with deadline(CASE_SECONDS, cpu=True), memory_cap(CASE_BYTES):
         exercise(path, decoder)
 
 

@@ -117,18 +117,30 @@ class DeadlineError(AssertionError):
 
 
 @contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail instead of hanging: raise :class:`DeadlineError` inside the block after ``seconds`` (main thread)."""
-    def expire(signum, frame):
-        raise DeadlineError(f"still running after {seconds} s")
+def deadline(seconds: float, cpu: bool = False) -> Iterator[None]:
+    """Fail instead of hanging: raise :class:`DeadlineError` inside the block after ``seconds`` (main thread).
 
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    ``cpu``: count this process's CPU seconds instead of wall time, so a loaded
+    machine cannot fail a case that merely waited for a core (a hang spins the CPU).
+    If the signal lands where Python swallows exceptions (a gc callback), the
+    error is raised when the block ends instead.
+    """
+    expired: list[bool] = []
+
+    def expire(signum, frame):
+        expired.append(True)
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s")
+
+    sig, timer = (signal.SIGPROF, signal.ITIMER_PROF) if cpu else (signal.SIGALRM, signal.ITIMER_REAL)
+    old = signal.signal(sig, expire)
+    signal.setitimer(timer, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(timer, 0)
+        signal.signal(sig, old)
+    if expired:
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s (raised late)")
 
 
 @contextlib.contextmanager
