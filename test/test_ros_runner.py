@@ -197,3 +197,11 @@ def test_two_packs_on_defaults_report_apart_on_diagnostics():
         node.destroy_subscription(sub)
         runner.shutdown()
     assert want <= seen and not any(name.startswith("bms_ai: ") for name, _ in seen)
+
+
+def test_run_with_a_missing_can_log_is_one_line_exit_2(tmp_path, capsys):
+    """`bms-ai run --can-log /nonexistent.blf`: a usage error in one line, no traceback."""
+    code = main(["run", "--can-log", str(tmp_path / "nonexistent.blf"), "--duration", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"bms-ai run: error: CAN log not found: {tmp_path / 'nonexistent.blf'}"

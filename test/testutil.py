@@ -1,6 +1,6 @@
 """Helpers shared by tests, in one module.
 
-- loopback ports and polling with a deadline;
+- loopback ports and polling with a deadline; a deadline, a memory cap and peak memory of a block of code;
 - a real mosquitto broker and an MQTT listener;
 - a synthetic pack drive encoded into frames of the reference DBC;
 - real rclpy in tests: a private context, an executor thread, collecting subscribers,
@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +111,71 @@ class Listener:
         """Disconnect and stop the client thread."""
         self.c.disconnect()
         self.c.loop_stop()
+
+
+class DeadlineError(AssertionError):
+    """A block of code ran past its deadline (a hang turned into a test failure)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, cpu: bool = False) -> Iterator[None]:
+    """Fail instead of hanging: raise :class:`DeadlineError` inside the block after ``seconds`` (main thread).
+
+    ``cpu``: count this process's CPU seconds instead of wall time, so a loaded
+    machine cannot fail a case that merely waited for a core (a hang spins the CPU).
+    If the signal lands where Python swallows exceptions (a gc callback), the
+    error is raised when the block ends instead.
+    """
+    expired: list[bool] = []
+
+    def expire(signum, frame):
+        expired.append(True)
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s")
+
+    sig, timer = (signal.SIGPROF, signal.ITIMER_PROF) if cpu else (signal.SIGALRM, signal.ITIMER_REAL)
+    old = signal.signal(sig, expire)
+    signal.setitimer(timer, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(timer, 0)
+        signal.signal(sig, old)
+    if expired:
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s (raised late)")
+
+
+@contextlib.contextmanager
+def memory_cap(extra_bytes: int) -> Iterator[None]:
+    """Inside the block the process may grow by at most ``extra_bytes`` of address space (MemoryError beyond).
+
+    Far cheaper than tracemalloc per call, so a fuzz case can afford it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * resource.getpagesize()
+    cap = used + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Peak bytes Python and numpy allocated inside the block (tracemalloc), in the yielded list after it."""
+    out: list[int] = []
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        yield out
+    finally:
+        out.append(tracemalloc.get_traced_memory()[1] - base)
+        if started:
+            tracemalloc.stop()
 
 
 # ----------------------------------------------------------------------------- CAN

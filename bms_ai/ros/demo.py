@@ -233,7 +233,7 @@ def available_nodes() -> tuple[list[str], dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     """`bms-ai demo`: replay the drive through the graph, show it live, write the report; 1 if nothing arrived."""
-    from bms_ai.can.offline import read_log
+    from bms_ai.can.logs import read_log
     from bms_ai.ros.runner import GraphRunner
 
     drive = resolve_drive(args.drive)
