@@ -198,7 +198,7 @@ def test_node_survives_a_full_disk_and_database_then_resumes(tmp_path: Path) -> 
         assert h.wait_for(lambda: pm.get_subscription_count() >= 1, 10)
 
         def statuses() -> list:
-            return [s for a in list(diags) for s in a.status if s.name == "bms_ai: uploader"]
+            return [s for a in list(diags) for s in a.status if s.name == "cloud_uploader: uploader"]
 
         def publish_until(cond, timeout: float) -> bool:  # noqa: ANN001
             end = time.monotonic() + timeout
@@ -325,7 +325,7 @@ def test_uploader_process_keeps_its_spool_through_repeated_sigint(tmp_path: Path
     try:
         diags = h.collect(DiagnosticArray, "/diagnostics")
         # its own status and /rosout lines are being recorded into open segments once it reports twice
-        assert h.wait_for(lambda: sum(s.name == "bms_ai: uploader" for a in list(diags) for s in a.status) >= 3, 30)
+        assert h.wait_for(lambda: sum(s.name == "cloud_uploader: uploader" for a in list(diags) for s in a.status) >= 3, 30)
         assert any(p.name.endswith(".part") for p in (spool / "incoming").iterdir())
         for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
             proc.send_signal(sig)
