@@ -279,3 +279,28 @@ def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) 
     e2 = _entry(tmp_path, 2)
     (tmp_path / (e2.file + ".json")).write_text(json.dumps(e2.to_dict()))
     assert reg.poll() and reg.get("soc", "nmc").version == 2
+
+
+def test_guard_refuses_outputs_that_do_not_line_up_with_the_batch(tmp_path: Path) -> None:
+    """Outputs with another row count than the input batch, or rows without values, cannot be matched to cells."""
+    res = verify_and_load(tmp_path, _trap_entry(tmp_path, "huge"), soc_model_expectation())
+    guard = res.model.guard
+    v = guard.check([np.zeros((1, 1)), np.zeros((1, 1))], rows=4)          # one row for four cells
+    assert v.ok.tolist() == [False] * 4 and "4 rows" in v.reason
+    v = guard.check([np.zeros((3, 0)), np.zeros((3, 1))], rows=3)          # rows without a value
+    assert not v.ok.any() and guard.bad_shape == 2
+    v = guard.check([np.full((3, 1), 0.5), np.full((3, 1), 0.02)], rows=3)
+    assert v.all_ok and v.reason == "" and guard.consecutive_rejected_calls == 0
+
+
+def test_pipeline_output_contract_names_and_default_ranges(tmp_path: Path) -> None:
+    """The SOC pipeline reads soc and sigma: other outputs are refused at load; missing ranges get the pipeline's."""
+    e = _entry(tmp_path, 1)                                  # manifest without output ranges
+    assert all(s.range is None for s in e.outputs)
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is not None and [s.range for s in res.model.entry.outputs] == [[-0.1, 1.1], [0.0, 10.0]]
+    outs, v = res.model.run_guarded(np.full((2, N_SOC_FEATURES), 3.7, np.float32))
+    assert v.all_ok                                          # sigmoid: inside [-0.1, 1.1]
+    e.outputs[0].name, e.outputs[1].name = "sigma", "soc"
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is None and "pipeline reads ['soc', 'sigma'] first" in res.reason

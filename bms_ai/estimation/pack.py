@@ -5,7 +5,10 @@ evaluation measures is what the vehicle runs. It owns:
 
 - model selection: the SOC model from a ``ModelRegistry`` (hot reload swaps it
   in without a jump in the output), or the EKF fallback with the reason
-  (no model directory, models disabled, no valid model);
+  (no model directory, models disabled, no valid model, model retired);
+- retirement: when the ``SocEstimator`` reports that the output guard kept
+  refusing its model (``retire_request``), the registry retires it and the
+  slot's fallback takes over; a new version dropped in later is loaded again;
 - the ``SocEstimator`` (every measurement), the ``HealthEstimator`` (capacity,
   R0; capacity estimate every ``health_period`` s of measurement time) and its RUL;
 - input checks: a sample the estimator cannot use is rejected, counted and its
@@ -33,10 +36,13 @@ from bms_ai.estimation import status
 from bms_ai.estimation.ekf import ecm_for
 from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
-from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.estimation.soc import RETIRE_AFTER, SocEstimator, SocOutput, soc_model_expectation
 from bms_ai.models.runtime import LoadedModel, ModelRegistry, ModelSlot, default_model_dir
 
 SOC_METHOD_TEXT = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}
+# the soc check stays WARN this long (measurement time) after the output guard refused a cell, so a model
+# that fails now and then shows at the 1 Hz diagnostics rate, not only when a report hits a bad step
+GUARD_WARN_HOLD_S = 10.0
 
 
 @dataclass
@@ -65,11 +71,13 @@ class PackEstimator:
     def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
-                 rest_capacity: bool = True) -> None:
+                 rest_capacity: bool = True, retire_after: int = RETIRE_AFTER) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
         ``rest_capacity`` False keeps the capacity estimate on the SOC-regression
         method even where the chemistry allows rests (the evaluation reports it so).
+        ``retire_after``: consecutive steps with cells refused by the output guard
+        before the SOC model is retired.
         """
         self.chemistry = get_chemistry(chemistry).name
         self.capacity_ah = float(capacity_ah)
@@ -82,6 +90,7 @@ class PackEstimator:
         self.efc0 = float(efc0)
         self.rul = rul
         self.rest_capacity = rest_capacity
+        self.retire_after = int(retire_after)
         self.soc_est: SocEstimator | None = None
         self.health: HealthEstimator | None = None
         self.last: SocOutput | None = None
@@ -123,6 +132,14 @@ class PackEstimator:
         self.soc_est.set_model(model, reason)
         return f"SOC model now {model.label if model else 'none'}"
 
+    def _retire(self) -> None:
+        """The SOC estimator reports its model refused for too long: the registry retires it, the slot decides next."""
+        est = self.soc_est
+        if self.models is not None and est.model is not None and self.models.retire(est.model, est.retire_request):
+            est.guard.retirements += 1
+        model, reason = self.soc_model()
+        est.set_model(model, reason)
+
     @property
     def model_events(self) -> list[str]:
         """Recent model-directory events (loaded, rejected with reason), oldest first."""
@@ -133,7 +150,7 @@ class PackEstimator:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
                                     ecm=ecm_for(model, self.capacity_ah), soc0=self.initial_soc,
-                                    model_reason=reason)
+                                    model_reason=reason, retire_after=self.retire_after)
         ocv = rest_ocv(self.chemistry) if self.rest_capacity else None
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul)
 
@@ -163,6 +180,8 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         out = self.soc_est.step(t, current, cell_v, cell_t)
+        if self.soc_est.retire_request:
+            self._retire()
         # capacity regression input: the NN's absolute SOC where it was used, else the EKF's
         self.health.update(t, current, cell_v, np.where(np.isfinite(out.nn_soc), out.nn_soc, out.ekf_soc))
         if t - self._t_health >= self.health_period:
@@ -191,8 +210,7 @@ class PackEstimator:
             return status.CheckStatus(status.SOC_CHECK, WARN, "no measurements yet", {
                 "model": label, "model_reason": self.slot().reason, "rejected": self.rejected,
                 status.MODEL_FALLBACK: model is None})
-        level = OK if o.method == "nn+cc" and not self.rejected else WARN
-        msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        level, msg = self._soc_verdict(o)
         events = self.model_events
         return status.CheckStatus(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
@@ -204,7 +222,18 @@ class PackEstimator:
             "ekf_soc": float(np.mean(o.ekf_soc)), "cc_soc": float(np.mean(o.cc_soc)), "steps": self.steps,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
-            "last_model_event": (events or [""])[-1]})
+            "last_model_event": (events or [""])[-1], **self.soc_est.guard.values()})
+
+    def _soc_verdict(self, o: SocOutput) -> tuple[int, str]:
+        """Level and message of the soc check: OK only on the NN, without rejected samples or recent guard refusals."""
+        g = self.soc_est.guard
+        age = o.stamp - g.last_t   # NaN (never refused) compares False
+        recent = age <= GUARD_WARN_HOLD_S
+        level = OK if o.method == "nn+cc" and not self.rejected and not recent else WARN
+        msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        if recent and not o.fallback_reason:
+            msg += f" (output guard refused cells {age:.0f} s ago: {g.last_reason})"
+        return level, msg
 
     def soh_status(self) -> status.CheckStatus:
         """The ``soh`` check: level from ``status.soh_verdict`` of the latest estimate."""

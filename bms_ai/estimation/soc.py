@@ -6,8 +6,10 @@ The NN gives absolute SOC (no drift, knows the initial SOC); Coulomb counting
 gives smoothness. The NN reports its own sigma (large on the LFP plateau), so
 the filter leans on Coulomb counting exactly where the voltage says little.
 An EKF on a 1-RC ECM runs alongside as baseline and fallback: it takes over
-(with the reason reported) when no valid model is loaded or a cell's features
-leave the model's training domain.
+(with the reason reported) when no valid model is loaded, a cell's features
+leave the model's training domain, or the model's output guard refuses a
+cell's output (non-finite, outside the declared range); a model refused for
+``retire_after`` steps in a row is retired (see ``SocEstimator``).
 """
 
 from __future__ import annotations
@@ -63,18 +65,51 @@ class SocOutput:
     nn_soc: np.ndarray = field(default_factory=lambda: np.empty(0))   # raw NN measurement (NaN: not used)
 
 
+# the outputs the filter reads, in order, with the span a sane model stays in (the output guard's range
+# where a manifest declares none): SOC a little beyond 0..1, sigma up to ten times the whole range
+SOC_OUTPUTS = {"soc": (-0.1, 1.1), "sigma": (0.0, 10.0)}
+RETIRE_AFTER = 50     # consecutive steps with refused model outputs before the model is retired (5 s at 10 Hz)
+
+
 def soc_model_expectation() -> dict:
-    """What a SOC model must declare to be loaded: this pipeline's feature version and width."""
-    return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES}
+    """What a SOC model must declare to be loaded: this pipeline's feature version and width, its outputs."""
+    return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES, "outputs": SOC_OUTPUTS}
+
+
+@dataclass
+class GuardCounts:
+    """What the output guard refused in this estimator, kept across model swaps (the diagnostics report it)."""
+
+    steps: int = 0                 # steps with at least one refused cell
+    cells: int = 0                 # refused cell-steps
+    consecutive: int = 0           # steps in a row with refused cells (retirement counts these)
+    last_reason: str = ""
+    last_t: float = float("nan")   # stamp of the last step with refused cells
+    retirements: int = 0
+
+    def values(self) -> dict[str, int | str]:
+        """Diagnostic key-values."""
+        return {"guard_rejected_steps": self.steps, "guard_rejected_cells": self.cells,
+                "guard_consecutive": self.consecutive, "guard_last_reason": self.last_reason,
+                "guard_retirements": self.retirements}
 
 
 class SocEstimator:
-    """Per-cell batched SOC (pack SOC = mean of cells); step() once per measurement sample."""
+    """Per-cell batched SOC (pack SOC = mean of cells); step() once per measurement sample.
+
+    Every inference goes through the model's output guard: refused cells
+    follow the EKF for that step. After ``retire_after`` consecutive steps
+    with refused cells the estimator sets ``retire_request`` (the reason);
+    the owner of the model registry (``PackEstimator``) retires the model and
+    hands over the fallback. ``retire_after`` is not a ``FusionParams`` field
+    on purpose: a model's manifest tunes those, and a model must not be able
+    to postpone its own retirement.
+    """
 
     def __init__(self, n_cells: int, n_temps: int, chemistry: str, capacity_ah: float,
                  model: LoadedModel | None = None, ecm: ECMParams | None = None,
                  fusion: FusionParams | None = None, soc0: float | np.ndarray | None = None,
-                 model_reason: str = "no model loaded") -> None:
+                 model_reason: str = "no model loaded", retire_after: int = RETIRE_AFTER) -> None:
         self.n = n_cells
         self.chemistry = chemistry
         self.capacity_ah = float(capacity_ah)
@@ -93,6 +128,9 @@ class SocEstimator:
         self.t_last = float("nan")
         self.t_start = float("nan")
         self._sigma_scale = 1.0
+        self.retire_after = int(retire_after)
+        self.guard = GuardCounts()
+        self.retire_request = ""
         self.model: LoadedModel | None = None
         self.model_reason = ""
         self.set_model(model, model_reason)
@@ -102,6 +140,8 @@ class SocEstimator:
         """Swap the model (hot reload); filter state is kept, so the output does not jump."""
         self.model = model
         self.model_reason = "" if model is not None else (reason or "no model loaded")
+        self.guard.consecutive = 0
+        self.retire_request = ""
         if model is not None:
             # sigma calibration from training (90 % coverage on validation drives)
             self._sigma_scale = float(model.entry.extra.get("sigma_scale", 1.0))
@@ -152,42 +192,7 @@ class SocEstimator:
         method, reason, n_ood, infer = "ekf", self.model_reason, 0, float("nan")
         nn_soc = np.full(self.n, np.nan)
         if self.model is not None:
-            valid = np.isfinite(feats).all(axis=1)
-            trusted = valid & in_domain(feats, self._domain_min, self._domain_max, self.fusion.domain_margin)
-            n_ood = int(self.n - trusted.sum())
-            t0 = time.perf_counter()
-            try:
-                z, sig = self.model.run(np.nan_to_num(feats))
-                z = z.reshape(-1).astype(np.float64)
-                sig = np.clip(sig.reshape(-1).astype(np.float64) * self._sigma_scale, 1e-3, self.fusion.max_sigma_nn)
-                if t - self.t_start < self.fusion.warmup_s:
-                    trusted = np.zeros_like(trusted)
-                infer = time.perf_counter() - t0
-                meas_var = (self.fusion.r_scale * sig) ** 2 + self.fusion.r_floor
-                # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
-                # (a bad stored SOC, a missed charge while asleep) reopens the covariance
-                a = min(dt / self.fusion.reinit_tau, 1.0) if dt > 0 else 0.0
-                self.innov = np.where(trusted, self.innov + a * (np.clip(z, 0.0, 1.0) - self.soc - self.innov), self.innov)
-                wrong = trusted & (np.abs(self.innov) > self.fusion.reinit_threshold)
-                if wrong.any():
-                    self.P[wrong] = np.maximum(self.P[wrong], self.fusion.sigma0 ** 2)   # as if nothing were known
-                    self.innov[wrong] = 0.0
-                gain = np.where(trusted, self.P / (self.P + meas_var), 0.0)
-                nn_soc = np.where(trusted, np.clip(z, 0.0, 1.0), np.nan)
-                self.soc = self.soc + gain * (np.clip(z, 0.0, 1.0) - self.soc)
-                self.P = (1.0 - gain) * self.P
-                method, reason = "nn+cc", ""
-                if n_ood and t - self.t_start >= self.fusion.warmup_s:
-                    # cells outside the training domain follow the EKF (and restart from it later)
-                    bad = ~trusted
-                    self.soc[bad] = self.ekf.soc[bad]
-                    self.P[bad] = self.ekf.P00[bad]
-                    method = "ekf" if n_ood == self.n else "mixed"
-                    reason = f"{n_ood} cell(s) outside model input domain"
-            except Exception as exc:  # a failing session must not stop the estimator
-                self.soc[:] = self.ekf.soc
-                self.P[:] = self.ekf.P00
-                reason = f"inference failed: {type(exc).__name__}: {exc}"
+            method, reason, n_ood, infer, nn_soc = self._fuse(t, dt, feats)
         else:
             self.soc[:] = self.ekf.soc
             self.P[:] = self.ekf.P00
@@ -197,3 +202,74 @@ class SocEstimator:
                          cell_soc=self.soc.copy(), cell_sigma=cell_sigma, method=method,
                          fallback_reason=reason, ood_cells=n_ood, infer_s=infer,
                          ekf_soc=self.ekf.soc.copy(), cc_soc=self.cc.soc.copy(), nn_soc=nn_soc)
+
+    def _infer(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """NN SOC, sigma and the guard's per-cell verdict; refused cells get placeholder values, never NaN."""
+        outs, verdict = self.model.run_guarded(np.nan_to_num(feats))
+        ok, why = verdict.ok, verdict.reason
+        if len(outs) < len(SOC_OUTPUTS):   # loaded without this pipeline's expectation (which demands both)
+            ok, why = np.zeros(self.n, dtype=bool), why or f"{len(outs)} model output(s), the filter reads {list(SOC_OUTPUTS)}"
+        if not ok.any():
+            return np.full(self.n, 0.5), np.full(self.n, self.fusion.max_sigma_nn), ok, why
+        z = outs[0].reshape(self.n, -1)[:, 0].astype(np.float64)
+        sig = outs[1].reshape(self.n, -1)[:, 0].astype(np.float64)
+        if not verdict.all_ok:
+            z = np.where(ok, z, 0.5)
+            sig = np.where(ok, sig, self.fusion.max_sigma_nn)
+        return z, sig, ok, why
+
+    def _count_refusals(self, t: float, ok: np.ndarray, why: str) -> str:
+        """Count this step's refused cells; the fallback reason for them ("" if none); maybe request retirement."""
+        n_bad = int(self.n - np.count_nonzero(ok))
+        if not n_bad:
+            self.guard.consecutive = 0
+            return ""
+        g = self.guard
+        g.steps += 1
+        g.cells += n_bad
+        g.consecutive += 1
+        g.last_reason, g.last_t = why, t
+        if g.consecutive >= self.retire_after and not self.retire_request:
+            self.retire_request = f"output guard refused cells in {g.consecutive} consecutive steps (last: {why})"
+        return f"{n_bad} cell(s): model output refused: {why}"
+
+    def _fuse(self, t: float, dt: float, feats: np.ndarray) -> tuple[str, str, int, float, np.ndarray]:
+        """NN measurement update of the NN+CC filter; refused and out-of-domain cells follow the EKF.
+
+        Returns method, fallback reason, out-of-domain cells, inference time and the NN SOC used (NaN: not used).
+        """
+        f = self.fusion
+        valid = np.isfinite(feats).all(axis=1)
+        in_dom = valid & in_domain(feats, self._domain_min, self._domain_max, f.domain_margin)
+        n_ood = int(self.n - in_dom.sum())
+        t0 = time.perf_counter()
+        z, sig, ok, why = self._infer(feats)
+        infer = time.perf_counter() - t0
+        warm = t - self.t_start >= f.warmup_s
+        trusted = in_dom & ok if warm else np.zeros(self.n, dtype=bool)
+        sig = np.clip(sig * self._sigma_scale, 1e-3, f.max_sigma_nn)
+        meas_var = (f.r_scale * sig) ** 2 + f.r_floor
+        zc = np.clip(z, 0.0, 1.0)
+        # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
+        # (a bad stored SOC, a missed charge while asleep) reopens the covariance
+        a = min(dt / f.reinit_tau, 1.0) if dt > 0 else 0.0
+        self.innov = np.where(trusted, self.innov + a * (zc - self.soc - self.innov), self.innov)
+        wrong = trusted & (np.abs(self.innov) > f.reinit_threshold)
+        if wrong.any():
+            self.P[wrong] = np.maximum(self.P[wrong], f.sigma0 ** 2)   # as if nothing were known
+            self.innov[wrong] = 0.0
+        gain = np.where(trusted, self.P / (self.P + meas_var), 0.0)
+        self.soc = self.soc + gain * (zc - self.soc)
+        self.P = (1.0 - gain) * self.P
+        refused = self._count_refusals(t, ok, why)
+        reason = "; ".join(([f"{n_ood} cell(s) outside model input domain"] if warm and n_ood else [])
+                           + ([refused] if refused else []))
+        if not warm:   # the NN is not used yet (Coulomb counting from the start): refusals are only counted
+            return "nn+cc", reason, n_ood, infer, np.where(trusted, zc, np.nan)
+        # cells outside the training domain or with a refused output follow the EKF (and restart from it later)
+        n_bad = self.n - int(np.count_nonzero(trusted))
+        if n_bad:
+            self.soc[~trusted] = self.ekf.soc[~trusted]
+            self.P[~trusted] = self.ekf.P00[~trusted]
+        method = "nn+cc" if not n_bad else "ekf" if n_bad == self.n else "mixed"
+        return method, reason, n_ood, infer, np.where(trusted, zc, np.nan)
