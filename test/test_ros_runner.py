@@ -83,6 +83,26 @@ def test_two_packs_as_two_namespaces(pack_config_path):
     assert all(all(v != v for v in m.cell_voltage) for m in got["b"])
 
 
+def test_spin_goes_on_after_a_stop_and_raises_what_the_condition_raises(pack_config_path):
+    """`spin` can be called again (a program checks something, then goes on); a failing condition is raised."""
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(build_graph("/spin", ["fault_monitor"]))
+    try:
+        for _ in range(2):
+            calls = []
+            runner.spin(until=lambda calls=calls: calls.append(1) or len(calls) >= 3, duration=10)
+            assert len(calls) == 3
+
+        def broken() -> bool:
+            raise RuntimeError("watcher failed")
+
+        with pytest.raises(RuntimeError, match="watcher failed"):
+            runner.spin(until=broken, duration=10)
+    finally:
+        runner.shutdown()
+
+
 def test_integers_for_double_parameters_become_doubles(tmp_path):
     """--set can_bridge.rate_hz=20 (the --help example) and `max_age: 2` in a params file both work."""
     from rclpy.parameter import Parameter
