@@ -137,17 +137,27 @@ def bench_latency(seconds: float) -> dict[str, Any]:
     names = [n for n in ("can_bridge", "estimator") if n in have]
     runner = GraphRunner(graph_from_options({"nodes": ",".join(names), "params_file": "", "interface": "virtual",
                                              "channel": "lat"}))
-    ex = runner.executor
-    probe = Node("lat_probe", context=runner.context)
+    # the probe is another process's view: its own context and executor thread, not queued behind the graph
+    import rclpy
+    from rclpy.context import Context
+
+    from bms_ai.nodes.common import make_executor, spin_executor
+
+    pctx = Context()
+    rclpy.init(context=pctx)
+    probe = Node("lat_probe", context=pctx)
     recv: dict[str, list[tuple[float, float]]] = {"pack/measurements": [], "battery_state": []}
     qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
     for topic, lst in recv.items():
         probe.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
             (time_to_float(m.header.stamp), time.time())), qos)
-    ex.add_node(probe)
-    runner.nodes.append(probe)
-    th = threading.Thread(target=ex.spin, daemon=True)
-    th.start()
+    pex = make_executor(pctx)
+    pex.add_node(probe)
+    stop = threading.Event()
+    threads = [threading.Thread(target=runner.spin, kwargs={"until": stop.is_set}, daemon=True),
+               threading.Thread(target=spin_executor, args=(pex, pctx, stop.is_set), daemon=True)]
+    for th in threads:
+        th.start()
     _dec, frames = _synthetic_frames(seconds)
     bus = can.Bus(interface="virtual", channel="lat")
     time.sleep(1.0)
@@ -160,7 +170,11 @@ def bench_latency(seconds: float) -> dict[str, Any]:
         sent.append(time.time())
     time.sleep(1.0)
     bus.shutdown()
-    ex.shutdown(timeout_sec=1)  # stop the spin thread before the nodes go
+    stop.set()  # stop the spin threads before the nodes go
+    for th in threads:
+        th.join(5.0)
+    probe.destroy_node()
+    rclpy.shutdown(context=pctx)
     runner.shutdown()
     sent_arr = np.array(sent)
 
