@@ -246,6 +246,7 @@ class ShutdownSignals:
         self.timeout_s = timeout_s
         self.stopping = False
         self.signalled = False  # a signal started (or arrived during) the shutdown
+        self.spinning = False  # set while an executor spins with ``done=lambda: self.stopping``
         self.ignored = 0
         self._deadline: float | None = None
         self._saved: dict[int, Any] = {}
@@ -262,6 +263,8 @@ class ShutdownSignals:
         self.signalled = True
         if not self.stopping:
             self.stopping = True
+            if self.spinning:
+                return  # the spin watches ``stopping``: no exception thrown into a callback mid-way
             raise KeyboardInterrupt
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise KeyboardInterrupt  # shutdown overran its time: let this one through
@@ -299,7 +302,8 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
         node = node_factory()
         executor = make_executor()
         executor.add_node(node)
-        spin_executor(executor)
+        signals.spinning = True
+        spin_executor(executor, done=lambda: signals.stopping)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:

@@ -133,8 +133,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"bms-ai run: error: {exc}", file=sys.stderr)
         return 2
     print(f"bms-ai run: {', '.join(s.fqn for s in specs)}", file=sys.stderr)
+    from bms_ai.nodes.common import ShutdownSignals
+
+    signals = ShutdownSignals().install()
+    signals.spinning = True
     try:
-        runner.spin(duration=duration)
+        runner.spin(until=lambda: signals.stopping, duration=duration)
     finally:
-        runner.shutdown()
+        signals.shutting_down()
+        try:
+            runner.shutdown()
+        finally:
+            signals.restore()
     return 0
