@@ -63,3 +63,35 @@ def test_feed_arrays_in_chunks_continues_like_frame_by_frame(decoder):
     assert chunked.asm.sample.status == one.asm.sample.status
     assert {n: st.last_counter for n, st in chunked.asm.stats.items()} == \
         {n: st.last_counter for n, st in one.asm.stats.items()}
+
+
+def _silent_after(decoder, t_end: float) -> FixedRateSampler:
+    s = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=1.0, max_catchup=50)
+    for m in synthetic_messages(decoder, 0.0, t_end):
+        s.feed_message(m)
+    return s
+
+
+def test_silence_takes_each_instant_once_and_frames_resume_after_them(decoder):
+    """close_until: the silent bus's instants on the grid, once each; resumed frames neither repeat nor back-fill."""
+    sampler = _silent_after(decoder, 1.0)  # last frame just before 1.0 s: instants up to 0.9 s emitted
+    out = sampler.close_until(1.25)
+    assert [round(s.stamp, 9) for s in out] == [1.0, 1.1, 1.2]
+    assert sampler.close_until(1.25) == [] and sampler.close_until(1.2) == []  # never twice, never backwards
+    late = sampler.close_until(2.35)  # values older than max_age (1 s) are NaN
+    assert np.isfinite(late[0].cell_voltages).all() and np.isnan(late[-1].cell_voltages).all()
+    resumed = [s.stamp for m in synthetic_messages(decoder, 2.5, 3.0) for s in sampler.feed_message(m)]
+    stamps = [s.stamp for s in out + late] + resumed
+    assert np.all(np.diff(stamps) > 0) and np.allclose(np.diff(stamps), 0.1, atol=1e-9)
+    assert round(stamps[-1], 9) == 2.9 and sampler.skipped == 0
+
+
+def test_silence_is_bounded_before_the_first_frame_and_over_long_gaps(decoder):
+    """No grid before the first frame; at most max_catchup instants per call, the rest skipped and counted."""
+    empty = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    assert empty.close_until(100.0) == []
+    sampler = _silent_after(decoder, 1.0)
+    assert sampler.close_until(math.nan) == [] and sampler.close_until(math.inf) == []
+    out = sampler.close_until(1000.0)
+    assert len(out) == 50 and round(out[-1].stamp, 6) == 5.9 and sampler.skipped == 10000 - 60
+    assert [round(s.stamp, 6) for s in sampler.close_until(1000.05)] == [1000.0]  # the grid goes on from there

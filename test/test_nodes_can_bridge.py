@@ -196,3 +196,82 @@ def test_truncated_log_is_reported_once_replayed(ros, drive_log, tmp_path):
     assert ros.wait_for(lambda: len(got) >= 10, timeout=10)
     assert ros.wait_for(lambda: "truncated" in _diag_message(diags, "can_bridge: can_bus"), timeout=5)
     assert 2 in diag_levels(diags, "can_bridge: can_bus")
+
+
+def _timed(ros, msg_type: type, topic: str) -> list[tuple[float, object]]:
+    """Every message on ``topic`` with its steady-clock arrival time at the probe."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    got: list[tuple[float, object]] = []
+    ros.node.create_subscription(msg_type, topic, lambda m: got.append((time.monotonic(), m)),
+                                 QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+    return got
+
+
+def _levels_after(timed, name: str, t0: float) -> list[tuple[float, int]]:
+    return [(t, st.level[0]) for t, a in timed if t > t0 for st in a.status if st.name == name]
+
+
+def _send_paced(bus, msgs, t0: float) -> None:
+    """Send frames at their schedule (relative to the first) on the steady clock."""
+    start = time.monotonic()
+    for m in msgs:
+        while (d := start + m.timestamp - t0 - time.monotonic()) > 0.002:
+            time.sleep(min(d, 0.01))
+        bus.send(m)
+
+
+def test_silence_goes_stale_within_stale_after_plus_one_watchdog_tick(ros, cfg):
+    """The watchdog ticks at min(1/rate_hz, stale_after/10): STALE ~0.55 s after the last frame, not 0.56-0.68 s.
+
+    Measured from the bridge's receipt of the last frame to the STALE DiagnosticArray at a reader, with a
+    margin for a loaded machine (the exact decision is tested in test_can_health).
+    """
+    diags = _timed(ros, DiagnosticArray, "/diagnostics")
+    node = _node(ros, interface="virtual", channel="stale_timing", stale_after=0.5)
+    assert node.watchdog.timer_period_ns == 50_000_000
+    bus = can.Bus(interface="virtual", channel="stale_timing")
+    try:
+        msgs = synthetic_messages(PackDecoder(cfg), 0.0, 0.3)
+        for m in msgs:
+            bus.send(m)
+        assert ros.wait_for(lambda: node.asm.counters.accepted == len(msgs), timeout=5)
+        t_last = node.last_rx_steady
+        name = "can_bridge: can_bus"
+        assert ros.wait_for(lambda: any(lv == 3 for _, lv in _levels_after(diags, name, t_last)), timeout=3)
+        t_stale = next(t for t, lv in _levels_after(diags, name, t_last) if lv == 3)
+        assert 0.5 < t_stale - t_last <= 0.5 + 0.25, t_stale - t_last
+    finally:
+        bus.shutdown()
+
+
+def test_silence_publishes_every_instant_at_rate_hz_and_resumed_frames_continue_the_grid(ros, cfg):
+    """A real bus gap: 10 Hz on the sampler's grid while silent (NaN past max_age), no repeated or back-filled
+    stamp when frames resume, and the bus goes STALE -> OK with no WARN left once traffic is healthy.
+    """
+    timed = _timed(ros, BatteryState, "/bms/pack/measurements")
+    diags = _timed(ros, DiagnosticArray, "/diagnostics")
+    node = _node(ros, interface="virtual", channel="gap_test", stale_after=0.5)
+    dec = PackDecoder(cfg)
+    bus = can.Bus(interface="virtual", channel="gap_test")
+    try:
+        _send_paced(bus, synthetic_messages(dec, 0.0, 1.0), 0.0)
+        assert ros.wait_for(lambda: node.asm.counters.accepted > 0 and node.silence() > 0.1, timeout=5)
+        last_frame_can = node.last_rx_can
+        time.sleep(1.6)  # the gap
+        t_resume = time.monotonic()
+        _send_paced(bus, synthetic_messages(dec, 2.6, 3.6), 2.6)
+        t_end = time.monotonic()
+        assert ros.wait_for(lambda: node.silence() > 0.7, timeout=5)  # the second stretch of traffic is over
+    finally:
+        bus.shutdown()
+    stamps = np.array([time_to_float(m.header.stamp) for _, m in timed])
+    assert np.all(np.diff(stamps) > 0)  # no stamp twice, none back-filled
+    np.testing.assert_allclose(np.diff(stamps), 0.1, atol=1e-6)  # every instant of the grid, once
+    in_gap = [(t, m) for t, m in timed if time_to_float(m.header.stamp) > last_frame_can and t < t_resume]
+    assert len(in_gap) >= 8  # ~11 instants were due before the frames resumed (5 Hz gave ~5)
+    assert math.isnan(in_gap[-1][1].voltage) and not math.isnan(in_gap[0][1].voltage)  # max_age: 1 s
+    for check in ("can_bus", "can_messages"):  # after the gap: OK (a WARN only while messages are still missing),
+        after = [lv for t, lv in _levels_after(diags, f"can_bridge: {check}", t_resume) if t <= t_end]
+        assert 0 in after, after
+        assert set(after[after.index(0):]) == {0}, after  # then nothing but OK while the traffic is healthy

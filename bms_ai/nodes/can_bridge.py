@@ -3,7 +3,8 @@
 Frames are read on a thread (python-can is blocking); samples are taken at
 fixed instants of CAN time (see bms_ai.can.sampler), so a replayed drive gives
 the same messages at any speed. A steady-clock watchdog reports silence
-(STALE within 1 s) even when the ROS clock is simulated and paused.
+(STALE within 1.1 x stale_after) even when the ROS clock is simulated and
+paused, and keeps the samples going at rate_hz on the same grid of instants.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.health import BusHealth, silence_sample_time
+from bms_ai.can.health import BusHealth, silence_sample_time, watchdog_period
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.can.sources import SourceError, open_source
+from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
 from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time, time_to_float
@@ -79,6 +81,8 @@ class CanBridgeNode(Node):
         self._damage_seen = 0
         self.last_rx_steady = math.nan
         self.last_rx_can = math.nan
+        self._reported_silent = False  # what the last diagnostics said: bus silent (STALE)
+        self._reported_late = False  # ... messages past their timeout (WARN)
         self._raw_log = None
         if p["raw_log_dir"]:
             Path(p["raw_log_dir"]).mkdir(parents=True, exist_ok=True)
@@ -87,7 +91,7 @@ class CanBridgeNode(Node):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can_bridge_reader", daemon=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.watchdog = self.create_timer(0.2, self._watchdog, clock=steady)  # silence -> STALE well within 1 s
+        self.watchdog = self.create_timer(watchdog_period(p["rate_hz"], p["stale_after"]), self._watchdog, clock=steady)
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
         self._thread.start()
@@ -194,26 +198,33 @@ class CanBridgeNode(Node):
         return time.monotonic() - self.last_rx_steady if math.isfinite(self.last_rx_steady) else math.inf
 
     def _watchdog(self) -> None:
-        silent = self.silence()
-        with self.lock:
-            t = silence_sample_time(self.last_rx_can, silent, self.source.speed, self.p["stale_after"],
-                                    self.source.replaying)
-            s = None if t is None else self.asm.snapshot(t, self.p["max_age"])
-        if s is not None:
-            s.stamp = t
-            self._publish(s)
-        if silent > self.p["stale_after"]:
-            self._update_diagnostics()
+        """Silence on the steady clock: the grid's instants go on at rate_hz, level changes go out at once.
 
-    def _update_diagnostics(self) -> None:
+        Silence samples are published under the lock, so a frame that ends the
+        silence can only add instants after them (never before, never twice).
+        """
         silence = self.silence()
         with self.lock:
-            statuses = self.health.assess(self.sampler, source=self.source.description, silence=silence,
-                                          samples_published=self.samples_published,
-                                          source_errors=self.source_errors, last_error=self.last_error,
-                                          reader_failed=self.reader_failed)
+            t = silence_sample_time(self.last_rx_can, silence, self.source.speed, self.p["stale_after"],
+                                    self.source.replaying)
+            if t is not None:
+                for s in self.sampler.close_until(t):
+                    self._publish(s)
+        if (silence > self.p["stale_after"]) != self._reported_silent or self._reported_late:
+            self._update_diagnostics(periodic=False)
+
+    def _update_diagnostics(self, periodic: bool = True) -> None:
+        """Assess and publish both checks; ``periodic``: the 1 Hz report (closes the rejection window)."""
+        silence = self.silence()
+        with self.lock:
+            bus, messages = self.health.assess(
+                self.sampler, source=self.source.description, silence=silence,
+                samples_published=self.samples_published, source_errors=self.source_errors,
+                last_error=self.last_error, reader_failed=self.reader_failed, closes_period=periodic)
+        self._reported_silent = silence > self.p["stale_after"]
+        self._reported_late = messages.level == WARN
         with self.diag.batch():
-            for st in statuses:
+            for st in (bus, messages):
                 self.diag.update(st.check, st.level, st.message, st.values)
 
     def destroy_node(self) -> None:
