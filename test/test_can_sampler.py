@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
@@ -63,6 +64,23 @@ def test_feed_arrays_in_chunks_continues_like_frame_by_frame(decoder):
     assert chunked.asm.sample.status == one.asm.sample.status
     assert {n: st.last_counter for n, st in chunked.asm.stats.items()} == \
         {n: st.last_counter for n, st in one.asm.stats.items()}
+
+
+def test_arrays_keep_per_message_receive_stats_like_frame_by_frame(decoder):
+    """Counts, first and last receive time per message: a maximum-speed replay's timeouts and rates are real."""
+    msgs = synthetic_messages(decoder, 0.0, 1.0)
+    msgs[next(i for i, m in enumerate(msgs) if m.arbitration_id == 0x120)].data[0] ^= 0xFF  # rejected: not received
+    one = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    for m in msgs:
+        one.feed_message(m)
+    chunked = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    frames = FrameArrays.from_messages(msgs)
+    for i in range(0, len(frames), 333):
+        chunked.feed_arrays(FrameArrays(*(getattr(frames, f)[i:i + 333] for f in ("ts", "ids", "ext", "dlc", "data", "bad"))))
+    got = {n: (s.count, s.first_rx, s.last_rx) for n, s in chunked.asm.stats.items()}
+    assert got == {n: (s.count, s.first_rx, s.last_rx) for n, s in one.asm.stats.items()}
+    assert chunked.asm.check_timeouts(msgs[-1].timestamp) == []
+    assert chunked.asm.rates()["BMS_PackMeas"] == pytest.approx(100.0, rel=0.02)
 
 
 def _silent_after(decoder, t_end: float) -> FixedRateSampler:

@@ -132,3 +132,8 @@ class FixedRateSampler:
             asm.stats[name].last_counter = v
         for name, n in decoded.counter_errors.items():
             asm.stats[name].counter_errors += n
+        for name, (n, first, last) in decoded.received.items():  # receive times: timeouts and rates
+            st = asm.stats[name]
+            st.first_rx = first if st.count == 0 else st.first_rx
+            st.count += n
+            st.last_rx = last
