@@ -41,13 +41,17 @@ def silence_sample_time(last_rx_can: float, silence: float, speed: float, stale_
     the nominal rate, on the sampler's grid of instants
     (:meth:`~bms_ai.can.sampler.FixedRateSampler.close_until`), with values
     ageing out to NaN, so consumers see the loss instead of the last values
-    frozen. A replay that is paused (its readers catching up) is not a
+    frozen. Silence runs in real time: after a replay at ``speed`` x has
+    ended, CAN time goes on at 1x, so the samples follow at ``rate_hz`` of
+    wall time like a live bus's, not ``speed`` times as many (a flood the
+    readers could not take). A replay that is paused (its readers catching
+    up, or a gap in the log: the next frame closes those instants) is not a
     silent bus, and neither is a source without a CAN clock (maximum-speed
-    replay).
+    replay, ``speed`` inf).
     """
     if not (silence > stale_after and math.isfinite(silence) and math.isfinite(speed)) or replaying:
         return None
-    return can_time_now(last_rx_can, silence, speed)
+    return can_time_now(last_rx_can, silence)
 
 
 @dataclass
