@@ -127,7 +127,7 @@ def bench_nominal(log: Path, quick: bool) -> dict[str, Any]:
 
 
 def bench_replay(log: Path, seconds: float) -> dict[str, Any]:
-    """Full graph at maximum replay speed on sim time vs the offline decoder on the same log."""
+    """Full graph at maximum replay speed on sim time (until the last sample is estimated) vs the offline decoder."""
     from bms_ai.can.offline import decode_log
     from bms_ai.can.packconfig import load_pack_config
     from bms_ai.core.paths import default_pack_config
@@ -144,8 +144,10 @@ from bms_ai.ros.runner import GraphRunner
 nodes = ','.join(available_nodes()[0])
 r = GraphRunner(graph_from_options({{'nodes': nodes, 'can_log': {json.dumps(str(log))}, 'replay_speed': '0'}}))
 b = r.node('can_bridge')
+e = r.node('estimator') if 'estimator' in nodes else None
 t0 = time.monotonic()
-r.spin(until=lambda: b.source.finished)
+# done when the last sample is estimated, not when it is published (readers may still hold a backlog)
+r.spin(until=lambda: b.source.finished and (e is None or e.steps + e.rejected >= b.samples_published))
 wall = time.monotonic() - t0
 print(wall, b.samples_published, nodes)
 r.shutdown()
