@@ -59,15 +59,21 @@ class FixedRateSampler:
             if self._k is None:
                 self._k = math.floor(tsf / self.period) + 1
             else:
-                while tsf > self._k * self.period:
-                    if len(out) == self.max_catchup:  # a gap in the log: skip to this frame
-                        k = first_k_at_or_after(tsf, self.period)
-                        self.skipped += k - self._k
-                        self._k = k
-                        break
-                    out.append(self._take(self._k * self.period))
-                    self._k += 1
+                out = self._take_until(tsf)
         self.asm.feed(arb_id, data, ts, extended)
+        return out
+
+    def _take_until(self, t: float) -> list[PackSample]:
+        """The grid's instants before CAN time ``t``, each once; past ``max_catchup`` skipped and counted."""
+        out: list[PackSample] = []
+        while self._k * self.period < t:
+            if len(out) == self.max_catchup:  # a gap: skip to t
+                k = first_k_at_or_after(t, self.period)
+                self.skipped += k - self._k
+                self._k = k
+                break
+            out.append(self._take(self._k * self.period))
+            self._k += 1
         return out
 
     def close_until(self, t: float) -> list[PackSample]:
@@ -79,18 +85,9 @@ class FixedRateSampler:
         the rest are skipped and counted, like a long gap between two frames.
         Before the first frame there is no grid and nothing is due.
         """
-        out: list[PackSample] = []
         if self._k is None or not STAMP_MIN <= t < STAMP_MAX:
-            return out
-        while self._k * self.period < t:
-            if len(out) == self.max_catchup:
-                k = first_k_at_or_after(t, self.period)
-                self.skipped += k - self._k
-                self._k = k
-                break
-            out.append(self._take(self._k * self.period))
-            self._k += 1
-        return out
+            return []
+        return self._take_until(t)
 
     def feed_message(self, msg) -> list[PackSample]:
         """Feed a ``can.Message`` (or :class:`~bms_ai.can.frames.Frame`); error/remote frames only count."""
