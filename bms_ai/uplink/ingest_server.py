@@ -168,6 +168,27 @@ class Incoming:
         self.tmp.unlink(missing_ok=True)
 
 
+def segment_name(name: str) -> str | None:
+    """The object name a request asks to store (64 hex digits, lower-cased), or None.
+
+    The name becomes a file name under ``objects/`` and ``tmp/``: only this form may pass,
+    so no request can name a path outside the store.
+    """
+    sha = name.lower()
+    return sha if _SHA.match(sha) else None
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` value (as aiohttp decodes it) is ``Bearer <token>``; no token = open server.
+
+    Compared in constant time, so the answer time does not tell how much of a guess was right.
+    """
+    if not token:
+        return True
+    got = (header or "").encode("utf-8", "replace")
+    return hmac.compare_digest(got, f"Bearer {token}".encode())
+
+
 def _one_line(text: object, limit: int = 200) -> str:
     """Whitespace (newlines included) collapsed, cut to ``limit``: errors and log lines stay one line."""
     return " ".join(str(text).split())[:limit]
@@ -235,10 +256,7 @@ class IngestApp:
         self._slots: asyncio.Semaphore | None = None
 
     def _authorised(self, request: Any) -> bool:
-        if not self.token:
-            return True
-        got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode("utf-8", "replace"), f"Bearer {self.token}".encode())
+        return bearer_ok(request.headers.get("Authorization"), self.token)
 
     async def handle(self, request: Any) -> Any:
         """Route one request; anything unexpected is a one-line 500, never a traceback."""
@@ -314,10 +332,11 @@ class IngestApp:
         if not self._authorised(request):
             self.stats.unauthorised += 1
             return await self._refuse(request, 401, "bad or missing token")
-        sha = sha.lower()
-        if not _SHA.match(sha):
+        name = segment_name(sha)
+        if name is None:
             self.stats.bad_requests += 1
             return await self._refuse(request, 400, "need sha256 (64 hex) in path or X-Content-SHA256")
+        sha = name
         length = self._check_length(request)
         if isinstance(length, tuple):
             return await self._refuse(request, *length)
