@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would let a trailing "\n" through
 MAX_BODY = 1 << 30
 log = logging.getLogger("bms_ai.ingest")
 
@@ -125,7 +125,7 @@ class IngestStore:
         """Stored objects with their metadata."""
         out = []
         for p in sorted((self.root / "objects").iterdir()):
-            if _SHA.match(p.name):
+            if _SHA.fullmatch(p.name):
                 meta_p = p.with_name(p.name + ".json")
                 meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
                 out.append({"sha256": p.name, "size": p.stat().st_size, **{k: v for k, v in meta.items()
@@ -175,18 +175,19 @@ def segment_name(name: str) -> str | None:
     so no request can name a path outside the store.
     """
     sha = name.lower()
-    return sha if _SHA.match(sha) else None
+    return sha if _SHA.fullmatch(sha) else None
 
 
 def bearer_ok(header: str | None, token: str) -> bool:
     """Whether an ``Authorization`` value (as aiohttp decodes it) is ``Bearer <token>``; no token = open server.
 
-    Compared in constant time, so the answer time does not tell how much of a guess was right.
+    Compared in constant time, so the answer time does not tell how much of a guess was right; encoded
+    one-to-one (bytes aiohttp could not decode arrive as surrogates), so only the exact value matches.
     """
     if not token:
         return True
-    got = (header or "").encode("utf-8", "replace")
-    return hmac.compare_digest(got, f"Bearer {token}".encode())
+    got = (header or "").encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(got, f"Bearer {token}".encode("utf-8", "surrogatepass"))
 
 
 def _one_line(text: object, limit: int = 200) -> str:
