@@ -208,8 +208,8 @@ class _OneLineLogger(logging.LoggerAdapter):
             if level >= logging.WARNING:
                 self.stats.client_errors += 1
                 level = logging.WARNING
-            if isinstance(exc, BaseException):
-                msg = f"{msg}: {type(exc).__name__}: {_one_line(exc)}"
+            if isinstance(exc, BaseException):  # its text quotes the client's bytes: an argument, never the format
+                msg, args = f"{msg}: %s: %s", (*args, type(exc).__name__, _one_line(exc))
         kwargs.pop("stack_info", None)
         super().log(level, msg, *args, **kwargs)
 
