@@ -699,7 +699,8 @@ def fuzz(srv: Server, kind: str, cases: int) -> None:
     assert RAN[kind] >= cases
     warm = srv.rss[len(srv.rss) // 10]
     print(f"\n{kind}: {RAN[kind]} cases in {took:.0f} s, answers by status (0 = closed): {dict(sorted(srv.statuses.items()))}, "
-          f"server RSS {warm >> 20} MiB after a tenth, {srv.rss[-1] >> 20} MiB at the end, peak {max(srv.rss) >> 20} MiB")
+          f"server RSS (MiB) after each tenth {[srv.rss[len(srv.rss) * i // 10 - 1] >> 20 for i in range(1, 11)]}, "
+          f"peak {max(srv.rss) >> 20}")
     assert srv.rss[-1] - warm < RSS_GROWTH, f"server memory grew by {(srv.rss[-1] - warm) >> 20} MiB"
 
 
