@@ -8,7 +8,7 @@ every case runs under a deadline in CPU seconds (a hang fails the case instead o
 and a memory cap (address space: an unbounded allocation is a MemoryError).
 
 The default run is >= 2,000 cases; ``pytest -m slow test/test_can_fuzz.py``
-runs >= 100,000 (docs/fuzzing.md; results under reports/fuzz/).
+runs >= 100,000 (docs/can_logs.md, section on fuzzing; results under reports/fuzz/).
 """
 
 from __future__ import annotations
