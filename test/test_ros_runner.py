@@ -254,3 +254,22 @@ def test_ctrl_c_twice_stops_the_run_cleanly(tmp_path):
             p.kill()
     assert rc == 0, err
     assert "Traceback" not in err and "FATAL" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_fault_monitor_reads_its_own_packs_estimator_only():
+    """The fault monitor takes the model-fallback flag from its own pack's estimator status on /diagnostics;
+    another pack's statuses on the same topic are skipped without being decoded."""
+    from bms_ai.ros.runner import GraphRunner
+
+    specs = (build_graph("/bms", ["estimator", "fault_monitor"], {"estimator": {"use_models": False}})
+             + build_graph("/pack_b", ["fault_monitor"]))
+    runner = GraphRunner(specs)
+    ours = next(n for n in runner.nodes if n.get_fully_qualified_name() == "/bms/fault_monitor")
+    theirs = next(n for n in runner.nodes if n.get_fully_qualified_name() == "/pack_b/fault_monitor")
+    try:
+        runner.spin(until=lambda: ours.monitor.model_fallback is True, duration=15)
+        runner.spin(duration=1.5)  # a few more rounds of /diagnostics
+    finally:
+        runner.shutdown()
+    assert ours.monitor.model_fallback is True
+    assert theirs.monitor.model_fallback is not True
