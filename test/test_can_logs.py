@@ -14,8 +14,11 @@ from testutil import deadline, memory_cap, peak_memory, write_log
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import (
     LOG_FORMATS,
+    MAX_GAP,
+    SEGMENT_STEP,
     LogError,
     LogFormat,
+    Timeline,
     iter_log,
     log_format,
     log_suffix,
@@ -322,3 +325,64 @@ def test_damaged_or_cut_gvret_csv_keeps_the_frames_before(tmp_path):
     cut.write_text(GVRET_HEADER + good * 3 + good[:20])
     frames = read_log(cut)
     assert len(frames) == 3 and "truncated" in frames.error
+
+
+def _restarted(tmp_path, messages, suffix: str, back: float = 100.0):
+    """The drive twice, the second copy stamped ``back`` s earlier: a logger restarted, logs joined end to end.
+
+    Written as text (python-can's writers clamp stamps that go back).
+    """
+    def line(m, t):
+        if suffix == ".log":
+            return f"({t:.6f}) can0 {m.arbitration_id:03X}#{bytes(m.data).hex().upper()}\n"
+        return (f"{round(t * 1e6)},{m.arbitration_id:08X},false,0,{len(m.data)},"
+                + ",".join(f"{b:02X}" for b in m.data) + "\r\n")
+    body = "".join(line(m, m.timestamp) for m in messages) + "".join(line(m, m.timestamp - back) for m in messages)
+    path = tmp_path / f"restart{suffix}"
+    path.write_text(("" if suffix == ".log" else GVRET_HEADER) + body)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".log", ".csv"])
+def test_a_jump_back_starts_a_rebased_segment_instead_of_dropping_the_rest(tmp_path, decoder, messages, suffix):
+    """A log whose time restarts keeps every frame: the rest is shifted to follow; all three readers agree."""
+    path = _restarted(tmp_path, messages, suffix)
+    n = len(messages)
+    tl = Timeline()
+    whole = read_log(path, timeline=tl)
+    assert len(whole) == 2 * n and (np.diff(whole.ts) >= 0).all()
+    assert whole.ts[n] == pytest.approx(whole.ts[n - 1] + SEGMENT_STEP)
+    assert (tl.segments, tl.rebased, tl.gaps) == (2, 1, 0) and "1 jumps back rebased" in tl.summary()
+    chunks = np.concatenate([c.ts for c in read_log_chunks(path, rows=97)])
+    stream = np.array([m.timestamp for m in iter_log(path)])
+    np.testing.assert_array_equal(chunks, whole.ts)
+    np.testing.assert_array_equal(stream, whole.ts)
+    table = decode_log(path, decoder.cfg, rate=10.0)
+    assert table.rejected["time_backwards"] == 0 and len(table) >= 19  # both copies sampled
+
+
+def test_pauses_jitter_and_damaged_stamps_keep_their_stamps(tmp_path):
+    """A pause over MAX_GAP is a counted segment, a step back of 22 ms (interleaved buses) is left for the
+    decoders to reject, damaged stamps pass untouched (counted as bad_time by the decoders), never a segment."""
+    stamps = [100.0, 100.05, 100.028, float("nan"), float("inf"), -3.0, 1e300, 100.1, 100.1 + MAX_GAP + 1, 1e9]
+    tl = Timeline()
+    got = [tl.stamp(t) for t in stamps]
+    np.testing.assert_array_equal(got, stamps)
+    assert (tl.segments, tl.rebased, tl.gaps) == (3, 0, 2)
+    tl2 = Timeline()
+    frames = tl2.arrays(FrameArrays.from_messages(
+        [can.Message(timestamp=t, arbitration_id=0x120, is_extended_id=False) for t in stamps]))
+    np.testing.assert_array_equal(frames.ts, stamps)
+    assert (tl2.segments, tl2.rebased, tl2.gaps) == (3, 0, 2)
+
+
+def test_stamps_jumping_back_and_forth_every_frame_stay_bounded():
+    """Alternating 4e9 / 0 stamps: every other frame rebased, time increasing, work linear."""
+    stamps = np.tile([4e9 - 1, 0.0], 5000)
+    frames = FrameArrays.from_messages([can.Message(timestamp=float(t), arbitration_id=1) for t in stamps[:2]])
+    frames = FrameArrays(stamps.copy(), *(np.resize(getattr(frames, f), (len(stamps),) + getattr(frames, f).shape[1:])
+                                         for f in ("ids", "ext", "dlc", "data", "bad")))
+    tl = Timeline()
+    with deadline(5.0):
+        out = tl.arrays(frames).ts
+    assert (np.diff(out) > 0).all() and tl.rebased == 5000

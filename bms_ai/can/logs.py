@@ -16,12 +16,22 @@ from itertools import islice
 from pathlib import Path
 
 import can
+import numpy as np
 
-from bms_ai.can.frames import FrameArrays
+from bms_ai.can.frames import FrameArrays, stamp_ok, stamps_ok
 from bms_ai.core.registry import Registry, UnknownName
 
 #: frames per chunk when a log is streamed (a few MB of arrays, whatever the drive's length)
 CHUNK_ROWS = 65536
+#: a pause in a log longer than this (s) starts a new segment; the replay clock shortens such a
+#: pause to the same length (``sources.MAX_REPLAY_GAP``) and the samplers skip past it
+MAX_GAP = 60.0
+#: a step back in time larger than this (s) starts a new, rebased segment: the log was restarted or
+#: concatenated. Smaller steps are jitter between interleaved buses (22 ms in a real two-bus
+#: SavvyCAN log): left as they are, the decoders reject such a frame as ``time_backwards``.
+MAX_BACKSTEP = 1.0
+#: a rebased segment starts this long after the latest frame before it
+SEGMENT_STEP = 0.01
 
 
 class LogError(ValueError):
@@ -177,6 +187,71 @@ LOG_FORMATS.add(".mf4", PythonCanLog("MF4Reader"), "ASAM MDF 4 (needs asammdf)")
 LOG_FORMATS.add(".trc", PythonCanLog("TRCReader", text=True), "PEAK trace")
 
 
+class Timeline:
+    """Log time made usable in one place, for every reader: segments instead of lost frames.
+
+    A jump back by more than :data:`MAX_BACKSTEP` (a restarted logger, logs
+    joined end to end) starts a new segment that is shifted to begin
+    :data:`SEGMENT_STEP` after the latest frame so far, so the rest of the log
+    keeps its frames and time keeps increasing. A pause over ``max_gap`` also
+    starts a segment (counted; its stamps stay: the decoders and the replay
+    clock bound what a pause costs). Damaged stamps (:func:`frames.stamp_ok`:
+    NaN, inf, negative, >= 2^32 s) pass through untouched, so the decoders
+    reject and count each of them as ``bad_time``; they never start a segment.
+    """
+
+    def __init__(self, max_gap: float = MAX_GAP, max_backstep: float = MAX_BACKSTEP) -> None:
+        self.max_gap, self.max_backstep = max_gap, max_backstep
+        self.offset = 0.0  # added to the raw stamps of the current segment
+        self.latest = -np.inf  # latest raw stamp of the current segment
+        self.rebased = 0  # segments started by a jump back
+        self.gaps = 0  # segments started by a pause over max_gap
+
+    @property
+    def segments(self) -> int:
+        """Stretches of continuous time seen so far (0 before the first usable stamp)."""
+        return 0 if self.latest == -np.inf else 1 + self.rebased + self.gaps
+
+    def summary(self) -> str:
+        """One phrase for a report; empty when the log is one segment."""
+        if self.segments <= 1:
+            return ""
+        return (f"{self.segments} time segments ({self.rebased} jumps back rebased, "
+                f"{self.gaps} pauses over {self.max_gap:g} s)")
+
+    def stamp(self, ts: float) -> float:
+        """The stamp of the next frame on the log's continuous time."""
+        if not stamp_ok(ts):
+            return ts
+        if self.latest == -np.inf:
+            self.latest = ts
+        elif ts < self.latest - self.max_backstep:
+            self.rebased += 1
+            self.offset += self.latest + SEGMENT_STEP - ts
+            self.latest = ts
+        elif ts > self.latest:
+            self.gaps += ts - self.latest > self.max_gap
+            self.latest = ts
+        return ts + self.offset
+
+    def arrays(self, frames: FrameArrays) -> FrameArrays:
+        """``frames`` (the next chunk of the log) with their stamps on continuous time, in place."""
+        ts = frames.ts
+        ok = stamps_ok(ts)
+        raw = ts[ok]
+        if raw.size == 0:
+            return frames
+        run = np.maximum.accumulate(np.concatenate(([self.latest], raw)))
+        if (raw >= run[:-1] - self.max_backstep).all():  # no jump back: one offset (the common case)
+            first = 1 if self.latest == -np.inf else 0  # the log's first stamp is no pause
+            self.gaps += int((raw - run[:-1] > self.max_gap)[first:].sum())
+            self.latest = float(run[-1])
+            ts[ok] = raw + self.offset
+        else:
+            ts[ok] = [self.stamp(t) for t in raw.tolist()]
+        return frames
+
+
 def log_suffix(path: str | Path) -> str:
     """The table key of a log file: its suffix, lower case, looking through a final ``.gz``."""
     suffixes = [s.lower() for s in Path(path).suffixes]
@@ -227,27 +302,35 @@ def messages(fmt: LogFormat, path: Path, errors: list[str] | None = None) -> Ite
     errors.append(reason)
 
 
-def iter_log(path: str | Path, errors: list[str] | None = None) -> Iterator[can.Message]:
-    """Messages of any log in :data:`LOG_FORMATS` (.asc .blf .log .trc .csv .mf4 ...).
+def iter_log(path: str | Path, errors: list[str] | None = None,
+             timeline: Timeline | None = None) -> Iterator[can.Message]:
+    """Messages of any log in :data:`LOG_FORMATS` (.asc .blf .log .trc .csv .mf4 ...), on continuous time.
 
     A damaged file yields every frame before the damage; the reason goes into
-    ``errors`` (or raises :class:`LogError` when no list is given).
+    ``errors`` (or raises :class:`LogError` when no list is given). Stamps go
+    through ``timeline`` (a fresh :class:`Timeline` by default; pass one to
+    read its segment counts).
     """
     p = _existing(path)
-    yield from messages(log_format(p), p, errors)
+    timeline = timeline or Timeline()
+    for msg in messages(log_format(p), p, errors):
+        msg.timestamp = timeline.stamp(msg.timestamp)
+        yield msg
 
 
-def read_log_chunks(path: str | Path, rows: int = CHUNK_ROWS,
-                    errors: list[str] | None = None) -> Iterator[FrameArrays]:
+def read_log_chunks(path: str | Path, rows: int = CHUNK_ROWS, errors: list[str] | None = None,
+                    timeline: Timeline | None = None) -> Iterator[FrameArrays]:
     """A log's frames as arrays, ``rows`` at a time: memory bounded by a chunk, not by the log.
 
-    Damage ends the stream with its reason in ``errors`` (LogError without a list).
+    Damage ends the stream with its reason in ``errors`` (LogError without a list);
+    stamps go through ``timeline`` as in :func:`iter_log`.
     """
     p = _existing(path)
-    return log_format(p).array_chunks(p, max(1, int(rows)), errors)
+    timeline = timeline or Timeline()
+    return map(timeline.arrays, log_format(p).array_chunks(p, max(1, int(rows)), errors))
 
 
-def read_log(path: str | Path) -> FrameArrays:
-    """All frames of a log as arrays; ``.error`` says if the file was cut short."""
+def read_log(path: str | Path, timeline: Timeline | None = None) -> FrameArrays:
+    """All frames of a log as arrays on continuous time; ``.error`` says if the file was cut short."""
     p = _existing(path)
-    return log_format(p).arrays(p)
+    return (timeline or Timeline()).arrays(log_format(p).arrays(p))
