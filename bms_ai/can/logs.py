@@ -302,32 +302,43 @@ def messages(fmt: LogFormat, path: Path, errors: list[str] | None = None) -> Ite
     errors.append(reason)
 
 
+def _on_channel(msgs: Iterator[can.Message], channel: str | None) -> Iterator[can.Message]:
+    """Only the frames of one bus (``str(message.channel)``: ``0`` in a GVRET CSV, ``can0`` in candump)."""
+    if channel is None:
+        return msgs
+    return (m for m in msgs if str(m.channel) == channel)
+
+
 def iter_log(path: str | Path, errors: list[str] | None = None,
-             timeline: Timeline | None = None) -> Iterator[can.Message]:
+             timeline: Timeline | None = None, channel: str | None = None) -> Iterator[can.Message]:
     """Messages of any log in :data:`LOG_FORMATS` (.asc .blf .log .trc .csv .mf4 ...), on continuous time.
 
     A damaged file yields every frame before the damage; the reason goes into
     ``errors`` (or raises :class:`LogError` when no list is given). Stamps go
     through ``timeline`` (a fresh :class:`Timeline` by default; pass one to
-    read its segment counts).
+    read its segment counts). ``channel`` keeps one bus of a multi-bus log.
     """
     p = _existing(path)
     timeline = timeline or Timeline()
-    for msg in messages(log_format(p), p, errors):
+    for msg in _on_channel(messages(log_format(p), p, errors), channel):
         msg.timestamp = timeline.stamp(msg.timestamp)
         yield msg
 
 
 def read_log_chunks(path: str | Path, rows: int = CHUNK_ROWS, errors: list[str] | None = None,
-                    timeline: Timeline | None = None) -> Iterator[FrameArrays]:
+                    timeline: Timeline | None = None, channel: str | None = None) -> Iterator[FrameArrays]:
     """A log's frames as arrays, ``rows`` at a time: memory bounded by a chunk, not by the log.
 
     Damage ends the stream with its reason in ``errors`` (LogError without a list);
-    stamps go through ``timeline`` as in :func:`iter_log`.
+    stamps go through ``timeline`` and ``channel`` selects a bus as in :func:`iter_log`.
     """
     p = _existing(path)
+    rows = max(1, int(rows))
+    if channel is not None:  # the bus is a message field: read messages, not a format's arrays
+        it = iter_log(p, errors, timeline, channel)
+        return (FrameArrays.from_messages(b) for b in iter(lambda: list(islice(it, rows)), []))
     timeline = timeline or Timeline()
-    return map(timeline.arrays, log_format(p).array_chunks(p, max(1, int(rows)), errors))
+    return map(timeline.arrays, log_format(p).array_chunks(p, rows, errors))
 
 
 def read_log(path: str | Path, timeline: Timeline | None = None) -> FrameArrays:
