@@ -16,6 +16,7 @@ COMMANDS.add("run", "bms_ai.ros.runner:", "run the whole node graph in one proce
 COMMANDS.add("demo", "bms_ai.ros.demo:", "main job: replay a bundled drive through the graph, live view, report")
 COMMANDS.add("replay", "bms_ai.ros.replay:", "put a CAN log on a bus (optionally publishing /clock)")
 COMMANDS.add("decode", "bms_ai.can.decode_cli:", "decode a CAN log into pack samples (csv/jsonl)")
+COMMANDS.add("pack-config", "bms_ai.can.draft:", "draft a pack config from a vehicle's DBC (and a log)")
 COMMANDS.add("simulate", "bms_ai.sim.cli:", "simulate a recorded drive (CAN log + truth) or a suite")
 COMMANDS.add("train", "bms_ai.training.cli:", "train SOC/SOH/RUL/fault models and export ONNX")
 COMMANDS.add("evaluate", "bms_ai.estimation.evaluate:", "compare estimators/detectors on held-out drives")
