@@ -248,3 +248,77 @@ def test_blf_header_size_field_is_checked_before_reading(tmp_path, messages):
         for read in (read_log, lambda p: list(read_log_chunks(p, errors=[]))):
             with pytest.raises(LogError, match="file header size 4294967280"):
                 read(path)
+
+
+def realdata(rel: str):
+    """A file of the shared real-vehicle data (beside the checkout, or $BMS_AI_REALDATA); skip when absent."""
+    import os
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1]
+    for base in (os.environ.get("BMS_AI_REALDATA"), here.parent / "shared" / "realdata",
+                 here.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
+        if base and (Path(base) / rel).is_file():
+            return Path(base) / rel
+    pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
+
+
+GVRET_HEADER = "Time Stamp,ID,Extended,Bus,LEN,D1,D2,D3,D4,D5,D6,D7,D8\r\n"
+GVRET_DIR_HEADER = "Time Stamp,ID,Extended,Dir,Bus,LEN,D1,D2,D3,D4,D5,D6,D7,D8\r\n"
+
+
+def test_gvret_csv_reads_a_real_kona_drive():
+    """SavvyCAN's GVRET CSV of a real Kona: every frame, microsecond stamps, hex ids and bytes, bus as channel."""
+    path = realdata("kona/power-off-on-ready-off.gvret.csv")
+    errors: list[str] = []
+    msgs = list(iter_log(path, errors))
+    frames = FrameArrays.from_messages(msgs)
+    assert errors == [] and len(frames) == 39546
+    assert frames.ts[0] == pytest.approx(1953.6135) and frames.ts[-1] - frames.ts[0] == pytest.approx(10.8404)
+    first = msgs[0]
+    assert (first.arbitration_id, bytes(first.data).hex(), first.channel) == (0x109, "000100ffffff0f3d", 0)
+    # 0x595 Batt_HV_Status on bus 0 (P-CAN): VBatt (0.1 V, bytes 6-7 little endian) 354.8 .. 355.1 V
+    vbatt = [int.from_bytes(m.data[6:8], "little") * 0.1 for m in msgs
+             if m.arbitration_id == 0x595 and m.channel == 0]
+    assert len(vbatt) == 70 and min(vbatt) == pytest.approx(354.8) and max(vbatt) == pytest.approx(355.1)
+
+
+def test_gvret_csv_with_and_without_dir_column_read_alike(tmp_path):
+    """Both SavvyCAN header variants; the Dir column marks transmitted frames; short frames keep their length."""
+    rows = [(1000000, "000007E4", "false", "Tx", "1", 3, "30,00,00,,,,,"),
+            (1002500, "18FF50E5", "true", "Rx", "0", 8, "01,02,03,04,05,06,07,08")]
+    plain = tmp_path / "plain.csv"
+    plain.write_text(GVRET_HEADER + "".join(f"{t},{i},{e},{b},{n},{d}\r\n" for t, i, e, _, b, n, d in rows))
+    with_dir = tmp_path / "dir.csv"
+    with_dir.write_text(GVRET_DIR_HEADER + "".join(f"{t},{i},{e},{r},{b},{n},{d}\r\n" for t, i, e, r, b, n, d in rows))
+    a, b = list(iter_log(plain)), list(iter_log(with_dir))
+    for msgs in (a, b):
+        assert [m.timestamp for m in msgs] == [1.0, 1.0025]
+        assert [m.arbitration_id for m in msgs] == [0x7E4, 0x18FF50E5]
+        assert [m.is_extended_id for m in msgs] == [False, True]
+        assert [bytes(m.data) for m in msgs] == [b"\x30\x00\x00", bytes(range(1, 9))]
+        assert [m.channel for m in msgs] == [1, 0]
+    assert [m.is_rx for m in b] == [False, True]
+
+
+def test_csv_is_told_apart_by_its_header(tmp_path, messages):
+    """python-can CSV still reads; a CSV of another tool is one line naming the file and both known headers."""
+    assert len(read_log(write_log(tmp_path / "pc.csv", messages[:10]))) == 10
+    other = tmp_path / "other.csv"
+    other.write_text("time,id,data\n1,2,3\n")
+    with pytest.raises(LogError, match=r"other\.csv: cannot open .*GVRET CSV \(Time Stamp,ID,\.\.\.\)") as exc:
+        read_log(other)
+    assert "\n" not in str(exc.value)
+
+
+def test_damaged_or_cut_gvret_csv_keeps_the_frames_before(tmp_path):
+    """A bad line ends the stream with its line number; a cut last line says truncated."""
+    path = tmp_path / "bad.csv"
+    good = "1000000,00000595,false,0,8,00,00,00,00,00,00,DC,0D\r\n"
+    path.write_text(GVRET_HEADER + good * 3 + "1000100,zz,false,0,8,00\r\n" + good)
+    frames = read_log(path)
+    assert len(frames) == 3 and "line 5" in frames.error
+    cut = tmp_path / "cut.csv"
+    cut.write_text(GVRET_HEADER + good * 3 + good[:20])
+    frames = read_log(cut)
+    assert len(frames) == 3 and "truncated" in frames.error

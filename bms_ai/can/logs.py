@@ -9,6 +9,8 @@ whole-file array reader (BLF does).
 
 from __future__ import annotations
 
+import gzip
+import io
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -92,10 +94,83 @@ class PythonCanLog(LogFormat):
         return None
 
 
+def _open_text(path: Path):
+    """A text log for reading (decompressed when it ends in ``.gz``); undecodable bytes stay visible."""
+    if Path(path).suffix.lower() == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+class GvretCsvReader:
+    """SavvyCAN's GVRET CSV: ``Time Stamp,ID,Extended,[Dir,]Bus,LEN,D1..Dn``, time in microseconds, hex fields.
+
+    Columns are found by the header's names, so the variants with and without
+    ``Dir`` (and CAN FD exports with more data columns) read alike. A line that
+    does not parse raises ``ValueError`` naming the line number (damage).
+    """
+
+    REQUIRED = ("time stamp", "id", "extended", "len")
+
+    def __init__(self, path: Path) -> None:
+        self._f = _open_text(path)
+        names = [c.strip().lower() for c in self._f.readline().split(",")]
+        missing = [c for c in self.REQUIRED if c not in names]
+        if missing:
+            self._f.close()
+            raise ValueError(f"not a GVRET CSV header (no {', '.join(missing)} column)")
+        self._col = {n: i for i, n in enumerate(names)}
+        self._data = [i for i, n in enumerate(names) if n[:1] == "d" and n[1:].isdigit()]
+
+    def __enter__(self) -> GvretCsvReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def __iter__(self) -> Iterator[can.Message]:
+        col, data = self._col, self._data
+        ts, fid, ext, n = col["time stamp"], col["id"], col["extended"], col["len"]
+        bus, direction = col.get("bus"), col.get("dir")
+        for lineno, line in enumerate(self._f, start=2):
+            f = line.rstrip("\r\n").split(",")
+            if f == [""]:
+                continue  # a blank line
+            try:
+                size = int(f[n])
+                yield can.Message(
+                    timestamp=float(f[ts]) / 1e6, arbitration_id=int(f[fid], 16),
+                    is_extended_id=f[ext].strip().lower() == "true",
+                    channel=int(f[bus]) if bus is not None and f[bus].strip() else None,
+                    is_rx=direction is None or f[direction].strip().lower() != "tx",
+                    dlc=size, data=bytes(int(f[i], 16) for i in data[:size]), check=True)
+            except (ValueError, IndexError, OverflowError) as exc:
+                if not line.endswith("\n"):
+                    raise ValueError(f"truncated: the last line ({lineno}) is incomplete") from None
+                raise ValueError(f"line {lineno}: {exc}") from None
+
+
+class CsvLog(PythonCanLog):
+    """``.csv``: SavvyCAN GVRET CSV or python-can CSV, told apart by the header line."""
+
+    def __init__(self) -> None:
+        super().__init__("CSVReader", text=True)
+
+    def open(self, path: Path):
+        """The GVRET reader when the first line names ``Time Stamp`` and ``ID``, else python-can's."""
+        with _open_text(path) as f:
+            header = f.readline(4096).strip().lower()
+        if header.startswith("time stamp,id,"):
+            return GvretCsvReader(path)
+        if header and not header.startswith("timestamp,"):
+            raise ValueError(f"neither a python-can CSV (timestamp,arbitration_id,...) nor a SavvyCAN GVRET CSV "
+                             f"(Time Stamp,ID,...) header: {header[:60]!r}")
+        return super().open(path)
+
+
 LOG_FORMATS: Registry[LogFormat] = Registry("log format")
 LOG_FORMATS.add(".asc", PythonCanLog("ASCReader", text=True, end_marker=b"end triggerblock"), "Vector ASCII")
 LOG_FORMATS.add(".blf", "bms_ai.can.blf_fast:BLF", "Vector binary logging format (fast array reader)")
-LOG_FORMATS.add(".csv", PythonCanLog("CSVReader", text=True), "python-can CSV")
+LOG_FORMATS.add(".csv", CsvLog(), "python-can CSV or SavvyCAN GVRET CSV (by the header line)")
 LOG_FORMATS.add(".db", PythonCanLog("SqliteReader"), "python-can SQLite")
 LOG_FORMATS.add(".log", PythonCanLog("CanutilsLogReader", text=True), "SocketCAN candump -l")
 LOG_FORMATS.add(".mf4", PythonCanLog("MF4Reader"), "ASAM MDF 4 (needs asammdf)")
