@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bms_ai.can.frames import FrameArrays
-from bms_ai.can.isotp_offline import Reassembler, decode_poll_log, isotp_messages
+from bms_ai.can.isotp_offline import PollLogDecoder, Reassembler, decode_poll_log, isotp_messages
 from bms_ai.can.packconfig import parse_poll_config
 from bms_ai.can.uds import PollStore, UdsPoller, decode_values
 from bms_ai.pack import PackSample
@@ -148,6 +148,15 @@ def test_recorded_poll_round_decodes_from_messages_and_frame_arrays():
         assert store.stats.rejected == {} and store.stats.sent == {r.name: 1 for r in poll.requests}
         assert stamps[0] == pytest.approx(100.2 + 0.003 + 0.004)  # the time of the answer's last frame
     assert [x.request for x in answers] == [r.name for r in poll.requests]
+    one, split = PollLogDecoder(poll, KONA_CELLS, KONA_TEMPS), PollLogDecoder(poll, KONA_CELLS, KONA_TEMPS)
+    for m in msgs:  # a replay loop, frame by frame
+        one.on_message(m)
+    split.feed(FrameArrays.from_messages(msgs[:7]))  # chunks that cut a multi-frame answer in two
+    split.feed(FrameArrays.from_messages(msgs[7:]))
+    for dec in (one, split):
+        np.testing.assert_array_equal(dec.store.latest()["cell_voltages"][0], a.latest()["cell_voltages"][0])
+    split.feed([can.Message(arbitration_id=0x7EC, data=bytes.fromhex("21aabb"), is_extended_id=False)])
+    assert split.store.stats.rejected == {"isotp:unexpected_consecutive": 1}
     np.testing.assert_allclose(answers[1].values["cell_voltages"], kona_cells()[:32])
 
 

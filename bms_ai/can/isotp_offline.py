@@ -155,42 +155,85 @@ class PolledAnswer:
     values: dict[str, Any] = field(default_factory=dict)
 
 
+class PollLogDecoder:
+    """Answers to the configured requests found in recorded frames, chunk by chunk or frame by frame.
+
+    Keeps the reassembly state between calls, so a replay can feed it each
+    frame (:meth:`on_message`) or each chunk of arrays (:meth:`feed`) and get
+    the values the live poller had. The requests in the log tell which
+    request a negative answer belongs to; answers on a polled id to requests
+    that are not configured (a scanner on the same bus) are counted as ignored.
+    """
+
+    def __init__(self, poll: PollConfig, n_cells: int = 0, n_temps: int = 0, store: PollStore | None = None,
+                 max_answers: int = MAX_ANSWERS) -> None:
+        self.store = store or PollStore(poll, n_cells, n_temps)
+        self.by_rx: dict[int, list[PollRequest]] = collections.defaultdict(list)
+        self.by_tx: dict[int, list[PollRequest]] = collections.defaultdict(list)
+        for r in poll.requests:
+            self.by_rx[r.response_id].append(r)
+            self.by_tx[r.request_id].append(r)
+        self.ids = set(self.by_rx) | set(self.by_tx)
+        self.pending: dict[int, PollRequest | None] = {}  # response id -> request last seen for it
+        self.answers: collections.deque[PolledAnswer] = collections.deque(maxlen=max_answers)
+        self._asm: dict[tuple[int, bool], Reassembler] = {}
+        self._damage_reported: collections.Counter = collections.Counter()
+
+    def feed(self, frames: Any) -> None:
+        """FrameArrays (filtered vectorised) or an iterable of python-can messages / :class:`Frame` rows."""
+        for ts, fid, ext, data in _rows(frames, self.ids):
+            self._frame(ts, fid, ext, data)
+        self._report_damage()
+
+    def on_message(self, msg: Any) -> None:
+        """One received frame (a ``can.Listener``-style hook for a replay loop); other ids cost a set lookup."""
+        if msg.arbitration_id in self.ids and not (msg.is_error_frame or msg.is_remote_frame):
+            self._frame(float(msg.timestamp), int(msg.arbitration_id), bool(msg.is_extended_id), bytes(msg.data))
+            self._report_damage()
+
+    def _frame(self, ts: float, fid: int, ext: bool, data: bytes) -> None:
+        payload = self._asm.setdefault((fid, ext), Reassembler()).feed(data)
+        if payload is not None:
+            self._message(IsoTpMessage(ts, fid, payload))
+
+    def _message(self, m: IsoTpMessage) -> None:
+        store = self.store
+        if m.arbitration_id in self.by_tx:
+            sent = next((r for r in self.by_tx[m.arbitration_id] if m.payload == r.payload), None)
+            for r in self.by_tx[m.arbitration_id]:
+                self.pending[r.response_id] = sent
+            if sent is not None:
+                store.stats.sent[sent.name] += 1
+        if m.arbitration_id not in self.by_rx:
+            return
+        req = match_request(self.by_rx[m.arbitration_id], m.payload, self.pending.get(m.arbitration_id))
+        if req is None:
+            store.stats.ignored += 1
+            return
+        ok = store.answer(req, m.payload, m.stamp)
+        vals = decode_values(req, m.payload[len(req.header):])[0] if ok else None
+        self.answers.append(PolledAnswer(req.name, m.stamp, ok, vals or {}))
+
+    def _report_damage(self) -> None:
+        """Reassembly damage into the store's rejections as ``isotp:<reason>`` (only what is new)."""
+        total: collections.Counter = collections.Counter()
+        for r in self._asm.values():
+            total.update(r.errors)
+        for reason, n in total.items():
+            if n > self._damage_reported[reason]:
+                self.store.stats.rejected[f"isotp:{reason}"] += n - self._damage_reported[reason]
+                self._damage_reported[reason] = n
+
+
 def decode_poll_log(frames: Any, poll: PollConfig, n_cells: int = 0, n_temps: int = 0,
                     store: PollStore | None = None,
                     max_answers: int = MAX_ANSWERS) -> tuple[PollStore, collections.deque[PolledAnswer]]:
     """Polled values of a recorded drive: every answer to a configured request, decoded like the live poller.
 
-    The requests in the log tell which request a negative answer belongs to;
-    answers on a polled id to requests that are not configured (a scanner on
-    the same bus) are counted as ignored. Returns the store (latest values,
-    counters incl. ISO-TP damage as ``isotp:<reason>``) and the last ``max_answers`` answers in order
-    (a whole day's drive keeps memory bounded; the store has every latest value).
+    Returns the store (latest values, counters incl. ISO-TP damage as
+    ``isotp:<reason>``) and the last ``max_answers`` answers in order (a
+    whole day's drive keeps memory bounded; the store has every latest value).
     """
-    store = store or PollStore(poll, n_cells, n_temps)
-    by_rx: dict[int, list[PollRequest]] = collections.defaultdict(list)
-    by_tx: dict[int, list[PollRequest]] = collections.defaultdict(list)
-    for r in poll.requests:
-        by_rx[r.response_id].append(r)
-        by_tx[r.request_id].append(r)
-    pending: dict[int, PollRequest | None] = {}  # response id -> request last seen for it
-    answers: collections.deque[PolledAnswer] = collections.deque(maxlen=max_answers)
-    damage: collections.Counter = collections.Counter()
-    for m in isotp_messages(frames, set(by_rx) | set(by_tx), damage):
-        if m.arbitration_id in by_tx:
-            sent = next((r for r in by_tx[m.arbitration_id] if m.payload == r.payload), None)
-            for r in by_tx[m.arbitration_id]:
-                pending[r.response_id] = sent
-            if sent is not None:
-                store.stats.sent[sent.name] += 1
-        if m.arbitration_id not in by_rx:
-            continue
-        req = match_request(by_rx[m.arbitration_id], m.payload, pending.get(m.arbitration_id))
-        if req is None:
-            store.stats.ignored += 1
-            continue
-        ok = store.answer(req, m.payload, m.stamp)
-        vals = decode_values(req, m.payload[len(req.header):])[0] if ok else None
-        answers.append(PolledAnswer(req.name, m.stamp, ok, vals or {}))
-    for reason, n in damage.items():
-        store.stats.rejected[f"isotp:{reason}"] += n
-    return store, answers
+    dec = PollLogDecoder(poll, n_cells, n_temps, store, max_answers)
+    dec.feed(frames)
+    return dec.store, dec.answers

@@ -280,6 +280,10 @@ class UdsPoller:
             self._thread.start()
         return self
 
+    def use_bus(self, bus: Any) -> None:
+        """Send on ``bus`` from now on (the reader reopened it after a driver error); the state is kept."""
+        self.bus = bus
+
     def stop(self) -> None:
         """Stop the thread and detach from the notifier (the bus stays open: it is the caller's)."""
         self._stop.set()
