@@ -46,6 +46,8 @@ setup(
         "paho-mqtt>=2.0",
         "psutil>=5.9",
         "msgpack>=1.0",  # python-can udp_multicast (virtual CAN across processes)
+        "can-isotp>=2.0",  # ISO-TP for diagnostic polling (bms_ai.can.uds)
+        "udsoncan>=1.21",  # UDS service and response-code tables for it
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "wheel", "mcap-ros2-support>=0.5",

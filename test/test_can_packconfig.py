@@ -313,3 +313,80 @@ def test_a_key_with_a_line_break_gives_a_one_line_error(tmp_path) -> None:
     """Found by the fuzz test: a status key '0\\n' was echoed into a two-line message."""
     err = PackConfigError("pack.yaml.status.0\n: expected a mapping, got NoneType None")
     assert "\n" not in str(err) and "status.0\\n" in str(err)
+
+
+# ----------------------------------------------------------------------------- poll: diagnostic requests
+
+KONA_LIKE_POLL = {"min_gap": 0.05, "requests": [
+    {"request_id": 0x7E4, "response_id": 0x7EC, "service": 0x22, "did": 0x0100 + 2 + k, "period": 10,
+     "values": {"cell_voltages": {"start": 4, "count": 32, "scale": 0.02, "index": 32 * k}}} for k in range(3)
+] + [{"name": "leaf_group1", "request_id": 0x79B, "response_id": 0x7BB, "service": 0x21, "did": 0x01, "period": 5,
+      "timeout": 2.5, "padding": 0xFF, "values": {"soh": {"start": 25, "bytes": 2, "scale": 0.01}}}]}
+
+
+def test_poll_section_parses_and_may_replace_the_broadcast_cell_groups(tmp_path, pack_config_path):
+    """Cells polled over UDS need no DBC group: the config loads, validates and maps every cell."""
+    p = _write_cfg(tmp_path, pack_config_path, poll=KONA_LIKE_POLL, cell_voltages=None)
+    cfg = load_pack_config(p)
+    PackDecoder(cfg)  # validated against the DBC: the polls cover cells 0..95
+    assert cfg.cell_voltages == () and cfg.poll.min_gap == 0.05
+    r0, leaf = cfg.poll.requests[0], cfg.poll.requests[3]
+    assert (r0.name, r0.payload, r0.header, r0.extended, r0.timeout) == ("7e4_22_0102", b"\x22\x01\x02", b"\x62\x01\x02",
+                                                                         False, 1.0)
+    assert (leaf.payload, leaf.header, leaf.timeout, leaf.padding) == (b"\x21\x01", b"\x61\x01", 2.5, 0xFF)
+    assert r0.values[0].end == 36 and cfg.poll.requests[2].values[0].index == 64
+
+
+def _poll_with(**changes):
+    req = {"request_id": 0x7E4, "response_id": 0x7EC, "service": 0x22, "did": 0x0102, "period": 10,
+           "values": {"cell_voltages": {"start": 4, "count": 32, "scale": 0.02}}}
+    value = changes.pop("value", {})
+    req["values"]["cell_voltages"].update(value)
+    req.update(changes)
+    return {"requests": [req]}
+
+
+@pytest.mark.parametrize(
+    ("poll", "needle"),
+    [
+        ([1], "poll: expected a mapping, got list"),
+        ({"requests": []}, "poll.requests: expected a non-empty list"),
+        ({"requests": [{}], "every": 1}, "poll: unknown key(s) ['every']"),
+        (_poll_with(service=0x19), "poll.requests[0].service: 0x19 is not one of"),
+        (_poll_with(did=0x10000), "poll.requests[0].did: expected a 2-byte identifier in 0x0..0xffff, got 0x10000"),
+        (_poll_with(service=0x21, did=0x102), "did: expected a 1-byte identifier in 0..255"),
+        (_poll_with(request_id=0x18DA10F1, extended=False), "poll.requests[0]: ids above 0x7ff need 29 bits; set extended: true"),
+        (_poll_with(request_id=0x7EC), "request_id and response_id are both 0x7ec"),
+        (_poll_with(request_id="0x7E4"), "poll.requests[0].request_id: expected an integer, got str"),
+        (_poll_with(period=0), "poll.requests[0].period: expected seconds >= 0.01"),
+        (_poll_with(timeout=-1), "poll.requests[0].timeout: expected seconds > 0"),
+        (_poll_with(padding=256), "poll.requests[0].padding: expected a byte in 0..255"),
+        (_poll_with(values={}), "poll.requests[0].values: expected at least one value"),
+        (_poll_with(value={"bytes": 9}), "values.cell_voltages.bytes: expected an integer in 1..8"),
+        (_poll_with(value={"byteorder": "middle"}), "byteorder: expected 'big' or 'little'"),
+        (_poll_with(value={"index": 80}), "values.cell_voltages: elements 80..111 outside 0..95"),
+        (_poll_with(value={"start": 4090}), "lie beyond the longest ISO-TP answer"),
+        (_poll_with(value={"valid": [5, 1]}), "valid: low 5 is above high 1"),
+        (_poll_with(value={"signed": "yes"}), "values.cell_voltages.signed: expected a boolean"),
+        (_poll_with(values={"soh": {"start": 1, "index": 3}}), "values.soh.index: only ['cell_temperatures', 'cell_voltages']"),
+        (_poll_with(value={"stride": 2}), "values.cell_voltages: unknown key(s) ['stride']"),
+        ({"requests": _poll_with()["requests"] * 2}, "poll.requests[1]: same name '7e4_22_0102' as requests[0]"),
+    ],
+)
+def test_invalid_poll_sections_name_the_key(tmp_path, pack_config_path, poll, needle):
+    """Each poll mistake is one line naming the key (hex where ids are hex)."""
+    p = _write_cfg(tmp_path, pack_config_path, poll=poll)
+    with pytest.raises(PackConfigError) as ei:
+        load_pack_config(p)
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_polled_cells_must_still_cover_the_pack(tmp_path, pack_config_path):
+    """Without the DBC group, cells no poll fills are named; a partial poll beside a DBC group is fine."""
+    partial = {"requests": KONA_LIKE_POLL["requests"][:2]}
+    with pytest.raises(PackConfigError, match=r"no signal maps to element\(s\) \[64, 65"):
+        PackDecoder(load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=partial, cell_voltages=None)))
+    PackDecoder(load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=partial)))
+    no_cells = {"requests": [KONA_LIKE_POLL["requests"][3]]}
+    with pytest.raises(PackConfigError, match="missing required key 'cell_voltages'"):
+        load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=no_cells, cell_voltages=None))

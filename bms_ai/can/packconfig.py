@@ -86,16 +86,95 @@ class PackConfig:
     status: dict[str, ScalarMap]
     checks: tuple[MessageCheck, ...]
     source: Path | None = None
+    poll: PollConfig | None = None  # diagnostic requests for values the pack does not broadcast
+
+
+#: diagnostic services a poll may use -> width in bytes of their identifier (echoed in the answer)
+POLL_SERVICES = {
+    0x01: 1,  # OBD-II mode 01, current data by PID
+    0x09: 1,  # OBD-II mode 09, vehicle information
+    0x21: 1,  # ReadDataByLocalIdentifier (KWP2000; Hyundai/Kia and Nissan group reads)
+    0x22: 2,  # UDS ReadDataByIdentifier
+}
+#: value names that fill the pack's own arrays (``index`` = first element); any other name is a value of its own
+POLL_ARRAYS = {"cell_voltages": "cells", "cell_temperatures": "temperature_sensors"}
+MAX_POLL_REQUESTS = 256
+MAX_ISOTP_PAYLOAD = 4095  # classic ISO-TP: the 12-bit length of a first frame
+
+
+@dataclass(frozen=True)
+class PollValue:
+    """Bytes of a diagnostic answer as one value or a run of elements: ``raw * scale + offset``.
+
+    ``start`` counts from the first byte after the service echo and the
+    identifier (OVMS's and the OBD-PID projects' convention), so a layout
+    copied from them needs no shift.
+    """
+
+    name: str
+    start: int
+    count: int = 1
+    size: int = 1  # bytes per element (the YAML key is ``bytes``)
+    scale: float = 1.0
+    offset: float = 0.0
+    signed: bool = False
+    byteorder: str = "big"
+    index: int | None = None  # first element of a pack array (cell_voltages, cell_temperatures)
+    valid: tuple[float, float] | None = None  # values outside [lo, hi] are NaN (a sensor's "no reading" code)
+
+    @property
+    def end(self) -> int:
+        """One past the last data byte the value reads."""
+        return self.start + self.count * self.size
+
+
+@dataclass(frozen=True)
+class PollRequest:
+    """One diagnostic request, sent every ``period`` s, and how its answer maps to values."""
+
+    name: str
+    request_id: int
+    response_id: int
+    extended: bool
+    service: int
+    did: int
+    period: float
+    timeout: float
+    values: tuple[PollValue, ...]
+    padding: int | None = None  # pad request frames to 8 bytes with this byte (None: shortest frame)
+    bus: str | None = None  # which bus when the bridge has several (None: the only one)
+
+    @property
+    def payload(self) -> bytes:
+        """The request as sent: service byte then the identifier, big-endian."""
+        return bytes([self.service]) + self.did.to_bytes(POLL_SERVICES[self.service], "big")
+
+    @property
+    def header(self) -> bytes:
+        """The start of a positive answer: service + 0x40, then the identifier echoed."""
+        return bytes([self.service + 0x40]) + self.did.to_bytes(POLL_SERVICES[self.service], "big")
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    """The ``poll:`` section: requests, and how hard the poller may press the ECUs."""
+
+    requests: tuple[PollRequest, ...]
+    min_gap: float = 0.05  # s between the end of one exchange with an ECU and the next request to it
 
 
 _TOP_KEYS = {
     "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
-    "cell_temperatures", "status", "checks",
+    "cell_temperatures", "status", "checks", "poll",
 }
 _SCALAR_KEYS = {"message", "signal", "scale", "offset", "valid"}
 _GROUP_KEYS = {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}
 _CHECK_KEYS = {"timeout", "counter", "crc"}
+_POLL_KEYS = {"requests", "min_gap", "timeout"}
+_REQUEST_KEYS = {"name", "request_id", "response_id", "extended", "service", "did", "period", "timeout",
+                 "padding", "bus", "values"}
+_VALUE_KEYS = {"start", "count", "bytes", "scale", "offset", "signed", "byteorder", "index", "valid"}
 MAX_ELEMENTS = 4096  # cells or sensors of one pack; far above any vehicle, low enough to bound memory
 
 
@@ -253,6 +332,140 @@ def _capacity(d: dict, where: str) -> float:
     return cap
 
 
+def _seconds(v: Any, where: str, low: float = 0.0, strict: bool = True) -> float:
+    """A time in seconds above ``low`` (or at least ``low`` when not ``strict``)."""
+    t = _num(v, where)
+    if t < low or (strict and t == low):
+        raise PackConfigError(f"{where}: expected seconds {'>' if strict else '>='} {low:g}, got {t:g}")
+    return t
+
+
+def _int_in(v: Any, where: str, low: int, high: int, what: str = "an integer") -> int:
+    """A whole number in ``low..high`` (hex in YAML, 0x7E4, reads as one)."""
+    n = _num(v, where, int)
+    if not low <= n <= high:
+        f = hex if high > 255 else str
+        raise PackConfigError(f"{where}: expected {what} in {f(low)}..{f(high)}, got {f(n)}")
+    return n
+
+
+def _poll_value(name: Any, v: Any, w: str, counts: dict[str, int]) -> PollValue:
+    name = _text(name, f"{w} key")
+    w = f"{w}.{name}"
+    v = _mapping(v, w)
+    _unknown(v, _VALUE_KEYS, w)
+    size = _int_in(v.get("bytes", 1), f"{w}.bytes", 1, 8)
+    pv = PollValue(
+        name=name,
+        start=_int_in(_req(v, "start", w), f"{w}.start", 0, MAX_ISOTP_PAYLOAD),
+        count=_count(v.get("count", 1), f"{w}.count", 1),
+        size=size,
+        scale=_num(v.get("scale", 1.0), f"{w}.scale"),
+        offset=_num(v.get("offset", 0.0), f"{w}.offset"),
+        signed=_bool(v.get("signed", False), f"{w}.signed"),
+        byteorder=_text(v.get("byteorder", "big"), f"{w}.byteorder"),
+        index=None if v.get("index") is None else _count(v["index"], f"{w}.index", 0),
+        valid=_valid_range(v.get("valid"), f"{w}.valid"),
+    )
+    if pv.byteorder not in ("big", "little"):
+        raise PackConfigError(f"{w}.byteorder: expected 'big' or 'little', got {pv.byteorder!r}")
+    if pv.end > MAX_ISOTP_PAYLOAD:
+        raise PackConfigError(f"{w}: bytes {pv.start}..{pv.end - 1} lie beyond the longest ISO-TP answer")
+    if name in POLL_ARRAYS:
+        first = pv.index or 0
+        n = counts[name]
+        if first + pv.count > n:
+            raise PackConfigError(f"{w}: elements {first}..{first + pv.count - 1} outside 0..{n - 1} "
+                                  f"(check index/count against '{POLL_ARRAYS[name]}')")
+    elif pv.index is not None:
+        raise PackConfigError(f"{w}.index: only {sorted(POLL_ARRAYS)} fill pack elements; drop 'index' here")
+    return pv
+
+
+def _valid_range(v: Any, where: str) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 2:
+        raise PackConfigError(f"{where}: expected [low, high], got {_shown(v)}")
+    lo, hi = _num(v[0], f"{where}[0]"), _num(v[1], f"{where}[1]")
+    if lo > hi:
+        raise PackConfigError(f"{where}: low {lo:g} is above high {hi:g}")
+    return lo, hi
+
+
+def _ids(r: dict, w: str) -> tuple[int, int, bool]:
+    """Request and response arbitration ids; 29-bit when asked for or when either needs it."""
+    req = _int_in(_req(r, "request_id", w), f"{w}.request_id", 0, 0x1FFFFFFF, "an arbitration id")
+    rsp = _int_in(_req(r, "response_id", w), f"{w}.response_id", 0, 0x1FFFFFFF, "an arbitration id")
+    ext = _bool(r.get("extended", max(req, rsp) > 0x7FF), f"{w}.extended")
+    if not ext and max(req, rsp) > 0x7FF:
+        raise PackConfigError(f"{w}: ids above 0x7ff need 29 bits; set extended: true")
+    if req == rsp:
+        raise PackConfigError(f"{w}: request_id and response_id are both {req:#x}; the ECU answers on another id")
+    return req, rsp, ext
+
+
+def _poll_request(r: Any, w: str, timeout: float, counts: dict[str, int]) -> PollRequest:
+    r = _mapping(r, w)
+    _unknown(r, _REQUEST_KEYS, w)
+    req, rsp, ext = _ids(r, w)
+    service = _num(_req(r, "service", w), f"{w}.service", int)
+    if service not in POLL_SERVICES:
+        raise PackConfigError(f"{w}.service: {service:#x} is not one of "
+                              f"{[hex(s) for s in POLL_SERVICES]} (0x22 UDS, 0x21 local identifier, 0x01/0x09 OBD)")
+    width = POLL_SERVICES[service]
+    did = _int_in(_req(r, "did", w), f"{w}.did", 0, (1 << (8 * width)) - 1, f"a {width}-byte identifier")
+    values = _mapping(_req(r, "values", w), f"{w}.values")
+    if not values:
+        raise PackConfigError(f"{w}.values: expected at least one value")
+    padding = r.get("padding")
+    return PollRequest(
+        name=_text(r.get("name", f"{req:x}_{service:02x}_{did:0{2 * width}x}"), f"{w}.name"),
+        request_id=req, response_id=rsp, extended=ext, service=service, did=did,
+        period=_seconds(_req(r, "period", w), f"{w}.period", 0.01, strict=False),
+        timeout=_seconds(r.get("timeout", timeout), f"{w}.timeout"),
+        values=tuple(_poll_value(k, v, f"{w}.values", counts) for k, v in values.items()),
+        padding=None if padding is None else _int_in(padding, f"{w}.padding", 0, 255, "a byte"),
+        bus=None if r.get("bus") is None else _text(str(r["bus"]), f"{w}.bus"),
+    )
+
+
+def _poll(p: Any, where: str, counts: dict[str, int]) -> PollConfig:
+    """The ``poll:`` section; ``counts``: cells and sensors that pack-array values may fill."""
+    w = f"{where}.poll"
+    p = _mapping(p, w)
+    _unknown(p, _POLL_KEYS, w)
+    timeout = _seconds(p.get("timeout", 1.0), f"{w}.timeout")
+    reqs = _req(p, "requests", w)
+    if not isinstance(reqs, list) or not reqs:
+        raise PackConfigError(f"{w}.requests: expected a non-empty list of requests, got {_shown(reqs)}")
+    if len(reqs) > MAX_POLL_REQUESTS:
+        raise PackConfigError(f"{w}.requests: more than {MAX_POLL_REQUESTS} requests")
+    out = tuple(_poll_request(r, f"{w}.requests[{i}]", timeout, counts) for i, r in enumerate(reqs))
+    seen: dict[object, str] = {}
+    for i, r in enumerate(out):
+        for key, what in ((r.name, f"name '{r.name}'"), ((r.request_id, r.service, r.did), "request")):
+            if key in seen:
+                raise PackConfigError(f"{w}.requests[{i}]: same {what} as {seen[key]}")
+            seen[key] = f"requests[{i}]"
+    return PollConfig(requests=out, min_gap=_seconds(p.get("min_gap", 0.05), f"{w}.min_gap", strict=False))
+
+
+def parse_poll_config(data: Any, n_cells: int = 0, n_temps: int = 0, where: str = "pack config") -> PollConfig:
+    """A ``poll:`` section on its own (a tool or test that polls without a DBC); errors as for a whole config."""
+    return _poll(data, where, {"cell_voltages": n_cells, "cell_temperatures": n_temps})
+
+
+def polled_indices(poll: PollConfig | None, name: str) -> set[int]:
+    """Pack elements of array ``name`` (cell_voltages, cell_temperatures) that some poll fills."""
+    out: set[int] = set()
+    for r in poll.requests if poll else ():
+        for v in r.values:
+            if v.name == name:
+                out.update(range(v.index or 0, (v.index or 0) + v.count))
+    return out
+
+
 def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> PackConfig:
     """Validate a parsed YAML document (without touching the DBC).
 
@@ -269,21 +482,27 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
     checks = _mapping(d.get("checks") or {}, f"{where}.checks")
     status = _mapping(d.get("status") or {}, f"{where}.status")
     temps = d.get("cell_temperatures")
+    n_cells = _count(_req(d, "cells", where), f"{where}.cells", 1)
+    n_temps = _count(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", 0)
+    poll = _poll(d["poll"], where, {"cell_voltages": n_cells, "cell_temperatures": n_temps}) if "poll" in d else None
+    # cells a car gives only on request: the broadcast groups may be left out
+    cells = d.get("cell_voltages") if polled_indices(poll, "cell_voltages") else _req(d, "cell_voltages", where)
     return PackConfig(
         pack_id=_text(d.get("pack_id", "pack0"), f"{where}.pack_id"),
         dbc_path=dbc,
         dbc_strict=_bool(d.get("dbc_strict", True), f"{where}.dbc_strict"),
         chemistry=chem,
-        n_cells=_count(_req(d, "cells", where), f"{where}.cells", 1),
-        n_temps=_count(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", 0),
+        n_cells=n_cells,
+        n_temps=n_temps,
         design_capacity_ah=_capacity(d, where),
         pack_voltage=_scalar(_req(d, "pack_voltage", where), f"{where}.pack_voltage"),
         pack_current=_scalar(_req(d, "pack_current", where), f"{where}.pack_current"),
-        cell_voltages=_groups(_req(d, "cell_voltages", where), f"{where}.cell_voltages"),
+        cell_voltages=_groups(cells, f"{where}.cell_voltages") if cells is not None else (),
         cell_temperatures=_groups(temps, f"{where}.cell_temperatures") if temps else (),
         status={_text(k, f"{where}.status key"): _scalar(v, f"{where}.status.{k}") for k, v in status.items()},
         checks=tuple(_check(name, c, where) for name, c in checks.items()),
         source=source,
+        poll=poll,
     )
 
 
@@ -312,7 +531,7 @@ def validate_against_dbc(cfg: PackConfig, db: Database) -> None:
         m = v.msg(s.message, f"{where}.status.{k}")
         v.sig(m, s.signal, f"{where}.status.{k}.signal")
     for key, n in (("cell_voltages", cfg.n_cells), ("cell_temperatures", cfg.n_temps)):
-        v.array(key, getattr(cfg, key), n)
+        v.array(key, getattr(cfg, key), n, polled_indices(cfg.poll, key))
     for c in cfg.checks:
         v.check(c)
 
@@ -341,9 +560,9 @@ class _DbcCheck:
                 f"{w}: signal '{name}' is not in message '{m.name}'; it has {[s.name for s in m.signals]}"
             ) from None
 
-    def array(self, key: str, groups: tuple[ArrayGroup, ...], n: int) -> None:
-        """Every element 0..n-1 of an array quantity is carried by some signal, and no index falls outside."""
-        covered: set[int] = set()
+    def array(self, key: str, groups: tuple[ArrayGroup, ...], n: int, polled: set[int] = frozenset()) -> None:
+        """Every element 0..n-1 of an array quantity is carried by some signal or poll, and no index falls outside."""
+        covered: set[int] = set(polled)
         for i, g in enumerate(groups):
             w = f"{self.where}.{key}[{i}]"
             m = self.msg(g.message, w)
@@ -359,7 +578,7 @@ class _DbcCheck:
                 f"{self.where}.{key}: indices {bad[:5]} outside 0..{n - 1} (check per_mux/offset and the count)")
         missing = sorted(set(range(n)) - covered)
         if missing and n:
-            raise PackConfigError(f"{self.where}.{key}: no signal maps to element(s) {missing[:8]} of {n}")
+            raise PackConfigError(f"{self.where}.{key}: no signal maps to element(s) {missing[:8]} of {n} (nor does a poll)")
 
     def check(self, c: MessageCheck) -> None:
         """The counter and checksum signals exist; a checksum fills one whole byte."""
