@@ -395,3 +395,106 @@ def test_hour_drive_through_the_whole_graph(hour_drive, speed):
                         overrides={"can_bridge": {"stale_after": 30.0}})  # no silence samples after the drive
     assert got["failed"] == "" and got["published"] == 36_000, got
     assert got["steps"] == 36_000 and got["rejected"] == 0, got
+
+
+# ----------------------------------------------------------------------------- UDS polling in the bridge
+
+def _polled_pack_config(tmp_path: Path, cfg) -> Path:
+    """The reference DBC's pack voltage/current with a Kona-like BMS's 98 cells and 4 sensors polled over UDS."""
+    import yaml
+    from ecu_sim import KONA_CELLS, KONA_TEMPS, kona_poll
+
+    doc = {"pack_id": "polled", "dbc": str(cfg.dbc_path), "cells": KONA_CELLS, "temperature_sensors": KONA_TEMPS,
+           "pack_voltage": {"message": "BMS_PackMeas", "signal": "PackVoltage"},
+           "pack_current": {"message": "BMS_PackMeas", "signal": "PackCurrent"},
+           "poll": kona_poll(period=0.5, min_gap=0.01, timeout=0.3)}
+    path = tmp_path / "polled.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _poll_round(poll, data: dict[int, bytes], t0: float) -> list[can.Message]:
+    """One poll round as a logger in the car records it: request, first frame, flow control, consecutive frames."""
+    out, t = [], t0
+    for r in poll.requests:
+        out.append(can.Message(timestamp=t, arbitration_id=r.request_id, is_extended_id=False,
+                               data=bytes([len(r.payload)]) + r.payload + b"\xaa" * (7 - len(r.payload))))
+        payload = r.header + data[r.did]
+        frames = [bytes([0x10 | len(payload) >> 8, len(payload) & 0xFF]) + payload[:6]]
+        rest, seq = payload[6:], 1
+        while rest:
+            frames.append(bytes([0x20 | seq]) + rest[:7].ljust(7, b"\xaa"))
+            rest, seq = rest[7:], (seq + 1) & 0x0F
+        out.append(can.Message(timestamp=t + 0.001, arbitration_id=r.response_id, data=frames[0], is_extended_id=False))
+        out.append(can.Message(timestamp=t + 0.002, arbitration_id=r.request_id, data=b"\x30\x00\x00",
+                               is_extended_id=False))
+        out += [can.Message(timestamp=t + 0.003 + 0.0005 * k, arbitration_id=r.response_id, data=f,
+                            is_extended_id=False) for k, f in enumerate(frames[1:])]
+        t += 0.05
+    return out
+
+
+def test_live_uds_poll_from_a_simulated_bms_reaches_pack_measurements(ros, cfg, tmp_path):
+    """The bridge polls a simulated BMS on the same virtual bus: its 98 cells and 4 sensors are published."""
+    pytest.importorskip("isotp", reason="can-isotp is not installed")
+    pytest.importorskip("udsoncan", reason="udsoncan is not installed")
+    from ecu_sim import SimEcu, kona_cells, kona_data
+
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    ecu = SimEcu("bridge_uds", kona_data(kona_cells()))
+    try:
+        _node(ros, interface="virtual", channel="bridge_uds", pack_config=str(_polled_pack_config(tmp_path, cfg)),
+              stale_after=0.5)
+        want = kona_cells().astype(np.float32)
+        ok = ros.wait_for(lambda: any(np.array_equal(np.asarray(m.cell_voltage), want) for m in got), timeout=10)
+        assert ok, diag_values(diags, "can_bridge: uds_poll")
+        last = next(m for m in reversed(got) if np.isfinite(m.cell_temperature).all())
+        assert list(last.cell_temperature) == [21, 22, 23, -4]
+        assert ros.wait_for(lambda: int(diag_values(diags, "can_bridge: uds_poll").get("answers", 0)) >= 5, timeout=5)
+        v = diag_values(diags, "can_bridge: uds_poll")
+        assert diag_levels(diags, "can_bridge: uds_poll")[-1] == 0 and v["timeouts"] == "0" and v["rejected"] == "0"
+        assert ecu.overlaps == 0  # one request in flight at a time
+    finally:
+        ecu.close()
+
+
+def test_replayed_poll_traffic_gives_the_cells_the_offline_decoder_finds(ros, cfg, tmp_path):
+    """A log recorded while polling: the bridge (frame by frame and at maximum speed) publishes the cells
+    that the offline ISO-TP decoder finds in the same log; the polled values arrive from their answer's time."""
+    from ecu_sim import kona_cells, kona_data
+
+    from bms_ai.can.isotp_offline import decode_poll_log
+
+    pcfg = load_pack_config(_polled_pack_config(tmp_path, cfg))
+    enc = PackEncoder(PackDecoder(cfg))
+    first, second = kona_cells(), kona_cells()[::-1].copy()
+    pack = [can.Message(timestamp=t, arbitration_id=fid, is_extended_id=ext, data=enc.encode(name, mux, sample))
+            for t, name, mux in enc.schedule(100.0, 102.0) if name == "BMS_PackMeas"
+            for fid, ext in [enc.frame_id(name)] for sample in [_ref_sample(t)]]
+    msgs = sorted(pack + _poll_round(pcfg.poll, kona_data(first), 100.2) + _poll_round(pcfg.poll, kona_data(second),
+                                                                                       101.2),
+                  key=lambda m: m.timestamp)
+    log = tmp_path / "polled.blf"
+    with can.Logger(str(log)) as w:
+        for m in msgs:
+            w.on_message_received(m)
+    store, _ = decode_poll_log(msgs, pcfg.poll, pcfg.n_cells, pcfg.n_temps)
+    np.testing.assert_allclose(store.latest()["cell_voltages"][0], second)
+    for speed in (5.0, 0.0):
+        got = ros.collect(BatteryState, f"/bms{int(speed)}/pack/measurements")
+        overrides = [Parameter("can_log", value=str(log)), Parameter("replay_speed", value=speed),
+                     Parameter("pack_config", value=str(tmp_path / "polled.yaml"))]
+        ros.add(CanBridgeNode(context=ros.context, namespace=f"/bms{int(speed)}", parameter_overrides=overrides))
+        assert ros.wait_for(lambda got=got: len(got) >= 19, timeout=10)
+        t0 = time_to_float(got[0].header.stamp) - 0.1  # BLF keeps times from the log's start
+        by_t = {round(time_to_float(m.header.stamp) - t0, 3): np.asarray(m.cell_voltage) for m in got}
+        assert np.isnan(by_t[0.1]).all()  # before the first answer
+        np.testing.assert_allclose(by_t[0.5], first, atol=1e-6)  # the first round's cells (float32)
+        np.testing.assert_allclose(by_t[1.9], second, atol=1e-6)  # the second's, as found offline
+
+
+def _ref_sample(t: float):
+    from testutil import synthetic_sample
+
+    return synthetic_sample(t)

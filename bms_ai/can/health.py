@@ -143,3 +143,36 @@ class BusHealth:
         if new_rejected:
             return WARN, f"{new_rejected} frames rejected in the last period"
         return OK, "receiving"
+
+
+class PollHealth:
+    """The bridge's ``uds_poll`` check: answers to the pack config's diagnostic requests.
+
+    STALE before the first answer (nothing polled yet, or a replayed log
+    without poll traffic), WARN when requests timed out or answers were
+    rejected since the last periodic report (the reason is the last error),
+    else OK. Counts stay in the values, so one timeout does not hold WARN forever.
+    """
+
+    def __init__(self) -> None:
+        self._last_bad = 0
+
+    def assess(self, stats: Any, closes_period: bool = True) -> BusStatus:
+        """The check now from a :class:`~bms_ai.can.uds.PollStats`."""
+        bad = sum(stats.timeouts.values()) + sum(stats.rejected.values())
+        new_bad = bad - self._last_bad
+        if closes_period:
+            self._last_bad = bad
+        answers = sum(stats.answers.values())
+        values = {"requests_sent": sum(stats.sent.values()), "answers": answers,
+                  "timeouts": sum(stats.timeouts.values()), "rejected": sum(stats.rejected.values()),
+                  "pending": stats.pending, "ignored": stats.ignored, "last_error": stats.last_error,
+                  **{f"answers.{k}": v for k, v in stats.answers.items()},
+                  **{f"timeouts.{k}": v for k, v in stats.timeouts.items()},
+                  **{f"rejected.{k}": v for k, v in stats.rejected.items()}}
+        if new_bad:
+            return BusStatus("uds_poll", WARN, f"{new_bad} poll failures in the last period: {stats.last_error}",
+                             values)
+        if not answers:
+            return BusStatus("uds_poll", STALE, "no poll answer yet", values)
+        return BusStatus("uds_poll", OK, f"{answers} answers", values)

@@ -94,6 +94,11 @@ class BusSource(FrameSource):
         """The bus named by ``interface``/``channel`` with the extra ``bus_options``."""
         return cls(options.interface, options.channel, **bus_options(options.bus_options))
 
+    @property
+    def bus(self) -> can.BusABC | None:
+        """The open bus (None before :meth:`frames` opens it or after :meth:`close`): a poller sends on it."""
+        return self._bus
+
     def open(self) -> can.BusABC:
         """The python-can bus, opened on first use; SourceError with the driver's reason on failure."""
         if self._bus is None:

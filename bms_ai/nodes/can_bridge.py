@@ -12,12 +12,14 @@ A log replay publishes losslessly and is paced by its readers (see
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
 from pathlib import Path
 
 import can
+import numpy as np
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.node import Node
@@ -26,10 +28,13 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.health import BusHealth, silence_sample_time, watchdog_period
+from bms_ai.can.frames import Frame, FrameArrays
+from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, watchdog_period
+from bms_ai.can.isotp_offline import PollLogDecoder
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.can.sources import SourceError, open_source
+from bms_ai.can.uds import UdsPoller
 from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
 from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
@@ -79,6 +84,12 @@ class CanBridgeNode(Node):
         self.source = open_source(p["can_log"], interface=p["interface"], channel=p["channel"],
                                   bus_options=p["bus_options"], speed=p["replay_speed"], loop=p["replay_loop"],
                                   lightweight=not p["raw_log_dir"] and p["time_source"] == "can")
+        # values the car gives only on request: polled on a live bus, found in the frames of a replay
+        self.poll: UdsPoller | PollLogDecoder | None = None
+        if cfg.poll is not None:
+            self.poll = (PollLogDecoder(cfg.poll, cfg.n_cells, cfg.n_temps) if self.source.replay
+                         else UdsPoller(cfg.poll, cfg.n_cells, cfg.n_temps))
+        self.poll_health = PollHealth()
         # a replay can wait for its readers; a live bus never does
         qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
         self.pub = self.create_publisher(BatteryState, "pack/measurements", qos)
@@ -209,6 +220,8 @@ class CanBridgeNode(Node):
     def _read(self) -> None:
         use_clock = self.p["time_source"] == "clock"
         for msg in self.source.frames(self._stop):
+            if isinstance(self.poll, UdsPoller):
+                self._bind_poller()
             if msg is None:
                 self._note_damage()
                 continue
@@ -224,6 +237,18 @@ class CanBridgeNode(Node):
                 if self.source.replay and not self._hold_for_readers():
                     return
                 self._publish(s)
+            if self.poll is not None:  # after the instants this frame closes: an answer counts from its own time
+                self.poll.on_message(msg)
+
+    def _bind_poller(self) -> None:
+        """Start the poller on the source's bus once it is open; follow it when the source reopens it."""
+        bus = getattr(self.source, "bus", None)
+        if bus is None or bus is self.poll.bus:
+            return
+        if self.poll.bus is None:
+            self.poll.start(bus)
+        else:
+            self.poll.use_bus(bus)
 
     def _run_batch(self, chunks) -> None:
         """Maximum-speed replay: the log decoded vectorised chunk by chunk (identical samples, ~10x faster).
@@ -234,21 +259,37 @@ class CanBridgeNode(Node):
         reliable subscriber takes the samples.
         """
         for frames in chunks:
+            polled = self._poll_frames(frames)
             table, decoded, carry = self.sampler.decode_arrays(frames)
             with self.lock:
                 self.sampler.commit(table, decoded, carry)
             for s in table.samples():
                 if self._stop.is_set() or not self._hold_for_readers():
                     return
+                while polled and polled[0].timestamp <= s.stamp:  # answers up to this instant, as frame by frame
+                    self.poll.on_message(polled.popleft())
                 self._publish(s)
                 with self.lock:
                     self.last_rx_steady = time.monotonic()
                     self.last_rx_can = s.stamp
             if self._stop.is_set():
                 return
+            while polled:
+                self.poll.on_message(polled.popleft())
         self.source.finished = True
 
+    def _poll_frames(self, frames: FrameArrays) -> collections.deque:
+        """The chunk's frames on polled ids, in order (a few among thousands: picked vectorised)."""
+        if not isinstance(self.poll, PollLogDecoder):
+            return collections.deque()
+        ids = np.fromiter(self.poll.ids, dtype=np.uint32, count=len(self.poll.ids))
+        keep = np.flatnonzero(np.isin(frames.ids, ids) & ~frames.bad).tolist()
+        return collections.deque(Frame(float(frames.ts[i]), int(frames.ids[i]),
+                                       frames.data[i, :frames.dlc[i]].tobytes(), bool(frames.ext[i])) for i in keep)
+
     def _publish(self, s: PackSample) -> None:
+        if self.poll is not None:
+            self.poll.store.apply(s)
         if self.clock_pub is not None:
             self.clock_pub.publish(ClockMsg(clock=stamp_to_time(s.stamp)))
         self.pub.publish(sample_to_battery_state(s, self.p["frame_id"], self.pack_id))
@@ -291,12 +332,17 @@ class CanBridgeNode(Node):
         with self.diag.batch():
             for st in (bus, messages):
                 self.diag.update(st.check, st.level, st.message, st.values)
+            if self.poll is not None:
+                st = self.poll_health.assess(self.poll.store.stats, closes_period=periodic)
+                self.diag.update(st.check, st.level, st.message, st.values)
 
     def destroy_node(self) -> None:
         """Stop the reader thread, then release the source and the raw log."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
+        if isinstance(self.poll, UdsPoller):
+            self.poll.stop()
         self.source.close()
         if self._raw_log is not None:
             self._raw_log.stop()
