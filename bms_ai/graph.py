@@ -405,7 +405,8 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
     pack = {"pack_id": cfg.pack_id, "chemistry": cfg.chemistry}
     if cfg.design_capacity_ah == cfg.design_capacity_ah:  # not NaN
         pack["capacity_ah"] = float(cfg.design_capacity_ah)
-    return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": dict(pack), "fault_monitor": dict(pack),
+    return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": dict(pack),
+            "fault_monitor": {**pack, "pack_config": str(pack_config)},
             "cloud_uploader": {"pack_id": cfg.pack_id}}
 
 

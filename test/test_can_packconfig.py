@@ -388,5 +388,35 @@ def test_polled_cells_must_still_cover_the_pack(tmp_path, pack_config_path):
         PackDecoder(load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=partial, cell_voltages=None)))
     PackDecoder(load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=partial)))
     no_cells = {"requests": [KONA_LIKE_POLL["requests"][3]]}
-    with pytest.raises(PackConfigError, match="missing required key 'cell_voltages'"):
-        load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=no_cells, cell_voltages=None))
+    # neither a group nor a polled cell: a pack-level config (the average cell), not an error
+    assert load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=no_cells, cell_voltages=None)).pack_level
+
+
+# ----------------------------------------------------------------------------- pack-level configs
+
+def test_pack_level_config_without_cells_publishes_the_average_cell(tmp_path, pack_config_path):
+    """No cell voltages nor temperatures in the config: it loads (pack-level), the decoder keeps no cell
+    channel, and the bridge's sample carries the average cell of the stated series count."""
+    from bms_ai.can.assembler import PACK_LEVEL_KEY, PackAssembler, average_cell_sample
+
+    p = _write_cfg(tmp_path, pack_config_path, cell_voltages=None, cell_temperatures=None, temperature_sensors=0,
+                   cells=98, limits={"cell_voltage": {"over": {"mol": 4.15, "rsl": 4.17, "msl": 4.19}}})
+    cfg = load_pack_config(p)
+    assert cfg.pack_level and cfg.cell_channels == 0 and cfg.n_cells == 98 and cfg.n_temps == 0
+    assert cfg.limits["cell_voltage"]["over"]["msl"] == 4.19
+    asm = PackAssembler(PackDecoder(cfg))
+    s = asm.snapshot()
+    assert s.n_cells == 0
+    s.pack_voltage, s.pack_voltage_stamp = 362.6, 5.0
+    avg = average_cell_sample(s, cfg.n_cells)
+    assert avg.cell_voltages.tolist() == [pytest.approx(3.7)] and avg.cell_voltage_stamps.tolist() == [5.0]
+    assert avg.status[PACK_LEVEL_KEY] == 1.0 and s.n_cells == 0  # a copy
+    full = load_pack_config(pack_config_path)
+    assert not full.pack_level and full.cell_channels == 96 and full.limits == {}
+
+
+def test_pack_config_limits_must_be_a_mapping(tmp_path, pack_config_path):
+    """A wrong type in 'limits' is one line naming the key."""
+    p = _write_cfg(tmp_path, pack_config_path, limits=[1])
+    with pytest.raises(PackConfigError, match=r"\.limits: expected a mapping, got list"):
+        load_pack_config(p)

@@ -196,3 +196,59 @@ def test_monitor_warning_after_a_rejection_clears(mon: FaultMonitor) -> None:
         levels.append(by_check(mon.on_sample(sample(t + 0.1 * k), now=t + 0.1 * k))["fault monitor"])
     assert levels[0].level == WARN and levels[-1].level == OK
     assert levels[-1].values["rejected"] == 1 and levels[-1].values["last_reject"] == "out-of-order stamp"
+
+
+# ----------------------------------------------------------------------------- pack-level configs and per-pack limits
+
+def pack_level_sample(t: float, n_series: int = 98, n_temps: int = 2) -> PackSample:
+    """What can_bridge publishes for a pack config without cell voltages: the average cell, marked."""
+    from bms_ai.can.assembler import PACK_LEVEL_KEY
+
+    v = 3.7 * n_series
+    return PackSample(stamp=t, pack_voltage=v, pack_current=-10.0, cell_voltages=np.array([v / n_series]),
+                      cell_temperatures=np.full(n_temps, 25.0), pack_voltage_stamp=t, pack_current_stamp=t,
+                      cell_voltage_stamps=np.array([t]), cell_temperature_stamps=np.full(n_temps, t),
+                      status={PACK_LEVEL_KEY: 1.0})
+
+
+def test_pack_level_sample_reports_cell_checks_not_monitored_never_ok() -> None:
+    """With the average cell only, checks that need real cells are STALE 'not monitored' and never set an event
+    (the pack voltage is 98 x the one 'cell': a per-cell rule would call that an ERROR); the rest still run."""
+    from bms_ai.diagnostics.rules import CELL_CHECKS, NO_CELLS
+
+    m = FaultMonitor.load("", "nmc", "kona", detectors=True, stale_after=1.0)
+    for k in range(1, 40):
+        res = by_check(m.on_sample(pack_level_sample(0.1 * k), now=100.0 + 0.1 * k))
+    for check in CELL_CHECKS:
+        assert (res[check].level, res[check].message) == (STALE, NO_CELLS), check
+        assert res[check].values["monitored"] is False
+    assert res["charge overcurrent"].level == OK and res["cell overtemperature"].level == OK
+    assert res["events"].level == OK and not m.active_events()
+    assert res["fault monitor"].values["cell_data"] == "pack-level (average cell)"
+
+
+def test_one_temperature_sensor_leaves_the_spread_checks_unmonitored() -> None:
+    """A spread needs two sensors: with one, the temperature spread check says so."""
+    from bms_ai.diagnostics.rules import FEW_SENSORS
+
+    m = FaultMonitor.load("", "nmc", "p", detectors=False)
+    res = by_check(m.on_sample(pack_level_sample(0.1, n_temps=1), now=1.0))
+    assert (res["temperature spread"].level, res["temperature spread"].message) == (STALE, FEW_SENSORS)
+
+
+def test_limits_follow_the_pack_capacity_and_its_overrides() -> None:
+    """A 98s 180 Ah pack gets its own current limits (3.6 x the 50 Ah reference's) and its config's overrides;
+    the reference pack's limits are unchanged."""
+    from bms_ai.diagnostics.config import load_limits, pack_limits
+
+    ref = load_limits(limits_path("", "nmc"))
+    assert pack_limits("nmc", 50.0) == ref
+    kona = pack_limits("nmc", 180.0, {"cell_voltage": {"over": {"mol": 4.15, "rsl": 4.17, "msl": 4.19}},
+                                      "pack_current": {"discharge": {"mol": 400.0, "rsl": 450.0, "msl": 500.0}}})
+    assert kona.current_charge.mol == pytest.approx(3.6 * ref.current_charge.mol)
+    assert kona.derating.max_charge_a == pytest.approx(3.6 * ref.derating.max_charge_a)
+    assert kona.current_discharge.mol == 400.0 and kona.cell_over.msl == 4.19
+    assert kona.cell_under == ref.cell_under and kona.reference_capacity_ah == 180.0
+    assert "scaled to 180 Ah + pack config limits" in kona.source
+    m = FaultMonitor.load("", "nmc", "kona", capacity_ah=180.0, detectors=False)
+    assert m.cfg.current_charge.mol == pytest.approx(360.0)

@@ -16,6 +16,12 @@ from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Rout
 from bms_ai.can.frames import STAMP_MAX, STAMP_MIN, id_ok
 from bms_ai.pack import PackSample
 
+#: what a pack-level config's measurements carry instead of cells: BatteryState.location of pack/measurements
+#: and the diagnostics value of every node that runs on it
+PACK_LEVEL = "pack-level (average cell)"
+#: PackSample.status key set to 1.0 on a pack-level sample (the fault monitor's and estimator's cue)
+PACK_LEVEL_KEY = "pack_level"
+
 REJECT_REASONS = (
     "unknown_id", "dlc_error", "crc_error", "time_backwards", "non_finite",
     "unknown_mux", "error_frame", "remote_frame", "bad_type", "bad_time", "bad_id",
@@ -55,7 +61,7 @@ class PackAssembler:
     def __init__(self, decoder: PackDecoder) -> None:
         self.decoder = decoder
         cfg = decoder.cfg
-        self.sample = PackSample.empty(cfg.n_cells, cfg.n_temps)
+        self.sample = PackSample.empty(cfg.cell_channels, cfg.n_temps)
         self.status_stamps = {name: math.nan for name in decoder.status_names}
         self.counters = Counters()
         self.stats: dict[str, MessageStats] = {r.name: MessageStats() for r in decoder.routes.values()}
@@ -246,3 +252,17 @@ def apply_max_age(sample: PackSample, now: float, max_age: float) -> None:
         sample.pack_current = math.nan
     sample.cell_voltages[~(sample.cell_voltage_stamps >= limit)] = np.nan
     sample.cell_temperatures[~(sample.cell_temperature_stamps >= limit)] = np.nan
+
+
+def average_cell_sample(sample: PackSample, n_series: int) -> PackSample:
+    """A pack-level sample: the average cell (pack voltage / cells in series) as the only cell voltage.
+
+    A pack config without per-cell voltages still gives every estimator a
+    cell to run on; the sample is marked (:data:`PACK_LEVEL_KEY`) so checks
+    that need real cells report themselves as not monitored.
+    """
+    out = sample.copy()
+    out.cell_voltages = np.array([sample.pack_voltage / n_series])
+    out.cell_voltage_stamps = np.array([sample.pack_voltage_stamp])
+    out.status = {**sample.status, PACK_LEVEL_KEY: 1.0}
+    return out

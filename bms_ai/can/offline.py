@@ -66,7 +66,7 @@ class Carry:
     def start(cls, decoder: PackDecoder) -> Carry:
         """Nothing received yet."""
         cfg = decoder.cfg
-        return cls(PackSample.empty(cfg.n_cells, cfg.n_temps), dict.fromkeys(decoder.status_names, math.nan))
+        return cls(PackSample.empty(cfg.cell_channels, cfg.n_temps), dict.fromkeys(decoder.status_names, math.nan))
 
     def into(self, out: DecodedLog) -> None:
         """Start each element's events with its carried value (if any), so samples see it."""
@@ -129,7 +129,7 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder, carry: Carry | None
     """Every accepted value of a log (or of one chunk after ``carry``), per pack element, with rejection counts."""
     cfg = decoder.cfg
     rejected = dict.fromkeys(REJECT_REASONS, 0)
-    out = DecodedLog(Events(), Events(), [Events() for _ in range(cfg.n_cells)],
+    out = DecodedLog(Events(), Events(), [Events() for _ in range(cfg.cell_channels)],
                      [Events() for _ in range(cfg.n_temps)],
                      {n: Events() for n in decoder.status_names}, rejected, 0, {}, math.nan, math.nan, np.empty(0))
     last_ts = -math.inf

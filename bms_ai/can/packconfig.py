@@ -87,6 +87,17 @@ class PackConfig:
     checks: tuple[MessageCheck, ...]
     source: Path | None = None
     poll: PollConfig | None = None  # diagnostic requests for values the pack does not broadcast
+    limits: dict[str, Any] = field(default_factory=dict)  # overrides of the chemistry's limits file, per pack
+
+    @property
+    def pack_level(self) -> bool:
+        """No per-cell voltage from broadcast or poll: the bridge publishes the average cell (V / cells)."""
+        return not self.cell_voltages and not polled_indices(self.poll, "cell_voltages")
+
+    @property
+    def cell_channels(self) -> int:
+        """Cell voltages the pack reports one by one: ``n_cells`` (cells in series), 0 when pack-level."""
+        return 0 if self.pack_level else self.n_cells
 
 
 #: diagnostic services a poll may use -> width in bytes of their identifier (echoed in the answer)
@@ -166,7 +177,7 @@ class PollConfig:
 _TOP_KEYS = {
     "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
-    "cell_temperatures", "status", "checks", "poll",
+    "cell_temperatures", "status", "checks", "poll", "limits",
 }
 _SCALAR_KEYS = {"message", "signal", "scale", "offset", "valid"}
 _GROUP_KEYS = {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}
@@ -485,8 +496,8 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
     n_cells = _count(_req(d, "cells", where), f"{where}.cells", 1)
     n_temps = _count(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", 0)
     poll = _poll(d["poll"], where, {"cell_voltages": n_cells, "cell_temperatures": n_temps}) if "poll" in d else None
-    # cells a car gives only on request: the broadcast groups may be left out
-    cells = d.get("cell_voltages") if polled_indices(poll, "cell_voltages") else _req(d, "cell_voltages", where)
+    # cells a car gives only on request, or not at all (pack-level: the average cell): no broadcast groups
+    cells = d.get("cell_voltages")
     return PackConfig(
         pack_id=_text(d.get("pack_id", "pack0"), f"{where}.pack_id"),
         dbc_path=dbc,
@@ -503,6 +514,7 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
         checks=tuple(_check(name, c, where) for name, c in checks.items()),
         source=source,
         poll=poll,
+        limits=_mapping(d.get("limits") or {}, f"{where}.limits"),
     )
 
 
@@ -530,7 +542,7 @@ def validate_against_dbc(cfg: PackConfig, db: Database) -> None:
     for k, s in cfg.status.items():
         m = v.msg(s.message, f"{where}.status.{k}")
         v.sig(m, s.signal, f"{where}.status.{k}.signal")
-    for key, n in (("cell_voltages", cfg.n_cells), ("cell_temperatures", cfg.n_temps)):
+    for key, n in (("cell_voltages", cfg.cell_channels), ("cell_temperatures", cfg.n_temps)):
         v.array(key, getattr(cfg, key), n, polled_indices(cfg.poll, key))
     for c in cfg.checks:
         v.check(c)

@@ -114,6 +114,7 @@ class LimitsConfig:
     derating: Derating
     latch_until_reset: frozenset[str] = field(default_factory=lambda: frozenset({"msl"}))
     source: str = ""
+    reference_capacity_ah: float = math.nan  # the pack the current limits are for (see :func:`pack_limits`)
 
     @property
     def latch_mask(self) -> tuple[bool, bool, bool]:
@@ -192,7 +193,7 @@ def parse_limits(d: Any, source: str = "<dict>") -> LimitsConfig:
     """Build a validated LimitsConfig from a parsed YAML mapping."""
     d = _map(d, source, ("cell_voltage", "cell_temperature", "pack_current"))
     known = {"chemistry", "tick_hz", "latch_until_reset", "cell_voltage", "cell_temperature", "pack_current",
-             "plausibility", "derating"}
+             "plausibility", "derating", "reference_capacity_ah"}
     unknown = set(d) - known
     if unknown:
         raise LimitsConfigError(f"{source}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -266,6 +267,8 @@ def parse_limits(d: Any, source: str = "<dict>") -> LimitsConfig:
         cell_voltage_debounce=_debounce(cv, "cell_voltage"), temperature=temp,
         current_charge=cur_c, current_discharge=cur_d, current_debounce=_debounce(pc, "pack_current"),
         plausibility=plaus, derating=derating, latch_until_reset=frozenset(latch), source=source,
+        reference_capacity_ah=_num(d.get("reference_capacity_ah", math.nan), "reference_capacity_ah", positive=True)
+        if "reference_capacity_ah" in d else math.nan,
     )
 
 
@@ -283,3 +286,67 @@ def default_limits_path(chemistry: str = "nmc") -> Path:
         have = sorted(q.stem.removeprefix("limits_") for q in cdir.glob("limits_*.yaml"))
         raise LimitsConfigError(f"no limits config for chemistry {chemistry!r}; shipped: {have}")
     return p
+
+
+#: limits in amperes that grow with the pack's capacity (the C-rate stays the chemistry's): (section, key) paths
+CURRENT_LIMITS = (("pack_current", "charge"), ("pack_current", "discharge"), ("pack_current", "hysteresis"),
+                  ("derating", "max_charge_a"), ("derating", "max_discharge_a"))
+
+
+def _scaled(v: Any, factor: float) -> Any:
+    if isinstance(v, dict):
+        return {k: _scaled(x, factor) for k, x in v.items()}
+    return v * factor if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def scale_to_capacity(d: dict[str, Any], capacity_ah: float) -> dict[str, Any]:
+    """A limits mapping for a pack of ``capacity_ah``: its current limits scaled from ``reference_capacity_ah``.
+
+    Cell voltages and temperatures are the chemistry's and stay; amperes are
+    C-rates of the reference pack, so a 180 Ah pack gets 3.6 times the
+    currents of the 50 Ah reference. Without a reference (or a capacity) the
+    mapping is returned unchanged.
+    """
+    ref = d.get("reference_capacity_ah")
+    ok = isinstance(ref, (int, float)) and not isinstance(ref, bool) and ref > 0
+    if not ok or not (isinstance(capacity_ah, (int, float)) and math.isfinite(capacity_ah) and capacity_ah > 0):
+        return d
+    if capacity_ah == ref:  # the reference pack itself
+        return d
+    factor = capacity_ah / ref
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for section, key in CURRENT_LIMITS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = _scaled(out[section][key], factor)
+    out["reference_capacity_ah"] = float(capacity_ah)
+    return out
+
+
+def merge_limits(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` (a pack config's ``limits:``) over ``base``, section by section, key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge_limits(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def pack_limits(chemistry: str = "nmc", capacity_ah: float = math.nan, overrides: dict[str, Any] | None = None,
+                limits_file: str | Path = "") -> LimitsConfig:
+    """The limits of one pack: the chemistry's file (or ``limits_file``) scaled to its capacity, then its overrides.
+
+    Nothing of the reference pack reaches another pack unless its file says
+    so: currents follow the capacity, and any value may be overridden in the
+    pack config's ``limits:`` section (same keys as the limits file).
+    """
+    path = Path(limits_file) if limits_file else default_limits_path(chemistry)
+    d = load_yaml(path, "limits config", LimitsConfigError)
+    if not isinstance(d, dict):
+        raise LimitsConfigError(f"{path}: expected a mapping")
+    scaled = scale_to_capacity(d, capacity_ah)
+    source = str(path)
+    if scaled is not d:
+        source += f" scaled to {capacity_ah:g} Ah"
+    if overrides:
+        scaled = merge_limits(scaled, overrides)
+        source += " + pack config limits"
+    return parse_limits(scaled, source=source)

@@ -34,6 +34,7 @@ drives by bms_ai.diagnostics.train); defaults below are the fallback.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,12 @@ class DetectorBank:
         self.score = 0.0
 
     # ------------------------------------------------------------ public
+    def not_monitored(self, checks: Iterable[str], reason: str) -> None:
+        """Detectors this pack's data cannot support: reported STALE with ``reason``, never set."""
+        for r in self.rules:
+            if r.check in checks:
+                r.not_monitored(reason)
+
     @property
     def events(self) -> list[Event]:
         """Every event of every detector, in the order they were set."""

@@ -20,9 +20,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bms_ai.can.assembler import PACK_LEVEL, PACK_LEVEL_KEY
 from bms_ai.core.levels import ERROR, OK, STALE, WARN, split_status_name
-from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_limits
-from bms_ai.diagnostics.rules import CheckResult, Event, RuleEngine
+from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, pack_limits
+from bms_ai.diagnostics.rules import (
+    CELL_CHECKS,
+    FEW_SENSORS,
+    NO_CELLS,
+    SENSOR_SPREAD_CHECKS,
+    CheckResult,
+    Event,
+    RuleEngine,
+)
 from bms_ai.estimation import status
 from bms_ai.pack import PackSample
 
@@ -109,11 +118,18 @@ class FaultMonitor:
         self.model_fallback: bool | None = None
         self._own_checks: set[str] = set()
         self.detector_problems: list[str] = []
+        self.pack_level = False  # the measurements carry the average cell only (known from the first sample)
 
     @classmethod
-    def load(cls, limits_file: str, chemistry: str, hardware_id: str, **kwargs: Any) -> FaultMonitor:
-        """A monitor on the given limits file, or the shipped one for ``chemistry``."""
-        return cls(load_limits(limits_path(limits_file, chemistry)), hardware_id, **kwargs)
+    def load(cls, limits_file: str, chemistry: str, hardware_id: str, limits_overrides: dict | None = None,
+             **kwargs: Any) -> FaultMonitor:
+        """A monitor on the given limits file, or the shipped one for ``chemistry``, scaled to ``capacity_ah``.
+
+        ``limits_overrides``: the pack config's ``limits:`` section (see
+        :func:`~bms_ai.diagnostics.config.pack_limits`).
+        """
+        cfg = pack_limits(chemistry, kwargs.get("capacity_ah", math.nan), limits_overrides, limits_file)
+        return cls(cfg, hardware_id, **kwargs)
 
     # ---------------------------------------------------------------- inputs
     def reject(self, reason: str) -> None:
@@ -151,11 +167,22 @@ class FaultMonitor:
             if self.use_detectors:
                 self.detectors, self.detector_problems = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz,
                                                                         self.cfg.chemistry)
+            self._unmonitored(bool(s.status.get(PACK_LEVEL_KEY)), n_temps)
             return True
         if s.n_cells != self.engine.n_cells or n_temps != self.engine.n_temps:
             self.reject(f"shape {s.n_cells}/{n_temps} != {self.engine.n_cells}/{self.engine.n_temps}")
             return False
         return True
+
+    def _unmonitored(self, pack_level: bool, n_temps: int) -> None:
+        """Checks this pack's data cannot support say so (STALE, never a fake OK) for the whole run."""
+        self.pack_level = pack_level
+        for checks, reason, applies in ((CELL_CHECKS, NO_CELLS, pack_level),
+                                        (SENSOR_SPREAD_CHECKS, FEW_SENSORS, n_temps < 2)):
+            if applies:
+                for part in (self.engine, self.detectors):
+                    if part is not None:
+                        part.not_monitored(checks, reason)
 
     def on_estimate(self, soc: float, stamp: float, capacity_ah: float) -> None:
         """The estimator's battery_state: SOC (with its stamp) for the jump check, capacity when known."""
@@ -248,6 +275,7 @@ class FaultMonitor:
                             "step_mean_us": 1e6 * self.step_time_sum / max(self.steps, 1),
                             "step_max_us": 1e6 * self.step_time_max,
                             "limits": self.cfg.source, "chemistry": self.cfg.chemistry,
+                            "cell_data": PACK_LEVEL if self.pack_level else "per cell",
                             "detector_files": "; ".join(self.detector_problems) or "ok"})
 
     def _own(self, results: list[CheckResult]) -> list[CheckResult]:

@@ -64,6 +64,11 @@ class _Rule:
         self.element = element
         self.open: dict[tuple[int, int], Event] = {}
         self.events: list[Event] = []
+        self.unmonitored = ""  # why this pack cannot be checked ('' = monitored): never set, never OK
+
+    def not_monitored(self, reason: str) -> None:
+        """Stop judging this check for good (its data does not exist in this pack): STALE with ``reason``."""
+        self.unmonitored = reason
 
     def apply(self, tr: Transition, values: np.ndarray | float) -> None:
         vals = np.broadcast_to(np.asarray(values, dtype=float), (self.deb.n,))
@@ -80,6 +85,8 @@ class _Rule:
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float, values: np.ndarray | float) -> None:
         self._t = t
+        if self.unmonitored:
+            return
         tr = self.deb.update(violating, inside, t)
         if tr.any:
             self.apply(tr, values)
@@ -94,6 +101,8 @@ class _Rule:
         deb = self.deb
         top = deb.top_tier()
         kv: dict[str, Any] = dict(extra or {})
+        if self.unmonitored:
+            return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
         if top < 0:
             return CheckResult(self.check, OK, ok_message, kv)
         idx = np.nonzero(deb.active[top])[0]
@@ -170,6 +179,15 @@ class _FrozenTracker:
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
 
 
+#: checks (rules and detectors) that judge individual cell voltages: not monitored in a pack-level config
+CELL_CHECKS = frozenset({"cell overvoltage", "cell undervoltage", "pack voltage plausibility", "cell voltage spread",
+                         "open wire", "internal short", "imbalance growth"})
+#: checks that compare temperature sensors with each other: not monitored with fewer than two sensors
+SENSOR_SPREAD_CHECKS = frozenset({"temperature spread", "thermal anomaly"})
+NO_CELLS = "not monitored: no cell voltages in this pack config"
+FEW_SENSORS = "not monitored: fewer than two temperature sensors in this pack config"
+
+
 class RuleEngine:
     """All rule checks for one pack; call :meth:`step` once per fixed-rate tick."""
 
@@ -217,6 +235,12 @@ class RuleEngine:
         self._missing: list[str] = []
 
     # ------------------------------------------------------------------ public
+    def not_monitored(self, checks: Iterable[str], reason: str) -> None:
+        """Checks this pack's data cannot support (see :data:`CELL_CHECKS`): reported STALE with ``reason``."""
+        for r in self.rules:
+            if r.check in checks:
+                r.not_monitored(reason)
+
     @property
     def events(self) -> list[Event]:
         """Every event of every rule, in the order they were set."""

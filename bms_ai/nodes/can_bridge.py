@@ -26,7 +26,7 @@ from rclpy.node import Node
 from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import BatteryState
 
-from bms_ai.can.assembler import PackAssembler
+from bms_ai.can.assembler import PACK_LEVEL, PackAssembler, average_cell_sample
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import Frame, FrameArrays
 from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, watchdog_period
@@ -78,6 +78,9 @@ class CanBridgeNode(Node):
         self.p = p
         cfg = load_pack_config(p["pack_config"], dbc=p["dbc"] or None)
         self.pack_id = p["pack_id"] or cfg.pack_id
+        self.cfg = cfg
+        # what the cell voltages are: the pack's own, or the average cell of a pack-level config
+        self.cell_data = PACK_LEVEL if cfg.pack_level else f"per cell ({cfg.n_cells})"
         self.asm = PackAssembler(PackDecoder(cfg))
         self.sampler = FixedRateSampler(self.asm, 1.0 / p["rate_hz"], p["max_age"])
         self.health = BusHealth(p["stale_after"])
@@ -122,7 +125,8 @@ class CanBridgeNode(Node):
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
         self._thread.start()
-        self.get_logger().info(f"reading {self.source.description}, pack {self.pack_id} ({cfg.n_cells} cells)")
+        self.get_logger().info(f"reading {self.source.description}, pack {self.pack_id} ({cfg.n_cells} cells, "
+                               f"{self.cell_data})")
 
     # reader thread -------------------------------------------------------
     def _wait_for_readers(self) -> None:
@@ -290,9 +294,14 @@ class CanBridgeNode(Node):
     def _publish(self, s: PackSample) -> None:
         if self.poll is not None:
             self.poll.store.apply(s)
+        if self.cfg.pack_level:
+            s = average_cell_sample(s, self.cfg.n_cells)
         if self.clock_pub is not None:
             self.clock_pub.publish(ClockMsg(clock=stamp_to_time(s.stamp)))
-        self.pub.publish(sample_to_battery_state(s, self.p["frame_id"], self.pack_id))
+        msg = sample_to_battery_state(s, self.p["frame_id"], self.pack_id)
+        if self.cfg.pack_level:
+            msg.location = PACK_LEVEL  # the readers' cue: one average cell, not the pack's first cell
+        self.pub.publish(msg)
         self.samples_published += 1
 
     # watchdog (steady clock) ------------------------------------------------
@@ -329,6 +338,7 @@ class CanBridgeNode(Node):
                 last_error=self.last_error, reader_failed=self.reader_failed, closes_period=periodic)
         self._reported_silent = silence > self.p["stale_after"]
         self._reported_late = messages.level == WARN
+        bus.values.update(cell_data=self.cell_data, cells_in_series=self.cfg.n_cells)
         with self.diag.batch():
             for st in (bus, messages):
                 self.diag.update(st.check, st.level, st.message, st.values)

@@ -17,6 +17,7 @@ from typing import Any
 from rclpy.node import Node
 from sensor_msgs.msg import BatteryState
 
+from bms_ai.can.assembler import PACK_LEVEL
 from bms_ai.chemistry.registry import CHEMISTRIES
 from bms_ai.estimation.pack import PackEstimator, PackStep
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
@@ -47,6 +48,7 @@ class EstimatorNode(Node):
             use_models=bool(self.p["use_models"]), initial_soc=s0 if 0.0 <= s0 <= 1.0 else None,
             health_period=float(self.p["health_period"]), efc0=float(self.p["efc0"]))
         self.diag = Diagnostics(self, self.p["pack_id"])
+        self.cell_data = "per cell"  # or PACK_LEVEL: the measurements carry the average cell only
         self.pub = self.create_publisher(BatteryState, "battery_state", PUB_QOS)
         self.sub = self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
         self._poll_models()
@@ -72,6 +74,7 @@ class EstimatorNode(Node):
 
     def _on_meas(self, msg: BatteryState) -> None:
         s = battery_state_to_sample(msg)
+        self.cell_data = PACK_LEVEL if msg.location == PACK_LEVEL else "per cell"
         stamp = s.stamp if s.stamp > 0 else math.nan    # an unset header stamp is 0
         step = self.est.step(stamp, s.pack_current, s.cell_voltages, s.cell_temperatures)
         if step is not None:
@@ -98,6 +101,8 @@ class EstimatorNode(Node):
 
     def _update_diagnostics(self) -> None:
         for st in self.est.statuses():
+            if st.check == "soc":
+                st.values["cell_data"] = self.cell_data
             self.diag.update(st.check, st.level, st.message, st.values)
 
 

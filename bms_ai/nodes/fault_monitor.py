@@ -19,6 +19,8 @@ from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import BatteryState
 from std_msgs.msg import Empty
 
+from bms_ai.can.assembler import PACK_LEVEL, PACK_LEVEL_KEY
+from bms_ai.can.packconfig import load_pack_config
 from bms_ai.diagnostics.monitor import FaultMonitor
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
@@ -39,11 +41,14 @@ class FaultMonitorNode(Node):
             "capacity_ah": declare(self, "capacity_ah", 50.0, "pack capacity for the SOC-jump check (overridden by battery_state)"),
             "detectors": declare(self, "detectors", True, "run the incipient-fault detectors"),
             "max_events": declare(self, "max_events", 8, "latched events listed in the 'events' status"),
+            "pack_config": declare(self, "pack_config", "", "pack config YAML whose 'limits:' override the chemistry's"),
         }
         self.diag = Diagnostics(self, self.p["pack_id"])
+        overrides = load_pack_config(self.p["pack_config"]).limits if self.p["pack_config"] else None
         self.monitor = FaultMonitor.load(
             self.p["limits_file"], self.p["chemistry"], self.diag.hardware_id, detectors=self.p["detectors"],
-            stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"])
+            stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"],
+            limits_overrides=overrides)
         self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
         self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS)
         # /diagnostics carries every pack's statuses; only this pack's are decoded (a byte search first)
@@ -65,6 +70,8 @@ class FaultMonitorNode(Node):
     def _on_meas(self, msg: BatteryState) -> None:
         try:
             s = battery_state_to_sample(msg)
+            if msg.location == PACK_LEVEL:  # the bridge's average cell: cell checks are not monitored
+                s.status[PACK_LEVEL_KEY] = 1.0
         except Exception as exc:  # malformed message: count and report, never crash
             self.monitor.reject(f"unconvertible message: {exc}")
             return
