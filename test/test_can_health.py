@@ -57,9 +57,14 @@ def test_bus_levels_from_silence_rejections_and_source_errors(decoder, messages)
     assert (bus.level, bus.message) == (OK, "receiving") and msgs.level == OK
     sampler.asm.feed(0x7AB, b"\x01", 11.0)
     sampler.asm.feed(0x7AB, b"\x01", 11.0)
+    bus, _ = _assess(health, sampler, 0.01)  # a shared bus: foreign ids are counted, not a fault
+    assert (bus.level, bus.message) == (OK, "receiving")
+    assert bus.values["unknown_ids"] == "0x7AB:2" and bus.values["frames_foreign"] == 2
+    assert "rejected_unknown_id" not in bus.values and bus.values["frames_rejected"] == 0
+    sampler.asm.feed(0x120, b"\x01", 11.0)  # a used id with the wrong length: damage
+    sampler.asm.feed(0x120, b"\x01", 11.0)
     bus, _ = _assess(health, sampler, 0.01)
     assert (bus.level, bus.message) == (WARN, "2 frames rejected in the last period")
-    assert bus.values["unknown_ids"] == "0x7AB:2" and bus.values["rejected_unknown_id"] == 2
     assert _assess(health, sampler, 0.01)[0].level == OK  # no new rejections since
     bus, msgs = _assess(health, sampler, 2.0)
     assert (bus.level, bus.message, msgs.level) == (STALE, "CAN bus silent for 2.0 s", STALE)
@@ -152,7 +157,7 @@ def test_an_interim_assessment_leaves_the_rejection_window_open(decoder, message
     health = BusHealth(0.5)
     sampler = _sampler(decoder, messages)
     _assess(health, sampler, 0.01)
-    sampler.asm.feed(0x7AB, b"\x01", 11.0)
+    sampler.asm.feed(0x120, b"\x01", 11.0)  # a used id with the wrong length
     interim = health.assess(sampler, source="s", silence=0.01, samples_published=0, source_errors=0,
                             last_error="", closes_period=False)[0]
     assert interim.level == WARN

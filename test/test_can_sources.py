@@ -128,3 +128,26 @@ def test_real_time_replay_of_damaged_stamps_finishes(tmp_path):
     with deadline(20.0):
         got = _drain(src)
     assert len(got) == 6 and src.gaps_shortened == 1
+
+
+def test_receive_filters_pass_only_the_ids_the_pack_config_uses():
+    """can_filters from the used ids: a live bus hands over those frames only (11- and 29-bit kept apart)."""
+    from bms_ai.can.sources import can_filters
+
+    filters = can_filters([(0x120, False), (0x18DAF1DB, True), (0x120, False)])
+    assert filters == [{"can_id": 0x120, "can_mask": 0x7FF, "extended": False},
+                       {"can_id": 0x18DAF1DB, "can_mask": 0x1FFFFFFF, "extended": True}]
+    src = open_source(interface="virtual", channel="src_filter_test", bus_options={"can_filters": filters})
+    tx = can.Bus(interface="virtual", channel="src_filter_test")
+    stop = threading.Event()
+    try:
+        it = src.frames(stop)
+        assert next(it) is None
+        for fid, ext in ((0x121, False), (0x120, True), (0x18DAF1DB, True), (0x120, False)):
+            tx.send(can.Message(arbitration_id=fid, data=b"\x01", is_extended_id=ext))
+        got = [next(m for m in it if m is not None) for _ in range(2)]
+        assert [(m.arbitration_id, m.is_extended_id) for m in got] == [(0x18DAF1DB, True), (0x120, False)]
+    finally:
+        stop.set()
+        tx.shutdown()
+        src.close()

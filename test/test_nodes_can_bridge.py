@@ -86,7 +86,7 @@ def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg)
 
 
 def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
-    """Live frames become samples; unknown ids and bad lengths are counted on /diagnostics (WARN, then STALE)."""
+    """Live frames become samples; foreign ids are counted, bad lengths rejected on /diagnostics (WARN, then STALE)."""
     got = ros.collect(BatteryState, "/bms/pack/measurements")
     diags = ros.collect(DiagnosticArray, "/diagnostics")
     _node(ros, interface="virtual", channel="bridge_test", stale_after=0.5)
@@ -104,7 +104,7 @@ def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
         ok = ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_dlc_error") == "1", timeout=3)
         assert ok, diag_values(diags, "can_bridge: can_bus")
         v = diag_values(diags, "can_bridge: can_bus")
-        assert v["rejected_unknown_id"] == "1" and "0x7AB:1" in v["unknown_ids"]
+        assert v["frames_foreign"] == "1" and "0x7AB:1" in v["unknown_ids"]
         assert 1 in diag_levels(diags, "can_bridge: can_bus")  # WARN for the rejected frames
         assert ros.wait_for(lambda: diag_levels(diags, "can_bridge: can_bus")[-1:] == [3], timeout=3)  # silence
     finally:

@@ -22,6 +22,9 @@ PACK_LEVEL = "pack-level (average cell)"
 #: PackSample.status key set to 1.0 on a pack-level sample (the fault monitor's and estimator's cue)
 PACK_LEVEL_KEY = "pack_level"
 
+#: distinct foreign ids counted one by one (a shared bus has dozens; 29-bit noise must not grow memory)
+MAX_FOREIGN_IDS = 1024
+
 REJECT_REASONS = (
     "unknown_id", "dlc_error", "crc_error", "time_backwards", "non_finite",
     "unknown_mux", "error_frame", "remote_frame", "bad_type", "bad_time", "bad_id",
@@ -47,6 +50,7 @@ class Counters:
     """Frames accepted, and rejected per reason (the bus-health counters)."""
 
     accepted: int = 0
+    poll: int = 0  # frames of the config's diagnostic requests and answers (the poller's, not the decoder's)
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
 
     @property
@@ -65,7 +69,9 @@ class PackAssembler:
         self.status_stamps = {name: math.nan for name in decoder.status_names}
         self.counters = Counters()
         self.stats: dict[str, MessageStats] = {r.name: MessageStats() for r in decoder.routes.values()}
-        self.unknown_ids: dict[int, int] = {}
+        self.unknown_ids: dict[int, int] = {}  # foreign ids (a shared bus) -> frames, at most MAX_FOREIGN_IDS ids
+        self.poll_ids = {(i, r.extended) for r in (cfg.poll.requests if cfg.poll else ())
+                         for i in (r.request_id, r.response_id)}
         self.last_ts = -math.inf
         self._routes = decoder.routes
         self._status_names = decoder.status_names
@@ -97,10 +103,7 @@ class PackAssembler:
         self.last_ts = ts
         route: Route | None = self._routes.get((arb_id, extended))
         if route is None:
-            if not id_ok(arb_id):
-                return self._reject("bad_id")
-            self.unknown_ids[arb_id] = self.unknown_ids.get(arb_id, 0) + 1
-            return self._reject("unknown_id")
+            return self._not_routed(arb_id, extended)
         if n != route.length:
             return self._reject("dlc_error")
         data = bytes(data)
@@ -121,6 +124,17 @@ class PackAssembler:
         self._store(slots, values, ts)
         self._received(route, le, be, ts)
         return True
+
+    def _not_routed(self, arb_id: int, extended: bool) -> bool:
+        """A frame no route takes: an impossible id, a poll's (the poller's business), or a foreign one (counted)."""
+        if not id_ok(arb_id):
+            return self._reject("bad_id")
+        if (arb_id, extended) in self.poll_ids:
+            self.counters.poll += 1
+            return False
+        if arb_id in self.unknown_ids or len(self.unknown_ids) < MAX_FOREIGN_IDS:
+            self.unknown_ids[arb_id] = self.unknown_ids.get(arb_id, 0) + 1
+        return self._reject("unknown_id")
 
     def _crc_ok(self, route: Route, data: bytes) -> bool:
         body = data[:route.crc_byte] + data[route.crc_byte + 1:]

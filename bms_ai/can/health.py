@@ -69,7 +69,10 @@ class BusHealth:
 
     ``can_bus``: ERROR while the source fails or after the reader stopped on an
     unexpected error, STALE on silence, WARN when
-    frames were rejected since the last periodic report, else OK.
+    frames were rejected since the last periodic report, else OK. Frames of
+    ids the pack config does not use are *foreign* (``frames_foreign``, the
+    busiest in ``unknown_ids``): a shared vehicle bus carries them, so they
+    are counted, never a rejection and never WARN.
     ``can_messages``: STALE on silence, WARN while a message is past its
     timeout, else OK.
     """
@@ -91,7 +94,9 @@ class BusHealth:
         """
         asm = sampler.asm
         c = asm.counters
-        rejected = c.total_rejected
+        # frames of ids the pack config does not use: another ECU on a shared bus, not damage
+        foreign = c.rejected.get("unknown_id", 0)
+        rejected = c.total_rejected - foreign
         new_rej = rejected - self._last_rejected
         if closes_period:
             self._last_rejected = rejected
@@ -106,7 +111,9 @@ class BusHealth:
             "source": source,
             "frames_accepted": c.accepted,
             "frames_rejected": rejected,
-            **{f"rejected_{k}": v for k, v in c.rejected.items()},
+            **{f"rejected_{k}": v for k, v in c.rejected.items() if k != "unknown_id"},
+            "frames_foreign": foreign,
+            "frames_poll": c.poll,
             "unknown_ids": ",".join(f"0x{i:X}:{n}" for i, n in unknown),
             "samples_published": samples_published,
             "samples_skipped_gaps": sampler.skipped,

@@ -33,7 +33,7 @@ from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, watchd
 from bms_ai.can.isotp_offline import PollLogDecoder
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
-from bms_ai.can.sources import SourceError, open_source
+from bms_ai.can.sources import SourceError, bus_options, can_filters, open_source
 from bms_ai.can.uds import UdsPoller
 from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
@@ -61,6 +61,8 @@ class CanBridgeNode(Node):
             "interface": declare(self, "interface", "virtual", "python-can interface (socketcan, pcan, virtual, udp_multicast, ...)"),
             "channel": declare(self, "channel", "vcan0", "python-can channel"),
             "bus_options": declare(self, "bus_options", "{}", "extra python-can Bus kwargs as JSON, e.g. {\"bitrate\": 500000}"),
+            "receive_filter": declare(self, "receive_filter", False,
+                                      "live bus: receive only the ids the pack config uses (socketcan filters in the kernel)"),
             "can_log": declare(self, "can_log", "", "replay this CAN log (.asc .blf .log .trc .csv) instead of a bus"),
             "replay_speed": declare(self, "replay_speed", 1.0, "log replay speed factor; 0 = as fast as possible"),
             "replay_loop": declare(self, "replay_loop", False, "repeat the log"),
@@ -84,8 +86,11 @@ class CanBridgeNode(Node):
         self.asm = PackAssembler(PackDecoder(cfg))
         self.sampler = FixedRateSampler(self.asm, 1.0 / p["rate_hz"], p["max_age"])
         self.health = BusHealth(p["stale_after"])
+        opts = bus_options(p["bus_options"])
+        if p["receive_filter"] and not p["can_log"]:  # foreign frames then never reach Python (nor the counts)
+            opts["can_filters"] = can_filters([*self.asm.decoder.routes, *self.asm.poll_ids])
         self.source = open_source(p["can_log"], interface=p["interface"], channel=p["channel"],
-                                  bus_options=p["bus_options"], speed=p["replay_speed"], loop=p["replay_loop"],
+                                  bus_options=opts, speed=p["replay_speed"], loop=p["replay_loop"],
                                   lightweight=not p["raw_log_dir"] and p["time_source"] == "can")
         # values the car gives only on request: polled on a live bus, found in the frames of a replay
         self.poll: UdsPoller | PollLogDecoder | None = None
