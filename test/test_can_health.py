@@ -163,3 +163,17 @@ def test_an_interim_assessment_leaves_the_rejection_window_open(decoder, message
     assert interim.level == WARN
     assert _assess(health, sampler, 0.01)[0].level == WARN  # the periodic report still sees them
     assert _assess(health, sampler, 0.01)[0].level == OK
+
+
+def test_vehicle_bms_status_shows_the_cars_values_and_the_soc_agreement():
+    """STALE until the car gave a value; then OK with its values and its SOC minus ours in points."""
+    from bms_ai.can.health import vehicle_bms_status
+
+    keys = {"soc": "vehicle_bms.soc", "soh": "soh"}
+    st = vehicle_bms_status(keys, {}, 0.5)
+    assert (st.check, st.level) == ("vehicle_bms", STALE) and math.isnan(st.values["soc_difference_points"])
+    st = vehicle_bms_status(keys, {"vehicle_bms.soc": 58.5, "soh": 97.5}, 0.55)
+    assert st.level == OK and st.values["soc"] == 58.5 and st.values["soh"] == 97.5
+    assert st.values["soc_difference_points"] == pytest.approx(3.5)
+    assert st.message == "soc 58.5, soh 97.5; ours 55.0 % (+3.5 points)"
+    assert math.isnan(vehicle_bms_status(keys, {"soh": 97.5}).values["soc_difference_points"])  # no estimate yet

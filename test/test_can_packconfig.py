@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -420,3 +421,27 @@ def test_pack_config_limits_must_be_a_mapping(tmp_path, pack_config_path):
     p = _write_cfg(tmp_path, pack_config_path, limits=[1])
     with pytest.raises(PackConfigError, match=r"\.limits: expected a mapping, got list"):
         load_pack_config(p)
+
+
+# ----------------------------------------------------------------------------- the vehicle's own BMS values
+
+def test_vehicle_bms_maps_dbc_signals_and_polled_values(tmp_path, pack_config_path):
+    """The car's SOC/limits from DBC signals become status entries the decoder fills; SOH may be a polled value."""
+    vehicle = {"discharge_power_limit_kw": {"message": "BMS_Limits", "signal": "MaxDischargeCurrent", "scale": 0.4},
+               "soh": {"poll": "soh"}}
+    cfg = load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=KONA_LIKE_POLL, vehicle_bms=vehicle))
+    assert cfg.vehicle_bms == {"discharge_power_limit_kw": "vehicle_bms.discharge_power_limit_kw", "soh": "soh"}
+    assert cfg.status["vehicle_bms.discharge_power_limit_kw"].scale == 0.4
+    assert "vehicle_bms.discharge_power_limit_kw" in PackDecoder(cfg).status_names  # validated against the DBC
+
+
+@pytest.mark.parametrize(("vehicle", "needle"), [
+    ({"soc": {"poll": "soc_bms"}}, "vehicle_bms.soc.poll: 'soc_bms' is not a value of any poll request"),
+    ({"soc": {"poll": "soh", "scale": 2}}, "vehicle_bms.soc: unknown key(s) ['scale']"),
+    ({"soc": {"message": "BMS_Limits"}}, "vehicle_bms.soc: missing required key 'signal'"),
+    ({"soc": 3}, "vehicle_bms.soc: expected a mapping, got int 3"),
+])
+def test_vehicle_bms_errors_are_one_line(tmp_path, pack_config_path, vehicle, needle):
+    """Each mistake names its key."""
+    with pytest.raises(PackConfigError, match=re.escape(needle)):
+        load_pack_config(_write_cfg(tmp_path, pack_config_path, poll=KONA_LIKE_POLL, vehicle_bms=vehicle))

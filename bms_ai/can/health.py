@@ -183,3 +183,26 @@ class PollHealth:
         if not answers:
             return BusStatus("uds_poll", STALE, "no poll answer yet", values)
         return BusStatus("uds_poll", OK, f"{answers} answers", values)
+
+
+def vehicle_bms_status(keys: dict[str, str], status: dict[str, float], our_soc: float = math.nan) -> BusStatus:
+    """The ``vehicle_bms`` check: what the car's own BMS says (displayed SOC, SOH, power limits, contactors).
+
+    ``keys``: the pack config's name -> sample status key; ``status``: the
+    last published sample's status; ``our_soc``: the estimator's SOC (0..1).
+    ``soc_difference_points`` is the car's SOC minus ours in percentage
+    points (the agreement of the two estimates). STALE until the car gave a
+    value, else OK: the car's values are information, not a verdict.
+    """
+    values: dict[str, Any] = {name: status.get(key, math.nan) for name, key in keys.items()}
+    car_soc = values.get("soc", math.nan)
+    diff = car_soc - 100.0 * our_soc if math.isfinite(car_soc) and math.isfinite(our_soc) else math.nan
+    if "soc" in keys:
+        values["soc_difference_points"] = diff
+    known = [n for n, x in values.items() if isinstance(x, float) and math.isfinite(x)]
+    if not known:
+        return BusStatus("vehicle_bms", STALE, "no value from the vehicle's BMS yet", values)
+    msg = ", ".join(f"{n} {values[n]:.4g}" for n in keys if n in known)
+    if math.isfinite(diff):
+        msg += f"; ours {100.0 * our_soc:.1f} % ({diff:+.1f} points)"
+    return BusStatus("vehicle_bms", OK, msg, values)

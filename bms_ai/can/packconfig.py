@@ -88,6 +88,7 @@ class PackConfig:
     source: Path | None = None
     poll: PollConfig | None = None  # diagnostic requests for values the pack does not broadcast
     limits: dict[str, Any] = field(default_factory=dict)  # overrides of the chemistry's limits file, per pack
+    vehicle_bms: dict[str, str] = field(default_factory=dict)  # the car's own BMS values: name -> sample status key
 
     @property
     def pack_level(self) -> bool:
@@ -177,7 +178,7 @@ class PollConfig:
 _TOP_KEYS = {
     "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
-    "cell_temperatures", "status", "checks", "poll", "limits",
+    "cell_temperatures", "status", "checks", "poll", "limits", "vehicle_bms",
 }
 _SCALAR_KEYS = {"message", "signal", "scale", "offset", "valid"}
 _GROUP_KEYS = {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}
@@ -477,6 +478,37 @@ def polled_indices(poll: PollConfig | None, name: str) -> set[int]:
     return out
 
 
+#: prefix of the status entries a ``vehicle_bms`` DBC mapping adds (decode output columns, sample status keys)
+VEHICLE_PREFIX = "vehicle_bms."
+
+
+def _vehicle_bms(v: Any, where: str, poll: PollConfig | None) -> tuple[dict[str, str], dict[str, ScalarMap]]:
+    """The ``vehicle_bms:`` section: name -> sample status key, and the DBC signals it adds to ``status``.
+
+    Each entry is a DBC signal like a ``status`` entry, or ``{poll: NAME}``
+    naming a value of a poll request (not a pack array).
+    """
+    w = f"{where}.vehicle_bms"
+    v = _mapping(v or {}, w)
+    polled = {pv.name for r in (poll.requests if poll else ()) for pv in r.values if pv.name not in POLL_ARRAYS}
+    keys: dict[str, str] = {}
+    status: dict[str, ScalarMap] = {}
+    for name, entry in v.items():
+        name = _text(name, f"{w} key")
+        entry = _mapping(entry, f"{w}.{name}")
+        if "poll" in entry:
+            _unknown(entry, {"poll"}, f"{w}.{name}")
+            ref = _text(entry["poll"], f"{w}.{name}.poll")
+            if ref not in polled:
+                raise PackConfigError(f"{w}.{name}.poll: '{ref}' is not a value of any poll request; "
+                                      f"they are {sorted(polled)}")
+            keys[name] = ref
+        else:
+            keys[name] = VEHICLE_PREFIX + name
+            status[keys[name]] = _scalar(entry, f"{w}.{name}")
+    return keys, status
+
+
 def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> PackConfig:
     """Validate a parsed YAML document (without touching the DBC).
 
@@ -498,6 +530,7 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
     poll = _poll(d["poll"], where, {"cell_voltages": n_cells, "cell_temperatures": n_temps}) if "poll" in d else None
     # cells a car gives only on request, or not at all (pack-level: the average cell): no broadcast groups
     cells = d.get("cell_voltages")
+    vehicle, vehicle_status = _vehicle_bms(d.get("vehicle_bms"), where, poll)
     return PackConfig(
         pack_id=_text(d.get("pack_id", "pack0"), f"{where}.pack_id"),
         dbc_path=dbc,
@@ -510,11 +543,13 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
         pack_current=_scalar(_req(d, "pack_current", where), f"{where}.pack_current"),
         cell_voltages=_groups(cells, f"{where}.cell_voltages") if cells is not None else (),
         cell_temperatures=_groups(temps, f"{where}.cell_temperatures") if temps else (),
-        status={_text(k, f"{where}.status key"): _scalar(v, f"{where}.status.{k}") for k, v in status.items()},
+        status={**{_text(k, f"{where}.status key"): _scalar(v, f"{where}.status.{k}") for k, v in status.items()},
+                **vehicle_status},
         checks=tuple(_check(name, c, where) for name, c in checks.items()),
         source=source,
         poll=poll,
         limits=_mapping(d.get("limits") or {}, f"{where}.limits"),
+        vehicle_bms=vehicle,
     )
 
 

@@ -29,7 +29,7 @@ from sensor_msgs.msg import BatteryState
 from bms_ai.can.assembler import PACK_LEVEL, PackAssembler, average_cell_sample
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import Frame, FrameArrays
-from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, watchdog_period
+from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, vehicle_bms_status, watchdog_period
 from bms_ai.can.isotp_offline import PollLogDecoder
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
@@ -107,6 +107,11 @@ class CanBridgeNode(Node):
         self._progress = (self.create_subscription(BatteryState, "pack/measurements", self._on_taken,
                                                    GRAPH_SUB_QOS, raw=True) if self.source.replay else None)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
+        # the car's own BMS values (vehicle_bms), compared with our estimate on battery_state
+        self.last_status: dict[str, float] = {}
+        self.our_soc = math.nan
+        if cfg.vehicle_bms:
+            self.create_subscription(BatteryState, "battery_state", self._on_estimate, GRAPH_SUB_QOS)
         self.diag = Diagnostics(self, self.pack_id)
         self.lock = threading.Lock()
         self.samples_published = 0
@@ -299,6 +304,7 @@ class CanBridgeNode(Node):
     def _publish(self, s: PackSample) -> None:
         if self.poll is not None:
             self.poll.store.apply(s)
+        self.last_status = s.status
         if self.cfg.pack_level:
             s = average_cell_sample(s, self.cfg.n_cells)
         if self.clock_pub is not None:
@@ -350,6 +356,12 @@ class CanBridgeNode(Node):
             if self.poll is not None:
                 st = self.poll_health.assess(self.poll.store.stats, closes_period=periodic)
                 self.diag.update(st.check, st.level, st.message, st.values)
+            if self.cfg.vehicle_bms:
+                st = vehicle_bms_status(self.cfg.vehicle_bms, self.last_status, self.our_soc)
+                self.diag.update(st.check, st.level, st.message, st.values)
+
+    def _on_estimate(self, msg: BatteryState) -> None:
+        self.our_soc = float(msg.percentage)
 
     def destroy_node(self) -> None:
         """Stop the reader thread, then release the source and the raw log."""
