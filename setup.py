@@ -28,6 +28,7 @@ setup(
         ("share/" + PACKAGE, ["package.xml"]),
         ("share/" + PACKAGE + "/launch", files("launch/*.py")),
         ("share/" + PACKAGE + "/config", files("config/*.yaml")),
+        ("share/" + PACKAGE + "/config/vehicles", files("config/vehicles/*.yaml")),
         ("share/" + PACKAGE + "/dbc", files("dbc/*.dbc")),
         *tree("models"),
         *tree("data/drives"),
