@@ -252,3 +252,13 @@ def test_limits_follow_the_pack_capacity_and_its_overrides() -> None:
     assert "scaled to 180 Ah + pack config limits" in kona.source
     m = FaultMonitor.load("", "nmc", "kona", capacity_ah=180.0, detectors=False)
     assert m.cfg.current_charge.mol == pytest.approx(360.0)
+
+
+def test_the_shipped_reference_packs_keep_their_limits_files_unscaled(root) -> None:
+    """Each shipped reference pack's capacity is its limits file's reference: no scaling, same limits."""
+    from bms_ai.can.packconfig import load_pack_config
+    from bms_ai.diagnostics.config import load_limits, pack_limits
+
+    for name in ("pack96.yaml", "pack96_lfp.yaml"):
+        cfg = load_pack_config(root / "config" / name)
+        assert pack_limits(cfg.chemistry, cfg.design_capacity_ah) == load_limits(limits_path("", cfg.chemistry))
