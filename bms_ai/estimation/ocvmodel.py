@@ -15,6 +15,7 @@ Sources, most specific first:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -122,3 +123,19 @@ def ocv_from_low_rate(charge: np.ndarray, discharge: np.ndarray) -> tuple[OCVCur
     if np.any(c < d - 0.01):
         raise ValueError("low-rate OCV: the charge branch lies below the discharge branch (swapped files?)")
     return OCVCurve(grid, 0.5 * (c + d), "measured"), float(np.median(0.5 * (c - d)))
+
+
+def ocv_model_from_file(path: str | Path, sigma_v: float) -> OcvModel:
+    """The user's cell: a csv of (soc 0..1, volts) rows, trusted to ``sigma_v``; one-line ValueError if unusable."""
+    p = Path(path)
+    try:
+        tab = np.loadtxt(p, delimiter=",", comments="#", ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"OCV table {p}: {exc}") from None
+    if tab.shape[1] < 2 or tab.shape[0] < 3 or not np.isfinite(tab[:, :2]).all():
+        raise ValueError(f"OCV table {p}: need >= 3 rows of 'soc, volts'")
+    order = np.argsort(tab[:, 0])
+    soc, volts = tab[order, 0], tab[order, 1]
+    if soc[0] < -1e-6 or soc[-1] > 1 + 1e-6 or np.any(np.diff(soc) <= 0):
+        raise ValueError(f"OCV table {p}: soc must rise strictly within 0..1")
+    return OcvModel.from_curve(OCVCurve(soc, volts, "user"), sigma_v, f"file:{p.name}")

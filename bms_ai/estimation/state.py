@@ -81,3 +81,14 @@ def read_state(path: str | Path) -> tuple[dict | None, str]:
         return None, f"{p}: cannot read estimator state ({exc.strerror or exc})"
     payload, why = decode_state(blob)
     return payload, (f"{p}: {why}" if why else "")
+
+
+def resolve_state_path(setting: str, namespace: str = "/") -> Path | None:
+    """'' -> None (off); 'auto' -> $ROS_HOME/bms_ai/<namespace>_estimator.json (ROS_HOME default ~/.ros)."""
+    if not setting:
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    ros_home = Path(os.environ.get("ROS_HOME") or Path.home() / ".ros")
+    name = namespace.strip("/").replace("/", "_") or "root"
+    return ros_home / "bms_ai" / f"{name}_estimator.json"
