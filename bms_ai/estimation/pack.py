@@ -96,6 +96,7 @@ class PackEstimator:
         self.steps = 0
         self.rejected = 0
         self.reject_reason = ""
+        self._rejected_at_last_status = 0
         self.cycle_last_s = 0.0
         self.cycle_max_s = 0.0
 
@@ -226,8 +227,13 @@ class PackEstimator:
             return status.CheckStatus(status.SOC_CHECK, WARN, "no measurements yet", {
                 "model": label, "model_reason": self.slot().reason, "rejected": self.rejected,
                 status.MODEL_FALLBACK: model is None})
-        level = OK if o.method == "learned" and not self.rejected else WARN
+        # rejections WARN while they happen (since the last status), with the reason; old ones only count
+        new_rejects = self.rejected - self._rejected_at_last_status
+        self._rejected_at_last_status = self.rejected
+        level = OK if o.method == "learned" and not new_rejects else WARN
         msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        if new_rejects:
+            msg += f"; {new_rejects} sample(s) rejected: {self.reject_reason}"
         events = self.model_events
         return status.CheckStatus(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
