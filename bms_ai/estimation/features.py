@@ -44,6 +44,13 @@ MAX_GAP_S = 30.0         # a longer gap between samples is a restart (history un
 DEFAULT_HYSTERESIS_RATE = 25.0   # one-state hysteresis: 1/(fraction of capacity) to swing fully
 
 
+def hysteresis_rate_for(chemistry: str) -> float:
+    """The hysteresis rate the pipeline runs for a chemistry (registry value; the default where it has none)."""
+    from bms_ai.chemistry.registry import get_chemistry
+
+    return get_chemistry(chemistry).hysteresis_rate or DEFAULT_HYSTERESIS_RATE
+
+
 def cell_sensor_map(n_cells: int, n_temps: int) -> np.ndarray:
     """Temperature sensor index per cell (sensors spread evenly along the string)."""
     if n_temps <= 0:

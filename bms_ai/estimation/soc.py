@@ -20,7 +20,7 @@ import numpy as np
 
 from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES
+from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES, hysteresis_rate_for
 from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterInput, FilterParams, S
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.overpotential import EcmEta, EcmParams, EtaTerms, LearnedEta, make_features
@@ -79,7 +79,7 @@ class SocEstimator:
         self.n = n_cells
         self.chemistry = chem.name
         self.capacity_ah = float(capacity_ah)
-        self.features = make_features(n_cells, n_temps, capacity_ah, chem.hysteresis_rate or 25.0)
+        self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
         self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
         self.ocv = ocv or default_ocv_model(chem.name)
         self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
