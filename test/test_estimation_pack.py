@@ -27,15 +27,15 @@ def _run(est: PackEstimator, seconds: float, t0: float = 0.0, current: float = -
     return step
 
 
-def test_without_model_directory_the_ekf_runs_and_says_why() -> None:
+def test_without_model_directory_the_classical_fallback_runs_and_says_why() -> None:
     est = PackEstimator("nmc", 5.0, None, initial_soc=0.5)
     assert est.statuses()[0].values[status.MODEL_FALLBACK] is True
     step = _run(est, 2.0)
-    assert step.soc.method == "ekf" and step.soc.fallback_reason == "no model directory"
+    assert step.soc.method == "classical" and step.soc.fallback_reason == "no model directory"
     assert 0.0 < step.soc.soc < 1.0 and step.capacity_ah == step.design_capacity_ah == 5.0
     assert step.health == status.HEALTH_GOOD          # no SOH estimate yet: design capacity
     soc = est.soc_status()
-    assert soc.level == WARN and soc.message == "fallback: EKF (no model directory)"
+    assert soc.level == WARN and soc.message == "fallback: Coulomb counting + ECM overpotential (no model directory)"
     assert soc.values[status.MODEL_FALLBACK] is True and soc.values["model"] == "none"
 
 
@@ -44,7 +44,7 @@ def test_models_disabled_is_a_fallback_with_its_own_reason(root: Path) -> None:
     models.poll()
     est = PackEstimator("nmc", 5.0, models, use_models=False, initial_soc=0.5)
     assert est.soc_model() == (None, "models disabled (use_models=false)")
-    assert _run(est, 0.5).soc.method == "ekf"
+    assert _run(est, 0.5).soc.method == "classical"
     assert est.poll_models() == ""                    # no reload while models are disabled
 
 
@@ -58,7 +58,7 @@ def test_model_used_and_hot_reload_swaps_it(root: Path, tmp_path: Path) -> None:
     model, reason = est.soc_model()
     assert model is not None and model.version == nmc.version and reason == ""
     step = _run(est, 61.0)                            # past the NN warm-up
-    assert step.soc.method == "nn+cc" and est.soc_status().level == OK
+    assert step.soc.method == "learned" and est.soc_status().level == OK
     v2 = dict(nmc.to_dict(), version=nmc.version + 1, file=f"{nmc.name}_v{nmc.version + 1}.onnx")
     shutil.copy(root / "models" / nmc.file, tmp_path / v2["file"])
     (tmp_path / (v2["file"] + ".json")).write_text(json.dumps(v2))
@@ -75,7 +75,10 @@ def test_unusable_samples_are_counted_not_raised() -> None:
     assert est.step(2.0, -1.0, V, T) is not None
     assert est.step(2.0, -1.0, V, T) is None and "not after" in est.reject_reason
     assert est.rejected == 4 and est.steps == 1
-    assert est.soc_status().values["rejected"] == 4
+    first = est.soc_status()
+    assert first.values["rejected"] == 4 and first.level == WARN and "4 sample(s) rejected: stamp" in first.message
+    assert est.step(3.0, -1.0, V, T) is not None
+    assert "rejected" not in est.soc_status().message  # old rejections count, they no longer warn
 
 
 def test_config_errors_fail_at_construction() -> None:

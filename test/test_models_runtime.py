@@ -13,13 +13,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bms_ai.core.files import sha256_file
-from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES
+from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES
 from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
 from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert_entry
 from bms_ai.models.runtime import ModelRegistry, verify_and_load
 
 
-def _soc_onnx(path: Path, n_in: int = N_SOC_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
+def _soc_onnx(path: Path, n_in: int = N_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
     """A real ONNX graph: soc = sigmoid(x @ w + b), sigma = 0.02 (built without torch)."""
     w = np.zeros((n_in, 1), np.float32)
     w[0, 0] = 1.0
@@ -41,7 +41,7 @@ def _soc_onnx(path: Path, n_in: int = N_SOC_FEATURES, bias: float = 0.0, input_n
     onnx.save(m, str(path))
 
 
-def _entry(d: Path, version: int, n_in: int = N_SOC_FEATURES, **kw) -> ModelEntry:
+def _entry(d: Path, version: int, n_in: int = N_FEATURES, **kw) -> ModelEntry:
     f = f"soc_test_v{version}.onnx"
     _soc_onnx(d / f, n_in=n_in, bias=kw.pop("bias", 0.0), input_name=kw.pop("input_name", "features"))
     return ModelEntry(name="soc_test", version=version, file=f, sha256=sha256_file(d / f), task="soc",
@@ -57,7 +57,7 @@ def test_good_model_loads_and_runs(tmp_path: Path) -> None:
     assert errors == [] and entries[0].sha256 == e.sha256
     res = verify_and_load(tmp_path, entries[0], soc_model_expectation())
     assert res.model is not None, res.reason
-    soc, sig = res.model.run(np.zeros((96, N_SOC_FEATURES), np.float32))
+    soc, sig = res.model.run(np.zeros((96, N_FEATURES), np.float32))
     assert soc.shape == (96, 1) and np.allclose(soc, 0.5) and np.allclose(sig, 0.02)
     assert res.model.session.get_session_options().intra_op_num_threads == 1
 
@@ -76,14 +76,14 @@ def test_hash_mismatch_falls_back_with_reason(tmp_path: Path) -> None:
     assert slot.model is None and "sha256 mismatch" in slot.reason
     est = SocEstimator(4, 2, "nmc", 5.0, model=slot.model, model_reason=slot.reason, soc0=0.5)
     out = est.step(0.0, 0.0, np.full(4, 3.7), np.full(2, 25.0))
-    assert out.method == "ekf" and "sha256 mismatch" in out.fallback_reason
+    assert out.method == "classical" and "sha256 mismatch" in out.fallback_reason
     assert np.all(np.isfinite(out.cell_soc))
 
 
 @pytest.mark.parametrize("kind", ["n_features", "input_name", "feature_version", "missing_file", "garbage"])
 def test_wrong_contract_is_rejected(tmp_path: Path, kind: str) -> None:
     if kind == "n_features":
-        e = _entry(tmp_path, 1, n_in=N_SOC_FEATURES + 2)
+        e = _entry(tmp_path, 1, n_in=N_FEATURES + 2)
     elif kind == "input_name":
         e = _entry(tmp_path, 1, input_name="x")
     elif kind == "feature_version":
@@ -116,7 +116,7 @@ def test_hot_reload_swaps_good_and_rejects_bad(tmp_path: Path) -> None:
     m2 = reg.get("soc", "nmc")
     assert m2.version == 2
     est.set_model(m2)
-    z, _ = m2.run(np.zeros((1, N_SOC_FEATURES), np.float32))
+    z, _ = m2.run(np.zeros((1, N_FEATURES), np.float32))
     assert z[0, 0] == pytest.approx(1 / (1 + np.exp(-1.0)), abs=1e-5)
     # a bad v3 (hash mismatch) is rejected; v2 stays active
     e3 = _entry(tmp_path, 3)

@@ -75,7 +75,7 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
     assert np.isfinite(last.capacity) and last.capacity > 0
     assert last.power_supply_health == BatteryState.POWER_SUPPLY_HEALTH_GOOD
     soc_kv = diag_values(diags, "bms_ai: soc")
-    assert soc_kv["method"] == "nn+cc", soc_kv
+    assert soc_kv["method"] == "learned", soc_kv
     assert soc_kv["model"].startswith("soc_cell_nmc@")
     assert 0 < float(soc_kv["soc_sigma"]) < 0.05
     assert float(soc_kv["inference_ms"]) > 0
@@ -95,7 +95,7 @@ def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, 
     node, d, states, diags = _replay(harness, mdir, 30.0, initial_soc=float(d_soc0()))
     assert len(states) >= 150
     kv = diag_values(diags, "bms_ai: soc")
-    assert kv["method"] == "ekf" and "sha256 mismatch" in kv["fallback_reason"], kv
+    assert kv["method"] == "classical" and "sha256 mismatch" in kv["fallback_reason"], kv
     assert diag_levels(diags, "bms_ai: soc")[-1] == 1        # WARN while on the fallback
     t_last = states[-1].header.stamp.sec + states[-1].header.stamp.nanosec * 1e-9 - T0
     assert abs(states[-1].percentage - np.interp(t_last, d.t, d.soc.mean(axis=1))) < 0.05
@@ -156,7 +156,7 @@ def test_node_hot_reloads_a_new_model_and_rejects_a_bad_one(harness: RosHarness,
     kv = diag_values(diags, "bms_ai: soc")
     assert kv["model"] == f"{nmc.name}@{nmc.version + 1}"
     assert "rejected" in kv["last_model_event"] and "sha256 mismatch" in kv["last_model_event"]
-    assert kv["method"] == "nn+cc" and node.est.steps > steps
+    assert kv["method"] == "learned" and node.est.steps > steps
 
 
 # model_fallback (read by the fault monitor) and SOH/RUL diagnostics
@@ -166,7 +166,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
     node, _, states, diags = _replay(harness, tmp_path / "empty", 15.0)
     assert len(states) >= 75
     kv = diag_values(diags, "bms_ai: soc")
-    assert kv["method"] == "ekf"
+    assert kv["method"] == "classical"
     assert kv["model_fallback"] == "True", kv
     assert node.est.health.ocv is not None and node.est.health.rul_est is not None
 
@@ -174,7 +174,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
 def test_model_fallback_false_on_the_nn(harness: RosHarness, root: Path) -> None:
     node, _, _, diags = _replay(harness, root / "models", 120.0)
     kv = diag_values(diags, "bms_ai: soc")
-    assert kv["method"] == "nn+cc" and kv["model_fallback"] == "False", kv
+    assert kv["method"] == "learned" and kv["model_fallback"] == "False", kv
     assert diag_values(diags, "bms_ai: rul")
 
 

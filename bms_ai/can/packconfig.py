@@ -81,12 +81,14 @@ class PackConfig:
     status: dict[str, ScalarMap]
     checks: tuple[MessageCheck, ...]
     source: Path | None = None
+    ocv_file: Path | None = None       # the cell's own OCV curve (csv: soc, volts); None: chemistry prior
+    ocv_sigma_v: float = 0.003         # how far that curve is trusted
 
 
 _TOP_KEYS = {
     "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
-    "cell_temperatures", "status", "checks",
+    "cell_temperatures", "status", "checks", "ocv",
 }
 
 
@@ -189,6 +191,7 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
             crc_signal=crc_sig,
             crc_algorithm=algo,
         ))
+    ocv_file, ocv_sigma = _ocv(d.get("ocv"), base_dir, f"{where}.ocv")
     n_cells = _num(_req(d, "cells", where), f"{where}.cells", int)
     n_temps = _num(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", int)
     if n_cells <= 0:
@@ -208,7 +211,25 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
         status={str(k): _scalar(v, f"{where}.status.{k}") for k, v in (d.get("status") or {}).items()},
         checks=tuple(checks),
         source=source,
+        ocv_file=ocv_file,
+        ocv_sigma_v=ocv_sigma,
     )
+
+
+def _ocv(v: Any, base_dir: Path, where: str) -> tuple[Path | None, float]:
+    """The optional ``ocv:`` section: ``file`` (csv soc,volts; relative to the config) and ``sigma_v``."""
+    if v is None:
+        return None, 0.003
+    d = _mapping(v, where)
+    _unknown(d, {"file", "sigma_v"}, where)
+    f = Path(str(_req(d, "file", where)))
+    f = f if f.is_absolute() else (base_dir / f).resolve()
+    if not f.is_file():
+        raise PackConfigError(f"{where}.file: OCV table not found: {f}")
+    sigma = _num(d.get("sigma_v", 0.003), f"{where}.sigma_v")
+    if not 0.0 < sigma < 0.5:
+        raise PackConfigError(f"{where}.sigma_v: must be between 0 and 0.5 V, got {sigma}")
+    return f, sigma
 
 
 def load_pack_config(path: str | Path, dbc: str | Path | None = None) -> PackConfig:

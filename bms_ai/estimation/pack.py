@@ -30,13 +30,16 @@ import numpy as np
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.core.levels import OK, WARN
 from bms_ai.estimation import status
-from bms_ai.estimation.ekf import ecm_for
 from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
 from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.estimation.state import decode_state, encode_state
 from bms_ai.models.runtime import LoadedModel, ModelRegistry, ModelSlot, default_model_dir
 
-SOC_METHOD_TEXT = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}
+SOC_METHOD_TEXT = {"learned": "Coulomb counting + learned overpotential model",
+                   "classical": "fallback: Coulomb counting + ECM overpotential",
+                   "mixed": "partial fallback: ECM overpotential for some cells"}
 
 
 @dataclass
@@ -65,7 +68,7 @@ class PackEstimator:
     def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
-                 rest_capacity: bool = True) -> None:
+                 rest_capacity: bool = True, ocv: OcvModel | None = None) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
         ``rest_capacity`` False keeps the capacity estimate on the SOC-regression
@@ -82,6 +85,9 @@ class PackEstimator:
         self.efc0 = float(efc0)
         self.rul = rul
         self.rest_capacity = rest_capacity
+        self.ocv = ocv
+        self._pending_state: dict | None = None
+        self.state_note = ""
         self.soc_est: SocEstimator | None = None
         self.health: HealthEstimator | None = None
         self.last: SocOutput | None = None
@@ -90,6 +96,7 @@ class PackEstimator:
         self.steps = 0
         self.rejected = 0
         self.reject_reason = ""
+        self._rejected_at_last_status = 0
         self.cycle_last_s = 0.0
         self.cycle_max_s = 0.0
 
@@ -132,8 +139,7 @@ class PackEstimator:
     def _create(self, n_cells: int, n_temps: int) -> None:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
-                                    ecm=ecm_for(model, self.capacity_ah), soc0=self.initial_soc,
-                                    model_reason=reason)
+                                    ocv=self.ocv, soc0=self.initial_soc, model_reason=reason)
         ocv = rest_ocv(self.chemistry) if self.rest_capacity else None
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul)
 
@@ -148,6 +154,11 @@ class PackEstimator:
             return "no valid time stamp"
         if self.soc_est is None or self.soc_est.n != cell_v.size:
             self._create(cell_v.size, n_temps)
+            if self._pending_state is not None:
+                self.state_note = self.soc_est.restore(self._pending_state.get("soc", {}), t) or "restored"
+                if self.state_note != "restored":  # unusable: a fresh estimator (cold start)
+                    self._create(cell_v.size, n_temps)
+                self._pending_state = None
         if self.last is not None and t <= self.last.stamp:
             return f"stamp {t:.3f} not after {self.last.stamp:.3f}"
         return ""
@@ -163,8 +174,7 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         out = self.soc_est.step(t, current, cell_v, cell_t)
-        # capacity regression input: the NN's absolute SOC where it was used, else the EKF's
-        self.health.update(t, current, cell_v, np.where(np.isfinite(out.nn_soc), out.nn_soc, out.ekf_soc))
+        self.health.update(t, current, cell_v, out.cell_soc)
         if t - self._t_health >= self.health_period:
             self._t_health = t
             self.health.estimate_capacity()
@@ -176,6 +186,32 @@ class PackEstimator:
         h = self.last_health
         return PackStep(out, h.capacity_ah if h is not None else self.capacity_ah, self.capacity_ah,
                         status.soh_verdict(h.soh if h is not None else 1.0).health)
+
+    # -- persistence ---------------------------------------------------------------
+    def save_state(self) -> bytes:
+        """What the next power cycle continues from (files: ``estimation.state.write_state(path, state_payload())``)."""
+        return encode_state(self.state_payload())
+
+    def state_payload(self) -> dict:
+        """``save_state`` before encoding (for ``write_state``)."""
+        return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
+                "soc": self.soc_est.state() if self.soc_est is not None else {}}
+
+    def restore_state(self, blob: bytes | dict | None) -> str:
+        """Continue from ``save_state`` output at the next accepted sample; '' or why it is not used."""
+        if blob is None:
+            return ""
+        payload, why = (blob, "") if isinstance(blob, dict) else decode_state(blob)
+        if payload is None:
+            self.state_note = why
+            return why
+        if payload.get("chemistry") != self.chemistry or payload.get("capacity_ah") != self.capacity_ah:
+            self.state_note = "stored estimator state is for another pack (chemistry or capacity differ)"
+            return self.state_note
+        self._pending_state = payload
+        self.soc_est = None  # re-created (and restored) with the next sample
+        self.last = None
+        return ""
 
     def health_output(self) -> HealthOutput | None:
         """SOH/R0/RUL now (the periodic snapshot is ``last_health``); None before the first sample."""
@@ -191,17 +227,24 @@ class PackEstimator:
             return status.CheckStatus(status.SOC_CHECK, WARN, "no measurements yet", {
                 "model": label, "model_reason": self.slot().reason, "rejected": self.rejected,
                 status.MODEL_FALLBACK: model is None})
-        level = OK if o.method == "nn+cc" and not self.rejected else WARN
+        # rejections WARN while they happen (since the last status), with the reason; old ones only count
+        new_rejects = self.rejected - self._rejected_at_last_status
+        self._rejected_at_last_status = self.rejected
+        level = OK if o.method == "learned" and not new_rejects else WARN
         msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        if new_rejects:
+            msg += f"; {new_rejects} sample(s) rejected: {self.reject_reason}"
         events = self.model_events
         return status.CheckStatus(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
             "soc_max": float(np.max(o.cell_soc)), "method": o.method, "model": label,
-            status.MODEL_FALLBACK: o.method != "nn+cc",
+            status.MODEL_FALLBACK: o.method != "learned",
             "model_version": model.version if model is not None else 0,
             "fallback_reason": o.fallback_reason, "ood_cells": o.ood_cells,
             "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last_s * 1e3, "cycle_max_ms": self.cycle_max_s * 1e3,
-            "ekf_soc": float(np.mean(o.ekf_soc)), "cc_soc": float(np.mean(o.cc_soc)), "steps": self.steps,
+            "current_offset_a": o.offset_a, "capacity_factor": o.capacity_factor,
+            "ocv_source": self.soc_est.ocv.source if self.soc_est else "", "state": self.state_note,
+            "steps": self.steps,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
             "last_model_event": (events or [""])[-1]})

@@ -1,199 +1,201 @@
-"""SOC estimator: NN (ONNX) as the measurement of a Kalman filter whose process model is Coulomb counting.
+"""SOC estimator: Coulomb counting corrected by cell voltages through a learned overpotential model.
 
-Per cell, scalar filter:  predict  SOC += I dt / (3600 Q),  P += q dt
-                          update   z = NN(features), R = (k * sigma_NN)^2 + r_floor
-The NN gives absolute SOC (no drift, knows the initial SOC); Coulomb counting
-gives smoothness. The NN reports its own sigma (large on the LFP plateau), so
-the filter leans on Coulomb counting exactly where the voltage says little.
-An EKF on a 1-RC ECM runs alongside as baseline and fallback: it takes over
-(with the reason reported) when no valid model is loaded or a cell's features
-leave the model's training domain.
+Per step: the bar-delta filter (``estimation.filter``) integrates the current
+with its estimated offset and capacity; the feature pipeline and the
+overpotential model (learned ONNX model, or the classical ECM where the model
+is missing, fails, or leaves its training domain) give each cell's
+overpotential with its honest error; the OCV model gives the equilibrium
+voltage with its band; the filter corrects the SOC as far as those errors
+allow. Long rests commit the filter's estimate of the OCV-curve error into the
+OCV model (field learning). ``state()``/``restore()`` carry everything across
+power cycles.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bms_ai.chemistry.ocv import load_ocv
-from bms_ai.estimation.coulomb import CoulombCounter
-from bms_ai.estimation.ekf import BatchedEKF, ECMParams
-from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES, SocFeatures, in_domain
+from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES, hysteresis_rate_for
+from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterInput, FilterParams, S
+from bms_ai.estimation.ocvmodel import OcvModel
+from bms_ai.estimation.overpotential import EcmEta, EcmParams, EtaTerms, LearnedEta, make_features
 from bms_ai.models.runtime import LoadedModel
 
-
-@dataclass
-class FusionParams:
-    """Tuning of the NN+CC filter (process noise, NN trust, wrong-state detector, warm-up)."""
-
-    q_soc: float = 2e-9          # SOC^2/s: current-sensor offset and capacity error
-    r_scale: float = 3.0         # inflates NN sigma: 10 Hz NN errors are strongly correlated
-    r_floor: float = 1e-5        # SOC^2
-    sigma0: float = 0.3          # initial SOC sigma when nothing is known
-    sigma0_given: float = 0.03   # initial sigma when an initial SOC is supplied (stored value)
-    reinit_threshold: float = 0.1  # |NN - state| averaged over reinit_tau s beyond this: state is wrong, reopen P
-    reinit_tau: float = 60.0
-    domain_margin: float = 0.1
-    max_sigma_nn: float = 0.5
-    warmup_s: float = 60.0       # feature EMAs start from an assumed steady state: NN not trusted before
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FusionParams:
-        """From a manifest's ``extra.fusion``; keys that are not parameters are ignored."""
-        return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+# Classical overpotential per chemistry, for a 50 Ah series group (scaled to the pack's capacity);
+# identified on PyBaMM drives of the reference cells, sigmas from the residuals.
+ECM_DEFAULTS: dict[str, EcmParams] = {
+    "nmc": EcmParams(r0=0.0024, r1=0.0024, tau=80.0, activation_k=3500.0, hysteresis_v=0.0),
+    "lfp": EcmParams(r0=0.0014, r1=0.0013, tau=40.0, activation_k=3500.0, hysteresis_v=0.01),
+}
+WARMUP_S = 60.0             # after a (re)start the current history is assumed: the model error is larger
+WARMUP_FACTOR = 3.0
+COMMIT_REST_S = 1800.0      # a rest this long has relaxed: commit the OCV-curve estimate once
+COMMIT_AFTER_S = 10.0       # ... after this many seconds of samples in that rest
 
 
 @dataclass
 class SocOutput:
-    """One SOC step: pack and per-cell SOC with sigma, the method used and why, and the side filters."""
+    """One SOC step: pack and per-cell SOC with sigma, which overpotential model was used and why."""
 
     stamp: float
     soc: float
     sigma: float
     cell_soc: np.ndarray
     cell_sigma: np.ndarray
-    method: str                   # "nn+cc" | "ekf" | "mixed"
+    method: str                   # "learned" | "classical" | "mixed" (per-cell fallback)
     fallback_reason: str = ""
     ood_cells: int = 0
-    infer_s: float = float("nan")
-    ekf_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
-    cc_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
-    nn_soc: np.ndarray = field(default_factory=lambda: np.empty(0))   # raw NN measurement (NaN: not used)
+    infer_s: float = math.nan
+    offset_a: float = 0.0         # estimated current-sensor offset
+    capacity_factor: float = 1.0  # estimated usable / design capacity (from the SOC filter)
+    events: list[str] = field(default_factory=list)
 
 
 def soc_model_expectation() -> dict:
     """What a SOC model must declare to be loaded: this pipeline's feature version and width."""
-    return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES}
+    return {"feature_version": FEATURE_VERSION, "n_features": N_FEATURES}
+
+
+def default_ocv_model(chemistry: str) -> OcvModel:
+    """The chemistry's reference curve, trusted as far as its family agrees (band in the registry)."""
+    chem = get_chemistry(chemistry)
+    return OcvModel.from_curve(load_ocv(chem.name), chem.ocv_family_band_v, f"chemistry:{chem.name}")
 
 
 class SocEstimator:
-    """Per-cell batched SOC (pack SOC = mean of cells); step() once per measurement sample."""
+    """SOC of n series cells (pack SOC = mean of cells); ``step`` once per measurement sample."""
 
     def __init__(self, n_cells: int, n_temps: int, chemistry: str, capacity_ah: float,
-                 model: LoadedModel | None = None, ecm: ECMParams | None = None,
-                 fusion: FusionParams | None = None, soc0: float | np.ndarray | None = None,
+                 model: LoadedModel | None = None, ocv: OcvModel | None = None,
+                 ecm: EcmParams | None = None, params: FilterParams | None = None,
+                 soc0: float | np.ndarray | None = None, sigma0_given: float = 0.03,
                  model_reason: str = "no model loaded") -> None:
+        chem = get_chemistry(chemistry)
         self.n = n_cells
-        self.chemistry = chemistry
+        self.chemistry = chem.name
         self.capacity_ah = float(capacity_ah)
-        self._fusion_given = fusion is not None
-        self.fusion = fusion or FusionParams()
-        self.features = SocFeatures(n_cells, n_temps, capacity_ah)
-        ecm = ecm or ECMParams(capacity_ah=capacity_ah)
-        ecm.capacity_ah = self.capacity_ah
-        self.ocv = load_ocv(chemistry)
-        self.ekf = BatchedEKF(n_cells, chemistry, ecm, soc0=0.5, ocv=self.ocv)
-        self.cc = CoulombCounter(capacity_ah, 0.5, n_cells)
-        self.soc = np.full(n_cells, 0.5)
-        self.P = np.full(n_cells, self.fusion.sigma0 ** 2)
+        self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
+        self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
+        self.ocv = ocv or default_ocv_model(chem.name)
+        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
-        self.innov = np.zeros(n_cells)
-        self.t_last = float("nan")
-        self.t_start = float("nan")
-        self._sigma_scale = 1.0
-        self.model: LoadedModel | None = None
+        self.sigma0_given = sigma0_given
+        self.t_last = math.nan
+        self.t_session = math.nan
+        self.rest_committed = False
+        self.notes: list[str] = []
+        self.learned: LearnedEta | None = None
         self.model_reason = ""
         self.set_model(model, model_reason)
 
-    # -- model management -------------------------------------------------
+    # -- model management ----------------------------------------------------
     def set_model(self, model: LoadedModel | None, reason: str = "") -> None:
-        """Swap the model (hot reload); filter state is kept, so the output does not jump."""
-        self.model = model
+        """Swap the overpotential model (hot reload); the filter state is kept, so the output does not jump."""
+        self.learned = LearnedEta(model) if model is not None else None
         self.model_reason = "" if model is not None else (reason or "no model loaded")
-        if model is not None:
-            # sigma calibration from training (90 % coverage on validation drives)
-            self._sigma_scale = float(model.entry.extra.get("sigma_scale", 1.0))
-            # filter tuning found on the model's validation drives (bms_ai.training.tune)
-            tuned = model.entry.extra.get("fusion", {})
-            if tuned and not self._fusion_given:
-                self.fusion = FusionParams.from_dict({**self.fusion.__dict__, **tuned})
-            domain = model.entry.domain
-            self._domain_min = np.asarray(domain.get("min", [-np.inf] * N_SOC_FEATURES), dtype=np.float32)
-            self._domain_max = np.asarray(domain.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
+        err = (self.learned or self.ecm).error
+        p = self.filter.params
+        p.tau_model, p.tau_fast, p.k_cell, p.k_cell_fast = err.tau_model, err.tau_fast, err.k_cell, err.k_cell_fast
 
-    # -- main cycle -------------------------------------------------------
-    def _initialise(self, v: np.ndarray) -> None:
+    # -- one step --------------------------------------------------------------
+    def _eta(self, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
+        self.ecm.advance(dt, current, feats)
+        if self.learned is None:
+            return self.ecm.terms(feats), "classical", self.model_reason, 0
+        try:
+            nn = self.learned.step(dt, current, feats)
+        except Exception as exc:  # noqa: BLE001  (a failing session must never stop the estimator)
+            return self.ecm.terms(feats), "classical", f"inference failed: {type(exc).__name__}: {exc}", 0
+        use = nn.in_domain
+        n_out = int(self.n - np.count_nonzero(use))
+        if n_out == 0:
+            return nn, "learned", "", 0
+        classical = self.ecm.terms(feats)
+        mixed = EtaTerms(eta=np.where(use, nn.eta, classical.eta), sig_slow=np.where(use, nn.sig_slow, classical.sig_slow),
+                         sig_fast=np.where(use, nn.sig_fast, classical.sig_fast), in_domain=use, infer_s=nn.infer_s)
+        method = "classical" if n_out == self.n else "mixed"
+        return mixed, method, f"{n_out} cell(s) outside the model's input domain or output range", n_out
+
+    def _start(self, v: np.ndarray, eta: EtaTerms) -> None:
         if self.soc0 is not None:
-            s0 = np.broadcast_to(np.asarray(self.soc0, dtype=np.float64), (self.n,)).copy()
-            sig = self.fusion.sigma0_given
-        else:
-            # no stored SOC: inverse OCV of the first voltage (rough under load, hence the wide sigma)
-            s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v)), 0.5)
-            sig = self.fusion.sigma0
-        self.soc[:] = s0
-        self.P[:] = sig ** 2
-        self.ekf.soc[:] = s0
-        self.ekf.P00[:] = sig ** 2
-        self.cc.soc[:] = s0
+            self.filter.initialise(np.clip(self.soc0, 0.0, 1.0), self.sigma0_given)
+            return
+        # nothing stored: invert the OCV at the first voltage, with the honest spread of that guess
+        s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - eta.eta, nan=0.0)), np.nan)
+        s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
+        terms = self.ocv.terms(s0)
+        spread = np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + terms.sigma ** 2) / np.maximum(terms.docv, 1e-3)
+        self.filter.initialise(s0, float(np.clip(np.nanmedian(spread), 0.02, self.filter.params.sigma_reset)))
 
     def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
-        """One measurement sample (current > 0 charging); a failing model never stops the estimate."""
+        """Advance to time ``t`` with one measurement sample (NaN values are skipped, never integrated)."""
         v = np.asarray(cell_v, dtype=np.float64)
-        if not np.isfinite(self.t_last):
-            self._initialise(v)
-            self.t_start = t
-            dt = 0.0
-        else:
-            dt = t - self.t_last
-            if not np.isfinite(dt) or dt < 0:
-                dt = 0.0
+        first = not math.isfinite(self.t_last)
+        dt = 0.0 if first else max(t - self.t_last, 0.0)
         self.t_last = t
-        feats = self.features.update(t, current, v, cell_t)
-        current_ok = np.isfinite(current)
-        if dt > 0 and current_ok:
-            self.ekf.step(current, v, dt)
-            self.cc.step(current, dt)
-            self.soc = self.soc + current * dt / (3600.0 * self.capacity_ah)
-            self.P = self.P + self.fusion.q_soc * dt
-        elif dt > 0:
-            self.P = self.P + 1e-6 * dt  # unknown current: SOC held, uncertainty grows fast
-        method, reason, n_ood, infer = "ekf", self.model_reason, 0, float("nan")
-        nn_soc = np.full(self.n, np.nan)
-        if self.model is not None:
-            valid = np.isfinite(feats).all(axis=1)
-            trusted = valid & in_domain(feats, self._domain_min, self._domain_max, self.fusion.domain_margin)
-            n_ood = int(self.n - trusted.sum())
-            t0 = time.perf_counter()
-            try:
-                z, sig = self.model.run(np.nan_to_num(feats))
-                z = z.reshape(-1).astype(np.float64)
-                sig = np.clip(sig.reshape(-1).astype(np.float64) * self._sigma_scale, 1e-3, self.fusion.max_sigma_nn)
-                if t - self.t_start < self.fusion.warmup_s:
-                    trusted = np.zeros_like(trusted)
-                infer = time.perf_counter() - t0
-                meas_var = (self.fusion.r_scale * sig) ** 2 + self.fusion.r_floor
-                # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
-                # (a bad stored SOC, a missed charge while asleep) reopens the covariance
-                a = min(dt / self.fusion.reinit_tau, 1.0) if dt > 0 else 0.0
-                self.innov = np.where(trusted, self.innov + a * (np.clip(z, 0.0, 1.0) - self.soc - self.innov), self.innov)
-                wrong = trusted & (np.abs(self.innov) > self.fusion.reinit_threshold)
-                if wrong.any():
-                    self.P[wrong] = np.maximum(self.P[wrong], self.fusion.sigma0 ** 2)   # as if nothing were known
-                    self.innov[wrong] = 0.0
-                gain = np.where(trusted, self.P / (self.P + meas_var), 0.0)
-                nn_soc = np.where(trusted, np.clip(z, 0.0, 1.0), np.nan)
-                self.soc = self.soc + gain * (np.clip(z, 0.0, 1.0) - self.soc)
-                self.P = (1.0 - gain) * self.P
-                method, reason = "nn+cc", ""
-                if n_ood and t - self.t_start >= self.fusion.warmup_s:
-                    # cells outside the training domain follow the EKF (and restart from it later)
-                    bad = ~trusted
-                    self.soc[bad] = self.ekf.soc[bad]
-                    self.P[bad] = self.ekf.P00[bad]
-                    method = "ekf" if n_ood == self.n else "mixed"
-                    reason = f"{n_ood} cell(s) outside model input domain"
-            except Exception as exc:  # a failing session must not stop the estimator
-                self.soc[:] = self.ekf.soc
-                self.P[:] = self.ekf.P00
-                reason = f"inference failed: {type(exc).__name__}: {exc}"
-        else:
-            self.soc[:] = self.ekf.soc
-            self.P[:] = self.ekf.P00
-        self.soc = np.clip(self.soc, 0.0, 1.0)
-        cell_sigma = np.sqrt(np.maximum(self.P, 0.0))
-        return SocOutput(stamp=t, soc=float(np.mean(self.soc)), sigma=float(np.mean(cell_sigma)),
-                         cell_soc=self.soc.copy(), cell_sigma=cell_sigma, method=method,
-                         fallback_reason=reason, ood_cells=n_ood, infer_s=infer,
-                         ekf_soc=self.ekf.soc.copy(), cc_soc=self.cc.soc.copy(), nn_soc=nn_soc)
+        if first:
+            self.t_session = t
+        if dt > 0 and math.isfinite(current):
+            self.filter.predict(dt, current)
+        soc_prior = self.filter.cell_soc
+        feats = self.features.update(t, current, cell_t, soc_prior)
+        eta, method, reason, n_out = self._eta(dt, current, feats)
+        if t - self.t_session < WARMUP_S:
+            eta.sig_fast = eta.sig_fast * WARMUP_FACTOR
+            eta.sig_slow = eta.sig_slow * WARMUP_FACTOR
+        if first:
+            self._start(v, eta)
+        ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
+        n_events = len(self.filter.events)
+        self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma))
+        self._field_learning()
+        f = self.filter
+        cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
+        return SocOutput(stamp=t, soc=float(cell_soc.sum()) / self.n, sigma=float(cell_sigma.sum()) / self.n,
+                         cell_soc=cell_soc, cell_sigma=cell_sigma, method=method, fallback_reason=reason,
+                         ood_cells=n_out, infer_s=eta.infer_s, offset_a=f.offset_c * self.capacity_ah,
+                         capacity_factor=f.capacity_factor,
+                         events=[f"{e.kind}: {e.detail}" for e in f.events[n_events:]])
+
+    def _field_learning(self) -> None:
+        rest = self.features.rest_s
+        if rest < COMMIT_REST_S:
+            self.rest_committed = False
+            return
+        if self.rest_committed or self.t_last - self.t_session < COMMIT_AFTER_S:
+            return
+        f = self.filter
+        s = float(np.clip(f.x[S], 0.0, 1.0))
+        band = float(self.ocv.terms(np.array([s])).sigma[0])
+        self.ocv.commit(s, band * f.x[E_OCV], band * band * f.P[E_OCV, E_OCV])
+        f.x[E_OCV] = 0.0
+        f.P[E_OCV, :] = 0.0
+        f.P[:, E_OCV] = 0.0
+        f.P[E_OCV, E_OCV] = 1.0
+        self.rest_committed = True
+
+    # -- persistence -------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything the next power cycle needs (JSON-serialisable)."""
+        return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
+                "filter": self.filter.to_dict(self.t_last), "features": self.features.state(),
+                "ocv": self.ocv.state()}
+
+    def restore(self, d: dict, t_now: float) -> str:
+        """Continue from ``state()`` at the first sample time ``t_now``; '' or why (then a cold start)."""
+        if d.get("chemistry") != self.chemistry or not math.isclose(float(d.get("capacity_ah", -1)), self.capacity_ah):
+            return "stored estimator state is for another chemistry or capacity"
+        why = self.filter.restore(d.get("filter", {}), t_now)
+        if why:
+            return why
+        self.features.restore(d.get("features", {}), t_now)
+        self.ecm.reset()
+        self.t_last = t_now - 1e-3  # not a first step: no re-initialisation
+        self.t_session = t_now
+        self.notes = [n for n in (self.ocv.restore(d.get("ocv", {})),) if n]  # not fatal: reported only
+        return ""
