@@ -27,15 +27,16 @@ class CoulombCounter:
         return self.soc
 
 
-def soc_increments(t: np.ndarray, current: np.ndarray, capacity_ah: float | np.ndarray) -> np.ndarray:
+def soc_increments(t: np.ndarray, current: np.ndarray, capacity_ah: float | np.ndarray,
+                   t_prev: float = float("nan")) -> np.ndarray:
     """(T, n) SOC change per sample as ``CoulombCounter.step`` makes it: I_k (t_k - t_k-1) / 3600 Q.
 
-    The first sample adds nothing (no time has passed); an unusable current or time step adds
-    nothing (the counter holds), exactly like the stepping counter.
+    The first sample counts from ``t_prev`` (NaN: nothing, no time has passed); an unusable
+    current or time step adds nothing (the counter holds), exactly like the stepping counter.
     """
     t = np.asarray(t, dtype=np.float64)
     i = np.asarray(current, dtype=np.float64)
-    dt = np.diff(t, prepend=t[:1]) if t.size else t
+    dt = np.diff(t, prepend=t[:1] if not np.isfinite(t_prev) else [t_prev]) if t.size else t
     ok = np.isfinite(i) & np.isfinite(dt) & (dt >= 0)
     inc = np.where(ok, i * np.where(ok, dt, 0.0), 0.0) / 3600.0
     cap = np.atleast_1d(np.asarray(capacity_ah, dtype=np.float64))

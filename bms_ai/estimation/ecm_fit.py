@@ -35,14 +35,27 @@ R_V_FACTORS = (0.3, 1.0, 3.0)
 RIDGE = 1e-3
 
 
-def rc_filter(t: np.ndarray, i: np.ndarray, tau: float) -> np.ndarray:
-    """f_k = a f_k-1 + (1 - a) i_k-1, a = exp(-dt/tau): the RC branch current, one lfilter per steady-rate run.
+def _first_order(y0: float, a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """y_k = a y_k-1 + b x_k from y_-1 = y0, in chunks short enough (a^-L <= 1e6) for the closed form."""
+    if a < 1e-12:
+        return b * x
+    out = np.empty(len(x))
+    n = int(min(max(13.8 / -np.log(a), 1.0), 4096.0)) if a < 1.0 else 4096
+    for s in range(0, len(x), n):
+        xs = x[s:s + n]
+        ap = a ** np.arange(1, len(xs) + 1)
+        out[s:s + len(xs)] = ap * (y0 + b * np.cumsum(xs / ap))
+        y0 = out[s + len(xs) - 1]
+    return out
 
+
+def rc_filter(t: np.ndarray, i: np.ndarray, tau: float) -> np.ndarray:
+    """f_k = a f_k-1 + (1 - a) i_k, a = exp(-dt/tau): the RC branch current, vectorised per steady-rate run.
+
+    ``i_k`` is the current over (t_k-1, t_k], the convention of the EKF's prediction.
     Runs of (nearly, within 20 %) equal time steps share one coefficient; a gap
     (a park) starts a new run with the branch relaxed by its own exp(-gap/tau).
     """
-    from scipy.signal import lfilter
-
     t = np.asarray(t, dtype=np.float64)
     i = np.asarray(i, dtype=np.float64)
     out = np.zeros_like(i)
@@ -54,8 +67,7 @@ def rc_filter(t: np.ndarray, i: np.ndarray, tau: float) -> np.ndarray:
     ends = np.concatenate([brk, [dt.size]])
     for s, e in zip(starts, ends):     # transitions s..e-1 produce out[s+1..e]
         a = float(np.exp(-np.mean(dt[s:e]) / tau))
-        y, _ = lfilter([1.0 - a], [1.0, -a], i[s:e], zi=[a * out[s]])
-        out[s + 1:e + 1] = y
+        out[s + 1:e + 1] = _first_order(out[s], a, 1.0 - a, i[s + 1:e + 1])
     return out
 
 
@@ -92,9 +104,9 @@ def _drive_rows(d, ocv: OCVCurve, cap_ref: float, stride: int, taus, kappas) -> 
     scale = cap_ref / d.capacity_ah
     t = d.t
     m = len(t) // stride * stride
-    # block means feed the RC filter (a 10 Hz pulse train is not aliased by the stride)
+    # the RC filter is fed the mean current over each strided interval (a 10 Hz pulse train is not aliased)
     ts = t[:m:stride]
-    i_blk = cur[:m].reshape(-1, stride).mean(axis=1) * scale
+    i_blk = np.concatenate([cur[:1], cur[1:m - stride + 1].reshape(-1, stride).mean(axis=1)]) * scale
     f = {tau: rc_filter(ts, i_blk, tau) for tau in taus}
     h = {k: hysteresis_state(t, cur, d.capacity_ah, k)[:m:stride] for k in kappas}
     idx = np.arange(0, m, stride)

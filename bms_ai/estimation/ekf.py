@@ -251,7 +251,10 @@ class EcmEKF:
         self._t_lookup = -np.inf
         self._clock = 0.0
         self._par: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._rc: tuple[float, np.ndarray, np.ndarray] | None = None    # (dt, a, v1 noise) for the last dt
+        self._rc: tuple | None = None      # (dt, a, D, Q, D D^T) of the last time step and parameters
+        self._h = np.ones((n, self.k))       # measurement Jacobian; constant columns set once
+        if self.hyst:
+            self._h[:, self.ih] = table.m_hyst
 
     @property
     def soc(self) -> np.ndarray:
@@ -295,45 +298,44 @@ class EcmEKF:
     def _predict(self, i_eff: np.ndarray | float, dt: float, r1: np.ndarray, tau: np.ndarray, sensed: bool) -> None:
         if self._rc is None or self._rc[0] != dt:
             a = np.exp(-dt / tau)
-            self._rc = (dt, a, self.tab.q_v1 * tau * 0.5 * (1.0 - a * a))   # exact discretisation of the RC diffusion
-        _, a, qv1 = self._rc
+            d = np.ones((self.n, self.k))
+            d[:, 1] = a
+            qd = np.zeros((self.n, self.k))
+            qd[:, 0] = self.q_soc * dt
+            qd[:, 1] = self.tab.q_v1 * tau * 0.5 * (1.0 - a * a)   # exact discretisation of the RC diffusion
+            if self.hyst:
+                qd[:, self.ih] = self.tab.q_h * dt
+            if self.bias:
+                qd[:, self.ib] = self.tab.q_bias * self.q * self.q * dt
+            self._rc = (dt, a, d, qd, d[:, :, None] * d[:, None, :])
+        _, a, d, qd, dd = self._rc
         b = dt / (3600.0 * self.q)
         x = self.x
         x[:, 0] += b * i_eff
         x[:, 1] = a * x[:, 1] + r1 * (1.0 - a) * i_eff
-        d = np.ones((self.n, self.k))
-        d[:, 1] = a
-        qd = np.zeros((self.n, self.k))
-        qd[:, 0] = self.q_soc * dt
-        qd[:, 1] = qv1
         if self.hyst:
             ah = np.exp(-self.tab.kappa_hyst * np.abs(i_eff) * b)
             x[:, self.ih] = ah * x[:, self.ih] + (1.0 - ah) * np.sign(i_eff)
             d[:, self.ih] = ah
-            qd[:, self.ih] = self.tab.q_h * dt
-        p = self.P * (d[:, :, None] * d[:, None, :])          # D P D (F = D + u e_b^T)
-        if self.bias:
-            qd[:, self.ib] = self.tab.q_bias * self.q * self.q * dt
-            if sensed:      # SOC and v1 move with -offset; a parked (unmeasured) vehicle carries no offset
-                u = np.zeros((self.n, self.k))
-                u[:, 0] = -b
-                u[:, 1] = -r1 * (1.0 - a)
-                col = d * self.P[:, :, self.ib]                # D P e_b
-                cross = col[:, :, None] * u[:, None, :]
-                p += cross + cross.transpose(0, 2, 1) + self.P[:, self.ib, self.ib, None, None] * (
-                    u[:, :, None] * u[:, None, :])
-        p[self._diag] += qd
+            dd = d[:, :, None] * d[:, None, :]
+        p = self.P * dd                                      # D P D (F = D + u e_b^T)
+        if self.bias and sensed:    # SOC and v1 move with -offset; a parked (unmeasured) vehicle carries no offset
+            u = np.zeros((self.n, self.k))
+            u[:, 0] = -b
+            u[:, 1] = -r1 * (1.0 - a)
+            cross = (d * self.P[:, :, self.ib])[:, :, None] * u[:, None, :]      # D P e_b u^T
+            p += cross + cross.transpose(0, 2, 1) + self.P[:, self.ib, self.ib, None, None] * (
+                u[:, :, None] * u[:, None, :])
+        p.reshape(self.n, -1)[:, ::self.k + 1] += qd
         self.P = p
 
     def _update(self, i_eff: np.ndarray | float, v: np.ndarray, r0: np.ndarray) -> None:
         x = self.x
-        ok = np.isfinite(v)
         soc_c = np.minimum(np.maximum(x[:, 0], 0.0), 1.0)
-        h = np.ones((self.n, self.k))
+        h = self._h
         h[:, 0] = self.ocv.slope(soc_c)
         vhat = self.ocv(soc_c) + x[:, 1] + r0 * i_eff
         if self.hyst:
-            h[:, self.ih] = self.tab.m_hyst
             vhat += self.tab.m_hyst * x[:, self.ih]
         if self.bias:
             h[:, self.ib] = -r0
@@ -341,7 +343,8 @@ class EcmEKF:
         ph = (self.P * h[:, None, :]).sum(axis=2)
         s = (h * ph).sum(axis=1) + self.r_v
         gain = ph / s[:, None]
-        if not ok.all():
+        ok = y == y
+        if not ok.all():                # a missing voltage (NaN): no update for that cell
             gain[~ok] = 0.0
             y[~ok] = 0.0
         # trust region: a linearisation on a flat OCV stretch (LFP plateau) can ask for a jump of
