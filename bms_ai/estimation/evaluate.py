@@ -594,15 +594,18 @@ def pooled(runs: list[RunResult], method: str) -> dict | None:
             "runs": len(ms), "cases": vals, "score": weighted_score(vals)}
 
 
+TIE = 1e-5      # RMSE difference (0.001 points) below which a run is a tie
+
+
 def win_loss(runs: list[RunResult], baseline: str) -> dict[str, int]:
-    """Runs where the shipped estimator's RMSE is lower (win), higher (loss) or equal (tie) than ``baseline``'s."""
+    """Runs where the shipped estimator's RMSE is lower (win), higher (loss) or within ``TIE`` of ``baseline``'s."""
     out = {"win": 0, "loss": 0, "tie": 0}
     for r in runs:
         k = learned_key(r)
         if k is None or baseline not in r.methods or k == baseline:
             continue
         a, b = r.methods[k].metrics["rmse"], r.methods[baseline].metrics["rmse"]
-        out["tie" if abs(a - b) <= 1e-9 else "win" if a < b else "loss"] += 1
+        out["tie" if abs(a - b) <= TIE else "win" if a < b else "loss"] += 1
     return out
 
 
