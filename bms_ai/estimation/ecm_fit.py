@@ -30,9 +30,12 @@ SOC_KNOTS = (0.1, 0.5, 0.9)
 TAUS = (10.0, 20.0, 40.0, 80.0, 160.0)
 KAPPAS = (10.0, 25.0, 50.0, 100.0)
 # noise grid: SOC random walk (1/s) x measurement variance as a multiple of the fit's residual variance
+# x initial SOC sigma
 Q_SOC_GRID = (1e-10, 1e-9, 1e-8)
-R_V_FACTORS = (0.3, 1.0, 3.0)
-RIDGE = 1e-3
+R_V_FACTORS = (1.0, 10.0, 100.0, 1000.0)     # the fit's residual is strongly correlated: up to 1000 x
+SIGMA0_GRID = (0.05, 0.2)                    # SOC sigma at a stored start
+WRONG_START = 0.3
+RIDGE = 0.1                 # pull of every table entry towards the one-value fit (relative to the data weight)
 
 
 def _first_order(y0: float, a: float, b: float, x: np.ndarray) -> np.ndarray:
@@ -192,8 +195,10 @@ def fit_ecm_table(drives: list, chemistry: str, ocv: OCVCurve | None = None, tem
     shape = (len(temp_knots), len(soc_knots))
     n_ts = ne.n_ts
     m_hyst = float(coef[-1]) if kappa is not None else 0.0
-    return EcmTable(capacity_ah=cap_ref, temp_knots=temp_knots, soc_knots=soc_knots,
-                    r0=np.maximum(coef[:n_ts].reshape(shape), 1e-5), r1=np.maximum(coef[n_ts:2 * n_ts].reshape(shape), 1e-5),
+    # a resistance far from the one-value fit is the least-squares fit absorbing what a 1-RC model lacks
+    r0 = np.clip(coef[:n_ts], 0.25 * max(c0[0], 1e-4), 4.0 * max(c0[0], 1e-4)).reshape(shape)
+    r1 = np.clip(coef[n_ts:2 * n_ts], 0.25 * max(c0[1], 1e-4), 4.0 * max(c0[1], 1e-4)).reshape(shape)
+    return EcmTable(capacity_ah=cap_ref, temp_knots=temp_knots, soc_knots=soc_knots, r0=r0, r1=r1,
                     tau=tau_t, m_hyst=max(m_hyst, 0.0), kappa_hyst=float(kappa or 25.0),
                     r_v=max(sse / ne.n, 1e-7), source=f"least squares on {len(drives)} drives ({ne.n} samples)")
 
@@ -203,28 +208,41 @@ def _one_knot(rows: _Rows) -> _Rows:
 
 
 def tune_noise(table: EcmTable, drives: list, chemistry: str, ocv: OCVCurve | None = None,
-               q_soc_grid=Q_SOC_GRID, r_v_factors=R_V_FACTORS, max_seconds: float | None = None) -> EcmTable:
-    """The (q_soc, r_v) pair with the lowest SOC RMSE on ``drives`` (started from their stored SOC)."""
+               q_soc_grid=Q_SOC_GRID, r_v_factors=R_V_FACTORS, sigma0_grid=SIGMA0_GRID,
+               wrong_start: float = WRONG_START, max_seconds: float | None = None) -> EcmTable:
+    """The (q_soc, r_v, sigma_soc0) with the lowest SOC RMSE on ``drives``.
+
+    Each drive is run from its stored SOC and (``wrong_start`` > 0) once more from a stored
+    SOC that far off (towards the middle), the two conditions weighted equally: tuned on
+    clean starts alone, the filter learns to ignore the voltage (the model error of a
+    1-RC ECM is strongly correlated in time) and never recovers a wrong start. Every
+    candidate and condition is a column of one filter: one pass per drive.
+    """
     ocv = ocv or load_ocv(chemistry)
-    grid = [(q, table.r_v * f) for q in q_soc_grid for f in r_v_factors]
-    g = len(grid)
-    sse = np.zeros(g)
+    grid = [(q, table.r_v * f, s0) for q in q_soc_grid for f in r_v_factors for s0 in sigma0_grid]
+    cost = np.zeros(len(grid))
     for d in drives:
         k_end = len(d.t) if max_seconds is None else int(np.searchsorted(d.t, d.t[0] + max_seconds))
-        est = run_table_ekf(d, table, ocv, q_soc=np.repeat([q for q, _ in grid], d.n_cells),
-                            r_v=np.repeat([r for _, r in grid], d.n_cells), k_end=k_end, copies=g)
-        err = est - np.tile(d.soc[:k_end], (1, g))
-        sse += np.nansum(err.reshape(k_end, g, d.n_cells) ** 2, axis=(0, 2))
-    q, r = grid[int(np.argmin(sse))]
-    return replace(table, q_soc=q, r_v=r, source=table.source + f"; noise tuned on {len(drives)} drives")
+        stored = np.asarray(d.meta.get("soc_stored", d.soc[0]), dtype=np.float64)
+        starts = [stored] + ([np.where(stored < 0.5, stored + wrong_start, stored - wrong_start)] if wrong_start else [])
+        est = run_table_ekf(d, table, ocv, starts, grid, k_end)           # (k_end, starts x grid x cells)
+        err = est.reshape(k_end, len(starts), len(grid), d.n_cells) - d.soc[:k_end, None, None, :]
+        cost += np.nanmean(err ** 2, axis=(0, 3)).sum(axis=0)
+    q, r, s0 = grid[int(np.argmin(cost))]
+    return replace(table, q_soc=q, r_v=r, sigma_soc0=s0,
+                   source=table.source + f"; noise tuned on {len(drives)} drives"
+                   + (f" (stored and {wrong_start:.0%}-off starts)" if wrong_start else ""))
 
 
-def run_table_ekf(d, table: EcmTable, ocv: OCVCurve, q_soc: np.ndarray, r_v: np.ndarray, k_end: int,
-                  copies: int = 1) -> np.ndarray:
-    """SOC trace of ``copies`` filters side by side on one drive (tuning only; parks between sessions)."""
+def run_table_ekf(d, table: EcmTable, ocv: OCVCurve, starts: list[np.ndarray], grid: list[tuple[float, float, float]],
+                  k_end: int) -> np.ndarray:
+    """(k_end, starts x grid x cells) SOC: one filter per start and (q_soc, r_v, sigma_soc0), side by side."""
+    copies = len(starts) * len(grid)
     n = d.n_cells * copies
-    soc0 = np.asarray(d.meta.get("soc_stored", d.soc[0]), dtype=np.float64)
-    ekf = EcmEKF(n, table, ocv, d.capacity_ah, soc0=np.tile(soc0, copies), q_soc=q_soc, r_v=r_v)
+    col = {k: np.tile(np.repeat([c[j] for c in grid], d.n_cells), len(starts))
+           for j, k in enumerate(("q_soc", "r_v", "sigma_soc0"))}
+    soc0 = np.concatenate([np.tile(s, len(grid)) for s in starts])
+    ekf = EcmEKF(n, table, ocv, d.capacity_ah, soc0=soc0, **col)
     n_t = d.cell_t.shape[1]
     tmap = np.tile((np.arange(d.n_cells) * n_t) // d.n_cells, copies)
     out = np.empty((k_end, n))

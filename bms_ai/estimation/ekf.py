@@ -218,7 +218,7 @@ class EcmEKF:
     hysteresis, and (``bias=True``) a current-sensor offset augmented into the state (a
     joint EKF). Every per-cell matrix is an (n, k, k) stack, so 96 cells cost the same
     handful of numpy calls as one. ``q_soc`` and ``r_v`` may be (n,) arrays: a noise grid
-    search runs every candidate as extra columns of one filter. The table is looked up
+    search runs every candidate as extra columns of one filter (``sigma_soc0`` too). The table is looked up
     again once per ``lookup_s`` of measurement time (parameters move with temperature
     and SOC, not within a second), which keeps a 10 Hz step cheap.
     """
@@ -228,7 +228,8 @@ class EcmEKF:
 
     def __init__(self, n: int, table: EcmTable, ocv: OCVCurve, capacity_ah: float,
                  soc0: float | np.ndarray = 0.5, bias: bool = False,
-                 q_soc: np.ndarray | float | None = None, r_v: np.ndarray | float | None = None) -> None:
+                 q_soc: np.ndarray | float | None = None, r_v: np.ndarray | float | None = None,
+                 sigma_soc0: np.ndarray | float | None = None) -> None:
         self.n = n
         self.tab = table
         self.ocv = ocv
@@ -243,11 +244,11 @@ class EcmEKF:
         self.r_v = np.broadcast_to(np.asarray(table.r_v if r_v is None else r_v, dtype=np.float64), (n,))
         self.x = np.zeros((n, self.k))
         self.x[:, 0] = soc0
-        p0 = [table.sigma_soc0 ** 2, 1e-4] + ([0.5] if self.hyst else []) + \
-            ([(table.sigma_bias0 * self.q) ** 2] if bias else [])
+        p0 = [0.0, 1e-4] + ([0.5] if self.hyst else []) + ([(table.sigma_bias0 * self.q) ** 2] if bias else [])
         self._diag = (slice(None), np.arange(self.k), np.arange(self.k))
         self.P = np.zeros((n, self.k, self.k))
         self.P[self._diag] = p0
+        self.P[:, 0, 0] = np.asarray(table.sigma_soc0 if sigma_soc0 is None else sigma_soc0, dtype=np.float64) ** 2
         self._t_lookup = -np.inf
         self._clock = 0.0
         self._par: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
