@@ -386,23 +386,26 @@ def run_methods(pack: PackInfo, setup: EvalSetup, names: list[MethodSpec], x: In
     bounds = session_bounds(x.session)
     stride = max(1, len(x.t) // plot_points)
     keep = np.arange(0, len(x.t), stride)
-    trace = {"t": x.t[keep], "truth": truth[keep].astype(np.float32), "est": {}}
+    trace = {"t": x.t[keep], "session": x.session[keep], "truth": truth[keep].astype(np.float32), "est": {}}
     stats, infos, last = {}, {}, {}
     for spec in names:
         factory = METHODS.get(spec) if isinstance(spec, str) else spec
-        blob, est_keep, key = None, np.empty((len(keep), pack.n_cells), np.float32), ""
+        blob, est_keep, key, cpu = None, np.empty((len(keep), pack.n_cells), np.float32), "", 0.0
         for s0, s1 in bounds:
+            c0 = time.process_time()
             meth = factory(pack, setup)
             key = meth.name
             start = truth[0] if meth.oracle_start else x.soc_stored
             meth.start(float(x.t[s0]), blob, np.array(start, dtype=np.float64))
             est = meth.run(x.t[s0:s1], x.current[s0:s1], x.cell_v[s0:s1], x.cell_t[s0:s1])
             blob = meth.stop()
+            cpu += time.process_time() - c0
             stats.setdefault(key, ErrorStats(m)).add(s0, est - truth[s0:s1])
             sel = (keep >= s0) & (keep < s1)
             est_keep[sel] = est[keep[sel] - s0]
             infos[key] = _merge_info(infos.get(key, {}), meth.info())
             last[key] = meth
+        infos[key]["cpu_us_per_sample"] = cpu / max(len(x.t), 1) * 1e6
         trace["est"][key] = est_keep
     return stats, infos, last, trace
 
@@ -510,7 +513,7 @@ def evaluate(paths: list[Path], setup: EvalSetup, names: list[MethodSpec] | None
     for h, v in runs:
         per_drive.setdefault(h.path, []).append(v)
     size = {h.path: h.size for h in heads}
-    order = sorted(per_drive, key=lambda p: -size[p])        # longest first: the pool ends together
+    order = sorted(per_drive, key=lambda p: -size[p] * len(per_drive[p]))    # most work first: the pool ends together
     done: dict[tuple[Path, str], RunResult] = {}
     t0 = time.perf_counter()
 
@@ -631,7 +634,17 @@ def summary(runs: list[RunResult]) -> dict:
                 continue
             groups[g][c] = {"runs": len(sel), "methods": {m: p for m in methods if (p := pooled(sel, m)) is not None},
                             "win_loss": {b: win_loss(sel, b) for b in methods if b not in LEARNED}}
-    return {"groups": groups, "soh": soh_summary(runs, chems)}
+    return {"groups": groups, "soh": soh_summary(runs, chems), "cpu_us_per_sample": cpu_summary(runs)}
+
+
+def cpu_summary(runs: list[RunResult]) -> dict[str, float]:
+    """Process time per sample of each method over all runs (this machine, this load: a rough guide)."""
+    out = {}
+    for k in method_order(runs):
+        n = sum(r.samples for r in runs if k in r.methods)
+        cpu = sum(r.methods[k].info.get("cpu_us_per_sample", 0.0) * r.samples for r in runs if k in r.methods)
+        out[k] = cpu / max(n, 1)
+    return out
 
 
 def soh_summary(runs: list[RunResult], chems: list[str]) -> dict:
@@ -739,6 +752,7 @@ def markdown(summ: dict, runs: list[RunResult], proto: dict) -> list[str]:
           f"Methods: {', '.join(method_order(runs))}. OCV given to every method: {proto['ocv']}. "
           f"Models: {proto['models'] or 'none (the shipped estimator runs its fallback)'}.", ""]
     md += [f"- EKF ECM ({c}): {t['source']}" for c, t in proto["ecm"].items()] or ["- EKF ECM: chemistry defaults (not identified)"]
+    md += ["- CPU per sample (us, process time): " + ", ".join(f"{k} {v:.0f}" for k, v in summ["cpu_us_per_sample"].items())]
     md += ["", "## Conditions", "", "| condition | perturbation | value | stored delta | drives | max per chemistry |",
            "|---|---|---|---|---|---|"]
     md += [f"| {v['name']} | {v['kind']} | {v['value']} | {v['stored_delta']} | {v['drives']} | {v['max_per_chemistry'] or 'all'} |"
@@ -834,6 +848,7 @@ def plots(runs: list[RunResult], summ: dict, out: Path) -> list[tuple[str, str]]
 def _run_plot(plt, r: RunResult, out: Path) -> str:
     tr = r.trace
     th = (tr["t"] - tr["t"][0]) / 3600.0
+    th[np.flatnonzero(np.diff(tr["session"])) + 1] = np.nan      # no line across a park
     c = 0
     fig, ax = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
     ax[0].plot(th, tr["truth"][:, c] * 100, "k", lw=1.5, label="truth (cell 0)")
