@@ -259,7 +259,8 @@ def test_one_value_fit_for_model_manifests(ecm_drives) -> None:
 def test_shipped_without_models_is_named_fallback(tmp_path) -> None:
     assert ShippedEstimator(pack("nmc"), EvalSetup(model_dir=None)).name == "shipped_fallback"
     m = ShippedEstimator(pack("nmc"), EvalSetup(model_dir=tmp_path))      # a directory without a manifest
-    assert m.name == "shipped_fallback" and m.info()["fallback_reason"] if hasattr(m, "est") else True
+    m.start(0.0, None, np.array([0.5, 0.5]))
+    assert m.name == "shipped_fallback" and m.info()["fallback_reason"] and not m.info()["model"]
 
 
 def test_shipped_with_models_restarts_from_its_stored_state(root) -> None:
