@@ -6,7 +6,10 @@ Two sources, one ``RecordedDrive`` record:
   what the estimator sees at run time (quantisation, noise, dropped frames); truth
   SOC per cell comes from truth.parquet, matched on CAN time. Without a CAN log
   the truth table's own columns are used (true values, no sensor effects), flagged in meta;
-- a ``drive.npz`` written by ``bms_ai.training.synth`` (cell-level PyBaMM drives).
+- a ``drive.npz`` written by ``bms_ai.training.synth`` (cell-level PyBaMM drives) or the
+  data factory. Version 2 adds optional arrays (sessions of a multi-day life, true cell
+  capacities, the true OCV curve, the true current; ``V2_ARRAYS``) and meta keys
+  (cell_set, held_out, classes, soc_stored, ...); drives without them load with defaults.
 """
 
 from __future__ import annotations
@@ -34,19 +37,37 @@ class RecordedDrive:
     cell_t: np.ndarray                 # (T, m) degC (measured)
     soc: np.ndarray                    # (T, n) truth
     meta: dict = field(default_factory=dict)   # condition labels, soh, r0, ...
+    # v2 (optional; absent in older drives): see V2_ARRAYS
+    session: np.ndarray | None = None            # (T,) int32 session index; None: one session
+    cell_capacity_ah: np.ndarray | None = None   # (n,) true capacity of each cell at the start
+    ocv_soc: np.ndarray | None = None            # (K,) true equilibrium OCV curve of this cell type
+    ocv_v: np.ndarray | None = None              # (K,)
+    current_true: np.ndarray | None = None       # (T,) true cell current (A) incl. what the sensor misses
 
     @property
     def n_cells(self) -> int:
         """Number of series cells (groups) measured."""
         return int(self.cell_v.shape[1])
 
+    def session_ids(self) -> np.ndarray:
+        """Session index per sample (all zeros for a drive recorded as one session)."""
+        if self.session is None:
+            return np.zeros(len(self.t), dtype=np.int32)
+        return np.asarray(self.session, dtype=np.int32)
+
+
+# Optional v2 arrays: name -> dtype on disk. A drive without them loads with None (session: one session).
+V2_ARRAYS: dict[str, type] = {"session": np.int32, "cell_capacity_ah": np.float64, "ocv_soc": np.float64,
+                              "ocv_v": np.float64, "current_true": np.float64}
+
 
 def save_npz(path: Path, d: RecordedDrive) -> Path:
     """Write ``drive.npz`` + ``meta.json`` into the directory ``path``; returns it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    extra = {k: np.asarray(getattr(d, k), dtype=dt) for k, dt in V2_ARRAYS.items() if getattr(d, k) is not None}
     np.savez_compressed(path / "drive.npz", t=d.t, current=d.current, cell_v=d.cell_v.astype(np.float32),
-                        cell_t=d.cell_t.astype(np.float32), soc=d.soc.astype(np.float32))
+                        cell_t=d.cell_t.astype(np.float32), soc=d.soc.astype(np.float32), **extra)
     meta = dict(d.meta, name=d.name, chemistry=d.chemistry, capacity_ah=d.capacity_ah)
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
     return path
@@ -55,10 +76,11 @@ def save_npz(path: Path, d: RecordedDrive) -> Path:
 def _load_npz(path: Path) -> RecordedDrive:
     z = np.load(path / "drive.npz")
     meta = json.loads((path / "meta.json").read_text())
+    extra = {k: z[k].astype(dt) for k, dt in V2_ARRAYS.items() if k in z.files}
     return RecordedDrive(name=meta.get("name", path.name), chemistry=meta["chemistry"],
                          capacity_ah=float(meta["capacity_ah"]), t=z["t"], current=z["current"],
                          cell_v=z["cell_v"].astype(np.float64), cell_t=z["cell_t"].astype(np.float64),
-                         soc=z["soc"].astype(np.float64), meta=meta)
+                         soc=z["soc"].astype(np.float64), meta=meta, **extra)
 
 
 def load_drive(path: str | Path) -> RecordedDrive:
