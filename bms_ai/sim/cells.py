@@ -278,11 +278,16 @@ def true_ocv(cs: CellSpec, made: tuple | None = None, n: int = 201) -> tuple[np.
 # ---------------------------------------------------------------- solving and checks
 
 
+# a coarse mesh (PyBaMM's default: 20 points per domain and particle) for solves that only shape a current
+COARSE_MESH = {"x_n": 5, "x_s": 5, "x_p": 5, "r_n": 10, "r_p": 10}
+
+
 def build_sim(base: str, p, model: str = "SPMe", rtol: float = 1e-6, atol: float = 1e-8,
-              output_variables=None, extra_options: dict | None = None):
+              output_variables=None, extra_options: dict | None = None, var_pts: dict | None = None):
     """PyBaMM simulation of one cell: SPMe (or SPM) + the set's options + lumped thermal, IDAKLU.
 
-    ``output_variables`` keeps only those (much less memory for long 10 Hz outputs).
+    ``output_variables`` keeps only those (much less memory for long 10 Hz outputs);
+    ``var_pts`` overrides the mesh (e.g. COARSE_MESH).
     """
     import pybamm
 
@@ -290,7 +295,8 @@ def build_sim(base: str, p, model: str = "SPMe", rtol: float = 1e-6, atol: float
     opts.update(extra_options or {})
     kw = {"output_variables": list(output_variables)} if output_variables else {}
     cls = {"SPMe": pybamm.lithium_ion.SPMe, "SPM": pybamm.lithium_ion.SPM}[model]
-    return pybamm.Simulation(cls(options=opts), parameter_values=p, solver=pybamm.IDAKLUSolver(rtol=rtol, atol=atol, **kw))
+    return pybamm.Simulation(cls(options=opts), parameter_values=p, var_pts=var_pts,
+                             solver=pybamm.IDAKLUSolver(rtol=rtol, atol=atol, **kw))
 
 
 def set_current(p, t, i_a) -> None:
