@@ -31,6 +31,7 @@ from bms_ai.training.common import constant_rate_runs, smooth
 
 TEMP_BINS = (-np.inf, 0.0, 10.0, 20.0, 30.0, 40.0, np.inf)      # degC
 CURRENT_BINS = (0.0, 0.05, 0.5, 1.0, 2.0, np.inf)               # |I| in C
+SOC_BINS = (-np.inf, 0.1, 0.2, 0.8, 0.9, np.inf)
 ACF_LAGS_S = np.array([0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1200,
                        1800, 2700, 3600, 5400, 7200])
 TAU_FAST_GRID = np.geomspace(1.0, 300.0, 25)
@@ -84,6 +85,7 @@ class ResidualRun:
     temp: np.ndarray         # (T, n) degC (the feature the model saw)
     i_c: np.ndarray          # (T,) present current [C]
     keep: np.ndarray         # (T,) rows that count (after the warm-up of each session)
+    soc: np.ndarray | None = None    # (T, n) the SOC the model saw (for the error tables)
     slow: np.ndarray | None = None
     fast: np.ndarray | None = None
 
@@ -362,3 +364,24 @@ def calibrate_error_model(runs: list[ResidualRun], noise_var: float) -> tuple[Er
     var_fast = [(a_f * run.ref + b_f) ** 2 for run in runs]
     return em, {"correlation": corr.report(), "binned": table,
                 "coverage": coverage_report(runs, var_slow, var_fast, noise_var, corr.passed)}
+
+
+def _rms_mv(x: np.ndarray) -> float:
+    return round(float(np.sqrt(np.mean(x ** 2))) * 1e3, 3)
+
+
+def rmse_report(runs: list[ResidualRun]) -> dict:
+    """Residual RMS [mV] overall and per temperature, SOC, current bin and variant (rows after warm-up)."""
+    res = np.concatenate([run.r[run.keep].ravel() for run in runs])
+    keys = {"by_temp": (np.concatenate([run.temp[run.keep].ravel() for run in runs]), TEMP_BINS, "C"),
+            "by_current": (np.concatenate([np.repeat(np.abs(run.i_c[run.keep]), run.r.shape[1]) for run in runs]),
+                           CURRENT_BINS, "C-rate")}
+    if all(run.soc is not None for run in runs):
+        keys["by_soc"] = (np.concatenate([run.soc[run.keep].ravel() for run in runs]), SOC_BINS, "")
+    out: dict = {"all": _rms_mv(res)}
+    for name, (key, edges, unit) in keys.items():
+        idx = np.digitize(key, edges[1:-1])
+        out[name] = {lab: _rms_mv(res[idx == j]) for j, lab in enumerate(_bin_labels(edges, unit)) if (idx == j).any()}
+    out["by_variant"] = {v: _rms_mv(np.concatenate([run.r[run.keep].ravel() for run in runs if run.variant == v]))
+                         for v in sorted({run.variant for run in runs})}
+    return out

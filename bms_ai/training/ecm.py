@@ -22,7 +22,7 @@ from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.overpotential import T_REF_K, EcmEta, EcmParams, ErrorModel, make_features
 from bms_ai.sim.dataset import RecordedDrive
-from bms_ai.training.calibration import ResidualRun, Series, correlation, coverage_report, fit_processes
+from bms_ai.training.calibration import ResidualRun, Series, correlation, coverage_report, fit_processes, rmse_report
 from bms_ai.training.common import lowpass
 from bms_ai.training.synth import current_profile
 
@@ -57,8 +57,13 @@ def columns(rows, tau: float, k: float, lp: np.ndarray | None = None) -> np.ndar
 
 
 def fit_ecm(rows: list, chemistry: str, taus=TAU_GRID, ks=ACTIVATION_GRID, log=print) -> EcmParams:
-    """(tau, k) by grid, resistances and hysteresis gap by least squares; resistances for the 50 Ah group."""
+    """(tau, k) by grid, resistances (and the hysteresis gap, if the chemistry has one) by least squares.
+
+    Resistances are for the 50 Ah reference group.
+    """
     best = None
+    # a chemistry without hysteresis gets none: the term would only stand in for slow diffusion
+    hysteresis = get_chemistry(chemistry).hysteresis_gap_v > 0
     lps = {tau: [rc_current(r, tau) for r in rows] for tau in taus}
     for tau in taus:
         for k in ks:
@@ -74,7 +79,9 @@ def fit_ecm(rows: list, chemistry: str, taus=TAU_GRID, ks=ACTIVATION_GRID, log=p
                 n += len(y)
             if n == 0:
                 raise ValueError("no rows to identify the ECM on")
-            coef = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+            use = [0, 1, 2] if hysteresis else [0, 1]
+            coef = np.zeros(3)
+            coef[use] = np.linalg.lstsq(gram[np.ix_(use, use)], rhs[use], rcond=None)[0]
             coef = np.maximum(coef, [1e-5, 1e-5, 0.0])
             sse = sse0 - 2.0 * coef @ rhs + coef @ gram @ coef
             if best is None or sse < best[0]:
@@ -104,7 +111,8 @@ def calibrate_ecm(p: EcmParams, rows: list, noise_var: float) -> tuple[dict, dic
         ref = (0.004 + 0.03 * ema) * np.sqrt(arr)
         runs.append(ResidualRun(name=r.name, variant=r.variant, t=r.t, session=r.session, r=np.nan_to_num(res),
                                 ref=ref, temp=r.feats[:, :, TEMP_COL].astype(np.float64),
-                                i_c=r.feats[:, 0, I_COL].astype(np.float64), keep=keep))
+                                i_c=r.feats[:, 0, I_COL].astype(np.float64), keep=keep,
+                                soc=r.feats[:, :, SOC_COL].astype(np.float64)))
         arrs.append(arr)
         emas.append(ema)
     corr = correlation(runs, noise_var)
@@ -125,9 +133,8 @@ def calibrate_ecm(p: EcmParams, rows: list, noise_var: float) -> tuple[dict, dic
                                 k_cell_fast=corr.k_cell_fast).to_dict())
     var_slow = [((rest + per_c * e) ** 2) * a for e, a in zip(emas, arrs)]
     var_fast = [((rest_f + per_c_f * np.abs(run.i_c)[:, None]) ** 2) * a for run, a in zip(runs, arrs)]
-    res_all = np.concatenate([run.r[run.keep].ravel() for run in runs])
     report = {"correlation": corr.report(), "coverage": coverage_report(runs, var_slow, var_fast, noise_var, corr.passed),
-              "rmse_mv": round(float(np.sqrt(np.mean(res_all ** 2))) * 1e3, 3)}
+              "rmse_mv": rmse_report(runs)}
     return out, report
 
 
