@@ -30,7 +30,7 @@ def test_identification_recovers_the_cells(rows) -> None:
 
 
 def test_calibration_of_a_perfect_model_leaves_only_floors(rows) -> None:
-    cal, rep = calibrate_ecm(TRUE, rows, FilterParams().r_sensor)
+    cal, rep = calibrate_ecm(TRUE, [(TRUE, r) for r in rows], FilterParams().r_sensor)
     # the residual is sensor noise only, which the filter adds itself: no model error left
     assert cal["sigma_per_c"] < 2e-4 and cal["sigma_rest"] < 6e-4
     assert rep["rmse_mv"]["all"] == pytest.approx(1.0, rel=0.15) and set(rep["rmse_mv"]["by_temp"]) >= {"[-inf,0)C", "[0,10)C", "[20,30)C", "[40,inf)C"}

@@ -99,12 +99,17 @@ def ecm_eta(p: EcmParams, rows) -> np.ndarray:
     return cols @ np.array([p.r0 * REFERENCE_AH, p.r1 * REFERENCE_AH, p.hysteresis_v])
 
 
-def calibrate_ecm(p: EcmParams, rows: list, noise_var: float) -> tuple[dict, dict]:
-    """The ECM's sigma parameters and error model from validation residuals; (EcmParams fields, report)."""
+def calibrate_ecm(p: EcmParams, pairs: list, noise_var: float) -> tuple[dict, dict]:
+    """The fallback's sigma parameters and error model; (EcmParams fields of ``p``, report).
+
+    ``pairs``: (ECM parameters, rows) whose residuals are measured: the
+    validation drives under ``p``, or each variant's drives under an ECM
+    identified without that variant (the fallback meets cells it was not fitted to).
+    """
     runs, arrs, emas = [], [], []
-    for r in rows:
-        res = r.eta - ecm_eta(p, r)
-        arr = arrhenius(r.feats[:, :, TEMP_COL], p.activation_k)
+    for q, r in pairs:
+        res = r.eta - ecm_eta(q, r)
+        arr = arrhenius(r.feats[:, :, TEMP_COL], q.activation_k)
         ema = np.broadcast_to(r.feats[:, :, IEMA600_COL].astype(np.float64), res.shape)
         keep = r.keep & np.isfinite(res).all(axis=1)
         # reference shape for the correlation analysis: the present defaults' sigma
@@ -167,9 +172,12 @@ def run(args) -> int:
     trn = _build(plan.train, args.seed, TRAIN_ROW_S, TRAIN_CELLS, print)
     vrows = _build(plan.val, args.seed, VAL_ROW_S, VAL_CELLS, print)
     from bms_ai.estimation.filter import FilterParams
+    from bms_ai.training.soc import _ecm_pairs
 
-    params, report = calibrate_ecm(fit_ecm(trn, args.chemistry), vrows, FilterParams().r_sensor)
-    print(json.dumps({"ecm": params, "val_rmse_mv": report["rmse_mv"], "correlation": report["correlation"],
+    final = fit_ecm(trn, args.chemistry)
+    params, report = calibrate_ecm(final, _ecm_pairs(trn, vrows, args.chemistry, final, not args.no_lovo),
+                                   FilterParams().r_sensor)
+    print(json.dumps({"ecm": params, "rmse_mv": report["rmse_mv"], "correlation": report["correlation"],
                       "coverage_total": report["coverage"]["total"]["all"]}, indent=1, default=float))
     print(f'"{args.chemistry}": {ecm_literal(params)},')
     return 0

@@ -36,10 +36,18 @@ from bms_ai.estimation.features import (
     eta_features_table,
 )
 from bms_ai.estimation.filter import FilterParams
+from bms_ai.estimation.overpotential import ErrorModel
 from bms_ai.estimation.soc import WARMUP_S
 from bms_ai.models.manifest import TensorSpec, read_manifest
 from bms_ai.sim.dataset import RecordedDrive
-from bms_ai.training.calibration import ResidualRun, calibrate_error_model, rmse_report
+from bms_ai.training.calibration import (
+    CURRENT_BINS,
+    TEMP_BINS,
+    ResidualRun,
+    calibrate_error_model,
+    coverage_table,
+    rmse_report,
+)
 from bms_ai.training.common import (
     data_fingerprint,
     export_onnx,
@@ -51,7 +59,7 @@ from bms_ai.training.common import (
 )
 
 HIDDEN = 64
-TRAIN_ROW_S = 2.0          # one training row per cell every this many seconds
+TRAIN_ROW_S = 1.0          # one training row per cell every this many seconds
 VAL_ROW_S = 1.0            # validation rows are denser: the fast error's correlation is measured on them
 TRAIN_CELLS = 8            # cells per drive used (cells of one string share most inputs)
 VAL_CELLS = 16
@@ -406,25 +414,109 @@ def _build(drives: list[RecordedDrive], seed: int, row_s: float, cells: int, log
     return rows
 
 
-def train_soc(chemistry: str, data: list[str], out: Path, seed: int = 0, epochs: int = 40, val: list[str] | None = None,
-              val_fraction: float = 0.2, max_rows: int = MAX_ROWS, beta: float = 0.0, log=print) -> dict:
+@dataclass
+class TrainConfig:
+    """How one chemistry is trained (the seed makes it reproducible)."""
+
+    seed: int = 0
+    epochs: int = 40
+    beta: float = 0.0
+    max_rows: int = MAX_ROWS
+    lovo: bool = True        # calibrate on variants left out of training (when there are >= 2)
+
+
+def fit_rows(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig, log) -> tuple[FitResult, np.ndarray]:
+    """Stack the rows and fit; (result, training inputs)."""
+    rng = np.random.default_rng(cfg.seed)
+    x, y = stack_rows(trn, rng, cfg.max_rows)
+    xv, yv = stack_rows(val, rng, max(cfg.max_rows // 10, 10000))
+    log(f"  {len(x)} train rows, {len(xv)} val rows", flush=True)
+    return fit(x, y, xv, yv, cfg.seed, cfg.epochs, beta=cfg.beta, log=log), x
+
+
+def torch_predict(module, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """eta, sigma for feature rows (..., F) from the torch module (fold models are never exported)."""
+    import torch
+
+    with torch.no_grad():
+        eta, sig = module(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)))
+    shape = feats.shape[:-1]
+    return eta.numpy().reshape(shape).astype(np.float64), sig.numpy().reshape(shape).astype(np.float64)
+
+
+def leave_one_variant_out(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig,
+                          log) -> list[ResidualRun]:
+    """Residuals of cells the model never saw: per variant, a model trained without it predicts its drives.
+
+    A vehicle's cells are (almost) never one of the training variants, so these
+    residuals, not the validation drives of training variants, are what the
+    shipped error model must cover.
+    """
+    runs = []
+    for v in sorted({r.variant for r in trn}):
+        log(f"[soc] fold without {v}", flush=True)
+        res, _ = fit_rows([r for r in trn if r.variant != v], [r for r in val if r.variant != v] or val, cfg,
+                          lambda *a, **k: None)
+        held = [r for r in trn + val if r.variant == v]
+        preds = [torch_predict(res.module, r.feats) for r in held]
+        runs += residual_runs(held, [p[0] for p in preds], [p[1] for p in preds])
+    return runs
+
+
+def total_coverage(em: ErrorModel, runs: list[ResidualRun], noise_var: float) -> dict:
+    """Coverage of a cell's whole error by an error model's sigmas (as the filter adds them up)."""
+    zs, temp, cur = [], [], []
+    for run in runs:
+        k = run.keep
+        sig_s = (em.slow_scale * run.ref[k] + em.slow_floor) ** 2 * (1.0 + em.k_cell ** 2)
+        sig_f = (em.fast_scale * run.ref[k] + em.fast_floor) ** 2 * (1.0 + em.k_cell_fast ** 2)
+        zs.append((run.r[k] / np.sqrt(sig_s + sig_f + noise_var)).ravel())
+        temp.append(run.temp[k].ravel())
+        cur.append(np.repeat(np.abs(run.i_c[k]), run.r.shape[1]))
+    z, t, c = np.concatenate(zs), np.concatenate(temp), np.concatenate(cur)
+    return {"all": coverage_table(z, np.zeros_like(z), (-np.inf, np.inf), "")["[-inf,inf)"],
+            "by_temp": coverage_table(z, t, TEMP_BINS, "C"), "by_current": coverage_table(z, c, CURRENT_BINS, "C-rate")}
+
+
+def _ecm_pairs(trn: list[DriveRows], val: list[DriveRows], chemistry: str, final, lovo: bool) -> list:
+    """(ECM parameters, rows) to calibrate the fallback's sigmas on: fits without each variant, else val."""
+    from bms_ai.training.ecm import fit_ecm
+
+    variants = sorted({r.variant for r in trn})
+    if not (lovo and len(variants) > 1):
+        return [(final, r) for r in val]
+    pairs = []
+    for v in variants:
+        p = fit_ecm([r for r in trn if r.variant != v], chemistry, log=lambda *a, **k: None)
+        pairs += [(p, r) for r in trn + val if r.variant == v]
+    return pairs
+
+
+def _manifest_parts(res: FitResult, x: np.ndarray) -> tuple[dict, dict]:
+    """(normalisation, domain) of the manifest entry."""
+    hi = res.module.hi.numpy()
+    dom_max = np.where(np.isfinite(hi), np.maximum(x.max(0), 10.0), x.max(0))  # saturating inputs: no upper limit
+    norm = {"baked_into_graph": True, "folded_into_first_layer": True, "mean": res.module.mean.tolist(),
+            "inv_std": res.module.inv_std.tolist(), "clamp_max": [float(v) if np.isfinite(v) else None for v in hi]}
+    return norm, {"min": x.min(0).tolist(), "max": dom_max.tolist()}
+
+
+def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | None = None, val: list[str] | None = None,
+              val_fraction: float = 0.2, log=print) -> dict:
     """Train, export, calibrate and register the overpotential model of one chemistry; the manifest entry."""
     import onnx
     import torch
 
     from bms_ai.training.ecm import calibrate_ecm, fit_ecm
 
+    cfg = cfg or TrainConfig()
     t_start = time.time()
-    plan = plan_data(chemistry, data, val or [], seed, val_fraction)
+    plan = plan_data(chemistry, data, val or [], cfg.seed, val_fraction)
     log(f"[soc/{chemistry}] {len(plan.train)} train / {len(plan.val)} val drives ({plan.split})", flush=True)
-    trn_rows = _build(plan.train, seed, TRAIN_ROW_S, TRAIN_CELLS, log)
-    val_rows = _build(plan.val, seed, VAL_ROW_S, VAL_CELLS, log)
-    rng = np.random.default_rng(seed)
-    x, y = stack_rows(trn_rows, rng, max_rows)
-    xv, yv = stack_rows(val_rows, rng, max(max_rows // 10, 10000))
-    log(f"[soc/{chemistry}] {len(x)} train rows, {len(xv)} val rows; data {time.time() - t_start:.0f} s", flush=True)
+    trn_rows = _build(plan.train, cfg.seed, TRAIN_ROW_S, TRAIN_CELLS, log)
+    val_rows = _build(plan.val, cfg.seed, VAL_ROW_S, VAL_CELLS, log)
     t_fit = time.time()
-    res = fit(x, y, xv, yv, seed, epochs, beta=beta, log=log)
+    res, x = fit_rows(trn_rows, val_rows, cfg, log)
     fit_s = time.time() - t_fit
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -432,48 +524,49 @@ def train_soc(chemistry: str, data: list[str], out: Path, seed: int = 0, epochs:
     version = next_slot_version(out, chemistry)
     fname = f"{name}_v{version}.onnx"
     export_onnx(folded(res.module), (torch.zeros(4, N_FEATURES),), out / fname, ["features"], ["eta", "sigma"])
-    # calibrate the error model on the exported file itself (what the estimator runs)
-    preds = [onnx_predict(out / fname, r.feats) for r in val_rows]
-    runs = residual_runs(val_rows, [p[0] for p in preds], [p[1] for p in preds])
     noise_var = FilterParams().r_sensor
-    em, report = calibrate_error_model(runs, noise_var)
-    sig_train = onnx_predict(out / fname, x[:: max(1, len(x) // 200000)])[1]
-    sigma_max = float(max(2.0 * sig_train.max(), 0.05))
-    log(f"[soc/{chemistry}] error model {json.dumps(em.to_dict())}", flush=True)
-    ecm = fit_ecm(trn_rows, chemistry)
-    ecm_params, ecm_report = calibrate_ecm(ecm, val_rows, noise_var)
-    log(f"[soc/{chemistry}] ECM fallback {ecm_params}", flush=True)
-    hi = res.module.hi.numpy()
-    dom_min, dom_max = x.min(0), x.max(0)
-    dom_max = np.where(np.isfinite(hi), np.maximum(dom_max, 10.0), dom_max)  # saturating inputs: no upper limit
-    metrics = {"val_eta_rmse_mv": rmse_report(runs), "val_coverage": report["coverage"],
-               "val_nll": res.curve[res.best_epoch - 1]["val_nll"], "best_epoch": res.best_epoch,
-               "ecm_val_eta_rmse_mv": ecm_report["rmse_mv"], "ecm_val_coverage": ecm_report["coverage"],
-               "infer_us_96_cells": inference_cost_us(out / fname),
-               "train_seconds": round(time.time() - t_start, 1), "fit_seconds": round(fit_s, 1)}
+    # validation drives (variants seen in training), predicted by the exported file itself
+    preds = [onnx_predict(out / fname, r.feats) for r in val_rows]
+    seen = residual_runs(val_rows, [p[0] for p in preds], [p[1] for p in preds])
+    em_seen, rep_seen = calibrate_error_model(seen, noise_var)
+    metrics = {"val_eta_rmse_mv": rmse_report(seen), "val_coverage": rep_seen["coverage"],
+               "val_nll": res.curve[res.best_epoch - 1]["val_nll"], "best_epoch": res.best_epoch}
+    em, rep, source = em_seen, rep_seen, "validation drives (variants seen in training)"
+    if cfg.lovo and len({r.variant for r in trn_rows}) > 1:
+        unseen = leave_one_variant_out(trn_rows, val_rows, cfg, log)
+        em, rep = calibrate_error_model(unseen, noise_var)
+        source = "leave-one-variant-out (cells the model never saw)"
+        metrics.update(unseen_eta_rmse_mv=rmse_report(unseen), unseen_coverage=rep["coverage"],
+                       val_coverage_shipped=total_coverage(em, seen, noise_var))
+    log(f"[soc/{chemistry}] error model ({source}) {json.dumps(em.to_dict())}", flush=True)
+    sigma_max = float(max(2.0 * onnx_predict(out / fname, x[:: max(1, len(x) // 200000)])[1].max(), 0.05))
+    ecm = fit_ecm(trn_rows, chemistry, log=log)
+    ecm_params, ecm_rep = calibrate_ecm(ecm, _ecm_pairs(trn_rows, val_rows, chemistry, ecm, cfg.lovo), noise_var)
+    log(f"[soc/{chemistry}] ECM fallback {json.dumps(ecm_params)}", flush=True)
+    metrics.update(ecm_eta_rmse_mv=ecm_rep["rmse_mv"], ecm_coverage=ecm_rep["coverage"],
+                   infer_us_96_cells=inference_cost_us(out / fname), train_seconds=round(time.time() - t_start, 1),
+                   fit_seconds=round(fit_s, 1))
+    norm, domain = _manifest_parts(res, x)
     n_params = int(sum(p.numel() for p in res.module.parameters()))
     entry = register(
         out, name=name, version=version, file=fname, task="soc", chemistry=chemistry,
         inputs=[TensorSpec("features", ["batch", N_FEATURES], "float32", units=[u for _, u in ETA_FEATURES],
                            names=[n for n, _ in ETA_FEATURES])],
         outputs=[TensorSpec("eta", ["batch", 1], units=["V"]), TensorSpec("sigma", ["batch", 1], units=["V"])],
-        feature_version=FEATURE_VERSION,
-        normalisation={"baked_into_graph": True, "folded_into_first_layer": True, "mean": res.module.mean.tolist(),
-                       "inv_std": res.module.inv_std.tolist(), "clamp_max": [float(v) if np.isfinite(v) else None
-                                                                               for v in hi]},
-        domain={"min": dom_min.tolist(), "max": dom_max.tolist()},
+        feature_version=FEATURE_VERSION, normalisation=norm, domain=domain,
         provenance={"data_dirs": plan.dirs, "split": plan.split, "drives": [d.name for d in plan.train],
                     "val_drives": [d.name for d in plan.val],
                     "variants": sorted({variant_of(d) for d in plan.train}),
                     "val_variants": sorted({variant_of(d) for d in plan.val}),
-                    "data_sha256": data_fingerprint(plan.paths), "seed": seed, "epochs": epochs, "beta": beta,
-                    "rows": int(len(x)), "target": "v - OCV_true(SOC_true)",
+                    "data_sha256": data_fingerprint(plan.paths), "seed": cfg.seed, "epochs": cfg.epochs,
+                    "beta": cfg.beta, "rows": int(len(x)), "target": "v - OCV_true(SOC_true)",
                     "soc_input_noise": {"sigma": SOC_NOISE, "tau_s": SOC_NOISE_TAU, "cell_share": SOC_NOISE_CELL_SHARE},
                     "trainer": "bms_ai.training.soc", "torch": torch.__version__, "onnx": onnx.__version__},
         metrics=metrics, params=n_params,
-        extra={"error_model": em.to_dict(), "sigma_max_v": sigma_max, "calibration": report["correlation"],
-               "ecm_fallback": ecm_params, "ecm_calibration": ecm_report["correlation"],
-               "learning_curve": res.curve})
+        extra={"error_model": em.to_dict(), "error_model_source": source, "sigma_max_v": sigma_max,
+               "error_model_seen": em_seen.to_dict(), "calibration": rep["correlation"],
+               "calibration_bins": rep["binned"], "ecm_fallback": ecm_params,
+               "ecm_calibration": ecm_rep["correlation"], "learning_curve": res.curve})
     log(f"[soc/{chemistry}] wrote {out / fname} ({n_params} params, sha256 {entry.sha256[:12]}) in "
         f"{time.time() - t_start:.0f} s", flush=True)
     return entry.to_dict()
@@ -490,6 +583,8 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--max-rows", type=int, default=MAX_ROWS)
     p.add_argument("--beta", type=float, default=0.0, help="beta-NLL weight (0: plain Gaussian NLL)")
+    p.add_argument("--no-lovo", action="store_true",
+                   help="calibrate on the validation drives only (no leave-one-variant-out folds)")
 
 
 def data_dirs(args) -> tuple[list[str], list[str]]:
@@ -507,8 +602,9 @@ def run(args) -> int:
     """Train, export ONNX and update the manifest in --out."""
     data, val = data_dirs(args)
     try:
-        entry = train_soc(args.chemistry, data, Path(args.out), seed=args.seed, epochs=args.epochs, val=val,
-                          max_rows=args.max_rows, beta=args.beta)
+        cfg = TrainConfig(seed=args.seed, epochs=args.epochs, beta=args.beta, max_rows=args.max_rows,
+                          lovo=not args.no_lovo)
+        entry = train_soc(args.chemistry, data, Path(args.out), cfg, val=val)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"bms-ai train soc: {exc}") from None
     print(json.dumps({k: entry[k] for k in ("name", "version", "file", "sha256", "params")}, indent=1))
