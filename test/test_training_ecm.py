@@ -8,7 +8,7 @@ import pytest
 from bms_ai.estimation.filter import FilterParams
 from bms_ai.estimation.overpotential import EcmParams
 from bms_ai.training.ecm import calibrate_ecm, ecm_cell_drive, ecm_eta, ecm_literal, fit_ecm
-from bms_ai.training.soc import drive_rng, drive_rows
+from bms_ai.training.rows import drive_rng, drive_rows
 
 TRUE = EcmParams(r0=0.002, r1=0.0015, tau=40.0, activation_k=3000.0, hysteresis_v=0.01)
 

@@ -24,6 +24,17 @@ from bms_ai.estimation.overpotential import T_REF_K, EcmEta, EcmParams, ErrorMod
 from bms_ai.sim.dataset import RecordedDrive
 from bms_ai.training.calibration import ResidualRun, Series, correlation, coverage_report, fit_processes, rmse_report
 from bms_ai.training.common import lowpass
+from bms_ai.training.rows import (
+    TRAIN_CELLS,
+    TRAIN_ROW_S,
+    VAL_CELLS,
+    VAL_ROW_S,
+    DriveRows,
+    add_data_arguments,
+    build_rows,
+    data_dirs,
+    plan_data,
+)
 from bms_ai.training.synth import current_profile
 
 TAU_GRID = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -143,6 +154,18 @@ def calibrate_ecm(p: EcmParams, pairs: list, noise_var: float) -> tuple[dict, di
     return out, report
 
 
+def ecm_pairs(trn: list[DriveRows], val: list[DriveRows], chemistry: str, final, lovo: bool) -> list:
+    """(ECM parameters, rows) to calibrate the fallback's sigmas on: fits without each variant, else val."""
+    variants = sorted({r.variant for r in trn})
+    if not (lovo and len(variants) > 1):
+        return [(final, r) for r in val]
+    pairs = []
+    for v in variants:
+        p = fit_ecm([r for r in trn if r.variant != v], chemistry, log=lambda *a, **k: None)
+        pairs += [(p, r) for r in trn + val if r.variant == v]
+    return pairs
+
+
 def ecm_literal(d: dict) -> str:
     """The fitted numbers as an ``EcmParams(...)`` line for ECM_DEFAULTS."""
     e = d["error"]
@@ -155,27 +178,22 @@ def ecm_literal(d: dict) -> str:
 
 def add_arguments(p) -> None:
     """`bms-ai train ecm`: the same data options as `train soc`."""
-    from bms_ai.training.soc import add_arguments as soc_arguments
-
-    soc_arguments(p)
+    add_data_arguments(p)
 
 
 def run(args) -> int:
     """Identify and calibrate the classical fallback; print the numbers (nothing is written)."""
-    from bms_ai.training.soc import TRAIN_CELLS, TRAIN_ROW_S, VAL_CELLS, VAL_ROW_S, _build, data_dirs, plan_data
 
     data, val = data_dirs(args)
     try:
         plan = plan_data(args.chemistry, data, val, args.seed, 0.2)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"bms-ai train ecm: {exc}") from None
-    trn = _build(plan.train, args.seed, TRAIN_ROW_S, TRAIN_CELLS, print)
-    vrows = _build(plan.val, args.seed, VAL_ROW_S, VAL_CELLS, print)
+    trn = build_rows(plan.train, args.seed, TRAIN_ROW_S, TRAIN_CELLS, print)
+    vrows = build_rows(plan.val, args.seed, VAL_ROW_S, VAL_CELLS, print)
     from bms_ai.estimation.filter import FilterParams
-    from bms_ai.training.soc import _ecm_pairs
-
     final = fit_ecm(trn, args.chemistry)
-    params, report = calibrate_ecm(final, _ecm_pairs(trn, vrows, args.chemistry, final, not args.no_lovo),
+    params, report = calibrate_ecm(final, ecm_pairs(trn, vrows, args.chemistry, final, not args.no_lovo),
                                    FilterParams().r_sensor)
     print(json.dumps({"ecm": params, "rmse_mv": report["rmse_mv"], "correlation": report["correlation"],
                       "coverage_total": report["coverage"]["total"]["all"]}, indent=1, default=float))

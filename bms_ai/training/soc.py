@@ -1,16 +1,13 @@
 """Training of the overpotential model: features -> (eta, sigma), Gaussian NLL, ONNX export, calibration.
 
-Target: eta = v_cell - OCV_true(SOC_true), everything the current history,
-temperature, SOC and hysteresis add to the equilibrium voltage of the drive's
-own cell (its true OCV curve; drives without one use the chemistry table).
-Inputs: ``eta_features_table`` (the estimator's own streaming code) fed with
-truth + a slowly varying SOC error of about 1 %, like the filter's. The MLP
-predicts eta and log sigma (Gaussian NLL), with the feature normalisation and
-output scale baked into the ONNX graph. The validation drives (a val suite, or
-a seeded split by drive) then measure the error model the filter needs
-(``training.calibration``) and the classical fallback is identified and
-calibrated on the same rows (``training.ecm``). One command per chemistry;
-the same seed and data give a byte-identical ONNX file.
+The rows (targets eta = v - OCV_true(SOC_true), the estimator's own features)
+come from ``training.rows``. The MLP predicts eta and log sigma (Gaussian
+NLL); the feature normalisation and output scale are folded into the exported
+ONNX graph. The error model the filter needs (``training.calibration``) is
+measured on cells the model never saw (one variant left out per fold), with
+the validation drives' numbers kept beside it; the classical fallback is
+identified and calibrated on the same rows (``training.ecm``). One command per
+chemistry; the same seed and data give a byte-identical ONNX file.
 """
 
 from __future__ import annotations
@@ -19,27 +16,15 @@ import copy
 import json
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bms_ai.chemistry.ocv import OCVCurve, load_ocv
-from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.estimation.features import (
-    DEFAULT_HYSTERESIS_RATE,
-    ETA_FEATURES,
-    FEATURE_VERSION,
-    N_FEATURES,
-    cell_sensor_map,
-    eta_features_table,
-)
+from bms_ai.estimation.features import ETA_FEATURES, FEATURE_VERSION, N_FEATURES
 from bms_ai.estimation.filter import FilterParams
 from bms_ai.estimation.overpotential import ErrorModel
-from bms_ai.estimation.soc import WARMUP_S
 from bms_ai.models.manifest import TensorSpec, read_manifest
-from bms_ai.sim.dataset import RecordedDrive
 from bms_ai.training.calibration import (
     CURRENT_BINS,
     TEMP_BINS,
@@ -48,142 +33,29 @@ from bms_ai.training.calibration import (
     coverage_table,
     rmse_report,
 )
-from bms_ai.training.common import (
-    data_fingerprint,
-    export_onnx,
-    gauss_markov,
-    load_training_drives,
-    register,
-    seed_everything,
-    session_of,
+from bms_ai.training.common import data_fingerprint, export_onnx, register, seed_everything
+from bms_ai.training.ecm import calibrate_ecm, ecm_pairs, fit_ecm
+from bms_ai.training.rows import (
+    MAX_ROWS,
+    SOC_NOISE,
+    SOC_NOISE_CELL_SHARE,
+    SOC_NOISE_TAU,
+    TRAIN_CELLS,
+    TRAIN_ROW_S,
+    VAL_CELLS,
+    VAL_ROW_S,
+    DriveRows,
+    add_data_arguments,
+    build_rows,
+    data_dirs,
+    plan_data,
+    stack_rows,
+    variant_of,
 )
 
 HIDDEN = 64
-TRAIN_ROW_S = 1.0          # one training row per cell every this many seconds
-VAL_ROW_S = 1.0            # validation rows are denser: the fast error's correlation is measured on them
-TRAIN_CELLS = 8            # cells per drive used (cells of one string share most inputs)
-VAL_CELLS = 16
-MAX_ROWS = 3_000_000
-SOC_NOISE = 0.01           # the filter's SOC error the model must tolerate
-SOC_NOISE_TAU = 1800.0     # ... slowly varying
-SOC_NOISE_CELL_SHARE = 0.5
 SATURATING = {"log_rest_s"}  # clamped to the training maximum inside the graph: a longer rest is still rest
 MODEL_PREFIX = "soc_eta"
-
-
-# -- targets and inputs ---------------------------------------------------------------------------
-def true_ocv(d: RecordedDrive) -> OCVCurve:
-    """The equilibrium OCV of the drive's own cell: its v2 curve, else the chemistry's table."""
-    s, v = getattr(d, "ocv_soc", None), getattr(d, "ocv_v", None)
-    if s is not None and v is not None and len(s) >= 3:
-        return OCVCurve(np.asarray(s, float), np.asarray(v, float), d.chemistry)
-    return load_ocv(d.chemistry)
-
-
-def eta_target(d: RecordedDrive, cells: np.ndarray | None = None) -> np.ndarray:
-    """eta = v - OCV_true(SOC_true) per sample and cell [V] (NaN where the voltage is missing)."""
-    sl = slice(None) if cells is None else cells
-    return d.cell_v[:, sl] - true_ocv(d)(np.clip(d.soc[:, sl], 0.0, 1.0))
-
-
-def soc_input(t: np.ndarray, soc: np.ndarray, rng: np.random.Generator, sigma: float = SOC_NOISE,
-              tau: float = SOC_NOISE_TAU, cell_share: float = SOC_NOISE_CELL_SHARE) -> np.ndarray:
-    """What the filter would feed the model: truth + a slow error common to the string + a per-cell part."""
-    n = soc.shape[1]
-    s_common = sigma / math.sqrt(1.0 + cell_share ** 2)
-    err = gauss_markov(t, (), rng, s_common, tau)[:, None] + gauss_markov(t, (n,), rng, s_common * cell_share, tau)
-    return np.clip(soc + err, 0.0, 1.0)
-
-
-def hysteresis_rate(chemistry: str) -> float:
-    """The feature pipeline's hysteresis rate for a chemistry (as the estimator sets it up)."""
-    return get_chemistry(chemistry).hysteresis_rate or DEFAULT_HYSTERESIS_RATE
-
-
-def variant_of(d: RecordedDrive) -> str:
-    """The cell variant a drive was recorded with (cell set, else the simulator's parameter set)."""
-    m = d.meta or {}
-    for k in ("cell_set", "variant"):
-        if m.get(k):
-            return str(m[k])
-    src = str(m.get("source", "")).split()
-    return src[-1] if src else "default"
-
-
-def after_warmup(t: np.ndarray, session: np.ndarray, warmup_s: float = WARMUP_S) -> np.ndarray:
-    """Rows at least ``warmup_s`` after their session's first sample (before, the history is assumed)."""
-    start = np.r_[True, np.diff(session) != 0]
-    t_start = np.maximum.accumulate(np.where(start, np.arange(len(t)), 0))
-    return (t - t[t_start]) >= warmup_s
-
-
-def split_drives(names: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split by drive (by sorted name: independent of the order found): (train, val) indices."""
-    order = sorted(range(len(names)), key=lambda i: names[i])
-    perm = np.random.default_rng(seed).permutation(len(order))
-    n_val = max(1, int(round(val_fraction * len(order)))) if len(order) > 1 else 0
-    val = sorted(order[j] for j in perm[:n_val])
-    return [i for i in order if i not in set(val)], val
-
-
-def drive_rng(seed: int, name: str) -> np.random.Generator:
-    """A generator per (seed, drive): a drive's noise does not depend on which other drives are used."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-@dataclass
-class DriveRows:
-    """One drive's rows for training or validation (a strided subset of its samples and cells)."""
-
-    name: str
-    variant: str
-    idx: np.ndarray          # (R,) sample indices into the drive
-    cells: np.ndarray        # (n,) cell indices
-    t: np.ndarray            # (R,) s
-    session: np.ndarray      # (R,)
-    feats: np.ndarray        # (R, n, F) float32
-    eta: np.ndarray          # (R, n) target [V]
-    keep: np.ndarray         # (R,) after warm-up
-    full_t: np.ndarray       # (T,) the drive's own time, current [C] and sessions (the ECM runs at full rate)
-    full_i_c: np.ndarray
-    full_session: np.ndarray
-
-    def valid(self) -> np.ndarray:
-        """(R, n) rows usable as targets: after warm-up, finite features and target."""
-        return self.keep[:, None] & np.isfinite(self.eta) & np.isfinite(self.feats).all(axis=2)
-
-
-def drive_rows(d: RecordedDrive, rng: np.random.Generator, row_s: float, max_cells: int) -> DriveRows:
-    """Features via the estimator's own streaming code, targets, warm-up mask; ``max_cells`` random cells."""
-    n = d.n_cells
-    cells = np.sort(rng.choice(n, size=min(n, max_cells), replace=False)) if n > max_cells else np.arange(n)
-    session = session_of(d)
-    dt = float(np.median(np.diff(d.t))) if len(d.t) > 1 else 1.0
-    stride = max(1, int(round(row_s / max(dt, 1e-6))))
-    # each chosen cell reads the sensor it has in the whole string
-    sens = cell_sensor_map(n, d.cell_t.shape[1])[cells] if d.cell_t.shape[1] else None
-    cell_t = d.cell_t[:, sens] if sens is not None else d.cell_t
-    soc_in = soc_input(d.t, d.soc[:, cells], rng)
-    feats = eta_features_table(d.t, d.current, cell_t, soc_in, d.capacity_ah, hysteresis_rate(d.chemistry),
-                               session, stride)
-    idx = np.arange(0, len(d.t), stride)
-    return DriveRows(name=d.name, variant=variant_of(d), idx=idx, cells=cells, t=d.t[idx], session=session[idx],
-                     feats=feats, eta=eta_target(d, cells)[idx], keep=after_warmup(d.t, session)[idx],
-                     full_t=d.t, full_i_c=d.current / d.capacity_ah, full_session=session)
-
-
-def stack_rows(rows: list[DriveRows], rng: np.random.Generator, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) over all valid rows and cells, uniformly subsampled to at most ``max_rows``."""
-    xs, ys = [], []
-    for r in rows:
-        ok = r.valid()
-        xs.append(r.feats[ok])
-        ys.append(r.eta[ok].astype(np.float32))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if len(x) > max_rows:
-        pick = np.sort(rng.choice(len(x), size=max_rows, replace=False))
-        x, y = x[pick], y[pick]
-    return x, y
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -368,50 +240,10 @@ def inference_cost_us(path: Path, n_cells: int = 96, repeats: int = 1000) -> dic
 
 
 # -- the command ------------------------------------------------------------------------------------
-@dataclass
-class DataPlan:
-    """Which drives train and which validate (never the eval suite)."""
-
-    train: list[RecordedDrive]
-    val: list[RecordedDrive]
-    dirs: list[str]
-    paths: list[Path]
-    split: str
-
-
-def plan_data(chemistry: str, data: list[str], val: list[str], seed: int, val_fraction: float) -> DataPlan:
-    """Drives of one chemistry from --data (and --val, else a seeded split by drive)."""
-    trn, trn_paths = load_training_drives(data, chemistry)
-    if val:
-        vd, v_paths = load_training_drives(val, chemistry)
-        names = {d.name for d in trn}
-        if any(d.name in names for d in vd):
-            raise ValueError("a drive is both in --data and --val")
-        plan = DataPlan(trn, vd, list(data) + list(val), trn_paths + v_paths, "val suite")
-    else:
-        tr, va = split_drives([d.name for d in trn], val_fraction, seed)
-        plan = DataPlan([trn[i] for i in tr], [trn[i] for i in va], list(data), trn_paths,
-                        f"seeded split by drive (fraction {val_fraction}, seed {seed})")
-    if not plan.train or not plan.val:
-        raise ValueError(f"need {chemistry} drives for training and validation under {data} {val}: found "
-                         f"{len(plan.train)} / {len(plan.val)}")
-    return plan
-
-
 def next_slot_version(out: Path, chemistry: str) -> int:
     """One above every SOC model of this chemistry in ``out``: a hot reload always sees the new one as newer."""
     entries, _ = read_manifest(out)
     return 1 + max((e.version for e in entries if e.key == ("soc", chemistry)), default=0)
-
-
-def _build(drives: list[RecordedDrive], seed: int, row_s: float, cells: int, log) -> list[DriveRows]:
-    rows = []
-    for d in drives:
-        t0 = time.time()
-        rows.append(drive_rows(d, drive_rng(seed, d.name), row_s, cells))
-        log(f"  {d.name}: {len(d.t)} samples x {d.n_cells} cells -> {rows[-1].feats.shape[0]} rows x "
-            f"{len(rows[-1].cells)} cells ({time.time() - t0:.1f} s)", flush=True)
-    return rows
 
 
 @dataclass
@@ -478,20 +310,6 @@ def total_coverage(em: ErrorModel, runs: list[ResidualRun], noise_var: float) ->
             "by_temp": coverage_table(z, t, TEMP_BINS, "C"), "by_current": coverage_table(z, c, CURRENT_BINS, "C-rate")}
 
 
-def _ecm_pairs(trn: list[DriveRows], val: list[DriveRows], chemistry: str, final, lovo: bool) -> list:
-    """(ECM parameters, rows) to calibrate the fallback's sigmas on: fits without each variant, else val."""
-    from bms_ai.training.ecm import fit_ecm
-
-    variants = sorted({r.variant for r in trn})
-    if not (lovo and len(variants) > 1):
-        return [(final, r) for r in val]
-    pairs = []
-    for v in variants:
-        p = fit_ecm([r for r in trn if r.variant != v], chemistry, log=lambda *a, **k: None)
-        pairs += [(p, r) for r in trn + val if r.variant == v]
-    return pairs
-
-
 def _manifest_parts(res: FitResult, x: np.ndarray) -> tuple[dict, dict]:
     """(normalisation, domain) of the manifest entry."""
     hi = res.module.hi.numpy()
@@ -507,14 +325,12 @@ def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | Non
     import onnx
     import torch
 
-    from bms_ai.training.ecm import calibrate_ecm, fit_ecm
-
     cfg = cfg or TrainConfig()
     t_start = time.time()
     plan = plan_data(chemistry, data, val or [], cfg.seed, val_fraction)
     log(f"[soc/{chemistry}] {len(plan.train)} train / {len(plan.val)} val drives ({plan.split})", flush=True)
-    trn_rows = _build(plan.train, cfg.seed, TRAIN_ROW_S, TRAIN_CELLS, log)
-    val_rows = _build(plan.val, cfg.seed, VAL_ROW_S, VAL_CELLS, log)
+    trn_rows = build_rows(plan.train, cfg.seed, TRAIN_ROW_S, TRAIN_CELLS, log)
+    val_rows = build_rows(plan.val, cfg.seed, VAL_ROW_S, VAL_CELLS, log)
     t_fit = time.time()
     res, x = fit_rows(trn_rows, val_rows, cfg, log)
     fit_s = time.time() - t_fit
@@ -541,7 +357,7 @@ def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | Non
     log(f"[soc/{chemistry}] error model ({source}) {json.dumps(em.to_dict())}", flush=True)
     sigma_max = float(max(2.0 * onnx_predict(out / fname, x[:: max(1, len(x) // 200000)])[1].max(), 0.05))
     ecm = fit_ecm(trn_rows, chemistry, log=log)
-    ecm_params, ecm_rep = calibrate_ecm(ecm, _ecm_pairs(trn_rows, val_rows, chemistry, ecm, cfg.lovo), noise_var)
+    ecm_params, ecm_rep = calibrate_ecm(ecm, ecm_pairs(trn_rows, val_rows, chemistry, ecm, cfg.lovo), noise_var)
     log(f"[soc/{chemistry}] ECM fallback {json.dumps(ecm_params)}", flush=True)
     metrics.update(ecm_eta_rmse_mv=ecm_rep["rmse_mv"], ecm_coverage=ecm_rep["coverage"],
                    infer_us_96_cells=inference_cost_us(out / fname), train_seconds=round(time.time() - t_start, 1),
@@ -574,28 +390,10 @@ def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | Non
 
 def add_arguments(p) -> None:
     """`bms-ai train soc`."""
-    from bms_ai.training.cli import add_common
-
-    add_common(p)
-    p.add_argument("--val", nargs="*", default=[], help="validation drives (default: a seeded split of --data)")
-    p.add_argument("--suite-root", default=None,
-                   help="root of the estimation suites: --data ROOT/train/CHEM and --val ROOT/val/CHEM")
+    add_data_arguments(p)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--max-rows", type=int, default=MAX_ROWS)
     p.add_argument("--beta", type=float, default=0.0, help="beta-NLL weight (0: plain Gaussian NLL)")
-    p.add_argument("--no-lovo", action="store_true",
-                   help="calibrate on the validation drives only (no leave-one-variant-out folds)")
-
-
-def data_dirs(args) -> tuple[list[str], list[str]]:
-    """(--data, --val) with --suite-root filled in; a one-line error when neither names any drives."""
-    data, val = list(args.data), list(args.val)
-    if args.suite_root and not data:
-        data = [str(Path(args.suite_root) / "train" / args.chemistry)]
-        val = val or [str(Path(args.suite_root) / "val" / args.chemistry)]
-    if not data:
-        raise SystemExit("bms-ai train: give --data DIR... (and optionally --val DIR...) or --suite-root ROOT")
-    return data, val
 
 
 def run(args) -> int:
