@@ -112,6 +112,7 @@ class DriveRows:
     full_t: np.ndarray       # (T,) the drive's own time, current [C] and sessions (the ECM runs at full rate)
     full_i_c: np.ndarray
     full_session: np.ndarray
+    r_oof: np.ndarray | None = None   # (R, n) eta error of a model that never saw this drive's cell variant
 
     def valid(self) -> np.ndarray:
         """(R, n) rows usable as targets: after warm-up, finite features and target."""
@@ -137,13 +138,15 @@ def drive_rows(d: RecordedDrive, rng: np.random.Generator, row_s: float, max_cel
                      full_t=d.t, full_i_c=d.current / d.capacity_ah, full_session=session)
 
 
-def stack_rows(rows: list[DriveRows], rng: np.random.Generator, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) over all valid rows and cells, uniformly subsampled to at most ``max_rows``."""
+def stack_rows(rows: list[DriveRows], rng: np.random.Generator, max_rows: int,
+               target: str = "eta") -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) over all valid rows and cells, uniformly subsampled to at most ``max_rows``; y: that attribute."""
     xs, ys = [], []
     for r in rows:
-        ok = r.valid()
+        y = getattr(r, target)
+        ok = r.valid() & np.isfinite(y)
         xs.append(r.feats[ok])
-        ys.append(r.eta[ok].astype(np.float32))
+        ys.append(y[ok].astype(np.float32))
     x, y = np.concatenate(xs), np.concatenate(ys)
     if len(x) > max_rows:
         pick = np.sort(rng.choice(len(x), size=max_rows, replace=False))

@@ -54,13 +54,18 @@ from bms_ai.training.rows import (
 )
 
 HIDDEN = 64
+SIGMA_HIDDEN = 16       # the sigma network (out-of-fold errors) is small: it learns a magnitude
 SATURATING = {"log_rest_s"}  # clamped to the training maximum inside the graph: a longer rest is still rest
 MODEL_PREFIX = "soc_eta"
 
 
 # -- the model -------------------------------------------------------------------------------------
-def make_module(mean: np.ndarray, std: np.ndarray, y_scale: float, clamp_hi: np.ndarray, hidden: int = HIDDEN):
-    """The overpotential MLP (torch): normalisation, input clamps and output scale baked in."""
+def make_module(mean: np.ndarray, std: np.ndarray, y_scale: float, clamp_hi: np.ndarray, hidden: int = HIDDEN,
+                sigma_only: bool = False):
+    """An MLP (torch) with normalisation, input clamps and output scale baked in.
+
+    Two outputs (eta and log sigma), or with ``sigma_only`` one (log sigma of a zero-mean error).
+    """
     import torch
     from torch import nn
 
@@ -74,13 +79,15 @@ def make_module(mean: np.ndarray, std: np.ndarray, y_scale: float, clamp_hi: np.
             self.register_buffer("hi", torch.tensor(clamp_hi, dtype=torch.float32))
             self.y_scale = float(y_scale)
             self.log_y_scale = float(math.log(y_scale))
+            self.sigma_only = sigma_only
             self.net = nn.Sequential(nn.Linear(len(mean), hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                                     nn.Linear(hidden, 2))
+                                     nn.Linear(hidden, 1 if sigma_only else 2))
 
         def heads(self, x):
             """(eta [V], log sigma [V]) for training."""
             h = self.net((torch.minimum(x, self.hi) - self.mean) * self.inv_std)
-            return h[:, 0:1] * self.y_scale, torch.clamp(h[:, 1:2], -8.0, 4.0) + self.log_y_scale
+            ls = torch.clamp(h[:, -1:], -8.0, 4.0) + self.log_y_scale
+            return (torch.zeros_like(ls) if self.sigma_only else h[:, 0:1] * self.y_scale), ls
 
         def forward(self, x):
             eta, log_sigma = self.heads(x)
@@ -89,17 +96,31 @@ def make_module(mean: np.ndarray, std: np.ndarray, y_scale: float, clamp_hi: np.
     return EtaMLP()
 
 
-def folded(module):
+def _folded_trunk(module):
+    """(first, second) Linear layers of a module with its normalisation folded into the first."""
+    import torch
+    from torch import nn
+
+    lin1 = module.net[0]
+    first = nn.Linear(lin1.in_features, lin1.out_features)
+    with torch.no_grad():
+        first.weight.copy_(lin1.weight * module.inv_std[None, :])
+        first.bias.copy_(lin1.bias - first.weight @ module.mean)
+    return first, copy.deepcopy(module.net[2])
+
+
+def folded(module, sigma_module=None):
     """The same function as few graph operations as possible (what is exported): cheaper per call.
 
     The normalisation goes into the first layer's weights, the output scale into
-    two separate heads: min -> gemm -> tanh -> gemm -> tanh -> (gemm | gemm -> clip -> exp).
+    the heads: min -> gemm -> tanh -> gemm -> tanh -> (gemm | gemm -> clip -> exp).
+    With ``sigma_module`` sigma comes from that network instead of the eta network's own head.
     """
     import torch
     from torch import nn
 
-    lin1, lin2, out = module.net[0], module.net[2], module.net[4]
-    log_ys = module.log_y_scale
+    sig_src = sigma_module if sigma_module is not None else module
+    out, sig_out = module.net[4], sig_src.net[4]
 
     class EtaExport(nn.Module):
         """Raw features -> eta [V], sigma [V]."""
@@ -107,21 +128,24 @@ def folded(module):
         def __init__(self) -> None:
             super().__init__()
             with torch.no_grad():
-                self.register_buffer("hi", module.hi.clone())
-                self.first = nn.Linear(lin1.in_features, lin1.out_features)
-                self.first.weight.copy_(lin1.weight * module.inv_std[None, :])
-                self.first.bias.copy_(lin1.bias - self.first.weight @ module.mean)
-                self.second = copy.deepcopy(lin2)
+                self.register_buffer("hi", torch.minimum(module.hi, sig_src.hi))
+                self.first, self.second = _folded_trunk(module)
                 self.eta = nn.Linear(out.in_features, 1)
                 self.eta.weight.copy_(out.weight[0:1] * module.y_scale)
                 self.eta.bias.copy_(out.bias[0:1] * module.y_scale)
-                self.sig = nn.Linear(out.in_features, 1)
-                self.sig.weight.copy_(out.weight[1:2])
-                self.sig.bias.copy_(out.bias[1:2] + log_ys)
+                self.sig = nn.Linear(sig_out.in_features, 1)
+                self.sig.weight.copy_(sig_out.weight[-1:])
+                self.sig.bias.copy_(sig_out.bias[-1:] + sig_src.log_y_scale)
+                self.separate = sigma_module is not None
+                if self.separate:
+                    self.sig_first, self.sig_second = _folded_trunk(sigma_module)
+            self.lo_ls, self.hi_ls = -8.0 + sig_src.log_y_scale, 4.0 + sig_src.log_y_scale
 
         def forward(self, x):
-            h = torch.tanh(self.second(torch.tanh(self.first(torch.minimum(x, self.hi)))))
-            return self.eta(h), torch.exp(torch.clamp(self.sig(h), -8.0 + log_ys, 4.0 + log_ys))
+            xc = torch.minimum(x, self.hi)
+            h = torch.tanh(self.second(torch.tanh(self.first(xc))))
+            hs = torch.tanh(self.sig_second(torch.tanh(self.sig_first(xc)))) if self.separate else h
+            return self.eta(h), torch.exp(torch.clamp(self.sig(hs), self.lo_ls, self.hi_ls))
 
     return EtaExport().eval()
 
@@ -146,8 +170,11 @@ class FitResult:
 
 
 def fit(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, seed: int, epochs: int, batch: int = 2048,
-        lr: float = 2e-3, beta: float = 0.0, log=print) -> FitResult:
-    """Adam + cosine schedule on the NLL; the epoch with the best validation NLL is kept."""
+        lr: float = 2e-3, beta: float = 0.0, hidden: int = HIDDEN, sigma_only: bool = False, log=print) -> FitResult:
+    """Adam + one-cycle schedule on the NLL; the epoch with the best validation NLL is kept.
+
+    ``sigma_only``: y is a zero-mean error and only its sigma is learned.
+    """
     import torch
 
     seed_everything(seed)
@@ -156,7 +183,8 @@ def fit(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, seed: int,
         if name in SATURATING:
             hi[j] = x[:, j].max()
     xc = np.minimum(x, hi)
-    module = make_module(xc.mean(0), np.maximum(xc.std(0), 1e-3), float(max(y.std(), 1e-3)), hi)
+    y_scale = float(max(np.sqrt(np.mean(y ** 2)) if sigma_only else y.std(), 1e-3))
+    module = make_module(xc.mean(0), np.maximum(xc.std(0), 1e-3), y_scale, hi, hidden, sigma_only)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
@@ -209,11 +237,10 @@ def onnx_predict(path: Path, feats: np.ndarray, batch: int = 65536) -> tuple[np.
     return eta.reshape(shape).astype(np.float64), sig.reshape(shape).astype(np.float64)
 
 
-def residual_runs(rows: list[DriveRows], eta_hat: list[np.ndarray], sigma: list[np.ndarray]) -> list[ResidualRun]:
-    """The validation residuals eta_true - eta_hat per drive, with what the coverage is binned by."""
+def residual_runs(rows: list[DriveRows], residuals: list[np.ndarray], sigma: list[np.ndarray]) -> list[ResidualRun]:
+    """Residuals eta_true - eta_hat per drive with the model's sigma and what the tables are binned by."""
     out = []
-    for r, e, s in zip(rows, eta_hat, sigma):
-        res = r.eta - e
+    for r, res, s in zip(rows, residuals, sigma):
         keep = r.keep & np.isfinite(res).all(axis=1)
         out.append(ResidualRun(name=r.name, variant=r.variant, t=r.t, session=r.session, r=np.nan_to_num(res),
                                ref=np.maximum(s, 1e-4), temp=r.feats[:, :, 7].astype(np.float64),
@@ -254,16 +281,17 @@ class TrainConfig:
     epochs: int = 40
     beta: float = 0.0
     max_rows: int = MAX_ROWS
-    lovo: bool = True        # calibrate on variants left out of training (when there are >= 2)
+    lovo: bool = True        # sigma and its calibration from variants left out of training (when there are >= 2)
 
 
-def fit_rows(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig, log) -> tuple[FitResult, np.ndarray]:
-    """Stack the rows and fit; (result, training inputs)."""
+def fit_rows(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig, log, target: str = "eta",
+             sigma_only: bool = False, hidden: int = HIDDEN) -> tuple[FitResult, np.ndarray]:
+    """Stack the rows (``target``: eta, or the out-of-fold error r_oof) and fit; (result, training inputs)."""
     rng = np.random.default_rng(cfg.seed)
-    x, y = stack_rows(trn, rng, cfg.max_rows)
-    xv, yv = stack_rows(val, rng, max(cfg.max_rows // 10, 10000))
+    x, y = stack_rows(trn, rng, cfg.max_rows, target)
+    xv, yv = stack_rows(val, rng, max(cfg.max_rows // 10, 10000), target)
     log(f"  {len(x)} train rows, {len(xv)} val rows", flush=True)
-    return fit(x, y, xv, yv, cfg.seed, cfg.epochs, beta=cfg.beta, log=log), x
+    return fit(x, y, xv, yv, cfg.seed, cfg.epochs, beta=cfg.beta, hidden=hidden, sigma_only=sigma_only, log=log), x
 
 
 def torch_predict(module, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,23 +304,22 @@ def torch_predict(module, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eta.numpy().reshape(shape).astype(np.float64), sig.numpy().reshape(shape).astype(np.float64)
 
 
-def leave_one_variant_out(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig,
-                          log) -> list[ResidualRun]:
-    """Residuals of cells the model never saw: per variant, a model trained without it predicts its drives.
+def out_of_fold(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig, log) -> dict[str, int]:
+    """Set ``r_oof`` on every drive: its eta error under a model trained without its cell variant.
 
     A vehicle's cells are (almost) never one of the training variants, so these
-    residuals, not the validation drives of training variants, are what the
-    shipped error model must cover.
+    errors, not those on validation drives of training variants, are what the
+    shipped sigma must cover. Returns each fold's best epoch.
     """
-    runs = []
+    best = {}
     for v in sorted({r.variant for r in trn}):
         log(f"[soc] fold without {v}", flush=True)
         res, _ = fit_rows([r for r in trn if r.variant != v], [r for r in val if r.variant != v] or val, cfg,
                           lambda *a, **k: None)
-        held = [r for r in trn + val if r.variant == v]
-        preds = [torch_predict(res.module, r.feats) for r in held]
-        runs += residual_runs(held, [p[0] for p in preds], [p[1] for p in preds])
-    return runs
+        for r in (r for r in trn + val if r.variant == v):
+            r.r_oof = r.eta - torch_predict(res.module, r.feats)[0]
+        best[v] = res.best_epoch
+    return best
 
 
 def total_coverage(em: ErrorModel, runs: list[ResidualRun], noise_var: float) -> dict:
@@ -319,10 +346,35 @@ def _manifest_parts(res: FitResult, x: np.ndarray) -> tuple[dict, dict]:
     return norm, {"min": x.min(0).tolist(), "max": dom_max.tolist()}
 
 
+def _calibrate(path: Path, trn: list[DriveRows], val: list[DriveRows], lovo: bool, noise_var: float) -> dict:
+    """Error models of the exported file: on unseen-variant errors (shipped) and on the validation drives.
+
+    The shipped one is calibrated on the validation drives' out-of-fold errors,
+    which the sigma network was not fitted to (it only stopped early on them).
+    """
+    preds = [onnx_predict(path, r.feats) for r in val]
+    seen = residual_runs(val, [r.eta - p[0] for r, p in zip(val, preds)], [p[1] for p in preds])
+    em_seen, rep_seen = calibrate_error_model(seen, noise_var)
+    out = {"em": em_seen, "rep": rep_seen, "em_seen": em_seen,
+           "source": "validation drives (variants seen in training)",
+           "metrics": {"val_eta_rmse_mv": rmse_report(seen), "val_coverage": rep_seen["coverage"]}}
+    if not lovo:
+        return out
+    unseen = residual_runs(val, [r.r_oof for r in val], [p[1] for p in preds])
+    em, rep = calibrate_error_model(unseen, noise_var)
+    trn_sig = [onnx_predict(path, r.feats)[1] for r in trn]
+    unseen_trn = residual_runs(trn, [r.r_oof for r in trn], trn_sig)
+    out.update(em=em, rep=rep, source="validation drives, out-of-fold (a model that never saw their cell variant)")
+    out["metrics"].update(unseen_eta_rmse_mv=rmse_report(unseen), unseen_coverage=rep["coverage"],
+                          unseen_train_eta_rmse_mv=rmse_report(unseen_trn),
+                          unseen_train_coverage=total_coverage(em, unseen_trn, noise_var),
+                          val_coverage_shipped=total_coverage(em, seen, noise_var))
+    return out
+
+
 def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | None = None, val: list[str] | None = None,
               val_fraction: float = 0.2, log=print) -> dict:
     """Train, export, calibrate and register the overpotential model of one chemistry; the manifest entry."""
-    import onnx
     import torch
 
     cfg = cfg or TrainConfig()
@@ -333,38 +385,51 @@ def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | Non
     val_rows = build_rows(plan.val, cfg.seed, VAL_ROW_S, VAL_CELLS, log)
     t_fit = time.time()
     res, x = fit_rows(trn_rows, val_rows, cfg, log)
+    lovo = cfg.lovo and len({r.variant for r in trn_rows}) > 1
+    sig_res, folds = None, {}
+    if lovo:
+        folds = out_of_fold(trn_rows, val_rows, cfg, log)
+        log(f"[soc/{chemistry}] sigma network on the out-of-fold errors", flush=True)
+        sig_res, _ = fit_rows(trn_rows, val_rows, cfg, log, "r_oof", sigma_only=True, hidden=SIGMA_HIDDEN)
     fit_s = time.time() - t_fit
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{MODEL_PREFIX}_{chemistry}"
     version = next_slot_version(out, chemistry)
     fname = f"{name}_v{version}.onnx"
-    export_onnx(folded(res.module), (torch.zeros(4, N_FEATURES),), out / fname, ["features"], ["eta", "sigma"])
+    model = folded(res.module, sig_res.module if sig_res else None)
+    export_onnx(model, (torch.zeros(4, N_FEATURES),), out / fname, ["features"], ["eta", "sigma"])
     noise_var = FilterParams().r_sensor
-    # validation drives (variants seen in training), predicted by the exported file itself
-    preds = [onnx_predict(out / fname, r.feats) for r in val_rows]
-    seen = residual_runs(val_rows, [p[0] for p in preds], [p[1] for p in preds])
-    em_seen, rep_seen = calibrate_error_model(seen, noise_var)
-    metrics = {"val_eta_rmse_mv": rmse_report(seen), "val_coverage": rep_seen["coverage"],
-               "val_nll": res.curve[res.best_epoch - 1]["val_nll"], "best_epoch": res.best_epoch}
-    em, rep, source = em_seen, rep_seen, "validation drives (variants seen in training)"
-    if cfg.lovo and len({r.variant for r in trn_rows}) > 1:
-        unseen = leave_one_variant_out(trn_rows, val_rows, cfg, log)
-        em, rep = calibrate_error_model(unseen, noise_var)
-        source = "leave-one-variant-out (cells the model never saw)"
-        metrics.update(unseen_eta_rmse_mv=rmse_report(unseen), unseen_coverage=rep["coverage"],
-                       val_coverage_shipped=total_coverage(em, seen, noise_var))
-    log(f"[soc/{chemistry}] error model ({source}) {json.dumps(em.to_dict())}", flush=True)
+    cal = _calibrate(out / fname, trn_rows, val_rows, lovo, noise_var)
+    log(f"[soc/{chemistry}] error model ({cal['source']}) {json.dumps(cal['em'].to_dict())}", flush=True)
     sigma_max = float(max(2.0 * onnx_predict(out / fname, x[:: max(1, len(x) // 200000)])[1].max(), 0.05))
     ecm = fit_ecm(trn_rows, chemistry, log=log)
     ecm_params, ecm_rep = calibrate_ecm(ecm, ecm_pairs(trn_rows, val_rows, chemistry, ecm, cfg.lovo), noise_var)
     log(f"[soc/{chemistry}] ECM fallback {json.dumps(ecm_params)}", flush=True)
-    metrics.update(ecm_eta_rmse_mv=ecm_rep["rmse_mv"], ecm_coverage=ecm_rep["coverage"],
+    metrics = dict(cal["metrics"], val_nll=res.curve[res.best_epoch - 1]["val_nll"], best_epoch=res.best_epoch,
+                   fold_best_epochs=folds, ecm_eta_rmse_mv=ecm_rep["rmse_mv"], ecm_coverage=ecm_rep["coverage"],
                    infer_us_96_cells=inference_cost_us(out / fname), train_seconds=round(time.time() - t_start, 1),
                    fit_seconds=round(fit_s, 1))
+    extra = {"error_model": cal["em"].to_dict(), "error_model_source": cal["source"], "sigma_max_v": sigma_max,
+             "error_model_seen": cal["em_seen"].to_dict(), "calibration": cal["rep"]["correlation"],
+             "calibration_bins": cal["rep"]["binned"], "ecm_fallback": ecm_params,
+             "ecm_calibration": ecm_rep["correlation"], "learning_curve": res.curve,
+             "sigma_network": ({"hidden": SIGMA_HIDDEN, "target": "out-of-fold eta error", "best_epoch": sig_res.best_epoch}
+                               if sig_res else None)}
+    entry = _register(out, fname, name, version, chemistry, model, res, x, plan, cfg, metrics, extra)
+    log(f"[soc/{chemistry}] wrote {out / fname} ({entry.params} params, sha256 {entry.sha256[:12]}) in "
+        f"{time.time() - t_start:.0f} s", flush=True)
+    return entry.to_dict()
+
+
+def _register(out: Path, fname: str, name: str, version: int, chemistry: str, model, res: FitResult, x: np.ndarray,
+              plan, cfg: TrainConfig, metrics: dict, extra: dict):
+    """The manifest entry of an exported model."""
+    import onnx
+    import torch
+
     norm, domain = _manifest_parts(res, x)
-    n_params = int(sum(p.numel() for p in res.module.parameters()))
-    entry = register(
+    return register(
         out, name=name, version=version, file=fname, task="soc", chemistry=chemistry,
         inputs=[TensorSpec("features", ["batch", N_FEATURES], "float32", units=[u for _, u in ETA_FEATURES],
                            names=[n for n, _ in ETA_FEATURES])],
@@ -378,14 +443,7 @@ def train_soc(chemistry: str, data: list[str], out: Path, cfg: TrainConfig | Non
                     "beta": cfg.beta, "rows": int(len(x)), "target": "v - OCV_true(SOC_true)",
                     "soc_input_noise": {"sigma": SOC_NOISE, "tau_s": SOC_NOISE_TAU, "cell_share": SOC_NOISE_CELL_SHARE},
                     "trainer": "bms_ai.training.soc", "torch": torch.__version__, "onnx": onnx.__version__},
-        metrics=metrics, params=n_params,
-        extra={"error_model": em.to_dict(), "error_model_source": source, "sigma_max_v": sigma_max,
-               "error_model_seen": em_seen.to_dict(), "calibration": rep["correlation"],
-               "calibration_bins": rep["binned"], "ecm_fallback": ecm_params,
-               "ecm_calibration": ecm_rep["correlation"], "learning_curve": res.curve})
-    log(f"[soc/{chemistry}] wrote {out / fname} ({n_params} params, sha256 {entry.sha256[:12]}) in "
-        f"{time.time() - t_start:.0f} s", flush=True)
-    return entry.to_dict()
+        metrics=metrics, params=int(sum(p.numel() for p in model.parameters())), extra=extra)
 
 
 def add_arguments(p) -> None:
