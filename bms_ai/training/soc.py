@@ -170,7 +170,8 @@ class FitResult:
 
 
 def fit(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, seed: int, epochs: int, batch: int = 2048,
-        lr: float = 2e-3, beta: float = 0.0, hidden: int = HIDDEN, sigma_only: bool = False, log=print) -> FitResult:
+        lr: float = 2e-3, beta: float = 0.0, hidden: int = HIDDEN, sigma_only: bool = False, weight_decay: float = 0.0,
+        log=print) -> FitResult:
     """Adam + one-cycle schedule on the NLL; the epoch with the best validation NLL is kept.
 
     ``sigma_only``: y is a zero-mean error and only its sigma is learned.
@@ -185,7 +186,7 @@ def fit(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, seed: int,
     xc = np.minimum(x, hi)
     y_scale = float(max(np.sqrt(np.mean(y ** 2)) if sigma_only else y.std(), 1e-3))
     module = make_module(xc.mean(0), np.maximum(xc.std(0), 1e-3), y_scale, hi, hidden, sigma_only)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(x) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)[:, None]
@@ -282,16 +283,19 @@ class TrainConfig:
     beta: float = 0.0
     max_rows: int = MAX_ROWS
     lovo: bool = True        # sigma and its calibration from variants left out of training (when there are >= 2)
+    weight_decay: float = 0.0
+    hidden: int = HIDDEN
 
 
 def fit_rows(trn: list[DriveRows], val: list[DriveRows], cfg: TrainConfig, log, target: str = "eta",
-             sigma_only: bool = False, hidden: int = HIDDEN) -> tuple[FitResult, np.ndarray]:
+             sigma_only: bool = False, hidden: int | None = None) -> tuple[FitResult, np.ndarray]:
     """Stack the rows (``target``: eta, or the out-of-fold error r_oof) and fit; (result, training inputs)."""
     rng = np.random.default_rng(cfg.seed)
     x, y = stack_rows(trn, rng, cfg.max_rows, target)
     xv, yv = stack_rows(val, rng, max(cfg.max_rows // 10, 10000), target)
     log(f"  {len(x)} train rows, {len(xv)} val rows", flush=True)
-    return fit(x, y, xv, yv, cfg.seed, cfg.epochs, beta=cfg.beta, hidden=hidden, sigma_only=sigma_only, log=log), x
+    return fit(x, y, xv, yv, cfg.seed, cfg.epochs, beta=cfg.beta, hidden=hidden or cfg.hidden, sigma_only=sigma_only,
+               weight_decay=cfg.weight_decay, log=log), x
 
 
 def torch_predict(module, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
