@@ -7,8 +7,16 @@ plain average of them is over-confident; instead every cell carries the state
     z  charge above empty [Ah]            (z = SOC * C)
     C  capacity [Ah]                      (what SOH reports: C / design)
     G  feature scale [Ah]                 (where charging features sit: z_f = s_f * G)
+    d  current-sensor offset left after the input's correction [A]
+    tau  graphite diffusion time R^2 / (15 D) [s]: under charging current I the
+       graphite surface runs I tau / 3600 Ah ahead of its average, so features
+       show that early and a CV end sits that far below its voltage's SOC; the
+       shift is common to every feature of one charge, so the distance between
+       two features measures G free of it
 
-Coulomb counting moves z by the offset-corrected Ah of the series current; an
+Coulomb counting moves z by the Ah of the series current plus d times the
+awake hours (a bias, so it cannot average out between anchors: anchors far
+apart in awake time constrain d, and d's uncertainty weakens such pairs); an
 anchor is a linear measurement:
 
     SOC anchor (end of a CC-CV full charge, relaxed rest):  z - s * C = 0   +- s_sd * C
@@ -47,8 +55,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Z, CAP, G = range(3)
-STATE_VERSION = 1
+Z, CAP, G, D, TAU = range(5)
+N_STATE = 5
+STATE_VERSION = 3
 
 
 @dataclass
@@ -59,7 +68,11 @@ class CapacityParams:
     feature_prior_sd: float = 0.15    # feature scale G prior sigma, fraction of design
     feature_prior_corr: float = 0.5   # prior correlation of C and G (both fall with lost graphite)
     z_sd: float = 0.5                 # charge content before the first anchor, fraction of design
-    fade_sd_per_day: float = 3e-4     # random walk of C and G (fraction of design per sqrt(day))
+    offset_sd_c: float = 0.004        # residual current offset prior (C: 0.2 A on a 50 Ah pack)
+    offset_rw_c: float = 0.001        # its drift per sqrt(awake hour) (temperature, per-session drift) [C]
+    tau_s: float = 0.0                # graphite diffusion time prior [s] (per chemistry: HealthParams.for_chemistry)
+    tau_sd_s: float = 0.0             # its sigma [s]
+    fade_sd_per_day: float = 1.5e-3   # random walk of C and G per sqrt(day) (fraction of design: ~1 % a month)
     leak_per_day: float = 5e-4        # mean self-discharge while asleep (fraction of capacity per day)
     leak_sd_per_day: float = 1e-3     # its spread between cells
     gate_sigma: float = 4.0           # an anchor further off than this (in predicted sigmas) is rejected
@@ -82,16 +95,17 @@ class CapacityFilter:
         self.n = int(n_cells)
         self.design = float(design_capacity_ah)
         self.p = params or CapacityParams()
-        self.x = np.zeros((self.n, 3))
-        self.P = np.zeros((self.n, 3, 3))  # noqa: N815  (covariance: the conventional name)
+        self.x = np.zeros((self.n, N_STATE))
+        self.P = np.zeros((self.n, N_STATE, N_STATE))  # noqa: N815  (covariance: the conventional name)
         self.started = False
         self.reset_prior()
 
     def reset_prior(self) -> None:
         """Design capacity with the prior spread; charge content unknown until the first anchor."""
         p, q = self.p, self.design
-        self.x[:] = [0.5 * q, q, q]
-        cov = np.diag([(p.z_sd * q) ** 2, (p.prior_sd * q) ** 2, (p.feature_prior_sd * q) ** 2])
+        self.x[:] = [0.5 * q, q, q, 0.0, p.tau_s]
+        cov = np.diag([(p.z_sd * q) ** 2, (p.prior_sd * q) ** 2, (p.feature_prior_sd * q) ** 2,
+                       (p.offset_sd_c * q) ** 2, max(p.tau_sd_s, 1e-3) ** 2])
         cov[CAP, G] = cov[G, CAP] = p.feature_prior_corr * p.prior_sd * p.feature_prior_sd * q * q
         self.P[:] = cov
         self.started = False
@@ -107,13 +121,20 @@ class CapacityFilter:
         self.P[:, Z, CAP] = self.P[:, CAP, Z] = s * self.P[:, CAP, CAP]
         self.started = True
 
-    def predict(self, dah: float, ah_sd: float = 0.0, asleep_days: float = 0.0, days: float = 0.0) -> None:
-        """Move z by ``dah`` (Ah, offset-corrected) with its sigma; leak while asleep; slow fade over ``days``."""
+    def predict(self, dah: float, hours: float = 0.0, asleep_days: float = 0.0, days: float = 0.0) -> None:
+        """Move z by ``dah`` (Ah) plus the offset over ``hours`` awake; leak while asleep; slow fade over ``days``."""
         p = self.p
         if asleep_days > 0:
             self.x[:, Z] -= p.leak_per_day * asleep_days * self.x[:, CAP]
-        self.x[:, Z] += dah
-        self.P[:, Z, Z] += ah_sd ** 2 + (p.leak_sd_per_day * asleep_days * self.design) ** 2
+        self.x[:, Z] += dah + self.x[:, D] * hours
+        if hours > 0:       # P <- F P F^T with F = I + hours at (z, d)
+            self.P[:, Z, :] += hours * self.P[:, D, :]
+            self.P[:, :, Z] += hours * self.P[:, :, D]
+            self.P[:, D, D] += (p.offset_rw_c * self.design) ** 2 * hours
+            self.P[:, Z, Z] += (p.offset_rw_c * self.design) ** 2 * hours ** 3 / 3.0
+            self.P[:, Z, D] += (p.offset_rw_c * self.design) ** 2 * hours ** 2 / 2.0
+            self.P[:, D, Z] = self.P[:, Z, D]
+        self.P[:, Z, Z] += (p.leak_sd_per_day * asleep_days * self.design) ** 2
         if days > 0:
             q = (p.fade_sd_per_day * self.design) ** 2 * days
             self.P[:, CAP, CAP] += q
@@ -136,22 +157,33 @@ class CapacityFilter:
         info = use & (np.sqrt(np.maximum(self.P[:, CAP, CAP], 0.0)) < sd_before * (1.0 - self.p.min_info / 100.0))
         return AnchorResult(use, rejected, info)
 
-    def update_soc(self, soc: np.ndarray, soc_sd: np.ndarray, ok: np.ndarray | None = None) -> AnchorResult:
-        """A SOC anchor per cell (full-charge end, relaxed rest): z = soc * C."""
+    def update_soc(self, soc: np.ndarray, soc_sd: np.ndarray, ok: np.ndarray | None = None,
+                   ah_back: float = 0.0, current: float = 0.0) -> AnchorResult:
+        """A SOC anchor per cell ``ah_back`` Ah ago: z - ah_back = soc * C - current tau / 3600.
+
+        ``soc`` is what the voltage says (the graphite surface's view); under a charging
+        ``current`` (the taper at the end of a full charge) the average lags it.
+        """
         s = np.asarray(soc, dtype=np.float64)
         sd = np.asarray(soc_sd, dtype=np.float64)
         mask = np.isfinite(s) & np.isfinite(sd) & (sd > 0) if ok is None else np.asarray(ok, bool) & np.isfinite(s)
-        h = np.zeros((self.n, 3))
+        h = np.zeros((self.n, N_STATE))
         h[:, Z] = 1.0
         h[:, CAP] = -np.nan_to_num(s)
+        h[:, TAU] = max(float(current), 0.0) / 3600.0
         r = (np.nan_to_num(sd, nan=1.0) * np.maximum(self.x[:, CAP], 0.3 * self.design)) ** 2
-        return self._update(h, np.zeros(self.n), r, mask)
+        return self._update(h, np.full(self.n, float(ah_back)), r, mask)
 
-    def update_feature(self, s_ref: float, ah_back: np.ndarray, sd_ah: np.ndarray, ok: np.ndarray) -> AnchorResult:
-        """A charging feature seen ``ah_back`` Ah ago: z - ah_back = s_ref * G."""
-        h = np.zeros((self.n, 3))
+    def update_feature(self, s_ref: float | np.ndarray, ah_back: np.ndarray, sd_ah: np.ndarray,
+                       ok: np.ndarray, current: float = 0.0) -> AnchorResult:
+        """A graphite position ``ah_back`` Ah ago, seen at charging ``current``: z - ah_back = s_ref G - current tau / 3600.
+
+        Charging features (seen early by the surface lead) and rests on the graphite knee (current 0).
+        """
+        h = np.zeros((self.n, N_STATE))
         h[:, Z] = 1.0
-        h[:, G] = -float(s_ref)
+        h[:, G] = -np.nan_to_num(np.broadcast_to(np.asarray(s_ref, dtype=np.float64), (self.n,)))
+        h[:, TAU] = max(float(current), 0.0) / 3600.0
         back = np.nan_to_num(np.asarray(ah_back, dtype=np.float64))
         return self._update(h, back, np.asarray(sd_ah, dtype=np.float64) ** 2, np.asarray(ok, bool))
 
@@ -188,7 +220,7 @@ class CapacityFilter:
             started = bool(d["started"])
         except (KeyError, TypeError, ValueError) as exc:
             return f"capacity state malformed ({type(exc).__name__}: {exc})"
-        if x.shape != (self.n, 3) or cov.shape != (self.n, 3, 3):
+        if x.shape != (self.n, N_STATE) or cov.shape != (self.n, N_STATE, N_STATE):
             return f"capacity state is for {x.shape[0] if x.ndim else '?'} cells, this pack has {self.n}"
         if not (math.isclose(design, self.design) and np.isfinite(x).all() and np.isfinite(cov).all()):
             return "capacity state is for another design capacity or has non-finite values"

@@ -46,7 +46,7 @@ import numpy as np
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.capacity import AnchorResult, CapacityFilter, CapacityParams
-from bms_ai.estimation.ica import FeatureEvent, FeatureFinder, IcaParams, reference_features
+from bms_ai.estimation.ica import FeatureEvent, FeatureFinder, IcaParams
 from bms_ai.estimation.rul import RulEstimator
 
 STATE_VERSION = 1
@@ -64,18 +64,35 @@ class HealthParams:
     wake_max_c: float = 0.05         # ... if that sample's |I| is below this C-rate
     session_gap_s: float = 60.0      # a gap between samples longer than this is a sleep
     ocv_sd_v: float = 0.008          # a relaxed cell's OCV vs its type's curve (spread, ageing, relaxation)
+    hyst_sd: float = 0.3             # hysteresis branch uncertainty, fraction of half the gap
+    graphite_frame_soc: float = 0.0  # rests below this SOC anchor the graphite scale G (LFP: below the plateau)
     meas_sd_v: float = 0.002         # voltage measurement
     max_soc_sd: float = 0.03         # a rest with a larger SOC sigma is no anchor (flat OCV)
     full_min_c: float = 0.1          # a full charge: charging at least this C-rate first ...
     full_taper_c: float = 0.05       # ... then tapered to at most this (CV at v_max)
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
-    full_min_s: float = 60.0         # ... for this long
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
-    offset_sd_c: float = 0.002       # residual current-offset sigma (C) when the SOC filter gives none
+    filter_offset: bool = True       # correct the current with the SOC filter's offset estimate
     min_report_sd: float = 0.03      # SOH history (RUL) only from estimates with a sigma below this
     ica: bool | None = None          # charging features; None: on for chemistries with OCV hysteresis (LFP)
     capacity: CapacityParams = field(default_factory=CapacityParams)
     features: IcaParams = field(default_factory=IcaParams)
+
+    @classmethod
+    def for_chemistry(cls, chemistry: str) -> HealthParams:
+        """Defaults with the chemistry's graphite diffusion time for the charging features."""
+        p = cls()
+        shift = GRAPHITE_SHIFT_S.get(get_chemistry(chemistry).name) if chemistry else None
+        if shift is not None:
+            p.capacity.tau_s, p.capacity.tau_sd_s = shift
+        if chemistry and get_chemistry(chemistry).hysteresis_gap_v > 0:   # flat cathode: the graphite sets the knee
+            p.graphite_frame_soc = 0.5
+        return p
+
+
+# Graphite R^2 / (15 D) of the reference cells [s] and its prior spread (capacity.py: the state tau):
+# A123-type LFP (Prada2013: R 5 um, D 3e-15 m^2/s) 555 s; LG M50 (Chen2020: R 5.86 um, D 3.3e-14) 69 s.
+GRAPHITE_SHIFT_S: dict[str, tuple[float, float]] = {"lfp": (555.0, 200.0), "nmc": (70.0, 40.0)}
 
 
 @dataclass
@@ -117,10 +134,12 @@ class HealthEstimator:
         """``ocv``: an ``OcvModel`` (the SOC filter's, with its field learning) or an ``OCVCurve``; None: no anchors."""
         self.n = n_cells
         self.q_design = float(design_capacity_ah)
-        self.p = params or HealthParams()
+        self.p = params or HealthParams.for_chemistry(chemistry)
         self.chem = get_chemistry(chemistry) if chemistry else None
         self.ocv = ocv
         self.hyst_v = 0.5 * self.chem.hysteresis_gap_v if self.chem else 0.0
+        self.hyst_rate = self.chem.hysteresis_rate if self.chem else 0.0
+        self.hyst = 0.0                     # one-state hysteresis: -1 discharge branch .. +1 charge branch
         self.cap = CapacityFilter(n_cells, self.q_design, self.p.capacity)
         self.cell_r0 = np.full(n_cells, np.nan)
         self.efc = float(efc0)
@@ -133,9 +152,7 @@ class HealthEstimator:
         use_ica = self.p.ica if self.p.ica is not None else bool(self.chem and self.chem.hysteresis_gap_v > 0)
         self.finder: FeatureFinder | None = None
         if use_ica and ocv is not None:
-            c = _curve(ocv)
-            self.finder = FeatureFinder(n_cells, self.q_design, reference_features(c.soc, c.ocv, self.p.features),
-                                        self.p.features)
+            self.finder = FeatureFinder(n_cells, self.q_design, _curve(ocv), self.p.features)
         self.v_top = float(_curve(ocv)(self.p.full_top_soc)) if ocv is not None else math.inf
         self._reset_session()
         self.t_sleep: float | None = None    # time of the last sample before a sleep (persisted)
@@ -145,24 +162,23 @@ class HealthEstimator:
         self._last: tuple[float, float, np.ndarray] | None = None
         self._i_avg = 0.0
         self._charged = False
-        self._full: tuple[float, float, np.ndarray, float] | None = None    # (t0, ah, v, current) in taper
+        self._tapered = False
+        self._full: tuple[float, np.ndarray, float] | None = None    # (ah, v, current) at the end of a taper
         self._rest_t0: float | None = None
         self._rest: tuple[float, np.ndarray, float] | None = None        # (ah, v, current) of an open rest
         self._ah_kf = self.ah
         self._awake_kf = 0.0
         self._asleep_kf = 0.0
-        self._offset_sd_a = self.p.offset_sd_c * self.q_design
 
     # -- per sample --------------------------------------------------------------
     def update(self, t: float, current: float, cell_v: np.ndarray, cell_soc: np.ndarray | None = None, *,
-               offset_a: float = 0.0, offset_sd_a: float | None = None) -> None:
+               offset_a: float = 0.0) -> None:
         """Every sample: Ah (offset-corrected), R0 steps, rests, full-charge ends, charging features."""
         v = np.asarray(cell_v, dtype=np.float64)
         if not math.isfinite(current) or not math.isfinite(t):
             return
-        i_corr = float(current) + (float(offset_a) if math.isfinite(offset_a) else 0.0)
-        if offset_sd_a is not None and math.isfinite(offset_sd_a):
-            self._offset_sd_a = float(offset_sd_a)
+        use = self.p.filter_offset and math.isfinite(offset_a)
+        i_corr = float(current) + (float(offset_a) if use else 0.0)
         soc = np.full(self.n, np.nan) if cell_soc is None else np.asarray(cell_soc, dtype=np.float64)
         dt = 0.0
         if self._last is None:
@@ -183,7 +199,9 @@ class HealthEstimator:
         self._track_rest(t, i_corr, v)
         self._track_full(t, i_corr, v)
         if self.finder is not None:
-            for ev in self.finder.update(dt, self.ah, i_corr, v, soc, self._expected_soc):
+            x = self.cap.x           # where each cell is on the graphite (z / G), from the anchors so far
+            s_g = (x[:, 0] + self.ah - self._ah_kf) / np.maximum(x[:, 2], 1e-6)
+            for ev in self.finder.update(dt, self.ah, i_corr, v, s_g):
                 self._feature(ev)
 
     def _wake(self, t: float, current: float, v: np.ndarray, soc: np.ndarray) -> None:
@@ -200,7 +218,11 @@ class HealthEstimator:
 
     def _integrate(self, dt: float, i0: float, i1: float) -> None:
         i_mean = 0.5 * (i0 + i1)
-        self.ah += i_mean * dt / 3600.0
+        dq = i_mean * dt / 3600.0
+        self.ah += dq
+        if self.hyst_rate > 0:
+            a = min(self.hyst_rate * abs(dq) / self.q_design, 1.0)
+            self.hyst += a * (math.copysign(1.0, dq) - self.hyst) if dq else 0.0
         self.efc += abs(i_mean) * dt / 3600.0 / (2 * self.q_design)
         self._awake_kf += dt
         self._i_avg += min(dt / 5.0, 1.0) * (i1 - self._i_avg)
@@ -233,77 +255,75 @@ class HealthEstimator:
             self._rest = (self.ah, v.copy(), current)
 
     def _track_full(self, t: float, current: float, v: np.ndarray) -> None:
+        """End of a CC-CV charge: at the top, the charger itself brought the current down to C/20.
+
+        A charge stopped early (AC target, DC fast charge ending in CV at 0.4 C) jumps
+        from its current to zero without passing through the taper band, so it is no
+        full charge even if the voltage touched the top.
+        """
         p = self.p
+        taper = p.full_taper_c * self.q_design
         if self._i_avg >= p.full_min_c * self.q_design:
             self._charged = True
         elif self._i_avg < -p.full_min_c * self.q_design:
-            self._charged = False
-        in_taper = (self._charged and 0.0 < self._i_avg <= p.full_taper_c * self.q_design
-                    and np.nanmax(v) >= self.v_top)
-        if in_taper:
-            t0 = self._full[0] if self._full is not None else t
-            self._full = (t0, self.ah, v.copy(), current)
+            self._charged = self._tapered = False
+        top = self._charged and np.nanmax(v) >= self.v_top
+        if top and 0.2 * taper <= current <= taper:
+            self._tapered = True
+        if top and self._tapered and -p.rest_max_c * self.q_design <= self._i_avg < p.full_min_c * self.q_design:
+            self._full = (self.ah, v.copy(), current)     # the latest: the CV tail and a pause after it count
+            self._rest_t0, self._rest = t, None           # ... as this one anchor, not as a rest too
             return
         self._commit_full()
 
     def _commit_full(self) -> None:
         full, self._full = self._full, None
-        if full is None or full[2].size == 0:
+        if full is None:
             return
-        t0, ah, v, current = full
-        if self._last is not None and self._last[0] - t0 >= self.p.full_min_s:
-            self._charged = False
-            self._rest_t0, self._rest = self._last[0], None     # the pause after it is the same anchor
-            self._soc_anchor("full", v, current, ah_at=ah)
+        ah, v, current = full
+        self._charged = self._tapered = False
+        self._soc_anchor("full", v, current, ah_at=ah)
 
     def _soc_anchor(self, kind: str, v: np.ndarray, current: float, ah_at: float | None = None) -> AnchorResult:
-        """SOC from the OCV at each cell's voltage (less R0 x I and the hysteresis branch) as an anchor."""
+        """SOC from the OCV at each cell's voltage (less R0 x I and the hysteresis branch) as an anchor.
+
+        Below ``graphite_frame_soc`` (LFP: the graphite knee) the rest's SOC on the
+        reference curve is a graphite position: it anchors z = s G, not z = s C.
+        """
         r0 = np.where(np.isfinite(self.cell_r0), self.cell_r0, 0.0)
-        branch = self.hyst_v * np.sign(current) if kind == "full" else 0.0
-        v_ocv = np.asarray(v, dtype=np.float64) - r0 * current - branch
-        c = _curve(self.ocv)
+        v_ocv = np.asarray(v, dtype=np.float64) - r0 * current - self.hyst * self.hyst_v
         soc = np.asarray(self.ocv.inverse(v_ocv), dtype=np.float64)
-        slope = np.maximum(np.asarray(c.slope(soc), dtype=np.float64), 1e-4)
-        hyst = 0.0 if kind == "full" else self.hyst_v
-        sd_v = math.sqrt(self.p.ocv_sd_v ** 2 + self.p.meas_sd_v ** 2 + hyst ** 2)
-        sd = sd_v / slope
-        if kind == "full":
-            sd = np.maximum(sd, self.p.full_sd)
+        slope = np.maximum(np.asarray(_curve(self.ocv).slope(soc), dtype=np.float64), 1e-4)
+        sd_v = math.sqrt(self.p.ocv_sd_v ** 2 + self.p.meas_sd_v ** 2 + (self.p.hyst_sd * self.hyst_v) ** 2)
+        sd = np.maximum(sd_v / slope, self.p.full_sd if kind == "full" else 0.0)
         flat = sd > self.p.max_soc_sd
+        ok = np.isfinite(soc) & ~flat
+        graphite = ok & (soc < self.p.graphite_frame_soc) & (kind != "full")
         self._predict()
-        if ah_at is not None:             # the anchor is a little in the past: move z back to it
-            res = self._update_at(ah_at, lambda: self.cap.update_soc(soc, sd, np.isfinite(soc) & ~flat))
-        else:
-            res = self.cap.update_soc(soc, sd, np.isfinite(soc) & ~flat)
+        back = 0.0 if ah_at is None else self.ah - ah_at
+        g = np.maximum(self.cap.x[:, 2], 0.3 * self.q_design)
+        res = self.cap.update_soc(soc, sd, ok & ~graphite, back, current) if (ok & ~graphite).any() else None
+        if graphite.any():
+            rg = self.cap.update_feature(soc, np.full(self.n, back), sd * g, graphite)
+            res = rg if res is None else AnchorResult(res.used | rg.used, res.rejected | rg.rejected,
+                                                      res.informative | rg.informative)
+        if res is None:
+            res = AnchorResult(*(np.zeros(self.n, dtype=bool),) * 3)
         self._count(kind, res, int(flat.sum()))
         return res
 
-    def _update_at(self, ah_at: float, update) -> AnchorResult:
-        back = self.ah - ah_at
-        self.cap.x[:, 0] -= back
-        res = update()
-        self.cap.x[:, 0] += back
-        return res
-
-    def _expected_soc(self, f) -> np.ndarray:
-        x = self.cap.x
-        return np.clip(f.soc * x[:, 2] / np.maximum(x[:, 1], 1e-6), 0.0, 1.0)
-
     def _feature(self, ev: FeatureEvent) -> None:
-        fp = self.p.features
         self._predict()
         g = np.maximum(self.cap.x[:, 2], 0.3 * self.q_design)
-        s_ref = ev.feature.soc - fp.shift_per_c * ev.rate_c
-        sd = g * math.hypot(fp.loc_sd, fp.shift_sd_per_c * ev.rate_c)
-        res = self.cap.update_feature(s_ref, self.ah - ev.ah, sd, ev.ok)
+        res = self.cap.update_feature(ev.feature.soc, self.ah - ev.ah, g * self.p.features.loc_sd, ev.ok,
+                                      ev.rate_c * self.q_design)
         self._count(f"feature@{ev.feature.soc:.2f}", res, int((~ev.ok).sum()))
 
     def _predict(self) -> None:
         """Bring the capacity filter to now: Ah since the last anchor with its offset uncertainty, sleep, fade."""
         dah = self.ah - self._ah_kf
-        ah_sd = self._offset_sd_a * self._awake_kf / 3600.0
         asleep = self._asleep_kf / 86400.0
-        self.cap.predict(dah, ah_sd, asleep, asleep + self._awake_kf / 86400.0)
+        self.cap.predict(dah, self._awake_kf / 3600.0, asleep, asleep + self._awake_kf / 86400.0)
         self._ah_kf, self._awake_kf, self._asleep_kf = self.ah, 0.0, 0.0
 
     def _count(self, kind: str, res: AnchorResult, flat: int) -> None:
@@ -320,7 +340,7 @@ class HealthEstimator:
     def end_session(self) -> None:
         """The session ends (sleep, power off): close an open charge segment, a full-charge taper, a rest."""
         if self.finder is not None:
-            for ev in self.finder.close(self._expected_soc):
+            for ev in self.finder.close():
                 self._feature(ev)
         self._commit_full()
         if self._rest is not None:
@@ -379,7 +399,7 @@ class HealthEstimator:
         return {"version": STATE_VERSION, "n": self.n, "design_capacity_ah": self.q_design,
                 "capacity": self.cap.state(), "cell_r0": [None if not math.isfinite(r) else float(r)
                                                           for r in self.cell_r0],
-                "efc": self.efc, "history": [[float(e), float(s)] for e, s in self.history[-500:]],
+                "efc": self.efc, "hyst": self.hyst, "history": [[float(e), float(s)] for e, s in self.history[-500:]],
                 "t_sleep": self.t_sleep, "q_updates": self.q_updates, "r0_updates": self.r0_updates,
                 "counts": self.counts, "features": self.finder.state() if self.finder is not None else {}}
 
@@ -402,6 +422,7 @@ class HealthEstimator:
         if why:
             return why
         self.cell_r0, self.history, self.efc, self.t_sleep = r0, history, efc, t_sleep
+        self.hyst = float(np.clip(float(d.get("hyst", 0.0)), -1.0, 1.0))
         self.q_updates = int(d.get("q_updates", 0))
         self.r0_updates = int(d.get("r0_updates", 0))
         self.counts = {str(k): [int(x) for x in v] for k, v in dict(d.get("counts", {})).items()}

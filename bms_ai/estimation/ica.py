@@ -18,17 +18,26 @@ Energy Res. 10 (2022) 1023555):
 - the binned voltage is smoothed and differentiated with a Savitzky-Golay
   filter (local quadratic regression over ``window_c`` of charge);
 - the reference features are the dV/dSOC peaks of the cell type's OCV curve;
-  a measured peak is matched to a reference feature near the SOC where the
-  current estimate expects it and located to sub-bin precision by a parabola
-  through its three highest bins;
-- a segment whose voltage is too noisy for its peaks (prominence below
-  ``min_prominence`` of the reference peak) gives no feature; the start of a
-  segment (charge-transfer and hysteresis transients) is skipped.
+  each is located in the measured curve by template matching: the reference
+  OCV, sampled at the segment's own bins and shifted, goes through the same
+  Savitzky-Golay derivative, so smoothing distorts template and measurement
+  alike (a plain peak pick on the smoothed curve is biased by the peak's
+  asymmetry); gain and offset of the template are free (overpotential, a
+  scale error of the expected position), the shift with the least squared
+  error wins, refined by a parabola through its neighbours;
+- a segment whose curve does not look like the reference around the feature
+  (R^2 below ``min_r2``, gain outside ``gain_range``, best shift at the edge of
+  the search) gives no feature; the start of a segment (charge-transfer and
+  hysteresis transients) is skipped.
 
-Under current the graphite surface leads its average, so a peak appears a
-little early on charge; the shift grows with the C-rate and falls with
-temperature. ``shift_per_c`` removes the mean of it and its spread goes into
-the feature's sigma.
+Under current the graphite surface leads its average, so a peak appears early
+on charge by the charge passed in the particle's diffusion time: for a sphere
+at steady flux the surface runs ahead of the average by R^2 / (15 D) times the
+stoichiometry rate, i.e. the feature shows ``current x shift_s`` (Ah) early,
+with shift_s = R^2 / (15 D) of the graphite (about 550 s for the A123-type
+cell: 5 um particles, D = 3e-15 m^2/s; measured 0.030-0.053 of SOC at
+0.22-0.26 C on aged PyBaMM cells, where this predicts 0.030-0.040). The
+capacity filter carries that time per cell as a state (``capacity.TAU``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.signal import find_peaks, savgol_filter
+
+from bms_ai.chemistry.ocv import OCVCurve
 
 
 @dataclass
@@ -49,11 +60,12 @@ class IcaParams:
     bin_c: float = 0.0025           # charge per bin (fraction of design capacity)
     settle_c: float = 0.03          # charge skipped after a segment starts (transients, hysteresis)
     window_c: float = 0.04          # Savitzky-Golay window (fraction of design capacity)
-    min_prominence: float = 0.3     # measured peak prominence >= this x the reference peak's
-    match_soc: float = 0.15         # a measured peak within this SOC of where it is expected
-    loc_sd: float = 0.01            # location sigma of a peak (reference SOC units)
-    shift_per_c: float = 0.0        # mean early shift of a peak per C of charging (reference SOC units)
-    shift_sd_per_c: float = 0.1     # spread of that shift per C
+    match_soc: float = 0.12         # search a feature this far (SOC) either side of where it is expected
+    fit_half_soc: float = 0.06      # template fit over this SOC either side of the feature
+    step_soc: float = 0.0005        # shift grid of the search
+    min_r2: float = 0.7             # template fit quality to accept a feature
+    gain_range: tuple[float, float] = (0.4, 2.5)   # template gain accepted (dV/dQ scale vs the reference)
+    loc_sd: float = 0.006           # location sigma of a feature (reference SOC units)
     min_feature_prominence: float = 0.05   # reference dV/dSOC peaks smaller than this (V) are not used
     soc_range: tuple[float, float] = (0.15, 0.92)   # reference features outside this SOC are not used
 
@@ -75,7 +87,7 @@ class FeatureEvent:
     ah: np.ndarray                  # (n,) Ah counter at the feature (NaN where not found)
     ok: np.ndarray                  # (n,) found and accepted
     rate_c: float                   # mean charging C-rate of the segment
-    prominence: np.ndarray          # (n,) measured prominence [V per unit SOC of design]
+    r2: np.ndarray                  # (n,) template fit quality
 
 
 def reference_features(soc: np.ndarray, ocv: np.ndarray, params: IcaParams | None = None) -> list[RefFeature]:
@@ -104,35 +116,34 @@ class _Segment:
 class FeatureFinder:
     """Collects steady charging segments sample by sample; returns the features of each closed segment."""
 
-    def __init__(self, n_cells: int, design_capacity_ah: float, features: list[RefFeature],
+    def __init__(self, n_cells: int, design_capacity_ah: float, reference: OCVCurve,
                  params: IcaParams | None = None) -> None:
+        """``reference``: the cell type's OCV curve (its dV/dSOC peaks are the features looked for)."""
         self.n = int(n_cells)
         self.design = float(design_capacity_ah)
-        self.features = list(features)
         self.p = params or IcaParams()
+        self.ref = reference
+        self.features = reference_features(reference.soc, reference.ocv, self.p)
         self.seg: _Segment | None = None
         self._i_avg = 0.0
         self.segments = 0
         self.rejected = 0
 
-    def update(self, dt: float, ah: float, current: float, v: np.ndarray, soc: np.ndarray,
-               expected_soc) -> list[FeatureEvent]:
-        """One sample (``ah`` = Ah counter, ``current`` offset-corrected, + = charge).
-
-        ``expected_soc(feature)`` gives the (n,) SOC at which each cell should show it.
-        """
+    def update(self, dt: float, ah: float, current: float, v: np.ndarray, soc: np.ndarray) -> list[FeatureEvent]:
+        """One sample: ``ah`` the Ah counter, ``current`` offset-corrected (+ = charge), ``soc`` (n,) where
+        each cell is on the reference curve (its expected position; features are searched around it)."""
         p = self.p
         self._i_avg += min(max(dt, 0.0) / 5.0, 1.0) * (current - self._i_avg)
         rate = self._i_avg / self.design
         steady = p.min_rate_c <= rate <= p.max_rate_c
         seg = self.seg
         if seg is not None and (not steady or abs(self._i_avg - seg.current) > p.steady_tol * seg.current):
-            return self.close(expected_soc)
+            return self.close()
         if seg is None:
             if steady and abs(current - self._i_avg) <= p.steady_tol * self._i_avg:
                 self.seg = _Segment(float(self._i_avg), float(ah))
             return []
-        if not np.isfinite(v).all():
+        if not (np.isfinite(v).all() and np.isfinite(soc).all()):
             return []
         b = int((ah - seg.ah0) / (p.bin_c * self.design))
         if b < 0:
@@ -148,7 +159,7 @@ class FeatureFinder:
         seg.n_i += 1
         return []
 
-    def close(self, expected_soc) -> list[FeatureEvent]:
+    def close(self) -> list[FeatureEvent]:
         """End the open segment (charge stopped, current changed, session end); its features."""
         seg, self.seg = self.seg, None
         if seg is None:
@@ -160,42 +171,61 @@ class FeatureFinder:
         w = max(5, int(round(p.window_c / p.bin_c)) | 1)
         if len(cnt) - skip < 2 * w or seg.n_i == 0:
             return []
-        full = cnt > 0
+        full = cnt[skip:] > 0
         v = np.stack(seg.sum_v)[skip:] / np.maximum(cnt[skip:], 1)[:, None]
         s = np.stack(seg.sum_s)[skip:] / np.maximum(cnt[skip:], 1)[:, None]
-        full = full[skip:]
         if not full.all():          # a missing bin (data gap): fill by interpolation in charge
             k = np.arange(len(full))
             v = np.column_stack([np.interp(k, k[full], v[full, c]) for c in range(self.n)])
             s = np.column_stack([np.interp(k, k[full], s[full, c]) for c in range(self.n)])
-        bin_ah = p.bin_c * self.design
         dvdq = savgol_filter(v, w, 2, deriv=1, delta=p.bin_c, axis=0)   # V per unit SOC of design
-        ah_bins = seg.ah0 + (np.arange(len(v)) + skip + 0.5) * bin_ah
+        ah_bins = seg.ah0 + (np.arange(len(v)) + skip + 0.5) * p.bin_c * self.design
         rate = seg.sum_i / seg.n_i / self.design
-        return [ev for f in self.features if (ev := self._find(f, dvdq, s, ah_bins, w, rate, expected_soc)).ok.any()]
+        events = []
+        for f in self.features:
+            found = [self._locate(f, dvdq[:, c], s[:, c], w) for c in range(self.n)]
+            pos = np.array([x[0] for x in found])
+            ok = np.isfinite(pos)
+            self.rejected += int(self.n - ok.sum())
+            if ok.any():
+                ah = np.array([np.interp(x, s[:, c], ah_bins) if np.isfinite(x) else np.nan
+                               for c, x in enumerate(pos)])
+                events.append(FeatureEvent(f, ah, ok, rate, np.array([x[1] for x in found])))
+        return events
 
-    def _find(self, f: RefFeature, dvdq: np.ndarray, s: np.ndarray, ah_bins: np.ndarray, w: int, rate: float,
-              expected_soc) -> FeatureEvent:
+    def _locate(self, f: RefFeature, y: np.ndarray, sb: np.ndarray, w: int) -> tuple[float, float]:
+        """Where (reference SOC in the bins' frame) the measured dV/dQ ``y`` matches the feature; (NaN, r2) if not."""
         p = self.p
-        exp = np.asarray(expected_soc(f), dtype=np.float64)
-        ah = np.full(self.n, np.nan)
-        prom = np.zeros(self.n)
         half = w // 2
-        for c in range(self.n):
-            idx, props = find_peaks(dvdq[:, c], prominence=p.min_prominence * f.prominence)
-            keep = (idx >= half) & (idx < len(dvdq) - half) & (np.abs(s[idx, c] - exp[c]) <= p.match_soc)
-            if not keep.any():
-                continue
-            j = int(np.argmin(np.where(keep, np.abs(s[idx, c] - exp[c]), np.inf)))
-            k = int(idx[j])
-            y0, y1, y2 = dvdq[k - 1, c], dvdq[k, c], dvdq[k + 1, c]
-            den = y0 - 2.0 * y1 + y2
-            frac = float(np.clip(0.5 * (y0 - y2) / den, -0.5, 0.5)) if den < 0 else 0.0
-            ah[c] = ah_bins[k] + frac * (ah_bins[1] - ah_bins[0])
-            prom[c] = props["prominences"][j]
-        ok = np.isfinite(ah)
-        self.rejected += int(self.n - ok.sum())
-        return FeatureEvent(f, ah, ok, rate, prom)
+        deltas = np.arange(-p.match_soc, p.match_soc + 0.5 * p.step_soc, p.step_soc)
+        tpl = savgol_filter(self.ref(sb[None, :] - deltas[:, None]), w, 2, deriv=1, delta=p.bin_c, axis=1)
+        inner = np.zeros(len(sb), dtype=bool)
+        inner[half:len(sb) - half] = True
+        win = inner[None, :] & (np.abs(sb[None, :] - (f.soc + deltas[:, None])) <= p.fit_half_soc)
+        need = 0.8 * 2.0 * p.fit_half_soc / max(float(np.median(np.diff(sb))), 1e-6)
+        n = win.sum(axis=1).astype(np.float64)
+        wt = win.astype(np.float64)
+        sx, sy = (wt * tpl).sum(1), (wt * y).sum(1)
+        sxx, sxy, syy = (wt * tpl * tpl).sum(1), (wt * tpl * y).sum(1), (wt * y * y).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vx, vy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+            gain = cxy / vx
+            sse = vy - gain * cxy
+            r2 = 1.0 - sse / vy
+        lo, hi = p.gain_range
+        good = (n >= need) & (gain >= lo) & (gain <= hi) & np.isfinite(sse)
+        if not good.any():
+            return np.nan, 0.0
+        cost = np.where(good, sse / np.maximum(n, 1.0), np.inf)
+        k = int(np.argmin(cost))
+        if k == 0 or k == len(deltas) - 1 or not (np.isfinite(cost[k - 1]) and np.isfinite(cost[k + 1])):
+            return np.nan, float(r2[k])
+        if r2[k] < p.min_r2:
+            return np.nan, float(r2[k])
+        c0, c1, c2 = cost[k - 1], cost[k], cost[k + 1]
+        den = c0 - 2.0 * c1 + c2
+        frac = float(np.clip(0.5 * (c0 - c2) / den, -0.5, 0.5)) if den > 0 else 0.0
+        return float(f.soc + deltas[k] + frac * p.step_soc), float(r2[k])
 
     def state(self) -> dict:
         """Counters only: an open segment does not survive a power cycle (it is closed at the session end)."""

@@ -30,7 +30,7 @@ import numpy as np
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.core.levels import OK, WARN
 from bms_ai.estimation import status
-from bms_ai.estimation.filter import CAP, OFFSET
+from bms_ai.estimation.filter import CAP
 from bms_ai.estimation.health import HealthEstimator, HealthOutput
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
@@ -180,9 +180,7 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         out = self.soc_est.step(t, current, cell_v, cell_t)
-        f = self.soc_est.filter
-        self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a,
-                           offset_sd_a=math.sqrt(max(f.P[OFFSET, OFFSET], 0.0)) * self.capacity_ah)
+        self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
         if self.health.q_updates != self._cap_fed:
             self._feed_capacity()
         if t - self._t_health >= self.health_period:
