@@ -30,7 +30,8 @@ import numpy as np
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.core.levels import OK, WARN
 from bms_ai.estimation import status
-from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from bms_ai.estimation.filter import CAP
+from bms_ai.estimation.health import HealthEstimator, HealthOutput
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
 from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
@@ -71,8 +72,8 @@ class PackEstimator:
                  rest_capacity: bool = True, ocv: OcvModel | None = None) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
-        ``rest_capacity`` False keeps the capacity estimate on the SOC-regression
-        method even where the chemistry allows rests (the evaluation reports it so).
+        ``rest_capacity`` False turns the capacity anchors off (SOH stays at the
+        design value; R0 is still estimated).
         """
         self.chemistry = get_chemistry(chemistry).name
         self.capacity_ah = float(capacity_ah)
@@ -140,8 +141,10 @@ class PackEstimator:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
                                     ocv=self.ocv, soc0=self.initial_soc, model_reason=reason)
-        ocv = rest_ocv(self.chemistry) if self.rest_capacity else None
-        self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul)
+        ocv = self.soc_est.ocv if self.rest_capacity else None
+        self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,
+                                      chemistry=self.chemistry)
+        self._cap_fed = -1
 
     def _admit(self, t: float, current: float, cell_v: np.ndarray, n_temps: int) -> str:
         """Why the sample cannot be used ("" if it can); (re)creates the filters for a new cell count."""
@@ -158,6 +161,10 @@ class PackEstimator:
                 self.state_note = self.soc_est.restore(self._pending_state.get("soc", {}), t) or "restored"
                 if self.state_note != "restored":  # unusable: a fresh estimator (cold start)
                     self._create(cell_v.size, n_temps)
+                stored_health = self._pending_state.get("health")
+                why = self.health.restore(stored_health) if stored_health else ""   # SOH survives a SOC cold start
+                if why:
+                    self.state_note += f"; {why}"
                 self._pending_state = None
         if self.last is not None and t <= self.last.stamp:
             return f"stamp {t:.3f} not after {self.last.stamp:.3f}"
@@ -174,10 +181,11 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         out = self.soc_est.step(t, current, cell_v, cell_t)
-        self.health.update(t, current, cell_v, out.cell_soc)
+        self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
+        if self.health.q_updates != self._cap_fed:
+            self._feed_capacity()
         if t - self._t_health >= self.health_period:
             self._t_health = t
-            self.health.estimate_capacity()
             self.last_health = self.health.output()
         self.cycle_last_s = time.perf_counter() - t0
         self.cycle_max_s = max(self.cycle_max_s, self.cycle_last_s)
@@ -187,6 +195,20 @@ class PackEstimator:
         return PackStep(out, h.capacity_ah if h is not None else self.capacity_ah, self.capacity_ah,
                         status.soh_verdict(h.soh if h is not None else 1.0).health)
 
+    def _feed_capacity(self) -> None:
+        """A new capacity estimate: per-cell factors and, where it is surer than the filter, the pack factor."""
+        self._cap_fed = self.health.q_updates
+        if not self.health.q_updates:
+            return
+        cells, mean, var = self.health.capacity_factors()
+        f = self.soc_est.filter
+        f.set_cell_capacity(cells)
+        if var < f.P[CAP, CAP]:       # the SOH estimator owns the capacity: the filter takes its value
+            f.x[CAP] = mean
+            f.P[CAP, :] = 0.0
+            f.P[:, CAP] = 0.0
+            f.P[CAP, CAP] = var
+
     # -- persistence ---------------------------------------------------------------
     def save_state(self) -> bytes:
         """What the next power cycle continues from (files: ``estimation.state.write_state(path, state_payload())``)."""
@@ -195,7 +217,8 @@ class PackEstimator:
     def state_payload(self) -> dict:
         """``save_state`` before encoding (for ``write_state``)."""
         return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
-                "soc": self.soc_est.state() if self.soc_est is not None else {}}
+                "soc": self.soc_est.state() if self.soc_est is not None else {},
+                "health": self.health.state() if self.health is not None else {}}
 
     def restore_state(self, blob: bytes | dict | None) -> str:
         """Continue from ``save_state`` output at the next accepted sample; '' or why it is not used."""
