@@ -76,7 +76,7 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
     assert last.power_supply_health == BatteryState.POWER_SUPPLY_HEALTH_GOOD
     soc_kv = diag_values(diags, "bms_ai: soc")
     assert soc_kv["method"] == "learned", soc_kv
-    assert soc_kv["model"].startswith("soc_cell_nmc@")
+    assert soc_kv["model"].startswith("soc_eta_nmc@")
     assert 0 < float(soc_kv["soc_sigma"]) < 0.05
     assert float(soc_kv["inference_ms"]) > 0
     assert diag_levels(diags, "bms_ai: soc")[-1] == 0
@@ -88,7 +88,7 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
 def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, root: Path, tmp_path: Path) -> None:
     mdir = tmp_path / "models"
     shutil.copytree(root / "models", mdir)
-    for f in mdir.glob("soc_cell_nmc_v*.onnx"):
+    for f in mdir.glob("soc_eta_nmc_v*.onnx"):
         data = bytearray(f.read_bytes())
         data[-3] ^= 0xFF
         f.write_bytes(bytes(data))

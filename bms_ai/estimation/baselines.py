@@ -398,7 +398,12 @@ class ShippedEstimator(Method):
         self.methods: dict[str, int] = {}
 
     def _new(self, initial_soc: np.ndarray | None):
-        kw = {"ocv": self.pack.ocv} if self.takes_ocv and self.pack.ocv_source != "chemistry" else {}
+        kw = {}
+        if self.takes_ocv and self.pack.ocv_source != "chemistry":
+            from bms_ai.estimation.ocvmodel import OcvModel
+
+            # a datasheet curve of the user's cell: known to the sensor's accuracy, not the family band
+            kw = {"ocv": OcvModel.from_curve(self.pack.ocv, 0.003, self.pack.ocv_source)}
         return self._cls(self.pack.chemistry, self.pack.capacity_ah, self.models, initial_soc=initial_soc,
                          rul=self.rul, **kw)
 

@@ -94,14 +94,18 @@ def load_drive(path: str | Path) -> RecordedDrive:
 
 
 def find_drives(paths: list[str | Path]) -> list[Path]:
-    """Expand directories of drives; a path that is itself a drive is kept."""
+    """Expand directories of drives; a path that is itself a drive is kept.
+
+    ``*.tmp`` directories are drives still being written (a suite generator renames them when
+    done) and are skipped, so a suite can be read while it grows.
+    """
     out: list[Path] = []
     for p in map(Path, paths):
         if (p / "drive.npz").exists() or (p / "truth.parquet").exists():
             out.append(p)
         elif p.is_dir():
-            out.extend(sorted(q.parent for q in p.rglob("drive.npz")))
-            out.extend(sorted(q.parent for q in p.rglob("truth.parquet")))
+            for marker in ("drive.npz", "truth.parquet"):
+                out.extend(sorted(q.parent for q in p.rglob(marker) if not q.parent.name.endswith(".tmp")))
         else:
             raise FileNotFoundError(f"{p}: not a drive or directory of drives")
     return out
