@@ -55,7 +55,14 @@ class FilterParams:
     tau_fast: float = 20.0          # correlation time of the fast model error [s]
     k_cell: float = 0.5             # share of the slow model error that differs between cells
     k_cell_fast: float = 0.3        # share of the fast model error that differs between cells
-    ocv_corr_soc: float = 0.1       # SOC distance over which the OCV-curve error decorrelates
+    # Floors on the model error's correlation times. The trainer measures them on validation rows of
+    # variants it trained on (seconds for the fast part); on cells the model has not seen the error
+    # stays correlated for many minutes, and a filter that believes seconds takes every minute of a
+    # biased voltage as new evidence (LFP validation drives: 7.6 % RMSE vs 3.1 % for Coulomb
+    # counting with the trainer's 3 s; 2.5 % with these floors).
+    tau_fast_min: float = 600.0
+    tau_model_min: float = 14400.0
+    ocv_corr_soc: float = 0.5       # SOC distance over which the OCV-curve error decorrelates
     r_sensor: float = 1.5e-3 ** 2   # cell voltage sensor noise [V^2]
     gate_nis: float = 30.0          # mean normalised innovation^2 beyond which the state is inconsistent
     gate_tau: float = 20.0          # averaging time of that mean [s]

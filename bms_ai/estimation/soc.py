@@ -100,7 +100,8 @@ class SocEstimator:
         self.model_reason = "" if model is not None else (reason or "no model loaded")
         err = (self.learned or self.ecm).error
         p = self.filter.params
-        p.tau_model, p.tau_fast, p.k_cell, p.k_cell_fast = err.tau_model, err.tau_fast, err.k_cell, err.k_cell_fast
+        p.tau_model, p.tau_fast = max(err.tau_model, p.tau_model_min), max(err.tau_fast, p.tau_fast_min)
+        p.k_cell, p.k_cell_fast = err.k_cell, err.k_cell_fast
 
     # -- one step --------------------------------------------------------------
     def _eta(self, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
