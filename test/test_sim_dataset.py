@@ -44,3 +44,23 @@ def test_bundled_v1_drive_loads() -> None:
     assert d.session is None and d.session_ids().shape == d.t.shape
     assert json.loads((DATA / "selftest_nmc" / "meta.json").read_text())["chemistry"] == d.chemistry
     assert find_drives([DATA]) == [DATA / "selftest_lfp", DATA / "selftest_nmc"]
+
+
+def test_resampling_keeps_the_charge_and_the_session_starts() -> None:
+    from bms_ai.sim.dataset import RecordedDrive, resample_drive
+
+    t = np.r_[np.arange(0, 100, 0.1), np.arange(500, 560, 0.1)]
+    ses = np.r_[np.zeros(1000, np.int32), np.ones(600, np.int32)]
+    cur = np.sin(t) * 10 + 3
+    d = RecordedDrive("r", "nmc", 50.0, t, cur, np.ones((len(t), 2)) * 3.7, np.ones((len(t), 1)) * 25,
+                      np.ones((len(t), 2)) * 0.5, session=ses)
+    r = resample_drive(d, 1.0)
+    assert r.meta["resampled_hz"] == 1.0 and set(np.flatnonzero(np.diff(r.session)) + 1) <= set(range(len(r.t)))
+    for k in (0, 1):
+        a, b = d.session == k, r.session == k
+        assert r.t[b][0] == d.t[a][0]                                     # each session starts at its first sample
+        # charge: sum(I dt) of the resampled windows equals the original's (rectangle rule on both)
+        q0 = np.sum(d.current[a][1:] * np.diff(d.t[a]))
+        q1 = np.sum(r.current[b][1:] * np.diff(r.t[b]))
+        assert abs(q1 - q0) < 0.02 * np.sum(np.abs(d.current[a][1:]) * np.diff(d.t[a]))
+    assert resample_drive(d, 10.0) is d and resample_drive(d, 0.0) is d

@@ -56,6 +56,7 @@ class EvalSetup:
 
     model_dir: Path | None = None            # None: no models (the shipped estimator runs its fallback)
     ecm: dict[str, EcmTable] = field(default_factory=dict)    # chemistry -> identified table
+    rate_hz: float = 0.0                     # every method sees the drive resampled to this rate (0: as recorded)
 
     def ecm_for(self, chemistry: str) -> EcmTable:
         """The identified table, else the chemistry default (labelled as not identified)."""

@@ -46,7 +46,7 @@ from bms_ai.estimation.baselines import METHODS, EvalSetup, Method, PackInfo
 from bms_ai.estimation.ekf import EcmTable
 from bms_ai.estimation.pack import PackEstimator, open_models
 from bms_ai.models.runtime import ModelRegistry, default_model_dir
-from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive
+from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive, resample_drive
 
 PROTOCOL_VERSION = 2
 LEARNED = ("shipped", "shipped_fallback")     # the shipped estimator's names (with / without its model)
@@ -452,7 +452,7 @@ def pack_info(d: RecordedDrive, ocv_source: str) -> PackInfo:
 def evaluate_drive(path: str | Path, variants: list[Variant], setup: EvalSetup, names: list[MethodSpec],
                    ocv_source: str = "chemistry") -> list[RunResult]:
     """Every condition of one drive (loaded once), every method; the unit of parallel work."""
-    d = load_drive(path)
+    d = resample_drive(load_drive(path), setup.rate_hz)
     pack = pack_info(d, ocv_source)
     m = marks(d)
     truth_cap, cap_source = soh_truth(d)
@@ -729,7 +729,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 def protocol(setup: EvalSetup, names: list[str], variants: list[Variant], ocv_source: str, model_dir) -> dict:
     """Everything needed to reproduce the numbers: methods, conditions, score cases, model and ECM sources."""
     return {"version": PROTOCOL_VERSION, "methods": [n if isinstance(n, str) else n.__name__ for n in names],
-            "ocv": ocv_source,
+            "ocv": ocv_source, "rate_hz": setup.rate_hz or "as recorded",
             "models": str(model_dir) if model_dir is not None else None,
             "variants": [asdict(v) for v in variants],
             "score_cases": [{"name": c.name, "weight": c.weight, "mcmaster": c.mcmaster, "runs": c.description,
@@ -910,6 +910,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="", help=f"comma list (default all: {', '.join(METHODS.names())})")
     p.add_argument("--variants", default="all", help="comma list of conditions, 'all' or 'base' "
                    f"(known: {', '.join(v.name for v in VARIANTS)})")
+    p.add_argument("--rate-hz", type=float, default=0.0,
+                   help="resample every drive to this rate before any method sees it (0: as recorded; the "
+                        "current is window-averaged, so Coulomb counting keeps the charge)")
     p.add_argument("--ocv", choices=("chemistry", "datasheet"), default="chemistry",
                    help="OCV table given to every method: the chemistry default or the drive's datasheet curve")
     p.add_argument("--ecm", default="", help="EKF ECM tables (JSON: chemistry -> table, as written into the report)")
@@ -944,7 +947,7 @@ def run(args: argparse.Namespace) -> int:
         if models is not None:
             models.poll()
         chems = sorted({drive_head(p).chemistry for p in paths})
-        setup = EvalSetup(model_dir=model_dir)
+        setup = EvalSetup(model_dir=model_dir, rate_hz=args.rate_hz)
         setup.ecm = resolve_ecm(chems, Path(args.ecm) if args.ecm else None, args.fit_drives, args.tune_drives, models)
         names = [s.strip() for s in args.methods.split(",") if s.strip()] or None
         variants = _choose_variants(args.variants)

@@ -15,7 +15,7 @@ Two sources, one ``RecordedDrive`` record:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,36 @@ class RecordedDrive:
         if self.session is None:
             return np.zeros(len(self.t), dtype=np.int32)
         return np.asarray(self.session, dtype=np.int32)
+
+
+def resample_drive(d: RecordedDrive, rate_hz: float) -> RecordedDrive:
+    """The drive as a BMS sampling at ``rate_hz`` would see it (no change if it is already that slow).
+
+    Every k-th sample of each session is kept; the current is the mean over the k samples it
+    stands for (a coulomb counter integrates, it does not sample), so Coulomb counting of the
+    resampled drive keeps the charge of the original. Voltages, temperatures and truth are the
+    kept samples'. Windows never cross a session boundary.
+    """
+    if not rate_hz > 0 or len(d.t) < 2:
+        return d
+    k = int(round(1.0 / (rate_hz * float(np.median(np.diff(d.t))))))
+    if k <= 1:
+        return d
+    ses = d.session_ids()
+    starts = np.flatnonzero(np.r_[True, ses[1:] != ses[:-1]])
+    ends = np.r_[starts[1:], len(ses)]
+    keep = np.concatenate([np.arange(a + k - 1, b, k) if b - a >= k else np.array([b - 1]) for a, b in zip(starts, ends)])
+    keep = np.union1d(keep, starts)          # the first sample of every session: its start values
+
+    def window_mean(x: np.ndarray) -> np.ndarray:
+        c = np.r_[0.0, np.cumsum(x)]
+        lo = np.maximum(keep - k + 1, starts[np.searchsorted(starts, keep, side="right") - 1])
+        return (c[keep + 1] - c[lo]) / (keep + 1 - lo)
+
+    return replace(d, t=d.t[keep], current=window_mean(d.current), cell_v=d.cell_v[keep], cell_t=d.cell_t[keep],
+                   soc=d.soc[keep], session=None if d.session is None else d.session[keep],
+                   current_true=None if d.current_true is None else window_mean(d.current_true),
+                   meta={**d.meta, "resampled_hz": rate_hz})
 
 
 # Optional v2 arrays: name -> dtype on disk. A drive without them loads with None (session: one session).
