@@ -38,6 +38,7 @@ _SPLIT_SEED = {"train": 11, "val": 12, "eval": 13}
 _CHEM_INDEX = {"nmc": 0, "lfp": 1}
 N_CELLS = 3
 TRAIN_HOURS, EVAL_HOURS, LIFE_DAYS = 1.5, 1.0, 3
+RETRIES, RETRY_SEED_STEP = 3, 7919
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,10 @@ def _work(job: tuple[str, dict, list[str], str]) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
     from bms_ai.sim.dataset import save_npz
-    from bms_ai.sim.life import simulate
 
     t0 = time.perf_counter()
     try:
-        drive = simulate(LifeConfig.from_json(cfg_json), name=name, classes=tuple(classes))
+        drive = _simulate_with_retries(LifeConfig.from_json(cfg_json), name, tuple(classes))
         out, tmp = Path(out_dir), Path(out_dir + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_npz(tmp, drive)
@@ -182,6 +182,31 @@ def _work(job: tuple[str, dict, list[str], str]) -> dict:
     return {"name": name, "wall_s": time.perf_counter() - t0, "cpu_s": m["timing"]["cpu_s"], "awake_h": m["timing"]["awake_h"],
             "days": m["timing"]["simulated_days"], "n_cells": drive.n_cells,
             "truth_pct": max(c["max_abs_soc_vs_cc_pct"] for c in m["checks"].values())}
+
+
+def _simulate_with_retries(cfg: LifeConfig, name: str, classes: tuple[str, ...]):
+    """``simulate``; a solver failure is retried with the next seeds of the drive (same recipe, other draw).
+
+    PyBaMM stops a follower cell that the controller cell's limits do not protect (an
+    overcharge event) or fails to bracket a root at extreme draws; a suite keeps its
+    composition by drawing again. The drive records the attempts and keeps the spec's hash,
+    so the same command still reproduces and resumes the same suite.
+    """
+    from dataclasses import replace as dc_replace
+
+    from bms_ai.sim.life import simulate
+
+    errors = []
+    for attempt in range(RETRIES + 1):
+        seed = cfg.seed + RETRY_SEED_STEP * attempt
+        try:
+            drive = simulate(dc_replace(cfg, seed=seed), name=name, classes=classes)
+        except Exception as exc:  # noqa: BLE001 - solver failures have many types
+            errors.append(f"seed {seed}: {type(exc).__name__}: {exc}")
+            continue
+        drive.meta.update(config_hash=cfg.config_hash(), attempts={"seed": seed, "failed": errors})
+        return drive
+    raise RuntimeError("; ".join(errors))
 
 
 def _manifest(out: Path, header: dict, specs: list[DriveSpec], summary: dict | None) -> None:
