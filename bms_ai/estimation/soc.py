@@ -73,7 +73,7 @@ class SocEstimator:
     def __init__(self, n_cells: int, n_temps: int, chemistry: str, capacity_ah: float,
                  model: LoadedModel | None = None, ocv: OcvModel | None = None,
                  ecm: EcmParams | None = None, params: FilterParams | None = None,
-                 soc0: float | np.ndarray | None = None, sigma0_given: float = 0.03,
+                 soc0: float | np.ndarray | None = None, sigma0_given: float = 0.01,
                  model_reason: str = "no model loaded") -> None:
         chem = get_chemistry(chemistry)
         self.n = n_cells
