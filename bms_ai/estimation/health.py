@@ -161,6 +161,7 @@ class HealthEstimator:
     def _reset_session(self) -> None:
         self._last: tuple[float, float, np.ndarray] | None = None
         self._i_avg = 0.0
+        self._v_avg: np.ndarray | None = None      # cell voltages averaged like _i_avg (anchors: less noise)
         self._charged = False
         self._tapered = False
         self._full: tuple[float, np.ndarray, float] | None = None    # (ah, v, current) at the end of a taper
@@ -196,6 +197,7 @@ class HealthEstimator:
         self._last = (t, i_corr, v)
         if self.ocv is None:
             return
+        self._average_v(dt, v)
         self._track_rest(t, i_corr, v)
         self._track_full(t, i_corr, v)
         if self.finder is not None:
@@ -227,6 +229,12 @@ class HealthEstimator:
         self._awake_kf += dt
         self._i_avg += min(dt / 5.0, 1.0) * (i1 - self._i_avg)
 
+    def _average_v(self, dt: float, v: np.ndarray) -> None:
+        if self._v_avg is None or dt <= 0 or not np.isfinite(self._v_avg).all():
+            self._v_avg = v.copy()
+        else:
+            self._v_avg += min(dt / 5.0, 1.0) * (v - self._v_avg)
+
     def _r0_step(self, dt: float, i0: float, i1: float, v0: np.ndarray, v1: np.ndarray) -> None:
         di = i1 - i0
         if abs(di) < self.p.step_min_c * self.q_design or dt > 0.25:
@@ -251,8 +259,9 @@ class HealthEstimator:
             return
         if self._rest_t0 is None:
             self._rest_t0 = t
-        elif t - self._rest_t0 >= self.p.rest_min_s and np.isfinite(v).all():
-            self._rest = (self.ah, v.copy(), current)
+        elif t - self._rest_t0 >= self.p.rest_min_s and np.isfinite(v).all() and abs(current) <= thr:
+            # averaged voltage and current of the rest so far (not a sample where a step already started)
+            self._rest = (self.ah, self._v_avg.copy(), self._i_avg)
 
     def _track_full(self, t: float, current: float, v: np.ndarray) -> None:
         """End of a CC-CV charge: at the top, the charger itself brought the current down to C/20.
@@ -270,8 +279,10 @@ class HealthEstimator:
         top = self._charged and np.nanmax(v) >= self.v_top
         if top and 0.2 * taper <= current <= taper:
             self._tapered = True
-        if top and self._tapered and -p.rest_max_c * self.q_design <= self._i_avg < p.full_min_c * self.q_design:
-            self._full = (self.ah, v.copy(), current)     # the latest: the CV tail and a pause after it count
+        rest = -p.rest_max_c * self.q_design
+        if top and self._tapered and rest <= self._i_avg < p.full_min_c * self.q_design:
+            if rest <= current <= taper:                  # the latest: the CV tail and a pause after it count
+                self._full = (self.ah, self._v_avg.copy(), self._i_avg)
             self._rest_t0, self._rest = t, None           # ... as this one anchor, not as a rest too
             return
         self._commit_full()
