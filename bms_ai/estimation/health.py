@@ -17,11 +17,16 @@ the method and the references). The anchors found in ordinary vehicle use:
 - charging features (``estimation.ica``): dV/dQ peaks of graphite staging during
   steady low-rate charges, on by default where the OCV is flat (LFP).
 
-Ah are offset-corrected with the SOC filter's estimate of the current-sensor
-offset (its residual sigma grows the Ah uncertainty with the awake time between
-anchors). The current sensor's gain error cannot be separated from capacity by
-any of these methods: the result is the effective capacity as that sensor sees
-it.
+The current-sensor offset is a state of the capacity filter: awake rests
+(true current ~0 up to an unmetered load, ``rest_load_sd_c``) measure it
+directly, anchors far apart in awake time constrain it, and its sigma grows the
+Ah uncertainty with the awake time between anchors. The SOC filter's own offset
+estimate is not used by default (``filter_offset``): before that filter knows
+the capacity, it explains a capacity error during a long charge as an offset
+(a 12 % capacity error at 0.26 C reads as +0.3 A on 50 Ah), and correcting the
+Ah with it would feed the capacity error back into the capacity. The current
+sensor's gain error cannot be separated from capacity by any of these
+methods: the result is the effective capacity as that sensor sees it.
 
 R0 per cell from current steps: dV/dI over one sample when |dI| is large (the
 RC branch cannot move in 0.1 s, so the step sees R0 only).
@@ -72,7 +77,9 @@ class HealthParams:
     full_taper_c: float = 0.05       # ... then tapered to at most this (CV at v_max)
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
-    filter_offset: bool = True       # correct the current with the SOC filter's offset estimate
+    filter_offset: bool = False      # correct the current with the SOC filter's offset estimate (see the docstring)
+    zero_min_s: float = 60.0         # an awake rest this long measures the current-sensor offset ...
+    rest_load_sd_c: float = 0.001    # ... up to an unmetered load at rest (C-rate sigma)
     min_report_sd: float = 0.03      # SOH history (RUL) only from estimates with a sigma below this
     ica: bool | None = None          # charging features; None: on for chemistries with OCV hysteresis (LFP)
     capacity: CapacityParams = field(default_factory=CapacityParams)
@@ -167,6 +174,7 @@ class HealthEstimator:
         self._full: tuple[float, np.ndarray, float] | None = None    # (ah, v, current) at the end of a taper
         self._rest_t0: float | None = None
         self._rest: tuple[float, np.ndarray, float] | None = None        # (ah, v, current) of an open rest
+        self._zero = [0.0, 0, 0.0, 0.0]     # awake rest for the offset: seconds, samples, sum and sum^2 of current
         self._ah_kf = self.ah
         self._awake_kf = 0.0
         self._asleep_kf = 0.0
@@ -198,6 +206,7 @@ class HealthEstimator:
         if self.ocv is None:
             return
         self._average_v(dt, v)
+        self._track_zero(dt, i_corr)
         self._track_rest(t, i_corr, v)
         self._track_full(t, i_corr, v)
         if self.finder is not None:
@@ -262,6 +271,29 @@ class HealthEstimator:
         elif t - self._rest_t0 >= self.p.rest_min_s and np.isfinite(v).all() and abs(current) <= thr:
             # averaged voltage and current of the rest so far (not a sample where a step already started)
             self._rest = (self.ah, self._v_avg.copy(), self._i_avg)
+
+    def _track_zero(self, dt: float, current: float) -> None:
+        """Awake at rest the true current is ~0: what the sensor reads then is its offset."""
+        thr = self.p.rest_max_c * self.q_design
+        if abs(current) <= thr and abs(self._i_avg) <= thr:
+            z = self._zero
+            z[0] += dt
+            z[1] += 1
+            z[2] += current
+            z[3] += current * current
+        else:
+            self._commit_zero()
+
+    def _commit_zero(self) -> None:
+        secs, n, s1, s2 = self._zero
+        self._zero = [0.0, 0, 0.0, 0.0]
+        if secs < self.p.zero_min_s or n < 2:
+            return
+        mean = s1 / n
+        var_mean = max(s2 / n - mean * mean, 0.0) / n
+        sd = math.sqrt((self.p.rest_load_sd_c * self.q_design) ** 2 + var_mean)
+        self._predict()
+        self._count("zero_current", self.cap.update_offset(mean, sd), 0)
 
     def _track_full(self, t: float, current: float, v: np.ndarray) -> None:
         """End of a CC-CV charge: at the top, the charger itself brought the current down to C/20.
@@ -356,6 +388,7 @@ class HealthEstimator:
         self._commit_full()
         if self._rest is not None:
             self._soc_anchor("rest", self._rest[1], self._rest[2], ah_at=self._rest[0])
+        self._commit_zero()
         self._predict()
         last = self._last
         self._reset_session()
