@@ -78,7 +78,7 @@ class HealthParams:
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
     filter_offset: bool = False      # correct the current with the SOC filter's offset estimate (see the docstring)
-    zero_min_s: float = 60.0         # an awake rest this long measures the current-sensor offset ...
+    zero_min_s: float = 300.0        # an awake rest this long (not at the top: CV tail) measures the offset ...
     rest_load_sd_c: float = 0.001    # ... up to an unmetered load at rest (C-rate sigma)
     min_report_sd: float = 0.03      # SOH history (RUL) only from estimates with a sigma below this
     ica: bool | None = None          # charging features; None: on for chemistries with OCV hysteresis (LFP)
@@ -206,7 +206,7 @@ class HealthEstimator:
         if self.ocv is None:
             return
         self._average_v(dt, v)
-        self._track_zero(dt, i_corr)
+        self._track_zero(dt, i_corr, v)
         self._track_rest(t, i_corr, v)
         self._track_full(t, i_corr, v)
         if self.finder is not None:
@@ -272,10 +272,16 @@ class HealthEstimator:
             # averaged voltage and current of the rest so far (not a sample where a step already started)
             self._rest = (self.ah, self._v_avg.copy(), self._i_avg)
 
-    def _track_zero(self, dt: float, current: float) -> None:
-        """Awake at rest the true current is ~0: what the sensor reads then is its offset."""
+    def _track_zero(self, dt: float, current: float, v: np.ndarray) -> None:
+        """Awake at rest the true current is ~0: what the sensor reads then is its offset.
+
+        Not at the top of the curve: a charger holding the voltage there tapers its
+        current through the rest band for an hour (C/50 .. C/200, far from zero).
+        Short stops (traffic) are excluded by ``zero_min_s``: they carry the
+        auxiliary load.
+        """
         thr = self.p.rest_max_c * self.q_design
-        if abs(current) <= thr and abs(self._i_avg) <= thr:
+        if abs(current) <= thr and abs(self._i_avg) <= thr and np.nanmax(v) < self.v_top:
             z = self._zero
             z[0] += dt
             z[1] += 1
