@@ -76,6 +76,8 @@ class HealthParams:
     full_min_c: float = 0.1          # a full charge: charging at least this C-rate first ...
     full_taper_c: float = 0.05       # ... then tapered to at most this (CV at v_max)
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
+    full_cv_soc: float = 0.99        # ... after a taper with the highest cell held above the OCV of this SOC (CV)
+    full_cv_min_s: float = 120.0     # ... for this long while charging (not a regen pulse at the top)
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
     filter_offset: bool = False      # correct the current with the SOC filter's offset estimate (see the docstring)
     zero_min_s: float = 300.0        # an awake rest this long (not at the top: CV tail) measures the offset ...
@@ -92,8 +94,9 @@ class HealthParams:
         shift = GRAPHITE_SHIFT_S.get(get_chemistry(chemistry).name) if chemistry else None
         if shift is not None:
             p.capacity.tau_s, p.capacity.tau_sd_s = shift
-        if chemistry and get_chemistry(chemistry).hysteresis_gap_v > 0:   # flat cathode: the graphite sets the knee
-            p.graphite_frame_soc = 0.5
+        if chemistry and get_chemistry(chemistry).hysteresis_gap_v > 0:
+            # flat cathode: every step of the voltage below the top knee is a graphite stage
+            p.graphite_frame_soc = 0.95
         return p
 
 
@@ -161,6 +164,7 @@ class HealthEstimator:
         if use_ica and ocv is not None:
             self.finder = FeatureFinder(n_cells, self.q_design, _curve(ocv), self.p.features)
         self.v_top = float(_curve(ocv)(self.p.full_top_soc)) if ocv is not None else math.inf
+        self.v_cv = float(_curve(ocv)(self.p.full_cv_soc)) if ocv is not None else math.inf
         self._reset_session()
         self.t_sleep: float | None = None    # time of the last sample before a sleep (persisted)
         self.t_anchor_days = 0.0             # day count of the last capacity-filter prediction
@@ -170,6 +174,7 @@ class HealthEstimator:
         self._i_avg = 0.0
         self._v_avg: np.ndarray | None = None      # cell voltages averaged like _i_avg (anchors: less noise)
         self._charged = False
+        self._cv_s = 0.0                           # seconds charging with the highest cell at the CV level
         self._tapered = False
         self._full: tuple[float, np.ndarray, float] | None = None    # (ah, v, current) at the end of a taper
         self._rest_t0: float | None = None
@@ -208,7 +213,7 @@ class HealthEstimator:
         self._average_v(dt, v)
         self._track_zero(dt, i_corr, v)
         self._track_rest(t, i_corr, v)
-        self._track_full(t, i_corr, v)
+        self._track_full(t, dt, i_corr, v)
         if self.finder is not None:
             x = self.cap.x           # where each cell is on the graphite (z / G), from the anchors so far
             s_g = (x[:, 0] + self.ah - self._ah_kf) / np.maximum(x[:, 2], 1e-6)
@@ -301,21 +306,26 @@ class HealthEstimator:
         self._predict()
         self._count("zero_current", self.cap.update_offset(mean, sd), 0)
 
-    def _track_full(self, t: float, current: float, v: np.ndarray) -> None:
+    def _track_full(self, t: float, dt: float, current: float, v: np.ndarray) -> None:
         """End of a CC-CV charge: at the top, the charger itself brought the current down to C/20.
 
         A charge stopped early (AC target, DC fast charge ending in CV at 0.4 C) jumps
         from its current to zero without passing through the taper band, so it is no
-        full charge even if the voltage touched the top.
+        full charge even if the voltage touched the top; nor is a regen pulse near the top
+        (the taper must follow ``full_cv_min_s`` of charging at the CV level).
         """
         p = self.p
         taper = p.full_taper_c * self.q_design
+        v_hi = np.nanmax(v)
         if self._i_avg >= p.full_min_c * self.q_design:
             self._charged = True
         elif self._i_avg < -p.full_min_c * self.q_design:
             self._charged = self._tapered = False
-        top = self._charged and np.nanmax(v) >= self.v_top
-        if top and 0.2 * taper <= current <= taper:
+            self._cv_s = 0.0
+        if self._i_avg > taper and v_hi >= self.v_cv:
+            self._cv_s += dt
+        top = self._charged and v_hi >= self.v_top
+        if top and 0.2 * taper <= current <= taper and v_hi >= self.v_cv and self._cv_s >= p.full_cv_min_s:
             self._tapered = True
         rest = -p.rest_max_c * self.q_design
         if top and self._tapered and rest <= self._i_avg < p.full_min_c * self.q_design:
@@ -331,6 +341,7 @@ class HealthEstimator:
             return
         ah, v, current = full
         self._charged = self._tapered = False
+        self._cv_s = 0.0
         self._soc_anchor("full", v, current, ah_at=ah)
 
     def _soc_anchor(self, kind: str, v: np.ndarray, current: float, ah_at: float | None = None) -> AnchorResult:
