@@ -5,7 +5,8 @@ cell by the anchor Kalman filter of ``estimation.capacity`` (its docstring has
 the method and the references). The anchors found in ordinary vehicle use:
 
 - end of a CC-CV full charge: the charger holds the highest cell at v_max until
-  the current has tapered to ``full_taper_c`` (C/20); every cell's SOC then
+  the current has tapered to ``full_taper_c`` (C/20) after ``full_cv_min_s`` at
+  the CV level (a regen pulse near the top is no full charge); every cell's SOC then
   follows from its voltage on the steep top of the OCV curve (the highest
   cell's is 1 by the definition of the SOC window);
 - relaxed rests: the first sample after the vehicle slept ``park_min_s``, or an
@@ -13,7 +14,9 @@ the method and the references). The anchors found in ordinary vehicle use:
   (OCV slope), so a rest counts only where the curve is steep enough
   (``max_soc_sd``): every rest on NMC, only the knees (below ~20 %, above
   ~95 %) on LFP, whose flat plateau and hysteresis make a mid-SOC rest worth
-  nothing;
+  nothing (and below the top knee an LFP rest is a graphite position, see
+  ``_soc_anchor``); the anchor is the 5 s average of samples still at rest,
+  never the first sample of the step that ends the rest;
 - charging features (``estimation.ica``): dV/dQ peaks of graphite staging during
   steady low-rate charges, on by default where the OCV is flat (LFP).
 
@@ -70,7 +73,7 @@ class HealthParams:
     session_gap_s: float = 60.0      # a gap between samples longer than this is a sleep
     ocv_sd_v: float = 0.008          # a relaxed cell's OCV vs its type's curve (spread, ageing, relaxation)
     hyst_sd: float = 0.3             # hysteresis branch uncertainty, fraction of half the gap
-    graphite_frame_soc: float = 0.0  # rests below this SOC anchor the graphite scale G (LFP: below the plateau)
+    graphite_frame_soc: float = 0.0  # rests below this SOC anchor the graphite scale G (LFP: below the top knee)
     meas_sd_v: float = 0.002         # voltage measurement
     max_soc_sd: float = 0.03         # a rest with a larger SOC sigma is no anchor (flat OCV)
     full_min_c: float = 0.1          # a full charge: charging at least this C-rate first ...
@@ -347,7 +350,7 @@ class HealthEstimator:
     def _soc_anchor(self, kind: str, v: np.ndarray, current: float, ah_at: float | None = None) -> AnchorResult:
         """SOC from the OCV at each cell's voltage (less R0 x I and the hysteresis branch) as an anchor.
 
-        Below ``graphite_frame_soc`` (LFP: the graphite knee) the rest's SOC on the
+        Below ``graphite_frame_soc`` (LFP: below the top knee) the rest's SOC on the
         reference curve is a graphite position: it anchors z = s G, not z = s C.
         """
         r0 = np.where(np.isfinite(self.cell_r0), self.cell_r0, 0.0)
