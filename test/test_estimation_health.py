@@ -129,6 +129,31 @@ def test_nmc_rests_and_full_charge_give_each_cells_capacity() -> None:
     assert o.capacity_updates >= 2
 
 
+def test_rest_and_full_anchors_ignore_the_step_that_ends_them_and_the_offset_comes_from_the_rest() -> None:
+    """Rest, charge at once, CC-CV to full, pause, drive at once; the current sensor reads +0.004 C.
+
+    The anchors take the rest's averaged voltage, not the first sample of the
+    charge or the drive (R0 alone does not explain that step), and the awake
+    rest measures the offset, which would otherwise add 1.5 % to the capacity.
+    """
+    caps = np.array([0.93, 0.87, 0.9]) * 50.0
+    pack = SynthPack("nmc", caps, 0.3, seed=5, offset_a=0.2, dt=5.0)
+    pack.hold(10).hold(1800, -0.4 * pack.design).hold(3600).charge(0.3).hold(900).hold(600, -1.0 * pack.design)
+    h = run_sessions(lambda: HealthEstimator(3, 50.0, ocv=load_ocv("nmc"), chemistry="nmc"), pack)
+    o = h.output()
+    assert o.anchors["zero_current"]["used"] == 3 and o.anchors["full"]["used"] == 3, o.anchors
+    np.testing.assert_allclose(o.cell_soh, caps / 50.0, atol=0.01)
+
+
+def test_a_regen_pulse_near_the_top_is_no_full_charge() -> None:
+    """LFP near full: short charging pulses that taper through C/20 without a CV phase give no full anchor."""
+    pack = SynthPack("lfp", np.array([0.9 * 50.0]), 0.985, seed=6)
+    for _ in range(5):
+        pack.hold(20, -0.5 * 50).hold(8, 0.3 * 50).hold(4, 0.03 * 50).hold(60)
+    h = run_sessions(lambda: HealthEstimator(1, 50.0, ocv=load_ocv("lfp"), chemistry="lfp"), pack)
+    assert "full" not in h.output().anchors
+
+
 def test_lfp_plateau_rest_is_no_anchor_but_the_knees_are() -> None:
     pack = SynthPack("lfp", np.array([0.9 * 50.0]), 0.62)
     pack.hold(10).hold(600, -0.3 * 50).park(7200).hold(60).hold(600, -0.3 * 50).park(7200).hold(60)

@@ -187,6 +187,13 @@ class CapacityFilter:
         back = np.nan_to_num(np.asarray(ah_back, dtype=np.float64))
         return self._update(h, back, np.asarray(sd_ah, dtype=np.float64) ** 2, np.asarray(ok, bool))
 
+    def update_offset(self, current_a: float, sd_a: float) -> AnchorResult:
+        """A stretch where the true current is known to be ~0 read ``current_a`` on average: d = -current_a."""
+        h = np.zeros((self.n, N_STATE))
+        h[:, D] = -1.0
+        ok = np.full(self.n, math.isfinite(current_a) and math.isfinite(sd_a) and sd_a > 0)
+        return self._update(h, np.full(self.n, float(current_a)), np.full(self.n, float(sd_a) ** 2), ok)
+
     # -- results ----------------------------------------------------------------
     @property
     def capacity(self) -> np.ndarray:

@@ -5,7 +5,8 @@ cell by the anchor Kalman filter of ``estimation.capacity`` (its docstring has
 the method and the references). The anchors found in ordinary vehicle use:
 
 - end of a CC-CV full charge: the charger holds the highest cell at v_max until
-  the current has tapered to ``full_taper_c`` (C/20); every cell's SOC then
+  the current has tapered to ``full_taper_c`` (C/20) after ``full_cv_min_s`` at
+  the CV level (a regen pulse near the top is no full charge); every cell's SOC then
   follows from its voltage on the steep top of the OCV curve (the highest
   cell's is 1 by the definition of the SOC window);
 - relaxed rests: the first sample after the vehicle slept ``park_min_s``, or an
@@ -13,15 +14,22 @@ the method and the references). The anchors found in ordinary vehicle use:
   (OCV slope), so a rest counts only where the curve is steep enough
   (``max_soc_sd``): every rest on NMC, only the knees (below ~20 %, above
   ~95 %) on LFP, whose flat plateau and hysteresis make a mid-SOC rest worth
-  nothing;
+  nothing (and below the top knee an LFP rest is a graphite position, see
+  ``_soc_anchor``); the anchor is the 5 s average of samples still at rest,
+  never the first sample of the step that ends the rest;
 - charging features (``estimation.ica``): dV/dQ peaks of graphite staging during
   steady low-rate charges, on by default where the OCV is flat (LFP).
 
-Ah are offset-corrected with the SOC filter's estimate of the current-sensor
-offset (its residual sigma grows the Ah uncertainty with the awake time between
-anchors). The current sensor's gain error cannot be separated from capacity by
-any of these methods: the result is the effective capacity as that sensor sees
-it.
+The current-sensor offset is a state of the capacity filter: awake rests
+(true current ~0 up to an unmetered load, ``rest_load_sd_c``) measure it
+directly, anchors far apart in awake time constrain it, and its sigma grows the
+Ah uncertainty with the awake time between anchors. The SOC filter's own offset
+estimate is not used by default (``filter_offset``): before that filter knows
+the capacity, it explains a capacity error during a long charge as an offset
+(a 12 % capacity error at 0.26 C reads as +0.3 A on 50 Ah), and correcting the
+Ah with it would feed the capacity error back into the capacity. The current
+sensor's gain error cannot be separated from capacity by any of these
+methods: the result is the effective capacity as that sensor sees it.
 
 R0 per cell from current steps: dV/dI over one sample when |dI| is large (the
 RC branch cannot move in 0.1 s, so the step sees R0 only).
@@ -65,14 +73,18 @@ class HealthParams:
     session_gap_s: float = 60.0      # a gap between samples longer than this is a sleep
     ocv_sd_v: float = 0.008          # a relaxed cell's OCV vs its type's curve (spread, ageing, relaxation)
     hyst_sd: float = 0.3             # hysteresis branch uncertainty, fraction of half the gap
-    graphite_frame_soc: float = 0.0  # rests below this SOC anchor the graphite scale G (LFP: below the plateau)
+    graphite_frame_soc: float = 0.0  # rests below this SOC anchor the graphite scale G (LFP: below the top knee)
     meas_sd_v: float = 0.002         # voltage measurement
     max_soc_sd: float = 0.03         # a rest with a larger SOC sigma is no anchor (flat OCV)
     full_min_c: float = 0.1          # a full charge: charging at least this C-rate first ...
     full_taper_c: float = 0.05       # ... then tapered to at most this (CV at v_max)
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
+    full_cv_soc: float = 0.99        # ... after a taper with the highest cell held above the OCV of this SOC (CV)
+    full_cv_min_s: float = 120.0     # ... for this long while charging (not a regen pulse at the top)
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
-    filter_offset: bool = True       # correct the current with the SOC filter's offset estimate
+    filter_offset: bool = False      # correct the current with the SOC filter's offset estimate (see the docstring)
+    zero_min_s: float = 300.0        # an awake rest this long (not at the top: CV tail) measures the offset ...
+    rest_load_sd_c: float = 0.001    # ... up to an unmetered load at rest (C-rate sigma)
     min_report_sd: float = 0.03      # SOH history (RUL) only from estimates with a sigma below this
     ica: bool | None = None          # charging features; None: on for chemistries with OCV hysteresis (LFP)
     capacity: CapacityParams = field(default_factory=CapacityParams)
@@ -85,8 +97,9 @@ class HealthParams:
         shift = GRAPHITE_SHIFT_S.get(get_chemistry(chemistry).name) if chemistry else None
         if shift is not None:
             p.capacity.tau_s, p.capacity.tau_sd_s = shift
-        if chemistry and get_chemistry(chemistry).hysteresis_gap_v > 0:   # flat cathode: the graphite sets the knee
-            p.graphite_frame_soc = 0.5
+        if chemistry and get_chemistry(chemistry).hysteresis_gap_v > 0:
+            # flat cathode: every step of the voltage below the top knee is a graphite stage
+            p.graphite_frame_soc = 0.95
         return p
 
 
@@ -154,6 +167,7 @@ class HealthEstimator:
         if use_ica and ocv is not None:
             self.finder = FeatureFinder(n_cells, self.q_design, _curve(ocv), self.p.features)
         self.v_top = float(_curve(ocv)(self.p.full_top_soc)) if ocv is not None else math.inf
+        self.v_cv = float(_curve(ocv)(self.p.full_cv_soc)) if ocv is not None else math.inf
         self._reset_session()
         self.t_sleep: float | None = None    # time of the last sample before a sleep (persisted)
         self.t_anchor_days = 0.0             # day count of the last capacity-filter prediction
@@ -161,11 +175,14 @@ class HealthEstimator:
     def _reset_session(self) -> None:
         self._last: tuple[float, float, np.ndarray] | None = None
         self._i_avg = 0.0
+        self._v_avg: np.ndarray | None = None      # cell voltages averaged like _i_avg (anchors: less noise)
         self._charged = False
+        self._cv_s = 0.0                           # seconds charging with the highest cell at the CV level
         self._tapered = False
         self._full: tuple[float, np.ndarray, float] | None = None    # (ah, v, current) at the end of a taper
         self._rest_t0: float | None = None
         self._rest: tuple[float, np.ndarray, float] | None = None        # (ah, v, current) of an open rest
+        self._zero = [0.0, 0, 0.0, 0.0]     # awake rest for the offset: seconds, samples, sum and sum^2 of current
         self._ah_kf = self.ah
         self._awake_kf = 0.0
         self._asleep_kf = 0.0
@@ -196,8 +213,10 @@ class HealthEstimator:
         self._last = (t, i_corr, v)
         if self.ocv is None:
             return
+        self._average_v(dt, v)
+        self._track_zero(dt, i_corr, v)
         self._track_rest(t, i_corr, v)
-        self._track_full(t, i_corr, v)
+        self._track_full(t, dt, i_corr, v)
         if self.finder is not None:
             x = self.cap.x           # where each cell is on the graphite (z / G), from the anchors so far
             s_g = (x[:, 0] + self.ah - self._ah_kf) / np.maximum(x[:, 2], 1e-6)
@@ -227,6 +246,12 @@ class HealthEstimator:
         self._awake_kf += dt
         self._i_avg += min(dt / 5.0, 1.0) * (i1 - self._i_avg)
 
+    def _average_v(self, dt: float, v: np.ndarray) -> None:
+        if self._v_avg is None or dt <= 0 or not np.isfinite(self._v_avg).all():
+            self._v_avg = v.copy()
+        else:
+            self._v_avg += min(dt / 5.0, 1.0) * (v - self._v_avg)
+
     def _r0_step(self, dt: float, i0: float, i1: float, v0: np.ndarray, v1: np.ndarray) -> None:
         di = i1 - i0
         if abs(di) < self.p.step_min_c * self.q_design or dt > 0.25:
@@ -251,27 +276,64 @@ class HealthEstimator:
             return
         if self._rest_t0 is None:
             self._rest_t0 = t
-        elif t - self._rest_t0 >= self.p.rest_min_s and np.isfinite(v).all():
-            self._rest = (self.ah, v.copy(), current)
+        elif t - self._rest_t0 >= self.p.rest_min_s and np.isfinite(v).all() and abs(current) <= thr:
+            # averaged voltage and current of the rest so far (not a sample where a step already started)
+            self._rest = (self.ah, self._v_avg.copy(), self._i_avg)
 
-    def _track_full(self, t: float, current: float, v: np.ndarray) -> None:
+    def _track_zero(self, dt: float, current: float, v: np.ndarray) -> None:
+        """Awake at rest the true current is ~0: what the sensor reads then is its offset.
+
+        Not at the top of the curve: a charger holding the voltage there tapers its
+        current through the rest band for an hour (C/50 .. C/200, far from zero).
+        Short stops (traffic) are excluded by ``zero_min_s``: they carry the
+        auxiliary load.
+        """
+        thr = self.p.rest_max_c * self.q_design
+        if abs(current) <= thr and abs(self._i_avg) <= thr and np.nanmax(v) < self.v_top:
+            z = self._zero
+            z[0] += dt
+            z[1] += 1
+            z[2] += current
+            z[3] += current * current
+        else:
+            self._commit_zero()
+
+    def _commit_zero(self) -> None:
+        secs, n, s1, s2 = self._zero
+        self._zero = [0.0, 0, 0.0, 0.0]
+        if secs < self.p.zero_min_s or n < 2:
+            return
+        mean = s1 / n
+        var_mean = max(s2 / n - mean * mean, 0.0) / n
+        sd = math.sqrt((self.p.rest_load_sd_c * self.q_design) ** 2 + var_mean)
+        self._predict()
+        self._count("zero_current", self.cap.update_offset(mean, sd), 0)
+
+    def _track_full(self, t: float, dt: float, current: float, v: np.ndarray) -> None:
         """End of a CC-CV charge: at the top, the charger itself brought the current down to C/20.
 
         A charge stopped early (AC target, DC fast charge ending in CV at 0.4 C) jumps
         from its current to zero without passing through the taper band, so it is no
-        full charge even if the voltage touched the top.
+        full charge even if the voltage touched the top; nor is a regen pulse near the top
+        (the taper must follow ``full_cv_min_s`` of charging at the CV level).
         """
         p = self.p
         taper = p.full_taper_c * self.q_design
+        v_hi = np.nanmax(v)
         if self._i_avg >= p.full_min_c * self.q_design:
             self._charged = True
         elif self._i_avg < -p.full_min_c * self.q_design:
             self._charged = self._tapered = False
-        top = self._charged and np.nanmax(v) >= self.v_top
-        if top and 0.2 * taper <= current <= taper:
+            self._cv_s = 0.0
+        if self._i_avg > taper and v_hi >= self.v_cv:
+            self._cv_s += dt
+        top = self._charged and v_hi >= self.v_top
+        if top and 0.2 * taper <= current <= taper and v_hi >= self.v_cv and self._cv_s >= p.full_cv_min_s:
             self._tapered = True
-        if top and self._tapered and -p.rest_max_c * self.q_design <= self._i_avg < p.full_min_c * self.q_design:
-            self._full = (self.ah, v.copy(), current)     # the latest: the CV tail and a pause after it count
+        rest = -p.rest_max_c * self.q_design
+        if top and self._tapered and rest <= self._i_avg < p.full_min_c * self.q_design:
+            if rest <= current <= taper:                  # the latest: the CV tail and a pause after it count
+                self._full = (self.ah, self._v_avg.copy(), self._i_avg)
             self._rest_t0, self._rest = t, None           # ... as this one anchor, not as a rest too
             return
         self._commit_full()
@@ -282,12 +344,13 @@ class HealthEstimator:
             return
         ah, v, current = full
         self._charged = self._tapered = False
+        self._cv_s = 0.0
         self._soc_anchor("full", v, current, ah_at=ah)
 
     def _soc_anchor(self, kind: str, v: np.ndarray, current: float, ah_at: float | None = None) -> AnchorResult:
         """SOC from the OCV at each cell's voltage (less R0 x I and the hysteresis branch) as an anchor.
 
-        Below ``graphite_frame_soc`` (LFP: the graphite knee) the rest's SOC on the
+        Below ``graphite_frame_soc`` (LFP: below the top knee) the rest's SOC on the
         reference curve is a graphite position: it anchors z = s G, not z = s C.
         """
         r0 = np.where(np.isfinite(self.cell_r0), self.cell_r0, 0.0)
@@ -345,6 +408,7 @@ class HealthEstimator:
         self._commit_full()
         if self._rest is not None:
             self._soc_anchor("rest", self._rest[1], self._rest[2], ah_at=self._rest[0])
+        self._commit_zero()
         self._predict()
         last = self._last
         self._reset_session()
