@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bms_ai.chemistry.ocv import load_ocv
-from bms_ai.estimation.filter import BarDeltaFilter, FilterInput, FilterParams
+from bms_ai.estimation.filter import CAP, BarDeltaFilter, FilterInput, FilterParams
 from bms_ai.estimation.ocvmodel import OcvModel
 
 DT = 1.0  # the filter takes any step; 1 s keeps these tests fast
@@ -78,6 +78,7 @@ def test_a_biased_voltage_model_cannot_pull_a_good_state_far():
     v = load_ocv("nmc")(np.clip(soc, 0, 1)) + 0.010
     flt = BarDeltaFilter(4, Q)
     flt.initialise(soc[0], 0.01)
+    flt.P[CAP, CAP] = 0.03 ** 2      # a good state: the capacity known to 3 % (the SOH filter has converged)
     est = _run(flt, t, i, v, sig_slow=0.012, sig_fast=0.004)
     assert np.sqrt(np.mean((est - soc) ** 2)) < 0.006
     assert not flt.events

@@ -49,7 +49,7 @@ class FilterParams:
     q_cap: float = 4e-14            # capacity-factor random walk [1/s] (~1 %/month)
     q_cell: float = 2e-12           # per-cell SOC deviation random walk [1/s]
     sigma_offset0: float = 0.01     # prior current offset sigma [C] (0.5 A on 50 Ah)
-    sigma_cap0: float = 0.03        # prior capacity-factor sigma (SOH known to ~3 %)
+    sigma_cap0: float = 0.1         # prior capacity-factor sigma: a pack of unknown age (SOH 0.7 .. 1)
     sigma_cell0: float = 0.01       # prior sigma of a cell's deviation from the mean
     tau_model: float = 1800.0       # correlation time of the slow model error [s]
     tau_fast: float = 20.0          # correlation time of the fast model error [s]
