@@ -241,7 +241,14 @@ def graph_from_options(options: Mapping[str, str | None],
         replay = {"estimator": {"state_file": ""}}
     layers = [pack_overrides(v["pack_config"]) if v["pack_config"] else {}, {"can_bridge": bridge}, replay,
               v["set"], overrides or {}]
-    return build_graph(v["namespace"], nodes, merge_overrides(*layers), use_sim_time=sim_time,
+    merged = merge_overrides(*layers)
+    for node, params in merged.items():
+        for key, value in params.items():
+            try:
+                check_parameter(key, value)
+            except ValueError as exc:  # before any node starts (launch would otherwise lose one node late)
+                raise ValueError(f"{OPTION_BY_NAME['set'].label}: {node}: {exc}") from None
+    return build_graph(v["namespace"], nodes, merged, use_sim_time=sim_time,
                        respawn=v["respawn"], params_file=v["params_file"] or None)
 
 
@@ -274,6 +281,68 @@ def coerce_parameter(name: str, value: Any, default: Any) -> Any:
     hint = " (quote it to pass text)" if isinstance(default, str) else ""
     raise ValueError(f"parameter {name} expects {ros_type_name(default)}, got {value!r} "
                      f"({ros_type_name(value)}){hint}")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The span of sensible values of a numeric parameter; ``low_open``: the low end itself is refused."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    @property
+    def text(self) -> str:
+        """The span as users read it, e.g. ``> 0`` or ``0 .. 1000``."""
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = "" if self.high is None else f"<= {self.high:g}"
+        return " and ".join(t for t in (low, high) if t)
+
+    def holds(self, v: float) -> bool:
+        """True when ``v`` lies in the span."""
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or v <= self.high
+
+
+# Numeric parameters of the graph's nodes with a limited span, by parameter name (the same name means the
+# same thing in every node: a rate, a duration, a capacity). Outside the span a node would divide by zero,
+# spin a zero-period timer or wait forever, so the value is refused with one line before anything starts.
+PARAMETER_LIMITS: dict[str, Limit] = {
+    "rate_hz": Limit(0.0, 1000.0, low_open=True),
+    "max_age": Limit(0.0, low_open=True),
+    "stale_after": Limit(0.0, low_open=True),
+    "replay_speed": Limit(0.0),
+    "wait_for_subscribers": Limit(0),
+    "raw_log_max_bytes": Limit(1),
+    "capacity_ah": Limit(0.0, low_open=True),
+    "initial_soc": Limit(high=1.0),
+    "health_period": Limit(0.0, low_open=True),
+    "model_poll_period": Limit(0.0, low_open=True),
+    "efc0": Limit(0.0),
+    "max_events": Limit(0),
+    "shutdown_drain_s": Limit(0.0),
+}
+
+
+def check_parameter(name: str, value: Any) -> Any:
+    """``value`` unchanged if it is finite and within ``name``'s limit, else a one-line ValueError."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    limit = PARAMETER_LIMITS.get(name)
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ValueError(f"parameter {name} must be a finite number, got {v!r}")
+        if limit is not None and not limit.holds(v):
+            raise ValueError(f"parameter {name} must be {limit.text}, got {v!r}")
+    return value
+
+
+def describe_limit(name: str, description: str) -> str:
+    """The parameter's description with its limit appended (what `ros2 param describe` shows)."""
+    limit = PARAMETER_LIMITS.get(name)
+    return f"{description} (range: {limit.text})" if limit is not None else description
 
 
 def load_params_file(path: str | Path | None, node_name: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
@@ -330,7 +399,7 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
     """Per-node parameters that follow from one pack config, so every node agrees on the pack.
 
     can_bridge reads the DBC signal map; estimator and fault_monitor need the
-    chemistry and design capacity; all report the same hardware_id.
+    chemistry and design capacity; all report the same hardware_id (:func:`pack_hardware_id`).
     """
     from bms_ai.can.packconfig import load_pack_config
 
@@ -343,6 +412,18 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
         estimator.update(ocv_file=str(cfg.ocv_file), ocv_sigma_v=float(cfg.ocv_sigma_v))
     return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": estimator, "fault_monitor": dict(pack),
             "cloud_uploader": {"pack_id": cfg.pack_id}}
+
+
+def pack_hardware_id(pack_id: str, namespace: str) -> str:
+    """The diagnostics hardware_id of a pack's nodes: its pack id, qualified by the namespace outside ``/bms``.
+
+    Two packs started from the same pack config (or both on the defaults) in
+    two namespaces would otherwise report the same hardware_id, and every
+    consumer of /diagnostics (aggregator, fault_monitor, uploader) would mix
+    them up: ``/pack2`` + ``pack96-ref`` gives ``pack2/pack96-ref``.
+    """
+    ns = namespace.strip("/")
+    return pack_id if ns in ("", DEFAULT_NAMESPACE.strip("/")) else f"{ns}/{pack_id}"
 
 
 def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

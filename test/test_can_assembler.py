@@ -57,11 +57,14 @@ def test_bad_frames_are_counted_never_raised(decoder):
     assert not asm.feed(0x120, good[:5], 10.2)  # wrong DLC
     assert not asm.feed(0x120, _packmeas(1, 35000, 0, crc_ok=False), 10.3)  # checksum
     assert not asm.feed(0x120, good, 9.0)  # time going backwards
-    assert not asm.feed(0x120, good, float("nan"))
+    for damaged in (float("nan"), float("inf"), -1.0, 1e300):  # stamps no instant can count from
+        assert not asm.feed(0x120, good, damaged)
+    assert not asm.feed(-5, good, 10.4)  # an impossible id (a damaged python-can CSV)
     assert not asm.feed(0x120, None, 11.0)  # garbage payload object
     assert asm.feed(0x120, _packmeas(3, 35000, 0), 11.0)  # counter jumped 0 -> 3
     r = asm.counters.rejected
-    assert (r["unknown_id"], r["dlc_error"], r["crc_error"], r["time_backwards"], r["bad_type"]) == (1, 1, 1, 2, 1)
+    assert (r["unknown_id"], r["dlc_error"], r["crc_error"], r["time_backwards"], r["bad_type"]) == (1, 1, 1, 1, 1)
+    assert (r["bad_time"], r["bad_id"]) == (4, 1)
     assert asm.unknown_ids == {0x7FF: 1}
     assert asm.stats["BMS_PackMeas"].counter_errors == 1
     assert asm.counters.accepted == 2

@@ -41,3 +41,18 @@ def test_decode_cli_errors_are_clear(tmp_path, pack_config_path, capsys):
     code = main(["decode", str(tmp_path / "missing.blf"), "--pack-config", str(pack_config_path)])
     err = capsys.readouterr().err
     assert code == 1 and "CAN log not found" in err and "Traceback" not in err
+
+
+def test_decode_cli_warns_of_truncation_and_of_nothing_decoded(tmp_path, messages, pack_config_path, capsys):
+    """A cut log: samples before the cut, a warning naming it, exit 1; a log of damaged stamps only: exit 1."""
+    log = write_log(tmp_path / "d.trc", messages)
+    log.write_bytes(log.read_bytes()[:-20])
+    code = main(["decode", str(log), "--pack-config", str(pack_config_path), "-o", str(tmp_path / "o.csv")])
+    err = capsys.readouterr().err
+    assert code == 1 and "warning:" in err and "truncated" in err and "Traceback" not in err
+    assert len((tmp_path / "o.csv").read_text().splitlines()) > 5
+    inf = tmp_path / "inf.log"
+    inf.write_text("(inf) can0 120#E0306097F8FFE1FF\n(inf) can0 120#E0306097F8FFE1FF\n")
+    code = main(["decode", str(inf), "--pack-config", str(pack_config_path), "-o", str(tmp_path / "o.csv")])
+    err = capsys.readouterr().err
+    assert code == 1 and "'bad_time': 2" in err and "nothing decoded" in err

@@ -82,3 +82,23 @@ def test_values_and_per_message_timeouts(decoder, messages):
     assert msgs.values["BMS_PackMeas.timeouts"] == 1
     never = _assess(BusHealth(0.5), _sampler(decoder), 0.1)[1]
     assert never.message.startswith("timeout: BMS_PackMeas")  # nothing received: every message is late
+
+
+def test_a_stopped_reader_is_error_with_its_reason_at_any_silence(decoder, messages):
+    """A reader thread that died is ERROR naming the failure, not "no CAN frame received yet" or OK."""
+    health = BusHealth(0.5)
+    for sampler, silence in ((_sampler(decoder), math.inf), (_sampler(decoder, messages), 0.01)):
+        bus, _ = health.assess(sampler, source="log:d.blf", silence=silence, samples_published=0, source_errors=0,
+                               last_error="", reader_failed="FileNotFoundError: CAN log not found: d.blf")
+        assert bus.level == ERROR and bus.message == "CAN reader stopped: FileNotFoundError: CAN log not found: d.blf"
+
+
+def test_damaged_stamps_and_ids_are_reported_rejections(decoder, messages):
+    """bad_time / bad_id rejections show in the values and make the bus WARN while they come."""
+    sampler = _sampler(decoder, messages)
+    health = BusHealth(0.5)
+    _assess(health, sampler, 0.01)
+    sampler.feed(0x120, bytes(8), 1e300)
+    sampler.feed(-1, bytes(8), 11.5)
+    bus, _ = _assess(health, sampler, 0.01)
+    assert bus.level == WARN and bus.values["rejected_bad_time"] == 1 and bus.values["rejected_bad_id"] == 1

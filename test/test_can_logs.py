@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testutil import write_log
+from testutil import deadline, memory_cap, peak_memory, write_log
 
 from bms_ai.can.frames import FrameArrays
-from bms_ai.can.logs import LOG_FORMATS, LogFormat, iter_log, log_format, log_suffix, read_log
+from bms_ai.can.logs import (
+    LOG_FORMATS,
+    LogError,
+    LogFormat,
+    iter_log,
+    log_format,
+    log_suffix,
+    read_log,
+    read_log_chunks,
+)
 from bms_ai.can.offline import decode_log
 
 FORMATS = [".asc", ".blf", ".log", ".trc", ".csv"]
@@ -160,3 +169,82 @@ def test_fast_blf_reader_is_bit_identical_to_python_can(tmp_path, messages, erro
         from bms_ai.can.blf_fast import read_blf_arrays
 
         assert len(read_blf_arrays(path)) == len(ref)
+
+
+def _blf_with_zero_size(tmp_path, messages, where: str):
+    """An uncompressed BLF whose first object (the container, or the first frame in it) claims size 0."""
+    import struct
+
+    path = tmp_path / f"plain_{where}.blf"
+    w = can.BLFWriter(str(path), compression_level=0)
+    for m in messages[:20]:
+        w.on_message_received(m)
+    w.stop()
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b"LOBJ") if where == "container" else raw.index(b"LOBJ", raw.index(b"LOBJ") + 16)
+    struct.pack_into("<L", raw, i + 8, 0)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("where", ["container", "frame"])
+def test_blf_object_of_size_zero_is_damage_not_an_endless_loop(tmp_path, messages, where):
+    """A size field of 0 stops both readers with the reason; memory stays small."""
+    path = _blf_with_zero_size(tmp_path, messages, where)
+    with deadline(10.0), peak_memory() as peak:
+        frames = read_log(path)
+        errors: list[str] = []
+        msgs = list(iter_log(path, errors))
+    assert peak[0] < 20e6
+    assert "object size 0" in frames.error and len(frames) == 0
+    assert len(errors) == 1 and "object size 0" in errors[0] and msgs == []
+    with pytest.raises(LogError, match="object size 0"):
+        list(iter_log(path))
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_cut_logs_say_truncated(tmp_path, messages, suffix):
+    """A log cut mid-line (or mid-object) keeps the frames before and names the truncation."""
+    path = write_log(tmp_path / f"cut{suffix}", messages)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 37])
+    frames = read_log(path)
+    assert "truncated" in frames.error and str(path) in frames.error
+    assert 0 < len(frames) <= len(messages)
+    whole = write_log(tmp_path / f"whole{suffix}", messages)
+    assert read_log(whole).error is None
+
+
+def test_asc_without_its_end_line_is_truncated(tmp_path, messages):
+    """An ASC log cut at a line end still lacks 'End TriggerBlock': named as truncated."""
+    path = write_log(tmp_path / "cut.asc", messages)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: len(lines) // 2]))
+    assert "truncated: no 'end triggerblock' line" in read_log(path).error
+
+
+@pytest.mark.parametrize("suffix", [".blf", ".blf-error-frame", ".asc"])
+def test_chunked_reading_equals_reading_whole(tmp_path, messages, suffix):
+    """Chunks concatenate to the whole log; the fast BLF reader hands over to python-can mid-file exactly."""
+    error_frame = suffix == ".blf-error-frame"
+    path = write_log(tmp_path / f"mixed{suffix[:4]}", _mixed_messages(messages * 8, error_frame))
+    whole = read_log(path)
+    errors: list[str] = []
+    chunks = list(read_log_chunks(path, rows=3000, errors=errors))
+    assert errors == [] and len(chunks) >= 2 and max(len(c) for c in chunks) < 3000 + 6000  # whole containers
+    for f in ("ts", "ids", "ext", "dlc", "data", "bad"):
+        np.testing.assert_array_equal(np.concatenate([getattr(c, f) for c in chunks]), getattr(whole, f), err_msg=f)
+
+
+def test_blf_header_size_field_is_checked_before_reading(tmp_path, messages):
+    """A BLF file header claiming 4 GB is damage named in one line, not a 4 GB read (found by fuzzing)."""
+    import struct
+
+    path = write_log(tmp_path / "hdr.blf", messages[:20])
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<L", raw, 4, 0xFFFFFFF0)
+    path.write_bytes(bytes(raw))
+    with memory_cap(256 * 2**20):
+        for read in (read_log, lambda p: list(read_log_chunks(p, errors=[]))):
+            with pytest.raises(LogError, match="file header size 4294967280"):
+                read(path)

@@ -118,3 +118,192 @@ def test_other_vehicle_dbc_with_config_only(tmp_path):
     assert asm.sample.pack_current == -25.0  # discharge-positive DBC flipped to ROS convention
     assert asm.sample.pack_voltage == pytest.approx(320.0)
     assert asm.sample.cell_voltages[4:8].tolist() == pytest.approx([3.301, 3.302, 3.303, 3.304])
+
+
+# ----------------------------------------------------------------------------- schema: types and limits
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"dbc_strict": "false"}, "dbc_strict: expected a boolean true/false, got str 'false' (write true or false"),
+        ({"dbc_strict": 0}, "dbc_strict: expected a boolean"),
+        ({"pack_id": ["a", "b"]}, "pack_id: expected a non-empty string, got list"),
+        ({"dbc": 12}, "dbc: expected a non-empty string, got int 12"),
+        ({"cells": True}, "cells: expected an integer, got bool True"),
+        ({"cells": 10**9}, "cells: expected an integer in 1..4096"),
+        ({"design_capacity_ah": ".nan"}, "design_capacity_ah: expected a number, got str"),
+        ({"design_capacity_ah": -5}, "design_capacity_ah: expected Ah > 0"),
+        ({"status": ["bms_state"]}, "status: expected a mapping, got list"),
+        ({"status": {"x": {"message": 5, "signal": "S"}}}, "status.x.message: expected a non-empty string, got int 5"),
+        ({"checks": ["BMS_Status"]}, "checks: expected a mapping, got list"),
+        ({"checks": {"BMS_Status": {"timeout": "fast"}}}, "checks.BMS_Status.timeout: expected a number"),
+        ({"checks": {"BMS_Status": {"timeout": 0}}}, "checks.BMS_Status.timeout: expected seconds > 0"),
+        ({"checks": {"BMS_Status": {"crc": "Status_Checksum"}}}, "checks.BMS_Status.crc: expected a mapping"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "slots": 4}}, "cell_voltages.slots: expected a list"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "signals": ["a"]}}, "cell_voltages.signals: expected a mapping"),
+        ({"cell_voltages": {"message": "BMS_CellVoltages", "slots": [1, 2]}}, "cell_voltages.slots[0]: expected a non-empty string"),
+        ({"cell_voltages": []}, "cell_voltages: expected a group or a non-empty list"),
+        ({"cell_voltages": "BMS_CellVoltages"}, "cell_voltages: expected a mapping, got str"),
+        ({"pack_voltage": {"message": "BMS_PackMeas", "signal": "PackVoltage", "scale": "2"}}, "pack_voltage.scale: expected a number"),
+        ({"pack_voltage": {"message": "BMS_PackMeas", "signal": "PackVoltage", "valid": True}}, "pack_voltage.valid: expected a non-empty string"),
+    ],
+)
+def test_wrong_types_are_one_line_errors_naming_the_key(tmp_path, pack_config_path, changes, needle):
+    """Every value is type-checked: the error names the key and the expected type, never a TypeError."""
+    p = _write_cfg(tmp_path, pack_config_path, **changes)
+    with pytest.raises(PackConfigError) as ei:
+        load_pack_config(p)
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_dbc_strict_false_turns_strict_mode_off(tmp_path, pack_config_path):
+    """A real boolean false is honoured (the string "false" is refused above, never read as true)."""
+    assert load_pack_config(_write_cfg(tmp_path, pack_config_path, dbc_strict=False)).dbc_strict is False
+    assert load_pack_config(pack_config_path).dbc_strict is True
+
+
+def test_hostile_yaml_is_refused_as_pack_config_error(tmp_path):
+    """Billion laughs and deep nesting reach the pack config loader as one-line PackConfigErrors."""
+    laughs = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    prev = "a"
+    for name in "bcdefghi":
+        laughs += f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]\n"
+        prev = name
+    laughs += "pack_id: *i\n"
+    for text, needle in ((laughs, "aliases"), ("pack_id: " + "[" * 600 + "]" * 600, "nested deeper")):
+        p = tmp_path / "hostile.yaml"
+        p.write_text(text)
+        with pytest.raises(PackConfigError, match=needle):
+            load_pack_config(p)
+
+
+# ----------------------------------------------------------------------------- fuzzing (bounded per case)
+
+REF_CFG = Path(__file__).resolve().parents[1] / "config" / "pack96.yaml"
+REF = yaml.safe_load(REF_CFG.read_text())
+REF["dbc"] = str((REF_CFG.parent / REF["dbc"]).resolve())
+DELETE = object()
+
+
+def _paths(d, prefix=()):
+    """Every key path of the reference config (the places a mutation can hit)."""
+    out = []
+    for k, v in d.items():
+        out.append((*prefix, k))
+        if isinstance(v, dict):
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+PATHS = _paths(REF)
+
+
+def _mutate(doc: dict, path: tuple, value) -> dict:
+    import copy
+
+    doc = copy.deepcopy(doc)
+    node = doc
+    for k in path[:-1]:
+        node = node[k]
+    if value is DELETE:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+def _one_line_or_ok(fn, errors=(PackConfigError, DbcError)):
+    """Run fn within the memory bound: success, or a one-line error of an expected type (never another exception)."""
+    from testutil import within_memory
+
+    try:
+        within_memory(fn)
+    except errors as exc:
+        assert str(exc) and "\n" not in str(exc), repr(exc)
+
+
+def _fuzz_settings():
+    from hypothesis import HealthCheck, settings
+    from testutil import FUZZ_DEADLINE_MS
+
+    return settings(deadline=FUZZ_DEADLINE_MS, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                      HealthCheck.too_slow])
+
+
+def _fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def test_fuzz_pack_config_mutations(tmp_path_factory):
+    """Any value at any key of a valid config: a PackConfig (validated against the DBC) or one line."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+    from testutil import json_like
+
+    d = _fuzz_dir(tmp_path_factory)
+
+    @_fuzz_settings()
+    @given(st.lists(st.tuples(st.sampled_from(PATHS), json_like(8) | st.just(DELETE)), min_size=1, max_size=3))
+    def check(mutations):
+        doc = REF
+        for path, value in mutations:
+            try:
+                doc = _mutate(doc, path, value)
+            except (KeyError, TypeError, AttributeError):  # an earlier mutation replaced the parent
+                continue
+        p = d / "pack.yaml"
+        p.write_text(yaml.safe_dump(doc))
+        _one_line_or_ok(lambda: PackDecoder(load_pack_config(p)))
+
+    check()
+
+
+def test_fuzz_pack_config_text(tmp_path_factory):
+    """Arbitrary YAML-ish text (anchors, aliases, flow, tags): parsed within bounds or one line."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    d = _fuzz_dir(tmp_path_factory)
+    alphabet = st.sampled_from(list("[]{}:,&*!|>-#'\"? \n\tab01.") + ["&a ", "*a", "!!str ", "cells: ", "dbc: "])
+
+    @_fuzz_settings()
+    @given(st.lists(alphabet, max_size=200).map("".join))
+    def check(text):
+        p = d / "pack.yaml"
+        p.write_text(text)
+        _one_line_or_ok(lambda: load_pack_config(p))
+
+    check()
+
+
+def test_fuzz_dbc_behind_a_config(tmp_path_factory):
+    """The config's DBC mutated line by line (dropped, doubled, altered), strict or not: a decoder or one line."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    d = _fuzz_dir(tmp_path_factory)
+    lines = Path(REF["dbc"]).read_text().splitlines()
+    ops = st.tuples(st.sampled_from(["drop", "double", "alter"]), st.integers(0, len(lines) - 1),
+                    st.integers(0, 80), st.sampled_from(list("0123456789|@+-()[]:; \"xX")))
+
+    @_fuzz_settings()
+    @given(st.lists(ops, min_size=1, max_size=4), st.booleans())
+    def check(edits, strict):
+        out = list(lines)
+        for op, i, col, ch in edits:
+            i %= len(out) or 1
+            if not out:
+                break
+            if op == "drop":
+                out.pop(i)
+            elif op == "double":
+                out.insert(i, out[i])
+            else:
+                ln = out[i]
+                out[i] = ln[:col] + ch + ln[col + 1:]
+        (d / "pack.dbc").write_text("\n".join(out) + "\n")
+        p = d / "pack.yaml"
+        p.write_text(yaml.safe_dump({**REF, "dbc": "pack.dbc", "dbc_strict": strict}))
+        _one_line_or_ok(lambda: PackDecoder(load_pack_config(p)))
+
+    check()

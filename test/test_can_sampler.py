@@ -41,4 +41,25 @@ def test_feed_arrays_equals_feeding_frame_by_frame(decoder):
     assert whole.asm.counters == one.asm.counters and whole.asm.counters.rejected["crc_error"] == 1
     assert whole.asm.last_ts == one.asm.last_ts == msgs[-1].timestamp
     empty = FixedRateSampler(PackAssembler(decoder), period=0.1)
-    assert len(empty.feed_arrays(FrameArrays.from_messages([]))) == 0 and math.isnan(empty.asm.last_ts)
+    assert len(empty.feed_arrays(FrameArrays.from_messages([]))) == 0 and empty.asm.last_ts == -math.inf
+
+
+def test_feed_arrays_in_chunks_continues_like_frame_by_frame(decoder):
+    """Chunks fed one after another: same samples, counters, latest values and alive-counter state."""
+    msgs = synthetic_messages(decoder, 0.0, 1.0)
+    msgs[20].arbitration_id = 0x555
+    one = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=0.5)
+    live = [s for m in msgs for s in one.feed_message(m)]
+    chunked = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=0.5)
+    frames = FrameArrays.from_messages(msgs)
+    stamps = []
+    for i in range(0, len(frames), 333):
+        part = FrameArrays(*(getattr(frames, f)[i:i + 333] for f in ("ts", "ids", "ext", "dlc", "data", "bad")))
+        stamps += [s.stamp for s in chunked.feed_arrays(part).samples()]
+    assert stamps == [s.stamp for s in live]
+    assert chunked.asm.counters == one.asm.counters and chunked.asm.last_ts == one.asm.last_ts
+    np.testing.assert_array_equal(chunked.asm.sample.cell_voltages, one.asm.sample.cell_voltages)
+    np.testing.assert_array_equal(chunked.asm.sample.cell_voltage_stamps, one.asm.sample.cell_voltage_stamps)
+    assert chunked.asm.sample.status == one.asm.sample.status
+    assert {n: st.last_counter for n, st in chunked.asm.stats.items()} == \
+        {n: st.last_counter for n, st in one.asm.stats.items()}

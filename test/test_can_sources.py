@@ -8,12 +8,12 @@ import threading
 import can
 import numpy as np
 import pytest
-from testutil import write_log
+from testutil import deadline, write_log
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.sampler import FixedRateSampler
-from bms_ai.can.sources import SOURCES, BusSource, LogReplaySource, SourceError, open_source
+from bms_ai.can.sources import SOURCES, BusSource, LogReplaySource, ReplayClock, SourceError, open_source
 from bms_ai.core.registry import UnknownName
 
 
@@ -33,14 +33,14 @@ def test_sources_by_name_and_what_the_bridge_asks_them(tmp_path, messages):
     log = write_log(tmp_path / "d.blf", messages)
     bus = open_source("", interface="virtual", channel="src_test", bus_options='{"receive_own_messages": false}')
     assert isinstance(bus, BusSource) and bus.description == "virtual:src_test"
-    assert (bus.replay, bus.speed, bus.replaying, bus.all_frames()) == (False, 1.0, False, None)
+    assert (bus.replay, bus.speed, bus.replaying, bus.frame_chunks()) == (False, 1.0, False, None)
     rep = open_source(log, speed=2.0)
     assert isinstance(rep, LogReplaySource) and rep.description == "log:d.blf"
-    assert (rep.replay, rep.speed, rep.replaying, rep.all_frames()) == (True, 2.0, True, None)
+    assert (rep.replay, rep.speed, rep.replaying, rep.frame_chunks()) == (True, 2.0, True, None)
     assert open_source(log, speed=0.0).speed == math.inf
-    assert open_source(log, speed=math.inf, loop=True, lightweight=True).all_frames() is None
-    whole = open_source(log, speed=0.0, lightweight=True).all_frames()
-    assert isinstance(whole, FrameArrays) and len(whole) == len(messages)
+    assert open_source(log, speed=math.inf, loop=True, lightweight=True).frame_chunks() is None
+    chunks = list(open_source(log, speed=0.0, lightweight=True).frame_chunks())
+    assert all(isinstance(c, FrameArrays) for c in chunks) and sum(map(len, chunks)) == len(messages)
     with pytest.raises(UnknownName, match="unknown CAN source 'can0'; known: bus, log"):
         open_source(log, kind="can0")
 
@@ -108,3 +108,23 @@ def test_lightweight_replay_source_yields_the_same_frames(tmp_path, messages, de
     for a, b in zip(fast, ref):
         assert a.stamp == b.stamp
         np.testing.assert_array_equal(a.cell_voltages, b.cell_voltages)
+
+
+def test_replay_clock_never_waits_for_damaged_stamps_or_long_breaks():
+    """At 1x: damaged stamps are due at once, a 1e9 s break is replayed as MAX_REPLAY_GAP, ties and steps kept."""
+    clock = ReplayClock(1.0, max_gap=60.0)
+    due = [clock.due(t, now=0.0) for t in (10.0, 11.0, 1e300, math.inf, math.nan, -1.0, 1e9, 1e9 + 1, 1e9 + 1)]
+    assert due == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 61.0, 62.0, 62.0]
+    assert clock.gaps == 1
+    assert ReplayClock(math.inf).due(1e9, now=5.0) == 5.0
+
+
+def test_real_time_replay_of_damaged_stamps_finishes(tmp_path):
+    """A candump log with 1e300 / inf stamps and a 1e9 s gap, replayed at 2000x: done in well under a minute."""
+    path = tmp_path / "damaged.log"
+    good = "120#E0306097F8FFE1FF"
+    path.write_text("".join(f"({t}) can0 {good}\n" for t in ("100.0", "1e300", "inf", "100.01", "1e9", "1e9")))
+    src = LogReplaySource(path, speed=2000.0)
+    with deadline(20.0):
+        got = _drain(src)
+    assert len(got) == 6 and src.gaps_shortened == 1

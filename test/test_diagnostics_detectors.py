@@ -246,3 +246,47 @@ def test_params_file_round_trip_and_old_files_load(tmp_path):
     f.write_text(json.dumps({"params": {"lfp": {"leak_alarm": 1.0}}}))
     with pytest.raises(ValueError, match=r"unknown detector parameters \['leak_alarm'\]"):
         DetectorParams.load(f, chemistry="lfp")
+
+
+@pytest.mark.parametrize("text", ["null", "[1, 2, 3]", '{"models": null}', '{"models": [1, null]}', "{"])
+def test_broken_fault_model_files_are_value_errors(tmp_path, text):
+    """A broken fault-model manifest, plating model or threshold file is a one-line ValueError, not a crash."""
+    import shutil
+
+    src = ROOT / "models" / "faults"
+    for f in ("plating.onnx", "plating.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, tmp_path / f)
+    (tmp_path / "manifest.json").write_text(text)
+    if (tmp_path / "plating.onnx").is_file():
+        with pytest.raises(ValueError, match="sha256 does not match|not valid JSON"):
+            PlatingModel.load(tmp_path)
+    (tmp_path / "plating.json").write_text(text)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError) as ei:
+        PlatingModel.load(tmp_path)
+    assert "plating" in str(ei.value) and "\n" not in str(ei.value)
+    (tmp_path / "detectors.json").write_text(text)
+    if not text.startswith('{"'):             # an object without params for the chemistry means "defaults"
+        with pytest.raises(ValueError, match="detector"):
+            DetectorParams.load(tmp_path / "detectors.json")
+    (tmp_path / "detectors.json").write_text('{"params": {"nmc": {"capacity_ah": "high"}}}')
+    with pytest.raises(ValueError, match="wrong type"):
+        DetectorParams.load(tmp_path / "detectors.json")
+
+
+def test_monitor_runs_on_defaults_when_fault_model_files_are_broken(tmp_path, monkeypatch):
+    """The fault monitor keeps its rules and detectors (default thresholds, no plating model) and says why."""
+    from bms_ai.diagnostics import detectors
+    from bms_ai.diagnostics.monitor import FaultMonitor
+
+    for f in ("plating.json", "detectors.json"):
+        (tmp_path / f).write_text("null")
+    monkeypatch.setattr(detectors, "share_path", lambda *parts: tmp_path if parts[-1] == "faults" else tmp_path / parts[-1])
+    mon = FaultMonitor.load("", "nmc", "packT", detectors=True)
+    s = PackSample(stamp=0.1, pack_voltage=96 * 3.8, pack_current=-10.0, cell_voltages=np.full(N, 3.8),
+                   cell_temperatures=np.full(NT, 25.0))
+    res = {r.check: r for r in mon.on_sample(s, now=0.1)}
+    files = res["fault monitor"].values["detector_files"]
+    assert "plating model not used" in files and "default detector thresholds" in files
+    assert "lithium plating" in res and mon.detectors.p == DetectorParams.defaults("nmc")

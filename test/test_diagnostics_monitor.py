@@ -118,22 +118,27 @@ def test_watchdog_steps_on_stale_data_only_after_silence(mon: FaultMonitor) -> N
     mon.on_sample(sample(0.1), now=10.0)
     assert mon.watchdog(now=10.5) == []
     res = by_check(mon.watchdog(now=11.2))
-    assert res["can timeout"].level == ERROR and mon.last_t == 11.2
+    assert res["can timeout"].level == ERROR
+    assert mon.last_t == pytest.approx(0.1 + 1.2)  # the sample's time base: last stamp + silence
 
 
 def test_model_fallback_only_from_this_packs_estimator(mon: FaultMonitor) -> None:
     """The fallback flag counts from another node of this pack; other packs and own checks are ignored."""
     flag = [(status.MODEL_FALLBACK, "True")]
-    mon.on_peer_status("other-pack", "bms_ai: soc", flag)
-    mon.on_peer_status("packT", "foreign: soc", flag)
+    mon.on_peer_status("other-pack", "estimator: soc", flag)
+    mon.on_peer_status("packT", "foreign: limits", flag)
+    mon.on_peer_status("packT", "soc", flag)                  # not a <node>: <check> name
     assert mon.model_fallback is None
     mon.startup_status()
-    mon.on_peer_status("packT", "bms_ai: fault monitor", flag)  # our own status is not the estimator's
+    mon.on_peer_status("packT", "fault_monitor: fault monitor", flag)  # our own status is not the estimator's
     assert mon.model_fallback is None
-    mon.on_peer_status("packT", "bms_ai: soc", [("soc", "0.5")])
+    mon.on_peer_status("packT", "estimator: soc", [("soc", "0.5")])
     assert mon.model_fallback is None
-    mon.on_peer_status("packT", "bms_ai: soc", flag)
+    mon.on_peer_status("packT", "estimator: soc", flag)
     assert mon.model_fallback is True
+    mon.on_peer_status("packT", "estimator_2: soc", [(status.MODEL_FALLBACK, "false")])  # a renamed estimator
+    assert mon.model_fallback is False
+    mon.on_peer_status("packT", "estimator: soc", flag)
     res = by_check(mon.on_sample(sample(0.1), now=1.0))
     assert res["estimator plausibility"].level == WARN and "model fallback" in res["estimator plausibility"].message
 
@@ -153,3 +158,41 @@ def test_detectors_join_the_step_when_enabled() -> None:
     mon = FaultMonitor.load("", "nmc", "packT", detectors=True)
     checks = {r.check for r in mon.on_sample(sample(0.1), now=1.0)}
     assert {"internal short", "thermal anomaly", "lithium plating", "anomaly score", "cell overvoltage"} <= checks
+
+
+@pytest.mark.parametrize("clock_offset", [0.0, 5.0, -5.0])
+def test_bus_gap_leaves_no_warning_behind(clock_offset: float) -> None:
+    """After a real gap (watchdog steps, then samples resume) every status returns to OK.
+
+    The monitor clock may run apart from the CAN stamps (live bus, node clock);
+    the watchdog steps on the samples' time base, so the samples that follow
+    are neither rejected as out of order nor held back until the clocks meet.
+    """
+    mon = FaultMonitor.load("", "nmc", "packT", detectors=False, stale_after=1.0)
+    last: dict = {}
+    t = 100.0
+    for k in range(50):
+        t = 100.0 + 0.1 * k
+        last.update(by_check(mon.on_sample(sample(t), now=t + clock_offset)))
+    for k in range(1, 13):                                 # 3 s of silence, 4 Hz watchdog
+        last.update(by_check(mon.watchdog(now=t + clock_offset + 0.25 * k)))
+    assert last["can timeout"].level == ERROR
+    t0 = t + 3.0
+    for k in range(100):
+        t = t0 + 0.1 * k
+        last.update(by_check(mon.on_sample(sample(t), now=t + clock_offset + 0.02)))
+    assert mon.rejected == 0
+    raised = {c: r.level for c, r in last.items() if r.level != OK}
+    assert raised == {}
+
+
+def test_monitor_warning_after_a_rejection_clears(mon: FaultMonitor) -> None:
+    """One bad message raises the monitor's own status to WARN for a while, not forever; the count stays."""
+    t = 1.0
+    mon.on_sample(sample(t), now=t)
+    mon.on_sample(sample(0.5), now=t)                    # out of order
+    levels = []
+    for k in range(1, 80):
+        levels.append(by_check(mon.on_sample(sample(t + 0.1 * k), now=t + 0.1 * k))["fault monitor"])
+    assert levels[0].level == WARN and levels[-1].level == OK
+    assert levels[-1].values["rejected"] == 1 and levels[-1].values["last_reject"] == "out-of-order stamp"

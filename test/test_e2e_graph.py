@@ -126,8 +126,8 @@ def test_a_composed_graph_on_virtual_bus():
     err = np.abs(soc[last] - np.interp(stamps[last], t_truth, soc_truth))
     assert err.max() < 0.05, err.max()
     names = {st.name for a in got["/diagnostics"] for st in a.status}
-    assert {"bms_ai: can_bus", "bms_ai: soc"} <= names
-    assert any(n.startswith("bms_ai: cell") for n in names)  # fault_monitor's limit checks
+    assert {"can_bridge: can_bus", "estimator: soc"} <= names
+    assert any(n.startswith("fault_monitor: cell") for n in names)  # fault_monitor's limit checks
 
 
 def _netns_ok() -> bool:
@@ -155,10 +155,10 @@ def test_b_processes_over_udp_multicast_in_private_netns(tmp_path):
     end_truth = float(np.interp(t_truth[0] + seconds, t_truth, soc_truth))
     assert abs(with_soc[-1]["soc"] - end_truth) < 0.05
     seen = {k: v for x in lines for k, v in x["diagnostics"].items()}
-    assert "bms_ai: can_bus" in seen and "bms_ai: soc" in seen
-    during = [x["diagnostics"].get("bms_ai: can_bus") for x in with_soc[1:-3]]
+    assert "can_bridge: can_bus" in seen and "estimator: soc" in seen
+    during = [x["diagnostics"].get("can_bridge: can_bus") for x in with_soc[1:-3]]
     assert 0 in during  # can_bus OK while the replayer sends
-    assert lines[-1]["diagnostics"]["bms_ai: can_bus"] == 3  # STALE once the replay has ended
+    assert lines[-1]["diagnostics"]["can_bridge: can_bus"] == 3  # STALE once the replay has ended
 
 
 def _estimates(log: Path, speed: str) -> list[tuple[float, float]]:

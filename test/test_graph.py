@@ -16,9 +16,12 @@ from bms_ai.graph import (
     FALSE_WORDS,
     NODE_NAMES,
     OPTIONS,
+    PARAMETER_LIMITS,
     TRUE_WORDS,
     build_graph,
+    check_parameter,
     coerce_parameter,
+    describe_limit,
     graph_from_options,
     launch_node_kwargs,
     load_params_file,
@@ -328,3 +331,60 @@ def test_entry_points_match_graph(root):
 
     for _name, exe, module in NODES:
         assert f'"{exe} = {module}:main"' in setup
+
+
+# ----------------------------------------------------------------------------- parameter limits
+
+@pytest.mark.parametrize(("item", "says"), [
+    ("can_bridge.rate_hz=0.0", "can_bridge: parameter rate_hz must be > 0 and <= 1000, got 0.0"),
+    ("can_bridge.rate_hz=-5", "parameter rate_hz must be > 0"),
+    ("can_bridge.rate_hz=nan", "parameter rate_hz must be a finite number, got nan"),
+    ("fault_monitor.rate_hz=0", "fault_monitor: parameter rate_hz must be > 0"),
+    ("estimator.initial_soc=1.5", "estimator: parameter initial_soc must be <= 1, got 1.5"),
+    ("estimator.efc0=inf", "parameter efc0 must be a finite number"),
+    ("*.stale_after=0", "*: parameter stale_after must be > 0"),
+])
+def test_out_of_range_set_values_stop_the_graph_before_it_starts(item, says):
+    """rate_hz=0.0 would divide by zero in can_bridge: one line naming node, parameter and span instead."""
+    with pytest.raises(ValueError) as ei:
+        graph_from_options({"set": item})
+    assert str(ei.value).startswith("set (--set): ") and says in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_in_range_values_pass_unchanged():
+    """The --help example and the boundary values that are allowed."""
+    specs = graph_from_options({"set": "can_bridge.rate_hz=20 estimator.initial_soc=1 can_bridge.replay_speed=0"})
+    assert {s.name: s.parameters for s in specs}["can_bridge"]["rate_hz"] == 20
+    assert check_parameter("rate_hz", 1000.0) == 1000.0 and check_parameter("initial_soc", -1.0) == -1.0
+    assert check_parameter("topics", ["a=b"]) == ["a=b"] and check_parameter("replay_loop", True) is True
+    assert describe_limit("rate_hz", "rate") == "rate (range: > 0 and <= 1000)"
+    assert describe_limit("frame_id", "frame") == "frame"
+    assert all(lim.text for lim in PARAMETER_LIMITS.values())
+
+
+def test_cli_run_with_zero_rate_is_one_line_error(capsys):
+    """`bms-ai run --set can_bridge.rate_hz=0.0`: exit 1 and one line, no ZeroDivisionError traceback."""
+    from bms_ai.cli import main
+
+    rc = main(["run", "--nodes", "can_bridge", "--params", "", "--set", "can_bridge.rate_hz=0.0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["bms-ai run: error: set (--set): can_bridge: parameter rate_hz must be > 0 and <= 1000, "
+                               "got 0.0"]
+
+
+def test_hardware_id_is_unique_per_namespace():
+    """The default namespace keeps the pack id; any other qualifies it, so two packs never share one."""
+    from bms_ai.graph import pack_hardware_id
+
+    assert pack_hardware_id("pack96-ref", "/bms") == "pack96-ref" == pack_hardware_id("pack96-ref", "/")
+    ids = {pack_hardware_id("pack96-ref", ns) for ns in ("/bms", "/pack_a", "/pack_b", "/fleet/pack_a")}
+    assert ids == {"pack96-ref", "pack_a/pack96-ref", "pack_b/pack96-ref", "fleet/pack_a/pack96-ref"}
+
+
+def test_status_names_follow_diagnostic_updater():
+    """``<node>: <check>`` both ways; a name without a node part has none."""
+    from bms_ai.core.levels import split_status_name, status_name
+
+    assert status_name("estimator", "soc") == "estimator: soc"
+    assert split_status_name("fault_monitor: cell overvoltage") == ("fault_monitor", "cell overvoltage")
+    assert split_status_name("plain") == ("", "plain") and split_status_name(": x") == ("", ": x")

@@ -144,3 +144,138 @@ def test_shipped_models_verify(root: Path, tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "m", {"soc": soc_model_expectation()})
     reg.poll()
     assert reg.get("soc", "lfp") is not None
+
+
+# ----------------------------------------------------------------------------- run-time output guard
+
+def _trap_onnx(path: Path, kind: str, n_in: int = N_SOC_FEATURES) -> None:
+    """A model that is fine on the zero smoke input and wrong on real ones (x0 = a cell voltage > 0).
+
+    ``nan``: soc = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: soc = 1e30 * x0.
+    """
+    w = np.zeros((n_in, 1), np.float32)
+    w[0, 0] = 1.0
+    nodes = [helper.make_node("MatMul", ["features", "w"], ["xw"])]
+    if kind == "nan":
+        nodes += [helper.make_node("Neg", ["xw"], ["nx"]), helper.make_node("Sqrt", ["nx"], ["r"]),
+                  helper.make_node("Mul", ["r", "zero"], ["r0"]), helper.make_node("Sigmoid", ["xw"], ["sg"]),
+                  helper.make_node("Add", ["sg", "r0"], ["soc"])]
+    else:
+        nodes += [helper.make_node("Mul", ["xw", "big"], ["soc"])]
+    nodes += [helper.make_node("Mul", ["xw", "zero"], ["xz"]), helper.make_node("Add", ["xz", "s"], ["sigma"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
+             numpy_helper.from_array(np.array([1e30], np.float32), "big"),
+             numpy_helper.from_array(np.array([0.02], np.float32), "s")]
+    g = helper.make_graph(nodes, "trap", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_in])],
+                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                           helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def _trap_entry(d: Path, kind: str) -> ModelEntry:
+    f = f"trap_{kind}.onnx"
+    _trap_onnx(d / f, kind)
+    return ModelEntry(name=f"trap_{kind}", version=1, file=f, sha256=sha256_file(d / f), task="soc", chemistry="nmc",
+                      inputs=[TensorSpec("features", ["batch", N_SOC_FEATURES])],
+                      outputs=[TensorSpec("soc", ["batch", 1], units=["1"], range=[-0.1, 1.1]),
+                               TensorSpec("sigma", ["batch", 1], units=["1"], range=[0.0, 10.0])],
+                      feature_version=FEATURE_VERSION)
+
+
+@pytest.mark.parametrize(("kind", "needle", "counter"), [("nan", "non-finite", "guard_non_finite"),
+                                                         ("huge", "outside the declared range", "guard_out_of_range")])
+def test_guard_refuses_outputs_the_smoke_test_cannot_see(tmp_path: Path, kind: str, needle: str, counter: str) -> None:
+    """NaN or 1e30 only on real inputs: the model loads, but the guard refuses those rows and counts them."""
+    e = _trap_entry(tmp_path, kind)
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is not None, res.reason                 # zeros: finite and in range
+    x = np.zeros((4, N_SOC_FEATURES), np.float32)
+    x[1:, 0] = 3.7                                           # three cells with a real voltage
+    outs, verdict = res.model.run_guarded(x)
+    assert verdict.ok.tolist() == [True, False, False, False] and not verdict.all_ok
+    assert needle in verdict.reason and "soc" in verdict.reason
+    stats = res.model.guard.stats()
+    assert stats[counter] == 3 and stats["guard_rejected_rows"] == 3 and stats["guard_rejected_calls"] == 1
+    assert res.model.guard.last_reason.startswith(f"trap_{kind}@1: ")
+    _, ok = res.model.run_guarded(np.zeros((4, N_SOC_FEATURES), np.float32))
+    assert ok.all_ok and res.model.guard.consecutive_rejected_calls == 0
+
+
+def test_guard_refuses_wrong_shapes_and_inference_errors(tmp_path: Path) -> None:
+    """Outputs that do not line up with the manifest, or an inference error, refuse every row."""
+    e = _trap_entry(tmp_path, "huge")
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is not None
+    guard = res.model.guard
+    v = guard.check([np.zeros((3, 1)), np.zeros((2, 1))])
+    assert v.ok.tolist() == [False] * 3 and "do not match" in v.reason
+    outs, v = res.model.run_guarded(np.zeros((2, 3), np.float32))      # wrong feature count
+    assert outs == [] and v.ok.tolist() == [False, False] and v.reason.startswith("inference failed")
+    assert guard.bad_shape == 1 and guard.consecutive_rejected_calls == 2
+
+
+def test_out_of_range_on_smoke_input_is_refused_at_load(tmp_path: Path) -> None:
+    """A declared range is checked at load too: soc = sigmoid(0) = 0.5 outside [0.6, 1] never goes live."""
+    e = _entry(tmp_path, 1)
+    e.outputs[0].range = [0.6, 1.0]
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is None and "smoke input: soc: 0.5 outside the declared range [0.6, 1]" in res.reason
+
+
+# ----------------------------------------------------------------------------- broken manifests at start and on reload
+
+@pytest.mark.parametrize("text", ["null", "[1, 2, 3]", '{"models": null}'])
+def test_broken_manifest_at_start_falls_back_with_reason(tmp_path: Path, text: str) -> None:
+    """The estimator starts on its classical filter and says why, instead of crashing."""
+    from bms_ai.estimation.pack import PackEstimator
+
+    (tmp_path / "manifest.json").write_text(text)
+    est = PackEstimator.from_model_dir(tmp_path, "nmc", 5.0)
+    est.poll_models()
+    model, reason = est.soc_model()
+    assert model is None and reason.startswith("no model: manifest.json: ")
+    assert any(ev.startswith("manifest error:") for ev in est.model_events)
+
+
+@pytest.mark.parametrize("text", ["null", "[1, 2, 3]", '{"models": null}', '{"models": [{"name": 1}]}'])
+def test_broken_manifest_on_hot_reload_keeps_the_model(tmp_path: Path, root: Path, text: str) -> None:
+    """Hot reload of a broken manifest keeps the last good model and reports the error."""
+    shutil.copytree(root / "models", tmp_path / "m")
+    reg = ModelRegistry(tmp_path / "m", {"soc": soc_model_expectation()})
+    assert reg.poll()
+    active = reg.get("soc", "nmc")
+    (tmp_path / "m" / "manifest.json").write_text(text)
+    assert not reg.poll()
+    assert reg.get("soc", "nmc") is active and reg.slot("soc", "nmc").reason == ""
+    assert reg.errors and reg.events[-1].startswith("manifest error: manifest.json")
+
+
+def test_missing_model_directory_is_named_in_the_fallback_reason(tmp_path: Path) -> None:
+    """A mistyped --models / model_dir says so, instead of passing for "no model trained"."""
+    reg = ModelRegistry(tmp_path / "nope", {"soc": soc_model_expectation()})
+    assert not reg.poll()
+    assert reg.slot("soc", "nmc").reason == f"no model: model directory not found: {tmp_path / 'nope'}"
+
+
+def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) -> None:
+    """A model the guard keeps refusing is retired: fallback with the reason, never reloaded, v2 still loads."""
+    upsert_entry(tmp_path, _trap_entry(tmp_path, "huge"))
+    reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
+    assert reg.poll()
+    model = reg.get("soc", "nmc")
+    x = np.full((2, N_SOC_FEATURES), 3.7, np.float32)
+    for _ in range(3):
+        _, verdict = model.run_guarded(x)
+    assert model.guard.consecutive_rejected_calls == 3 and not verdict.ok.any()
+    assert reg.retire(model, model.guard.last_reason) and not reg.retire(model, "again")
+    slot = reg.slot("soc", "nmc")
+    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: soc: ")
+    (tmp_path / "extra.txt").write_text("directory changed")
+    (tmp_path / "touch.json").write_text("{}")
+    reg.poll()
+    assert reg.get("soc", "nmc") is None                     # the retired file is not loaded again
+    e2 = _entry(tmp_path, 2)
+    (tmp_path / (e2.file + ".json")).write_text(json.dumps(e2.to_dict()))
+    assert reg.poll() and reg.get("soc", "nmc").version == 2

@@ -72,10 +72,10 @@ def test_replayed_log_published_values_and_stale_on_silence(ros, drive_log, cfg)
     assert all(np.isfinite(m.cell_voltage).all() for m in replayed[5:])
     # the log ends: STALE within 1 s of silence, values age out to NaN
     t_end = time.monotonic()
-    assert ros.wait_for(lambda: 3 in diag_levels(diags, "bms_ai: can_bus"), timeout=3)
+    assert ros.wait_for(lambda: 3 in diag_levels(diags, "can_bridge: can_bus"), timeout=3)
     assert time.monotonic() - t_end < 1.5
     assert ros.wait_for(lambda: math.isnan(got[-1].voltage), timeout=4)
-    vals = diag_values(diags, "bms_ai: can_bus")
+    vals = diag_values(diags, "can_bridge: can_bus")
     assert vals["rejected_crc_error"] == "1"
     assert all(st.hardware_id == cfg.pack_id for a in diags for st in a.status)
 
@@ -96,12 +96,12 @@ def test_live_virtual_bus_and_bad_frames_reported(ros, cfg):
             if i % 50 == 0:
                 time.sleep(0.03)
         assert ros.wait_for(lambda: any(np.isfinite(m.cell_voltage).all() for m in got), timeout=5)
-        ok = ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_dlc_error") == "1", timeout=3)
-        assert ok, diag_values(diags, "bms_ai: can_bus")
-        v = diag_values(diags, "bms_ai: can_bus")
+        ok = ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_dlc_error") == "1", timeout=3)
+        assert ok, diag_values(diags, "can_bridge: can_bus")
+        v = diag_values(diags, "can_bridge: can_bus")
         assert v["rejected_unknown_id"] == "1" and "0x7AB:1" in v["unknown_ids"]
-        assert 1 in diag_levels(diags, "bms_ai: can_bus")  # WARN for the rejected frames
-        assert ros.wait_for(lambda: diag_levels(diags, "bms_ai: can_bus")[-1:] == [3], timeout=3)  # silence
+        assert 1 in diag_levels(diags, "can_bridge: can_bus")  # WARN for the rejected frames
+        assert ros.wait_for(lambda: diag_levels(diags, "can_bridge: can_bus")[-1:] == [3], timeout=3)  # silence
     finally:
         bus.shutdown()
 
@@ -138,4 +138,61 @@ def test_max_speed_batch_replay_equals_offline_decode(ros, drive_log, cfg):
     np.testing.assert_allclose([m.voltage for m in got[: len(expected)]], expected.pack_voltage, rtol=1e-6)
     np.testing.assert_allclose(np.array([m.cell_temperature for m in got[: len(expected)]]),
                                expected.cell_temperatures, atol=1e-4)
-    assert ros.wait_for(lambda: diag_values(diags, "bms_ai: can_bus").get("rejected_crc_error") == "1", timeout=3)
+    assert ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_crc_error") == "1", timeout=3)
+
+
+def _diag_message(diags, name: str) -> str:
+    msgs = [st.message for a in diags for st in a.status if st.name == name]
+    return msgs[-1] if msgs else ""
+
+
+def test_reader_failure_is_error_with_reason_on_diagnostics(ros, drive_log, tmp_path):
+    """The log disappears before the reader starts: /diagnostics says ERROR and why, not "no frame yet"."""
+    log = tmp_path / "gone.blf"
+    log.write_bytes(drive_log.read_bytes())
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    node = _node(ros, can_log=str(log), replay_speed=0.0, wait_for_subscribers=1)
+    log.unlink()
+    ros.collect(BatteryState, "/bms/pack/measurements")  # the reader the replay waits for
+    assert ros.wait_for(lambda: node.reader_failed, timeout=10)
+    assert ros.wait_for(lambda: 2 in diag_levels(diags, "can_bridge: can_bus"), timeout=3)
+    msg = _diag_message(diags, "can_bridge: can_bus")
+    assert msg.startswith("CAN reader stopped: FileNotFoundError") and "gone.blf" in msg
+
+
+@pytest.mark.parametrize("speed", [0.0, 100.0])
+def test_damaged_stamps_and_gaps_never_freeze_the_bridge(ros, tmp_path, speed):
+    """1e300 / inf stamps and a 1e9 s gap: samples flow, rejections are counted, the node stops promptly.
+
+    The gap gives at most max_catchup samples (600) and, replayed in time, lasts MAX_REPLAY_GAP (60 s of
+    log time: 0.6 s at 100x).
+    """
+    log = tmp_path / "damaged.log"
+    good = "120#E0306097F8FFE1FF"
+    stamps = ["100.0", "1e300", "100.05", "inf", "100.5", "-3.0", "1000000100.5", "1000000100.6"]
+    log.write_text("".join(f"({t}) can0 {good}\n" for t in stamps))
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    time.sleep(0.3)
+    node = _node(ros, can_log=str(log), replay_speed=speed)
+    assert ros.wait_for(lambda: len(got) >= 4 + 600, timeout=10)
+    assert ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_bad_time") == "3", timeout=5)
+    assert int(diag_values(diags, "can_bridge: can_bus")["samples_skipped_gaps"]) > 1e9
+    assert ros.wait_for(lambda: node.lock.acquire(timeout=0.5) and (node.lock.release() or True), timeout=2)
+    t0 = time.monotonic()
+    node.destroy_node()
+    ros.nodes.remove(node)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_truncated_log_is_reported_once_replayed(ros, drive_log, tmp_path):
+    """A BLF cut short: the frames before the cut are published, then ERROR naming the truncation."""
+    log = tmp_path / "cut.blf"
+    log.write_bytes(drive_log.read_bytes()[:-200])
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    time.sleep(0.3)
+    _node(ros, can_log=str(log), replay_speed=0.0, stale_after=0.3)
+    assert ros.wait_for(lambda: len(got) >= 10, timeout=10)
+    assert ros.wait_for(lambda: "truncated" in _diag_message(diags, "can_bridge: can_bus"), timeout=5)
+    assert 2 in diag_levels(diags, "can_bridge: can_bus")

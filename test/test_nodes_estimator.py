@@ -74,14 +74,14 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
     assert last.design_capacity == pytest.approx(d.capacity_ah)
     assert np.isfinite(last.capacity) and last.capacity > 0
     assert last.power_supply_health == BatteryState.POWER_SUPPLY_HEALTH_GOOD
-    soc_kv = diag_values(diags, "bms_ai: soc")
+    soc_kv = diag_values(diags, "estimator: soc")
     assert soc_kv["method"] == "learned", soc_kv
     assert soc_kv["model"].startswith("soc_eta_nmc@")
     assert 0 < float(soc_kv["soc_sigma"]) < 0.05
     assert float(soc_kv["inference_ms"]) > 0
-    assert diag_levels(diags, "bms_ai: soc")[-1] == 0
-    assert diag_values(diags, "bms_ai: soh")
-    assert all(st.hardware_id == "pack96-ref" for a in diags for st in a.status if st.name.startswith("bms_ai: so"))
+    assert diag_levels(diags, "estimator: soc")[-1] == 0
+    assert diag_values(diags, "estimator: soh")
+    assert all(st.hardware_id == "pack96-ref" for a in diags for st in a.status if st.name.startswith("estimator: so"))
     assert node.est.rejected == 0
 
 
@@ -94,9 +94,9 @@ def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, 
         f.write_bytes(bytes(data))
     node, d, states, diags = _replay(harness, mdir, 30.0, initial_soc=float(d_soc0()))
     assert len(states) >= 150
-    kv = diag_values(diags, "bms_ai: soc")
+    kv = diag_values(diags, "estimator: soc")
     assert kv["method"] == "classical" and "sha256 mismatch" in kv["fallback_reason"], kv
-    assert diag_levels(diags, "bms_ai: soc")[-1] == 1        # WARN while on the fallback
+    assert diag_levels(diags, "estimator: soc")[-1] == 1        # WARN while on the fallback
     t_last = states[-1].header.stamp.sec + states[-1].header.stamp.nanosec * 1e-9 - T0
     assert abs(states[-1].percentage - np.interp(t_last, d.t, d.soc.mean(axis=1))) < 0.05
 
@@ -139,21 +139,21 @@ def test_node_hot_reloads_a_new_model_and_rejects_a_bad_one(harness: RosHarness,
         time.sleep(0.3)
 
     play(5.0)
-    assert diag_values(diags, "bms_ai: soc")["model"] == f"{nmc.name}@{nmc.version}"
+    assert diag_values(diags, "estimator: soc")["model"] == f"{nmc.name}@{nmc.version}"
     # drop v2 (file first, then its sidecar entry)
     v2 = json.loads(json.dumps(nmc.to_dict()))
     v2["version"], v2["file"] = nmc.version + 1, f"{nmc.name}_v{nmc.version + 1}.onnx"
     shutil.copy(root / "models" / nmc.file, mdir / v2["file"])
     (mdir / (v2["file"] + ".json")).write_text(json.dumps(v2))
     play(5.0)
-    assert diag_values(diags, "bms_ai: soc")["model"] == f"{nmc.name}@{nmc.version + 1}"
+    assert diag_values(diags, "estimator: soc")["model"] == f"{nmc.name}@{nmc.version + 1}"
     # a bad v3 (hash mismatch) is rejected, v2 stays, estimates continue
     v3 = dict(v2, version=nmc.version + 2, file=f"{nmc.name}_v{nmc.version + 2}.onnx", sha256="0" * 64)
     shutil.copy(root / "models" / nmc.file, mdir / v3["file"])
     (mdir / (v3["file"] + ".json")).write_text(json.dumps(v3))
     steps = node.est.steps
     play(5.0)
-    kv = diag_values(diags, "bms_ai: soc")
+    kv = diag_values(diags, "estimator: soc")
     assert kv["model"] == f"{nmc.name}@{nmc.version + 1}"
     assert "rejected" in kv["last_model_event"] and "sha256 mismatch" in kv["last_model_event"]
     assert kv["method"] == "learned" and node.est.steps > steps
@@ -165,7 +165,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
     (tmp_path / "empty").mkdir()
     node, _, states, diags = _replay(harness, tmp_path / "empty", 15.0)
     assert len(states) >= 75
-    kv = diag_values(diags, "bms_ai: soc")
+    kv = diag_values(diags, "estimator: soc")
     assert kv["method"] == "classical"
     assert kv["model_fallback"] == "True", kv
     assert node.est.health.ocv is not None and node.est.health.rul_est is not None
@@ -173,9 +173,9 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
 
 def test_model_fallback_false_on_the_nn(harness: RosHarness, root: Path) -> None:
     node, _, _, diags = _replay(harness, root / "models", 120.0)
-    kv = diag_values(diags, "bms_ai: soc")
+    kv = diag_values(diags, "estimator: soc")
     assert kv["method"] == "learned" and kv["model_fallback"] == "False", kv
-    assert diag_values(diags, "bms_ai: rul")
+    assert diag_values(diags, "estimator: rul")
 
 
 def test_all_nan_measurements_hold_the_estimate(tmp_path):

@@ -84,3 +84,25 @@ def test_replay_of_a_missing_log_is_one_line(tmp_path, capsys):
                      bus_options="{}", speed=1.0, loop=False, clock=False, start_delay=0.0)
     assert run(args) == 1
     assert "CAN log not found" in capsys.readouterr().err
+
+
+def test_replay_of_damaged_stamps_only_is_exit_1(tmp_path, capsys):
+    """inf stamps: the frames go out unpaced and counted; nothing valid replayed is exit status 1, said in a line."""
+    log = tmp_path / "inf.log"
+    log.write_text("(inf) can0 120#E0306097F8FFE1FF\n(1e300) can0 120#E0306097F8FFE1FF\n")
+    args = Namespace(log=str(log), interface="virtual", channel="replay_inf", bus_options="{}",
+                     speed=1.0, loop=False, clock=False, start_delay=0.0)
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert '"bad_stamps": 2' in err and "nothing valid replayed" in err
+
+
+def test_replay_of_a_truncated_log_warns_and_is_exit_1(tmp_path, messages, capsys):
+    """A BLF cut short: the frames before the cut are sent, a warning names the truncation."""
+    log = write_log(tmp_path / "cut.blf", messages)
+    log.write_bytes(log.read_bytes()[:-50])
+    args = Namespace(log=str(log), interface="virtual", channel="replay_cut", bus_options="{}",
+                     speed=0.0, loop=False, clock=False, start_delay=0.0)
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert "warning:" in err and "truncated" in err

@@ -129,6 +129,15 @@ def test_bad_run_options_are_one_line_errors(capsys, extra, says):
     assert rc == 1 and len(err) == 1 and says in err[0], err
 
 
+def test_out_of_range_params_file_value_is_one_line_error(tmp_path, capsys):
+    """A params file (not only --set) giving rate_hz: 0 stops at the node's declare(), one line naming it."""
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    rate_hz: 0\n")
+    rc = main(["run", "--nodes", "fault_monitor", "--params", str(params), "--duration", "0.3"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bms-ai run")]
+    assert rc == 1 and err == ["bms-ai run: error: /bms/fault_monitor: parameter rate_hz must be > 0 and <= 1000, got 0.0"]
+
+
 def _mismatches(runner, params_file) -> list[str]:
     """Keys of a params file that are no declared parameter of the node, or whose value has another type."""
     out = []
@@ -168,3 +177,31 @@ def test_shipped_params_file_sets_only_declared_parameters(root, tmp_path):
         assert not any("frame_id" in f for f in found if f.startswith("can_bridge"))
     finally:
         runner.shutdown()
+
+
+def test_two_packs_on_defaults_report_apart_on_diagnostics():
+    """Two namespaces, both on the default pack id: status names carry the node, hardware ids the namespace."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(build_graph("/pack_a", ["fault_monitor"]) + build_graph("/pack_b", ["fault_monitor"]))
+    seen: set[tuple[str, str]] = set()
+    node = runner.nodes[0]
+    sub = node.create_subscription(DiagnosticArray, "/diagnostics",
+                                   lambda m: seen.update((s.name, s.hardware_id) for s in m.status), 50)
+    want = {("fault_monitor: fault monitor", "pack_a/pack96-ref"), ("fault_monitor: fault monitor", "pack_b/pack96-ref")}
+    try:
+        runner.spin(until=lambda: want <= seen, duration=10)
+    finally:
+        node.destroy_subscription(sub)
+        runner.shutdown()
+    assert want <= seen and not any(name.startswith("bms_ai: ") for name, _ in seen)
+
+
+def test_run_with_a_missing_can_log_is_one_line_exit_2(tmp_path, capsys):
+    """`bms-ai run --can-log /nonexistent.blf`: a usage error in one line, no traceback."""
+    code = main(["run", "--can-log", str(tmp_path / "nonexistent.blf"), "--duration", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"bms-ai run: error: CAN log not found: {tmp_path / 'nonexistent.blf'}"

@@ -21,6 +21,7 @@ from bms_ai.uplink.uploader import RetryPolicy
 BS = "sensor_msgs/msg/BatteryState"
 DA = "diagnostic_msgs/msg/DiagnosticArray"
 LOG = "rcl_interfaces/msg/Log"
+DB = 1 << 20  # database allowance in quota arithmetic (its real size stays below this)
 
 
 def battery(i: int):
@@ -137,8 +138,8 @@ def test_rotation_by_size_and_time(tmp_path: Path) -> None:
 
 
 def test_eviction_lowest_priority_oldest_first_and_counted(tmp_path: Path) -> None:
-    """A full spool evicts the lowest class, oldest first, and counts it."""
-    sp = Spool(tmp_path / "s", quota_bytes=10_000, min_free_bytes=0, fsync=False)
+    """A full spool evicts the lowest class, oldest first, and counts it (the database counts as 1 MiB here)."""
+    sp = Spool(tmp_path / "s", quota_bytes=DB + 10_000, min_free_bytes=0, fsync=False, db_reserve_bytes=DB)
 
     def add(cls: str, n: int, tag: str):
         p = sp.new_part_path()
@@ -406,3 +407,201 @@ def test_crashed_segment_complete_chunks_are_salvaged(tmp_path: Path) -> None:
     sp3 = Spool(crashed, min_free_bytes=0, fsync=False)
     assert sp3.last_recovery.partial_removed == 1 and sp3.last_recovery.salvaged_messages == 0
     sp3.close()
+
+
+# ----------------------------------------------------------------------------- space, snapshots, unsafe files
+# What is real here: files on the real disk, SQLite, the MCAP writer, recorder and spool. What is simulated:
+# the size of the disk. SmallDisk is the spool's file-system seam (SpoolFS) with a capacity: free space is
+# capacity - (bytes of every file under the spool folder) - bytes "others" use, and a write that does not fit
+# raises ENOSPC before touching the disk. The real disk is never filled.
+
+import errno  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+from bms_ai.uplink.fsio import SpoolFS  # noqa: E402
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of every file under ``root`` (what a quota must cover), symlinks not followed."""
+    return sum(p.lstat().st_size for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+class _SmallFile:
+    """A file on the SmallDisk: unbuffered, so its size on disk is always what was written."""
+
+    def __init__(self, path: Path, disk: SmallDisk) -> None:
+        self._f = open(path, "xb", buffering=0)  # noqa: SIM115
+        self.disk = disk
+
+    def write(self, data: bytes) -> int:
+        if self.disk.enospc or len(data) > self.disk.free_bytes(self.disk.root):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+
+class SmallDisk(SpoolFS):
+    """A disk of ``capacity`` bytes holding the spool folder and ``other`` bytes of somebody else's."""
+
+    def __init__(self, root: Path, capacity: int, other: int = 0) -> None:
+        self.root, self.capacity, self.other = root, capacity, other
+        self.enospc = False  # True: every write and fsync fails, whatever the free space says
+
+    def free_bytes(self, path: Path) -> int:
+        return self.capacity - self.other - tree_bytes(self.root)
+
+    def open_write(self, path: Path):  # noqa: ANN201
+        return _SmallFile(path, self)
+
+    def fsync_path(self, path: Path) -> None:
+        if self.enospc:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().fsync_path(path)
+
+
+_NOISE: list[bytes] = []
+
+
+def noisy(rng: random.Random, i: int) -> bytes:
+    """A BatteryState whose cells are noise (compresses poorly, like real raw data); 300 of them, reused."""
+    if not _NOISE:
+        r = random.Random(0)
+        for k in range(300):
+            m = battery(k)
+            m.cell_voltage = [r.random() for _ in range(96)]
+            m.cell_temperature = [r.random() for _ in range(96)]
+            _NOISE.append(serialize_message(m))
+    return _NOISE[(i * 7 + rng.randrange(300)) % 300]
+
+
+@pytest.mark.parametrize("bound", ["quota", "min_free"])
+def test_quota_and_min_free_cover_every_file_checked_before_writing(tmp_path: Path, bound: str) -> None:
+    """Quota 4 MiB / min free 5 MiB hold at every moment: segments being written and the database count.
+
+    Before: only acknowledged segments counted and only at commit, so open .part files (up to max_mb each),
+    the database and its WAL pushed the folder to 13 MiB over a 4 MiB quota.
+    """
+    root = tmp_path / "s"
+    root.mkdir()
+    quota, min_free = 4 << 20, 5 << 20
+    disk = SmallDisk(root, capacity=64 << 20 if bound == "quota" else 8 << 20)  # min_free: 3 MiB usable
+    sp = Spool(root, quota_bytes=quota, min_free_bytes=min_free, fsync=False, fs=disk)
+    rec = Recorder(sp, {"pack/measurements": "raw", "battery_state": "estimates", "/diagnostics": "diagnostics"},
+                   max_bytes=8 << 20, max_duration_s=1e9, chunk_size=64 << 10, snapshot_pre_s=5.0,
+                   snapshot_post_s=5.0)
+    rng = random.Random(5)
+    for i in range(6000):  # ~7 MiB of noise at 100 Hz, 10 Hz estimates, 1 Hz diagnostics; a fault at 30 s
+        t = i * 10**7
+        rec.write("pack/measurements", BS, noisy(rng, i), t)
+        if i % 10 == 0:
+            rec.write("battery_state", BS, noisy(rng, i), t)
+        if i % 100 == 0:
+            rec.write("/diagnostics", DA, serialize_message(diag(0)), t)
+            rec.tick(t)
+        if i == 3000:
+            rec.trigger_snapshot(t, "bms_ai: limits")
+        if i % 250 == 0:
+            assert tree_bytes(root) <= quota, f"spool folder {tree_bytes(root)} B over the quota at message {i}"
+            assert disk.free_bytes(root) >= min_free, f"free space {disk.free_bytes(root)} B at message {i}"
+    rec.flush()
+    assert tree_bytes(root) <= quota and disk.free_bytes(root) >= min_free
+    c = sp.counters()
+    assert c["evicted"] > 0 and rec.stats.disk_full == 0, (c, rec.stats, rec.paused)  # evicted, never hit the wall
+    assert {r["cls"] for r in sp.rows() if r["state"] == "evicted"} == {"raw"}
+    newest_raw = max(json.loads(r)["last_ns"] for r in
+                     [sp._db.execute("SELECT meta FROM segments WHERE id=?", (x["id"],)).fetchone()[0]
+                      for x in sp.rows() if x["cls"] == "raw" and x["state"] == "pending"])
+    assert newest_raw >= 5990 * 10**7  # recording kept going to the end, evicting the oldest raw data
+    sp.close()
+
+
+def test_fault_snapshot_larger_than_the_quota_is_split_and_the_nearest_part_kept(tmp_path: Path) -> None:
+    """A snapshot bigger than the quota: parts that fit, the ones around the trigger kept; none refused whole."""
+    root = tmp_path / "s"
+    sp = Spool(root, quota_bytes=DB + (1 << 20), min_free_bytes=0, fsync=False, db_reserve_bytes=DB)
+    rec = Recorder(sp, {"pack/measurements": "raw"}, max_bytes=8 << 20, max_duration_s=1e9, chunk_size=16 << 10,
+                   snapshot_pre_s=20.0, snapshot_post_s=10.0, compression="none")
+    rng = random.Random(2)
+    trigger = 2000 * 10**7
+    for i in range(3000):  # 100 Hz of ~900 B: 20 s before the fault = ~1.8 MB, more than the 1 MiB quota
+        if i == 2000:
+            assert rec.trigger_snapshot(trigger, "bms_ai: limits")
+        rec.write("pack/measurements", BS, noisy(rng, i), i * 10**7)
+    rec.flush()
+    snaps = [r for r in sp.rows() if r["cls"] == "fault_snapshot" and r["state"] == "pending"]
+    assert len(snaps) >= 2 and sp.counters()["rejected"] == 0
+    assert all(r["size"] <= rec.part_bytes for r in snaps)
+    times = sorted(t for r in snaps for *_, t in read_segment(sp.segments_dir / r["file"]))
+    assert times[0] <= trigger - 10**9 and trigger in times and times[-1] >= trigger + 10**9  # around the fault
+    assert times[-1] - times[0] < 30 * 10**9 and rec.stats.snapshot_truncated >= 1  # not all of it fitted
+    assert len(times) == len(set(times)) and times == list(range(times[0], times[-1] + 1, 10**7))  # one window
+    sp.close()
+
+
+def test_symlinks_and_special_files_are_never_adopted_or_uploaded(tmp_path: Path) -> None:
+    """A symlink (or FIFO) in segments/ is moved aside unfollowed and counted; nothing outside reaches the cloud."""
+    import hashlib
+
+    from bms_ai.uplink.backends import make_backend
+    from bms_ai.uplink.uploader import Uploader
+    root = tmp_path / "s"
+    sp = Spool(root, min_free_bytes=0, fsync=False)
+    p = sp.new_part_path()
+    p.write_bytes(b"real segment" * 10)
+    good = sp.commit(p, "raw")
+    sp.close()
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for the cloud")
+    h = hashlib.sha256(secret.read_bytes()).hexdigest()
+    (root / "segments" / f"{h}.raw.bin").symlink_to(secret)  # name and hash check out: was adopted before
+    os.mkfifo(root / "segments" / f"{'f' * 64}.raw.bin")
+    (root / "incoming" / "1-abc.raw.mcap.part").symlink_to(secret)
+    sp2 = Spool(root, min_free_bytes=0, fsync=False)
+    assert sp2.last_recovery.unsafe == 3 and sp2.counters()["unsafe_files"] == 3
+    assert [s.sha256 for s in sp2.pending()] == [good.sha256]
+    # a pending segment's file swapped for a symlink later is not followed at upload time either
+    (root / "segments" / good.path.name).unlink()
+    (root / "segments" / good.path.name).symlink_to(secret)
+    out = tmp_path / "cloud"
+    assert Uploader(sp2, make_backend({"kind": "directory", "path": str(out)})).drain(5)
+    assert not out.exists() or not any(f.read_bytes() == secret.read_bytes() for f in out.iterdir() if f.is_file())
+    assert sp2.counters()["corrupt"] == 1 and secret.read_bytes() == b"not for the cloud"
+    sp2.close()
+
+
+def test_finished_but_unacknowledged_part_is_recovered_whole_with_its_metadata(tmp_path: Path) -> None:
+    """A segment finished but not acknowledged (shutdown cut after close, or the database was full):
+    the next start recovers every message and keeps its metadata (vehicle, class)."""
+    from mcap.reader import make_reader as reader
+    sp = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    w = SegmentWriter(sp.new_part_path(cls="diagnostics"), metadata={"vehicle": "p-abc", "priority_class": "diagnostics"},
+                      opener=sp.open_part)
+    for i in range(40):
+        w.write(Message("/diagnostics", DA, serialize_message(diag(0)), i * 10**8))
+    w.close()
+    sp.close()
+    sp2 = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    assert sp2.last_recovery.partial_removed == 1 and sp2.last_recovery.salvaged_messages == 40
+    seg = sp2.pending()[0]
+    assert seg.cls == "diagnostics" and len(read_segment(seg.path)) == 40
+    with open(seg.path, "rb") as f:
+        md = {m.name: dict(m.metadata) for m in reader(f).iter_metadata()}
+    assert md["bms_ai"]["vehicle"] == "p-abc"
+    assert not list(sp2.incoming.iterdir())
+    sp2.close()

@@ -1,11 +1,12 @@
 """Helpers shared by tests, in one module.
 
-- loopback ports and polling with a deadline;
+- loopback ports and polling with a deadline; a deadline, a memory cap and peak memory of a block of code;
 - a real mosquitto broker and an MQTT listener;
 - a synthetic pack drive encoded into frames of the reference DBC;
 - real rclpy in tests: a private context, an executor thread, collecting subscribers,
   diagnostic levels and values. rclpy is imported inside these helpers only, so the
-  library tier never loads it.
+  library tier never loads it;
+- fuzzing: JSON-like values for hypothesis and a per-case memory bound.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +111,71 @@ class Listener:
         """Disconnect and stop the client thread."""
         self.c.disconnect()
         self.c.loop_stop()
+
+
+class DeadlineError(AssertionError):
+    """A block of code ran past its deadline (a hang turned into a test failure)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, cpu: bool = False) -> Iterator[None]:
+    """Fail instead of hanging: raise :class:`DeadlineError` inside the block after ``seconds`` (main thread).
+
+    ``cpu``: count this process's CPU seconds instead of wall time, so a loaded
+    machine cannot fail a case that merely waited for a core (a hang spins the CPU).
+    If the signal lands where Python swallows exceptions (a gc callback), the
+    error is raised when the block ends instead.
+    """
+    expired: list[bool] = []
+
+    def expire(signum, frame):
+        expired.append(True)
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s")
+
+    sig, timer = (signal.SIGPROF, signal.ITIMER_PROF) if cpu else (signal.SIGALRM, signal.ITIMER_REAL)
+    old = signal.signal(sig, expire)
+    signal.setitimer(timer, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(timer, 0)
+        signal.signal(sig, old)
+    if expired:
+        raise DeadlineError(f"still running after {seconds} {'CPU ' if cpu else ''}s (raised late)")
+
+
+@contextlib.contextmanager
+def memory_cap(extra_bytes: int) -> Iterator[None]:
+    """Inside the block the process may grow by at most ``extra_bytes`` of address space (MemoryError beyond).
+
+    Far cheaper than tracemalloc per call, so a fuzz case can afford it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * resource.getpagesize()
+    cap = used + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Peak bytes Python and numpy allocated inside the block (tracemalloc), in the yielded list after it."""
+    out: list[int] = []
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        yield out
+    finally:
+        out.append(tracemalloc.get_traced_memory()[1] - base)
+        if started:
+            tracemalloc.stop()
 
 
 # ----------------------------------------------------------------------------- CAN
@@ -225,3 +294,32 @@ def diag_values(arrays, name: str) -> dict[str, str]:
             if st.name == name:
                 return {kv.key: kv.value for kv in st.values}
     return {}
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+FUZZ_DEADLINE_MS = 3000       # per case: a hang guard for hostile input, far above any honest case
+FUZZ_MAX_BYTES = 32 << 20     # per case: Python allocations at peak (a billion laughs reaches gigabytes)
+
+
+def json_like(max_leaves: int = 20):
+    """Hypothesis strategy: what a YAML or JSON document can hold (None, bools, numbers, text, lists, mappings)."""
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
+               | st.text(max_size=12))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                        max_leaves=max_leaves)
+
+
+def within_memory(fn: Callable[[], Any], max_bytes: int = FUZZ_MAX_BYTES) -> Any:
+    """``fn()`` with its peak Python allocation checked against ``max_bytes`` (raised or returned, as fn does)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= max_bytes, f"peak allocation {peak} bytes > {max_bytes}"

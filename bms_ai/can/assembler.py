@@ -13,11 +13,12 @@ import numpy as np
 
 from bms_ai.can.codec import frame_words
 from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route
+from bms_ai.can.frames import STAMP_MAX, STAMP_MIN, id_ok
 from bms_ai.pack import PackSample
 
 REJECT_REASONS = (
     "unknown_id", "dlc_error", "crc_error", "time_backwards", "non_finite",
-    "unknown_mux", "error_frame", "remote_frame", "bad_type",
+    "unknown_mux", "error_frame", "remote_frame", "bad_type", "bad_time", "bad_id",
 )
 
 
@@ -82,11 +83,15 @@ class PackAssembler:
             n = len(data)
         except (TypeError, ValueError):
             return self._reject("bad_type")
-        if not ts >= self.last_ts:  # also catches NaN
+        if not STAMP_MIN <= ts < STAMP_MAX:  # NaN, inf, negative, 1e300: no instant counts from it
+            return self._reject("bad_time")
+        if not ts >= self.last_ts:
             return self._reject("time_backwards")
         self.last_ts = ts
         route: Route | None = self._routes.get((arb_id, extended))
         if route is None:
+            if not id_ok(arb_id):
+                return self._reject("bad_id")
             self.unknown_ids[arb_id] = self.unknown_ids.get(arb_id, 0) + 1
             return self._reject("unknown_id")
         if n != route.length:

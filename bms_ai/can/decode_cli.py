@@ -7,12 +7,15 @@ import csv
 import json
 import math
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 
+from bms_ai.can.assembler import REJECT_REASONS
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.logs import read_log
-from bms_ai.can.offline import SampleTable, sample_frames
+from bms_ai.can.frames import FrameArrays
+from bms_ai.can.logs import read_log_chunks
+from bms_ai.can.offline import SampleTable, decode_chunks
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.core.paths import default_pack_config
 
@@ -33,14 +36,15 @@ def _num(v: float) -> float | None:
     return None if not math.isfinite(v) else round(float(v), 6)
 
 
-def write_table(t: SampleTable, fmt: str, out) -> None:
-    """One line per sample: CSV with a header, or JSON lines (NaN -> null)."""
+def write_table(t: SampleTable, fmt: str, out, header: bool = True) -> None:
+    """One line per sample: CSV with a header (unless a later chunk), or JSON lines (NaN -> null)."""
     n_c, n_t = t.cell_voltages.shape[1], t.cell_temperatures.shape[1]
     status = sorted(t.status)
     if fmt == "csv":
         w = csv.writer(out)
-        w.writerow(["t", "pack_voltage", "pack_current", *[f"cell_v_{i:03d}" for i in range(n_c)],
-                    *[f"cell_t_{i:02d}" for i in range(n_t)], *status])
+        if header:
+            w.writerow(["t", "pack_voltage", "pack_current", *[f"cell_v_{i:03d}" for i in range(n_c)],
+                        *[f"cell_t_{i:02d}" for i in range(n_t)], *status])
         for i in range(len(t)):
             w.writerow([f"{t.t[i]:.6f}", *(f"{x:.6g}" for x in (t.pack_voltage[i], t.pack_current[i])),
                         *(f"{x:.6g}" for x in t.cell_voltages[i]), *(f"{x:.6g}" for x in t.cell_temperatures[i]),
@@ -57,20 +61,43 @@ def write_table(t: SampleTable, fmt: str, out) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``bms-ai decode``: samples to a file or stdout, a one-line summary on stderr."""
+    """``bms-ai decode``: samples to a file or stdout, a one-line summary on stderr.
+
+    Exit status 0: the whole log read and frames decoded; 1: bad input, a
+    damaged or truncated log (the samples before the damage are written, a
+    ``warning:`` line names it) or nothing valid decoded (no frame accepted).
+    """
     cfg = load_pack_config(args.pack_config, dbc=args.dbc)
     if args.no_strict:
         from dataclasses import replace
 
         cfg = replace(cfg, dbc_strict=False)
     dec = PackDecoder(cfg)
-    frames = read_log(args.log)
-    table, _ = sample_frames(frames, dec, 1.0 / args.rate, args.max_age)
+    errors: list[str] = []
+    n_frames: list[int] = [0]
+    counts: Counter[str] = Counter()
+    rejected: Counter[str] = Counter(dict.fromkeys(REJECT_REASONS, 0))
+    # streamed chunk by chunk: memory flat in the log's length
+    chunks = _counted(read_log_chunks(args.log, errors=errors), n_frames)
     with (open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout)) as out:
-        write_table(table, args.format, out)
-    rej = {k: v for k, v in table.rejected.items() if v}
-    print(f"decoded {len(frames)} frames ({table.accepted} accepted, rejected {rej or 'none'}) "
-          f"-> {len(table)} samples", file=sys.stderr)
-    if frames.error:
-        print(f"warning: {frames.error}", file=sys.stderr)
-    return 0 if Path(args.log).is_file() else 1
+        for table in decode_chunks(chunks, dec, 1.0 / args.rate, args.max_age):
+            write_table(table, args.format, out, header=not counts["chunks"])
+            counts.update(chunks=1, samples=len(table), accepted=table.accepted, skipped=table.skipped)
+            rejected.update(table.rejected)
+        if not counts["chunks"]:  # not one frame: still the CSV header
+            write_table(next(decode_chunks([FrameArrays.empty()], dec, 1.0)), args.format, out)
+    rej = {k: v for k, v in rejected.items() if v}
+    gaps = f", {counts['skipped']} instants of long gaps skipped" if counts["skipped"] else ""
+    print(f"decoded {n_frames[0]} frames ({counts['accepted']} accepted, rejected {rej or 'none'}) "
+          f"-> {counts['samples']} samples{gaps}", file=sys.stderr)
+    for err in errors:
+        print(f"warning: {err}", file=sys.stderr)
+    if not counts["accepted"]:
+        print(f"warning: {args.log}: nothing decoded (no frame of the pack config accepted)", file=sys.stderr)
+    return 0 if counts["accepted"] and not errors else 1
+
+
+def _counted(chunks: Iterator[FrameArrays], n: list[int]) -> Iterator[FrameArrays]:
+    for frames in chunks:
+        n[0] += len(frames)
+        yield frames

@@ -7,10 +7,42 @@ building a python-can ``Message``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+#: CAN timestamps the decoders accept (s): time since the epoch or since the start of a log, up to
+#: the year 2106. Anything else (negative, NaN, inf, 1e300) is a damaged stamp: rejected and
+#: counted, because sample instants are counted in steps of the sample period from it.
+STAMP_MIN = 0.0
+STAMP_MAX = 2.0**32
+#: the largest arbitration id (29 bits); a reader's impossible id is stored as :data:`BAD_ID`
+MAX_ID = 0x1FFFFFFF
+BAD_ID = 0xFFFFFFFF
+
+
+def stamp_ok(ts: float) -> bool:
+    """A frame time the samplers can count instants from (NaN is not)."""
+    return STAMP_MIN <= ts < STAMP_MAX
+
+
+def stamps_ok(ts: np.ndarray) -> np.ndarray:
+    """:func:`stamp_ok` of every element."""
+    return (ts >= STAMP_MIN) & (ts < STAMP_MAX)
+
+
+def id_ok(arb_id) -> bool:
+    """An arbitration id a CAN frame can carry."""
+    return isinstance(arb_id, (int, np.integer)) and 0 <= arb_id <= MAX_ID
+
+
+def _stamp(m) -> float:
+    try:
+        return float(m.timestamp)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 class Frame:
@@ -33,7 +65,7 @@ class FrameArrays:
     """Frames of a log as columns (classic CAN, payload zero-padded to 8 bytes)."""
 
     ts: np.ndarray  # float64 seconds
-    ids: np.ndarray  # uint32 arbitration id
+    ids: np.ndarray  # uint32 arbitration id (BAD_ID where the reader gave an impossible one)
     ext: np.ndarray  # bool
     dlc: np.ndarray  # int16 payload length
     data: np.ndarray  # (N, 8) uint8
@@ -44,8 +76,17 @@ class FrameArrays:
         return int(self.ts.shape[0])
 
     @classmethod
+    def empty(cls) -> FrameArrays:
+        """No frames."""
+        return cls.from_messages([])
+
+    @classmethod
     def from_messages(cls, msgs: Iterable) -> FrameArrays:
-        """Columns from python-can messages (any reader's output), bad frames flagged rather than dropped."""
+        """Columns from python-can messages (any reader's output), bad frames flagged rather than dropped.
+
+        Impossible ids become :data:`BAD_ID` and unreadable stamps NaN: the
+        decoders count them as rejected instead of a reader raising.
+        """
         msgs = list(msgs)
         n = len(msgs)
         ts = np.empty(n)
@@ -55,12 +96,13 @@ class FrameArrays:
         bad = np.zeros(n, dtype=bool)
         buf = bytearray(8 * n)
         for i, m in enumerate(msgs):
-            ts[i] = m.timestamp
-            ids[i] = m.arbitration_id
-            ext[i] = m.is_extended_id
-            d = m.data
+            ts[i] = _stamp(m)
+            a = m.arbitration_id
+            ids[i] = a if id_ok(a) else BAD_ID
+            ext[i] = bool(m.is_extended_id)
+            d = m.data if m.data is not None else b""
             k = len(d)
-            dlc[i] = k
+            dlc[i] = min(k, 255)
             if m.is_error_frame or m.is_remote_frame or k > 8:
                 bad[i] = True
             else:

@@ -47,7 +47,8 @@ class BusStatus:
 class BusHealth:
     """Levels and values of the bridge's two checks: ``can_bus`` (the source) and ``can_messages`` (per message).
 
-    ``can_bus``: ERROR while the source fails, STALE on silence, WARN when
+    ``can_bus``: ERROR while the source fails or after the reader stopped on an
+    unexpected error, STALE on silence, WARN when
     frames were rejected since the last assessment, else OK.
     ``can_messages``: STALE on silence, WARN while a message is past its
     timeout, else OK.
@@ -58,7 +59,7 @@ class BusHealth:
         self._last_rejected = 0
 
     def assess(self, sampler: FixedRateSampler, *, source: str, silence: float, samples_published: int,
-               source_errors: int, last_error: str) -> tuple[BusStatus, BusStatus]:
+               source_errors: int, last_error: str, reader_failed: str = "") -> tuple[BusStatus, BusStatus]:
         """Both checks now; ``silence``: steady-clock seconds since the last frame (inf: none yet).
 
         Advances the per-message timeout counters, so call it once per report.
@@ -84,9 +85,13 @@ class BusHealth:
             "samples_published": samples_published,
             "samples_skipped_gaps": sampler.skipped,
             "source_errors": source_errors,
+            "last_error": last_error,
             "last_frame_age_s": silence,
         }
-        level, msg = self._bus_level(silence, new_rej, source_errors, last_error)
+        if reader_failed:
+            level, msg = ERROR, f"CAN reader stopped: {reader_failed}"
+        else:
+            level, msg = self._bus_level(silence, new_rej, source_errors, last_error)
         values["level_reason"] = msg
         per_msg: dict[str, Any] = {}
         for name, st in asm.stats.items():

@@ -2,13 +2,15 @@
 
 Frames are grouped per message id and decoded with numpy from the same routes
 as the live assembler; rejection rules and sampling are the same, so values
-are identical to feeding the frames one by one (tested).
+are identical to feeding the frames one by one (tested). A log is decoded in
+chunks of frames with a :class:`Carry` of the live path's state between them,
+so memory stays flat in the length of a drive.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import numpy as np
 from bms_ai.can.assembler import REJECT_REASONS
 from bms_ai.can.codec import frames_to_words
 from bms_ai.can.decoder import CELL_T, CELL_V, PACK_I, PACK_V, PackDecoder, Route, SignalSlot
-from bms_ai.can.frames import FrameArrays
-from bms_ai.can.logs import read_log
+from bms_ai.can.frames import MAX_ID, FrameArrays, stamps_ok
+from bms_ai.can.logs import CHUNK_ROWS, read_log_chunks
 from bms_ai.pack import PackSample
 
 
@@ -35,15 +37,73 @@ class Events:
         self.vals.append(vals)
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
-        """(times, values) of every part, in time order (stable for equal times)."""
+        """(times, values) of every part, in time order (stable for equal times); merged once."""
         if not self.ts:
             return np.empty(0), np.empty(0)
-        if len(self.ts) == 1:
-            return self.ts[0], self.vals[0]
-        t = np.concatenate(self.ts)
-        v = np.concatenate(self.vals)
-        o = np.argsort(t, kind="stable")
-        return t[o], v[o]
+        if len(self.ts) > 1:
+            t = np.concatenate(self.ts)
+            o = np.argsort(t, kind="stable")
+            self.ts, self.vals = [t[o]], [np.concatenate(self.vals)[o]]
+        return self.ts[0], self.vals[0]
+
+    def last(self, t0: float, v0: float) -> tuple[float, float]:
+        """The latest (time, value), or (t0, v0) when there is none."""
+        t, v = self.merged()
+        return (float(t[-1]), float(v[-1])) if t.size else (t0, v0)
+
+
+@dataclass
+class Carry:
+    """The live path's state between two chunks of a log: what one chunk hands to the next."""
+
+    sample: PackSample  # latest accepted value and its CAN time per element (the assembler's sample)
+    status_stamps: dict[str, float]
+    last_ts: float = -math.inf  # the time check: latest stamp that passed it
+    k_next: int | None = None  # next sample instant k (None: before the first frame)
+    counters: dict[str, int] = field(default_factory=dict)  # last alive-counter value per message
+
+    @classmethod
+    def start(cls, decoder: PackDecoder) -> Carry:
+        """Nothing received yet."""
+        cfg = decoder.cfg
+        return cls(PackSample.empty(cfg.n_cells, cfg.n_temps), dict.fromkeys(decoder.status_names, math.nan))
+
+    def into(self, out: DecodedLog) -> None:
+        """Start each element's events with its carried value (if any), so samples see it."""
+        s = self.sample
+        _prepend(out.pack_voltage, s.pack_voltage_stamp, s.pack_voltage)
+        _prepend(out.pack_current, s.pack_current_stamp, s.pack_current)
+        for i, ev in enumerate(out.cells):
+            _prepend(ev, s.cell_voltage_stamps[i], s.cell_voltages[i])
+        for i, ev in enumerate(out.temps):
+            _prepend(ev, s.cell_temperature_stamps[i], s.cell_temperatures[i])
+        for name, ev in out.status.items():
+            _prepend(ev, self.status_stamps.get(name, math.nan), s.status.get(name, math.nan))
+
+    def advance(self, out: DecodedLog, k_next: int | None) -> None:
+        """Take over a decoded chunk's latest values, time check, instant and counters."""
+        s = self.sample
+        s.pack_voltage_stamp, s.pack_voltage = out.pack_voltage.last(s.pack_voltage_stamp, s.pack_voltage)
+        s.pack_current_stamp, s.pack_current = out.pack_current.last(s.pack_current_stamp, s.pack_current)
+        for i, ev in enumerate(out.cells):
+            s.cell_voltage_stamps[i], s.cell_voltages[i] = ev.last(s.cell_voltage_stamps[i], s.cell_voltages[i])
+        for i, ev in enumerate(out.temps):
+            s.cell_temperature_stamps[i], s.cell_temperatures[i] = ev.last(
+                s.cell_temperature_stamps[i], s.cell_temperatures[i])
+        for name, ev in out.status.items():
+            t, v = ev.last(math.nan, math.nan)
+            if not math.isnan(t):
+                self.status_stamps[name], s.status[name] = t, v
+        if math.isfinite(out.t_last):
+            self.last_ts = s.stamp = out.t_last
+        self.k_next = k_next
+        self.counters.update(out.counter_last)
+
+
+def _prepend(ev: Events, t: float, v: float) -> None:
+    if not math.isnan(t):
+        ev.ts.insert(0, np.array([t]))
+        ev.vals.insert(0, np.array([v]))
 
 
 @dataclass
@@ -61,22 +121,30 @@ class DecodedLog:
     t_first: float
     t_last: float
     frame_ts: np.ndarray  # timestamps of every frame that passed the time check
+    counter_last: dict[str, int] = field(default_factory=dict)  # last alive-counter value per message
 
 
-def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
-    """Every accepted value of a whole log, per pack element, with the per-frame path's rejection counts."""
+def decode_frames(frames: FrameArrays, decoder: PackDecoder, carry: Carry | None = None) -> DecodedLog:
+    """Every accepted value of a log (or of one chunk after ``carry``), per pack element, with rejection counts."""
     cfg = decoder.cfg
     rejected = dict.fromkeys(REJECT_REASONS, 0)
     out = DecodedLog(Events(), Events(), [Events() for _ in range(cfg.n_cells)],
                      [Events() for _ in range(cfg.n_temps)],
                      {n: Events() for n in decoder.status_names}, rejected, 0, {}, math.nan, math.nan, np.empty(0))
+    last_ts = -math.inf
+    if carry is not None:
+        carry.into(out)
+        out.counter_last = dict(carry.counters)
+        last_ts = carry.last_ts
     bad = frames.bad
     rejected["error_frame"] = int(bad.sum())  # error, remote and oversize frames
-    keep = ~bad
     ts = frames.ts
+    time_valid = stamps_ok(ts)
+    rejected["bad_time"] = int((~bad & ~time_valid).sum())
+    keep = ~bad & time_valid
     # accepted in time iff ts >= every earlier (non-bad) timestamp; NaN never accepted
     masked = np.where(keep, ts, -np.inf)
-    prev_max = np.concatenate(([-np.inf], np.fmax.accumulate(masked)[:-1]))
+    prev_max = np.fmax.accumulate(np.concatenate(([last_ts], masked)))[:-1]
     time_ok = keep & (ts >= prev_max)
     rejected["time_backwards"] = int((keep & ~time_ok).sum())
     routed = np.zeros(len(frames), dtype=bool)
@@ -84,7 +152,9 @@ def decode_frames(frames: FrameArrays, decoder: PackDecoder) -> DecodedLog:
         rows = np.flatnonzero(time_ok & (frames.ids == fid) & (frames.ext == ext))
         routed[rows] = True
         _decode_route(frames, rows, r, decoder, out)
-    rejected["unknown_id"] = int((time_ok & ~routed).sum())
+    bad_id = frames.ids > MAX_ID
+    rejected["bad_id"] = int((time_ok & ~routed & bad_id).sum())
+    rejected["unknown_id"] = int((time_ok & ~routed & ~bad_id).sum())
     # the live path's stamp follows every time-accepted frame, known or not
     good_t = ts[time_ok]
     out.frame_ts = good_t
@@ -151,9 +221,13 @@ def _decode_route(frames: FrameArrays, rows: np.ndarray, r: Route, decoder: Pack
         _events(out, decoder, s).add(t[sel], v)
     acc = sel_all[finite[sel_all]]
     out.accepted += int(acc.size)
-    if r.counter is not None and acc.size > 1:
+    if r.counter is not None and acc.size:
         c = r.counter.values(le[acc], be[acc]).astype(np.int64)
+        prev = out.counter_last.get(r.name)
+        if prev is not None:  # continue from the previous chunk
+            c = np.concatenate(([prev], c))
         out.counter_errors[r.name] = int(((c[1:] - c[:-1]) % (r.counter.mask + 1) != 1).sum())
+        out.counter_last[r.name] = int(c[-1])
 
 
 def _events(out: DecodedLog, decoder: PackDecoder, s: SignalSlot) -> Events:
@@ -169,37 +243,63 @@ def _events(out: DecodedLog, decoder: PackDecoder, s: SignalSlot) -> Events:
     return out.status[decoder.status_names[s.index]]
 
 
+def first_k_at_or_after(t: np.ndarray, period: float) -> np.ndarray:
+    """Smallest k with k * period >= t per element, exact in floating point (int64).
+
+    One correction step each way suffices: stamps are bounded (frames.STAMP_MAX),
+    so t / period is far inside float precision and off by at most one.
+    """
+    k = np.ceil(t / period)
+    k = np.where((k - 1) * period >= t, k - 1, k)
+    k = np.where(k * period < t, k + 1, k)
+    return k.astype(np.int64)
+
+
+def sample_instants(frame_ts: np.ndarray, period: float, max_catchup: int = 600,
+                    k_next: int | None = None) -> tuple[np.ndarray, int, int | None]:
+    """The instants the live sampler emits for these accepted frame times, how many it skips, the next k.
+
+    ``k_next`` continues a sampler that has seen earlier frames (None: these
+    are the first, and the first frame only sets the first instant).
+
+    The live path (:class:`~bms_ai.can.sampler.FixedRateSampler`) emits the
+    sample for instant T when the first frame later than T arrives, and at
+    most ``max_catchup`` instants per gap between two frames (the rest of a
+    long gap is skipped and counted). Work and memory are bounded by
+    ``len(frame_ts) * max_catchup``, never by the span of time the log covers.
+    """
+    ts = np.asarray(frame_ts, dtype=np.float64)
+    if ts.size == 0:
+        return np.empty(0), 0, k_next
+    p = first_k_at_or_after(ts, period)
+    if k_next is None:
+        p[0] = math.floor(ts[0] / period) + 1  # the first instant strictly after the first frame
+    else:
+        p = np.concatenate(([k_next], p))
+    p = np.maximum.accumulate(p)  # the next instant due, after each frame
+    gap = np.diff(p)
+    n = np.minimum(gap, max_catchup)
+    total = int(n.sum())
+    starts = p[:-1] - (np.cumsum(n) - n)
+    k = np.repeat(starts, n) + np.arange(total, dtype=np.int64)
+    return k * period, int((gap - n).sum()), int(p[-1])
+
+
 def sample_times(t_first: float, t_last: float, period: float, frame_ts: np.ndarray | None = None,
                  max_catchup: int = 600) -> np.ndarray:
     """Fixed-rate sample instants k*period strictly between the first and last frame.
 
-    The live path (:class:`~bms_ai.can.sampler.FixedRateSampler`) emits the
-    sample for instant T when the first frame later than T arrives, and at
-    most ``max_catchup`` instants per gap between two frames; given the frame
-    times, this returns exactly the instants it would emit.
+    Exactly the instants the live sampler emits for these frame times (see
+    :func:`sample_instants`); without ``frame_ts`` the log is taken as one gap.
     """
     if not (math.isfinite(t_first) and math.isfinite(t_last)):
         return np.empty(0)
-    times = _candidate_times(t_first, t_last, period)
-    if frame_ts is None or times.size == 0:
-        return times
-    prev = frame_ts[np.searchsorted(frame_ts, times, side="right") - 1]
-    kf = np.ceil(prev / period)
-    kf = np.where((kf - 1) * period >= prev, kf - 1, kf)
-    kf = np.where(kf * period < prev, kf + 1, kf)
-    k = np.rint(times / period)
-    kf = np.maximum(kf, k[0])  # the first gap counts from the first instant after the first frame
-    return times[k - kf < max_catchup]
-
-
-def _candidate_times(t_first: float, t_last: float, period: float) -> np.ndarray:
-    k0 = math.floor(t_first / period) + 1
-    k1 = math.ceil(t_last / period)
-    while k1 >= k0 and not t_last > k1 * period:
-        k1 -= 1
-    while t_last > (k1 + 1) * period:
-        k1 += 1
-    return np.arange(k0, k1 + 1, dtype=np.int64) * period
+    if frame_ts is None:
+        frame_ts = np.array([t_first, t_last])
+    frame_ts = np.asarray(frame_ts, dtype=np.float64)
+    if not np.isfinite(frame_ts).all():
+        return np.empty(0)
+    return sample_instants(frame_ts, period, max_catchup)[0]
 
 
 def _at(ev: Events, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +326,7 @@ class SampleTable:
     rejected: dict[str, int]
     accepted: int
     counter_errors: dict[str, int]
+    skipped: int = 0  # instants of long gaps not sampled (beyond max_catchup per gap)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -258,15 +359,65 @@ def sample(decoded: DecodedLog, times: np.ndarray, max_age: float | None = None)
                        decoded.rejected, decoded.accepted, decoded.counter_errors)
 
 
+def concat_tables(tables: list[SampleTable]) -> SampleTable:
+    """Consecutive chunks' tables as one (counts summed)."""
+    first = tables[0]
+    rejected = {k: sum(t.rejected[k] for t in tables) for k in first.rejected}
+    counters: dict[str, int] = {}
+    for t in tables:
+        for k, v in t.counter_errors.items():
+            counters[k] = counters.get(k, 0) + v
+    return SampleTable(np.concatenate([t.t for t in tables]),
+                       np.concatenate([t.pack_voltage for t in tables]),
+                       np.concatenate([t.pack_current for t in tables]),
+                       np.concatenate([t.cell_voltages for t in tables]),
+                       np.concatenate([t.cell_temperatures for t in tables]),
+                       {k: np.concatenate([t.status[k] for t in tables]) for k in first.status},
+                       rejected, sum(t.accepted for t in tables), counters, sum(t.skipped for t in tables))
+
+
+def sample_chunk(frames: FrameArrays, decoder: PackDecoder, period: float, max_age: float | None,
+                 max_catchup: int, carry: Carry) -> tuple[SampleTable, DecodedLog]:
+    """The samples the live sampler emits for one chunk of frames after ``carry`` (which advances)."""
+    decoded = decode_frames(frames, decoder, carry)
+    times, skipped, k_next = sample_instants(decoded.frame_ts, period, max_catchup, carry.k_next)
+    table = sample(decoded, times, max_age)
+    table.skipped = skipped
+    carry.advance(decoded, k_next)
+    return table, decoded
+
+
 def sample_frames(frames: FrameArrays, decoder: PackDecoder, period: float, max_age: float | None = 1.0,
                   max_catchup: int = 600) -> tuple[SampleTable, DecodedLog]:
     """Samples every ``period`` s of CAN time, exactly those the live sampler would emit for these frames."""
-    decoded = decode_frames(frames, decoder)
-    times = sample_times(decoded.t_first, decoded.t_last, period, decoded.frame_ts, max_catchup)
-    return sample(decoded, times, max_age), decoded
+    return sample_chunk(frames, decoder, period, max_age, max_catchup, Carry.start(decoder))
+
+
+def decode_chunks(chunks: Iterable[FrameArrays], decoder: PackDecoder, period: float,
+                  max_age: float | None = 1.0, max_catchup: int = 600) -> Iterator[SampleTable]:
+    """Samples chunk by chunk (counts per chunk): a whole drive in memory bounded by one chunk."""
+    carry = Carry.start(decoder)
+    for frames in chunks:
+        yield sample_chunk(frames, decoder, period, max_age, max_catchup, carry)[0]
+
+
+def decode_log_chunks(path: str | Path, cfg, rate: float = 10.0, max_age: float | None = 1.0,
+                      decoder: PackDecoder | None = None, rows: int = CHUNK_ROWS,
+                      errors: list[str] | None = None) -> Iterator[SampleTable]:
+    """A CAN log's pack samples at ``rate`` Hz, streamed in chunks of ``rows`` frames.
+
+    Damage ends the stream with its reason in ``errors`` (LogError without a list).
+    """
+    decoder = decoder or PackDecoder(cfg)
+    return decode_chunks(read_log_chunks(path, rows, errors), decoder, 1.0 / rate, max_age)
 
 
 def decode_log(path: str | Path, cfg, rate: float = 10.0, max_age: float | None = 1.0,
                decoder: PackDecoder | None = None) -> SampleTable:
-    """Read a CAN log and return pack samples at ``rate`` Hz (the can_bridge's view)."""
-    return sample_frames(read_log(path), decoder or PackDecoder(cfg), 1.0 / rate, max_age)[0]
+    """Read a CAN log and return pack samples at ``rate`` Hz (the can_bridge's view); damage ends it quietly."""
+    errors: list[str] = []
+    tables = list(decode_log_chunks(path, cfg, rate, max_age, decoder, errors=errors))
+    if not tables:
+        return next(decode_chunks([FrameArrays.empty()], decoder or PackDecoder(cfg), 1.0 / rate, max_age))
+    return concat_tables(tables)
+

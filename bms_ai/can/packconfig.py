@@ -6,6 +6,7 @@ error names the YAML path of the bad entry and what would fix it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,16 @@ _TOP_KEYS = {
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
     "cell_temperatures", "status", "checks", "ocv",
 }
+_SCALAR_KEYS = {"message", "signal", "scale", "offset", "valid"}
+_GROUP_KEYS = {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}
+_CHECK_KEYS = {"timeout", "counter", "crc"}
+MAX_ELEMENTS = 4096  # cells or sensors of one pack; far above any vehicle, low enough to bound memory
+
+
+def _shown(v: Any) -> str:
+    """A value as an error message shows it: its type and a short repr (never a megabyte of text)."""
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _req(d: dict, key: str, where: str) -> Any:
@@ -100,19 +111,22 @@ def _req(d: dict, key: str, where: str) -> Any:
 
 def _mapping(d: Any, where: str) -> dict:
     if not isinstance(d, dict):
-        raise PackConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        raise PackConfigError(f"{where}: expected a mapping, got {_shown(d)}")
     return d
 
 
 def _unknown(d: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
+    extra = sorted(map(str, set(d) - allowed))
     if extra:
         raise PackConfigError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
 
 
 def _num(v: Any, where: str, kind: type = float) -> Any:
+    """A finite number (``kind`` int: a whole one); YAML booleans are not numbers."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PackConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {v!r}")
+        raise PackConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {_shown(v)}")
+    if not math.isfinite(v):
+        raise PackConfigError(f"{where}: expected a finite number, got {v!r}")
     if kind is int:
         if int(v) != v:
             raise PackConfigError(f"{where}: expected an integer, got {v!r}")
@@ -120,96 +134,154 @@ def _num(v: Any, where: str, kind: type = float) -> Any:
     return float(v)
 
 
+def _count(v: Any, where: str, low: int) -> int:
+    """A count of elements: an integer in ``low..MAX_ELEMENTS``."""
+    n = _num(v, where, int)
+    if not low <= n <= MAX_ELEMENTS:
+        raise PackConfigError(f"{where}: expected an integer in {low}..{MAX_ELEMENTS}, got {n}")
+    return n
+
+
+def _text(v: Any, where: str) -> str:
+    """A non-empty string (message and signal names, ids); numbers are not silently turned into names."""
+    if not isinstance(v, str) or not v.strip():
+        raise PackConfigError(f"{where}: expected a non-empty string, got {_shown(v)}")
+    return v
+
+
+def _opt_text(v: Any, where: str) -> str | None:
+    return None if v is None else _text(v, where)
+
+
+def _bool(v: Any, where: str) -> bool:
+    """A YAML boolean (true/false); the string "false" is refused, it would read as true."""
+    if not isinstance(v, bool):
+        hint = " (write true or false without quotes)" if isinstance(v, str) else ""
+        raise PackConfigError(f"{where}: expected a boolean true/false, got {_shown(v)}{hint}")
+    return v
+
+
+def _texts(v: Any, where: str, optional: bool = False) -> tuple[Any, ...]:
+    """A list of signal names (``optional``: entries may be null, "no flag for this slot")."""
+    if not isinstance(v, list):
+        raise PackConfigError(f"{where}: expected a list of signal names, got {_shown(v)}")
+    if len(v) > MAX_ELEMENTS:
+        raise PackConfigError(f"{where}: more than {MAX_ELEMENTS} entries")
+    return tuple(_opt_text(x, f"{where}[{i}]") if optional else _text(x, f"{where}[{i}]") for i, x in enumerate(v))
+
+
 def _scalar(d: Any, where: str) -> ScalarMap:
     d = _mapping(d, where)
-    _unknown(d, {"message", "signal", "scale", "offset", "valid"}, where)
+    _unknown(d, _SCALAR_KEYS, where)
     return ScalarMap(
-        message=str(_req(d, "message", where)),
-        signal=str(_req(d, "signal", where)),
+        message=_text(_req(d, "message", where), f"{where}.message"),
+        signal=_text(_req(d, "signal", where), f"{where}.signal"),
         scale=_num(d.get("scale", 1.0), f"{where}.scale"),
         offset=_num(d.get("offset", 0.0), f"{where}.offset"),
-        valid=d.get("valid"),
+        valid=_opt_text(d.get("valid"), f"{where}.valid"),
+    )
+
+
+def _group(g: Any, w: str) -> ArrayGroup:
+    g = _mapping(g, w)
+    _unknown(g, _GROUP_KEYS, w)
+    slots = _texts(g.get("slots") or [], f"{w}.slots")
+    sigs = _mapping(g.get("signals") or {}, f"{w}.signals")
+    if bool(slots) == bool(sigs):
+        raise PackConfigError(f"{w}: give exactly one of 'slots' (index from mux and slot) or 'signals' (name -> index)")
+    invalid = _texts(g.get("invalid") or [], f"{w}.invalid", optional=True)
+    if invalid and len(invalid) != len(slots):
+        raise PackConfigError(f"{w}.invalid: needs one entry per slot ({len(slots)}), got {len(invalid)}")
+    per_mux = _count(g.get("per_mux", len(slots)), f"{w}.per_mux", 0)
+    return ArrayGroup(
+        message=_text(_req(g, "message", w), f"{w}.message"),
+        slots=slots,
+        invalid=invalid,
+        per_mux=per_mux,
+        offset=_count(g.get("offset", 0), f"{w}.offset", 0),
+        signals={_text(k, f"{w}.signals key"): _count(x, f"{w}.signals.{k}", 0) for k, x in sigs.items()},
+        scale=_num(g.get("scale", 1.0), f"{w}.scale"),
+        value_offset=_num(g.get("value_offset", 0.0), f"{w}.value_offset"),
     )
 
 
 def _groups(v: Any, where: str) -> tuple[ArrayGroup, ...]:
-    items = v if isinstance(v, list) else [v]
-    out = []
-    for i, g in enumerate(items):
-        w = f"{where}[{i}]" if isinstance(v, list) else where
-        g = _mapping(g, w)
-        _unknown(g, {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}, w)
-        slots = tuple(g.get("slots", ()))
-        sigs = dict(g.get("signals", {}) or {})
-        if bool(slots) == bool(sigs):
-            raise PackConfigError(f"{w}: give exactly one of 'slots' (index from mux and slot) or 'signals' (name -> index)")
-        invalid = tuple(g.get("invalid", ()) or ())
-        if invalid and len(invalid) != len(slots):
-            raise PackConfigError(f"{w}.invalid: needs one entry per slot ({len(slots)}), got {len(invalid)}")
-        out.append(ArrayGroup(
-            message=str(_req(g, "message", w)),
-            slots=slots,
-            invalid=invalid,
-            per_mux=_num(g.get("per_mux", len(slots)), f"{w}.per_mux", int),
-            offset=_num(g.get("offset", 0), f"{w}.offset", int),
-            signals={str(k): _num(x, f"{w}.signals.{k}", int) for k, x in sigs.items()},
-            scale=_num(g.get("scale", 1.0), f"{w}.scale"),
-            value_offset=_num(g.get("value_offset", 0.0), f"{w}.value_offset"),
-        ))
-    return tuple(out)
+    if not isinstance(v, list):
+        return (_group(v, where),)
+    if not v:
+        raise PackConfigError(f"{where}: expected a group or a non-empty list of groups, got an empty list")
+    return tuple(_group(g, f"{where}[{i}]") for i, g in enumerate(v))
+
+
+def _check(name: Any, c: Any, where: str) -> MessageCheck:
+    w = f"{where}.checks.{name}"
+    message = _text(name, f"{where}.checks key")
+    c = _mapping({} if c is None else c, w)
+    _unknown(c, _CHECK_KEYS, w)
+    crc = c.get("crc")
+    crc_sig, algo = None, "crc8_sae_j1850"
+    if crc is not None:
+        crc = _mapping(crc, f"{w}.crc")
+        _unknown(crc, {"signal", "algorithm"}, f"{w}.crc")
+        crc_sig = _text(_req(crc, "signal", f"{w}.crc"), f"{w}.crc.signal")
+        algo = _text(crc.get("algorithm", algo), f"{w}.crc.algorithm")
+        if algo not in CRC_ALGORITHMS:
+            raise PackConfigError(f"{w}.crc.algorithm: '{algo}' unknown; known: {sorted(CRC_ALGORITHMS)}")
+    t = c.get("timeout")
+    timeout = None if t is None else _num(t, f"{w}.timeout")
+    if timeout is not None and timeout <= 0:
+        raise PackConfigError(f"{w}.timeout: expected seconds > 0, got {timeout}")
+    return MessageCheck(message=message, timeout=timeout, counter=_opt_text(c.get("counter"), f"{w}.counter"),
+                        crc_signal=crc_sig, crc_algorithm=algo)
+
+
+def _chemistry(d: dict, where: str) -> str:
+    chem = _text(d.get("chemistry", "nmc"), f"{where}.chemistry").lower()
+    if chem not in CHEMISTRIES:
+        raise PackConfigError(f"{where}.chemistry: '{chem}' is not one of {list(CHEMISTRIES)}")
+    return chem
+
+
+def _capacity(d: dict, where: str) -> float:
+    if "design_capacity_ah" not in d:
+        return float("nan")
+    cap = _num(d["design_capacity_ah"], f"{where}.design_capacity_ah")
+    if cap <= 0:
+        raise PackConfigError(f"{where}.design_capacity_ah: expected Ah > 0, got {cap}")
+    return cap
 
 
 def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> PackConfig:
-    """Validate a parsed YAML document (without touching the DBC)."""
+    """Validate a parsed YAML document (without touching the DBC).
+
+    Every value is checked for its type before use, so a wrong type is a
+    one-line PackConfigError naming the key, never a TypeError from deep inside.
+    """
     where = str(source) if source else "pack config"
     d = _mapping(data, where)
     _unknown(d, _TOP_KEYS, where)
-    chem = str(d.get("chemistry", "nmc")).lower()
-    if chem not in CHEMISTRIES:
-        raise PackConfigError(f"{where}.chemistry: '{chem}' is not one of {list(CHEMISTRIES)}")
-    dbc = Path(str(_req(d, "dbc", where)))
+    chem = _chemistry(d, where)
+    dbc = Path(_text(_req(d, "dbc", where), f"{where}.dbc"))
     if not dbc.is_absolute():
         dbc = (base_dir / dbc).resolve()
-    checks = []
-    for name, c in _mapping(d.get("checks", {}) or {}, f"{where}.checks").items():
-        w = f"{where}.checks.{name}"
-        c = _mapping(c or {}, w)
-        _unknown(c, {"timeout", "counter", "crc"}, w)
-        crc = c.get("crc")
-        crc_sig, algo = None, "crc8_sae_j1850"
-        if crc is not None:
-            crc = _mapping(crc, f"{w}.crc")
-            crc_sig = str(_req(crc, "signal", f"{w}.crc"))
-            algo = str(crc.get("algorithm", algo))
-            if algo not in CRC_ALGORITHMS:
-                raise PackConfigError(f"{w}.crc.algorithm: '{algo}' unknown; known: {sorted(CRC_ALGORITHMS)}")
-        t = c.get("timeout")
-        checks.append(MessageCheck(
-            message=str(name),
-            timeout=None if t is None else _num(t, f"{w}.timeout"),
-            counter=c.get("counter"),
-            crc_signal=crc_sig,
-            crc_algorithm=algo,
-        ))
+    checks = _mapping(d.get("checks") or {}, f"{where}.checks")
+    status = _mapping(d.get("status") or {}, f"{where}.status")
+    temps = d.get("cell_temperatures")
     ocv_file, ocv_sigma = _ocv(d.get("ocv"), base_dir, f"{where}.ocv")
-    n_cells = _num(_req(d, "cells", where), f"{where}.cells", int)
-    n_temps = _num(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", int)
-    if n_cells <= 0:
-        raise PackConfigError(f"{where}.cells: must be positive, got {n_cells}")
     return PackConfig(
-        pack_id=str(d.get("pack_id", "pack0")),
+        pack_id=_text(d.get("pack_id", "pack0"), f"{where}.pack_id"),
         dbc_path=dbc,
-        dbc_strict=bool(d.get("dbc_strict", True)),
+        dbc_strict=_bool(d.get("dbc_strict", True), f"{where}.dbc_strict"),
         chemistry=chem,
-        n_cells=n_cells,
-        n_temps=n_temps,
-        design_capacity_ah=_num(d.get("design_capacity_ah", float("nan")), f"{where}.design_capacity_ah"),
+        n_cells=_count(_req(d, "cells", where), f"{where}.cells", 1),
+        n_temps=_count(d.get("temperature_sensors", 0), f"{where}.temperature_sensors", 0),
+        design_capacity_ah=_capacity(d, where),
         pack_voltage=_scalar(_req(d, "pack_voltage", where), f"{where}.pack_voltage"),
         pack_current=_scalar(_req(d, "pack_current", where), f"{where}.pack_current"),
         cell_voltages=_groups(_req(d, "cell_voltages", where), f"{where}.cell_voltages"),
-        cell_temperatures=_groups(d["cell_temperatures"], f"{where}.cell_temperatures") if d.get("cell_temperatures") else (),
-        status={str(k): _scalar(v, f"{where}.status.{k}") for k, v in (d.get("status") or {}).items()},
-        checks=tuple(checks),
+        cell_temperatures=_groups(temps, f"{where}.cell_temperatures") if temps else (),
+        status={_text(k, f"{where}.status key"): _scalar(v, f"{where}.status.{k}") for k, v in status.items()},
+        checks=tuple(_check(name, c, where) for name, c in checks.items()),
         source=source,
         ocv_file=ocv_file,
         ocv_sigma_v=ocv_sigma,

@@ -11,17 +11,21 @@ from __future__ import annotations
 import math
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.frames import FrameArrays
-from bms_ai.can.offline import SampleTable, sample_frames
+from bms_ai.can.frames import STAMP_MAX, STAMP_MIN, FrameArrays
+from bms_ai.can.offline import Carry, DecodedLog, SampleTable, sample_chunk
 from bms_ai.pack import PackSample
 
 
 def first_k_at_or_after(t: float, period: float) -> int:
-    """Smallest k with k * period >= t (exact in floating point, not just in theory)."""
+    """Smallest k with k * period >= t (exact in floating point, not just in theory).
+
+    One correction step each way, no loop: stamps are bounded (frames.STAMP_MAX),
+    so ``t / period`` is off by at most one.
+    """
     k = math.ceil(t / period)
-    while (k - 1) * period >= t:
+    if (k - 1) * period >= t:
         k -= 1
-    while k * period < t:
+    if k * period < t:
         k += 1
     return k
 
@@ -50,7 +54,8 @@ class FixedRateSampler:
             tsf = float(ts)
         except (TypeError, ValueError):
             tsf = math.nan
-        if tsf >= self.asm.last_ts:  # the frame passes the time check
+        # the frame passes the time checks (a damaged stamp is rejected by the assembler)
+        if STAMP_MIN <= tsf < STAMP_MAX and tsf >= self.asm.last_ts:
             if self._k is None:
                 self._k = math.floor(tsf / self.period) + 1
             else:
@@ -73,15 +78,35 @@ class FixedRateSampler:
         return self.feed(msg.arbitration_id, msg.data, msg.timestamp, bool(msg.is_extended_id))
 
     def feed_arrays(self, frames: FrameArrays) -> SampleTable:
-        """A whole log at once, vectorised: the samples frame-by-frame feeding would emit.
+        """Frames at once, vectorised: the samples frame-by-frame feeding would emit.
 
-        The assembler's accepted/rejected counters and CAN clock advance as if
-        the frames had been fed one by one; its latest-value sample does not.
+        The assembler (latest values, counters, CAN clock) and the sampler
+        advance as if the frames had been fed one by one, so a log fed in
+        chunks gives the same samples as fed whole.
         """
-        table, decoded = sample_frames(frames, self.asm.decoder, self.period, self.max_age, self.max_catchup)
-        c = self.asm.counters
+        table, decoded, carry = self.decode_arrays(frames)
+        self.commit(table, decoded, carry)
+        return table
+
+    def decode_arrays(self, frames: FrameArrays) -> tuple[SampleTable, DecodedLog, Carry]:
+        """:meth:`feed_arrays` without changing any state (decode off the lock, then :meth:`commit`)."""
+        asm = self.asm
+        counters = {n: st.last_counter for n, st in asm.stats.items() if st.last_counter >= 0}
+        carry = Carry(asm.sample.copy(), dict(asm.status_stamps), asm.last_ts, self._k, counters)
+        table, decoded = sample_chunk(frames, asm.decoder, self.period, self.max_age, self.max_catchup, carry)
+        return table, decoded, carry
+
+    def commit(self, table: SampleTable, decoded: DecodedLog, carry: Carry) -> None:
+        """Take over the state :meth:`decode_arrays` reached (call in frame order, one chunk after the other)."""
+        asm = self.asm
+        c = asm.counters
         c.accepted += decoded.accepted
         for k, v in decoded.rejected.items():
             c.rejected[k] += v
-        self.asm.last_ts = decoded.t_last
-        return table
+        self.skipped += table.skipped
+        asm.sample, asm.status_stamps, asm.last_ts = carry.sample, carry.status_stamps, carry.last_ts
+        self._k = carry.k_next
+        for name, v in carry.counters.items():
+            asm.stats[name].last_counter = v
+        for name, n in decoded.counter_errors.items():
+            asm.stats[name].counter_errors += n

@@ -12,15 +12,15 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import can
 
-from bms_ai.can.frames import FrameArrays
-from bms_ai.can.logs import iter_log, log_format, read_log
+from bms_ai.can.frames import FrameArrays, stamp_ok
+from bms_ai.can.logs import iter_log, log_format, read_log_chunks
 from bms_ai.core.registry import Registry
 
 
@@ -70,8 +70,10 @@ class FrameSource:
         """Frames until ``stop`` is set; None on idle polls so the caller can run its watchdogs."""
         raise NotImplementedError
 
-    def all_frames(self) -> FrameArrays | None:
-        """The whole source at once when it may be decoded vectorised (a finite log at maximum speed), else None."""
+    def frame_chunks(self) -> Iterator[FrameArrays] | None:
+        """The source as arrays, chunk by chunk, when it may be decoded vectorised (a finite log at
+        maximum speed), else None. Damage ends the chunks with its reason in :attr:`errors`.
+        """
         return None
 
     def close(self) -> None:
@@ -121,6 +123,50 @@ class BusSource(FrameSource):
                 self._bus = None
 
 
+#: a pause in a log longer than this (CAN seconds) is replayed as this long: a recording break
+#: (or a damaged stamp far ahead) must not stall a real-time replay for hours
+MAX_REPLAY_GAP = 60.0
+
+
+class ReplayClock:
+    """When each frame of a log is due on the steady clock at ``speed``.
+
+    Damaged stamps are due at once; a pause longer than ``max_gap`` is
+    shortened to ``max_gap`` (counted in :attr:`gaps`), so every wait is bounded.
+    """
+
+    def __init__(self, speed: float, max_gap: float = MAX_REPLAY_GAP) -> None:
+        self.speed, self.max_gap = speed, max_gap
+        self.gaps = 0
+        self._wall0 = self._log0 = self._last = math.nan
+
+    def due(self, ts: float, now: float) -> float:
+        """Steady-clock time at which the frame stamped ``ts`` goes out (``now`` at maximum speed)."""
+        if self.speed == math.inf or not stamp_ok(ts):
+            return now
+        if math.isnan(self._wall0):
+            self._wall0, self._log0, self._last = now, ts, ts
+        elif ts - self._last > self.max_gap:
+            self.gaps += 1
+            self._wall0 += (self._last + self.max_gap - self._log0) / self.speed
+            self._log0 = ts
+        self._last = max(self._last, ts)
+        return self._wall0 + (ts - self._log0) / self.speed
+
+
+def _wait_until(target: float, stop: threading.Event) -> Generator[None, None, bool]:
+    """None polls until ``target`` (steady clock); returns True when stopped meanwhile.
+
+    Waits only when >= 5 ms ahead: frames due together go out in one wake-up
+    (a bus driver also delivers bursts), saving a timed wait per frame.
+    """
+    while (delay := target - time.monotonic()) > 0.005:
+        if stop.wait(min(delay, 0.05)):
+            return True
+        yield None
+    return False
+
+
 class LogReplaySource(FrameSource):
     """A recorded log at real time, x ``speed``, or as fast as possible (speed <= 0 or inf).
 
@@ -142,6 +188,7 @@ class LogReplaySource(FrameSource):
         self.speed = speed if speed and speed > 0 and math.isfinite(speed) else math.inf
         self.loop = loop
         self.description = f"log:{self.path.name}"
+        self.gaps_shortened = 0  # pauses longer than MAX_REPLAY_GAP replayed shortened
 
     @classmethod
     def from_options(cls, options: SourceOptions) -> LogReplaySource:
@@ -151,54 +198,44 @@ class LogReplaySource(FrameSource):
     def frames(self, stop: threading.Event) -> Iterator[can.Message | None]:
         """The log's frames paced by :attr:`speed`, then None polls (a silent bus) until stopped."""
         offset = 0.0
-        wall0 = time.monotonic()
-        log0: float | None = None
+        clock = ReplayClock(self.speed)
         while not stop.is_set():
-            last = first = None
+            first = last = None
             for msg in self._messages():
                 if stop.is_set():
                     return
-                if first is None:
-                    first = msg.timestamp
-                msg.timestamp += offset
-                if log0 is None:
-                    log0 = msg.timestamp
-                if self.speed != math.inf:
-                    target = wall0 + (msg.timestamp - log0) / self.speed
-                    # sleep only when a frame is >= 5 ms ahead: frames due together go out in one
-                    # wake-up (a bus driver also delivers bursts), saving a timed wait per frame
-                    while (delay := target - time.monotonic()) > 0.005:
-                        if stop.wait(min(delay, 0.05)):
-                            return
-                        yield None
-                last = msg.timestamp
+                ts = msg.timestamp
+                if stamp_ok(ts):  # a damaged stamp is passed on (the consumer rejects it), never waited for
+                    first = ts if first is None else first
+                    last = ts if last is None else max(last, ts)
+                    msg.timestamp = ts + offset
+                if (yield from _wait_until(clock.due(msg.timestamp, time.monotonic()), stop)):
+                    return
                 yield msg
+            self.gaps_shortened = clock.gaps
+            if len(self.errors) > 1 and self.errors[-1] == self.errors[-2]:
+                self.errors.pop()  # a looped damaged log: the same damage once, not once per pass
             if not self.loop or last is None:
                 break
-            offset = last + 0.01 - first  # the next pass starts 10 ms after this one ended
+            offset += last + 0.01 - first  # the next pass starts 10 ms after this one ended
         self.finished = True
         while not stop.is_set():  # stay alive (silent bus) until stopped
             if stop.wait(0.05):
                 return
             yield None
 
-    def _read_arrays(self) -> FrameArrays:
-        frames = read_log(self.path)
-        if frames.error:
-            self.errors.append(frames.error)
-        return frames
-
     def _messages(self):
         if self.lightweight and log_format(self.path).fast_arrays:
-            yield from self._read_arrays().frames()
+            for chunk in read_log_chunks(self.path, errors=self.errors):
+                yield from chunk.frames()
             return
         yield from iter_log(self.path, self.errors)
 
-    def all_frames(self) -> FrameArrays | None:
-        """The whole log, when it plays once at maximum speed to a consumer of light frames."""
+    def frame_chunks(self) -> Iterator[FrameArrays] | None:
+        """The log in chunks, when it plays once at maximum speed to a consumer of light frames."""
         if self.speed != math.inf or self.loop or not self.lightweight:
             return None
-        return self._read_arrays()
+        return read_log_chunks(self.path, errors=self.errors)
 
 
 SOURCES: Registry[type[FrameSource]] = Registry("CAN source")

@@ -30,7 +30,6 @@ drives by bms_ai.diagnostics.train); defaults below are the fallback.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bms_ai.core.files import load_json, sha256_file
 from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
 from bms_ai.diagnostics.rules import CheckResult, Event, _nanargmin, _nanmax, _nanmin, _Rule
@@ -113,16 +113,34 @@ class DetectorParams:
         p = Path(path) if path else share_path("models", "faults", "detectors.json")
         if not p.is_file():
             return base
-        d = json.loads(p.read_text()).get("params", {}).get(chemistry.lower(), {})
+        doc = load_json(p, "detector parameters")
+        params = doc.get("params", {}) if isinstance(doc, dict) else None
+        d = params.get(chemistry.lower(), {}) if isinstance(params, dict) else None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected {{\"params\": {{chemistry: {{name: value}}}}}}")
         known = {f.name for f in fields(cls)}
         bad = set(d) - known
         if bad:
-            raise ValueError(f"{p}: unknown detector parameters {sorted(bad)}")
+            raise ValueError(f"{p}: unknown detector parameters {sorted(map(str, bad))}")
+        wrong = sorted(k for k, v in d.items() if not _same_kind(v, getattr(base, k)))
+        if wrong:
+            raise ValueError(f"{p}: detector parameters of the wrong type: {wrong}")
         return cls(**{**asdict(base), **d})
 
     def to_dict(self) -> dict[str, Any]:
         """All parameters by name (what detectors.json stores per chemistry)."""
         return asdict(self)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """A JSON value fits a parameter whose default is ``default`` (ints for floats, lists for tuples)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(_same_kind(v, default[0]) for v in value) if default else True
+    return isinstance(value, type(default))
 
 
 class PlatingModel:
@@ -160,18 +178,25 @@ class PlatingModel:
         meta = d / "plating.json"
         if not meta.is_file():
             return None
-        m = json.loads(meta.read_text())
+        m = load_json(meta, "plating model")
         onnx_path = d / "plating.onnx"
         man = d / "manifest.json"
         if onnx_path.is_file() and man.is_file():  # integrity: a tampered/corrupt model is not used
-            import hashlib
-
-            want = {e.get("file"): e.get("sha256") for e in json.loads(man.read_text()).get("models", [])}
-            if want.get("plating.onnx") != hashlib.sha256(onnx_path.read_bytes()).hexdigest():
+            doc = load_json(man, "fault model manifest")
+            models = doc.get("models") if isinstance(doc, dict) else None
+            want = {e.get("file"): e.get("sha256") for e in models if isinstance(e, dict)} \
+                if isinstance(models, list) else {}
+            if want.get("plating.onnx") != sha256_file(onnx_path):
                 raise ValueError(f"{onnx_path}: sha256 does not match {man}")
-        return cls(np.asarray(m["weights"], dtype=np.float32), float(m["bias"]),
-                   np.asarray(m["mean"], dtype=np.float32), np.asarray(m["std"], dtype=np.float32),
-                   d / "plating.onnx")
+        try:
+            w, mean, std = (np.asarray(m[k], dtype=np.float32).reshape(-1) for k in ("weights", "mean", "std"))
+            bias = float(m["bias"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{meta}: not a plating model ({type(exc).__name__}: {exc})") from None
+        n = len(cls.FEATURES)
+        if not (w.size == mean.size == std.size == n and np.isfinite([*w, *mean, *std, bias]).all() and (std > 0).all()):
+            raise ValueError(f"{meta}: weights, mean and std need {n} finite values each (std > 0)")
+        return cls(w, bias, mean, std, d / "plating.onnx")
 
 
 class _SharedRLS:

@@ -1,12 +1,15 @@
 """The fault monitor without ROS: rules and detectors for one pack, fed sample by sample.
 
 bms_ai/nodes/fault_monitor.py only converts messages and publishes what this
-returns: one :class:`CheckResult` per check (``bms_ai: <check>``), plus the
+returns: one :class:`CheckResult` per check (``fault_monitor: <check>``), plus the
 latched-event summary (``events``) and the monitor's own health
 (``fault monitor``). Rules step with the measurement's stamp as time, so the
 results are the same at any replay speed; :meth:`FaultMonitor.watchdog` steps
 them on the last sample when measurements stop, so the CAN timeout fires even
-when the bridge goes silent.
+when the bridge goes silent. Watchdog steps run on the samples' own time
+base (the last stamp plus the silence measured on the monitor clock), so a
+node clock that differs from CAN time can neither reorder nor reject the
+samples that follow a bus gap.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.core.levels import ERROR, OK, STALE, WARN, split_status_name
 from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_limits
 from bms_ai.diagnostics.rules import CheckResult, Event, RuleEngine
 from bms_ai.estimation import status
@@ -25,7 +28,7 @@ from bms_ai.pack import PackSample
 
 MONITOR_CHECK = "fault monitor"
 EVENTS_CHECK = "events"
-STATUS_PREFIX = "bms_ai: "
+REJECT_HOLD_STEPS = 50      # the monitor status stays WARN for this many steps after a rejection (5 s at 10 Hz)
 
 
 def limits_path(limits_file: str, chemistry: str) -> Path:
@@ -33,15 +36,27 @@ def limits_path(limits_file: str, chemistry: str) -> Path:
     return Path(limits_file) if limits_file else default_limits_path(chemistry)
 
 
-def make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str) -> Any:
-    """Incipient-fault detectors (optional to the rules); a broken plating model file disables only that check."""
-    from bms_ai.diagnostics.detectors import DetectorBank, PlatingModel
+def make_detectors(n_cells: int, n_temps: int, tick_hz: float, chemistry: str) -> tuple[Any, list[str]]:
+    """Incipient-fault detectors (optional to the rules) and what was wrong with their files.
 
+    A broken plating model disables only that check; broken calibrated
+    thresholds fall back to the defaults. Neither stops the monitor.
+    """
+    from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams, PlatingModel
+
+    problems = []
     try:
         plating = PlatingModel.load()
-    except (ValueError, OSError):  # bad model file: run without it, the plating check says so
+    except (ValueError, OSError) as exc:  # bad model file: run without it, the plating check says so
         plating = None
-    return DetectorBank(n_cells, n_temps, tick_hz=tick_hz, plating=plating or False, chemistry=chemistry)
+        problems.append(f"plating model not used: {exc}")
+    try:
+        params = DetectorParams.load(chemistry=chemistry)
+    except (ValueError, OSError) as exc:
+        params = DetectorParams.defaults(chemistry)
+        problems.append(f"default detector thresholds: {exc}")
+    bank = DetectorBank(n_cells, n_temps, tick_hz=tick_hz, params=params, plating=plating or False, chemistry=chemistry)
+    return bank, problems
 
 
 def format_event(e: Event) -> str:
@@ -79,10 +94,13 @@ class FaultMonitor:
         self.detectors: Any = None
         self.sample: PackSample | None = None
         self.last_rx = math.nan     # monitor clock at the last accepted measurement
-        self.last_t = math.nan      # time of the last rule step
+        self.last_stamp = math.nan  # time (sample time base) of the last accepted measurement
+        self.last_t = math.nan      # time of the last rule step (sample or watchdog)
         self.rejected = 0
+        self._reject_step = -REJECT_HOLD_STEPS  # self.steps at the last rejection
         self.reject_reason = ""
         self.steps = 0
+        self.received = 0           # measurements handed to on_sample (accepted or rejected)
         self.step_time_max = 0.0
         self.step_time_sum = 0.0
         self.soc: float | None = None
@@ -90,6 +108,7 @@ class FaultMonitor:
         self.capacity = float(capacity_ah)
         self.model_fallback: bool | None = None
         self._own_checks: set[str] = set()
+        self.detector_problems: list[str] = []
 
     @classmethod
     def load(cls, limits_file: str, chemistry: str, hardware_id: str, **kwargs: Any) -> FaultMonitor:
@@ -101,6 +120,7 @@ class FaultMonitor:
         """Count a measurement that cannot be used; the reason shows in the next ``fault monitor`` status."""
         self.rejected += 1
         self.reject_reason = reason
+        self._reject_step = self.steps
 
     def startup_status(self) -> list[CheckResult]:
         """What to publish before the first measurement."""
@@ -109,15 +129,16 @@ class FaultMonitor:
 
     def on_sample(self, s: PackSample, now: float) -> list[CheckResult]:
         """One measurement at monitor time ``now``: the statuses to publish ([] if it was rejected)."""
+        self.received += 1
         if not self._accepts_shape(s):
             return []
-        self.sample = s
-        self.last_rx = now
-        t = s.stamp if s.stamp > 0 else now
-        if math.isfinite(self.last_t) and t <= self.last_t:
+        stamp = s.stamp if s.stamp > 0 else now
+        if math.isfinite(self.last_stamp) and stamp <= self.last_stamp:
             self.reject("out-of-order stamp")
             return []
-        return self._step(s, t)
+        self.sample, self.last_rx, self.last_stamp = s, now, stamp
+        # a watchdog step may have run a little past this stamp (delivery latency): time never goes back
+        return self._step(s, stamp if not stamp < self.last_t else self.last_t)
 
     def _accepts_shape(self, s: PackSample) -> bool:
         """The first sample sizes the rules; later ones must match it."""
@@ -128,7 +149,8 @@ class FaultMonitor:
                 return False
             self.engine = RuleEngine(self.cfg, s.n_cells, n_temps)
             if self.use_detectors:
-                self.detectors = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz, self.cfg.chemistry)
+                self.detectors, self.detector_problems = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz,
+                                                                        self.cfg.chemistry)
             return True
         if s.n_cells != self.engine.n_cells or n_temps != self.engine.n_temps:
             self.reject(f"shape {s.n_cells}/{n_temps} != {self.engine.n_cells}/{self.engine.n_temps}")
@@ -144,9 +166,14 @@ class FaultMonitor:
             self.capacity = float(capacity_ah)
 
     def on_peer_status(self, hardware_id: str, name: str, values: Iterable[tuple[str, str]]) -> None:
-        """A /diagnostics status from another node of this pack: the estimator's model-fallback flag."""
-        if hardware_id != self.hardware_id or not name.startswith(STATUS_PREFIX) or \
-                name[len(STATUS_PREFIX):] in self._own_checks:
+        """A /diagnostics status from another node of this pack: the estimator's model-fallback flag.
+
+        Same pack = same hardware_id; the status is ``<node>: soc`` (the
+        estimator's check, whatever the node is named) and not one of our own
+        checks (our own statuses come back on /diagnostics).
+        """
+        node, check = split_status_name(name)
+        if hardware_id != self.hardware_id or not node or check != status.SOC_CHECK or check in self._own_checks:
             return
         flag = status.model_fallback(values)
         if flag is not None:
@@ -160,11 +187,17 @@ class FaultMonitor:
         return True
 
     def watchdog(self, now: float) -> list[CheckResult]:
-        """Periodic: with no measurement for ``stale_after`` s, step on the last sample so the timeout check fires."""
+        """Periodic: with no measurement for ``stale_after`` s, step on the last sample so the timeout check fires.
+
+        The step's time is the last sample's stamp plus the silence on the
+        monitor clock: the samples' time base, whatever the monitor clock is.
+        """
         if self.sample is None or self.engine is None:
             return []
-        if now - self.last_rx > self.stale_after and now > self.last_t:
-            return self._step(self.sample, now)
+        silence = now - self.last_rx
+        t = self.last_stamp + silence
+        if silence > self.stale_after and t > self.last_t:
+            return self._step(self.sample, t)
         return []
 
     # ---------------------------------------------------------------- rules
@@ -202,14 +235,20 @@ class FaultMonitor:
         return events_status(self.active_events(), total, self.max_events)
 
     def health(self) -> CheckResult:
-        """The ``fault monitor`` status: steps, rejections (WARN once any), step cost, limits in use."""
+        """The ``fault monitor`` status: steps, rejections (WARN for a while after one), step cost, limits in use.
+
+        The WARN clears ``REJECT_HOLD_STEPS`` steps after the last rejection; the
+        count stays in the values, so one bad message does not raise the status forever.
+        """
         rejected = f" ({self.reject_reason})" if self.rejected else ""
-        return CheckResult(MONITOR_CHECK, WARN if self.rejected else OK,
+        recent = self.rejected and self.steps - self._reject_step < REJECT_HOLD_STEPS
+        return CheckResult(MONITOR_CHECK, WARN if recent else OK,
                            f"{self.steps} steps, {self.rejected} rejected{rejected}",
                            {"steps": self.steps, "rejected": self.rejected, "last_reject": self.reject_reason,
                             "step_mean_us": 1e6 * self.step_time_sum / max(self.steps, 1),
                             "step_max_us": 1e6 * self.step_time_max,
-                            "limits": self.cfg.source, "chemistry": self.cfg.chemistry})
+                            "limits": self.cfg.source, "chemistry": self.cfg.chemistry,
+                            "detector_files": "; ".join(self.detector_problems) or "ok"})
 
     def _own(self, results: list[CheckResult]) -> list[CheckResult]:
         self._own_checks.update(r.check for r in results)

@@ -15,9 +15,96 @@ import numpy as np
 
 from bms_ai.core.files import sha256_file
 from bms_ai.core.paths import share_path
-from bms_ai.models.manifest import ModelEntry, read_manifest
+from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+
+
+@dataclass
+class GuardVerdict:
+    """The output guard's answer for one inference: which rows may be used, and why others may not."""
+
+    ok: np.ndarray          # bool per row (batch element): every output value finite and within its range
+    reason: str = ""        # the first refusal of this call ("" when every row passed)
+
+    @property
+    def all_ok(self) -> bool:
+        """Every row passed: the caller uses the outputs as they are."""
+        return bool(self.ok.all())
+
+
+class OutputGuard:
+    """Run-time check of a model's outputs against its manifest entry: finite and within the declared range.
+
+    The load-time smoke test runs on zeros, so a model that gives NaN only on
+    real inputs, or 1e30 on some, passes it; this guard sees every inference.
+    Rows (batch elements, e.g. cells) are judged one by one so the caller can
+    fall back for the refused ones only. Counters feed the caller's
+    diagnostics; nothing here raises on bad outputs.
+    """
+
+    def __init__(self, specs: list[TensorSpec], label: str = "") -> None:
+        self.specs = list(specs)
+        self.label = label
+        self.bounds = [s.bounds for s in self.specs]
+        self.calls = 0
+        self.rows = 0
+        self.rejected_rows = 0
+        self.rejected_calls = 0
+        self.consecutive_rejected_calls = 0
+        self.non_finite = 0
+        self.out_of_range = 0
+        self.bad_shape = 0
+        self.last_reason = ""
+
+    def check(self, outputs: list[np.ndarray]) -> GuardVerdict:
+        """The verdict for one inference's outputs (in manifest order), counted."""
+        arrays = [np.asarray(o) for o in outputs]
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        if len(arrays) < len(self.specs) or any((a.shape[0] if a.ndim else 1) != rows for a in arrays):
+            self.bad_shape += 1
+            return self.refuse(rows, f"outputs {[a.shape for a in arrays]} do not match "
+                                     f"{[s.name for s in self.specs]} (one row per batch element)")
+        ok = np.ones(rows, dtype=bool)
+        reason = ""
+        for spec, (low, high), a in zip(self.specs, self.bounds, arrays):
+            v = a.reshape(rows, -1).astype(np.float64, copy=False)
+            finite = np.isfinite(v).all(axis=1)
+            inside = finite & ((v >= low) & (v <= high)).all(axis=1)
+            if not finite.all():
+                self.non_finite += int((~finite).sum())
+                reason = reason or f"{spec.name}: non-finite output in {int((~finite).sum())} of {rows} rows"
+            if not (inside | ~finite).all():
+                n = int((finite & ~inside).sum())
+                self.out_of_range += n
+                worst = float(v[finite & ~inside].flat[np.abs(v[finite & ~inside]).argmax()])
+                reason = reason or f"{spec.name}: {worst:.4g} outside the declared range [{low:g}, {high:g}] in {n} of {rows} rows"
+            ok &= inside
+        return self._count(GuardVerdict(ok, reason))
+
+    def refuse(self, rows: int, reason: str) -> GuardVerdict:
+        """Count an inference whose outputs cannot be used at all (wrong shape, inference error)."""
+        return self._count(GuardVerdict(np.zeros(max(int(rows), 0), dtype=bool), reason))
+
+    def _count(self, verdict: GuardVerdict) -> GuardVerdict:
+        self.calls += 1
+        self.rows += verdict.ok.size
+        bad = int((~verdict.ok).sum())
+        self.rejected_rows += bad
+        if bad or not verdict.ok.size:
+            self.rejected_calls += 1
+            self.consecutive_rejected_calls += 1
+            self.last_reason = f"{self.label}: {verdict.reason}" if self.label else verdict.reason
+        else:
+            self.consecutive_rejected_calls = 0
+        return verdict
+
+    def stats(self) -> dict[str, int | str]:
+        """Counters for diagnostics key-values."""
+        return {"guard_calls": self.calls, "guard_rejected_calls": self.rejected_calls,
+                "guard_rejected_rows": self.rejected_rows, "guard_non_finite": self.non_finite,
+                "guard_out_of_range": self.out_of_range, "guard_bad_shape": self.bad_shape,
+                "guard_last_reason": self.last_reason}
 
 
 class LoadedModel:
@@ -29,6 +116,7 @@ class LoadedModel:
         self.path = path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.guard = OutputGuard(entry.outputs, self.label)
 
     @property
     def version(self) -> int:
@@ -44,6 +132,15 @@ class LoadedModel:
         """Outputs for the inputs in manifest order (cast to float32, the contract's dtype)."""
         feeds = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(self.input_names, arrays)}
         return self.session.run(self.output_names, feeds)
+
+    def run_guarded(self, *arrays: np.ndarray) -> tuple[list[np.ndarray], GuardVerdict]:
+        """Outputs plus the guard's verdict per row; an inference error refuses every row instead of raising."""
+        try:
+            outs = self.run(*arrays)
+        except Exception as exc:  # noqa: BLE001  (onnxruntime raises many types; the caller falls back)
+            rows = int(np.shape(arrays[0])[0]) if arrays and np.ndim(arrays[0]) else 1
+            return [], self.guard.refuse(rows, f"inference failed: {type(exc).__name__}: {exc}")
+        return outs, self.guard.check(outs)
 
 
 @dataclass
@@ -112,8 +209,9 @@ def verify_and_load(model_dir: Path, entry: ModelEntry, expect: dict | None = No
         # smoke inference on zeros with batch 2: catches broken graphs before they go live
         arrays = [np.zeros([2 if not isinstance(d, int) else d for d in s.shape], np.float32) for s in entry.inputs]
         outs = model.run(*arrays)
-        if not all(np.all(np.isfinite(o)) for o in outs):
-            return LoadResult(None, f"{entry.name}@{entry.version}: non-finite output on smoke input", entry)
+        smoke = OutputGuard(entry.outputs).check(outs)
+        if not smoke.all_ok:
+            return LoadResult(None, f"{entry.name}@{entry.version}: smoke input: {smoke.reason}", entry)
         return LoadResult(model, "", entry)
     except Exception as exc:  # onnxruntime raises many types; a bad model must not crash anything
         return LoadResult(None, f"{entry.name}@{entry.version}: load failed: {type(exc).__name__}: {exc}", entry)
@@ -127,12 +225,15 @@ def _dir_signature(model_dir: Path) -> tuple:
         return ()
 
 
+NO_MODEL = "no model"
+
+
 @dataclass
 class ModelSlot:
     """The active model for one (task, chemistry) and why anything else was refused."""
 
     model: LoadedModel | None = None
-    reason: str = "no model"
+    reason: str = NO_MODEL
     rejected: dict[tuple, str] = field(default_factory=dict)
 
 
@@ -151,23 +252,35 @@ class ModelRegistry:
         self._sig: tuple | None = None
         self.reloads = 0
         self.events: list[str] = []
+        self.errors: list[str] = []  # manifest errors of the last scan
 
     def slot(self, task: str, chemistry: str) -> ModelSlot:
         """The slot serving (task, chemistry): its own, else a chemistry-independent ("any") one."""
         s = self.slots.get((task, chemistry)) or self.slots.get((task, "any"))
-        return s if s is not None else self.slots.setdefault((task, chemistry), ModelSlot())
+        return s if s is not None else self.slots.setdefault((task, chemistry), ModelSlot(reason=self._no_model_reason()))
 
     def get(self, task: str, chemistry: str) -> LoadedModel | None:
         """The active model for (task, chemistry), or None (the caller falls back and reports the slot's reason)."""
         return self.slot(task, chemistry).model
 
     def poll(self) -> bool:
-        """Re-scan if the directory changed; returns True when any active model changed."""
+        """Re-scan if the directory changed; returns True when any active model changed.
+
+        Never raises: a broken manifest or model costs only its own entries,
+        the active models stay, and the errors go to ``events`` and to the
+        reason of every slot without a model.
+        """
         sig = _dir_signature(self.model_dir)
         if sig == self._sig:
             return False
         self._sig = sig
-        entries, errors = read_manifest(self.model_dir)
+        try:
+            entries, errors = read_manifest(self.model_dir)
+        except Exception as exc:  # noqa: BLE001  (read_manifest returns its errors; this is the last line)
+            entries, errors = [], [f"{self.model_dir}: {type(exc).__name__}: {exc}"]
+        if not self.model_dir.is_dir():  # a mistyped path must not pass for "no model trained yet"
+            errors = [f"model directory not found: {self.model_dir}"]
+        self.errors = errors
         for e in errors:
             self._event(f"manifest error: {e}")
         changed = False
@@ -175,29 +288,55 @@ class ModelRegistry:
         for e in entries:
             by_key.setdefault(e.key, []).append(e)
         for key, cands in by_key.items():
-            slot = self.slots.setdefault(key, ModelSlot())
-            current = slot.model
-            for e in sorted(cands, key=lambda e: -e.version):
-                if current is not None and e.version <= current.version and e.sha256 == current.entry.sha256:
-                    break  # the active model is still the best
-                if current is not None and e.version < current.version:
-                    break  # never downgrade implicitly
-                rid = (e.name, e.version, e.sha256)
-                if rid in slot.rejected:
-                    continue
-                res = verify_and_load(self.model_dir, e, self.expect.get(e.task))
-                if res.model is None:
-                    slot.rejected[rid] = res.reason
-                    self._event(f"rejected {res.reason}")
-                    if current is None:
-                        slot.reason = res.reason
-                    continue
-                slot.model, slot.reason = res.model, ""
-                changed = True
-                self.reloads += 1
-                self._event(f"loaded {res.model.label} for {key[0]}/{key[1]}")
-                break
+            changed = self._update_slot(key, cands) or changed
+        for slot in self.slots.values():
+            if slot.model is None and slot.reason.startswith(NO_MODEL):
+                slot.reason = self._no_model_reason()
         return changed
+
+    def _no_model_reason(self) -> str:
+        return f"{NO_MODEL}: {self.errors[0]}" if self.errors else NO_MODEL
+
+    def _update_slot(self, key: tuple[str, str], cands: list[ModelEntry]) -> bool:
+        """Swap in the newest candidate that verifies; True if the active model changed."""
+        slot = self.slots.setdefault(key, ModelSlot(reason=self._no_model_reason()))
+        current = slot.model
+        for e in sorted(cands, key=lambda e: -e.version):
+            if current is not None and e.version <= current.version and e.sha256 == current.entry.sha256:
+                break  # the active model is still the best
+            if current is not None and e.version < current.version:
+                break  # never downgrade implicitly
+            rid = (e.name, e.version, e.sha256)
+            if rid in slot.rejected:
+                continue
+            res = verify_and_load(self.model_dir, e, self.expect.get(e.task))
+            if res.model is None:
+                slot.rejected[rid] = res.reason
+                self._event(f"rejected {res.reason}")
+                if current is None:
+                    slot.reason = res.reason
+                continue
+            slot.model, slot.reason = res.model, ""
+            self.reloads += 1
+            self._event(f"loaded {res.model.label} for {key[0]}/{key[1]}")
+            return True
+        return False
+
+    def retire(self, model: LoadedModel, reason: str) -> bool:
+        """Take a model out of service at run time (e.g. its output guard keeps refusing it).
+
+        Its slot falls back (the caller's classical filter) with ``reason``, and
+        the same file is not loaded again; a new version dropped in later is.
+        Returns False if ``model`` is not active any more.
+        """
+        for key, slot in self.slots.items():
+            if slot.model is model:
+                e = model.entry
+                slot.model, slot.reason = None, f"{model.label} retired: {reason}"
+                slot.rejected[(e.name, e.version, e.sha256)] = slot.reason
+                self._event(f"retired {model.label} for {key[0]}/{key[1]}: {reason}")
+                return True
+        return False
 
     def _event(self, msg: str) -> None:
         self.events.append(msg)

@@ -75,6 +75,8 @@ class CanBridgeNode(Node):
         self.samples_published = 0
         self.source_errors = 0
         self.last_error = ""
+        self.reader_failed = ""  # why the reader thread stopped for good ('' while it runs)
+        self._damage_seen = 0
         self.last_rx_steady = math.nan
         self.last_rx_can = math.nan
         self._raw_log = None
@@ -101,11 +103,23 @@ class CanBridgeNode(Node):
                 return
 
     def _run(self) -> None:
+        """The reader thread: any failure ends up on /diagnostics as ERROR with its reason, never silently."""
+        try:
+            self._run_source()
+        except Exception as exc:  # noqa: BLE001  (reported, not raised: the thread has no caller)
+            with self.lock:
+                self.reader_failed = f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"CAN reader stopped: {self.reader_failed}")
+            self._update_diagnostics()
+        finally:
+            self._note_damage()
+
+    def _run_source(self) -> None:
         if self.source.replay:
             self._wait_for_readers()
-        frames = self.source.all_frames()
-        if frames is not None:
-            return self._run_batch(frames)
+        chunks = self.source.frame_chunks()
+        if chunks is not None:
+            return self._run_batch(chunks)
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -119,10 +133,21 @@ class CanBridgeNode(Node):
                     return
                 backoff = min(backoff * 2, 10.0)
 
+    def _note_damage(self) -> None:
+        """A damaged log (cut short, corrupt) becomes the source's last error: ERROR once the frames stop."""
+        errors = self.source.errors
+        if len(errors) != self._damage_seen:
+            self._damage_seen = len(errors)
+            with self.lock:
+                self.source_errors += 1
+                self.last_error = errors[-1] if errors else self.last_error
+            self.get_logger().error(f"CAN log damaged: {self.last_error}")
+
     def _read(self) -> None:
         use_clock = self.p["time_source"] == "clock"
         for msg in self.source.frames(self._stop):
             if msg is None:
+                self._note_damage()
                 continue
             if use_clock:
                 msg.timestamp = time_to_float(self.get_clock().now().to_msg())
@@ -135,21 +160,26 @@ class CanBridgeNode(Node):
             for s in samples:
                 self._publish(s)
 
-    def _run_batch(self, frames) -> None:
-        """Maximum-speed replay: the whole log decoded vectorised (identical samples, ~10x faster).
+    def _run_batch(self, chunks) -> None:
+        """Maximum-speed replay: the log decoded vectorised chunk by chunk (identical samples, ~10x faster).
 
-        Publishing is lossless (KEEP_ALL), so the replay runs as fast as the
-        slowest reliable subscriber takes the samples.
+        Decoding runs off the lock (the watchdog and diagnostics never wait
+        for it); publishing is lossless (KEEP_ALL), so the replay runs as fast
+        as the slowest reliable subscriber takes the samples.
         """
-        with self.lock:
-            table = self.sampler.feed_arrays(frames)
-        for s in table.samples():
+        for frames in chunks:
+            table, decoded, carry = self.sampler.decode_arrays(frames)
+            with self.lock:
+                self.sampler.commit(table, decoded, carry)
+            for s in table.samples():
+                if self._stop.is_set():
+                    return
+                self._publish(s)
+                with self.lock:
+                    self.last_rx_steady = time.monotonic()
+                    self.last_rx_can = s.stamp
             if self._stop.is_set():
                 return
-            self._publish(s)
-            with self.lock:
-                self.last_rx_steady = time.monotonic()
-                self.last_rx_can = s.stamp
         self.source.finished = True
 
     def _publish(self, s: PackSample) -> None:
@@ -180,7 +210,8 @@ class CanBridgeNode(Node):
         with self.lock:
             statuses = self.health.assess(self.sampler, source=self.source.description, silence=silence,
                                           samples_published=self.samples_published,
-                                          source_errors=self.source_errors, last_error=self.last_error)
+                                          source_errors=self.source_errors, last_error=self.last_error,
+                                          reader_failed=self.reader_failed)
         with self.diag.batch():
             for st in statuses:
                 self.diag.update(st.check, st.level, st.message, st.values)

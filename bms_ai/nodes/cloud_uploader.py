@@ -4,11 +4,12 @@ Subscriptions are raw (CDR bytes, no deserialisation); the library
 (bms_ai.uplink) writes segments, keeps them in a durable spool and uploads
 them in its own thread. Only /diagnostics (fault snapshots, active faults) and,
 for MQTT telemetry or pseudonymisation, a few messages are deserialised.
-Its own health goes out as ``bms_ai: uploader``.
+Its own health goes out as ``cloud_uploader: uploader``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -29,6 +30,7 @@ DIAG = "diagnostic_msgs/msg/DiagnosticArray"
 RECORD_QOS = GRAPH_SUB_QOS
 
 
+@functools.lru_cache(maxsize=256)
 def message_class(type_name: str) -> type:
     """The Python class of a ROS message type name (for a raw subscription)."""
     pkg, _, name = normalise_type(type_name).split("/")
@@ -44,16 +46,21 @@ class CloudUploaderNode(Node):
             "pack_id": declare(self, "pack_id", "pack96-ref", "hardware_id for diagnostics"),
             "config": declare(self, "config", default_config_path(), "uploader YAML (see docs/uplink.md)"),
             "spool_dir": declare(self, "spool_dir", "", "overrides spool.dir"),
-            "backend_url": declare(self, "backend_url", "", "overrides backend.url (http/https backends)"),
-            "token": declare(self, "token", "", "ingest token (prefer backend.token_env in the YAML)"),
+            "backend_url": declare(self, "backend_url", "", "overrides backend.url (https; plain http warns)"),
+            # the token itself is never a parameter (visible on /parameter_events and via get_parameters)
+            "token_file": declare(self, "token_file", "", "file holding the ingest token (overrides the YAML)"),
+            "token_env": declare(self, "token_env", "", "environment variable holding the ingest token"),
             "vehicle_id": declare(self, "vehicle_id", "", "pack serial / VIN (pseudonymised when privacy is on)"),
             "topics": declare(self, "topics", [""], "override topics as 'topic=class' (empty: from config)"),
             "shutdown_drain_s": declare(self, "shutdown_drain_s", 2.0, "upload for up to this long on shutdown"),
         }
-        over = parameter_overrides(self.p["spool_dir"], self.p["backend_url"], self.p["token"],
-                                   self.p["vehicle_id"], self.p["topics"])
+        over = parameter_overrides(self.p["spool_dir"], self.p["backend_url"], self.p["token_file"],
+                                   self.p["token_env"], self.p["vehicle_id"], self.p["topics"])
         self.cfg = load_config(self.p["config"] or None, over)
-        self.svc = UplinkService(self.cfg)
+        self.svc = UplinkService(self.cfg, identifiers=[self.p["pack_id"]])
+        started = self.svc.started_status()
+        if started.level:
+            self.get_logger().warning(started.message)
         self.diag = Diagnostics(self, self.p["pack_id"])
         self.rejected = 0
         self.reject_reason = ""
@@ -64,7 +71,7 @@ class CloudUploaderNode(Node):
         self.create_timer(1.0, self._tick)
         if self.svc.telemetry is not None:
             self.create_timer(self.svc.telemetry.period_s, self._telemetry)
-        self._publish(self.svc.started_status())
+        self._publish(started)
 
     def _publish(self, r: CheckResult) -> None:
         self.diag.update(r.check, r.level, r.message, r.values)
@@ -97,33 +104,34 @@ class CloudUploaderNode(Node):
         now = self.get_clock().now().nanoseconds
         try:
             if type_name == DIAG:
-                data = self._on_diagnostics(data, now)
+                self._on_diagnostics(data, now)
             elif type_name == BATTERY:
-                data = self._on_battery(topic, data)
-        except Exception as exc:  # noqa: BLE001 - malformed input is counted, never fatal
+                self._on_battery(topic, data)
+            kept = self._private(type_name, data)
+        except Exception as exc:  # noqa: BLE001 - malformed input is counted, never fatal, never recorded raw
             self._reject(f"{topic}: {type(exc).__name__}: {exc}")
-        self.svc.record(topic, type_name, data, now, cls)
+            kept = None if self.svc.scrubber.enabled else data
+        if kept is not None:
+            self.svc.record(topic, type_name, kept, now, cls)
 
-    def _on_diagnostics(self, data: bytes, now_ns: int) -> bytes:
-        """Levels to the service (fault snapshots, active faults); hardware ids pseudonymised if configured."""
+    def _private(self, type_name: str, data: bytes) -> bytes | None:
+        """With privacy on: every string field carrying a known identifier pseudonymised (None: drop it)."""
+        return self.svc.private(data, lambda b: deserialize_message(b, message_class(type_name)), serialize_message)
+
+    def _on_diagnostics(self, data: bytes, now_ns: int) -> None:
+        """Levels to the service (fault snapshots, active faults); hardware ids become known identifiers."""
         msg = deserialize_message(data, DiagnosticArray)
         self.svc.diagnostics([(s.name, s.level[0] if isinstance(s.level, bytes) else int(s.level))
                               for s in msg.status], now_ns)
-        if not self.svc.pseudonymize.enabled:
-            return data
         for s in msg.status:
-            s.hardware_id = self.svc.pseudonymize(s.hardware_id)
-        return serialize_message(msg)
+            self.svc.scrubber.learn(s.hardware_id)
 
-    def _on_battery(self, topic: str, data: bytes) -> bytes:
-        """Keep the last battery_state for telemetry; serial number pseudonymised if configured."""
+    def _on_battery(self, topic: str, data: bytes) -> None:
+        """Keep the last battery_state for telemetry; its serial number becomes a known identifier."""
         if topic.endswith("battery_state"):
             self._last_battery = data
-        if not self.svc.pseudonymize.enabled:
-            return data
-        msg = deserialize_message(data, BatteryState)
-        msg.serial_number = self.svc.pseudonymize(msg.serial_number)
-        return serialize_message(msg)
+        if self.svc.scrubber.enabled:
+            self.svc.scrubber.learn(deserialize_message(data, BatteryState).serial_number)
 
     # ---------------------------------------------------------------- timers
     def _tick(self) -> None:
@@ -147,7 +155,7 @@ class CloudUploaderNode(Node):
         tel.update(**self.svc.telemetry_state(self.p["pack_id"], battery))
 
     def destroy_node(self) -> None:
-        """Commit open segments and upload for up to shutdown_drain_s before the node goes."""
+        """Commit open segments and upload for up to shutdown_drain_s before the node goes (never raises)."""
         try:
             self.svc.close(drain_s=float(self.p["shutdown_drain_s"]))
         finally:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,7 +18,8 @@ from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
-from bms_ai.graph import coerce_parameter
+from bms_ai.core.levels import status_name
+from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -34,21 +39,26 @@ def declare(node: Node, name: str, default: Any, description: str, read_only: bo
     type (params file, launch, ``--set``, ``-p``) is coerced as
     :func:`bms_ai.graph.coerce_parameter` allows (``rate_hz: 20`` for a double)
     or rejected with a one-line ValueError naming node and parameter, instead
-    of rclpy's InvalidParameterTypeException traceback.
+    of rclpy's InvalidParameterTypeException traceback; a value outside
+    :data:`bms_ai.graph.PARAMETER_LIMITS` (``rate_hz: 0``) likewise, before
+    the node divides by it.
     """
-    descriptor = ParameterDescriptor(description=description, read_only=read_only)
+    descriptor = ParameterDescriptor(description=describe_limit(name, description), read_only=read_only)
     try:
-        return node.declare_parameter(name, default, descriptor).value
+        value = node.declare_parameter(name, default, descriptor).value
     except InvalidParameterTypeException:
-        pass
-    # Read the override as given (dynamically typed), then declare again statically with the coerced value.
-    given = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
-    node.undeclare_parameter(name)
+        # Read the override as given (dynamically typed), then declare again statically with the coerced value.
+        given = node.declare_parameter(name, None, ParameterDescriptor(dynamic_typing=True)).value
+        node.undeclare_parameter(name)
+        try:
+            value = coerce_parameter(name, given, default)
+        except ValueError as exc:
+            raise ValueError(f"{node.get_fully_qualified_name()}: {exc}") from None
+        value = node.declare_parameter(name, value, descriptor, ignore_override=True).value
     try:
-        value = coerce_parameter(name, given, default)
+        return check_parameter(name, value)
     except ValueError as exc:
         raise ValueError(f"{node.get_fully_qualified_name()}: {exc}") from None
-    return node.declare_parameter(name, value, descriptor, ignore_override=True).value
 
 
 def _fmt(v: Any) -> str:
@@ -65,12 +75,14 @@ def key_values(values: dict[str, Any]) -> list[KeyValue]:
 class Diagnostics:
     """One DiagnosticStatus per check, published at 1 Hz and at once on a level change.
 
-    Names follow DESIGN.md: ``bms_ai: <check>``; hardware_id is the pack id.
+    Names follow diagnostic_updater: ``<node name>: <check>``; hardware_id is
+    the pack id, qualified by the node's namespace outside ``/bms``
+    (:func:`bms_ai.graph.pack_hardware_id`), so two packs never share one.
     """
 
-    def __init__(self, node: Node, hardware_id: str, period: float = 1.0, topic: str = "/diagnostics") -> None:
+    def __init__(self, node: Node, pack_id: str, period: float = 1.0, topic: str = "/diagnostics") -> None:
         self._node = node
-        self.hardware_id = hardware_id
+        self.hardware_id = pack_hardware_id(pack_id, node.get_namespace())
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
         self._status: dict[str, DiagnosticStatus] = {}
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
@@ -90,7 +102,7 @@ class Diagnostics:
     def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
                publish_on_change: bool = True) -> None:
         """Set a check's status; a level change goes out at once (or with the batch) unless told otherwise."""
-        name = f"bms_ai: {check}"
+        name = self.name(check)
         prev = self._status.get(name)
         lv = level if isinstance(level, bytes) else bytes([int(level)])
         st = DiagnosticStatus(level=lv, name=name, message=message,
@@ -104,8 +116,12 @@ class Diagnostics:
 
     def level(self, check: str) -> int | None:
         """The check's current level, None before its first update."""
-        st = self._status.get(f"bms_ai: {check}")
+        st = self._status.get(self.name(check))
         return None if st is None else st.level[0]
+
+    def name(self, check: str) -> str:
+        """The status name of ``check`` from this node."""
+        return status_name(self._node.get_name(), check)
 
     def publish(self, names: Iterable[str] | None = None) -> None:
         """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""
@@ -117,17 +133,82 @@ class Diagnostics:
             self._pub.publish(msg)
 
 
-def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None) -> None:
-    """Standard entry point: init, spin until Ctrl-C or shutdown, clean up."""
-    rclpy.init(args=args)
+class ShutdownSignals:
+    """The first SIGINT/SIGTERM stops the spin; further ones are ignored while the node shuts down.
+
+    A second Ctrl-C (or launch's SIGTERM after its SIGINT) used to raise KeyboardInterrupt inside
+    destroy_node, cutting a node mid-flush (the uploader inside fsync). For ``timeout_s`` after shutdown
+    starts, extra signals are only reported; after that, one interrupts as usual (a hung shutdown can
+    still be stopped). Installed before rclpy.init, so rclpy's own handlers (which wake the executor)
+    chain to these.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self.stopping = False
+        self.signalled = False  # a signal started (or arrived during) the shutdown
+        self.ignored = 0
+        self._deadline: float | None = None
+        self._saved: dict[int, Any] = {}
+
+    def install(self) -> ShutdownSignals:
+        """Take over SIGINT/SIGTERM (only possible in the main thread; elsewhere nothing changes)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise KeyboardInterrupt  # shutdown overran its time: let this one through
+        self.ignored += 1
+        with contextlib.suppress(OSError):
+            os.write(2, f"[bms_ai] shutting down: {signal.Signals(signum).name} ignored\n".encode())
+
+    def shutting_down(self) -> None:
+        """Shutdown starts now: ignore further signals for up to ``timeout_s``."""
+        self.stopping = True
+        self._deadline = time.monotonic() + self.timeout_s
+
+    def restore(self) -> None:
+        """Put the previous handlers back; after a signal-triggered shutdown, ignore further ones instead.
+
+        The process is on its way out then: a late second Ctrl-C must not turn a clean exit into exit -2.
+        """
+        for sig, old in self._saved.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, signal.SIG_IGN if self.signalled else old)
+        self._saved.clear()
+
+
+def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
+              shutdown_timeout_s: float = 10.0) -> None:
+    """Standard entry point: init, spin until Ctrl-C/SIGTERM or shutdown, clean up.
+
+    Cleanup (destroy_node: the uploader flushes and drains) is not cut by further SIGINT/SIGTERM
+    for up to ``shutdown_timeout_s`` (see :class:`ShutdownSignals`).
+    """
+    signals = ShutdownSignals(shutdown_timeout_s).install()
     node = None
     try:
+        rclpy.init(args=args)
         node = node_factory()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        signals.shutting_down()
+        try:
+            if node is not None:
+                node.destroy_node()
+            if rclpy.ok():
+                rclpy.shutdown()
+        finally:
+            signals.restore()

@@ -3,8 +3,9 @@
     ros2 run bms_ai consumer_example --ros-args -r __ns:=/bms
 
 Subscribes to battery_state and /diagnostics and logs SOC, capacity and the
-worst active diagnostic once per second. Only the stamp conversion and level names
-come from bms_ai (one home each); everything else is standard rclpy.
+worst active diagnostic once per second. Only the stamp conversion, level and
+status names and the graph's node names come from bms_ai (one home each);
+everything else is standard rclpy. Statuses are named ``<node>: <check>``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import BatteryState
 
-from bms_ai.core.levels import ERROR, OK, STALE, WARN, level_name
+from bms_ai.core.levels import ERROR, OK, STALE, WARN, level_name, split_status_name
+from bms_ai.graph import NODE_NAMES
+from bms_ai.nodes.common import spin_node
 from bms_ai.nodes.convert import time_to_float
 
 SEVERITY = {OK: 0, STALE: 1, WARN: 2, ERROR: 3}
@@ -42,7 +44,7 @@ class BatteryConsumer(Node):
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for st in msg.status:
-            if st.name.startswith("bms_ai:"):
+            if split_status_name(st.name)[0] in NODE_NAMES:
                 level = st.level[0] if isinstance(st.level, bytes) else int(st.level)
                 self.diagnostics[st.name] = (level, st.message)
 
@@ -77,17 +79,8 @@ NODE_CLASS = BatteryConsumer
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console script `consumer_example`."""
-    rclpy.init(args=args)
-    node = BatteryConsumer()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    """Console script `consumer_example` (the shared entry point: survives a second Ctrl-C on shutdown)."""
+    spin_node(BatteryConsumer, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ stamp as time: can_bridge publishes at fixed 10 Hz instants of CAN time, so
 results are the same at any replay speed. A node-clock watchdog at
 ``rate_hz`` steps the rules on the last sample when messages stop, so the
 stale-data (CAN timeout) check fires even when the bridge goes silent.
-One DiagnosticStatus per check (``bms_ai: <check>``), 1 Hz and at once on
+One DiagnosticStatus per check (``fault_monitor: <check>``), 1 Hz and at once on
 a level change; latched MSL events clear only on a reset message.
 """
 
@@ -39,10 +39,10 @@ class FaultMonitorNode(Node):
             "detectors": declare(self, "detectors", True, "run the incipient-fault detectors"),
             "max_events": declare(self, "max_events", 8, "latched events listed in the 'events' status"),
         }
-        self.monitor = FaultMonitor.load(
-            self.p["limits_file"], self.p["chemistry"], self.p["pack_id"], detectors=self.p["detectors"],
-            stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"])
         self.diag = Diagnostics(self, self.p["pack_id"])
+        self.monitor = FaultMonitor.load(
+            self.p["limits_file"], self.p["chemistry"], self.diag.hardware_id, detectors=self.p["detectors"],
+            stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"])
         self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
         self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)

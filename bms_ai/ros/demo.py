@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.core.levels import level_name
+from bms_ai.core.levels import level_name, split_status_name
 from bms_ai.core.paths import share_path
 from bms_ai.graph import NODES, OPTION_BY_NAME, graph_from_options
 
@@ -131,7 +131,7 @@ def _view(rec: Record, t0: float, t_end: float, live: bool) -> str:
         f"bms_ai demo  [{bar}] {prog:5.1f} %   drive time {mt - t0:7.1f} s",
         f"  SOC {100 * soc:6.2f} %   SOH {soh or 'n/a':>8}   capacity {cap:6.2f} Ah",
         f"  pack {v:7.2f} V {i:8.2f} A   cell spread {spread:6.1f} mV   T max {tmax:5.1f} degC",
-        "  diagnostics: " + (", ".join(f"{n.replace('bms_ai: ', '')}={level_name(lv)}" for n, lv, _ in active[:6])
+        "  diagnostics: " + (", ".join(f"{split_status_name(n)[1]}={level_name(lv)}" for n, lv, _ in active[:6])
                              if active else "all OK"),
     ]
     text = "\n".join(lines)
@@ -233,7 +233,7 @@ def available_nodes() -> tuple[list[str], dict[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     """`bms-ai demo`: replay the drive through the graph, show it live, write the report; 1 if nothing arrived."""
-    from bms_ai.can.offline import read_log
+    from bms_ai.can.logs import read_log
     from bms_ai.ros.runner import GraphRunner
 
     drive = resolve_drive(args.drive)
@@ -255,10 +255,13 @@ def run(args: argparse.Namespace) -> int:
 
         token = secrets.token_hex(16)
         ingest = IngestServer(out / "cloud", token=token).start()
+        token_file = out / "ingest.token"  # the uploader reads its token from a file, never a parameter
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
     options = {"params_file": args.params, "nodes": ",".join(nodes), "pack_config": str(pack_cfg),
                "can_log": str(log), "replay_speed": repr(float(args.speed)), "use_sim_time": "true"}
     uploader = {"spool_dir": str(out / "spool"), "backend_url": ingest.url if ingest else "",
-                "token": token if ingest else "", "shutdown_drain_s": 5.0}
+                "token_file": str(token_file) if ingest else "", "shutdown_drain_s": 5.0}
     # the replay also waits for this view's reader, so the view sees every sample (drained() counts on it)
     specs = graph_from_options(options, overrides={"cloud_uploader": uploader,
                                                    "can_bridge": {"wait_for_subscribers": len(nodes)}})
@@ -309,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
             ingest.stop()
     wall = time.monotonic() - wall0
     print(_view(rec, t_start, t_end, False), flush=True)
-    raised = {n.replace("bms_ai: ", ""): level_name(lv) for n, lv in sorted(at_end.items()) if lv != 0}
+    raised = {split_status_name(n)[1]: level_name(lv) for n, lv in sorted(at_end.items()) if lv != 0}
     print("diagnostics at the end of the drive: " + (", ".join(f"{n}={lv}" for n, lv in raised.items())
                                                      if raised else "all OK")
           + " (after it the bus is silent: timeouts and STALE are expected)", flush=True)

@@ -14,6 +14,7 @@ import time
 
 import can
 
+from bms_ai.can.frames import stamp_ok
 from bms_ai.can.sources import SourceError, bus_options, open_source
 
 
@@ -39,7 +40,7 @@ def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dic
         from bms_ai.ros.clock import ClockPublisher  # rclpy only when asked for
 
         clock = ClockPublisher()
-    sent = errors = 0
+    sent = errors = bad_stamps = 0
     t0 = time.monotonic()
     try:
         if args.start_delay > 0:
@@ -49,7 +50,9 @@ def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dic
                 break
             if msg is None:
                 continue
-            if clock is not None:
+            if not stamp_ok(msg.timestamp):
+                bad_stamps += 1  # sent, but never a /clock time or a pause
+            elif clock is not None:
                 clock.publish(msg.timestamp)
             try:
                 bus.send(msg)
@@ -60,15 +63,26 @@ def replay(args: argparse.Namespace, stop: threading.Event | None = None) -> dic
         bus.shutdown()
         if clock is not None:
             clock.close()
-    return {"sent": sent, "send_errors": errors, "seconds": time.monotonic() - t0, "read_errors": source.errors}
+    return {"sent": sent, "send_errors": errors, "bad_stamps": bad_stamps, "gaps_shortened": source.gaps_shortened,
+            "seconds": time.monotonic() - t0, "read_errors": source.errors}
 
 
 def run(args: argparse.Namespace) -> int:
-    """``bms-ai replay``: exit status 1 on a source error or a damaged log."""
+    """``bms-ai replay``: exit status 1 on a source error, a damaged log or nothing valid to replay.
+
+    Stamps that cannot be log time (NaN, inf, negative, 1e300) are sent without
+    pacing and counted; a pause over MAX_REPLAY_GAP is shortened and counted.
+    """
     try:
         stats = replay(args)
     except SourceError as exc:
         print(f"bms-ai replay: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(stats), file=sys.stderr)
+    for err in stats["read_errors"]:
+        print(f"bms-ai replay: warning: {err}", file=sys.stderr)
+    if stats["sent"] <= stats["bad_stamps"]:
+        print(f"bms-ai replay: warning: {args.log}: nothing valid replayed (no frame with a usable stamp)",
+              file=sys.stderr)
+        return 1
     return 0 if not stats["read_errors"] else 1

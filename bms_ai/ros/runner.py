@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bms_ai.can.sources import SourceError
 from bms_ai.graph import OPTIONS, NodeSpec, graph_from_options, node_parameters, parse_options
 
 
@@ -140,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     specs = graph_from_options(options)
     duration = parse_options(options)["duration"]
-    runner = GraphRunner(specs)
+    try:
+        runner = GraphRunner(specs)
+    except SourceError as exc:  # e.g. --can-log names no file: a usage error, one line
+        print(f"bms-ai run: error: {exc}", file=sys.stderr)
+        return 2
     print(f"bms-ai run: {', '.join(s.fqn for s in specs)}", file=sys.stderr)
     try:
         runner.spin(duration=duration)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import ssl
 import threading
 import time
@@ -25,12 +26,23 @@ from bms_ai.uplink.spool import Segment
 
 
 class UploadError(Exception):
-    """An upload that did not happen; ``transient`` says whether retrying can help, ``auth`` flags credentials."""
+    """An upload that did not happen.
 
-    def __init__(self, message: str, transient: bool = True, auth: bool = False) -> None:
+    ``transient``: retrying later can help (network, 5xx, 429); ``auth``: the credentials are refused (all
+    segments wait for a fix); ``permanent``: the server will never take *this* segment (e.g. 413), so it is
+    quarantined and the ones behind it go on.
+    """
+
+    def __init__(self, message: str, transient: bool = True, auth: bool = False, permanent: bool = False) -> None:
         super().__init__(message)
-        self.transient = transient
+        self.transient = transient and not permanent
         self.auth = auth
+        self.permanent = permanent
+
+
+# 4xx answers that will not change on retry for this segment; 400 (hash mismatch in flight), 408, 409, 425 and
+# 429 are retried, 401/403 are credentials.
+PERMANENT_HTTP = frozenset({404, 405, 410, 411, 413, 414, 415, 422})
 
 
 class Throttle:
@@ -99,6 +111,10 @@ class HttpBackend(Backend):
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"ingest url must be http(s)://host[:port]/path, got {url!r}")
         self.url = url
+        # plain http only because the config says so; say that token and data travel unencrypted
+        self.insecure = "" if u.scheme == "https" else f"plain http to {u.netloc}: token and data unencrypted"
+        if self.insecure:
+            logging.getLogger("bms_ai.uplink").warning("%s (use https:// in backend.url)", self.insecure)
         self._u = u
         self.token = token
         self.timeout_s = float(timeout_s)
@@ -135,6 +151,8 @@ class HttpBackend(Backend):
             return "created" if resp.status == 201 else "duplicate"
         if resp.status in (401, 403):
             raise UploadError(f"HTTP {resp.status}: {body[:200]}", transient=False, auth=True)
+        if resp.status in PERMANENT_HTTP:
+            raise UploadError(f"HTTP {resp.status}: {body[:200]}", permanent=True)
         # 400 = hash mismatch in flight (the file was verified before sending), 5xx, 429: retry later
         raise UploadError(f"HTTP {resp.status}: {body[:200]}", transient=True)
 
@@ -183,7 +201,8 @@ class S3Backend(Backend):
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             auth = code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
-            raise UploadError(f"S3 {code}: {exc}", transient=not auth, auth=auth) from exc
+            permanent = code in ("EntityTooLarge", "KeyTooLongError", "InvalidArgument", "413")
+            raise UploadError(f"S3 {code}: {exc}", transient=not auth, auth=auth, permanent=permanent) from exc
         except (BotoCoreError, OSError) as exc:
             raise UploadError(f"S3 {type(exc).__name__}: {exc}", transient=True) from exc
 

@@ -19,7 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "topic_types": {},  # topic -> pkg/msg/Type for topics not in the node's known list (else discovered)
     "default_class": "raw",
     "fault_snapshot": {"enabled": True, "pre_s": 30.0, "post_s": 30.0},
-    "backend": {"kind": "http", "url": "http://127.0.0.1:8080", "token_env": "BMS_AI_INGEST_TOKEN"},
+    # https by default; plain http only when a config names it (the backend then warns)
+    "backend": {"kind": "http", "url": "https://127.0.0.1:8443", "token_env": "BMS_AI_INGEST_TOKEN"},
     "retry": {"base_s": 1.0, "max_s": 300.0, "factor": 2.0, "jitter": True},
     "bandwidth_kbps": 0.0,
     "backlog": {"order": "oldest_first", "max_age_s": {}, "warn_age_s": 86400.0},
@@ -61,17 +62,20 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
     return deep_merge(cfg, overrides or {})
 
 
-def parameter_overrides(spool_dir: str = "", backend_url: str = "", token: str = "", vehicle_id: str = "",
-                        topics: Iterable[str] = ()) -> dict[str, Any]:
+def parameter_overrides(spool_dir: str = "", backend_url: str = "", token_file: str = "", token_env: str = "",
+                        vehicle_id: str = "", topics: Iterable[str] = ()) -> dict[str, Any]:
     """Config overrides from the node's parameters: empty values leave the file's settings alone.
 
+    The ingest token itself is never a parameter (parameters are visible on /parameter_events and to
+    anyone calling get_parameters): only the file or environment variable that holds it.
     ``topics`` entries are ``topic=class`` (a bare topic records as ``raw``) and replace the file's list.
     """
     over: dict[str, Any] = {}
     if spool_dir:
         over["spool"] = {"dir": spool_dir}
-    if backend_url or token:
-        over["backend"] = {k: v for k, v in (("url", backend_url), ("token", token)) if v}
+    backend = {k: v for k, v in (("url", backend_url), ("token_file", token_file), ("token_env", token_env)) if v}
+    if backend:
+        over["backend"] = backend
     if vehicle_id:
         over["vehicle_id"] = vehicle_id
     wanted = [t for t in topics if t]
@@ -80,13 +84,29 @@ def parameter_overrides(spool_dir: str = "", backend_url: str = "", token: str =
     return over
 
 
+SECRET_FILE_KEYS = ("token", "access_key", "secret_key", "password")
+
+
+def _read_secret(key: str, path: str) -> str:
+    try:
+        return open(os.path.expanduser(path), encoding="utf-8").read().strip()  # noqa: SIM115
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def resolve_env(section: dict[str, Any]) -> dict[str, Any]:
-    """``token_env: NAME`` -> ``token: $NAME`` (secrets stay out of files); explicit values win."""
+    """Secrets from files or the environment: ``token_file: PATH`` / ``token_env: NAME`` -> ``token``.
+
+    Explicit values win, then the file, then the environment variable.
+    """
     out = {}
     for k, v in section.items():
-        if k.endswith("_env"):
+        if k.endswith("_file") and k[:-5] in SECRET_FILE_KEYS:
+            if v and not section.get(k[:-5]):
+                out[k[:-5]] = _read_secret(k, str(v))
+        elif k.endswith("_env"):
             name = k[:-4]
-            if not section.get(name) and v:
+            if not section.get(name) and not section.get(f"{name}_file") and v:
                 val = os.environ.get(str(v))
                 if val is not None:
                     out[name] = val

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bms_ai.core.levels import ERROR, OK, WARN
+from bms_ai.core.levels import ERROR, OK, WARN, split_status_name
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.uplink.backends import make_backend
 from bms_ai.uplink.config import resolve_env
-from bms_ai.uplink.privacy import Pseudonymizer
+from bms_ai.uplink.fsio import SpoolFS, is_regular
+from bms_ai.uplink.privacy import IdentifierScrubber, Pseudonymizer
 from bms_ai.uplink.segment import Recorder
 from bms_ai.uplink.spool import Spool
 from bms_ai.uplink.telemetry import make_telemetry
@@ -34,23 +35,37 @@ KNOWN_TYPES = {
 HEALTH_CHECK = "uploader"
 # stats reported in the uploader's DiagnosticStatus (the rest stays in stats())
 HEALTH_KEYS = ("backlog_segments", "backlog_bytes", "backlog_age_s", "acknowledged", "uploaded", "evicted",
-               "evicted_bytes", "expired", "rejected", "corrupt", "lost", "messages", "segments_committed",
-               "snapshots", "upload_last_upload_age_s", "upload_failures", "upload_consecutive_failures",
-               "upload_bytes", "mqtt_connected", "mqtt_published", "can_logs_picked")
+               "evicted_bytes", "expired", "rejected", "corrupt", "lost", "refused", "unsafe_files", "messages",
+               "segments_committed", "snapshots", "snapshot_parts", "snapshot_truncated", "dropped_messages",
+               "disk_full", "paused", "spool_bytes", "free_bytes", "privacy_dropped", "upload_last_upload_age_s",
+               "upload_failures", "upload_consecutive_failures", "upload_refused", "upload_bytes", "mqtt_connected",
+               "mqtt_published", "can_logs_picked", "internal_errors")
 
 
-def health_level(stats: dict[str, Any], evicted_new: int, warn_age_s: float) -> tuple[int, str]:
-    """Level and message of the uploader status; later conditions win (rejected credentials the most)."""
-    level, msg = OK, "uploading" if stats["backlog_segments"] else "idle, backlog empty"
+def health_level(stats: dict[str, Any], evicted_new: int, warn_age_s: float, refused_new: int = 0,
+                 unsafe_new: int = 0) -> tuple[int, str]:
+    """Level and message of the uploader status; later conditions win (rejected credentials, disk full most)."""
     failing = stats.get("upload_consecutive_failures", 0)
-    if evicted_new > 0:
-        level, msg = WARN, f"spool full: evicted {evicted_new} segment(s)"
-    if failing:
-        level, msg = WARN, f"upload failing: {stats.get('upload_last_error', '')[:120]}"
-    if warn_age_s > 0 and stats["backlog_age_s"] > warn_age_s:
-        level, msg = WARN, f"oldest pending segment is {stats['backlog_age_s'] / 3600:.1f} h old"
-    if stats.get("upload_last_error_auth") and failing:
-        level, msg = ERROR, "ingest rejects our credentials"
+    paused = stats.get("paused", "")
+    dropped = stats.get("dropped_messages", 0)
+    rules: list[tuple[bool, int, str]] = [
+        (True, OK, "uploading" if stats["backlog_segments"] else "idle, backlog empty"),
+        (evicted_new > 0, WARN, f"spool full: evicted {evicted_new} segment(s)"),
+        (unsafe_new > 0, WARN, f"ignored {unsafe_new} symlink(s) or special file(s) in the spool"),
+        (refused_new > 0, WARN, f"server refused {refused_new} segment(s) for good (quarantined): "
+                                f"{stats.get('upload_last_refusal', '')[:100]}"),
+        (bool(failing), WARN, f"upload failing: {stats.get('upload_last_error', '')[:120]}"),
+        (warn_age_s > 0 and stats["backlog_age_s"] > warn_age_s, WARN,
+         f"oldest pending segment is {stats['backlog_age_s'] / 3600:.1f} h old"),
+        (bool(paused), WARN, f"spool full: recording paused for {paused} ({dropped} messages dropped)"),
+        (bool(stats.get("upload_last_error_auth")) and bool(failing), ERROR, "ingest rejects our credentials"),
+        (bool(paused) and bool(stats.get("paused_disk_full")), ERROR,
+         f"disk full: recording paused for {paused} ({dropped} messages dropped): {stats.get('last_write_error', '')[:80]}"),
+    ]
+    level, msg = OK, ""
+    for cond, lvl, text in rules:
+        if cond:
+            level, msg = lvl, text
     return level, msg
 
 
@@ -64,13 +79,17 @@ def battery_telemetry(percentage: float, capacity: float, design_capacity: float
 class UplinkService:
     """Spool, recorder, uploader and telemetry for one vehicle, composed from one config dict."""
 
-    def __init__(self, cfg: dict[str, Any], start_threads: bool = True) -> None:
+    def __init__(self, cfg: dict[str, Any], start_threads: bool = True, fs: SpoolFS | None = None,
+                 identifiers: Iterable[str] = ()) -> None:
         self.cfg = cfg
         self.pseudonymize = Pseudonymizer.from_config(resolve_env(cfg.get("privacy", {})))
         self.vehicle = self.pseudonymize(str(cfg.get("vehicle_id", "")))
+        self.scrubber = IdentifierScrubber(self.pseudonymize, [str(cfg.get("vehicle_id", "")), *identifiers])
+        self.privacy_dropped = 0
         sp = cfg["spool"]
         self.spool = Spool(os.path.expanduser(sp["dir"]), quota_bytes=int(float(sp["quota_mb"]) * 2**20),
-                           min_free_bytes=int(float(sp["min_free_mb"]) * 2**20), fsync=bool(sp.get("fsync", True)))
+                           min_free_bytes=int(float(sp["min_free_mb"]) * 2**20), fsync=bool(sp.get("fsync", True)),
+                           fs=fs)
         seg = cfg["segments"]
         snap = cfg.get("fault_snapshot", {})
         meta = {"vehicle": self.vehicle} if self.vehicle else {}
@@ -100,7 +119,11 @@ class UplinkService:
         self._last_scan = 0.0
         self.can_logs_picked = 0
         self.rejected_messages = 0
-        self._evicted_seen = self.spool.counters()["evicted"]
+        self.internal_errors = 0
+        self.last_internal_error = ""
+        self._last_prune = 0.0
+        c = self.spool.counters()
+        self._seen = {"evicted": c["evicted"], "refused": c["refused"], "unsafe_files": c["unsafe_files"]}
         if start_threads:
             self.start()
 
@@ -142,12 +165,27 @@ class UplinkService:
         """Record one CDR message; a message the recorder cannot take is counted, never raised."""
         try:
             self.recorder.write(topic, type_name, data, t_ns, cls)
-        except (OSError, ValueError, LookupError):
-            self.rejected_messages += 1  # counted, reported; recording continues
+        except Exception as exc:  # noqa: BLE001 - counted, reported; recording continues
+            self.rejected_messages += 1
+            self.last_internal_error = f"{topic}: {type(exc).__name__}: {exc}"
+
+    def private(self, data: bytes, decode: Callable[[bytes], Any], encode: Callable[[Any], bytes]) -> bytes | None:
+        """CDR bytes with every known identifier pseudonymised (privacy on); None: drop it (counted).
+
+        Only messages whose bytes contain an identifier are decoded (``decode``/``encode`` are the
+        node's CDR (de)serialisation for the message's type).
+        """
+        if not self.scrubber.enabled or not self.scrubber.hits(data):
+            return data
+        out = encode(self.scrubber.message(decode(data)))
+        if self.scrubber.hits(out):  # e.g. inside a byte array: never recorded
+            self.privacy_dropped += 1
+            return None
+        return out
 
     def diagnostics(self, statuses: list[tuple[str, int]], t_ns: int) -> bool:
         """Feed (name, level) pairs; a name newly at ERROR starts (or extends) a fault snapshot."""
-        now_err = {n for n, lvl in statuses if lvl == ERROR}
+        now_err = {n for n, lvl in statuses if lvl == ERROR and split_status_name(n)[1] != HEALTH_CHECK}  # not our own
         seen = {n for n, _ in statuses}
         new = now_err - self._errors
         self._errors = (self._errors - seen) | now_err
@@ -173,11 +211,15 @@ class UplinkService:
 
     # -- health -----------------------------------------------------------------------------
     def started_status(self) -> CheckResult:
-        """The first uploader status: what the spool recovery found."""
+        """The first uploader status: what the spool recovery found, and a warning for plain http."""
         rec = self.spool.last_recovery
-        return CheckResult(HEALTH_CHECK, OK, "started", {
+        level, msg = OK, "started"
+        insecure = getattr(self.uploader.backend, "insecure", "") if self.uploader is not None else ""
+        if insecure:
+            level, msg = WARN, f"started; {insecure}"
+        return CheckResult(HEALTH_CHECK, level, msg, {
             "recovered_partial": rec.partial_removed, "recovery_missing": rec.missing,
-            "recovery_orphans": rec.orphans_adopted + rec.orphans_removed})
+            "recovery_orphans": rec.orphans_adopted + rec.orphans_removed, "recovery_unsafe": rec.unsafe})
 
     def health(self, rejected: int = 0, reject_reason: str = "", subscribed: Iterable[str] = ()) -> CheckResult:
         """The periodic uploader status; ``rejected`` counts the node's own rejected messages.
@@ -185,22 +227,33 @@ class UplinkService:
         Evictions are reported once, in the first status after they happened.
         """
         s = self.stats()
-        evicted_new = s["evicted"] - self._evicted_seen
-        self._evicted_seen = s["evicted"]
+        new = {k: s[k] - seen for k, seen in self._seen.items()}
+        self._seen = {k: s[k] for k in self._seen}
         warn_age = float(self.cfg.get("backlog", {}).get("warn_age_s", 86400.0))
-        level, msg = health_level(s, evicted_new, warn_age)
+        level, msg = health_level(s, new["evicted"], warn_age, new["refused"], new["unsafe_files"])
         vals = {k: s[k] for k in HEALTH_KEYS if k in s}
         vals.update(rejected_messages=rejected + s["rejected_messages"], reject_reason=reject_reason,
                     subscribed=",".join(subscribed))
         return CheckResult(HEALTH_CHECK, level, msg, vals)
 
     def tick(self, t_ns: int) -> None:
-        """Periodic (1 Hz): close due segments, flush finished chunks, pick up CAN logs."""
-        self.recorder.tick(t_ns)
-        self.recorder.flush_files()
-        if self._can_cfg.get("enabled") and time.monotonic() - self._last_scan > 1.0:
-            self._last_scan = time.monotonic()
-            self.pick_up_can_logs()
+        """Periodic (1 Hz): measure space, close due segments, resume paused ones, flush chunks, pick up CAN logs.
+
+        Never raises: whatever goes wrong is counted (``internal_errors``) and reported, the graph stays up.
+        """
+        try:
+            self.spool.refresh()
+            self.recorder.tick(t_ns)
+            self.recorder.flush_files()
+            if time.monotonic() - self._last_prune > 3600.0:
+                self._last_prune = time.monotonic()
+                self.spool.prune()
+            if self._can_cfg.get("enabled") and time.monotonic() - self._last_scan > 1.0:
+                self._last_scan = time.monotonic()
+                self.pick_up_can_logs()
+        except Exception as exc:  # noqa: BLE001 - disk/database trouble must not stop the node
+            self.internal_errors += 1
+            self.last_internal_error = f"tick: {type(exc).__name__}: {exc}"
 
     def pick_up_can_logs(self) -> int:
         """Closed CAN log files (not modified for min_age_s) go into the spool once, as class raw."""
@@ -211,9 +264,9 @@ class UplinkService:
         min_age = float(self._can_cfg.get("min_age_s", 5.0))
         n = 0
         for p in sorted(d.iterdir()):
-            if not p.is_file() or not any(fnmatch.fnmatch(p.name, pat) for pat in pats):
-                continue
-            st = p.stat()
+            if not is_regular(p) or not any(fnmatch.fnmatch(p.name, pat) for pat in pats):
+                continue  # never through a symlink: only the bridge's own closed files
+            st = p.lstat()
             if time.time() - st.st_mtime < min_age or self._picked.get(p.name) == (st.st_size, st.st_mtime):
                 continue
             seg = self.spool.add_file(p, str(self._can_cfg.get("class", "raw")),
@@ -231,9 +284,15 @@ class UplinkService:
     def stats(self) -> dict[str, Any]:
         """Spool, recorder, uploader (``upload_*``) and telemetry (``mqtt_*``) figures in one dict."""
         s: dict[str, Any] = dict(self.spool.stats())
-        s.update(messages=self.recorder.messages, segments_committed=self.recorder.segments_committed,
-                 snapshots=self.recorder.snapshots, rejected_messages=self.rejected_messages,
-                 write_errors=self.recorder.write_errors, can_logs_picked=self.can_logs_picked)
+        r = self.recorder.stats
+        s.update(messages=r.messages, segments_committed=r.segments_committed, snapshots=r.snapshots,
+                 snapshot_parts=r.snapshot_parts, snapshot_truncated=r.snapshot_truncated,
+                 dropped_messages=r.dropped_messages, disk_full=r.disk_full, write_errors=r.write_errors,
+                 last_write_error=r.last_error, paused=",".join(sorted(self.recorder.paused)),
+                 paused_disk_full=any(w.startswith("disk full") for w in self.recorder.paused.values()),
+                 rejected_messages=self.rejected_messages, privacy_dropped=self.privacy_dropped,
+                 can_logs_picked=self.can_logs_picked, internal_errors=self.internal_errors,
+                 last_internal_error=self.last_internal_error)
         if self.uploader is not None:
             s.update({f"upload_{k}": v for k, v in self.uploader.stats.as_dict().items()})
         if self.telemetry is not None:
@@ -241,13 +300,21 @@ class UplinkService:
         return s
 
     def close(self, drain_s: float = 0.0) -> None:
-        """Commit open segments, upload for up to ``drain_s``, stop the threads, close the spool."""
-        self.recorder.flush()
+        """Commit open segments, upload for up to ``drain_s``, stop the threads, close the spool.
+
+        Each step runs even if an earlier one failed (counted); what could not be committed stays in
+        ``incoming/``, where recovery at the next start salvages it.
+        """
+        steps: list[Callable[[], Any]] = [self.recorder.flush]
         if self.uploader is not None:
-            self.uploader.stop()
-            if drain_s > 0:
-                self.uploader.drain(drain_s)
-            self.uploader.backend.close()
+            up = self.uploader
+            steps += [up.stop, lambda: up.drain(drain_s) if drain_s > 0 else None, up.backend.close]
         if self.telemetry is not None:
-            self.telemetry.stop()
-        self.spool.close()
+            steps.append(self.telemetry.stop)
+        steps.append(self.spool.close)
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on; the spool recovers at the next start
+                self.internal_errors += 1
+                self.last_internal_error = f"close: {type(exc).__name__}: {exc}"

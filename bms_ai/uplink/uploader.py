@@ -8,14 +8,15 @@ idempotency by sha256 keeps exactly one copy.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
-from bms_ai.core.files import sha256_file
 from bms_ai.uplink.backends import Backend, Throttle, UploadError
+from bms_ai.uplink.fsio import open_regular
 from bms_ai.uplink.spool import Segment, Spool
 
 
@@ -51,6 +52,8 @@ class UploaderStats:
     corrupt: int = 0
     lost: int = 0
     expired: int = 0
+    refused: int = 0
+    last_refusal: str = ""
     last_error: str = ""
     last_error_auth: bool = False
     last_upload_wall: float = 0.0
@@ -86,7 +89,7 @@ class Uploader:
         self._thread: threading.Thread | None = None
 
     def step(self) -> str:
-        """One unit of work: 'uploaded', 'duplicate', 'failed', 'corrupt', 'lost', 'idle' or 'waiting'."""
+        """One unit of work: 'uploaded', 'duplicate', 'failed', 'refused', 'corrupt', 'lost', 'idle' or 'waiting'."""
         now = time.monotonic()
         if now < self._next_try:
             return "waiting"
@@ -101,21 +104,47 @@ class Uploader:
             self.spool.release(seg)
             raise
 
-    def _upload(self, seg: Segment) -> str:
-        if not seg.path.exists():
+    def _open_verified(self, seg: Segment) -> BinaryIO | str:
+        """The segment's file, opened without following symlinks and hashed through that same descriptor.
+
+        Returns 'lost' or 'corrupt' (already recorded) when it cannot be uploaded.
+        """
+        try:
+            f = open_regular(seg.path)
+        except FileNotFoundError:
             self.spool.mark_lost(seg, "file vanished")
             self.stats.lost += 1
             return "lost"
-        if sha256_file(seg.path) != seg.sha256:  # bit rot / tampering: never ship a file that lies
+        except OSError as exc:  # a symlink or special file where the segment was: never followed
+            self.spool.mark_corrupt(seg, f"not a regular file: {exc}")
+            self.stats.corrupt += 1
+            return "corrupt"
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != seg.sha256:  # bit rot / tampering: never ship a file that lies
+            f.close()
             self.spool.mark_corrupt(seg, "sha256 mismatch before upload")
             self.stats.corrupt += 1
             return "corrupt"
+        f.seek(0)
+        return f
+
+    def _upload(self, seg: Segment) -> str:
+        f = self._open_verified(seg)
+        if isinstance(f, str):
+            return f
         headers = {"X-BMS-Class": seg.cls, "X-BMS-Created": f"{seg.created:.3f}", **self.headers}
         t0 = time.monotonic()
         try:
-            with open(seg.path, "rb") as f:
+            with f:
                 result = self.backend.upload(seg, f, self.throttle, headers)
         except UploadError as exc:
+            if exc.permanent:  # the server will never take it: quarantine it, the rest keep flowing
+                self.spool.mark_refused(seg, str(exc))
+                self.stats.refused += 1
+                self.stats.last_refusal = str(exc)
+                return "refused"
             self.spool.release(seg, str(exc))
             self.stats.failures += 1
             self.stats.consecutive_failures += 1
