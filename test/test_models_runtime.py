@@ -148,7 +148,7 @@ def test_shipped_models_verify(root: Path, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- run-time output guard
 
-def _trap_onnx(path: Path, kind: str, n_in: int = N_SOC_FEATURES) -> None:
+def _trap_onnx(path: Path, kind: str, n_in: int = N_FEATURES) -> None:
     """A model that is fine on the zero smoke input and wrong on real ones (x0 = a cell voltage > 0).
 
     ``nan``: soc = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: soc = 1e30 * x0.
@@ -178,7 +178,7 @@ def _trap_entry(d: Path, kind: str) -> ModelEntry:
     f = f"trap_{kind}.onnx"
     _trap_onnx(d / f, kind)
     return ModelEntry(name=f"trap_{kind}", version=1, file=f, sha256=sha256_file(d / f), task="soc", chemistry="nmc",
-                      inputs=[TensorSpec("features", ["batch", N_SOC_FEATURES])],
+                      inputs=[TensorSpec("features", ["batch", N_FEATURES])],
                       outputs=[TensorSpec("soc", ["batch", 1], units=["1"], range=[-0.1, 1.1]),
                                TensorSpec("sigma", ["batch", 1], units=["1"], range=[0.0, 10.0])],
                       feature_version=FEATURE_VERSION)
@@ -191,7 +191,7 @@ def test_guard_refuses_outputs_the_smoke_test_cannot_see(tmp_path: Path, kind: s
     e = _trap_entry(tmp_path, kind)
     res = verify_and_load(tmp_path, e, soc_model_expectation())
     assert res.model is not None, res.reason                 # zeros: finite and in range
-    x = np.zeros((4, N_SOC_FEATURES), np.float32)
+    x = np.zeros((4, N_FEATURES), np.float32)
     x[1:, 0] = 3.7                                           # three cells with a real voltage
     outs, verdict = res.model.run_guarded(x)
     assert verdict.ok.tolist() == [True, False, False, False] and not verdict.all_ok
@@ -199,7 +199,7 @@ def test_guard_refuses_outputs_the_smoke_test_cannot_see(tmp_path: Path, kind: s
     stats = res.model.guard.stats()
     assert stats[counter] == 3 and stats["guard_rejected_rows"] == 3 and stats["guard_rejected_calls"] == 1
     assert res.model.guard.last_reason.startswith(f"trap_{kind}@1: ")
-    _, ok = res.model.run_guarded(np.zeros((4, N_SOC_FEATURES), np.float32))
+    _, ok = res.model.run_guarded(np.zeros((4, N_FEATURES), np.float32))
     assert ok.all_ok and res.model.guard.consecutive_rejected_calls == 0
 
 
@@ -265,7 +265,7 @@ def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) 
     reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
     assert reg.poll()
     model = reg.get("soc", "nmc")
-    x = np.full((2, N_SOC_FEATURES), 3.7, np.float32)
+    x = np.full((2, N_FEATURES), 3.7, np.float32)
     for _ in range(3):
         _, verdict = model.run_guarded(x)
     assert model.guard.consecutive_rejected_calls == 3 and not verdict.ok.any()
