@@ -905,7 +905,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """`bms-ai evaluate` arguments."""
     p.add_argument("drives", nargs="+", help="drives or directories of drives (held-out evaluation sets)")
     p.add_argument("--report", required=True, help="output directory: results.json, table.md, index.html")
-    p.add_argument("--models", default="", help="model directory ('' = the shipped models; 'none' = no models)")
+    p.add_argument("--models", default=str(default_model_dir()),
+                   help="model directory (default: the installed models, from any directory; 'none' = no models)")
     p.add_argument("--jobs", type=int, default=2, help="drives evaluated in parallel (results do not depend on it)")
     p.add_argument("--methods", default="", help=f"comma list (default all: {', '.join(METHODS.names())})")
     p.add_argument("--variants", default="all", help="comma list of conditions, 'all' or 'base' "
