@@ -14,6 +14,7 @@ from bms_ai.estimation import evaluate as ev
 from bms_ai.estimation.baselines import EvalSetup, Method, pack_state, unpack_state
 from bms_ai.estimation.ecm_fit import simulate_ecm_drive
 from bms_ai.estimation.ekf import EcmTable
+from bms_ai.models.runtime import default_model_dir
 from bms_ai.sim.dataset import RecordedDrive, load_drive, save_npz
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -229,7 +230,7 @@ def test_cli_options_and_unknown_condition() -> None:
     p = argparse.ArgumentParser()
     ev.add_arguments(p)
     a = p.parse_args(["d", "--report", "r", "--faults", "--no-soc", "--jobs", "3", "--variants", "base,offset+0.03C"])
-    assert a.faults and a.no_soc and a.jobs == 3 and a.models == ""
+    assert a.faults and a.no_soc and a.jobs == 3 and Path(a.models) == default_model_dir()
     assert [v.name for v in ev._choose_variants(a.variants)] == ["base", "offset+0.03C"]
     with pytest.raises(ValueError, match="unknown condition"):
         ev._choose_variants("base,nope")

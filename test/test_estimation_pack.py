@@ -57,13 +57,13 @@ def test_model_used_and_hot_reload_swaps_it(root: Path, tmp_path: Path) -> None:
     assert est.poll_models() == ""                    # loaded before any filter exists: nothing to swap
     model, reason = est.soc_model()
     assert model is not None and model.version == nmc.version and reason == ""
-    step = _run(est, 61.0)                            # past the NN warm-up
+    step = _run(est, 61.0, current=-1.0)              # past the NN warm-up; 0.2 C: inside the model's domain
     assert step.soc.method == "learned" and est.soc_status().level == OK
     v2 = dict(nmc.to_dict(), version=nmc.version + 1, file=f"{nmc.name}_v{nmc.version + 1}.onnx")
     shutil.copy(root / "models" / nmc.file, tmp_path / v2["file"])
     (tmp_path / (v2["file"] + ".json")).write_text(json.dumps(v2))
     assert est.poll_models() == f"SOC model now {nmc.name}@{nmc.version + 1}"
-    assert est.soc_est.model.version == nmc.version + 1
+    assert est.soc_est.learned.model.version == nmc.version + 1
     assert est.soc_status().values["model"] == f"{nmc.name}@{nmc.version + 1}"
 
 

@@ -24,8 +24,6 @@ def _saved(tmp_path: Path, sub: str, seeds: list[int], chem: str = "nmc") -> Pat
         d = ecm_cell_drive(VARIANTS[v], chem, s, float(10 * (s % 4)), duration=900.0, dt=1.0, n_cells=3)
         d.meta["cell_set"] = v
         save_npz(tmp_path / sub / d.name, d)
-        z = dict(np.load(tmp_path / sub / d.name / "drive.npz"))
-        np.savez_compressed(tmp_path / sub / d.name / "drive.npz", **z, ocv_soc=d.ocv_soc, ocv_v=d.ocv_v)
     return tmp_path / sub
 
 

@@ -369,6 +369,19 @@ def shipped_models(model_dir: str | None):
     return reg
 
 
+def stored_cell_soc(blob: bytes, default: np.ndarray) -> np.ndarray:
+    """The cell SOC a saved PackEstimator state holds (what it outputs until its first sample)."""
+    from bms_ai.estimation.state import decode_state
+
+    payload, _ = decode_state(blob)
+    f = (payload or {}).get("soc", {}).get("filter", {})
+    try:
+        soc = np.clip(np.asarray(f["ds"], dtype=np.float64) + float(f["x"][0]), 0.0, 1.0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return default
+    return soc if soc.shape == default.shape else default
+
+
 class ShippedEstimator(Method):
     """The shipped estimator exactly as the node runs it: ``PackEstimator`` with the model directory's models.
 
@@ -416,6 +429,7 @@ class ShippedEstimator(Method):
         elif self.persist == "save_state":
             self.est = self._new(None)
             self.est.restore_state(stored)
+            self.last = stored_cell_soc(stored, self.last)
         else:
             self.last = unpack_state(stored)["soc"]
             self.est = self._new(self.last.copy())
