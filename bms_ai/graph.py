@@ -14,6 +14,7 @@ tested anywhere.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -422,8 +423,24 @@ def pack_hardware_id(pack_id: str, namespace: str) -> str:
     consumer of /diagnostics (aggregator, fault_monitor, uploader) would mix
     them up: ``/pack2`` + ``pack96-ref`` gives ``pack2/pack96-ref``.
     """
+    ns = _pack_qualifier(namespace)
+    return f"{ns}/{pack_id}" if ns else pack_id
+
+
+def pack_spool_dir(spool_dir: str, namespace: str) -> str:
+    """The uploader's spool of a pack: ``spool_dir`` itself in ``/bms``, a sub-folder per other namespace.
+
+    Two packs on the default config would otherwise share one spool (the
+    spool's lock refuses the second uploader): ``/pack2`` gives ``<dir>/pack2``.
+    """
+    ns = _pack_qualifier(namespace)
+    return os.path.join(spool_dir, ns) if ns else spool_dir
+
+
+def _pack_qualifier(namespace: str) -> str:
+    """'' for the default namespace, else the namespace without its slashes at the ends."""
     ns = namespace.strip("/")
-    return pack_id if ns in ("", DEFAULT_NAMESPACE.strip("/")) else f"{ns}/{pack_id}"
+    return "" if ns == DEFAULT_NAMESPACE.strip("/") else ns
 
 
 def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("dev", max_examples=20, deadline=None)
-settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,  # CI is repeatable; the
+                          suppress_health_check=[HealthCheck.too_slow])         # long fuzz runs explore
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

@@ -8,7 +8,7 @@ every case runs under a deadline in CPU seconds (a hang fails the case instead o
 and a memory cap (address space: an unbounded allocation is a MemoryError).
 
 The default run is >= 2,000 cases; ``pytest -m slow test/test_can_fuzz.py``
-runs >= 100,000 (docs/fuzzing.md; results under reports/fuzz/).
+runs >= 100,000 (docs/can_logs.md, section on fuzzing; results under reports/fuzz/).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from bms_ai.can.sampler import FixedRateSampler
 #: seed logs: kind -> file name (its suffix picks the writer and the reader)
 SEEDS = {"asc": "seed.asc", "blf": "seed.blf", "blf-zlib": "seed_zlib.blf", "log": "seed.log",
          "trc": "seed.trc", "csv": "seed.csv"}
-FAST_CASES = int(os.environ.get("BMS_AI_FUZZ_CASES", "340"))  # per seed: >= 2,000 in all
+QUICK_CASES = 15  # per seed, in the fast library tier: a smoke run while editing
+FAST_CASES = int(os.environ.get("BMS_AI_FUZZ_CASES", "340"))  # per seed, in CI (marker fuzz): >= 2,000 in all
 SLOW_CASES = 17_000  # per seed: >= 100,000 in all
 CASE_SECONDS = 5.0  # CPU seconds: a case taking longer is a hang (a loaded machine does not count)
 CASE_BYTES = 256 * 2**20  # growth of the process's address space allowed in one case
@@ -147,6 +148,13 @@ def _run(kind: str, cases: int, seeds, case_dir, decoder) -> None:
     assert RAN[kind] >= cases
 
 
+@pytest.mark.parametrize("kind", list(SEEDS))
+def test_mutated_logs_never_escape_quick(kind, seeds, case_dir, decoder):
+    """A few mutated files per reader (the fast tier's smoke run of the test below)."""
+    _run(kind, QUICK_CASES, seeds, case_dir, decoder)
+
+
+@pytest.mark.fuzz
 @pytest.mark.parametrize("kind", list(SEEDS))
 def test_mutated_logs_never_escape(kind, seeds, case_dir, decoder):
     """>= 340 mutated files per reader: frames or the one-line LogError, within the deadline and memory cap."""

@@ -8,7 +8,7 @@ import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.health import BusHealth, can_time_now, silence_sample_time
+from bms_ai.can.health import MIN_WATCHDOG_PERIOD, BusHealth, can_time_now, silence_sample_time, watchdog_period
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 
@@ -32,11 +32,11 @@ def _assess(health, sampler, silence, errors=0, last_error=""):
 
 
 def test_silence_extrapolates_can_time_and_publishes_only_when_really_silent():
-    """A silent bus keeps CAN time running at the source's speed; a paused or timeless replay does not."""
+    """A silent bus keeps CAN time running in real time; a paused or timeless replay publishes nothing."""
     assert can_time_now(100.0, 2.0) == 102.0 and can_time_now(100.0, 2.0, speed=4.0) == 108.0
     assert silence_sample_time(100.0, 0.3, 1.0, stale_after=0.5, replaying=False) is None  # not silent yet
     assert silence_sample_time(100.0, 0.7, 1.0, 0.5, False) == pytest.approx(100.7)
-    assert silence_sample_time(100.0, 0.7, 2.0, 0.5, False) == pytest.approx(101.4)
+    assert silence_sample_time(100.0, 0.7, 40.0, 0.5, False) == pytest.approx(100.7)  # after a 40x replay: 1x
     assert silence_sample_time(100.0, 0.7, 1.0, 0.5, replaying=True) is None  # readers catching up
     assert silence_sample_time(100.0, 0.7, math.inf, 0.5, False) is None  # maximum speed: no CAN clock
     assert silence_sample_time(math.nan, math.inf, 1.0, 0.5, False) is None  # nothing received yet
@@ -102,3 +102,59 @@ def test_damaged_stamps_and_ids_are_reported_rejections(decoder, messages):
     sampler.feed(-1, bytes(8), 11.5)
     bus, _ = _assess(health, sampler, 0.01)
     assert bus.level == WARN and bus.values["rejected_bad_time"] == 1 and bus.values["rejected_bad_id"] == 1
+
+
+def test_watchdog_ticks_every_instant_and_reports_stale_within_a_tenth_of_stale_after():
+    """min(1/rate, stale_after/10): STALE lands at most one tick after stale_after (0.55 s at the defaults)."""
+    assert watchdog_period(10.0, 0.5) == 0.05  # the defaults: 20 Hz, not 5 Hz
+    assert watchdog_period(50.0, 0.5) == 0.02  # every instant of a 50 Hz stream
+    assert watchdog_period(10.0, 2.0) == 0.1
+    assert watchdog_period(1000.0, 0.01) == MIN_WATCHDOG_PERIOD  # never a busy timer
+    health = BusHealth(stale_after=0.5)
+    period = watchdog_period(10.0, 0.5)
+    for phase in (0.0, 0.013, 0.037, 0.049):  # where the last frame falls between two ticks
+        ticks = [phase + period * i for i in range(40)]
+        first = next(t for t in ticks if _assess(health, _sampler_empty(), t)[0].level == STALE)
+        assert 0.5 < first <= 0.5 + period + 1e-9
+
+
+def _sampler_empty():
+    from bms_ai.can.decoder import PackDecoder
+    from bms_ai.can.packconfig import load_pack_config
+    from bms_ai.core.paths import default_pack_config
+
+    return _sampler(PackDecoder(load_pack_config(default_pack_config())))
+
+
+def test_warns_after_a_bus_gap_clear_once_every_message_is_back(decoder):
+    """Silence is STALE; resumed traffic names the messages still missing, then OK once all are back."""
+    health = BusHealth(stale_after=0.5)
+    sampler = _sampler(decoder, synthetic_messages(decoder, 10.0, 11.0))
+    assert _assess(health, sampler, 0.01)[1].level == OK
+    bus, msgs = _assess(health, sampler, 3.0)  # a 3 s gap
+    assert (bus.level, msgs.level) == (STALE, STALE)
+    for m in synthetic_messages(decoder, 14.0, 14.2):  # PackMeas comes back first
+        if m.arbitration_id == 0x120:
+            sampler.feed_message(m)
+    bus, msgs = _assess(health, sampler, 0.001)
+    assert bus.level == OK and msgs.level == WARN and "BMS_Status" in msgs.message
+    assert "BMS_PackMeas" not in msgs.message
+    for m in synthetic_messages(decoder, 14.2, 15.0):  # then every message
+        sampler.feed_message(m)
+    bus, msgs = _assess(health, sampler, 0.001)
+    assert (bus.level, bus.message, msgs.level, msgs.message) == (OK, "receiving", OK, "all messages within timeout")
+    assert msgs.values["BMS_PackMeas.timeouts"] == 1 and msgs.values["BMS_Status.timeouts"] == 1  # once per gap
+    assert _assess(health, sampler, 0.001)[1].level == OK  # and stays OK
+
+
+def test_an_interim_assessment_leaves_the_rejection_window_open(decoder, messages):
+    """Level changes between reports (silence ending, a timeout clearing) never shorten a WARN for rejections."""
+    health = BusHealth(0.5)
+    sampler = _sampler(decoder, messages)
+    _assess(health, sampler, 0.01)
+    sampler.asm.feed(0x7AB, b"\x01", 11.0)
+    interim = health.assess(sampler, source="s", silence=0.01, samples_published=0, source_errors=0,
+                            last_error="", closes_period=False)[0]
+    assert interim.level == WARN
+    assert _assess(health, sampler, 0.01)[0].level == WARN  # the periodic report still sees them
+    assert _assess(health, sampler, 0.01)[0].level == OK

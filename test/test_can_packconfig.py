@@ -307,3 +307,9 @@ def test_fuzz_dbc_behind_a_config(tmp_path_factory):
         _one_line_or_ok(lambda: PackDecoder(load_pack_config(p)))
 
     check()
+
+
+def test_a_key_with_a_line_break_gives_a_one_line_error(tmp_path) -> None:
+    """Found by the fuzz test: a status key '0\\n' was echoed into a two-line message."""
+    err = PackConfigError("pack.yaml.status.0\n: expected a mapping, got NoneType None")
+    assert "\n" not in str(err) and "status.0\\n" in str(err)

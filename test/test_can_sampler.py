@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
@@ -63,3 +64,52 @@ def test_feed_arrays_in_chunks_continues_like_frame_by_frame(decoder):
     assert chunked.asm.sample.status == one.asm.sample.status
     assert {n: st.last_counter for n, st in chunked.asm.stats.items()} == \
         {n: st.last_counter for n, st in one.asm.stats.items()}
+
+
+def test_arrays_keep_per_message_receive_stats_like_frame_by_frame(decoder):
+    """Counts, first and last receive time per message: a maximum-speed replay's timeouts and rates are real."""
+    msgs = synthetic_messages(decoder, 0.0, 1.0)
+    msgs[next(i for i, m in enumerate(msgs) if m.arbitration_id == 0x120)].data[0] ^= 0xFF  # rejected: not received
+    one = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    for m in msgs:
+        one.feed_message(m)
+    chunked = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    frames = FrameArrays.from_messages(msgs)
+    for i in range(0, len(frames), 333):
+        chunked.feed_arrays(FrameArrays(*(getattr(frames, f)[i:i + 333] for f in ("ts", "ids", "ext", "dlc", "data", "bad"))))
+    got = {n: (s.count, s.first_rx, s.last_rx) for n, s in chunked.asm.stats.items()}
+    assert got == {n: (s.count, s.first_rx, s.last_rx) for n, s in one.asm.stats.items()}
+    assert chunked.asm.check_timeouts(msgs[-1].timestamp) == []
+    assert chunked.asm.rates()["BMS_PackMeas"] == pytest.approx(100.0, rel=0.02)
+
+
+def _silent_after(decoder, t_end: float) -> FixedRateSampler:
+    s = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=1.0, max_catchup=50)
+    for m in synthetic_messages(decoder, 0.0, t_end):
+        s.feed_message(m)
+    return s
+
+
+def test_silence_takes_each_instant_once_and_frames_resume_after_them(decoder):
+    """close_until: the silent bus's instants on the grid, once each; resumed frames neither repeat nor back-fill."""
+    sampler = _silent_after(decoder, 1.0)  # last frame just before 1.0 s: instants up to 0.9 s emitted
+    out = sampler.close_until(1.25)
+    assert [round(s.stamp, 9) for s in out] == [1.0, 1.1, 1.2]
+    assert sampler.close_until(1.25) == [] and sampler.close_until(1.2) == []  # never twice, never backwards
+    late = sampler.close_until(2.35)  # values older than max_age (1 s) are NaN
+    assert np.isfinite(late[0].cell_voltages).all() and np.isnan(late[-1].cell_voltages).all()
+    resumed = [s.stamp for m in synthetic_messages(decoder, 2.5, 3.0) for s in sampler.feed_message(m)]
+    stamps = [s.stamp for s in out + late] + resumed
+    assert np.all(np.diff(stamps) > 0) and np.allclose(np.diff(stamps), 0.1, atol=1e-9)
+    assert round(stamps[-1], 9) == 2.9 and sampler.skipped == 0
+
+
+def test_silence_is_bounded_before_the_first_frame_and_over_long_gaps(decoder):
+    """No grid before the first frame; at most max_catchup instants per call, the rest skipped and counted."""
+    empty = FixedRateSampler(PackAssembler(decoder), period=0.1)
+    assert empty.close_until(100.0) == []
+    sampler = _silent_after(decoder, 1.0)
+    assert sampler.close_until(math.nan) == [] and sampler.close_until(math.inf) == []
+    out = sampler.close_until(1000.0)
+    assert len(out) == 50 and round(out[-1].stamp, 6) == 5.9 and sampler.skipped == 10000 - 60
+    assert [round(s.stamp, 6) for s in sampler.close_until(1000.05)] == [1000.0]  # the grid goes on from there

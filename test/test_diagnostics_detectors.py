@@ -139,6 +139,74 @@ def test_plating_model_onnx_matches_numpy_and_flags_cold_fast_charge():
     assert p_onnx[0] > 0.5 > p_onnx[1]
 
 
+def _trap_plating(path: Path, kind: str, w: np.ndarray, b: float, mean: np.ndarray, std: np.ndarray) -> Path:
+    """The trained exporter's logistic graph, with NaN ("nan") or p x 1e30 ("huge") for rows below 0 degC."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from bms_ai.diagnostics.train import export_plating_onnx
+
+    export_plating_onnx(path, w, b, mean, std)
+    m = onnx.load(str(path))
+    g = m.graph
+    next(n for n in g.node if "p_plating" in n.output).output[:] = ["p_raw"]
+    g.initializer.extend([numpy_helper.from_array(np.array(v, dt), name) for name, v, dt in (
+        ("s0", [0], np.int64), ("s1", [1], np.int64), ("zero", [0.0], np.float32),
+        ("nan", [np.nan], np.float32), ("big", [1e30], np.float32))])
+    g.node.extend([helper.make_node("Slice", ["features", "s0", "s1", "s1"], ["t_min"]),
+                   helper.make_node("Less", ["t_min", "zero"], ["cold"])])
+    if kind == "nan":
+        g.node.append(helper.make_node("Where", ["cold", "nan", "p_raw"], ["p_plating"]))
+    else:
+        g.node.extend([helper.make_node("Mul", ["p_raw", "big"], ["p_big"]),
+                       helper.make_node("Where", ["cold", "p_big", "p_raw"], ["p_plating"])])
+    onnx.save(m, str(path))
+    return path
+
+
+PLATING_W = (np.array([-0.4, 3.0, 2.0], np.float32), -1.0, np.array([10.0, 0.5, 3.8], np.float32),
+             np.array([10.0, 0.5, 0.2], np.float32))
+
+
+@pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
+def test_refused_plating_answers_come_from_numpy_and_a_bad_session_is_dropped(tmp_path, kind, needle):
+    """The ONNX plating model refused on cold rows: those rows get the numpy value, counted; 50 in a row: numpy only."""
+    from bms_ai.diagnostics.detectors import PLATING_RETIRE_AFTER
+
+    w, b, mean, std = PLATING_W
+    model = PlatingModel(w, b, mean, std, _trap_plating(tmp_path / "plating.onnx", kind, w, b, mean, std))
+    ref = PlatingModel(w, b, mean, std)
+    assert model.kind() == "onnx"
+    x = np.array([[-10.0, 1.0, 3.9], [25.0, 0.3, 3.9]], np.float32)
+    p = model.predict(x)
+    assert np.isfinite(p).all() and p[0] == ref.predict(x)[0]
+    np.testing.assert_allclose(p[1], ref.predict(x)[1], atol=1e-6)          # the ONNX answer, used
+    assert model.guard.rejected_rows == 1 and needle in model.guard.last_reason
+    for _ in range(PLATING_RETIRE_AFTER - 2):
+        assert np.isfinite(model.predict(x[:1])).all()
+    assert model.kind() == "onnx"
+    model.predict(x[:1])                                                     # the 50th refusal in a row
+    assert model.session is None and model.kind().startswith("numpy (onnx retired: plating.onnx: p_plating: ")
+    assert np.array_equal(model.predict(x), ref.predict(x)) and model.guard.calls == PLATING_RETIRE_AFTER
+
+
+def test_plating_check_with_a_nan_model_behaves_like_the_numpy_model(tmp_path):
+    """A cold charge through the detector bank: same levels and probabilities as the numpy model, never NaN."""
+    w, b, mean, std = PLATING_W
+    trap = PlatingModel(w, b, mean, std, _trap_plating(tmp_path / "plating.onnx", "nan", w, b, mean, std))
+    banks = [DetectorBank(N, NT, tick_hz=10.0, plating=m) for m in (trap, PlatingModel(w, b, mean, std))]
+    for j in range(300):
+        t = 0.1 * (j + 1)
+        s = PackSample(stamp=t, pack_voltage=96 * 3.95, pack_current=50.0, cell_voltages=np.full(N, 3.95),
+                       cell_temperatures=np.full(NT, -10.0), status={"charger_connected": 1.0})
+        got, want = ({x.check: x for x in bank.step(s, t)}["lithium plating"] for bank in banks)
+        assert got.level == want.level and got.values["p_plating"] == want.values["p_plating"]
+        assert math.isfinite(got.values["p_plating"])
+    assert got.values["p_plating"] > 0.5 and got.level > 0                  # the cold fast charge is flagged
+    assert got.values["model"].startswith("numpy (onnx retired: plating.onnx: p_plating: non-finite")
+    assert got.values["guard_rejected_rows"] == 50 and want.values["guard_calls"] == 0
+
+
 def test_detector_step_is_cheap(clean):
     """The detectors fit a 10 Hz tick with room to spare."""
     times = clean["step_times"][:3000]

@@ -150,7 +150,8 @@ def test_missing_models_are_scored_as_a_fallback(drives, tmp_path) -> None:
                        log=lambda s: None)
     assert "shipped" not in r.methods and "shipped_fallback" in r.methods
     assert r.methods["shipped_fallback"].info["fallback_reason"]
-    assert ev.win_loss([r], "cc_oracle")["win"] + ev.win_loss([r], "cc_oracle")["loss"] == 1
+    wl = ev.win_loss([r], "cc_oracle")
+    assert wl["win"] + wl["loss"] + wl["tie"] == 1          # the fallback run is compared (a 12 s drive may tie)
 
 
 # -- metrics ----------------------------------------------------------------------------------------

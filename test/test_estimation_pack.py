@@ -8,16 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testutil import good_soc_model, trap_soc_model
 
 from bms_ai.core.levels import ERROR, OK, WARN
 from bms_ai.core.registry import UnknownName
 from bms_ai.estimation import status
 from bms_ai.estimation.health import HealthOutput
-from bms_ai.estimation.pack import PackEstimator, open_models
+from bms_ai.estimation.pack import GUARD_WARN_HOLD_S, PackEstimator, open_models
 from bms_ai.models.manifest import read_manifest, write_manifest
+from bms_ai.sim.dataset import load_drive
 
 N, M = 4, 2
 V, T = np.full(N, 3.7), np.full(M, 25.0)
+DRIVE = Path(__file__).resolve().parent / "data" / "selftest_nmc"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "drives" / "nmc_udds"   # inside the shipped models' domains
 
 
 def _run(est: PackEstimator, seconds: float, t0: float = 0.0, current: float = -5.0):
@@ -112,3 +116,69 @@ def test_health_checks_follow_the_verdict() -> None:
     step = est.step(10.0, -5.0, V, T)
     assert step.health == status.HEALTH_UNSPEC_FAILURE and step.capacity_ah == 32.5
     assert step.charge_ah == pytest.approx(step.soc.soc * 32.5)
+
+
+# ----------------------------------------------------------------------------- output guard and retirement
+
+@pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
+def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: Path, kind: str, needle: str) -> None:
+    """NaN / 1e30 on every real input: ECM-backed finite SOC, retirement after 50 steps, then hot reload of v2."""
+    trap = trap_soc_model(tmp_path, kind, 0.0, feature=7)     # cell temperature above 0 degC: every real row
+    write_manifest(tmp_path, [trap])
+    d = load_drive(DEMO)
+    est = PackEstimator.from_model_dir(tmp_path, "nmc", d.capacity_ah, initial_soc=d.soc[0])
+    est.poll_models()
+    label = f"{trap.name}@1"
+    assert est.soc_model()[0].label == label            # passed every load-time check
+
+    def run(k0: int, k1: int) -> None:
+        for k in range(k0, k1):
+            step = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
+            assert step is not None and np.isfinite(step.soc.soc) and np.isfinite(step.soc.cell_soc).all()
+            assert np.isfinite(step.charge_ah)
+
+    run(0, 49)
+    o = est.last
+    assert o.method == "classical" and o.fallback_reason.startswith(f"{d.n_cells} cell(s): model output refused: eta: ")
+    st = est.soc_status()
+    assert st.level == WARN and needle in st.message and st.values["guard_rejected_steps"] == 49
+    assert needle in st.values["guard_last_reason"] and st.values["guard_retirements"] == 0
+    run(49, 50)                                          # the 50th refused step: retired
+    assert est.slot().model is None and est.slot().reason.startswith(f"{label} retired: output guard refused")
+    run(50, 700)                                         # the ECM from here on
+    o, st = est.last, est.soc_status()
+    assert o.method == "classical" and o.fallback_reason.startswith(
+        f"{label} retired: output guard refused cells in 50 consecutive steps (last: eta: ")
+    assert needle in o.fallback_reason
+    assert st.level == WARN and "retired" in st.message and st.values[status.MODEL_FALLBACK] is True
+    assert st.values["guard_rejected_steps"] == 50 and st.values["guard_retirements"] == 1
+    assert st.values["last_model_event"].startswith(f"retired {label} for soc/nmc")
+    assert est.poll_models() == ""                       # nothing new: the retired file stays out
+    good = good_soc_model(tmp_path, 2)
+    (tmp_path / (good.file + ".json")).write_text(json.dumps(good.to_dict()))
+    assert est.poll_models() == f"SOC model now {good.name}@2"
+    run(700, 710)
+    st = est.soc_status()
+    assert est.last.method == "learned" and st.level == OK and st.values["model"] == f"{good.name}@2"
+    assert st.values["guard_rejected_steps"] == 50 and st.values["guard_consecutive"] == 0
+
+
+def test_soc_status_warns_while_and_shortly_after_cells_are_refused(tmp_path: Path) -> None:
+    """A model refused now and then (while charging): WARN on refused steps and for GUARD_WARN_HOLD_S after."""
+    write_manifest(tmp_path, [trap_soc_model(tmp_path, "nan", 0.0)])
+    d = load_drive(DEMO)
+    est = PackEstimator.from_model_dir(tmp_path, "nmc", d.capacity_ah, initial_soc=d.soc[0], retire_after=10 ** 9)
+    est.poll_models()
+    last_refused, held, ok = -np.inf, 0, 0
+    for k in range(len(d.t)):
+        step = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
+        if np.float32(d.current[k] / d.capacity_ah) > 0:
+            last_refused = d.t[k]
+        st = est.soc_status()
+        recent = d.t[k] - last_refused <= GUARD_WARN_HOLD_S
+        assert st.level == (WARN if recent or step.soc.method != "learned" else OK), (d.t[k], st.message)
+        if recent and step.soc.method == "learned":
+            held += 1
+            assert "output guard refused cells" in st.message and "non-finite" in st.message
+        ok += st.level == OK
+    assert held > 0 and ok > 0 and est.soc_est.learned is not None

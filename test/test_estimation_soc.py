@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+from testutil import trap_soc_model
 
 from bms_ai.estimation.features import EtaFeatures, eta_features_table, hysteresis_rate_for
 from bms_ai.estimation.health import HealthEstimator
+from bms_ai.estimation.pack import open_models
 from bms_ai.estimation.soc import SocEstimator
+from bms_ai.models.manifest import write_manifest
+from bms_ai.models.runtime import LoadedModel
 from bms_ai.sim.dataset import load_drive
 
 DATA = Path(__file__).resolve().parent / "data"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "drives"   # the bundled demo drives: inside the models' domains
 
 
 def test_feature_table_equals_streaming_pipeline() -> None:
@@ -45,3 +51,60 @@ def test_r0_from_current_steps() -> None:
         i = -50.0 if (k // 20) % 2 else 0.0
         h.update(t + 0.1 * k, i, v + r0 * i, np.full(3, 0.5))
     assert np.allclose(h.output().cell_r0, r0, rtol=0.02)
+
+
+# ----------------------------------------------------------------------------- run-time output guard
+
+def _trap(tmp_path: Path, kind: str, threshold: float, feature: int = 0) -> LoadedModel:
+    """A trap model (testutil.trap_soc_model, by default on the current) loaded through the registry, as the node gets it."""
+    write_manifest(tmp_path, [trap_soc_model(tmp_path, kind, threshold, feature=feature)])
+    reg = open_models(tmp_path)
+    reg.poll()
+    model = reg.get("soc", "nmc")
+    assert model is not None, reg.slot("soc", "nmc").reason      # the smoke input cannot see the trap
+    return model
+
+
+@pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
+def test_refused_cells_use_the_ecm(tmp_path: Path, kind: str, needle: str) -> None:
+    """NaN or 1e30 while charging: those steps use the ECM with the reason, the others the model; counted, never NaN."""
+    model = _trap(tmp_path, kind, 0.0)
+    d = load_drive(DEMO / "nmc_udds")
+    k_end = len(d.t)
+    est = SocEstimator(d.n_cells, d.cell_t.shape[1], "nmc", d.capacity_ah, model=model, soc0=d.soc[0],
+                       retire_after=10 ** 9)
+    steps = 0
+    seen = set()
+    for k in range(k_end):
+        o = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
+        refused = np.float32(d.current[k] / d.capacity_ah) > 0      # what the graph compares (feature 0)
+        steps += bool(refused)
+        assert np.isfinite(o.cell_soc).all() and np.isfinite(o.soc) and np.isfinite(o.sigma)
+        assert (f"{d.n_cells} cell(s): model output refused: eta: " in o.fallback_reason) == refused, o.fallback_reason
+        assert (needle in o.fallback_reason) == refused
+        if refused:
+            assert o.method == "classical"
+        seen.add(o.method)
+    assert {"learned", "classical"} <= seen
+    g = est.guard
+    assert (g.steps, g.cells) == (steps, steps * d.n_cells) and steps > 100 and needle in g.last_reason
+    assert model.guard.rejected_rows == steps * d.n_cells and est.retire_request == ""
+    assert np.max(np.abs(o.cell_soc - d.soc[k_end - 1])) < 0.03
+
+
+def test_retire_request_after_consecutive_refusals(tmp_path: Path) -> None:
+    """Every cell refused: after ``retire_after`` steps in a row the estimator asks to retire the model."""
+    model = _trap(tmp_path, "nan", 0.0, feature=7)      # the cell temperature: above 0 degC on this drive
+    d = load_drive(DEMO / "nmc_udds")
+    est = SocEstimator(d.n_cells, d.cell_t.shape[1], "nmc", d.capacity_ah, model=model, soc0=d.soc[0],
+                       retire_after=20)
+    for k in range(20):
+        assert est.retire_request == ""
+        o = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
+        assert np.isfinite(o.cell_soc).all()
+    assert est.retire_request.startswith("output guard refused cells in 20 consecutive steps (last: eta: non-finite")
+    assert est.guard.consecutive == 20
+    est.set_model(None, "retired")                       # the owner's answer: the ECM from here on
+    assert est.retire_request == "" and est.guard.consecutive == 0 and est.guard.steps == 20
+    o = est.step(float(d.t[20]), float(d.current[20]), d.cell_v[20], d.cell_t[20])
+    assert o.method == "classical" and o.fallback_reason == "retired"

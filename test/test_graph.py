@@ -381,6 +381,15 @@ def test_hardware_id_is_unique_per_namespace():
     assert ids == {"pack96-ref", "pack_a/pack96-ref", "pack_b/pack96-ref", "fleet/pack_a/pack96-ref"}
 
 
+def test_spool_is_one_per_namespace():
+    """Packs in other namespaces get a sub-folder of the spool dir, so two packs never share a spool."""
+    from bms_ai.graph import pack_spool_dir
+
+    assert pack_spool_dir("/var/spool", "/bms") == "/var/spool" == pack_spool_dir("/var/spool", "/")
+    dirs = {pack_spool_dir("/var/spool", ns) for ns in ("/bms", "/pack_a", "/pack_b", "/fleet/pack_a")}
+    assert dirs == {"/var/spool", "/var/spool/pack_a", "/var/spool/pack_b", "/var/spool/fleet/pack_a"}
+
+
 def test_status_names_follow_diagnostic_updater():
     """``<node>: <check>`` both ways; a name without a node part has none."""
     from bms_ai.core.levels import split_status_name, status_name

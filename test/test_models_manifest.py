@@ -72,7 +72,7 @@ def test_bad_sidecar_is_an_error(tmp_path: Path, root: Path) -> None:
 def test_entry_round_trip_keeps_output_ranges(root: Path) -> None:
     """The shipped entries declare output ranges; to_dict/from_dict keeps them, specs without one omit the key."""
     e = ModelEntry.from_dict(_good(root))
-    assert e.outputs[0].range == [-0.1, 1.1] and e.outputs[0].bounds == (-0.1, 1.1)
+    assert e.outputs[0].range == [-2.0, 2.0] and e.outputs[0].bounds == (-2.0, 2.0)
     assert ModelEntry.from_dict(e.to_dict()) == e
     assert "range" not in e.to_dict()["inputs"][0]
     assert TensorSpec("x", ["batch", 1], range=[None, 5.0]).bounds == (float("-inf"), 5.0)

@@ -26,7 +26,7 @@ def _soc_onnx(path: Path, n_in: int = N_FEATURES, bias: float = 0.0, input_name:
     nodes = [
         helper.make_node("MatMul", [input_name, "w"], ["xw"]),
         helper.make_node("Add", ["xw", "b"], ["z"]),
-        helper.make_node("Sigmoid", ["z"], ["soc"]),
+        helper.make_node("Sigmoid", ["z"], ["eta"]),
         helper.make_node("Mul", ["xw", "zero"], ["xz"]),
         helper.make_node("Add", ["xz", "s"], ["sigma"]),
     ]
@@ -34,7 +34,7 @@ def _soc_onnx(path: Path, n_in: int = N_FEATURES, bias: float = 0.0, input_name:
              numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
              numpy_helper.from_array(np.array([0.02], np.float32), "s")]
     g = helper.make_graph(nodes, "soc", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", n_in])],
-                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                          [helper.make_tensor_value_info("eta", TensorProto.FLOAT, ["batch", 1]),
                            helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -46,7 +46,7 @@ def _entry(d: Path, version: int, n_in: int = N_FEATURES, **kw) -> ModelEntry:
     _soc_onnx(d / f, n_in=n_in, bias=kw.pop("bias", 0.0), input_name=kw.pop("input_name", "features"))
     return ModelEntry(name="soc_test", version=version, file=f, sha256=sha256_file(d / f), task="soc",
                       chemistry="nmc", inputs=[TensorSpec("features", ["batch", n_in])],
-                      outputs=[TensorSpec("soc", ["batch", 1]), TensorSpec("sigma", ["batch", 1])],
+                      outputs=[TensorSpec("eta", ["batch", 1]), TensorSpec("sigma", ["batch", 1])],
                       feature_version=kw.pop("feature_version", FEATURE_VERSION), **kw)
 
 
@@ -151,7 +151,7 @@ def test_shipped_models_verify(root: Path, tmp_path: Path) -> None:
 def _trap_onnx(path: Path, kind: str, n_in: int = N_FEATURES) -> None:
     """A model that is fine on the zero smoke input and wrong on real ones (x0 = a cell voltage > 0).
 
-    ``nan``: soc = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: soc = 1e30 * x0.
+    ``nan``: eta = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: eta = 1e30 * x0.
     """
     w = np.zeros((n_in, 1), np.float32)
     w[0, 0] = 1.0
@@ -159,15 +159,15 @@ def _trap_onnx(path: Path, kind: str, n_in: int = N_FEATURES) -> None:
     if kind == "nan":
         nodes += [helper.make_node("Neg", ["xw"], ["nx"]), helper.make_node("Sqrt", ["nx"], ["r"]),
                   helper.make_node("Mul", ["r", "zero"], ["r0"]), helper.make_node("Sigmoid", ["xw"], ["sg"]),
-                  helper.make_node("Add", ["sg", "r0"], ["soc"])]
+                  helper.make_node("Add", ["sg", "r0"], ["eta"])]
     else:
-        nodes += [helper.make_node("Mul", ["xw", "big"], ["soc"])]
+        nodes += [helper.make_node("Mul", ["xw", "big"], ["eta"])]
     nodes += [helper.make_node("Mul", ["xw", "zero"], ["xz"]), helper.make_node("Add", ["xz", "s"], ["sigma"])]
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
              numpy_helper.from_array(np.array([1e30], np.float32), "big"),
              numpy_helper.from_array(np.array([0.02], np.float32), "s")]
     g = helper.make_graph(nodes, "trap", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_in])],
-                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                          [helper.make_tensor_value_info("eta", TensorProto.FLOAT, ["batch", 1]),
                            helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -179,8 +179,8 @@ def _trap_entry(d: Path, kind: str) -> ModelEntry:
     _trap_onnx(d / f, kind)
     return ModelEntry(name=f"trap_{kind}", version=1, file=f, sha256=sha256_file(d / f), task="soc", chemistry="nmc",
                       inputs=[TensorSpec("features", ["batch", N_FEATURES])],
-                      outputs=[TensorSpec("soc", ["batch", 1], units=["1"], range=[-0.1, 1.1]),
-                               TensorSpec("sigma", ["batch", 1], units=["1"], range=[0.0, 10.0])],
+                      outputs=[TensorSpec("eta", ["batch", 1], units=["V"], range=[-2.0, 2.0]),
+                               TensorSpec("sigma", ["batch", 1], units=["V"], range=[0.0, 1.0])],
                       feature_version=FEATURE_VERSION)
 
 
@@ -195,7 +195,7 @@ def test_guard_refuses_outputs_the_smoke_test_cannot_see(tmp_path: Path, kind: s
     x[1:, 0] = 3.7                                           # three cells with a real voltage
     outs, verdict = res.model.run_guarded(x)
     assert verdict.ok.tolist() == [True, False, False, False] and not verdict.all_ok
-    assert needle in verdict.reason and "soc" in verdict.reason
+    assert needle in verdict.reason and "eta" in verdict.reason
     stats = res.model.guard.stats()
     assert stats[counter] == 3 and stats["guard_rejected_rows"] == 3 and stats["guard_rejected_calls"] == 1
     assert res.model.guard.last_reason.startswith(f"trap_{kind}@1: ")
@@ -217,11 +217,11 @@ def test_guard_refuses_wrong_shapes_and_inference_errors(tmp_path: Path) -> None
 
 
 def test_out_of_range_on_smoke_input_is_refused_at_load(tmp_path: Path) -> None:
-    """A declared range is checked at load too: soc = sigmoid(0) = 0.5 outside [0.6, 1] never goes live."""
+    """A declared range is checked at load too: eta = sigmoid(0) = 0.5 outside [0.6, 1] never goes live."""
     e = _entry(tmp_path, 1)
     e.outputs[0].range = [0.6, 1.0]
     res = verify_and_load(tmp_path, e, soc_model_expectation())
-    assert res.model is None and "smoke input: soc: 0.5 outside the declared range [0.6, 1]" in res.reason
+    assert res.model is None and "smoke input: eta: 0.5 outside the declared range [0.6, 1]" in res.reason
 
 
 # ----------------------------------------------------------------------------- broken manifests at start and on reload
@@ -271,7 +271,7 @@ def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) 
     assert model.guard.consecutive_rejected_calls == 3 and not verdict.ok.any()
     assert reg.retire(model, model.guard.last_reason) and not reg.retire(model, "again")
     slot = reg.slot("soc", "nmc")
-    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: soc: ")
+    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: eta: ")
     (tmp_path / "extra.txt").write_text("directory changed")
     (tmp_path / "touch.json").write_text("{}")
     reg.poll()
@@ -279,3 +279,28 @@ def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) 
     e2 = _entry(tmp_path, 2)
     (tmp_path / (e2.file + ".json")).write_text(json.dumps(e2.to_dict()))
     assert reg.poll() and reg.get("soc", "nmc").version == 2
+
+
+def test_guard_refuses_outputs_that_do_not_line_up_with_the_batch(tmp_path: Path) -> None:
+    """Outputs with another row count than the input batch, or rows without values, cannot be matched to cells."""
+    res = verify_and_load(tmp_path, _trap_entry(tmp_path, "huge"), soc_model_expectation())
+    guard = res.model.guard
+    v = guard.check([np.zeros((1, 1)), np.zeros((1, 1))], rows=4)          # one row for four cells
+    assert v.ok.tolist() == [False] * 4 and "4 rows" in v.reason
+    v = guard.check([np.zeros((3, 0)), np.zeros((3, 1))], rows=3)          # rows without a value
+    assert not v.ok.any() and guard.bad_shape == 2
+    v = guard.check([np.full((3, 1), 0.5), np.full((3, 1), 0.02)], rows=3)
+    assert v.all_ok and v.reason == "" and guard.consecutive_rejected_calls == 0
+
+
+def test_pipeline_output_contract_names_and_default_ranges(tmp_path: Path) -> None:
+    """The SOC pipeline reads eta and sigma: other outputs are refused at load; missing ranges get the pipeline's."""
+    e = _entry(tmp_path, 1)                                  # manifest without output ranges
+    assert all(s.range is None for s in e.outputs)
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is not None and [s.range for s in res.model.entry.outputs] == [[-2.0, 2.0], [0.0, 1.0]]
+    outs, v = res.model.run_guarded(np.full((2, N_FEATURES), 3.7, np.float32))
+    assert v.all_ok                                          # sigmoid: inside [-2, 2]
+    e.outputs[0].name, e.outputs[1].name = "sigma", "eta"
+    res = verify_and_load(tmp_path, e, soc_model_expectation())
+    assert res.model is None and "pipeline reads ['eta', 'sigma'] first" in res.reason

@@ -62,9 +62,9 @@ def _features(i_c: float, temp: float = 25.0, soc: float = 0.5, rest_s: float = 
 def test_overpotential_has_the_sign_of_the_current_and_vanishes_at_rest(shipped) -> None:
     for chem, res in shipped.items():
         learned = LearnedEta(res.model)
-        dis = learned.step(1.0, 0.0, _features(-0.3))       # sustained 0.3 C: inside both models' domains
-        chg = learned.step(1.0, 0.0, _features(0.3))
-        rest = learned.step(1.0, 0.0, _features(0.0, rest_s=7200.0))
+        dis, _ = learned.step(1.0, 0.0, _features(-0.3))       # sustained 0.3 C: inside both models' domains
+        chg, _ = learned.step(1.0, 0.0, _features(0.3))
+        rest, _ = learned.step(1.0, 0.0, _features(0.0, rest_s=7200.0))
         assert dis.in_domain.all() and chg.in_domain.all() and rest.in_domain.all(), chem
         assert np.median(dis.eta) < -0.005 and np.median(chg.eta) > 0.003, chem
         assert np.abs(rest.eta).max() < 0.02, chem
@@ -74,6 +74,6 @@ def test_overpotential_has_the_sign_of_the_current_and_vanishes_at_rest(shipped)
 def test_a_cold_cell_is_less_certain_than_a_warm_one(shipped) -> None:
     for chem, res in shipped.items():
         learned = LearnedEta(res.model)
-        warm = learned.step(1.0, 0.0, _features(-0.3))
-        cold = learned.step(1.0, 0.0, _features(-0.3, temp=0.0))
+        warm, _ = learned.step(1.0, 0.0, _features(-0.3))
+        cold, _ = learned.step(1.0, 0.0, _features(-0.3, temp=0.0))
         assert np.median(cold.sig_slow + cold.sig_fast) > np.median(warm.sig_slow + warm.sig_fast), chem

@@ -46,3 +46,23 @@ def test_stamps_round_trip_exactly_while_floats_resolve_nanoseconds(sec, nanosec
     """Up to ~12 days of seconds a float holds every nanosecond, so stamp -> float -> stamp is exact."""
     t = Time(sec=sec, nanosec=nanosec)
     assert stamp_to_time(time_to_float(t)) == t
+
+
+def test_cell_arrays_go_out_as_float32_arrays_and_come_back_equal():
+    """float32[] fields are array.array('f') (the message setter's fast path); values survive the round trip."""
+    import array
+
+    import numpy as np
+
+    from bms_ai.nodes.convert import battery_state_to_sample, sample_to_battery_state
+    from bms_ai.pack import PackSample
+
+    v = np.linspace(3.0, 4.2, 96)
+    v[5] = np.nan
+    t = np.full(32, 25.5)
+    s = PackSample(stamp=12.5, pack_voltage=380.0, pack_current=-3.0, cell_voltages=v, cell_temperatures=t)
+    m = sample_to_battery_state(s, "battery", "p")
+    assert isinstance(m.cell_voltage, array.array) and m.cell_voltage.typecode == "f"
+    back = battery_state_to_sample(m)
+    np.testing.assert_array_equal(back.cell_voltages, v.astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(back.cell_temperatures, t)

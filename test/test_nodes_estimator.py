@@ -12,7 +12,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import BatteryState
-from testutil import RosHarness, diag_levels, diag_values
+from testutil import RosHarness, diag_levels, diag_values, trap_soc_model
 
 from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS
 from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time
@@ -103,6 +103,28 @@ def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, 
 
 def d_soc0() -> float:
     return float(load_drive(DRIVE).soc[0].mean())
+
+
+def test_node_never_publishes_nan_from_a_model_that_gives_nan(harness: RosHarness, tmp_path: Path) -> None:
+    """A model that is NaN on every real input (fine on the smoke input): finite SOC, WARN with the reason, retired."""
+    from bms_ai.models.manifest import write_manifest
+
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    trap = trap_soc_model(mdir, "nan", 0.0)
+    write_manifest(mdir, [trap])
+    node, d, states, diags = _replay(harness, mdir, 15.0, initial_soc=d_soc0())
+    assert len(states) >= 75
+    pct = np.array([m.percentage for m in states])
+    assert np.isfinite(pct).all() and ((pct >= 0) & (pct <= 1)).all()
+    kv = diag_values(diags, "estimator: soc")
+    assert kv["method"] == "ekf" and kv["model_fallback"] == "True", kv
+    assert kv["fallback_reason"].startswith(f"{trap.name}@1 retired: output guard refused cells in 50 consecutive")
+    assert "non-finite" in kv["fallback_reason"] and "non-finite" in kv["guard_last_reason"]
+    assert kv["guard_rejected_steps"] == "50" and kv["guard_retirements"] == "1", kv
+    assert diag_levels(diags, "estimator: soc")[-1] == 1        # WARN
+    t_last = states[-1].header.stamp.sec + states[-1].header.stamp.nanosec * 1e-9 - T0
+    assert abs(states[-1].percentage - np.interp(t_last, d.t, d.soc.mean(axis=1))) < 0.05
 
 
 def test_node_hot_reloads_a_new_model_and_rejects_a_bad_one(harness: RosHarness, root: Path, tmp_path: Path) -> None:

@@ -83,6 +83,26 @@ def test_two_packs_as_two_namespaces(pack_config_path):
     assert all(all(v != v for v in m.cell_voltage) for m in got["b"])
 
 
+def test_spin_goes_on_after_a_stop_and_raises_what_the_condition_raises(pack_config_path):
+    """`spin` can be called again (a program checks something, then goes on); a failing condition is raised."""
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(build_graph("/spin", ["fault_monitor"]))
+    try:
+        for _ in range(2):
+            calls = []
+            runner.spin(until=lambda calls=calls: calls.append(1) or len(calls) >= 3, duration=10)
+            assert len(calls) == 3
+
+        def broken() -> bool:
+            raise RuntimeError("watcher failed")
+
+        with pytest.raises(RuntimeError, match="watcher failed"):
+            runner.spin(until=broken, duration=10)
+    finally:
+        runner.shutdown()
+
+
 def test_integers_for_double_parameters_become_doubles(tmp_path):
     """--set can_bridge.rate_hz=20 (the --help example) and `max_age: 2` in a params file both work."""
     from rclpy.parameter import Parameter
@@ -205,3 +225,51 @@ def test_run_with_a_missing_can_log_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"bms-ai run: error: CAN log not found: {tmp_path / 'nonexistent.blf'}"
+
+
+def test_ctrl_c_twice_stops_the_run_cleanly(tmp_path):
+    """Ctrl-C (then another, as an impatient user or launch does) ends `bms-ai run` with exit 0 and no
+    traceback: the first signal stops the spin between callbacks, never inside one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "bms_ai.cli", "run", "--nodes", "can_bridge,estimator,fault_monitor",
+                          "--duration", "60"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = ""
+        while "bms-ai run: /" not in line:
+            line = p.stderr.readline()
+            assert line, "bms-ai run ended before it started spinning"
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(20)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 0, err
+    assert "Traceback" not in err and "FATAL" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_fault_monitor_reads_its_own_packs_estimator_only():
+    """The fault monitor takes the model-fallback flag from its own pack's estimator status on /diagnostics;
+    another pack's statuses on the same topic are skipped without being decoded."""
+    from bms_ai.ros.runner import GraphRunner
+
+    specs = (build_graph("/bms", ["estimator", "fault_monitor"], {"estimator": {"use_models": False}})
+             + build_graph("/pack_b", ["fault_monitor"]))
+    runner = GraphRunner(specs)
+    ours = next(n for n in runner.nodes if n.get_fully_qualified_name() == "/bms/fault_monitor")
+    theirs = next(n for n in runner.nodes if n.get_fully_qualified_name() == "/pack_b/fault_monitor")
+    try:
+        runner.spin(until=lambda: ours.monitor.model_fallback is True, duration=15)
+        runner.spin(duration=1.5)  # a few more rounds of /diagnostics
+    finally:
+        runner.shutdown()
+    assert ours.monitor.model_fallback is True
+    assert theirs.monitor.model_fallback is not True

@@ -76,7 +76,7 @@ def test_train_soc_end_to_end_is_reproducible(tmp_path: Path, capsys) -> None:
     learned = LearnedEta(res.model)
     assert learned.error == ErrorModel.from_dict(e.extra["error_model"])
     mid = np.tile((np.array(e.domain["min"]) + np.minimum(e.domain["max"], 1.0)) / 2, (3, 1)).astype(np.float32)
-    terms = learned.step(1.0, 0.0, mid)
+    terms, _ = learned.step(1.0, 0.0, mid)
     assert terms.in_domain.all() and np.isfinite(terms.eta).all() and (terms.sig_slow > 0).all()
     d = load_drive(val / "ecm_nmc_5")
     est = SocEstimator(3, 3, "nmc", d.capacity_ah, model=res.model, soc0=d.soc[0])

@@ -274,7 +274,8 @@ def test_120_concurrent_uploads_all_arrive_once(tmp_path: Path) -> None:
 # Request parsing under random request lines, headers, paths and content lengths. The server runs in
 # its own process with an address-space limit (RLIMIT_AS), and every case is bounded: the client's socket
 # timeout (a hang fails the case) and the server's resident memory after the case (psutil).
-# Default CI run: FUZZ_CASES (2,000); the long run is documented in reports/fuzz/ingest_server.md.
+# Default CI run: FUZZ_CASES (2,000); the long run of request parsing is test/test_uplink_fuzz.py's
+# (reports/fuzz/ingest_server_long_run.txt, command in docs/uplink.md).
 
 FUZZ_CASES = int(os.environ.get("BMS_AI_FUZZ_CASES", "2000"))
 FUZZ_RSS_LIMIT = 400 << 20  # resident memory the server may reach after any case

@@ -605,3 +605,16 @@ def test_finished_but_unacknowledged_part_is_recovered_whole_with_its_metadata(t
     assert md["bms_ai"]["vehicle"] == "p-abc"
     assert not list(sp2.incoming.iterdir())
     sp2.close()
+
+
+def test_a_spool_has_one_owner(tmp_path):
+    """Two uploaders on one spool (two packs given one spool.dir) would adopt and delete each other's
+    segments: the second is refused with a one-line configuration error; the spool is free again after close."""
+    from bms_ai.uplink.spool import SpoolInUseError
+
+    first = Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    with pytest.raises(SpoolInUseError, match=r"spool .* is in use by pid \d+ \(give each pack its own spool.dir\)"):
+        Spool(tmp_path / "s", min_free_bytes=0, fsync=False)
+    assert isinstance(SpoolInUseError("x"), ValueError)  # the CLI prints config errors as one line
+    first.close()
+    Spool(tmp_path / "s", min_free_bytes=0, fsync=False).close()

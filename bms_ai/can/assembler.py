@@ -63,6 +63,7 @@ class PackAssembler:
         self.last_ts = -math.inf
         self._routes = decoder.routes
         self._status_names = decoder.status_names
+        self._compiled: dict[tuple[str, int], tuple[list, list[tuple]]] = {}  # (route, mux) -> slots, plans
 
     def _reject(self, reason: str) -> bool:
         self.counters.rejected[reason] += 1
@@ -100,10 +101,15 @@ class PackAssembler:
         if route.crc_byte >= 0 and not self._crc_ok(route, data):
             return self._reject("crc_error")
         le, be = frame_words(data, route.length) if route.needs_be else (int.from_bytes(data, "little"), 0)
-        slots = self._slots(route, le, be)
-        if slots is None:
-            return self._reject("unknown_mux")
-        values = _values(slots, le, be)
+        key = -1 if route.mux is None else route.mux.raw(le, be)
+        compiled = self._compiled.get((route.name, key))
+        if compiled is None:
+            slots = self._slots(route, le, be)
+            if slots is None:
+                return self._reject("unknown_mux")
+            compiled = self._compiled[(route.name, key)] = (slots, [_compile(s) for s in slots])
+        slots = compiled[0]
+        values = _values(compiled[1], le, be)
         if values is None:
             return self._reject("non_finite")
         self._store(slots, values, ts)
@@ -195,14 +201,37 @@ class PackAssembler:
         return out
 
 
-def _values(slots, le: int, be: int) -> list[float] | None:
-    """Scaled values of a frame's slots (NaN where flagged invalid); None if any is not finite."""
+def _compile(s) -> tuple:
+    """A slot as a flat tuple for :func:`_values` (attribute look-ups cost more than the arithmetic)."""
+    p = s.plan
+    signed_len = p.length if p.signed else 0
+
+    def bits(flag):  # a flag's zero-ness does not depend on its sign extension
+        return None if flag is None else (flag.big_endian, flag.shift, flag.mask)
+
+    return (p.big_endian, p.shift, p.mask, signed_len, p if p.is_float else None, p.scale, p.offset,
+            s.scale, s.offset, bits(s.invalid), bits(s.valid))
+
+
+def _values(plans: list[tuple], le: int, be: int) -> list[float] | None:
+    """Scaled values of a frame's compiled slots (NaN where flagged invalid); None if any is not finite.
+
+    The same arithmetic, in the same order, as ``SignalPlan.value`` then the
+    slot's scaling, so values are identical to the vectorised decoder's.
+    """
     values = []
-    for s in slots:
-        v = s.plan.value(le, be) * s.scale + s.offset
+    for big, shift, mask, signed_len, float_plan, pscale, poffset, sscale, soffset, invalid, valid in plans:
+        if float_plan is not None:
+            v = float_plan.value(le, be) * sscale + soffset
+        else:
+            raw = ((be if big else le) >> shift) & mask
+            if signed_len and raw >> (signed_len - 1):
+                raw -= 1 << signed_len
+            v = (raw * pscale + poffset) * sscale + soffset
         if not math.isfinite(v):
             return None
-        if (s.invalid is not None and s.invalid.raw(le, be)) or (s.valid is not None and not s.valid.raw(le, be)):
+        if ((invalid is not None and ((be if invalid[0] else le) >> invalid[1]) & invalid[2])
+                or (valid is not None and not ((be if valid[0] else le) >> valid[1]) & valid[2])):
             v = math.nan
         values.append(v)
     return values

@@ -34,7 +34,8 @@ def load_dbc(path: str | Path, strict: bool = True) -> Database:
                 " To load it anyway set `dbc_strict: false` in the pack config"
                 " (or pass --no-strict); overlapping signals then decode independently."
             )
-        raise DbcError(f"cannot load DBC {p}: {type(exc).__name__}: {exc}.{hint}") from exc
+        why = " ".join(str(exc).split())  # cantools' messages can span lines; the error is one line
+        raise DbcError(f"cannot load DBC {p}: {type(exc).__name__}: {why}.{hint}") from exc
     if not db.messages:
         raise DbcError(f"DBC {p} defines no messages (BO_ lines); is it a DBC file?")
     return db

@@ -14,6 +14,19 @@ from typing import Any
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 
+#: fastest watchdog tick (s): a faster timer would only burn CPU for a few milliseconds of STALE accuracy
+MIN_WATCHDOG_PERIOD = 0.005
+
+
+def watchdog_period(rate_hz: float, stale_after: float) -> float:
+    """Tick of the steady-clock watchdog: every sample instant of a silent bus, STALE within a tenth of ``stale_after``.
+
+    ``1 / rate_hz`` lets silence samples go out at the sample rate (none is
+    ever late by more than one tick); ``stale_after / 10`` reports STALE
+    within ``1.1 * stale_after`` of the last frame (plus executor latency).
+    """
+    return max(min(1.0 / rate_hz, stale_after / 10.0), MIN_WATCHDOG_PERIOD)
+
 
 def can_time_now(last_rx_can: float, silence: float, speed: float = 1.0) -> float:
     """CAN time now, extrapolated from the last frame: a silent bus's clock keeps running at ``speed``."""
@@ -22,16 +35,23 @@ def can_time_now(last_rx_can: float, silence: float, speed: float = 1.0) -> floa
 
 def silence_sample_time(last_rx_can: float, silence: float, speed: float, stale_after: float,
                         replaying: bool) -> float | None:
-    """CAN time of the sample to publish while the bus is silent, or None when none is due.
+    """CAN time up to which a silent bus's sample instants are due, or None while none is.
 
-    Publishing goes on at the nominal rate with values ageing out to NaN, so
-    consumers see the loss instead of the last values frozen. A replay that
-    is paused (its readers catching up) is not a silent bus, and neither is
-    a source without a CAN clock (maximum-speed replay).
+    Once the bus has been silent for ``stale_after``, publishing goes on at
+    the nominal rate, on the sampler's grid of instants
+    (:meth:`~bms_ai.can.sampler.FixedRateSampler.close_until`), with values
+    ageing out to NaN, so consumers see the loss instead of the last values
+    frozen. Silence runs in real time: after a replay at ``speed`` x has
+    ended, CAN time goes on at 1x, so the samples follow at ``rate_hz`` of
+    wall time like a live bus's, not ``speed`` times as many (a flood the
+    readers could not take). A replay that is paused (its readers catching
+    up, or a gap in the log: the next frame closes those instants) is not a
+    silent bus, and neither is a source without a CAN clock (maximum-speed
+    replay, ``speed`` inf).
     """
     if not (silence > stale_after and math.isfinite(silence) and math.isfinite(speed)) or replaying:
         return None
-    return can_time_now(last_rx_can, silence, speed)
+    return can_time_now(last_rx_can, silence)
 
 
 @dataclass
@@ -49,7 +69,7 @@ class BusHealth:
 
     ``can_bus``: ERROR while the source fails or after the reader stopped on an
     unexpected error, STALE on silence, WARN when
-    frames were rejected since the last assessment, else OK.
+    frames were rejected since the last periodic report, else OK.
     ``can_messages``: STALE on silence, WARN while a message is past its
     timeout, else OK.
     """
@@ -59,16 +79,22 @@ class BusHealth:
         self._last_rejected = 0
 
     def assess(self, sampler: FixedRateSampler, *, source: str, silence: float, samples_published: int,
-               source_errors: int, last_error: str, reader_failed: str = "") -> tuple[BusStatus, BusStatus]:
+               source_errors: int, last_error: str, reader_failed: str = "",
+               closes_period: bool = True) -> tuple[BusStatus, BusStatus]:
         """Both checks now; ``silence``: steady-clock seconds since the last frame (inf: none yet).
 
-        Advances the per-message timeout counters, so call it once per report.
+        Advances the per-message timeout counters (a message going late is
+        counted once). ``closes_period``: the periodic report closes the window
+        in which rejected frames make the bus WARN; an interim assessment
+        between reports (silence starting or ending, a timeout clearing) leaves
+        it open, so assessing more often never shortens a WARN for rejections.
         """
         asm = sampler.asm
         c = asm.counters
         rejected = c.total_rejected
         new_rej = rejected - self._last_rejected
-        self._last_rejected = rejected
+        if closes_period:
+            self._last_rejected = rejected
         now_can = asm.last_ts
         if math.isfinite(now_can):
             timeouts = asm.check_timeouts(can_time_now(now_can, silence if math.isfinite(silence) else 0.0))

@@ -122,6 +122,7 @@ class DecodedLog:
     t_last: float
     frame_ts: np.ndarray  # timestamps of every frame that passed the time check
     counter_last: dict[str, int] = field(default_factory=dict)  # last alive-counter value per message
+    received: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # accepted, first and last stamp
 
 
 def decode_frames(frames: FrameArrays, decoder: PackDecoder, carry: Carry | None = None) -> DecodedLog:
@@ -221,6 +222,8 @@ def _decode_route(frames: FrameArrays, rows: np.ndarray, r: Route, decoder: Pack
         _events(out, decoder, s).add(t[sel], v)
     acc = sel_all[finite[sel_all]]
     out.accepted += int(acc.size)
+    if acc.size:
+        out.received[r.name] = (int(acc.size), float(t[acc[0]]), float(t[acc[-1]]))
     if r.counter is not None and acc.size:
         c = r.counter.values(le[acc], be[acc]).astype(np.int64)
         prev = out.counter_last.get(r.name)

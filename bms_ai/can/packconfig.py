@@ -21,6 +21,10 @@ from bms_ai.core.yamlfile import load_yaml
 class PackConfigError(ValueError):
     """A pack config is invalid; the message names the entry and the fix."""
 
+    def __init__(self, message: str) -> None:
+        # one line whatever the file holds: a key with a line break is shown escaped
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 @dataclass(frozen=True)
 class ScalarMap:

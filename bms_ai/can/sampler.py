@@ -59,16 +59,35 @@ class FixedRateSampler:
             if self._k is None:
                 self._k = math.floor(tsf / self.period) + 1
             else:
-                while tsf > self._k * self.period:
-                    if len(out) == self.max_catchup:  # a gap in the log: skip to this frame
-                        k = first_k_at_or_after(tsf, self.period)
-                        self.skipped += k - self._k
-                        self._k = k
-                        break
-                    out.append(self._take(self._k * self.period))
-                    self._k += 1
+                out = self._take_until(tsf)
         self.asm.feed(arb_id, data, ts, extended)
         return out
+
+    def _take_until(self, t: float) -> list[PackSample]:
+        """The grid's instants before CAN time ``t``, each once; past ``max_catchup`` skipped and counted."""
+        out: list[PackSample] = []
+        while self._k * self.period < t:
+            if len(out) == self.max_catchup:  # a gap: skip to t
+                k = first_k_at_or_after(t, self.period)
+                self.skipped += k - self._k
+                self._k = k
+                break
+            out.append(self._take(self._k * self.period))
+            self._k += 1
+        return out
+
+    def close_until(self, t: float) -> list[PackSample]:
+        """Samples of the instants before CAN time ``t`` that no frame has closed: a silent bus's samples.
+
+        Each instant is taken once: the grid index moves past it, so frames
+        that resume later neither repeat nor back-fill it (stamps stay
+        strictly increasing, 1 / rate apart). At most ``max_catchup`` per call;
+        the rest are skipped and counted, like a long gap between two frames.
+        Before the first frame there is no grid and nothing is due.
+        """
+        if self._k is None or not STAMP_MIN <= t < STAMP_MAX:
+            return []
+        return self._take_until(t)
 
     def feed_message(self, msg) -> list[PackSample]:
         """Feed a ``can.Message`` (or :class:`~bms_ai.can.frames.Frame`); error/remote frames only count."""
@@ -110,3 +129,8 @@ class FixedRateSampler:
             asm.stats[name].last_counter = v
         for name, n in decoded.counter_errors.items():
             asm.stats[name].counter_errors += n
+        for name, (n, first, last) in decoded.received.items():  # receive times: timeouts and rates
+            st = asm.stats[name]
+            st.first_rx = first if st.count == 0 else st.first_rx
+            st.count += n
+            st.last_rx = last

@@ -154,13 +154,20 @@ class ReplayClock:
         return self._wall0 + (ts - self._log0) / self.speed
 
 
+#: a replay waits only for frames due this far ahead; the ones due sooner go out in the same burst
+REPLAY_BURST_S = 0.05
+
+
 def _wait_until(target: float, stop: threading.Event) -> Generator[None, None, bool]:
     """None polls until ``target`` (steady clock); returns True when stopped meanwhile.
 
-    Waits only when >= 5 ms ahead: frames due together go out in one wake-up
-    (a bus driver also delivers bursts), saving a timed wait per frame.
+    Waits only when >= REPLAY_BURST_S ahead: frames due together go out in one
+    wake-up (a bus driver also delivers bursts). A timed wake-up costs ~0.1 ms
+    of CPU on a vehicle computer's VM, so at 1.4k frames/s this is 20 wake-ups
+    a second instead of 200 (~2 % of a core less; samples are on CAN time, so
+    nothing the graph computes changes).
     """
-    while (delay := target - time.monotonic()) > 0.005:
+    while (delay := target - time.monotonic()) > REPLAY_BURST_S:
         if stop.wait(min(delay, 0.05)):
             return True
         yield None

@@ -17,6 +17,21 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_bounded(path: Path, what: str, max_bytes: int, error: type[Exception], label: str, hint: str = "") -> bytes:
+    """The bytes of a config-like file, at most ``max_bytes`` (a bigger file is refused, never read whole).
+
+    ``label`` names the file in the one-line ``error``; ``hint`` follows the size message.
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"{label}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{label}: {what} larger than {max_bytes} bytes{hint}")
+    return raw
+
+
 MAX_JSON_BYTES = 4 << 20  # manifests and model metadata are KBs; a bigger file is not one of them
 
 
@@ -27,13 +42,7 @@ def load_json(path: str | Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> A
     would end in RecursionError inside the json module) is an error too.
     """
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise ValueError(f"{p.name}: cannot read {what}: {exc.strerror or exc}") from None
-    if len(raw) > max_bytes:
-        raise ValueError(f"{p.name}: {what} larger than {max_bytes} bytes")
+    raw = read_bounded(p, what, max_bytes, ValueError, p.name)
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

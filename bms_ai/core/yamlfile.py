@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from bms_ai.core.files import read_bounded
+
 MAX_BYTES = 1 << 20   # configs are a few KB; 1 MiB leaves room for long comment blocks
 MAX_ALIASES = 16      # anchors are fine for sharing a block a few times, never for expansion
 MAX_DEPTH = 32        # the deepest shipped config nests 4 levels
@@ -80,13 +82,7 @@ def load_yaml(path: str | Path, what: str, error: type[Exception] = ValueError,
     p = Path(path)
     if not p.is_file():
         raise missing(f"{what} not found: {p}")
-    try:
-        with p.open("rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise error(f"{p}: cannot read {what}: {exc.strerror or exc}") from None
-    if len(raw) > max_bytes:
-        raise error(f"{p}: {what} larger than {max_bytes} bytes; is it the right file?")
+    raw = read_bounded(p, what, max_bytes, error, str(p), "; is it the right file?")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -21,7 +21,10 @@ rules (one CheckResult per check, with the cell and the evidence):
   heat long before the temperature limits.
 - ``lithium plating``: logistic model (ONNX, models/faults/) on
   [min temperature, C-rate, max cell voltage] during charge, trained on the
-  data factory's plating labels (anode potential < 0 Li/Li+).
+  data factory's plating labels (anode potential < 0 Li/Li+). Every ONNX
+  answer passes an output guard (a probability: finite, in 0..1); a refused
+  one is replaced by the same weights in numpy and counted, and an ONNX
+  session refused ``PLATING_RETIRE_AFTER`` times in a row is dropped.
 - ``anomaly score``: the largest of the normalised statistics above.
 
 Thresholds come from models/faults/detectors.json (calibrated on fault-free
@@ -41,10 +44,15 @@ from bms_ai.core.files import load_json, sha256_file
 from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
 from bms_ai.diagnostics.rules import CheckResult, Event, _nanargmin, _nanmax, _nanmin, _Rule
+from bms_ai.models.manifest import TensorSpec
+from bms_ai.models.runtime import OutputGuard, guarded
 from bms_ai.pack import PackSample
 
 # robust standard deviation from the median absolute deviation (normal data)
 MAD_TO_SIGMA = 1.4826
+# the plating model's output as the guard checks it: one probability per row
+PLATING_OUTPUT = TensorSpec("p_plating", ["batch", 1], range=[0.0, 1.0])
+PLATING_RETIRE_AFTER = 50   # refused ONNX answers in a row before the session is dropped for numpy
 
 
 @dataclass
@@ -144,13 +152,20 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 class PlatingModel:
-    """Logistic plating-risk model; ONNX when available, the same weights in numpy otherwise."""
+    """Logistic plating-risk model; ONNX when available, the same weights in numpy otherwise.
+
+    The numpy path is also the fallback for ONNX answers the output guard
+    refuses (NaN, outside 0..1, inference errors), so a bad session can
+    neither raise nor put NaN into the plating check.
+    """
 
     FEATURES = ("t_min_c", "c_rate", "v_max")
 
     def __init__(self, weights: np.ndarray, bias: float, mean: np.ndarray, std: np.ndarray,
                  onnx_path: Path | None = None) -> None:
         self.w, self.b, self.mean, self.std = weights, bias, mean, std
+        self.guard = OutputGuard([PLATING_OUTPUT], onnx_path.name if onnx_path is not None else "")
+        self.retired = ""   # why the ONNX session was dropped ("" while it runs or was never there)
         self.session = None
         if onnx_path is not None and onnx_path.is_file():
             try:
@@ -164,12 +179,30 @@ class PlatingModel:
                 self.session = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Plating probability per row of [t_min_c, c_rate, v_max]."""
+        """Plating probability per row of [t_min_c, c_rate, v_max]; refused ONNX rows come from numpy."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float32))
-        if self.session is not None:
-            return self.session.run(None, {"features": x})[0].reshape(-1)
+        if self.session is None:
+            return self._logistic(x)
+        session = self.session
+        outs, verdict = guarded(self.guard, lambda: session.run(None, {"features": x}), x.shape[0])
+        if verdict.all_ok:
+            return outs[0].reshape(-1)
+        p = self._logistic(x)
+        if verdict.ok.any():
+            p = np.where(verdict.ok, outs[0].reshape(x.shape[0], -1)[:, 0], p)
+        if self.guard.consecutive_rejected_calls >= PLATING_RETIRE_AFTER:
+            self.session, self.retired = None, self.guard.last_reason
+        return p
+
+    def _logistic(self, x: np.ndarray) -> np.ndarray:
         z = ((x - self.mean) / self.std) @ self.w + self.b
         return 1.0 / (1.0 + np.exp(-z))
+
+    def kind(self) -> str:
+        """Which implementation answers now, as the plating check reports it."""
+        if self.session is not None:
+            return "onnx"
+        return f"numpy (onnx retired: {self.retired})" if self.retired else "numpy"
 
     @classmethod
     def load(cls, directory: Path | None = None) -> PlatingModel | None:
@@ -515,14 +548,13 @@ class DetectorBank:
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
               "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
-              "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind()}
+              "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind(),
+              **(self.plating.guard.stats() if self.plating is not None else {})}
         return self.plating_rule.result(np.array([prob]), "no plating risk" if self.plating is not None else
                                         "plating model missing", kv, " probability")
 
     def _plating_model_kind(self) -> str:
-        if self.plating is None:
-            return "missing"
-        return "onnx" if self.plating.session is not None else "numpy"
+        return "missing" if self.plating is None else self.plating.kind()
 
     # ------------------------------------------------------------ anomaly
     def _anomaly(self, t: float) -> CheckResult:

@@ -146,18 +146,30 @@ class LearnedEta:
     def reset(self) -> None:
         """Nothing to forget: the model is stateless (its history is in the features)."""
 
-    def step(self, dt: float, current: float, feats: np.ndarray) -> EtaTerms:
-        """Run the model on the features of every cell; raises on a failing session (caller falls back)."""
+    def step(self, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, tuple[int, str]]:
+        """Run the model on every cell's features through its output guard; never raises.
+
+        Returns the terms (refused cells are out of domain, so the caller uses
+        the ECM for them) and (number of refused cells, the guard's reason).
+        """
         t0 = time.perf_counter()
-        eta, sigma = self.model.run(feats)
+        outs, verdict = self.model.run_guarded(np.nan_to_num(feats))
         infer = time.perf_counter() - t0
-        eta = eta.reshape(-1).astype(np.float64)
-        sigma = np.clip(sigma.reshape(-1).astype(np.float64), 1e-4, self.sigma_max)
-        ok = np.isfinite(eta) & np.isfinite(sigma) & (np.abs(eta) < 2.0)
+        n = feats.shape[0]
+        good, why = verdict.ok, verdict.reason
+        if len(outs) < 2:   # loaded without this pipeline's expectation (which demands both outputs)
+            good, why = np.zeros(n, dtype=bool), why or f"{len(outs)} model output(s), the filter reads eta and sigma"
+        if not good.any():
+            nan = np.full(n, np.nan)
+            return EtaTerms(eta=nan, sig_slow=nan, sig_fast=nan, in_domain=good, infer_s=infer), (n, why)
+        eta = outs[0].reshape(-1).astype(np.float64)
+        sigma = np.clip(outs[1].reshape(-1).astype(np.float64), 1e-4, self.sigma_max)
+        ok = good & np.isfinite(eta) & np.isfinite(sigma) & (np.abs(eta) < 2.0)
         dom = ok & in_domain(feats, self.lo, self.hi, self.margin)
         e = self.error
-        return EtaTerms(eta=np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
-                        sig_fast=e.fast_scale * sigma + e.fast_floor, in_domain=dom, infer_s=infer)
+        terms = EtaTerms(eta=np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
+                         sig_fast=e.fast_scale * sigma + e.fast_floor, in_domain=dom, infer_s=infer)
+        return terms, (int(n - np.count_nonzero(good)), why)
 
 
 def make_features(n_cells: int, n_temps: int, capacity_ah: float, hysteresis_rate: float) -> EtaFeatures:

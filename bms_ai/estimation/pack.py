@@ -5,7 +5,10 @@ evaluation measures is what the vehicle runs. It owns:
 
 - model selection: the SOC model from a ``ModelRegistry`` (hot reload swaps it
   in without a jump in the output), or the EKF fallback with the reason
-  (no model directory, models disabled, no valid model);
+  (no model directory, models disabled, no valid model, model retired);
+- retirement: when the ``SocEstimator`` reports that the output guard kept
+  refusing its model (``retire_request``), the registry retires it and the
+  slot's fallback takes over; a new version dropped in later is loaded again;
 - the ``SocEstimator`` (every measurement), the ``HealthEstimator`` (capacity,
   R0; capacity estimate every ``health_period`` s of measurement time) and its RUL;
 - input checks: a sample the estimator cannot use is rejected, counted and its
@@ -34,13 +37,16 @@ from bms_ai.estimation.filter import CAP
 from bms_ai.estimation.health import HealthEstimator, HealthOutput
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
-from bms_ai.estimation.soc import SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.estimation.soc import RETIRE_AFTER, SocEstimator, SocOutput, soc_model_expectation
 from bms_ai.estimation.state import decode_state, encode_state
 from bms_ai.models.runtime import LoadedModel, ModelRegistry, ModelSlot, default_model_dir
 
 SOC_METHOD_TEXT = {"learned": "Coulomb counting + learned overpotential model",
                    "classical": "fallback: Coulomb counting + ECM overpotential",
                    "mixed": "partial fallback: ECM overpotential for some cells"}
+# the soc check stays WARN this long (measurement time) after the output guard refused a cell, so a model
+# that fails now and then shows at the 1 Hz diagnostics rate, not only when a report hits a bad step
+GUARD_WARN_HOLD_S = 10.0
 
 
 @dataclass
@@ -69,11 +75,12 @@ class PackEstimator:
     def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
-                 rest_capacity: bool = True, ocv: OcvModel | None = None) -> None:
+                 rest_capacity: bool = True, ocv: OcvModel | None = None, retire_after: int = RETIRE_AFTER) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
         ``rest_capacity`` False turns the capacity anchors off (SOH stays at the
-        design value; R0 is still estimated).
+        design value; R0 is still estimated). ``retire_after``: consecutive steps
+        with cells refused by the output guard before the SOC model is retired.
         """
         self.chemistry = get_chemistry(chemistry).name
         self.capacity_ah = float(capacity_ah)
@@ -87,6 +94,7 @@ class PackEstimator:
         self.rul = rul
         self.rest_capacity = rest_capacity
         self.ocv = ocv
+        self.retire_after = int(retire_after)
         self._pending_state: dict | None = None
         self.state_note = ""
         self.soc_est: SocEstimator | None = None
@@ -131,6 +139,15 @@ class PackEstimator:
         self.soc_est.set_model(model, reason)
         return f"SOC model now {model.label if model else 'none'}"
 
+    def _retire(self) -> None:
+        """The SOC estimator reports its model refused for too long: the registry retires it, the slot decides next."""
+        est = self.soc_est
+        model = est.learned.model if est.learned is not None else None
+        if self.models is not None and model is not None and self.models.retire(model, est.retire_request):
+            est.guard.retirements += 1
+        model, reason = self.soc_model()
+        est.set_model(model, reason)
+
     @property
     def model_events(self) -> list[str]:
         """Recent model-directory events (loaded, rejected with reason), oldest first."""
@@ -140,7 +157,8 @@ class PackEstimator:
     def _create(self, n_cells: int, n_temps: int) -> None:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
-                                    ocv=self.ocv, soc0=self.initial_soc, model_reason=reason)
+                                    ocv=self.ocv, soc0=self.initial_soc, model_reason=reason,
+                                    retire_after=self.retire_after)
         ocv = self.soc_est.ocv if self.rest_capacity else None
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,
                                       chemistry=self.chemistry)
@@ -181,6 +199,8 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         out = self.soc_est.step(t, current, cell_v, cell_t)
+        if self.soc_est.retire_request:
+            self._retire()
         self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
         if self.health.q_updates != self._cap_fed:
             self._feed_capacity()
@@ -250,13 +270,7 @@ class PackEstimator:
             return status.CheckStatus(status.SOC_CHECK, WARN, "no measurements yet", {
                 "model": label, "model_reason": self.slot().reason, "rejected": self.rejected,
                 status.MODEL_FALLBACK: model is None})
-        # rejections WARN while they happen (since the last status), with the reason; old ones only count
-        new_rejects = self.rejected - self._rejected_at_last_status
-        self._rejected_at_last_status = self.rejected
-        level = OK if o.method == "learned" and not new_rejects else WARN
-        msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
-        if new_rejects:
-            msg += f"; {new_rejects} sample(s) rejected: {self.reject_reason}"
+        level, msg = self._soc_verdict(o)
         events = self.model_events
         return status.CheckStatus(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
@@ -270,7 +284,27 @@ class PackEstimator:
             "steps": self.steps,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
-            "last_model_event": (events or [""])[-1]})
+            "last_model_event": (events or [""])[-1], **self.soc_est.guard.values()})
+
+    def _soc_verdict(self, o: SocOutput) -> tuple[int, str]:
+        """Level and message of the soc check: OK only on the learned model, without new rejections or recent refusals.
+
+        Rejected samples WARN while they happen (since the last status), with
+        the reason; older ones only count. Output-guard refusals keep it WARN
+        for ``GUARD_WARN_HOLD_S``.
+        """
+        new_rejects = self.rejected - self._rejected_at_last_status
+        self._rejected_at_last_status = self.rejected
+        g = self.soc_est.guard
+        age = o.stamp - g.last_t   # NaN (never refused) compares False
+        recent = age <= GUARD_WARN_HOLD_S
+        level = OK if o.method == "learned" and not new_rejects and not recent else WARN
+        msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
+        if recent and not o.fallback_reason:
+            msg += f" (output guard refused cells {age:.0f} s ago: {g.last_reason})"
+        if new_rejects:
+            msg += f"; {new_rejects} sample(s) rejected: {self.reject_reason}"
+        return level, msg
 
     def soh_status(self) -> status.CheckStatus:
         """The ``soh`` check: level from ``status.soh_verdict`` of the latest estimate."""

@@ -9,6 +9,10 @@ voltage with its band; the filter corrects the SOC as far as those errors
 allow. Long rests commit the filter's estimate of the OCV-curve error into the
 OCV model (field learning). ``state()``/``restore()`` carry everything across
 power cycles.
+
+Every inference passes the model's output guard: refused cells use the ECM
+for that step, and a model refused in ``retire_after`` steps in a row is
+retired by the owner of the model registry (``retire_request``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES, hysteresis_rate_for
-from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterInput, FilterParams, S
+from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterEvent, FilterInput, FilterParams, S
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.overpotential import EcmEta, EcmParams, EtaTerms, LearnedEta, make_features
 from bms_ai.models.runtime import LoadedModel
@@ -36,6 +40,10 @@ WARMUP_S = 60.0             # after a (re)start the current history is assumed: 
 WARMUP_FACTOR = 3.0
 COMMIT_REST_S = 1800.0      # a rest this long has relaxed: commit the OCV-curve estimate once
 COMMIT_AFTER_S = 10.0       # ... after this many seconds of samples in that rest
+RETIRE_AFTER = 50           # consecutive steps with refused model outputs before the model is retired (5 s at 10 Hz)
+# the outputs the filter reads, in order, with the span a sane model stays in (the output guard's range
+# where a manifest declares none): an overpotential within +-2 V, its sigma up to 1 V
+ETA_OUTPUTS = {"eta": (-2.0, 2.0), "sigma": (0.0, 1.0)}
 
 
 @dataclass
@@ -58,7 +66,25 @@ class SocOutput:
 
 def soc_model_expectation() -> dict:
     """What a SOC model must declare to be loaded: this pipeline's feature version and width."""
-    return {"feature_version": FEATURE_VERSION, "n_features": N_FEATURES}
+    return {"feature_version": FEATURE_VERSION, "n_features": N_FEATURES, "outputs": ETA_OUTPUTS}
+
+
+@dataclass
+class GuardCounts:
+    """What the output guard refused in this estimator, kept across model swaps (the diagnostics report it)."""
+
+    steps: int = 0                 # steps with at least one refused cell
+    cells: int = 0                 # refused cell-steps
+    consecutive: int = 0           # steps in a row with refused cells (retirement counts these)
+    last_reason: str = ""
+    last_t: float = math.nan       # stamp of the last step with refused cells
+    retirements: int = 0
+
+    def values(self) -> dict[str, int | str]:
+        """Diagnostic key-values."""
+        return {"guard_rejected_steps": self.steps, "guard_rejected_cells": self.cells,
+                "guard_consecutive": self.consecutive, "guard_last_reason": self.last_reason,
+                "guard_retirements": self.retirements}
 
 
 def default_ocv_model(chemistry: str) -> OcvModel:
@@ -74,13 +100,14 @@ class SocEstimator:
                  model: LoadedModel | None = None, ocv: OcvModel | None = None,
                  ecm: EcmParams | None = None, params: FilterParams | None = None,
                  soc0: float | np.ndarray | None = None, sigma0_given: float = 0.01,
-                 model_reason: str = "no model loaded") -> None:
+                 model_reason: str = "no model loaded", retire_after: int = RETIRE_AFTER) -> None:
         chem = get_chemistry(chemistry)
         self.n = n_cells
         self.chemistry = chem.name
         self.capacity_ah = float(capacity_ah)
         self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
         self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
+        self.rest_anchor = ECM_DEFAULTS[chem.name].hysteresis_v == 0.0   # a rest OCV without path dependence
         self.ocv = ocv or default_ocv_model(chem.name)
         self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
@@ -89,6 +116,11 @@ class SocEstimator:
         self.t_session = math.nan
         self.rest_committed = False
         self.notes: list[str] = []
+        self.v_mean: np.ndarray | None = None    # gate-window means of the voltage and the overpotential:
+        self.eta_mean: np.ndarray | None = None  # a reopened state restarts from their OCV inversion
+        self.retire_after = int(retire_after)
+        self.guard = GuardCounts()
+        self.retire_request = ""
         self.learned: LearnedEta | None = None
         self.model_reason = ""
         self.set_model(model, model_reason)
@@ -98,20 +130,20 @@ class SocEstimator:
         """Swap the overpotential model (hot reload); the filter state is kept, so the output does not jump."""
         self.learned = LearnedEta(model) if model is not None else None
         self.model_reason = "" if model is not None else (reason or "no model loaded")
+        self.guard.consecutive = 0
+        self.retire_request = ""
         err = (self.learned or self.ecm).error
         p = self.filter.params
         p.tau_model, p.tau_fast = max(err.tau_model, p.tau_model_min), max(err.tau_fast, p.tau_fast_min)
         p.k_cell, p.k_cell_fast = err.k_cell, err.k_cell_fast
 
     # -- one step --------------------------------------------------------------
-    def _eta(self, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
+    def _eta(self, t: float, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
         self.ecm.advance(dt, current, feats)
         if self.learned is None:
             return self.ecm.terms(feats), "classical", self.model_reason, 0
-        try:
-            nn = self.learned.step(dt, current, feats)
-        except Exception as exc:  # noqa: BLE001  (a failing session must never stop the estimator)
-            return self.ecm.terms(feats), "classical", f"inference failed: {type(exc).__name__}: {exc}", 0
+        nn, refused = self.learned.step(dt, current, feats)
+        why = self._count_refusals(t, refused, nn.in_domain.size)
         use = nn.in_domain
         n_out = int(self.n - np.count_nonzero(use))
         if n_out == 0:
@@ -120,18 +152,68 @@ class SocEstimator:
         mixed = EtaTerms(eta=np.where(use, nn.eta, classical.eta), sig_slow=np.where(use, nn.sig_slow, classical.sig_slow),
                          sig_fast=np.where(use, nn.sig_fast, classical.sig_fast), in_domain=use, infer_s=nn.infer_s)
         method = "classical" if n_out == self.n else "mixed"
-        return mixed, method, f"{n_out} cell(s) outside the model's input domain or output range", n_out
+        return mixed, method, why or f"{n_out} cell(s) outside the model's input domain or output range", n_out
+
+    def _count_refusals(self, t: float, refused: tuple[int, str], n: int) -> str:
+        """Count a step's cells refused by the output guard; the reason ("" if none); maybe request retirement."""
+        n_bad, why = refused
+        if not n_bad:
+            self.guard.consecutive = 0
+            return ""
+        g = self.guard
+        g.steps += 1
+        g.cells += n_bad
+        g.consecutive += 1
+        g.last_reason, g.last_t = why, t
+        if g.consecutive >= self.retire_after and not self.retire_request:
+            self.retire_request = f"output guard refused cells in {g.consecutive} consecutive steps (last: {why})"
+        return f"{n_bad} cell(s): model output refused: {why}"
 
     def _start(self, v: np.ndarray, eta: EtaTerms) -> None:
         if self.soc0 is not None:
             self.filter.initialise(np.clip(self.soc0, 0.0, 1.0), self.sigma0_given)
             return
-        # nothing stored: invert the OCV at the first voltage, with the honest spread of that guess
+        self.filter.initialise(*self._invert(v, eta))
+
+    def _invert(self, v: np.ndarray, eta: EtaTerms) -> tuple[np.ndarray, float]:
+        """SOC per cell from the OCV at ``v`` minus the overpotential, with the honest spread of that guess."""
         s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - eta.eta, nan=0.0)), np.nan)
         s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
         terms = self.ocv.terms(s0)
         spread = np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + terms.sigma ** 2) / np.maximum(terms.docv, 1e-3)
-        self.filter.initialise(s0, float(np.clip(np.nanmedian(spread), 0.02, self.filter.params.sigma_reset)))
+        return s0, float(np.clip(np.nanmedian(spread), 0.02, self.filter.params.sigma_reset))
+
+    def _restart_from_ocv(self, eta: EtaTerms) -> None:
+        """After a reopened state: start again from the gate window's OCV inversion where it is well conditioned.
+
+        On a flat OCV or with a large model error the inversion is worth less
+        than the widened filter state, which then keeps its own estimate.
+        """
+        s_new, sig_new = self._invert(self.v_mean, EtaTerms(self.eta_mean, eta.sig_slow, eta.sig_fast, eta.in_domain))
+        jump = abs(float(np.mean(s_new)) - float(np.mean(self.filter.cell_soc)))
+        p = self.filter.params
+        if sig_new <= p.reset_sigma_max and jump > max(2.0 * sig_new, p.reset_min_jump):
+            self.filter.initialise(s_new, sig_new)
+            self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
+                                                  f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %"))
+
+    def _trust(self, current: float, docv: np.ndarray) -> tuple[float, bool]:
+        """Inflation of the model errors (full trust only in a relaxed rest) and whether the sample may gate."""
+        p = self.filter.params
+        trust = 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
+        gate = abs(current) < p.gate_current_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
+        return trust, gate
+
+    def _relaxed(self, gate: bool, band: np.ndarray) -> bool:
+        """A rest anchor: a long rest, an OCV known to the anchor band, no hysteresis (see ``FilterParams``)."""
+        p = self.filter.params
+        return (self.rest_anchor and gate and self.features.rest_s >= p.rest_anchor_s
+                and float(np.max(band)) <= p.rest_anchor_band_v)
+
+    def _track_means(self, dt: float, v: np.ndarray, eta: np.ndarray) -> None:
+        a = min(dt / self.filter.params.gate_tau, 1.0) if self.v_mean is not None else 1.0
+        self.v_mean = v.copy() if self.v_mean is None else self.v_mean + a * (v - self.v_mean)
+        self.eta_mean = eta.copy() if self.eta_mean is None else self.eta_mean + a * (eta - self.eta_mean)
 
     def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
         """Advance to time ``t`` with one measurement sample (NaN values are skipped, never integrated)."""
@@ -145,7 +227,7 @@ class SocEstimator:
             self.filter.predict(dt, current)
         soc_prior = self.filter.cell_soc
         feats = self.features.update(t, current, cell_t, soc_prior)
-        eta, method, reason, n_out = self._eta(dt, current, feats)
+        eta, method, reason, n_out = self._eta(t, dt, current, feats)
         if t - self.t_session < WARMUP_S:
             eta.sig_fast = eta.sig_fast * WARMUP_FACTOR
             eta.sig_slow = eta.sig_slow * WARMUP_FACTOR
@@ -153,7 +235,13 @@ class SocEstimator:
             self._start(v, eta)
         ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
         n_events = len(self.filter.events)
-        self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma))
+        self._track_means(dt, v, eta.eta)
+        trust, gate = self._trust(current, ocv.docv)
+        self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma,
+                                              trust=trust, gate=gate,
+                                              relaxed=self._relaxed(gate, ocv.sigma)))
+        if any(e.kind == "soc_reopened" for e in self.filter.events[n_events:]):
+            self._restart_from_ocv(eta)
         self._field_learning()
         f = self.filter
         cell_soc, cell_sigma = f.cell_soc, f.cell_sigma

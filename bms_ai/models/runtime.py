@@ -8,7 +8,8 @@ falls back to its classical filter, reporting the reason.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ class OutputGuard:
     real inputs, or 1e30 on some, passes it; this guard sees every inference.
     Rows (batch elements, e.g. cells) are judged one by one so the caller can
     fall back for the refused ones only. Counters feed the caller's
-    diagnostics; nothing here raises on bad outputs.
+    diagnostics; nothing here raises on bad outputs. The check is a few
+    vectorised comparisons per output (it runs every estimator cycle); the
+    reason is worked out only when something is refused.
     """
 
     def __init__(self, specs: list[TensorSpec], label: str = "") -> None:
@@ -57,15 +60,32 @@ class OutputGuard:
         self.bad_shape = 0
         self.last_reason = ""
 
-    def check(self, outputs: list[np.ndarray]) -> GuardVerdict:
-        """The verdict for one inference's outputs (in manifest order), counted."""
+    def check(self, outputs: list[np.ndarray], rows: int | None = None) -> GuardVerdict:
+        """The verdict for one inference's outputs (in manifest order), counted.
+
+        ``rows``: the batch size of the inputs; outputs with another row count
+        cannot be matched to the batch elements and are refused as a whole.
+        """
         arrays = [np.asarray(o) for o in outputs]
-        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
-        if len(arrays) < len(self.specs) or any((a.shape[0] if a.ndim else 1) != rows for a in arrays):
+        n = rows if rows is not None else (arrays[0].shape[0] if arrays and arrays[0].ndim else 1)
+        if len(arrays) < len(self.specs) or any((a.shape[0] if a.ndim else 1) != n or (n and a.size == 0)
+                                                for a in arrays):
             self.bad_shape += 1
-            return self.refuse(rows, f"outputs {[a.shape for a in arrays]} do not match "
-                                     f"{[s.name for s in self.specs]} (one row per batch element)")
-        ok = np.ones(rows, dtype=bool)
+            return self.refuse(n, f"outputs {[a.shape for a in arrays]} do not match "
+                                  f"{[s.name for s in self.specs]} (one row per batch element, {n} rows)")
+        ok = np.ones(n, dtype=bool)
+        for (low, high), a in zip(self.bounds, arrays):
+            v = a.reshape(n, -1)
+            inside = (v >= low) & (v <= high)      # NaN compares False: refused here too
+            if not (np.isfinite(low) and np.isfinite(high)):
+                inside &= np.isfinite(v)
+            ok &= inside.all(axis=1)
+        if ok.all():
+            return self._count(GuardVerdict(ok), passed=n > 0)
+        return self._count(GuardVerdict(ok, self._explain(arrays, n)))
+
+    def _explain(self, arrays: list[np.ndarray], rows: int) -> str:
+        """Count the kinds of refusal and name the first (only called when something was refused)."""
         reason = ""
         for spec, (low, high), a in zip(self.specs, self.bounds, arrays):
             v = a.reshape(rows, -1).astype(np.float64, copy=False)
@@ -79,24 +99,22 @@ class OutputGuard:
                 self.out_of_range += n
                 worst = float(v[finite & ~inside].flat[np.abs(v[finite & ~inside]).argmax()])
                 reason = reason or f"{spec.name}: {worst:.4g} outside the declared range [{low:g}, {high:g}] in {n} of {rows} rows"
-            ok &= inside
-        return self._count(GuardVerdict(ok, reason))
+        return reason
 
     def refuse(self, rows: int, reason: str) -> GuardVerdict:
         """Count an inference whose outputs cannot be used at all (wrong shape, inference error)."""
         return self._count(GuardVerdict(np.zeros(max(int(rows), 0), dtype=bool), reason))
 
-    def _count(self, verdict: GuardVerdict) -> GuardVerdict:
+    def _count(self, verdict: GuardVerdict, passed: bool = False) -> GuardVerdict:
         self.calls += 1
         self.rows += verdict.ok.size
-        bad = int((~verdict.ok).sum())
-        self.rejected_rows += bad
-        if bad or not verdict.ok.size:
-            self.rejected_calls += 1
-            self.consecutive_rejected_calls += 1
-            self.last_reason = f"{self.label}: {verdict.reason}" if self.label else verdict.reason
-        else:
+        if passed:   # the fast path: every row passed
             self.consecutive_rejected_calls = 0
+            return verdict
+        self.rejected_rows += int((~verdict.ok).sum())
+        self.rejected_calls += 1
+        self.consecutive_rejected_calls += 1
+        self.last_reason = f"{self.label}: {verdict.reason}" if self.label else verdict.reason
         return verdict
 
     def stats(self) -> dict[str, int | str]:
@@ -105,6 +123,20 @@ class OutputGuard:
                 "guard_rejected_rows": self.rejected_rows, "guard_non_finite": self.non_finite,
                 "guard_out_of_range": self.out_of_range, "guard_bad_shape": self.bad_shape,
                 "guard_last_reason": self.last_reason}
+
+
+def guarded(guard: OutputGuard, run: Callable[[], list[np.ndarray]], rows: int) -> tuple[list[np.ndarray], GuardVerdict]:
+    """``run()``'s outputs and the guard's verdict for a batch of ``rows``; an inference error refuses every row.
+
+    Every ONNX user goes through here (``LoadedModel.run_guarded``, the fault
+    detectors' plating model), so none of them sees an unchecked output or an
+    exception from onnxruntime.
+    """
+    try:
+        outs = run()
+    except Exception as exc:  # noqa: BLE001  (onnxruntime raises many types; the caller falls back)
+        return [], guard.refuse(rows, f"inference failed: {type(exc).__name__}: {exc}")
+    return outs, guard.check(outs, rows)
 
 
 class LoadedModel:
@@ -135,12 +167,8 @@ class LoadedModel:
 
     def run_guarded(self, *arrays: np.ndarray) -> tuple[list[np.ndarray], GuardVerdict]:
         """Outputs plus the guard's verdict per row; an inference error refuses every row instead of raising."""
-        try:
-            outs = self.run(*arrays)
-        except Exception as exc:  # noqa: BLE001  (onnxruntime raises many types; the caller falls back)
-            rows = int(np.shape(arrays[0])[0]) if arrays and np.ndim(arrays[0]) else 1
-            return [], self.guard.refuse(rows, f"inference failed: {type(exc).__name__}: {exc}")
-        return outs, self.guard.check(outs)
+        rows = int(np.shape(arrays[0])[0]) if arrays and np.ndim(arrays[0]) else 1
+        return guarded(self.guard, lambda: self.run(*arrays), rows)
 
 
 @dataclass
@@ -183,11 +211,35 @@ def _check_contract(entry: ModelEntry, session) -> str:
     return ""
 
 
+def _output_contract(entry: ModelEntry, want: dict[str, tuple[float, float]]) -> tuple[ModelEntry, str]:
+    """The entry with the pipeline's output ranges where it declares none, or why its outputs do not fit.
+
+    ``want`` maps the outputs the pipeline reads (in order) to their plausible
+    range: a manifest without ranges (or from an older trainer) still gets an
+    output guard that refuses 1e30, not only NaN.
+    """
+    if not want:
+        return entry, ""
+    names = [s.name for s in entry.outputs]
+    if names[:len(want)] != list(want):
+        return entry, f"output contract: manifest outputs {names}, pipeline reads {list(want)} first"
+    outputs = [replace(s, range=list(want[s.name])) if s.range is None and s.name in want else s
+               for s in entry.outputs]
+    return replace(entry, outputs=outputs), ""
+
+
 def verify_and_load(model_dir: Path, entry: ModelEntry, expect: dict | None = None) -> LoadResult:
-    """Hash, contract and smoke-inference checks; never raises."""
+    """Hash, contract and smoke-inference checks; never raises.
+
+    ``expect``: what the pipeline needs (``feature_version``, ``n_features``,
+    ``outputs``: name -> plausible range, see ``_output_contract``).
+    """
     path = Path(model_dir) / entry.file
     expect = expect or {}
     try:
+        entry, why = _output_contract(entry, expect.get("outputs") or {})
+        if why:
+            return LoadResult(None, f"{entry.name}@{entry.version}: {why}", entry)
         if entry.feature_version != expect.get("feature_version", entry.feature_version):
             return LoadResult(None, f"{entry.name}@{entry.version}: feature version {entry.feature_version} "
                                     f"!= pipeline {expect['feature_version']}", entry)

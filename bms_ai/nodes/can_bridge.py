@@ -3,7 +3,11 @@
 Frames are read on a thread (python-can is blocking); samples are taken at
 fixed instants of CAN time (see bms_ai.can.sampler), so a replayed drive gives
 the same messages at any speed. A steady-clock watchdog reports silence
-(STALE within 1 s) even when the ROS clock is simulated and paused.
+(STALE within 1.1 x stale_after) even when the ROS clock is simulated and
+paused, and keeps the samples going at rate_hz on the same grid of instants.
+
+A log replay publishes losslessly and is paced by its readers (see
+:meth:`CanBridgeNode._hold_for_readers`).
 """
 
 from __future__ import annotations
@@ -15,20 +19,29 @@ from pathlib import Path
 
 import can
 from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PackAssembler
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.health import BusHealth, silence_sample_time
+from bms_ai.can.health import BusHealth, silence_sample_time, watchdog_period
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.can.sources import SourceError, open_source
+from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
-from bms_ai.nodes.common import LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time, time_to_float
 from bms_ai.pack import PackSample
+
+#: samples a replay may publish beyond what this process's readers have taken (< Fast DDS's 5000-sample
+#: reader history: a full KEEP_ALL reader in the same process refuses samples and never gets them again)
+READER_LEAD = 500
+#: samples published between two waits until every matched reader has acknowledged them (readers in
+#: other processes); the writer's history never fills, so publish() never blocks
+ACK_WINDOW = 100
 
 
 class CanBridgeNode(Node):
@@ -69,6 +82,11 @@ class CanBridgeNode(Node):
         # a replay can wait for its readers; a live bus never does
         qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
         self.pub = self.create_publisher(BatteryState, "pack/measurements", qos)
+        # a replay's own reader of what it publishes, taken by the executor like every reader in this process
+        self._taken = threading.Condition()
+        self.samples_taken = 0
+        self._progress = (self.create_subscription(BatteryState, "pack/measurements", self._on_taken,
+                                                   GRAPH_SUB_QOS, raw=True) if self.source.replay else None)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
         self.diag = Diagnostics(self, self.pack_id)
         self.lock = threading.Lock()
@@ -79,6 +97,8 @@ class CanBridgeNode(Node):
         self._damage_seen = 0
         self.last_rx_steady = math.nan
         self.last_rx_can = math.nan
+        self._reported_silent = False  # what the last diagnostics said: bus silent (STALE)
+        self._reported_late = False  # ... messages past their timeout (WARN)
         self._raw_log = None
         if p["raw_log_dir"]:
             Path(p["raw_log_dir"]).mkdir(parents=True, exist_ok=True)
@@ -87,7 +107,7 @@ class CanBridgeNode(Node):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can_bridge_reader", daemon=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.watchdog = self.create_timer(0.2, self._watchdog, clock=steady)  # silence -> STALE well within 1 s
+        self.watchdog = self.create_timer(watchdog_period(p["rate_hz"], p["stale_after"]), self._watchdog, clock=steady)
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
         self._thread.start()
@@ -95,12 +115,55 @@ class CanBridgeNode(Node):
 
     # reader thread -------------------------------------------------------
     def _wait_for_readers(self) -> None:
-        """A file replay would otherwise start before the graph's readers are discovered."""
+        """A file replay would otherwise start before the graph's readers (and its own) are discovered."""
         end = time.monotonic() + 10.0
-        want = int(self.p["wait_for_subscribers"])
-        while self.pub.get_subscription_count() < want and time.monotonic() < end:
+        want = int(self.p["wait_for_subscribers"]) + 1  # + the replay's own progress reader
+
+        def ready() -> bool:
+            own = self._progress is not None and self._progress.get_publisher_count() >= 1
+            return own and self.pub.get_subscription_count() >= want
+
+        while not ready() and time.monotonic() < end:
             if self._stop.wait(0.05):
                 return
+        if not (self._progress is not None and self._progress.get_publisher_count() >= 1):
+            raise RuntimeError("the replay's progress reader did not match pack/measurements within 10 s")
+
+    def _on_taken(self, _raw: bytes) -> None:
+        with self._taken:
+            self.samples_taken += 1
+            self._taken.notify()
+
+    def _hold_for_readers(self) -> bool:
+        """Wait until the readers can take one more sample of a replay; False when stopped meanwhile.
+
+        Lossless and never blocking inside DDS: (1) at most READER_LEAD samples
+        beyond what the replay's own reader has taken. That reader is served by
+        the executor one message per turn like every other reader in this
+        process, so none of them falls further behind; Fast DDS delivers within
+        a process by handing the sample over once, and a KEEP_ALL reader whose
+        history is full (5000) refuses it for good (the writer then blocks,
+        and publish() fails: the RCLError of long maximum-speed replays).
+        (2) every ACK_WINDOW samples, all matched readers (other processes too)
+        must have acknowledged, so the writer's history never fills and
+        publish() never blocks in DDS (rclpy holds the GIL there: the readers
+        in this process could not take anything meanwhile). Both waits poll
+        with the GIL free. While held, the bus is not silent: the replay is
+        paused, not the source.
+        """
+        n = self.samples_published
+        with self._taken:
+            while n - self.samples_taken >= READER_LEAD:
+                if self._stop.is_set():
+                    return False
+                self._taken.wait(0.05)
+                self.last_rx_steady = time.monotonic()
+        if n % ACK_WINDOW == 0:
+            while not self.pub.wait_for_all_acked(Duration()):  # zero timeout: polled, the GIL stays free
+                if self._stop.wait(0.002):
+                    return False
+                self.last_rx_steady = time.monotonic()
+        return True
 
     def _run(self) -> None:
         """The reader thread: any failure ends up on /diagnostics as ERROR with its reason, never silently."""
@@ -158,21 +221,24 @@ class CanBridgeNode(Node):
                 self.last_rx_steady = time.monotonic()
                 self.last_rx_can = self.asm.last_ts
             for s in samples:
+                if self.source.replay and not self._hold_for_readers():
+                    return
                 self._publish(s)
 
     def _run_batch(self, chunks) -> None:
         """Maximum-speed replay: the log decoded vectorised chunk by chunk (identical samples, ~10x faster).
 
         Decoding runs off the lock (the watchdog and diagnostics never wait
-        for it); publishing is lossless (KEEP_ALL), so the replay runs as fast
-        as the slowest reliable subscriber takes the samples.
+        for it); publishing is lossless and paced by the readers
+        (:meth:`_hold_for_readers`), so the replay runs as fast as the slowest
+        reliable subscriber takes the samples.
         """
         for frames in chunks:
             table, decoded, carry = self.sampler.decode_arrays(frames)
             with self.lock:
                 self.sampler.commit(table, decoded, carry)
             for s in table.samples():
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._hold_for_readers():
                     return
                 self._publish(s)
                 with self.lock:
@@ -194,26 +260,36 @@ class CanBridgeNode(Node):
         return time.monotonic() - self.last_rx_steady if math.isfinite(self.last_rx_steady) else math.inf
 
     def _watchdog(self) -> None:
-        silent = self.silence()
-        with self.lock:
-            t = silence_sample_time(self.last_rx_can, silent, self.source.speed, self.p["stale_after"],
-                                    self.source.replaying)
-            s = None if t is None else self.asm.snapshot(t, self.p["max_age"])
-        if s is not None:
-            s.stamp = t
-            self._publish(s)
-        if silent > self.p["stale_after"]:
-            self._update_diagnostics()
+        """Silence on the steady clock: the grid's instants go on at rate_hz, level changes go out at once.
 
-    def _update_diagnostics(self) -> None:
+        Silence samples are published under the lock, so a frame that ends the
+        silence can only add instants after them (never before, never twice).
+        After a replay, while a reader has not acknowledged everything, they
+        wait for the next tick: a publish that blocks here would stall the
+        executor (and every reader with it).
+        """
         silence = self.silence()
         with self.lock:
-            statuses = self.health.assess(self.sampler, source=self.source.description, silence=silence,
-                                          samples_published=self.samples_published,
-                                          source_errors=self.source_errors, last_error=self.last_error,
-                                          reader_failed=self.reader_failed)
+            t = silence_sample_time(self.last_rx_can, silence, self.source.speed, self.p["stale_after"],
+                                    self.source.replaying)
+            if t is not None and (not self.source.replay or self.pub.wait_for_all_acked(Duration())):
+                for s in self.sampler.close_until(t):
+                    self._publish(s)
+        if (silence > self.p["stale_after"]) != self._reported_silent or self._reported_late:
+            self._update_diagnostics(periodic=False)
+
+    def _update_diagnostics(self, periodic: bool = True) -> None:
+        """Assess and publish both checks; ``periodic``: the 1 Hz report (closes the rejection window)."""
+        silence = self.silence()
+        with self.lock:
+            bus, messages = self.health.assess(
+                self.sampler, source=self.source.description, silence=silence,
+                samples_published=self.samples_published, source_errors=self.source_errors,
+                last_error=self.last_error, reader_failed=self.reader_failed, closes_period=periodic)
+        self._reported_silent = silence > self.p["stale_after"]
+        self._reported_late = messages.level == WARN
         with self.diag.batch():
-            for st in statuses:
+            for st in (bus, messages):
                 self.diag.update(st.check, st.level, st.message, st.values)
 
     def destroy_node(self) -> None:

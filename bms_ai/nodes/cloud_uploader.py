@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -19,6 +20,7 @@ from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import BatteryState
 
 from bms_ai.diagnostics.rules import CheckResult
+from bms_ai.graph import pack_spool_dir
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
 from bms_ai.uplink.schemas import normalise_type
@@ -57,6 +59,8 @@ class CloudUploaderNode(Node):
         over = parameter_overrides(self.p["spool_dir"], self.p["backend_url"], self.p["token_file"],
                                    self.p["token_env"], self.p["vehicle_id"], self.p["topics"])
         self.cfg = load_config(self.p["config"] or None, over)
+        if not self.p["spool_dir"]:  # one spool per pack (namespace) unless a parameter names it
+            self.cfg["spool"]["dir"] = pack_spool_dir(os.path.expanduser(self.cfg["spool"]["dir"]), self.get_namespace())
         self.svc = UplinkService(self.cfg, identifiers=[self.p["pack_id"]])
         started = self.svc.started_status()
         if started.level:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -84,7 +85,7 @@ class Diagnostics:
         self._node = node
         self.hardware_id = pack_hardware_id(pack_id, node.get_namespace())
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
-        self._status: dict[str, DiagnosticStatus] = {}
+        self._status: dict[str, tuple[int, str, dict[str, Any]]] = {}  # name -> (level, message, values)
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
         self._timer = node.create_timer(period, self.publish)
 
@@ -101,14 +102,16 @@ class Diagnostics:
 
     def update(self, check: str, level: int, message: str, values: dict[str, Any] | None = None,
                publish_on_change: bool = True) -> None:
-        """Set a check's status; a level change goes out at once (or with the batch) unless told otherwise."""
+        """Set a check's status; a level change goes out at once (or with the batch) unless told otherwise.
+
+        The message is built when published (1 Hz or on a change), not on
+        every update: nodes update at their sample rate.
+        """
         name = self.name(check)
         prev = self._status.get(name)
-        lv = level if isinstance(level, bytes) else bytes([int(level)])
-        st = DiagnosticStatus(level=lv, name=name, message=message,
-                              hardware_id=self.hardware_id, values=key_values(values or {}))
-        self._status[name] = st
-        if publish_on_change and (prev is None or prev.level != st.level):
+        lv = level[0] if isinstance(level, bytes) else int(level)
+        self._status[name] = (lv, message, dict(values) if values else {})
+        if publish_on_change and (prev is None or prev[0] != lv):
             if self._pending is not None:
                 self._pending.append(name)
             else:
@@ -117,7 +120,7 @@ class Diagnostics:
     def level(self, check: str) -> int | None:
         """The check's current level, None before its first update."""
         st = self._status.get(self.name(check))
-        return None if st is None else st.level[0]
+        return None if st is None else st[0]
 
     def name(self, check: str) -> str:
         """The status name of ``check`` from this node."""
@@ -125,12 +128,106 @@ class Diagnostics:
 
     def publish(self, names: Iterable[str] | None = None) -> None:
         """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""
+        keys = list(self._status) if names is None else [k for k in names if k in self._status]
+        if not keys:
+            return
         msg = DiagnosticArray()
         msg.header.stamp = self._node.get_clock().now().to_msg()
-        keys = list(self._status) if names is None else list(names)
-        msg.status = [self._status[k] for k in keys if k in self._status]
-        if msg.status:
-            self._pub.publish(msg)
+        msg.status = [self._message(k) for k in keys]
+        self._pub.publish(msg)
+
+    def _message(self, name: str) -> DiagnosticStatus:
+        level, message, values = self._status[name]
+        return DiagnosticStatus(level=bytes([level]), name=name, message=message,
+                                hardware_id=self.hardware_id, values=key_values(values))
+
+
+EXECUTOR_ENV = "BMS_AI_EXECUTOR"  # 'single' forces rclpy's SingleThreadedExecutor (comparison, debugging)
+
+
+def make_executor(context: Any = None) -> Any:
+    """The executor every bms_ai process spins: rclpy's EventsExecutor where this rclpy has it.
+
+    It takes ready entities from middleware events instead of rebuilding a
+    wait set per callback, which halved the graph's executor CPU at nominal
+    traffic (BENCHMARKS.md); rclpy without it (Humble) or ``BMS_AI_EXECUTOR=single``
+    gets the SingleThreadedExecutor. Spin it with :func:`spin_executor`.
+    """
+    if os.environ.get(EXECUTOR_ENV, "events") != "single":
+        executor = _events_executor(context)
+        if executor is not None:
+            return executor
+    from rclpy.executors import SingleThreadedExecutor
+    return SingleThreadedExecutor(context=context)
+
+
+def _events_executor(context: Any) -> Any:
+    """rclpy's EventsExecutor, or None where it is missing.
+
+    Its constructor enables faulthandler on ``sys.stderr``, which must then be
+    a real file: a captured stderr (pytest, an embedding app) gets the
+    process's original one for that call.
+    """
+    try:
+        from rclpy.experimental import EventsExecutor
+    except ImportError:
+        return None
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        if sys.__stderr__ is None:
+            return None
+        with contextlib.redirect_stderr(sys.__stderr__):
+            return EventsExecutor(context=context)
+    return EventsExecutor(context=context)
+
+
+def spin_executor(executor: Any, context: Any = None, done: Callable[[], bool] | None = None,
+                  period_s: float = 0.1) -> None:
+    """Spin until ``done()`` holds (checked every ``period_s`` on a watcher thread) or the context shuts down.
+
+    ``done`` runs on its own thread, so it is checked on time even while the
+    executor works through a backlog; a steady timer in the executor then ends
+    the spin. The EventsExecutor's own ``spin()`` busy-waits (a full core in
+    rclpy 7.1), ignores ``shutdown()`` from another thread and has no guard
+    conditions, hence this. ``done`` raising stops the spin and propagates.
+    """
+    from rclpy.clock import Clock, ClockType
+    from rclpy.task import Future
+
+    ctx = context if context is not None else rclpy.get_default_context()
+    finished: Future = Future()
+    stop = threading.Event()
+    failed: list[BaseException] = []
+    owner, timer = None, None
+    if done is not None:
+        def watch() -> None:
+            while not stop.wait(period_s):
+                try:
+                    if done():
+                        break
+                except Exception as exc:  # noqa: BLE001  (handed to the spinning thread)
+                    failed.append(exc)
+                    break
+            stop.set()
+
+        def end() -> None:
+            if stop.is_set() and not finished.done():
+                finished.set_result(True)
+
+        owner = next(iter(executor.get_nodes()), None)
+        if owner is not None:
+            timer = owner.create_timer(period_s, end, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        threading.Thread(target=watch, name="bms_ai-spin-watch", daemon=True).start()
+    try:
+        while ctx.ok() and not finished.done() and not (owner is None and stop.is_set()):
+            executor.spin_until_future_complete(finished, timeout_sec=period_s if owner is None else 1.0)
+    finally:
+        stop.set()
+        if timer is not None:
+            owner.destroy_timer(timer)
+    if failed:
+        raise failed[0]
 
 
 class ShutdownSignals:
@@ -149,6 +246,7 @@ class ShutdownSignals:
         self.timeout_s = timeout_s
         self.stopping = False
         self.signalled = False  # a signal started (or arrived during) the shutdown
+        self.spinning = False  # set while an executor spins with ``done=lambda: self.stopping``
         self.ignored = 0
         self._deadline: float | None = None
         self._saved: dict[int, Any] = {}
@@ -165,6 +263,8 @@ class ShutdownSignals:
         self.signalled = True
         if not self.stopping:
             self.stopping = True
+            if self.spinning:
+                return  # the spin watches ``stopping``: no exception thrown into a callback mid-way
             raise KeyboardInterrupt
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise KeyboardInterrupt  # shutdown overran its time: let this one through
@@ -200,7 +300,10 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
     try:
         rclpy.init(args=args)
         node = node_factory()
-        rclpy.spin(node)
+        executor = make_executor()
+        executor.add_node(node)
+        signals.spinning = True
+        spin_executor(executor, done=lambda: signals.stopping)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import math
 
 import numpy as np
@@ -34,6 +35,15 @@ def time_to_float(t: Time) -> float:
     return t.sec + t.nanosec / 1e9
 
 
+def float32_array(values: np.ndarray) -> array.array:
+    """A float32[] message field: array.array('f') takes the generated setter's fast path.
+
+    A list is range-checked element by element in Python and converted again
+    at publish (~0.2 ms for a 96-cell message); the array is copied as bytes.
+    """
+    return array.array("f", np.ascontiguousarray(values, dtype=np.float32).tobytes())
+
+
 def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryState:
     """Measured quantities only; NaN where unknown (estimates belong to battery_state)."""
     m = BatteryState()
@@ -53,8 +63,8 @@ def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "")
     m.power_supply_health = BatteryState.POWER_SUPPLY_HEALTH_UNKNOWN
     m.power_supply_technology = BatteryState.POWER_SUPPLY_TECHNOLOGY_LION
     m.present = True
-    m.cell_voltage = s.cell_voltages.astype(np.float32).tolist()
-    m.cell_temperature = s.cell_temperatures.astype(np.float32).tolist()
+    m.cell_voltage = float32_array(s.cell_voltages)
+    m.cell_temperature = float32_array(s.cell_temperatures)
     m.serial_number = serial
     return m
 

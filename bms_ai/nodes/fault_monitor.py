@@ -15,6 +15,7 @@ from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import BatteryState
 from std_msgs.msg import Empty
 
@@ -45,7 +46,9 @@ class FaultMonitorNode(Node):
             stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"])
         self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
         self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS)
-        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 50)
+        # /diagnostics carries every pack's statuses; only this pack's are decoded (a byte search first)
+        self._own_id = self.diag.hardware_id.encode()
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag_raw, 50, raw=True)
         self.create_subscription(Empty, "fault_monitor/reset", self._on_reset, 10)
         self.create_timer(1.0 / float(self.p["rate_hz"]), self._watchdog)
         self._publish(self.monitor.startup_status())
@@ -69,6 +72,10 @@ class FaultMonitorNode(Node):
 
     def _on_state(self, msg: BatteryState) -> None:
         self.monitor.on_estimate(msg.percentage, time_to_float(msg.header.stamp), msg.capacity)
+
+    def _on_diag_raw(self, data: bytes) -> None:
+        if self._own_id in data:  # CDR strings are plain bytes: no match, none of this pack's statuses
+            self._on_diag(deserialize_message(data, DiagnosticArray))
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for st in msg.status:

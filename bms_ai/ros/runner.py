@@ -3,18 +3,19 @@
 Same options and NodeSpecs as the launch file (bms_ai.graph.graph_from_options);
 nodes share one context and one
 executor, so there is no per-process overhead. The executor is single-threaded
-on purpose: every callback is short (CAN reading and uploads run on their own
-threads), and rclpy's MultiThreadedExecutor (Jazzy) was measured 25x slower
-here, its dispatch loop starving callbacks under /clock traffic.
+on purpose (:func:`bms_ai.nodes.common.make_executor`): every callback is short
+(CAN reading and uploads run on their own threads), and rclpy's
+MultiThreadedExecutor (Jazzy) was measured 25x slower here, its dispatch loop
+starving callbacks under /clock traffic.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shlex
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,12 +54,13 @@ class GraphRunner:
     def __init__(self, specs: list[NodeSpec]) -> None:
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
+
+        from bms_ai.nodes.common import make_executor
 
         self._rclpy = rclpy
         self.context = Context()
         rclpy.init(context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor = make_executor(self.context)
         self.nodes = []
         try:
             for spec in specs:
@@ -89,34 +91,18 @@ class GraphRunner:
     def spin(self, until: Callable[[], bool] | None = None, duration: float = 0.0) -> None:
         """Spin until ``until()`` holds, ``duration`` seconds pass (0 = no limit) or Ctrl-C.
 
-        An exception raised by ``until`` stops the spin and is raised here (a
-        watcher that died silently would leave the graph spinning forever).
+        Can be called again to go on. An exception raised by ``until`` stops
+        the spin and is raised here.
         """
+        from bms_ai.nodes.common import spin_executor
+
         end = time.monotonic() + duration if duration > 0 else None
-        stop = threading.Event()
-        failed: list[BaseException] = []
 
-        def watch() -> None:
-            while not stop.wait(0.1):
-                try:
-                    done = (end is not None and time.monotonic() >= end) or (until is not None and until())
-                except Exception as exc:  # noqa: BLE001  (handed to the spinning thread)
-                    failed.append(exc)
-                    done = True
-                if done:
-                    self.executor.shutdown(timeout_sec=0)  # wakes spin()
-                    return
+        def done() -> bool:
+            return (end is not None and time.monotonic() >= end) or (until is not None and until())
 
-        w = threading.Thread(target=watch, daemon=True)
-        w.start()
-        try:
-            self.executor.spin()
-        except (KeyboardInterrupt, self._rclpy.executors.ExternalShutdownException):
-            pass
-        finally:
-            stop.set()
-        if failed:
-            raise failed[0]
+        with contextlib.suppress(KeyboardInterrupt, self._rclpy.executors.ExternalShutdownException):
+            spin_executor(self.executor, self.context, done)
 
     def shutdown(self) -> None:
         """Destroy the nodes and this runner's context (idempotent)."""
@@ -147,8 +133,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"bms-ai run: error: {exc}", file=sys.stderr)
         return 2
     print(f"bms-ai run: {', '.join(s.fqn for s in specs)}", file=sys.stderr)
+    from bms_ai.nodes.common import ShutdownSignals
+
+    signals = ShutdownSignals().install()
+    signals.spinning = True
     try:
-        runner.spin(duration=duration)
+        runner.spin(until=lambda: signals.stopping, duration=duration)
     finally:
-        runner.shutdown()
+        signals.shutting_down()
+        try:
+            runner.shutdown()
+        finally:
+            signals.restore()
     return 0

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would let a trailing "\n" through
 MAX_BODY = 1 << 30
 log = logging.getLogger("bms_ai.ingest")
 
@@ -125,7 +125,7 @@ class IngestStore:
         """Stored objects with their metadata."""
         out = []
         for p in sorted((self.root / "objects").iterdir()):
-            if _SHA.match(p.name):
+            if _SHA.fullmatch(p.name):
                 meta_p = p.with_name(p.name + ".json")
                 meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
                 out.append({"sha256": p.name, "size": p.stat().st_size, **{k: v for k, v in meta.items()
@@ -168,6 +168,28 @@ class Incoming:
         self.tmp.unlink(missing_ok=True)
 
 
+def segment_name(name: str) -> str | None:
+    """The object name a request asks to store (64 hex digits, lower-cased), or None.
+
+    The name becomes a file name under ``objects/`` and ``tmp/``: only this form may pass,
+    so no request can name a path outside the store.
+    """
+    sha = name.lower()
+    return sha if _SHA.fullmatch(sha) else None
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` value (as aiohttp decodes it) is ``Bearer <token>``; no token = open server.
+
+    Compared in constant time, so the answer time does not tell how much of a guess was right; encoded
+    one-to-one (bytes aiohttp could not decode arrive as surrogates), so only the exact value matches.
+    """
+    if not token:
+        return True
+    got = (header or "").encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(got, f"Bearer {token}".encode("utf-8", "surrogatepass"))
+
+
 def _one_line(text: object, limit: int = 200) -> str:
     """Whitespace (newlines included) collapsed, cut to ``limit``: errors and log lines stay one line."""
     return " ".join(str(text).split())[:limit]
@@ -186,8 +208,8 @@ class _OneLineLogger(logging.LoggerAdapter):
             if level >= logging.WARNING:
                 self.stats.client_errors += 1
                 level = logging.WARNING
-            if isinstance(exc, BaseException):
-                msg = f"{msg}: {type(exc).__name__}: {_one_line(exc)}"
+            if isinstance(exc, BaseException):  # its text quotes the client's bytes: an argument, never the format
+                msg, args = f"{msg}: %s: %s", (*args, type(exc).__name__, _one_line(exc))
         kwargs.pop("stack_info", None)
         super().log(level, msg, *args, **kwargs)
 
@@ -235,10 +257,7 @@ class IngestApp:
         self._slots: asyncio.Semaphore | None = None
 
     def _authorised(self, request: Any) -> bool:
-        if not self.token:
-            return True
-        got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode("utf-8", "replace"), f"Bearer {self.token}".encode())
+        return bearer_ok(request.headers.get("Authorization"), self.token)
 
     async def handle(self, request: Any) -> Any:
         """Route one request; anything unexpected is a one-line 500, never a traceback."""
@@ -314,10 +333,11 @@ class IngestApp:
         if not self._authorised(request):
             self.stats.unauthorised += 1
             return await self._refuse(request, 401, "bad or missing token")
-        sha = sha.lower()
-        if not _SHA.match(sha):
+        name = segment_name(sha)
+        if name is None:
             self.stats.bad_requests += 1
             return await self._refuse(request, 400, "need sha256 (64 hex) in path or X-Content-SHA256")
+        sha = name
         length = self._check_length(request)
         if isinstance(length, tuple):
             return await self._refuse(request, *length)

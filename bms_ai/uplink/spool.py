@@ -18,6 +18,7 @@ makes enough room, and never after. Writes go through :class:`SpoolFS`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import stat
@@ -126,6 +127,26 @@ def _tree_bytes(root: Path) -> Iterator[tuple[Path, int]]:
             yield Path(e.path), st.st_size
 
 
+class SpoolInUseError(ValueError):
+    """Another uploader holds this spool: a configuration error (two packs given one spool dir)."""
+
+
+def _own(root: Path):  # noqa: ANN202 - an open file whose lock marks the spool as taken
+    """An exclusive lock on ``root``: two uploaders on one spool would adopt and delete each other's segments."""
+    f = open(root / ".owner", "a+")  # noqa: SIM115 - held open for the spool's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()[:64] or "another process"
+        f.close()
+        raise SpoolInUseError(f"spool {root} is in use by {holder} (give each pack its own spool.dir)") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
 class Spool:
     """Segment store with quota, minimum free space and priority eviction. Thread-safe."""
 
@@ -142,6 +163,7 @@ class Spool:
         self.quarantine = self.root / "quarantine"
         for d in (self.incoming, self.segments_dir, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        self._owner = _own(self.root)
         self._lock = threading.RLock()
         self._busy: set[int] = set()
         self._usage = 0
@@ -689,3 +711,4 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+            self._owner.close()  # releases the spool for the next uploader
