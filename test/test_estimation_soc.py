@@ -108,3 +108,41 @@ def test_retire_request_after_consecutive_refusals(tmp_path: Path) -> None:
     assert est.retire_request == "" and est.guard.consecutive == 0 and est.guard.steps == 20
     o = est.step(float(d.t[20]), float(d.current[20]), d.cell_v[20], d.cell_t[20])
     assert o.method == "classical" and o.fallback_reason == "retired"
+
+
+# ----------------------------------------------------------------------------- fusion: Coulomb counting first
+
+def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """Max cell SOC error at the end of the bundled demo drive and the filter events, stored start and voltages shifted."""
+    reg = open_models(Path(__file__).resolve().parents[1] / "models")
+    reg.poll()
+    d = load_drive(DEMO / f"{chem}_udds")
+    est = SocEstimator(d.n_cells, d.cell_t.shape[1], chem, d.capacity_ah, model=reg.get("soc", chem),
+                       soc0=np.clip(d.soc[0] + shift, 0.0, 1.0))
+    events: list[str] = []
+    for k in range(len(d.t)):
+        o = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k] + dv, d.cell_t[k])
+        assert o.method == "learned" or k == 0
+        events += o.events
+    return np.max(np.abs(o.cell_soc - d.soc[-1])), events
+
+
+@pytest.mark.parametrize("chem", ["nmc", "lfp"])
+@pytest.mark.parametrize("dv", [0.03, -0.03])
+def test_a_biased_voltage_does_not_move_the_soc_off_coulomb_counting(chem: str, dv: float) -> None:
+    """A 30 mV voltage bias (an unfamiliar cell's OCV) neither restarts nor pulls the estimate off the true SOC."""
+    err, events = _run_demo(chem, dv=dv)
+    assert err < 0.005 and events == [], events
+
+
+def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None:
+    """NMC, stored 30 points low: the gate reopens at the first stops and the OCV restart lands within 3 points."""
+    err, events = _run_demo("nmc", shift=-0.3)
+    assert [e.split(":")[0] for e in events] == ["soc_reopened", "soc_restarted_from_ocv"], events
+    assert err < 0.03
+
+
+def test_a_wrong_stored_start_on_the_lfp_plateau_is_kept() -> None:
+    """LFP, stored 30 points low on the flat OCV: the voltage cannot tell, the estimate keeps Coulomb counting."""
+    err, events = _run_demo("lfp", shift=-0.3)
+    assert events == [] and abs(err - 0.3) < 0.01
