@@ -233,11 +233,14 @@ def graph_from_options(options: Mapping[str, str | None],
     nodes = v["nodes"]
     bridge: dict[str, Any] = {k: v[k] for k in ("interface", "channel") if v[k]}
     sim_time = v["use_sim_time"]
+    replay: dict[str, dict[str, Any]] = {}
     if v["can_log"]:
         sim_time = True if sim_time is None else sim_time
         bridge.update(replay_overrides(v["can_log"], v["replay_speed"], nodes))
         bridge["publish_clock"] = sim_time
-    layers = [pack_overrides(v["pack_config"]) if v["pack_config"] else {}, {"can_bridge": bridge},
+        # a recorded drive is not this vehicle: it neither restores nor overwrites the stored estimator state
+        replay = {"estimator": {"state_file": ""}}
+    layers = [pack_overrides(v["pack_config"]) if v["pack_config"] else {}, {"can_bridge": bridge}, replay,
               v["set"], overrides or {}]
     merged = merge_overrides(*layers)
     for node, params in merged.items():
@@ -405,7 +408,10 @@ def pack_overrides(pack_config: str | Path) -> dict[str, dict[str, Any]]:
     pack = {"pack_id": cfg.pack_id, "chemistry": cfg.chemistry}
     if cfg.design_capacity_ah == cfg.design_capacity_ah:  # not NaN
         pack["capacity_ah"] = float(cfg.design_capacity_ah)
-    return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": dict(pack),
+    estimator = dict(pack)
+    if cfg.ocv_file is not None:
+        estimator.update(ocv_file=str(cfg.ocv_file), ocv_sigma_v=float(cfg.ocv_sigma_v))
+    return {"can_bridge": {"pack_config": str(pack_config)}, "estimator": estimator,
             "fault_monitor": {**pack, "pack_config": str(pack_config)},
             "cloud_uploader": {"pack_id": cfg.pack_id}}
 

@@ -55,3 +55,9 @@ def messages(decoder):
     from testutil import synthetic_messages
 
     return synthetic_messages(decoder, 100.0, 101.0)
+
+
+@pytest.fixture(autouse=True)
+def _own_ros_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own ROS_HOME: stored estimator state never leaks between tests or into ~/.ros."""
+    monkeypatch.setenv("ROS_HOME", str(tmp_path_factory.mktemp("ros_home")))

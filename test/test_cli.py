@@ -17,5 +17,5 @@ def test_evaluate_finds_the_shipped_models_from_any_directory(tmp_path, monkeypa
     assert models.is_absolute() and models == share_path("models")
     entries, errors = read_manifest(models)
     assert entries and not errors
-    none = build_parser(only="evaluate").parse_args(["evaluate", "drive", "--report", "out", "--models", ""])
-    assert none.models == ""
+    none = build_parser(only="evaluate").parse_args(["evaluate", "drive", "--report", "out", "--models", "none"])
+    assert none.models == "none"

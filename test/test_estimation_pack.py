@@ -21,6 +21,7 @@ from bms_ai.sim.dataset import load_drive
 N, M = 4, 2
 V, T = np.full(N, 3.7), np.full(M, 25.0)
 DRIVE = Path(__file__).resolve().parent / "data" / "selftest_nmc"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "drives" / "nmc_udds"   # inside the shipped models' domains
 
 
 def _run(est: PackEstimator, seconds: float, t0: float = 0.0, current: float = -5.0):
@@ -30,15 +31,15 @@ def _run(est: PackEstimator, seconds: float, t0: float = 0.0, current: float = -
     return step
 
 
-def test_without_model_directory_the_ekf_runs_and_says_why() -> None:
+def test_without_model_directory_the_classical_fallback_runs_and_says_why() -> None:
     est = PackEstimator("nmc", 5.0, None, initial_soc=0.5)
     assert est.statuses()[0].values[status.MODEL_FALLBACK] is True
     step = _run(est, 2.0)
-    assert step.soc.method == "ekf" and step.soc.fallback_reason == "no model directory"
+    assert step.soc.method == "classical" and step.soc.fallback_reason == "no model directory"
     assert 0.0 < step.soc.soc < 1.0 and step.capacity_ah == step.design_capacity_ah == 5.0
     assert step.health == status.HEALTH_GOOD          # no SOH estimate yet: design capacity
     soc = est.soc_status()
-    assert soc.level == WARN and soc.message == "fallback: EKF (no model directory)"
+    assert soc.level == WARN and soc.message == "fallback: Coulomb counting + ECM overpotential (no model directory)"
     assert soc.values[status.MODEL_FALLBACK] is True and soc.values["model"] == "none"
 
 
@@ -47,7 +48,7 @@ def test_models_disabled_is_a_fallback_with_its_own_reason(root: Path) -> None:
     models.poll()
     est = PackEstimator("nmc", 5.0, models, use_models=False, initial_soc=0.5)
     assert est.soc_model() == (None, "models disabled (use_models=false)")
-    assert _run(est, 0.5).soc.method == "ekf"
+    assert _run(est, 0.5).soc.method == "classical"
     assert est.poll_models() == ""                    # no reload while models are disabled
 
 
@@ -60,13 +61,13 @@ def test_model_used_and_hot_reload_swaps_it(root: Path, tmp_path: Path) -> None:
     assert est.poll_models() == ""                    # loaded before any filter exists: nothing to swap
     model, reason = est.soc_model()
     assert model is not None and model.version == nmc.version and reason == ""
-    step = _run(est, 61.0)                            # past the NN warm-up
-    assert step.soc.method == "nn+cc" and est.soc_status().level == OK
+    step = _run(est, 61.0, current=-1.0)              # past the NN warm-up; 0.2 C: inside the model's domain
+    assert step.soc.method == "learned" and est.soc_status().level == OK
     v2 = dict(nmc.to_dict(), version=nmc.version + 1, file=f"{nmc.name}_v{nmc.version + 1}.onnx")
     shutil.copy(root / "models" / nmc.file, tmp_path / v2["file"])
     (tmp_path / (v2["file"] + ".json")).write_text(json.dumps(v2))
     assert est.poll_models() == f"SOC model now {nmc.name}@{nmc.version + 1}"
-    assert est.soc_est.model.version == nmc.version + 1
+    assert est.soc_est.learned.model.version == nmc.version + 1
     assert est.soc_status().values["model"] == f"{nmc.name}@{nmc.version + 1}"
 
 
@@ -78,7 +79,10 @@ def test_unusable_samples_are_counted_not_raised() -> None:
     assert est.step(2.0, -1.0, V, T) is not None
     assert est.step(2.0, -1.0, V, T) is None and "not after" in est.reject_reason
     assert est.rejected == 4 and est.steps == 1
-    assert est.soc_status().values["rejected"] == 4
+    first = est.soc_status()
+    assert first.values["rejected"] == 4 and first.level == WARN and "4 sample(s) rejected: stamp" in first.message
+    assert est.step(3.0, -1.0, V, T) is not None
+    assert "rejected" not in est.soc_status().message  # old rejections count, they no longer warn
 
 
 def test_config_errors_fail_at_construction() -> None:
@@ -118,10 +122,10 @@ def test_health_checks_follow_the_verdict() -> None:
 
 @pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
 def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: Path, kind: str, needle: str) -> None:
-    """NaN / 1e30 on every real input: EKF-backed finite SOC, retirement after 50 steps, then hot reload of v2."""
-    trap = trap_soc_model(tmp_path, kind, 0.0)
+    """NaN / 1e30 on every real input: ECM-backed finite SOC, retirement after 50 steps, then hot reload of v2."""
+    trap = trap_soc_model(tmp_path, kind, 0.0, feature=7)     # cell temperature above 0 degC: every real row
     write_manifest(tmp_path, [trap])
-    d = load_drive(DRIVE)
+    d = load_drive(DEMO)
     est = PackEstimator.from_model_dir(tmp_path, "nmc", d.capacity_ah, initial_soc=d.soc[0])
     est.poll_models()
     label = f"{trap.name}@1"
@@ -135,17 +139,17 @@ def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: P
 
     run(0, 49)
     o = est.last
-    assert o.method == "nn+cc" and o.fallback_reason.startswith("2 cell(s): model output refused: soc: ")
-    st = est.soc_status()                                # warm-up: Coulomb counting, but the refusals show
+    assert o.method == "classical" and o.fallback_reason.startswith(f"{d.n_cells} cell(s): model output refused: eta: ")
+    st = est.soc_status()
     assert st.level == WARN and needle in st.message and st.values["guard_rejected_steps"] == 49
     assert needle in st.values["guard_last_reason"] and st.values["guard_retirements"] == 0
     run(49, 50)                                          # the 50th refused step: retired
     assert est.slot().model is None and est.slot().reason.startswith(f"{label} retired: output guard refused")
-    run(50, 700)                                         # EKF from here on, past the NN warm-up
+    run(50, 700)                                         # the ECM from here on
     o, st = est.last, est.soc_status()
-    assert o.method == "ekf" and o.fallback_reason.startswith(f"{label} retired: output guard refused cells in 50 "
-                                                              f"consecutive steps (last: soc: ")
-    assert needle in o.fallback_reason and np.array_equal(o.cell_soc, np.clip(o.ekf_soc, 0.0, 1.0))
+    assert o.method == "classical" and o.fallback_reason.startswith(
+        f"{label} retired: output guard refused cells in 50 consecutive steps (last: eta: ")
+    assert needle in o.fallback_reason
     assert st.level == WARN and "retired" in st.message and st.values[status.MODEL_FALLBACK] is True
     assert st.values["guard_rejected_steps"] == 50 and st.values["guard_retirements"] == 1
     assert st.values["last_model_event"].startswith(f"retired {label} for soc/nmc")
@@ -155,27 +159,26 @@ def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: P
     assert est.poll_models() == f"SOC model now {good.name}@2"
     run(700, 710)
     st = est.soc_status()
-    assert est.last.method == "nn+cc" and st.level == OK and st.values["model"] == f"{good.name}@2"
+    assert est.last.method == "learned" and st.level == OK and st.values["model"] == f"{good.name}@2"
     assert st.values["guard_rejected_steps"] == 50 and st.values["guard_consecutive"] == 0
 
 
 def test_soc_status_warns_while_and_shortly_after_cells_are_refused(tmp_path: Path) -> None:
-    """A model refused now and then: WARN on every refused step and for GUARD_WARN_HOLD_S after the last one."""
-    write_manifest(tmp_path, [trap_soc_model(tmp_path, "nan", 3.85)])
-    d = load_drive(DRIVE)
+    """A model refused now and then (while charging): WARN on refused steps and for GUARD_WARN_HOLD_S after."""
+    write_manifest(tmp_path, [trap_soc_model(tmp_path, "nan", 0.0)])
+    d = load_drive(DEMO)
     est = PackEstimator.from_model_dir(tmp_path, "nmc", d.capacity_ah, initial_soc=d.soc[0], retire_after=10 ** 9)
     est.poll_models()
     last_refused, held, ok = -np.inf, 0, 0
-    for k in range(800):     # refused 58-66 s, then 14 s without (10 s held WARN, then OK), refused from 80 s
+    for k in range(len(d.t)):
         step = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
-        if (d.cell_v[k].astype(np.float32) > np.float32(3.85)).any():
+        if np.float32(d.current[k] / d.capacity_ah) > 0:
             last_refused = d.t[k]
         st = est.soc_status()
-        warm = d.t[k] >= 60.0
         recent = d.t[k] - last_refused <= GUARD_WARN_HOLD_S
-        assert st.level == (WARN if recent or step.soc.method != "nn+cc" else OK), (d.t[k], st.message)
-        if warm and recent and step.soc.method == "nn+cc":
+        assert st.level == (WARN if recent or step.soc.method != "learned" else OK), (d.t[k], st.message)
+        if recent and step.soc.method == "learned":
             held += 1
             assert "output guard refused cells" in st.message and "non-finite" in st.message
         ok += st.level == OK
-    assert held > 0 and ok > 0 and est.soc_est.model is not None
+    assert held > 0 and ok > 0 and est.soc_est.learned is not None

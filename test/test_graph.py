@@ -302,7 +302,7 @@ def test_launch_file_composes_the_graph(root, monkeypatch):
     assert bridge[1] == {"interface": "socketcan", "channel": "can3", "can_log": "/logs/drive.blf",
                          "replay_speed": 0.0, "publish_clock": True, "wait_for_subscribers": 1, "rate_hz": 20,
                          "use_sim_time": True}
-    assert kw[1]["parameters"][1] == {"efc0": 3, "use_sim_time": True}
+    assert kw[1]["parameters"][1] == {"efc0": 3, "use_sim_time": True, "state_file": ""}  # a replay keeps no state
 
 
 def test_launch_and_run_build_the_same_graph(root, monkeypatch):

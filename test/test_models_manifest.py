@@ -45,7 +45,7 @@ def test_malformed_manifest_documents_are_errors(tmp_path: Path, text: str, need
     ({"outputs": [{"name": "soc", "shape": ["batch", 1], "range": [1, 0]}]}, "models[0].outputs[0].range"),
     ({"outputs": [{"name": "soc", "shape": ["batch", 1], "range": "0..1"}]}, "models[0].outputs[0].range"),
     ({"extra": [1]}, "models[0].extra: expected an object, got list"),
-    ({"domain": {"min": [0.0], "max": [1.0]}}, "models[0].domain.min: expected a list of 10 finite numbers"),
+    ({"domain": {"min": [0.0], "max": [1.0]}}, "models[0].domain.min: expected a list of {N} finite numbers"),
     ({"inputs": [{"name": "features", "shape": ["batch", 10], "units": "V"}]}, "models[0].inputs[0].units"),
 ])
 def test_bad_entries_name_the_field_and_keep_the_others(tmp_path: Path, root: Path, change: dict,
@@ -55,7 +55,8 @@ def test_bad_entries_name_the_field_and_keep_the_others(tmp_path: Path, root: Pa
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [{**good, **change}, good]}))
     entries, errors = read_manifest(tmp_path)
     assert len(entries) == 1 and entries[0].name == good["name"]
-    assert len(errors) == 1 and needle in errors[0], errors
+    n = len(good["inputs"][0]["names"] or []) or good["inputs"][0]["shape"][-1]
+    assert len(errors) == 1 and needle.replace("{N}", str(n)) in errors[0], errors
 
 
 def test_bad_sidecar_is_an_error(tmp_path: Path, root: Path) -> None:
@@ -71,7 +72,7 @@ def test_bad_sidecar_is_an_error(tmp_path: Path, root: Path) -> None:
 def test_entry_round_trip_keeps_output_ranges(root: Path) -> None:
     """The shipped entries declare output ranges; to_dict/from_dict keeps them, specs without one omit the key."""
     e = ModelEntry.from_dict(_good(root))
-    assert e.outputs[0].range == [-0.1, 1.1] and e.outputs[0].bounds == (-0.1, 1.1)
+    assert e.outputs[0].range == [-2.0, 2.0] and e.outputs[0].bounds == (-2.0, 2.0)
     assert ModelEntry.from_dict(e.to_dict()) == e
     assert "range" not in e.to_dict()["inputs"][0]
     assert TensorSpec("x", ["batch", 1], range=[None, 5.0]).bounds == (float("-inf"), 5.0)

@@ -13,20 +13,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bms_ai.core.files import sha256_file
-from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES
+from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES
 from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
 from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert_entry
 from bms_ai.models.runtime import ModelRegistry, verify_and_load
 
 
-def _soc_onnx(path: Path, n_in: int = N_SOC_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
+def _soc_onnx(path: Path, n_in: int = N_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
     """A real ONNX graph: soc = sigmoid(x @ w + b), sigma = 0.02 (built without torch)."""
     w = np.zeros((n_in, 1), np.float32)
     w[0, 0] = 1.0
     nodes = [
         helper.make_node("MatMul", [input_name, "w"], ["xw"]),
         helper.make_node("Add", ["xw", "b"], ["z"]),
-        helper.make_node("Sigmoid", ["z"], ["soc"]),
+        helper.make_node("Sigmoid", ["z"], ["eta"]),
         helper.make_node("Mul", ["xw", "zero"], ["xz"]),
         helper.make_node("Add", ["xz", "s"], ["sigma"]),
     ]
@@ -34,19 +34,19 @@ def _soc_onnx(path: Path, n_in: int = N_SOC_FEATURES, bias: float = 0.0, input_n
              numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
              numpy_helper.from_array(np.array([0.02], np.float32), "s")]
     g = helper.make_graph(nodes, "soc", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", n_in])],
-                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                          [helper.make_tensor_value_info("eta", TensorProto.FLOAT, ["batch", 1]),
                            helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, str(path))
 
 
-def _entry(d: Path, version: int, n_in: int = N_SOC_FEATURES, **kw) -> ModelEntry:
+def _entry(d: Path, version: int, n_in: int = N_FEATURES, **kw) -> ModelEntry:
     f = f"soc_test_v{version}.onnx"
     _soc_onnx(d / f, n_in=n_in, bias=kw.pop("bias", 0.0), input_name=kw.pop("input_name", "features"))
     return ModelEntry(name="soc_test", version=version, file=f, sha256=sha256_file(d / f), task="soc",
                       chemistry="nmc", inputs=[TensorSpec("features", ["batch", n_in])],
-                      outputs=[TensorSpec("soc", ["batch", 1]), TensorSpec("sigma", ["batch", 1])],
+                      outputs=[TensorSpec("eta", ["batch", 1]), TensorSpec("sigma", ["batch", 1])],
                       feature_version=kw.pop("feature_version", FEATURE_VERSION), **kw)
 
 
@@ -57,7 +57,7 @@ def test_good_model_loads_and_runs(tmp_path: Path) -> None:
     assert errors == [] and entries[0].sha256 == e.sha256
     res = verify_and_load(tmp_path, entries[0], soc_model_expectation())
     assert res.model is not None, res.reason
-    soc, sig = res.model.run(np.zeros((96, N_SOC_FEATURES), np.float32))
+    soc, sig = res.model.run(np.zeros((96, N_FEATURES), np.float32))
     assert soc.shape == (96, 1) and np.allclose(soc, 0.5) and np.allclose(sig, 0.02)
     assert res.model.session.get_session_options().intra_op_num_threads == 1
 
@@ -76,14 +76,14 @@ def test_hash_mismatch_falls_back_with_reason(tmp_path: Path) -> None:
     assert slot.model is None and "sha256 mismatch" in slot.reason
     est = SocEstimator(4, 2, "nmc", 5.0, model=slot.model, model_reason=slot.reason, soc0=0.5)
     out = est.step(0.0, 0.0, np.full(4, 3.7), np.full(2, 25.0))
-    assert out.method == "ekf" and "sha256 mismatch" in out.fallback_reason
+    assert out.method == "classical" and "sha256 mismatch" in out.fallback_reason
     assert np.all(np.isfinite(out.cell_soc))
 
 
 @pytest.mark.parametrize("kind", ["n_features", "input_name", "feature_version", "missing_file", "garbage"])
 def test_wrong_contract_is_rejected(tmp_path: Path, kind: str) -> None:
     if kind == "n_features":
-        e = _entry(tmp_path, 1, n_in=N_SOC_FEATURES + 2)
+        e = _entry(tmp_path, 1, n_in=N_FEATURES + 2)
     elif kind == "input_name":
         e = _entry(tmp_path, 1, input_name="x")
     elif kind == "feature_version":
@@ -116,7 +116,7 @@ def test_hot_reload_swaps_good_and_rejects_bad(tmp_path: Path) -> None:
     m2 = reg.get("soc", "nmc")
     assert m2.version == 2
     est.set_model(m2)
-    z, _ = m2.run(np.zeros((1, N_SOC_FEATURES), np.float32))
+    z, _ = m2.run(np.zeros((1, N_FEATURES), np.float32))
     assert z[0, 0] == pytest.approx(1 / (1 + np.exp(-1.0)), abs=1e-5)
     # a bad v3 (hash mismatch) is rejected; v2 stays active
     e3 = _entry(tmp_path, 3)
@@ -148,10 +148,10 @@ def test_shipped_models_verify(root: Path, tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- run-time output guard
 
-def _trap_onnx(path: Path, kind: str, n_in: int = N_SOC_FEATURES) -> None:
+def _trap_onnx(path: Path, kind: str, n_in: int = N_FEATURES) -> None:
     """A model that is fine on the zero smoke input and wrong on real ones (x0 = a cell voltage > 0).
 
-    ``nan``: soc = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: soc = 1e30 * x0.
+    ``nan``: eta = sigmoid(x0) + 0 * sqrt(-x0), NaN for x0 > 0; ``huge``: eta = 1e30 * x0.
     """
     w = np.zeros((n_in, 1), np.float32)
     w[0, 0] = 1.0
@@ -159,15 +159,15 @@ def _trap_onnx(path: Path, kind: str, n_in: int = N_SOC_FEATURES) -> None:
     if kind == "nan":
         nodes += [helper.make_node("Neg", ["xw"], ["nx"]), helper.make_node("Sqrt", ["nx"], ["r"]),
                   helper.make_node("Mul", ["r", "zero"], ["r0"]), helper.make_node("Sigmoid", ["xw"], ["sg"]),
-                  helper.make_node("Add", ["sg", "r0"], ["soc"])]
+                  helper.make_node("Add", ["sg", "r0"], ["eta"])]
     else:
-        nodes += [helper.make_node("Mul", ["xw", "big"], ["soc"])]
+        nodes += [helper.make_node("Mul", ["xw", "big"], ["eta"])]
     nodes += [helper.make_node("Mul", ["xw", "zero"], ["xz"]), helper.make_node("Add", ["xz", "s"], ["sigma"])]
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
              numpy_helper.from_array(np.array([1e30], np.float32), "big"),
              numpy_helper.from_array(np.array([0.02], np.float32), "s")]
     g = helper.make_graph(nodes, "trap", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_in])],
-                          [helper.make_tensor_value_info("soc", TensorProto.FLOAT, ["batch", 1]),
+                          [helper.make_tensor_value_info("eta", TensorProto.FLOAT, ["batch", 1]),
                            helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch", 1])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -178,9 +178,9 @@ def _trap_entry(d: Path, kind: str) -> ModelEntry:
     f = f"trap_{kind}.onnx"
     _trap_onnx(d / f, kind)
     return ModelEntry(name=f"trap_{kind}", version=1, file=f, sha256=sha256_file(d / f), task="soc", chemistry="nmc",
-                      inputs=[TensorSpec("features", ["batch", N_SOC_FEATURES])],
-                      outputs=[TensorSpec("soc", ["batch", 1], units=["1"], range=[-0.1, 1.1]),
-                               TensorSpec("sigma", ["batch", 1], units=["1"], range=[0.0, 10.0])],
+                      inputs=[TensorSpec("features", ["batch", N_FEATURES])],
+                      outputs=[TensorSpec("eta", ["batch", 1], units=["V"], range=[-2.0, 2.0]),
+                               TensorSpec("sigma", ["batch", 1], units=["V"], range=[0.0, 1.0])],
                       feature_version=FEATURE_VERSION)
 
 
@@ -191,15 +191,15 @@ def test_guard_refuses_outputs_the_smoke_test_cannot_see(tmp_path: Path, kind: s
     e = _trap_entry(tmp_path, kind)
     res = verify_and_load(tmp_path, e, soc_model_expectation())
     assert res.model is not None, res.reason                 # zeros: finite and in range
-    x = np.zeros((4, N_SOC_FEATURES), np.float32)
+    x = np.zeros((4, N_FEATURES), np.float32)
     x[1:, 0] = 3.7                                           # three cells with a real voltage
     outs, verdict = res.model.run_guarded(x)
     assert verdict.ok.tolist() == [True, False, False, False] and not verdict.all_ok
-    assert needle in verdict.reason and "soc" in verdict.reason
+    assert needle in verdict.reason and "eta" in verdict.reason
     stats = res.model.guard.stats()
     assert stats[counter] == 3 and stats["guard_rejected_rows"] == 3 and stats["guard_rejected_calls"] == 1
     assert res.model.guard.last_reason.startswith(f"trap_{kind}@1: ")
-    _, ok = res.model.run_guarded(np.zeros((4, N_SOC_FEATURES), np.float32))
+    _, ok = res.model.run_guarded(np.zeros((4, N_FEATURES), np.float32))
     assert ok.all_ok and res.model.guard.consecutive_rejected_calls == 0
 
 
@@ -217,11 +217,11 @@ def test_guard_refuses_wrong_shapes_and_inference_errors(tmp_path: Path) -> None
 
 
 def test_out_of_range_on_smoke_input_is_refused_at_load(tmp_path: Path) -> None:
-    """A declared range is checked at load too: soc = sigmoid(0) = 0.5 outside [0.6, 1] never goes live."""
+    """A declared range is checked at load too: eta = sigmoid(0) = 0.5 outside [0.6, 1] never goes live."""
     e = _entry(tmp_path, 1)
     e.outputs[0].range = [0.6, 1.0]
     res = verify_and_load(tmp_path, e, soc_model_expectation())
-    assert res.model is None and "smoke input: soc: 0.5 outside the declared range [0.6, 1]" in res.reason
+    assert res.model is None and "smoke input: eta: 0.5 outside the declared range [0.6, 1]" in res.reason
 
 
 # ----------------------------------------------------------------------------- broken manifests at start and on reload
@@ -265,13 +265,13 @@ def test_retired_model_falls_back_and_a_new_version_replaces_it(tmp_path: Path) 
     reg = ModelRegistry(tmp_path, {"soc": soc_model_expectation()})
     assert reg.poll()
     model = reg.get("soc", "nmc")
-    x = np.full((2, N_SOC_FEATURES), 3.7, np.float32)
+    x = np.full((2, N_FEATURES), 3.7, np.float32)
     for _ in range(3):
         _, verdict = model.run_guarded(x)
     assert model.guard.consecutive_rejected_calls == 3 and not verdict.ok.any()
     assert reg.retire(model, model.guard.last_reason) and not reg.retire(model, "again")
     slot = reg.slot("soc", "nmc")
-    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: soc: ")
+    assert slot.model is None and slot.reason.startswith("trap_huge@1 retired: trap_huge@1: eta: ")
     (tmp_path / "extra.txt").write_text("directory changed")
     (tmp_path / "touch.json").write_text("{}")
     reg.poll()
@@ -294,13 +294,13 @@ def test_guard_refuses_outputs_that_do_not_line_up_with_the_batch(tmp_path: Path
 
 
 def test_pipeline_output_contract_names_and_default_ranges(tmp_path: Path) -> None:
-    """The SOC pipeline reads soc and sigma: other outputs are refused at load; missing ranges get the pipeline's."""
+    """The SOC pipeline reads eta and sigma: other outputs are refused at load; missing ranges get the pipeline's."""
     e = _entry(tmp_path, 1)                                  # manifest without output ranges
     assert all(s.range is None for s in e.outputs)
     res = verify_and_load(tmp_path, e, soc_model_expectation())
-    assert res.model is not None and [s.range for s in res.model.entry.outputs] == [[-0.1, 1.1], [0.0, 10.0]]
-    outs, v = res.model.run_guarded(np.full((2, N_SOC_FEATURES), 3.7, np.float32))
-    assert v.all_ok                                          # sigmoid: inside [-0.1, 1.1]
-    e.outputs[0].name, e.outputs[1].name = "sigma", "soc"
+    assert res.model is not None and [s.range for s in res.model.entry.outputs] == [[-2.0, 2.0], [0.0, 1.0]]
+    outs, v = res.model.run_guarded(np.full((2, N_FEATURES), 3.7, np.float32))
+    assert v.all_ok                                          # sigmoid: inside [-2, 2]
+    e.outputs[0].name, e.outputs[1].name = "sigma", "eta"
     res = verify_and_load(tmp_path, e, soc_model_expectation())
-    assert res.model is None and "pipeline reads ['soc', 'sigma'] first" in res.reason
+    assert res.model is None and "pipeline reads ['eta', 'sigma'] first" in res.reason

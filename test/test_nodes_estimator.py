@@ -23,7 +23,7 @@ from bms_ai.sim.dataset import load_drive
 pytestmark = pytest.mark.ros
 
 T0 = 1000.0
-DRIVE = Path(__file__).resolve().parent / "data" / "selftest_nmc"
+DRIVE = Path(__file__).resolve().parents[1] / "data" / "drives" / "nmc_udds"   # inside the shipped model's domain
 
 
 def _replay(h: RosHarness, model_dir: Path, seconds: float, initial_soc: float = -1.0):
@@ -75,8 +75,8 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
     assert np.isfinite(last.capacity) and last.capacity > 0
     assert last.power_supply_health == BatteryState.POWER_SUPPLY_HEALTH_GOOD
     soc_kv = diag_values(diags, "estimator: soc")
-    assert soc_kv["method"] == "nn+cc", soc_kv
-    assert soc_kv["model"].startswith("soc_cell_nmc@")
+    assert soc_kv["method"] == "learned", soc_kv
+    assert soc_kv["model"].startswith("soc_eta_nmc@")
     assert 0 < float(soc_kv["soc_sigma"]) < 0.05
     assert float(soc_kv["inference_ms"]) > 0
     assert diag_levels(diags, "estimator: soc")[-1] == 0
@@ -88,14 +88,14 @@ def test_node_publishes_soc_and_diagnostics_on_sim_time(harness: RosHarness, roo
 def test_node_falls_back_on_corrupted_model_and_reports_it(harness: RosHarness, root: Path, tmp_path: Path) -> None:
     mdir = tmp_path / "models"
     shutil.copytree(root / "models", mdir)
-    for f in mdir.glob("soc_cell_nmc_v*.onnx"):
+    for f in mdir.glob("soc_eta_nmc_v*.onnx"):
         data = bytearray(f.read_bytes())
         data[-3] ^= 0xFF
         f.write_bytes(bytes(data))
     node, d, states, diags = _replay(harness, mdir, 30.0, initial_soc=float(d_soc0()))
     assert len(states) >= 150
     kv = diag_values(diags, "estimator: soc")
-    assert kv["method"] == "ekf" and "sha256 mismatch" in kv["fallback_reason"], kv
+    assert kv["method"] == "classical" and "sha256 mismatch" in kv["fallback_reason"], kv
     assert diag_levels(diags, "estimator: soc")[-1] == 1        # WARN while on the fallback
     t_last = states[-1].header.stamp.sec + states[-1].header.stamp.nanosec * 1e-9 - T0
     assert abs(states[-1].percentage - np.interp(t_last, d.t, d.soc.mean(axis=1))) < 0.05
@@ -111,14 +111,14 @@ def test_node_never_publishes_nan_from_a_model_that_gives_nan(harness: RosHarnes
 
     mdir = tmp_path / "models"
     mdir.mkdir()
-    trap = trap_soc_model(mdir, "nan", 0.0)
+    trap = trap_soc_model(mdir, "nan", 0.0, feature=7)     # NaN whenever the cell is above 0 degC
     write_manifest(mdir, [trap])
     node, d, states, diags = _replay(harness, mdir, 15.0, initial_soc=d_soc0())
     assert len(states) >= 75
     pct = np.array([m.percentage for m in states])
     assert np.isfinite(pct).all() and ((pct >= 0) & (pct <= 1)).all()
     kv = diag_values(diags, "estimator: soc")
-    assert kv["method"] == "ekf" and kv["model_fallback"] == "True", kv
+    assert kv["method"] == "classical" and kv["model_fallback"] == "True", kv
     assert kv["fallback_reason"].startswith(f"{trap.name}@1 retired: output guard refused cells in 50 consecutive")
     assert "non-finite" in kv["fallback_reason"] and "non-finite" in kv["guard_last_reason"]
     assert kv["guard_rejected_steps"] == "50" and kv["guard_retirements"] == "1", kv
@@ -178,7 +178,7 @@ def test_node_hot_reloads_a_new_model_and_rejects_a_bad_one(harness: RosHarness,
     kv = diag_values(diags, "estimator: soc")
     assert kv["model"] == f"{nmc.name}@{nmc.version + 1}"
     assert "rejected" in kv["last_model_event"] and "sha256 mismatch" in kv["last_model_event"]
-    assert kv["method"] == "nn+cc" and node.est.steps > steps
+    assert kv["method"] == "learned" and node.est.steps > steps
 
 
 # model_fallback (read by the fault monitor) and SOH/RUL diagnostics
@@ -188,7 +188,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
     node, _, states, diags = _replay(harness, tmp_path / "empty", 15.0)
     assert len(states) >= 75
     kv = diag_values(diags, "estimator: soc")
-    assert kv["method"] == "ekf"
+    assert kv["method"] == "classical"
     assert kv["model_fallback"] == "True", kv
     assert node.est.health.ocv is not None and node.est.health.rul_est is not None
 
@@ -196,7 +196,7 @@ def test_model_fallback_true_without_models(harness: RosHarness, tmp_path: Path)
 def test_model_fallback_false_on_the_nn(harness: RosHarness, root: Path) -> None:
     node, _, _, diags = _replay(harness, root / "models", 120.0)
     kv = diag_values(diags, "estimator: soc")
-    assert kv["method"] == "nn+cc" and kv["model_fallback"] == "False", kv
+    assert kv["method"] == "learned" and kv["model_fallback"] == "False", kv
     assert diag_values(diags, "estimator: rul")
 
 

@@ -327,13 +327,15 @@ def within_memory(fn: Callable[[], Any], max_bytes: int = FUZZ_MAX_BYTES) -> Any
 
 # ----------------------------------------------------------------------------- models
 
-def trap_soc_model(model_dir: Path, kind: str, threshold: float, version: int = 1, chemistry: str = "nmc"):
+def trap_soc_model(model_dir: Path, kind: str, threshold: float, version: int = 1, chemistry: str = "nmc",
+                   feature: int = 0):
     """The shipped SOC model with a trap, written to ``model_dir``; returns its manifest entry (not yet listed).
 
-    Cells whose voltage (feature 0) exceeds ``threshold`` get soc = NaN (``kind``
-    "nan") or soc x 1e30 ("huge"); every other cell gets the shipped model's
-    answer. The zero smoke input stays below any threshold >= 0, so the model
-    passes every load-time check and goes live.
+    Rows whose input ``feature`` (0: the current in C) exceeds ``threshold``
+    get their first output = NaN (``kind`` "nan") or x 1e30 ("huge"); every
+    other row gets the shipped model's answer. The zero smoke input stays
+    below any threshold >= 0, so the model passes every load-time check and
+    goes live.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -343,20 +345,21 @@ def trap_soc_model(model_dir: Path, kind: str, threshold: float, version: int = 
 
     src = Path(__file__).resolve().parents[1] / "models"
     entry = next(e for e in read_manifest(src)[0] if e.key == ("soc", chemistry))
+    out = entry.outputs[0].name
     m = onnx.load(str(src / entry.file))
     g = m.graph
-    next(n for n in g.node if "soc" in n.output).output[:] = ["soc_raw"]
+    next(n for n in g.node if out in n.output).output[:] = ["trap_raw"]
     x = g.input[0].name
     g.initializer.extend([numpy_helper.from_array(np.array(v, dtype), name) for name, v, dtype in (
-        ("trap_start", [0], np.int64), ("trap_end", [1], np.int64), ("trap_axis", [1], np.int64),
+        ("trap_start", [feature], np.int64), ("trap_end", [feature + 1], np.int64), ("trap_axis", [1], np.int64),
         ("trap_thr", [threshold], np.float32), ("trap_nan", [np.nan], np.float32), ("trap_big", [1e30], np.float32))])
     g.node.extend([helper.make_node("Slice", [x, "trap_start", "trap_end", "trap_axis"], ["trap_v"]),
                    helper.make_node("Greater", ["trap_v", "trap_thr"], ["trap_on"])])
     if kind == "nan":
-        g.node.append(helper.make_node("Where", ["trap_on", "trap_nan", "soc_raw"], ["soc"]))
+        g.node.append(helper.make_node("Where", ["trap_on", "trap_nan", "trap_raw"], [out]))
     else:
-        g.node.extend([helper.make_node("Mul", ["soc_raw", "trap_big"], ["soc_huge"]),
-                       helper.make_node("Where", ["trap_on", "soc_huge", "soc_raw"], ["soc"])])
+        g.node.extend([helper.make_node("Mul", ["trap_raw", "trap_big"], ["trap_huge"]),
+                       helper.make_node("Where", ["trap_on", "trap_huge", "trap_raw"], [out])])
     name = f"soc_trap_{kind}"
     f = f"{name}_v{version}.onnx"
     onnx.save(m, str(Path(model_dir) / f))

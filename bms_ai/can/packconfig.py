@@ -89,6 +89,8 @@ class PackConfig:
     poll: PollConfig | None = None  # diagnostic requests for values the pack does not broadcast
     limits: dict[str, Any] = field(default_factory=dict)  # overrides of the chemistry's limits file, per pack
     vehicle_bms: dict[str, str] = field(default_factory=dict)  # the car's own BMS values: name -> sample status key
+    ocv_file: Path | None = None       # the cell's own OCV curve (csv: soc, volts); None: chemistry prior
+    ocv_sigma_v: float = 0.003         # how far that curve is trusted
 
     @property
     def pack_level(self) -> bool:
@@ -178,7 +180,7 @@ class PollConfig:
 _TOP_KEYS = {
     "pack_id", "dbc", "dbc_strict", "chemistry", "cells", "temperature_sensors",
     "design_capacity_ah", "pack_voltage", "pack_current", "cell_voltages",
-    "cell_temperatures", "status", "checks", "poll", "limits", "vehicle_bms",
+    "cell_temperatures", "status", "checks", "poll", "limits", "vehicle_bms", "ocv",
 }
 _SCALAR_KEYS = {"message", "signal", "scale", "offset", "valid"}
 _GROUP_KEYS = {"message", "slots", "invalid", "per_mux", "offset", "signals", "scale", "value_offset"}
@@ -531,6 +533,7 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
     # cells a car gives only on request, or not at all (pack-level: the average cell): no broadcast groups
     cells = d.get("cell_voltages")
     vehicle, vehicle_status = _vehicle_bms(d.get("vehicle_bms"), where, poll)
+    ocv_file, ocv_sigma = _ocv(d.get("ocv"), base_dir, f"{where}.ocv")
     return PackConfig(
         pack_id=_text(d.get("pack_id", "pack0"), f"{where}.pack_id"),
         dbc_path=dbc,
@@ -550,7 +553,25 @@ def parse_pack_config(data: Any, base_dir: Path, source: Path | None = None) -> 
         poll=poll,
         limits=_mapping(d.get("limits") or {}, f"{where}.limits"),
         vehicle_bms=vehicle,
+        ocv_file=ocv_file,
+        ocv_sigma_v=ocv_sigma,
     )
+
+
+def _ocv(v: Any, base_dir: Path, where: str) -> tuple[Path | None, float]:
+    """The optional ``ocv:`` section: ``file`` (csv soc,volts; relative to the config) and ``sigma_v``."""
+    if v is None:
+        return None, 0.003
+    d = _mapping(v, where)
+    _unknown(d, {"file", "sigma_v"}, where)
+    f = Path(str(_req(d, "file", where)))
+    f = f if f.is_absolute() else (base_dir / f).resolve()
+    if not f.is_file():
+        raise PackConfigError(f"{where}.file: OCV table not found: {f}")
+    sigma = _num(d.get("sigma_v", 0.003), f"{where}.sigma_v")
+    if not 0.0 < sigma < 0.5:
+        raise PackConfigError(f"{where}.sigma_v: must be between 0 and 0.5 V, got {sigma}")
+    return f, sigma
 
 
 def load_pack_config(path: str | Path, dbc: str | Path | None = None) -> PackConfig:

@@ -44,6 +44,9 @@ class Chemistry:
     r_th_cell: float            # K/W, cell to coolant/ambient
     hysteresis_gap_v: float     # full charge/discharge OCV gap (0 = none)
     hysteresis_rate: float      # one-state model: 1/(fraction of capacity) decay rate
+    # how far cells of this family agree with the reference OCV curve [V] (the generic prior's band):
+    # one value, or one per 5 % of SOC (0, 0.05 .. 1)
+    ocv_family_band_v: float | tuple[float, ...] = 0.04
     # completing a PyBaMM set that lacks the lumped-thermal entries
     parameter_donor: str = ""   # PyBaMM set the missing entries are copied from ("" = complete already)
     can_radius_m: float = 0.0   # cylindrical can: volume and cooling surface computed from these
@@ -78,11 +81,22 @@ def _register(chem: Chemistry) -> None:
 
 
 # LG M50 21700 (Chen2020): 5 Ah; 10p -> 50 Ah group, matches config/pack96.yaml
+# The family bands per 5 % of SOC: RMS deviation of the OCV of the training suites' cell sets and their
+# randomised variants (NMC: Chen2020, OKane2022, ORegan2022, Mohtat2020, 26 drives; LFP: A123,
+# T_graphiteB, T_power, 32 drives; the held-out sets are not used) from the reference curve, floored at
+# 40 mV (NMC) / 20 mV (LFP) (at 0 %, where the SOC definition forces agreement, the 5 % value). Below 20 % SOC cells of one family differ by 100-180 mV: a constant 40 mV
+# band made the filter restart a held-out NMC cell 15 points off at 10 % SOC.
+NMC_FAMILY_BAND_V = (0.149, 0.181, 0.117, 0.061, 0.060, 0.055, 0.043, 0.040, 0.040, 0.040, 0.040,
+                     0.040, 0.040, 0.040, 0.040, 0.040, 0.040, 0.040, 0.040, 0.040, 0.040)
+LFP_FAMILY_BAND_V = (0.114, 0.114, 0.093, 0.054, 0.023, 0.020, 0.020, 0.020, 0.020, 0.020, 0.020,
+                     0.020, 0.020, 0.020, 0.020, 0.020, 0.024, 0.021, 0.020, 0.020, 0.020)
+
 _register(Chemistry(
     name="nmc", description="NMC811/graphite-SiOx, LG M50 21700 (PyBaMM Chen2020)",
     parameter_set="Chen2020", cell_rated_ah=5.0, nominal_v=3.63, v_min=2.8, v_max=4.2, n_parallel=10,
     pack_config="pack96.yaml", limits_file="limits_nmc.yaml",
-    r_guess_ohm=0.025, cell_mass_kg=0.068, cell_cp=1000.0, r_th_cell=15.0, hysteresis_gap_v=0.0, hysteresis_rate=0.0))
+    r_guess_ohm=0.025, cell_mass_kg=0.068, cell_cp=1000.0, r_th_cell=15.0, hysteresis_gap_v=0.0, hysteresis_rate=0.0,
+    ocv_family_band_v=NMC_FAMILY_BAND_V))
 
 # A123 26650 LFP (Prada2013): 2.3 Ah; 20p -> 46 Ah group, config/pack96_lfp.yaml.
 # Hysteresis: 20 mV full gap, inside the 5-25 mV range of LFP/graphite major loops
@@ -93,7 +107,8 @@ _register(Chemistry(
     parameter_set="Prada2013", cell_rated_ah=2.3, nominal_v=3.3, v_min=2.5, v_max=3.6, n_parallel=20,
     pack_config="pack96_lfp.yaml", limits_file="limits_lfp.yaml",
     r_guess_ohm=0.012, cell_mass_kg=0.076, cell_cp=1100.0, r_th_cell=12.0, hysteresis_gap_v=0.020,
-    hysteresis_rate=25.0, parameter_donor="Chen2020", can_radius_m=0.013, can_height_m=0.065))
+    hysteresis_rate=25.0, parameter_donor="Chen2020", can_radius_m=0.013, can_height_m=0.065,
+    ocv_family_band_v=LFP_FAMILY_BAND_V))
 
 
 def get_chemistry(name: str) -> Chemistry:

@@ -33,13 +33,17 @@ import numpy as np
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.core.levels import OK, WARN
 from bms_ai.estimation import status
-from bms_ai.estimation.ekf import ecm_for
-from bms_ai.estimation.health import HealthEstimator, HealthOutput, rest_ocv
+from bms_ai.estimation.filter import CAP
+from bms_ai.estimation.health import HealthEstimator, HealthOutput
+from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
 from bms_ai.estimation.soc import RETIRE_AFTER, SocEstimator, SocOutput, soc_model_expectation
+from bms_ai.estimation.state import decode_state, encode_state
 from bms_ai.models.runtime import LoadedModel, ModelRegistry, ModelSlot, default_model_dir
 
-SOC_METHOD_TEXT = {"nn+cc": "NN + Coulomb counting", "ekf": "fallback: EKF", "mixed": "partial fallback: EKF"}
+SOC_METHOD_TEXT = {"learned": "Coulomb counting + learned overpotential model",
+                   "classical": "fallback: Coulomb counting + ECM overpotential",
+                   "mixed": "partial fallback: ECM overpotential for some cells"}
 # the soc check stays WARN this long (measurement time) after the output guard refused a cell, so a model
 # that fails now and then shows at the 1 Hz diagnostics rate, not only when a report hits a bad step
 GUARD_WARN_HOLD_S = 10.0
@@ -71,13 +75,12 @@ class PackEstimator:
     def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
-                 rest_capacity: bool = True, retire_after: int = RETIRE_AFTER) -> None:
+                 rest_capacity: bool = True, ocv: OcvModel | None = None, retire_after: int = RETIRE_AFTER) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
-        ``rest_capacity`` False keeps the capacity estimate on the SOC-regression
-        method even where the chemistry allows rests (the evaluation reports it so).
-        ``retire_after``: consecutive steps with cells refused by the output guard
-        before the SOC model is retired.
+        ``rest_capacity`` False turns the capacity anchors off (SOH stays at the
+        design value; R0 is still estimated). ``retire_after``: consecutive steps
+        with cells refused by the output guard before the SOC model is retired.
         """
         self.chemistry = get_chemistry(chemistry).name
         self.capacity_ah = float(capacity_ah)
@@ -90,7 +93,10 @@ class PackEstimator:
         self.efc0 = float(efc0)
         self.rul = rul
         self.rest_capacity = rest_capacity
+        self.ocv = ocv
         self.retire_after = int(retire_after)
+        self._pending_state: dict | None = None
+        self.state_note = ""
         self.soc_est: SocEstimator | None = None
         self.health: HealthEstimator | None = None
         self.last: SocOutput | None = None
@@ -99,6 +105,7 @@ class PackEstimator:
         self.steps = 0
         self.rejected = 0
         self.reject_reason = ""
+        self._rejected_at_last_status = 0
         self.cycle_last_s = 0.0
         self.cycle_max_s = 0.0
 
@@ -135,7 +142,8 @@ class PackEstimator:
     def _retire(self) -> None:
         """The SOC estimator reports its model refused for too long: the registry retires it, the slot decides next."""
         est = self.soc_est
-        if self.models is not None and est.model is not None and self.models.retire(est.model, est.retire_request):
+        model = est.learned.model if est.learned is not None else None
+        if self.models is not None and model is not None and self.models.retire(model, est.retire_request):
             est.guard.retirements += 1
         model, reason = self.soc_model()
         est.set_model(model, reason)
@@ -149,10 +157,12 @@ class PackEstimator:
     def _create(self, n_cells: int, n_temps: int) -> None:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
-                                    ecm=ecm_for(model, self.capacity_ah), soc0=self.initial_soc,
-                                    model_reason=reason, retire_after=self.retire_after)
-        ocv = rest_ocv(self.chemistry) if self.rest_capacity else None
-        self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul)
+                                    ocv=self.ocv, soc0=self.initial_soc, model_reason=reason,
+                                    retire_after=self.retire_after)
+        ocv = self.soc_est.ocv if self.rest_capacity else None
+        self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,
+                                      chemistry=self.chemistry)
+        self._cap_fed = -1
 
     def _admit(self, t: float, current: float, cell_v: np.ndarray, n_temps: int) -> str:
         """Why the sample cannot be used ("" if it can); (re)creates the filters for a new cell count."""
@@ -165,6 +175,15 @@ class PackEstimator:
             return "no valid time stamp"
         if self.soc_est is None or self.soc_est.n != cell_v.size:
             self._create(cell_v.size, n_temps)
+            if self._pending_state is not None:
+                self.state_note = self.soc_est.restore(self._pending_state.get("soc", {}), t) or "restored"
+                if self.state_note != "restored":  # unusable: a fresh estimator (cold start)
+                    self._create(cell_v.size, n_temps)
+                stored_health = self._pending_state.get("health")
+                why = self.health.restore(stored_health) if stored_health else ""   # SOH survives a SOC cold start
+                if why:
+                    self.state_note += f"; {why}"
+                self._pending_state = None
         if self.last is not None and t <= self.last.stamp:
             return f"stamp {t:.3f} not after {self.last.stamp:.3f}"
         return ""
@@ -182,11 +201,11 @@ class PackEstimator:
         out = self.soc_est.step(t, current, cell_v, cell_t)
         if self.soc_est.retire_request:
             self._retire()
-        # capacity regression input: the NN's absolute SOC where it was used, else the EKF's
-        self.health.update(t, current, cell_v, np.where(np.isfinite(out.nn_soc), out.nn_soc, out.ekf_soc))
+        self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
+        if self.health.q_updates != self._cap_fed:
+            self._feed_capacity()
         if t - self._t_health >= self.health_period:
             self._t_health = t
-            self.health.estimate_capacity()
             self.last_health = self.health.output()
         self.cycle_last_s = time.perf_counter() - t0
         self.cycle_max_s = max(self.cycle_max_s, self.cycle_last_s)
@@ -195,6 +214,47 @@ class PackEstimator:
         h = self.last_health
         return PackStep(out, h.capacity_ah if h is not None else self.capacity_ah, self.capacity_ah,
                         status.soh_verdict(h.soh if h is not None else 1.0).health)
+
+    def _feed_capacity(self) -> None:
+        """A new capacity estimate: per-cell factors and, where it is surer than the filter, the pack factor."""
+        self._cap_fed = self.health.q_updates
+        if not self.health.q_updates:
+            return
+        cells, mean, var = self.health.capacity_factors()
+        f = self.soc_est.filter
+        f.set_cell_capacity(cells)
+        if var < f.P[CAP, CAP]:       # the SOH estimator owns the capacity: the filter takes its value
+            f.x[CAP] = mean
+            f.P[CAP, :] = 0.0
+            f.P[:, CAP] = 0.0
+            f.P[CAP, CAP] = var
+
+    # -- persistence ---------------------------------------------------------------
+    def save_state(self) -> bytes:
+        """What the next power cycle continues from (files: ``estimation.state.write_state(path, state_payload())``)."""
+        return encode_state(self.state_payload())
+
+    def state_payload(self) -> dict:
+        """``save_state`` before encoding (for ``write_state``)."""
+        return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
+                "soc": self.soc_est.state() if self.soc_est is not None else {},
+                "health": self.health.state() if self.health is not None else {}}
+
+    def restore_state(self, blob: bytes | dict | None) -> str:
+        """Continue from ``save_state`` output at the next accepted sample; '' or why it is not used."""
+        if blob is None:
+            return ""
+        payload, why = (blob, "") if isinstance(blob, dict) else decode_state(blob)
+        if payload is None:
+            self.state_note = why
+            return why
+        if payload.get("chemistry") != self.chemistry or payload.get("capacity_ah") != self.capacity_ah:
+            self.state_note = "stored estimator state is for another pack (chemistry or capacity differ)"
+            return self.state_note
+        self._pending_state = payload
+        self.soc_est = None  # re-created (and restored) with the next sample
+        self.last = None
+        return ""
 
     def health_output(self) -> HealthOutput | None:
         """SOH/R0/RUL now (the periodic snapshot is ``last_health``); None before the first sample."""
@@ -215,24 +275,35 @@ class PackEstimator:
         return status.CheckStatus(status.SOC_CHECK, level, msg, {
             "soc": o.soc, "soc_sigma": o.sigma, "soc_min": float(np.min(o.cell_soc)),
             "soc_max": float(np.max(o.cell_soc)), "method": o.method, "model": label,
-            status.MODEL_FALLBACK: o.method != "nn+cc",
+            status.MODEL_FALLBACK: o.method != "learned",
             "model_version": model.version if model is not None else 0,
             "fallback_reason": o.fallback_reason, "ood_cells": o.ood_cells,
             "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last_s * 1e3, "cycle_max_ms": self.cycle_max_s * 1e3,
-            "ekf_soc": float(np.mean(o.ekf_soc)), "cc_soc": float(np.mean(o.cc_soc)), "steps": self.steps,
+            "current_offset_a": o.offset_a, "capacity_factor": o.capacity_factor,
+            "ocv_source": self.soc_est.ocv.source if self.soc_est else "", "state": self.state_note,
+            "steps": self.steps,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
             "last_model_event": (events or [""])[-1], **self.soc_est.guard.values()})
 
     def _soc_verdict(self, o: SocOutput) -> tuple[int, str]:
-        """Level and message of the soc check: OK only on the NN, without rejected samples or recent guard refusals."""
+        """Level and message of the soc check: OK only on the learned model, without new rejections or recent refusals.
+
+        Rejected samples WARN while they happen (since the last status), with
+        the reason; older ones only count. Output-guard refusals keep it WARN
+        for ``GUARD_WARN_HOLD_S``.
+        """
+        new_rejects = self.rejected - self._rejected_at_last_status
+        self._rejected_at_last_status = self.rejected
         g = self.soc_est.guard
         age = o.stamp - g.last_t   # NaN (never refused) compares False
         recent = age <= GUARD_WARN_HOLD_S
-        level = OK if o.method == "nn+cc" and not self.rejected and not recent else WARN
+        level = OK if o.method == "learned" and not new_rejects and not recent else WARN
         msg = SOC_METHOD_TEXT[o.method] + (f" ({o.fallback_reason})" if o.fallback_reason else "")
         if recent and not o.fallback_reason:
             msg += f" (output guard refused cells {age:.0f} s ago: {g.last_reason})"
+        if new_rejects:
+            msg += f"; {new_rejects} sample(s) rejected: {self.reject_reason}"
         return level, msg
 
     def soh_status(self) -> status.CheckStatus:

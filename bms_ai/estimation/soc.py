@@ -1,79 +1,72 @@
-"""SOC estimator: NN (ONNX) as the measurement of a Kalman filter whose process model is Coulomb counting.
+"""SOC estimator: Coulomb counting corrected by cell voltages through a learned overpotential model.
 
-Per cell, scalar filter:  predict  SOC += I dt / (3600 Q),  P += q dt
-                          update   z = NN(features), R = (k * sigma_NN)^2 + r_floor
-The NN gives absolute SOC (no drift, knows the initial SOC); Coulomb counting
-gives smoothness. The NN reports its own sigma (large on the LFP plateau), so
-the filter leans on Coulomb counting exactly where the voltage says little.
-An EKF on a 1-RC ECM runs alongside as baseline and fallback: it takes over
-(with the reason reported) when no valid model is loaded, a cell's features
-leave the model's training domain, or the model's output guard refuses a
-cell's output (non-finite, outside the declared range); a model refused for
-``retire_after`` steps in a row is retired (see ``SocEstimator``).
+Per step: the bar-delta filter (``estimation.filter``) integrates the current
+with its estimated offset and capacity; the feature pipeline and the
+overpotential model (learned ONNX model, or the classical ECM where the model
+is missing, fails, or leaves its training domain) give each cell's
+overpotential with its honest error; the OCV model gives the equilibrium
+voltage with its band; the filter corrects the SOC as far as those errors
+allow. Long rests commit the filter's estimate of the OCV-curve error into the
+OCV model (field learning). ``state()``/``restore()`` carry everything across
+power cycles.
+
+Every inference passes the model's output guard: refused cells use the ECM
+for that step, and a model refused in ``retire_after`` steps in a row is
+retired by the owner of the model registry (``retire_request``).
 """
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bms_ai.chemistry.ocv import load_ocv
-from bms_ai.estimation.coulomb import CoulombCounter
-from bms_ai.estimation.ekf import BatchedEKF, ECMParams
-from bms_ai.estimation.features import FEATURE_VERSION, N_SOC_FEATURES, SocFeatures, in_domain
+from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES, hysteresis_rate_for
+from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterEvent, FilterInput, FilterParams, S
+from bms_ai.estimation.ocvmodel import OcvModel
+from bms_ai.estimation.overpotential import EcmEta, EcmParams, EtaTerms, LearnedEta, make_features
 from bms_ai.models.runtime import LoadedModel
 
-
-@dataclass
-class FusionParams:
-    """Tuning of the NN+CC filter (process noise, NN trust, wrong-state detector, warm-up)."""
-
-    q_soc: float = 2e-9          # SOC^2/s: current-sensor offset and capacity error
-    r_scale: float = 3.0         # inflates NN sigma: 10 Hz NN errors are strongly correlated
-    r_floor: float = 1e-5        # SOC^2
-    sigma0: float = 0.3          # initial SOC sigma when nothing is known
-    sigma0_given: float = 0.03   # initial sigma when an initial SOC is supplied (stored value)
-    reinit_threshold: float = 0.1  # |NN - state| averaged over reinit_tau s beyond this: state is wrong, reopen P
-    reinit_tau: float = 60.0
-    domain_margin: float = 0.1
-    max_sigma_nn: float = 0.5
-    warmup_s: float = 60.0       # feature EMAs start from an assumed steady state: NN not trusted before
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FusionParams:
-        """From a manifest's ``extra.fusion``; keys that are not parameters are ignored."""
-        return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+# Classical overpotential per chemistry, for a 50 Ah series group (scaled to the pack's capacity);
+# identified on PyBaMM drives of the reference cells, sigmas from the residuals.
+ECM_DEFAULTS: dict[str, EcmParams] = {
+    "nmc": EcmParams(r0=0.0024, r1=0.0024, tau=80.0, activation_k=3500.0, hysteresis_v=0.0),
+    "lfp": EcmParams(r0=0.0014, r1=0.0013, tau=40.0, activation_k=3500.0, hysteresis_v=0.01),
+}
+WARMUP_S = 60.0             # after a (re)start the current history is assumed: the model error is larger
+WARMUP_FACTOR = 3.0
+COMMIT_REST_S = 1800.0      # a rest this long has relaxed: commit the OCV-curve estimate once
+COMMIT_AFTER_S = 10.0       # ... after this many seconds of samples in that rest
+RETIRE_AFTER = 50           # consecutive steps with refused model outputs before the model is retired (5 s at 10 Hz)
+# the outputs the filter reads, in order, with the span a sane model stays in (the output guard's range
+# where a manifest declares none): an overpotential within +-2 V, its sigma up to 1 V
+ETA_OUTPUTS = {"eta": (-2.0, 2.0), "sigma": (0.0, 1.0)}
 
 
 @dataclass
 class SocOutput:
-    """One SOC step: pack and per-cell SOC with sigma, the method used and why, and the side filters."""
+    """One SOC step: pack and per-cell SOC with sigma, which overpotential model was used and why."""
 
     stamp: float
     soc: float
     sigma: float
     cell_soc: np.ndarray
     cell_sigma: np.ndarray
-    method: str                   # "nn+cc" | "ekf" | "mixed"
+    method: str                   # "learned" | "classical" | "mixed" (per-cell fallback)
     fallback_reason: str = ""
     ood_cells: int = 0
-    infer_s: float = float("nan")
-    ekf_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
-    cc_soc: np.ndarray = field(default_factory=lambda: np.empty(0))
-    nn_soc: np.ndarray = field(default_factory=lambda: np.empty(0))   # raw NN measurement (NaN: not used)
-
-
-# the outputs the filter reads, in order, with the span a sane model stays in (the output guard's range
-# where a manifest declares none): SOC a little beyond 0..1, sigma up to ten times the whole range
-SOC_OUTPUTS = {"soc": (-0.1, 1.1), "sigma": (0.0, 10.0)}
-RETIRE_AFTER = 50     # consecutive steps with refused model outputs before the model is retired (5 s at 10 Hz)
+    infer_s: float = math.nan
+    offset_a: float = 0.0         # estimated current-sensor offset
+    capacity_factor: float = 1.0  # estimated usable / design capacity (from the SOC filter)
+    events: list[str] = field(default_factory=list)
 
 
 def soc_model_expectation() -> dict:
-    """What a SOC model must declare to be loaded: this pipeline's feature version and width, its outputs."""
-    return {"feature_version": FEATURE_VERSION, "n_features": N_SOC_FEATURES, "outputs": SOC_OUTPUTS}
+    """What a SOC model must declare to be loaded: this pipeline's feature version and width."""
+    return {"feature_version": FEATURE_VERSION, "n_features": N_FEATURES, "outputs": ETA_OUTPUTS}
 
 
 @dataclass
@@ -84,7 +77,7 @@ class GuardCounts:
     cells: int = 0                 # refused cell-steps
     consecutive: int = 0           # steps in a row with refused cells (retirement counts these)
     last_reason: str = ""
-    last_t: float = float("nan")   # stamp of the last step with refused cells
+    last_t: float = math.nan       # stamp of the last step with refused cells
     retirements: int = 0
 
     def values(self) -> dict[str, int | str]:
@@ -94,133 +87,77 @@ class GuardCounts:
                 "guard_retirements": self.retirements}
 
 
-class SocEstimator:
-    """Per-cell batched SOC (pack SOC = mean of cells); step() once per measurement sample.
+def default_ocv_model(chemistry: str) -> OcvModel:
+    """The chemistry's reference curve, trusted as far as its family agrees (band in the registry)."""
+    chem = get_chemistry(chemistry)
+    return OcvModel.from_curve(load_ocv(chem.name), chem.ocv_family_band_v, f"chemistry:{chem.name}")
 
-    Every inference goes through the model's output guard: refused cells
-    follow the EKF for that step. After ``retire_after`` consecutive steps
-    with refused cells the estimator sets ``retire_request`` (the reason);
-    the owner of the model registry (``PackEstimator``) retires the model and
-    hands over the fallback. ``retire_after`` is not a ``FusionParams`` field
-    on purpose: a model's manifest tunes those, and a model must not be able
-    to postpone its own retirement.
-    """
+
+class SocEstimator:
+    """SOC of n series cells (pack SOC = mean of cells); ``step`` once per measurement sample."""
 
     def __init__(self, n_cells: int, n_temps: int, chemistry: str, capacity_ah: float,
-                 model: LoadedModel | None = None, ecm: ECMParams | None = None,
-                 fusion: FusionParams | None = None, soc0: float | np.ndarray | None = None,
+                 model: LoadedModel | None = None, ocv: OcvModel | None = None,
+                 ecm: EcmParams | None = None, params: FilterParams | None = None,
+                 soc0: float | np.ndarray | None = None, sigma0_given: float = 0.01,
                  model_reason: str = "no model loaded", retire_after: int = RETIRE_AFTER) -> None:
+        chem = get_chemistry(chemistry)
         self.n = n_cells
-        self.chemistry = chemistry
+        self.chemistry = chem.name
         self.capacity_ah = float(capacity_ah)
-        self._fusion_given = fusion is not None
-        self.fusion = fusion or FusionParams()
-        self.features = SocFeatures(n_cells, n_temps, capacity_ah)
-        ecm = ecm or ECMParams(capacity_ah=capacity_ah)
-        ecm.capacity_ah = self.capacity_ah
-        self.ocv = load_ocv(chemistry)
-        self.ekf = BatchedEKF(n_cells, chemistry, ecm, soc0=0.5, ocv=self.ocv)
-        self.cc = CoulombCounter(capacity_ah, 0.5, n_cells)
-        self.soc = np.full(n_cells, 0.5)
-        self.P = np.full(n_cells, self.fusion.sigma0 ** 2)
+        self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
+        self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
+        # no hysteresis: the voltage at rest, and under moderate load, does not depend on the path
+        self.rest_anchor = ECM_DEFAULTS[chem.name].hysteresis_v == 0.0
+        self.ocv = ocv or default_ocv_model(chem.name)
+        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
-        self.innov = np.zeros(n_cells)
-        self.t_last = float("nan")
-        self.t_start = float("nan")
-        self._sigma_scale = 1.0
+        self.sigma0_given = sigma0_given
+        self.t_last = math.nan
+        self.t_session = math.nan
+        self.rest_committed = False
+        self.notes: list[str] = []
+        self.v_mean: np.ndarray | None = None    # gate-window means of the voltage and the overpotential:
+        self.eta_mean: np.ndarray | None = None  # a reopened state restarts from their OCV inversion
         self.retire_after = int(retire_after)
         self.guard = GuardCounts()
         self.retire_request = ""
-        self.model: LoadedModel | None = None
+        self.learned: LearnedEta | None = None
         self.model_reason = ""
         self.set_model(model, model_reason)
 
-    # -- model management -------------------------------------------------
+    # -- model management ----------------------------------------------------
     def set_model(self, model: LoadedModel | None, reason: str = "") -> None:
-        """Swap the model (hot reload); filter state is kept, so the output does not jump."""
-        self.model = model
+        """Swap the overpotential model (hot reload); the filter state is kept, so the output does not jump."""
+        self.learned = LearnedEta(model) if model is not None else None
         self.model_reason = "" if model is not None else (reason or "no model loaded")
         self.guard.consecutive = 0
         self.retire_request = ""
-        if model is not None:
-            # sigma calibration from training (90 % coverage on validation drives)
-            self._sigma_scale = float(model.entry.extra.get("sigma_scale", 1.0))
-            # filter tuning found on the model's validation drives (bms_ai.training.tune)
-            tuned = model.entry.extra.get("fusion", {})
-            if tuned and not self._fusion_given:
-                self.fusion = FusionParams.from_dict({**self.fusion.__dict__, **tuned})
-            domain = model.entry.domain
-            self._domain_min = np.asarray(domain.get("min", [-np.inf] * N_SOC_FEATURES), dtype=np.float32)
-            self._domain_max = np.asarray(domain.get("max", [np.inf] * N_SOC_FEATURES), dtype=np.float32)
+        err = (self.learned or self.ecm).error
+        p = self.filter.params
+        p.tau_model, p.tau_fast = max(err.tau_model, p.tau_model_min), max(err.tau_fast, p.tau_fast_min)
+        p.k_cell, p.k_cell_fast = err.k_cell, err.k_cell_fast
 
-    # -- main cycle -------------------------------------------------------
-    def _initialise(self, v: np.ndarray) -> None:
-        if self.soc0 is not None:
-            s0 = np.broadcast_to(np.asarray(self.soc0, dtype=np.float64), (self.n,)).copy()
-            sig = self.fusion.sigma0_given
-        else:
-            # no stored SOC: inverse OCV of the first voltage (rough under load, hence the wide sigma)
-            s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v)), 0.5)
-            sig = self.fusion.sigma0
-        self.soc[:] = s0
-        self.P[:] = sig ** 2
-        self.ekf.soc[:] = s0
-        self.ekf.P00[:] = sig ** 2
-        self.cc.soc[:] = s0
+    # -- one step --------------------------------------------------------------
+    def _eta(self, t: float, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
+        self.ecm.advance(dt, current, feats)
+        if self.learned is None:
+            return self.ecm.terms(feats), "classical", self.model_reason, 0
+        nn, refused = self.learned.step(dt, current, feats)
+        why = self._count_refusals(t, refused, nn.in_domain.size)
+        use = nn.in_domain
+        n_out = int(self.n - np.count_nonzero(use))
+        if n_out == 0:
+            return nn, "learned", "", 0
+        classical = self.ecm.terms(feats)
+        mixed = EtaTerms(eta=np.where(use, nn.eta, classical.eta), sig_slow=np.where(use, nn.sig_slow, classical.sig_slow),
+                         sig_fast=np.where(use, nn.sig_fast, classical.sig_fast), in_domain=use, infer_s=nn.infer_s)
+        method = "classical" if n_out == self.n else "mixed"
+        return mixed, method, why or f"{n_out} cell(s) outside the model's input domain or output range", n_out
 
-    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
-        """One measurement sample (current > 0 charging); a failing model never stops the estimate."""
-        v = np.asarray(cell_v, dtype=np.float64)
-        if not np.isfinite(self.t_last):
-            self._initialise(v)
-            self.t_start = t
-            dt = 0.0
-        else:
-            dt = t - self.t_last
-            if not np.isfinite(dt) or dt < 0:
-                dt = 0.0
-        self.t_last = t
-        feats = self.features.update(t, current, v, cell_t)
-        current_ok = np.isfinite(current)
-        if dt > 0 and current_ok:
-            self.ekf.step(current, v, dt)
-            self.cc.step(current, dt)
-            self.soc = self.soc + current * dt / (3600.0 * self.capacity_ah)
-            self.P = self.P + self.fusion.q_soc * dt
-        elif dt > 0:
-            self.P = self.P + 1e-6 * dt  # unknown current: SOC held, uncertainty grows fast
-        method, reason, n_ood, infer = "ekf", self.model_reason, 0, float("nan")
-        nn_soc = np.full(self.n, np.nan)
-        if self.model is not None:
-            method, reason, n_ood, infer, nn_soc = self._fuse(t, dt, feats)
-        else:
-            self.soc[:] = self.ekf.soc
-            self.P[:] = self.ekf.P00
-        self.soc = np.clip(self.soc, 0.0, 1.0)
-        cell_sigma = np.sqrt(np.maximum(self.P, 0.0))
-        return SocOutput(stamp=t, soc=float(np.mean(self.soc)), sigma=float(np.mean(cell_sigma)),
-                         cell_soc=self.soc.copy(), cell_sigma=cell_sigma, method=method,
-                         fallback_reason=reason, ood_cells=n_ood, infer_s=infer,
-                         ekf_soc=self.ekf.soc.copy(), cc_soc=self.cc.soc.copy(), nn_soc=nn_soc)
-
-    def _infer(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """NN SOC, sigma and the guard's per-cell verdict; refused cells get placeholder values, never NaN."""
-        outs, verdict = self.model.run_guarded(np.nan_to_num(feats))
-        ok, why = verdict.ok, verdict.reason
-        if len(outs) < len(SOC_OUTPUTS):   # loaded without this pipeline's expectation (which demands both)
-            ok, why = np.zeros(self.n, dtype=bool), why or f"{len(outs)} model output(s), the filter reads {list(SOC_OUTPUTS)}"
-        if not ok.any():
-            return np.full(self.n, 0.5), np.full(self.n, self.fusion.max_sigma_nn), ok, why
-        z = outs[0].reshape(self.n, -1)[:, 0].astype(np.float64)
-        sig = outs[1].reshape(self.n, -1)[:, 0].astype(np.float64)
-        if not verdict.all_ok:
-            z = np.where(ok, z, 0.5)
-            sig = np.where(ok, sig, self.fusion.max_sigma_nn)
-        return z, sig, ok, why
-
-    def _count_refusals(self, t: float, ok: np.ndarray, why: str) -> str:
-        """Count this step's refused cells; the fallback reason for them ("" if none); maybe request retirement."""
-        n_bad = int(self.n - np.count_nonzero(ok))
+    def _count_refusals(self, t: float, refused: tuple[int, str], n: int) -> str:
+        """Count a step's cells refused by the output guard; the reason ("" if none); maybe request retirement."""
+        n_bad, why = refused
         if not n_bad:
             self.guard.consecutive = 0
             return ""
@@ -233,43 +170,123 @@ class SocEstimator:
             self.retire_request = f"output guard refused cells in {g.consecutive} consecutive steps (last: {why})"
         return f"{n_bad} cell(s): model output refused: {why}"
 
-    def _fuse(self, t: float, dt: float, feats: np.ndarray) -> tuple[str, str, int, float, np.ndarray]:
-        """NN measurement update of the NN+CC filter; refused and out-of-domain cells follow the EKF.
+    def _start(self, v: np.ndarray, eta: EtaTerms) -> None:
+        if self.soc0 is not None:
+            self.filter.initialise(np.clip(self.soc0, 0.0, 1.0), self.sigma0_given)
+            return
+        self.filter.initialise(*self._invert(v, eta))
 
-        Returns method, fallback reason, out-of-domain cells, inference time and the NN SOC used (NaN: not used).
+    def _invert(self, v: np.ndarray, eta: EtaTerms) -> tuple[np.ndarray, float]:
+        """SOC per cell from the OCV at ``v`` minus the overpotential, with the honest spread of that guess."""
+        s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - eta.eta, nan=0.0)), np.nan)
+        s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
+        terms = self.ocv.terms(s0)
+        spread = np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + terms.sigma ** 2) / np.maximum(terms.docv, 1e-3)
+        return s0, float(np.clip(np.nanmedian(spread), 0.02, self.filter.params.sigma_reset))
+
+    def _restart_from_ocv(self, eta: EtaTerms) -> None:
+        """After a reopened state: start again from the gate window's OCV inversion where it is well conditioned.
+
+        On a flat OCV or with a large model error the inversion is worth less
+        than the widened filter state, which then keeps its own estimate.
         """
-        f = self.fusion
-        valid = np.isfinite(feats).all(axis=1)
-        in_dom = valid & in_domain(feats, self._domain_min, self._domain_max, f.domain_margin)
-        n_ood = int(self.n - in_dom.sum())
-        t0 = time.perf_counter()
-        z, sig, ok, why = self._infer(feats)
-        infer = time.perf_counter() - t0
-        warm = t - self.t_start >= f.warmup_s
-        trusted = in_dom & ok if warm else np.zeros(self.n, dtype=bool)
-        sig = np.clip(sig * self._sigma_scale, 1e-3, f.max_sigma_nn)
-        meas_var = (f.r_scale * sig) ** 2 + f.r_floor
-        zc = np.clip(z, 0.0, 1.0)
-        # wrong-state detector: a persistent NN disagreement far beyond the NN's own error
-        # (a bad stored SOC, a missed charge while asleep) reopens the covariance
-        a = min(dt / f.reinit_tau, 1.0) if dt > 0 else 0.0
-        self.innov = np.where(trusted, self.innov + a * (zc - self.soc - self.innov), self.innov)
-        wrong = trusted & (np.abs(self.innov) > f.reinit_threshold)
-        if wrong.any():
-            self.P[wrong] = np.maximum(self.P[wrong], f.sigma0 ** 2)   # as if nothing were known
-            self.innov[wrong] = 0.0
-        gain = np.where(trusted, self.P / (self.P + meas_var), 0.0)
-        self.soc = self.soc + gain * (zc - self.soc)
-        self.P = (1.0 - gain) * self.P
-        refused = self._count_refusals(t, ok, why)
-        reason = "; ".join(([f"{n_ood} cell(s) outside model input domain"] if warm and n_ood else [])
-                           + ([refused] if refused else []))
-        if not warm:   # the NN is not used yet (Coulomb counting from the start): refusals are only counted
-            return "nn+cc", reason, n_ood, infer, np.where(trusted, zc, np.nan)
-        # cells outside the training domain or with a refused output follow the EKF (and restart from it later)
-        n_bad = self.n - int(np.count_nonzero(trusted))
-        if n_bad:
-            self.soc[~trusted] = self.ekf.soc[~trusted]
-            self.P[~trusted] = self.ekf.P00[~trusted]
-        method = "nn+cc" if not n_bad else "ekf" if n_bad == self.n else "mixed"
-        return method, reason, n_ood, infer, np.where(trusted, zc, np.nan)
+        s_new, sig_new = self._invert(self.v_mean, EtaTerms(self.eta_mean, eta.sig_slow, eta.sig_fast, eta.in_domain))
+        jump = abs(float(np.mean(s_new)) - float(np.mean(self.filter.cell_soc)))
+        p = self.filter.params
+        if sig_new <= p.reset_sigma_max and jump > max(2.0 * sig_new, p.reset_min_jump):
+            self.filter.initialise(s_new, sig_new)
+            self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
+                                                  f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %"))
+
+    def _trust(self, current: float, docv: np.ndarray) -> tuple[float, bool]:
+        """Inflation of the model errors (full trust only in a relaxed rest) and whether the sample may gate."""
+        p = self.filter.params
+        trust = 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
+        limit_c = p.gate_current_c if self.rest_anchor else p.gate_current_path_c
+        gate = abs(current) < limit_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
+        return trust, gate
+
+    def _relaxed(self, gate: bool, band: np.ndarray) -> bool:
+        """A rest anchor: a long rest, an OCV known to the anchor band, no hysteresis (see ``FilterParams``)."""
+        p = self.filter.params
+        return (self.rest_anchor and gate and self.features.rest_s >= p.rest_anchor_s
+                and float(np.max(band)) <= p.rest_anchor_band_v)
+
+    def _track_means(self, dt: float, v: np.ndarray, eta: np.ndarray) -> None:
+        a = min(dt / self.filter.params.gate_tau, 1.0) if self.v_mean is not None else 1.0
+        self.v_mean = v.copy() if self.v_mean is None else self.v_mean + a * (v - self.v_mean)
+        self.eta_mean = eta.copy() if self.eta_mean is None else self.eta_mean + a * (eta - self.eta_mean)
+
+    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
+        """Advance to time ``t`` with one measurement sample (NaN values are skipped, never integrated)."""
+        v = np.asarray(cell_v, dtype=np.float64)
+        first = not math.isfinite(self.t_last)
+        dt = 0.0 if first else max(t - self.t_last, 0.0)
+        self.t_last = t
+        if first:
+            self.t_session = t
+        if dt > 0 and math.isfinite(current):
+            self.filter.predict(dt, current)
+        soc_prior = self.filter.cell_soc
+        feats = self.features.update(t, current, cell_t, soc_prior)
+        eta, method, reason, n_out = self._eta(t, dt, current, feats)
+        if t - self.t_session < WARMUP_S:
+            eta.sig_fast = eta.sig_fast * WARMUP_FACTOR
+            eta.sig_slow = eta.sig_slow * WARMUP_FACTOR
+        if first:
+            self._start(v, eta)
+        ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
+        n_events = len(self.filter.events)
+        self._track_means(dt, v, eta.eta)
+        trust, gate = self._trust(current, ocv.docv)
+        self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma,
+                                              trust=trust, gate=gate,
+                                              relaxed=self._relaxed(gate, ocv.sigma)))
+        if any(e.kind == "soc_reopened" for e in self.filter.events[n_events:]):
+            self._restart_from_ocv(eta)
+        self._field_learning()
+        f = self.filter
+        cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
+        return SocOutput(stamp=t, soc=float(cell_soc.sum()) / self.n, sigma=float(cell_sigma.sum()) / self.n,
+                         cell_soc=cell_soc, cell_sigma=cell_sigma, method=method, fallback_reason=reason,
+                         ood_cells=n_out, infer_s=eta.infer_s, offset_a=f.offset_c * self.capacity_ah,
+                         capacity_factor=f.capacity_factor,
+                         events=[f"{e.kind}: {e.detail}" for e in f.events[n_events:]])
+
+    def _field_learning(self) -> None:
+        rest = self.features.rest_s
+        if rest < COMMIT_REST_S:
+            self.rest_committed = False
+            return
+        if self.rest_committed or self.t_last - self.t_session < COMMIT_AFTER_S:
+            return
+        f = self.filter
+        s = float(np.clip(f.x[S], 0.0, 1.0))
+        band = float(self.ocv.terms(np.array([s])).sigma[0])
+        self.ocv.commit(s, band * f.x[E_OCV], band * band * f.P[E_OCV, E_OCV])
+        f.x[E_OCV] = 0.0
+        f.P[E_OCV, :] = 0.0
+        f.P[:, E_OCV] = 0.0
+        f.P[E_OCV, E_OCV] = 1.0
+        self.rest_committed = True
+
+    # -- persistence -------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything the next power cycle needs (JSON-serialisable)."""
+        return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
+                "filter": self.filter.to_dict(self.t_last), "features": self.features.state(),
+                "ocv": self.ocv.state()}
+
+    def restore(self, d: dict, t_now: float) -> str:
+        """Continue from ``state()`` at the first sample time ``t_now``; '' or why (then a cold start)."""
+        if d.get("chemistry") != self.chemistry or not math.isclose(float(d.get("capacity_ah", -1)), self.capacity_ah):
+            return "stored estimator state is for another chemistry or capacity"
+        why = self.filter.restore(d.get("filter", {}), t_now)
+        if why:
+            return why
+        self.features.restore(d.get("features", {}), t_now)
+        self.ecm.reset()
+        self.t_last = t_now - 1e-3  # not a first step: no re-initialisation
+        self.t_session = t_now
+        self.notes = [n for n in (self.ocv.restore(d.get("ocv", {})),) if n]  # not fatal: reported only
+        return ""

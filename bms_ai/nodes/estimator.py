@@ -19,7 +19,9 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PACK_LEVEL
 from bms_ai.chemistry.registry import CHEMISTRIES
+from bms_ai.estimation.ocvmodel import ocv_model_from_file
 from bms_ai.estimation.pack import PackEstimator, PackStep
+from bms_ai.estimation.state import read_state, resolve_state_path, write_state
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_state_to_sample, stamp_to_time
 
@@ -41,12 +43,24 @@ class EstimatorNode(Node):
             "model_poll_period": declare(self, "model_poll_period", 2.0, "hot-reload check period (node clock, s)"),
             "efc0": declare(self, "efc0", 0.0, "equivalent full cycles before this run (RUL)"),
             "frame_id": declare(self, "frame_id", "battery", "frame_id of battery_state"),
+            "ocv_file": declare(self, "ocv_file", "", "the cell's OCV curve (csv: soc, volts; '' = chemistry prior, "
+                                "learned in the field)"),
+            "ocv_sigma_v": declare(self, "ocv_sigma_v", 0.003, "how far ocv_file is trusted (V)"),
+            "state_file": declare(self, "state_file", "auto", "estimator state kept across power cycles "
+                                  "('auto': $ROS_HOME/bms_ai/<namespace>_estimator.json; '' = off)"),
+            "state_period": declare(self, "state_period", 60.0, "state save period (node clock, s); also on shutdown"),
         }
         s0 = float(self.p["initial_soc"])
         self.est = PackEstimator.from_model_dir(
             self.p["model_dir"], self.p["chemistry"], float(self.p["capacity_ah"]),
             use_models=bool(self.p["use_models"]), initial_soc=s0 if 0.0 <= s0 <= 1.0 else None,
-            health_period=float(self.p["health_period"]), efc0=float(self.p["efc0"]))
+            health_period=float(self.p["health_period"]), efc0=float(self.p["efc0"]),
+            ocv=ocv_model_from_file(self.p["ocv_file"], float(self.p["ocv_sigma_v"])) if self.p["ocv_file"] else None)
+        self.state_path = resolve_state_path(self.p["state_file"], self.get_namespace())
+        if self.state_path is not None:
+            payload, why = read_state(self.state_path)
+            note = self.est.restore_state(payload) if payload is not None else why
+            self.get_logger().info(f"estimator state: {note or 'restored from ' + str(self.state_path)}")
         self.diag = Diagnostics(self, self.p["pack_id"])
         self.cell_data = "per cell"  # or PACK_LEVEL: the measurements carry the average cell only
         self.pub = self.create_publisher(BatteryState, "battery_state", PUB_QOS)
@@ -54,6 +68,23 @@ class EstimatorNode(Node):
         self._poll_models()
         self.create_timer(float(self.p["model_poll_period"]), self._poll_models)
         self.create_timer(1.0, self._update_diagnostics)
+        if self.state_path is not None:
+            self.create_timer(float(self.p["state_period"]), self._save_state)
+
+    def _save_state(self) -> None:
+        if self.est.last is None:
+            return  # nothing learned yet: keep what is stored
+        try:
+            write_state(self.state_path, self.est.state_payload())
+        except OSError as exc:  # a full or read-only disk must not stop the estimator
+            self.est.state_note = f"cannot save state: {exc.strerror or exc}"
+            self.get_logger().warning(self.est.state_note, throttle_duration_sec=60.0)
+
+    def destroy_node(self) -> None:
+        """Save the state one last time (a clean shutdown keeps the freshest state)."""
+        if self.state_path is not None:
+            self._save_state()
+        super().destroy_node()
 
     def _poll_models(self) -> None:
         changed = self.est.poll_models()

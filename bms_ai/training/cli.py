@@ -14,8 +14,8 @@ from bms_ai.core.registry import Registry
 
 TASKS: Registry = Registry("training task")
 TASKS.add("synth", "bms_ai.training.synth:", "make cell-level PyBaMM drives for SOC training")
-TASKS.add("soc", "bms_ai.training.soc:", "train the SOC model and export ONNX into the model directory")
-TASKS.add("tune", "bms_ai.training.tune:", "fit the NN+CC filter on the model's validation drives")
+TASKS.add("soc", "bms_ai.training.soc:", "train and calibrate the overpotential model, export ONNX into the model directory")
+TASKS.add("ecm", "bms_ai.training.ecm:", "identify and calibrate the classical overpotential fallback (prints it)")
 TASKS.add("soh", "bms_ai.training.health:", "measure the classical SOH estimator on simulated aged packs")
 TASKS.add("rul", "bms_ai.training.health:", "fit and evaluate the RUL fade-law estimator")
 TASKS.add("faults", "bms_ai.diagnostics.train:", "calibrate the fault detectors and train the plating model")

@@ -1,0 +1,136 @@
+"""The SOC filter's promises, on synthetic cells whose truth is known exactly (no PyBaMM, no models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bms_ai.chemistry.ocv import load_ocv
+from bms_ai.estimation.filter import CAP, BarDeltaFilter, FilterInput, FilterParams
+from bms_ai.estimation.ocvmodel import OcvModel
+
+DT = 1.0  # the filter takes any step; 1 s keeps these tests fast
+Q = 50.0
+
+
+def _drive(seconds: float, seed: int = 0, rest_every: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Time and a piecewise-constant current (+ charging) in A on a 50 Ah cell: -1.5 C .. +0.5 C steps."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(0.0, seconds, DT)
+    steps = rng.uniform(-1.5, 0.5, len(t) // 30 + 1) * Q
+    i = np.repeat(steps, 30)[: len(t)]
+    if rest_every:
+        i[(t % rest_every) > rest_every * 0.7] = 0.0
+    return t, i
+
+
+def _run(flt: BarDeltaFilter, t, i_meas, v_true, sig_slow=0.005, sig_fast=0.003, band=0.003, chem="nmc"):
+    ocv = OcvModel.from_curve(load_ocv(chem), band, "test")
+    out = np.empty((len(t), flt.n))
+    n = flt.n
+    for k in range(len(t)):
+        if k:
+            flt.predict(t[k] - t[k - 1], i_meas[k])
+        terms = ocv.terms(flt.cell_soc)
+        flt.update(t[k], DT if k else 0.0, FilterInput(v_true[k], np.zeros(n), np.full(n, sig_slow),
+                                                        np.full(n, sig_fast), terms.ocv, terms.docv, terms.sigma))
+        out[k] = flt.cell_soc
+    return out
+
+
+def _truth(t, i_true, soc0, n=4, cap=None):
+    cap = np.full(n, Q) if cap is None else cap
+    soc = soc0 + np.cumsum(np.concatenate([[0.0], i_true[1:] * np.diff(t)]))[:, None] / 3600.0 / cap[None, :]
+    return soc
+
+
+def test_exact_model_tracks_truth_from_a_wrong_start_and_estimates_the_offset():
+    """Voltages from the filter's own model: a 30-point wrong start converges, a 0.5 A offset is learned."""
+    t, i = _drive(7200.0, rest_every=900.0)
+    soc = _truth(t, i, 0.9)
+    v = load_ocv("nmc")(np.clip(soc, 0, 1)) + 0.001 * np.random.default_rng(1).standard_normal(soc.shape)
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(0.6, 0.03)
+    est = _run(flt, t, i - 0.5, v)  # the sensor reads 0.5 A low
+    t5 = np.searchsorted(t, 300.0)
+    assert np.abs(est[t5:] - soc[t5:]).max() < 0.02
+    assert 0.1 < flt.offset_c * Q < 0.8  # learned in the right direction; its pace depends on the model-error sigma
+
+
+def test_a_confident_wrong_state_is_reopened():
+    """A stored SOC 30 points off but claimed to 0.5 %: the persistent innovation reopens it, then it converges."""
+    t, i = _drive(1200.0, seed=5)
+    soc = _truth(t, i, 0.9)
+    v = load_ocv("nmc")(np.clip(soc, 0, 1))
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(0.6, 0.005)
+    est = _run(flt, t, i, v)
+    assert flt.events and flt.events[0].kind == "soc_reopened" and flt.events[0].t < 120.0
+    assert np.abs(est[-1] - soc[-1]).max() < 0.02
+
+
+def test_a_biased_voltage_model_cannot_pull_a_good_state_far():
+    """A constant 10 mV model bias (inside its declared sigma) moves a correct SOC by little over an hour."""
+    t, i = _drive(3600.0, seed=2)
+    soc = _truth(t, i, 0.7)
+    v = load_ocv("nmc")(np.clip(soc, 0, 1)) + 0.010
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(soc[0], 0.01)
+    flt.P[CAP, CAP] = 0.03 ** 2      # a good state: the capacity known to 3 % (the SOH filter has converged)
+    est = _run(flt, t, i, v, sig_slow=0.012, sig_fast=0.004)
+    assert np.sqrt(np.mean((est - soc) ** 2)) < 0.006
+    assert not flt.events
+
+
+def test_flat_lfp_plateau_leaves_coulomb_counting_in_charge():
+    """On the LFP plateau a 15 mV model error (declared) must not move the SOC more than a point."""
+    t, i = _drive(1800.0, seed=3)
+    i = np.clip(i, -0.4 * Q, 0.4 * Q)
+    soc = _truth(t, i, 0.55)
+    ocv = load_ocv("lfp")
+    v = ocv(np.clip(soc, 0, 1)) + 0.015 * np.sin(t / 200.0)[:, None]
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(soc[0], 0.01)
+    est = _run(flt, t, i, v, sig_slow=0.012, sig_fast=0.01, chem="lfp")
+    assert np.abs(est - soc).max() < 0.01
+
+
+def test_cell_deviations_are_tracked_and_kept_zero_mean():
+    t, i = _drive(3600.0, seed=4, rest_every=600.0)
+    soc = _truth(t, i, 0.6) + np.array([0.0, 0.02, -0.03, 0.01])
+    v = load_ocv("nmc")(np.clip(soc, 0, 1))
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(np.full(4, 0.6), 0.01)
+    est = _run(flt, t, i, v)
+    assert np.abs(est[-1] - soc[-1]).max() < 0.01
+    assert abs(float(np.mean(flt.ds))) < 1e-9
+
+
+def test_missing_cells_and_missing_current_are_skipped_not_integrated():
+    flt = BarDeltaFilter(3, Q)
+    flt.initialise(0.5, 0.01)
+    x0 = flt.x.copy()
+    flt.predict(0.1, math.nan)
+    assert np.array_equal(flt.x, x0)
+    terms = OcvModel.from_curve(load_ocv("nmc"), 0.003, "t").terms(flt.cell_soc)
+    v = terms.ocv.copy()
+    v[1] = math.nan
+    flt.update(0.0, 0.1, FilterInput(v, np.zeros(3), np.full(3, 0.005), np.full(3, 0.003), terms.ocv, terms.docv,
+                                     terms.sigma))
+    assert np.isfinite(flt.x).all() and np.isfinite(flt.ds).all()
+
+
+def test_state_round_trip_and_self_discharge_while_asleep():
+    flt = BarDeltaFilter(2, Q)
+    flt.initialise([0.6, 0.62], 0.01)
+    d = flt.to_dict(t=1000.0)
+    other = BarDeltaFilter(2, Q, FilterParams(self_discharge_per_day=0.002))
+    assert other.restore(d, t_now=1000.0 + 5 * 86400.0) == ""
+    assert other.cell_soc == pytest.approx(np.array([0.6, 0.62]) - 0.01, abs=1e-9)
+    assert other.cell_sigma[0] > flt.cell_sigma[0]
+    assert "for 2 cells, this pack has 4" in BarDeltaFilter(4, Q).restore(d, 0.0)
+    bad = dict(d, x=[float("nan")] * 5)
+    assert "non-finite" in BarDeltaFilter(2, Q).restore(bad, 0.0)
+    assert "malformed" in BarDeltaFilter(2, Q).restore({"version": 1}, 0.0)
