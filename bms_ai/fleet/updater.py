@@ -47,6 +47,7 @@ TMP_SUFFIX = ".part"           # neither .onnx nor .json: the model registry nev
 UNREACHABLE, SIGNATURE, EXPIRED, ROLLBACK, TAMPERED, METADATA, INVALID, DISK, CONFIG = (
     "unreachable", "signature", "expired", "rollback", "tampered", "metadata", "invalid", "disk", "config")
 KINDS = (UNREACHABLE, SIGNATURE, EXPIRED, ROLLBACK, TAMPERED, METADATA, INVALID, DISK, CONFIG)
+CHECK = "updates"              # the diagnostic check the model_updater node reports
 
 
 class Rejected(Exception):  # noqa: N818  (an outcome, not a programming error)
@@ -324,7 +325,9 @@ class ModelUpdater:
     # -- reporting
 
     def status(self) -> CheckStatus:
-        """The ``model_updater`` check: ERROR when updates cannot work, WARN after a rejected poll, else OK."""
+        """The ``updates`` check (``model_updater: updates``): ERROR when updates cannot work, WARN after a
+        rejected poll (the installed models stay), else OK.
+        """
         values: dict[str, Any] = {
             "repo_url": self.repo_url, "polls": self.polls, "installs": self.installs, "rejected": self.rejected,
             **{f"rejected_{k}": self.by_kind[k] for k in KINDS},
@@ -333,12 +336,12 @@ class ModelUpdater:
             "model_versions": ", ".join(f"{t}/{c}={v}" for (t, c), v in sorted(self.holding.items())),
         }
         if self.polls == 0:
-            return CheckStatus("model_updater", OK, "waiting for the first poll", values)
+            return CheckStatus(CHECK, OK, "waiting for the first poll", values)
         if not self.last_ok and self.last_kind == CONFIG:
-            return CheckStatus("model_updater", ERROR, f"cannot update models: {self.last_reason}", values)
+            return CheckStatus(CHECK, ERROR, f"cannot update models: {self.last_reason}", values)
         if not self.last_ok:
-            return CheckStatus("model_updater", WARN, f"rejected ({self.last_kind}): {self.last_reason}", values)
-        return CheckStatus("model_updater", OK, self.last_event or "models up to date", values)
+            return CheckStatus(CHECK, WARN, f"rejected ({self.last_kind}): {self.last_reason}", values)
+        return CheckStatus(CHECK, OK, self.last_event or "models up to date", values)
 
 
 class _ConfigError(Exception):
