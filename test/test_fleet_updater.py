@@ -214,3 +214,40 @@ def test_disk_errors_and_oversized_targets_are_rejections(fleet: Fleet, tmp_path
     assert [k for k, _ in res.rejections] == ["invalid"] and "more than 1000" in res.rejections[0][1]
     assert "soc_cell_nmc_v2.onnx" not in fleet.model_files()
     assert fleet.updater.poll().installed == ["soc_cell_nmc@2"]   # the same repository is fine otherwise
+
+
+def test_signed_entry_that_does_not_describe_its_model_is_rejected(fleet: Fleet, tmp_path: Path) -> None:
+    """Even with the targets key (a publisher bug or a stolen key): the entry must name the signed file's hash."""
+    import json
+
+    stage = tmp_path / "odd"
+    stage.mkdir()
+    entry = good_soc_model(stage, 5)
+    wrong = dict(entry.to_dict(), sha256="0" * 64)
+    info = {"name": entry.name, "task": "soc", "chemistry": "nmc", "version": 5, "entry": f"{entry.file}.json"}
+    with fleet.pub.edit_targets() as targets:
+        fleet.pub._add_target(targets, entry.file, (stage / entry.file).read_bytes(), {"kind": "model", **info})
+        fleet.pub._add_target(targets, f"{entry.file}.json", json.dumps(wrong).encode(), {"kind": "entry", **info})
+        fleet.pub._add_index(targets)
+    fleet.pub.do_snapshot()
+    fleet.pub.do_timestamp()
+    before = fleet.model_files()
+    res = fleet.updater.poll()
+    assert [k for k, _ in res.rejections] == ["invalid"] and "not the signed model" in res.rejections[0][1], res
+    assert fleet.model_files() == before
+
+
+@pytest.mark.parametrize(("row", "says"), [
+    ("x", "not an object"),
+    ({"name": "m", "task": "soc", "chemistry": "nmc", "version": -1, "file": "m.onnx", "entry": "m.onnx.json"},
+     "malformed row"),
+    ({"name": "m", "task": "soc", "chemistry": "nmc", "version": 1, "file": "../m.onnx", "entry": "../m.onnx.json"},
+     "not a plain file name"),
+    ({"name": "m", "task": "soc", "chemistry": "nmc", "version": 1, "file": "m.onnx", "entry": "other.json"},
+     "not a model and its entry"),
+])
+def test_index_rows_are_checked(row, says) -> None:
+    from bms_ai.fleet.updater import Offer, Rejected
+
+    with pytest.raises(Rejected, match=says):
+        Offer.from_row(row)
