@@ -49,6 +49,7 @@ setup(
         "msgpack>=1.0",  # python-can udp_multicast (virtual CAN across processes)
         "can-isotp>=2.0",  # ISO-TP for diagnostic polling (bms_ai.can.uds)
         "udsoncan>=1.21",  # UDS service and response-code tables for it
+        "tuf>=6",  # signed model updates (bms_ai.fleet.updater: ngclient with its urllib3 fetcher)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "wheel", "mcap-ros2-support>=0.5",
@@ -69,6 +70,7 @@ setup(
             "estimator = bms_ai.nodes.estimator:main",
             "fault_monitor = bms_ai.nodes.fault_monitor:main",
             "cloud_uploader = bms_ai.nodes.cloud_uploader:main",
+            "model_updater = bms_ai.nodes.model_updater:main",
             "consumer_example = bms_ai.nodes.consumer_example:main",
         ],
     },

@@ -22,6 +22,7 @@ COMMANDS.add("train", "bms_ai.training.cli:", "train SOC/SOH/RUL/fault models an
 COMMANDS.add("evaluate", "bms_ai.estimation.evaluate:", "compare estimators/detectors on held-out drives")
 COMMANDS.add("bench", "bms_ai.bench.cli:", "performance figures as JSON, with baselines")
 COMMANDS.add("ingest-server", "bms_ai.uplink.ingest_server:", "reference cloud ingest service (HTTP)")
+COMMANDS.add("fleet", "bms_ai.fleet.cli:", "fleet loop: signed model repository (TUF)")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

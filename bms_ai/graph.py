@@ -34,6 +34,14 @@ NODES: tuple[tuple[str, str, str], ...] = (
     ("cloud_uploader", "cloud_uploader", "bms_ai.nodes.cloud_uploader"),
 )
 NODE_NAMES: tuple[str, ...] = tuple(n for n, _, _ in NODES)
+# Started when named in ``nodes``, or with the default graph when the parameter that enables them is configured
+# (``set`` or the params file): model_updater runs when it has a repo_url.
+OPTIONAL_NODES: tuple[tuple[str, str, str], ...] = (
+    ("model_updater", "model_updater", "bms_ai.nodes.model_updater"),
+)
+ENABLED_BY: dict[str, str] = {"model_updater": "repo_url"}
+ALL_NODES = NODES + OPTIONAL_NODES
+ALL_NODE_NAMES: tuple[str, ...] = tuple(n for n, _, _ in ALL_NODES)
 DEFAULT_NAMESPACE = "/bms"
 
 
@@ -110,11 +118,11 @@ def parse_namespace(text: str, name: str) -> str:
 def parse_node_list(text: str, name: str) -> list[str]:
     """Comma-separated node names of the graph, at least one."""
     nodes = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in nodes if n not in NODE_NAMES]
+    bad = [n for n in nodes if n not in ALL_NODE_NAMES]
     if bad:
-        raise ValueError(f"{name}: unknown node(s) {', '.join(bad)}; the graph has {', '.join(NODE_NAMES)}")
+        raise ValueError(f"{name}: unknown node(s) {', '.join(bad)}; the graph has {', '.join(ALL_NODE_NAMES)}")
     if not nodes:
-        raise ValueError(f"{name}: no node to start; the graph has {', '.join(NODE_NAMES)}")
+        raise ValueError(f"{name}: no node to start; the graph has {', '.join(ALL_NODE_NAMES)}")
     return nodes
 
 
@@ -155,8 +163,8 @@ def parse_sets(text: str, name: str = "set") -> dict[str, dict[str, Any]]:
         node, dot, param = key.partition(".")
         if not sep or not dot or not node or not param:
             raise ValueError(f"{name}: expected NODE.PARAM=VALUE, got {item!r}")
-        if node != "*" and node not in NODE_NAMES:
-            raise ValueError(f"{name}: unknown node {node!r} in {item!r}; the graph has {', '.join(NODE_NAMES)}")
+        if node != "*" and node not in ALL_NODE_NAMES:
+            raise ValueError(f"{name}: unknown node {node!r} in {item!r}; the graph has {', '.join(ALL_NODE_NAMES)}")
         out.setdefault(node, {})[param] = parse_value(raw)
     return out
 
@@ -192,7 +200,8 @@ OPTIONS: tuple[Option, ...] = (
            parse_namespace),
     Option("params_file", str(default_params_file()), "ROS 2 params file ('' = none: the declared defaults)",
            flags=("--params", "--params-file")),
-    Option("nodes", ",".join(NODE_NAMES), "comma-separated nodes to start", parse_node_list),
+    Option("nodes", ",".join(NODE_NAMES), "comma-separated nodes to start (optional: model_updater, which the "
+           "default graph starts when its repo_url is set)", parse_node_list),
     Option("pack_config", "", "pack config YAML: DBC signal map, pack id, chemistry, capacity for every node"),
     Option("interface", "", "python-can interface for can_bridge ('' = params file)"),
     Option("channel", "", "CAN channel for can_bridge ('' = params file)"),
@@ -249,8 +258,19 @@ def graph_from_options(options: Mapping[str, str | None],
                 check_parameter(key, value)
             except ValueError as exc:  # before any node starts (launch would otherwise lose one node late)
                 raise ValueError(f"{OPTION_BY_NAME['set'].label}: {node}: {exc}") from None
+    if nodes == list(NODE_NAMES):  # the default graph: optional nodes join when configured
+        nodes = nodes + [n for n in ENABLED_BY if _configured(n, merged, v["params_file"], v["namespace"])]
     return build_graph(v["namespace"], nodes, merged, use_sim_time=sim_time,
                        respawn=v["respawn"], params_file=v["params_file"] or None)
+
+
+def _configured(node: str, overrides: dict[str, dict[str, Any]], params_file: str, namespace: str) -> bool:
+    """An optional node's enabling parameter is set (overrides first, else the params file)."""
+    key = ENABLED_BY[node]
+    given = {**overrides.get("*", {}), **overrides.get(node, {})}
+    if key in given:
+        return bool(given[key])
+    return bool(params_file and load_params_file(params_file, node, namespace).get(key))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -320,6 +340,7 @@ PARAMETER_LIMITS: dict[str, Limit] = {
     "initial_soc": Limit(high=1.0),
     "health_period": Limit(0.0, low_open=True),
     "model_poll_period": Limit(0.0, low_open=True),
+    "period": Limit(0.0, low_open=True),
     "efc0": Limit(0.0),
     "max_events": Limit(0),
     "shutdown_drain_s": Limit(0.0),
@@ -378,13 +399,13 @@ def build_graph(
     ``overrides`` maps a node name (or ``"*"`` for all) to parameter values.
     """
     wanted = list(NODE_NAMES) if not nodes else list(nodes)
-    bad = [n for n in wanted if n not in NODE_NAMES]
+    bad = [n for n in wanted if n not in ALL_NODE_NAMES]
     if bad:
-        raise ValueError(f"unknown node(s) {bad}; the graph has {list(NODE_NAMES)}")
+        raise ValueError(f"unknown node(s) {bad}; the graph has {list(ALL_NODE_NAMES)}")
     overrides = overrides or {}
     ns = "/" + namespace.strip("/") if namespace.strip("/") else "/"
     specs = []
-    for name, exe, module in NODES:
+    for name, exe, module in ALL_NODES:
         if name not in wanted:
             continue
         params = dict(overrides.get("*", {}))
@@ -460,7 +481,7 @@ def replay_overrides(can_log: str, speed: float, specs_nodes: list[str]) -> dict
     so no sample is published before its readers are discovered.
     """
     return {"can_log": str(can_log), "replay_speed": float(speed), "publish_clock": True,
-            "wait_for_subscribers": len([n for n in specs_nodes if n != "can_bridge"])}
+            "wait_for_subscribers": len([n for n in specs_nodes if n != "can_bridge" and n not in ENABLED_BY])}
 
 
 def launch_node_kwargs(spec: NodeSpec) -> dict[str, Any]:

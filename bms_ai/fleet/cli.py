@@ -1,0 +1,27 @@
+"""`bms-ai fleet COMMAND`: the fleet loop's commands, each implemented in the module that owns it.
+
+Like the top-level `bms-ai`, a table of names (``FLEET``) points lazily at
+modules exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bms_ai.core.registry import Registry
+
+FLEET: Registry = Registry("fleet command")
+FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, publish, refresh, serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One sub-parser per fleet command."""
+    sub = p.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND", required=True)
+    for name in FLEET:
+        sp = sub.add_parser(name, help=FLEET.help(name), description=FLEET.help(name))
+        FLEET.get(name).add_arguments(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen fleet command."""
+    return int(FLEET.get(args.fleet_command).run(args) or 0)
