@@ -148,7 +148,7 @@ def test_cli_init_publish_refresh_and_serve(tmp_path: Path, capsys) -> None:
     assert main(["fleet", "tuf", "publish", "--repo", str(repo), "--keys", str(keys), str(f)]) == 0  # no-op
     assert main(["fleet", "tuf", "refresh", "--repo", str(repo), "--keys", str(keys)]) == 0
     out = capsys.readouterr()
-    assert "1.root.json" in out.out and "published soc_cell_nmc@2" in out.out and "already published" in out.out
+    assert "1.root.json" in out.out and "published soc_eta_nmc@2" in out.out and "already published" in out.out
     for k in keys.iterdir():   # key material never reaches the terminal
         assert k.read_text().splitlines()[1] not in out.out + out.err
     f1, e1 = _stage(tmp_path, 1)

@@ -21,7 +21,7 @@ from tuf.api.serialization.json import JSONSerializer
 from bms_ai.core.levels import ERROR, OK, WARN
 from bms_ai.fleet.tufrepo import TufPublisher, load_signer, make_server
 from bms_ai.fleet.updater import ModelUpdater
-from bms_ai.models.manifest import read_manifest, write_manifest
+from bms_ai.models.manifest import write_manifest
 from bms_ai.models.runtime import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +41,7 @@ class Fleet:
         self.vehicle = tmp / "vehicle"
         self.model_dir = self.vehicle / "models"
         self.model_dir.mkdir(parents=True)
-        shipped = next(e for e in read_manifest(ROOT / "models")[0] if e.key == ("soc", "nmc"))
-        shutil.copy(ROOT / "models" / shipped.file, self.model_dir / shipped.file)
-        write_manifest(self.model_dir, [shipped])
+        write_manifest(self.model_dir, [good_soc_model(self.model_dir, 1)])   # the shipped model as version 1
         self.root_file = self.vehicle / "root.json"
         shutil.copy(self.pub.trusted_root(), self.root_file)
         self.updater = ModelUpdater(self.url, self.root_file, self.model_dir, self.vehicle / "tuf")
@@ -86,7 +84,7 @@ def test_installs_a_newer_version_that_the_registry_then_loads(fleet: Fleet) -> 
     assert fleet.updater.poll().installed == []          # nothing published yet: up to date, no rejection
     entry = fleet.publish(2)
     res = fleet.updater.poll()
-    assert res.ok and res.installed == ["soc_cell_nmc@2"], res
+    assert res.ok and res.installed == ["soc_eta_nmc@2"], res
     assert {entry.file, f"{entry.file}.json"} <= fleet.model_files()
     assert not [n for n in fleet.model_files() if n.startswith(".")]       # no staged leftovers
     assert reg.poll() and reg.get("soc", "nmc").version == 2
@@ -96,14 +94,14 @@ def test_installs_a_newer_version_that_the_registry_then_loads(fleet: Fleet) -> 
     assert again.ok and again.installed == []
     st = fleet.updater.status()
     assert st.level == OK and st.values["installs"] == 1 and st.values["rejected"] == 0
-    assert st.values["installed"] == "soc/nmc=soc_cell_nmc@2" and st.values["model_versions"] == "soc/nmc=2"
+    assert st.values["installed"] == "soc/nmc=soc_eta_nmc@2" and st.values["model_versions"] == "soc/nmc=2"
     # only the newest version of a slot is installed; other chemistries follow the vehicle's filter
     fleet.publish(3)
     fleet.publish(4)
     fleet.publish(2, "lfp")
     nmc_only = ModelUpdater(fleet.url, fleet.root_file, fleet.model_dir, fleet.vehicle / "tuf", chemistries=("nmc",))
-    assert nmc_only.poll().installed == ["soc_cell_nmc@4"]
-    assert "soc_cell_nmc_v3.onnx" not in fleet.model_files() and "soc_cell_lfp_v2.onnx" not in fleet.model_files()
+    assert nmc_only.poll().installed == ["soc_eta_nmc@4"]
+    assert "soc_eta_nmc_v3.onnx" not in fleet.model_files() and "soc_eta_lfp_v2.onnx" not in fleet.model_files()
 
 
 def test_tampered_target_is_rejected_and_nothing_installed(fleet: Fleet) -> None:
@@ -152,7 +150,7 @@ def test_expired_timestamp_is_rejected(fleet: Fleet) -> None:
     res = fleet.updater.poll()
     assert [k for k, _ in res.rejections] == ["expired"] and res.installed == [], res
     assert "timestamp" in res.rejections[0][1] and "expired" in res.rejections[0][1]
-    assert "soc_cell_nmc_v2.onnx" not in fleet.model_files()
+    assert "soc_eta_nmc_v2.onnx" not in fleet.model_files()
 
 
 def test_rollback_to_older_metadata_is_rejected(fleet: Fleet) -> None:
@@ -160,7 +158,7 @@ def test_rollback_to_older_metadata_is_rejected(fleet: Fleet) -> None:
     old = {n: (fleet.pub.metadata_dir / n).read_bytes() for n in ("timestamp.json", "snapshot.json")}
     old_snapshot_version = fleet.pub.snapshot().version
     fleet.publish(3)
-    assert fleet.updater.poll().installed == ["soc_cell_nmc@3"]
+    assert fleet.updater.poll().installed == ["soc_eta_nmc@3"]
     # a mirror replays the older timestamp (which points at the older snapshot and targets)
     (fleet.pub.metadata_dir / "timestamp.json").write_bytes(old["timestamp.json"])
     res = fleet.updater.poll()
@@ -199,7 +197,7 @@ def test_unreachable_server_and_bad_configuration_are_reported(fleet: Fleet, tmp
     stranger = ModelUpdater(fleet.url, other.trusted_root(), fleet.model_dir, tmp_path / "c4")
     fleet.publish(2)
     res = stranger.poll()
-    assert [k for k, _ in res.rejections] == ["signature"] and "soc_cell_nmc_v2.onnx" not in fleet.model_files()
+    assert [k for k, _ in res.rejections] == ["signature"] and "soc_eta_nmc_v2.onnx" not in fleet.model_files()
 
 
 def test_disk_errors_and_oversized_targets_are_rejections(fleet: Fleet, tmp_path: Path) -> None:
@@ -212,8 +210,8 @@ def test_disk_errors_and_oversized_targets_are_rejections(fleet: Fleet, tmp_path
     small = ModelUpdater(fleet.url, fleet.root_file, fleet.model_dir, tmp_path / "c2", max_target_bytes=1000)
     res = small.poll()
     assert [k for k, _ in res.rejections] == ["invalid"] and "more than 1000" in res.rejections[0][1]
-    assert "soc_cell_nmc_v2.onnx" not in fleet.model_files()
-    assert fleet.updater.poll().installed == ["soc_cell_nmc@2"]   # the same repository is fine otherwise
+    assert "soc_eta_nmc_v2.onnx" not in fleet.model_files()
+    assert fleet.updater.poll().installed == ["soc_eta_nmc@2"]   # the same repository is fine otherwise
 
 
 def test_signed_entry_that_does_not_describe_its_model_is_rejected(fleet: Fleet, tmp_path: Path) -> None:

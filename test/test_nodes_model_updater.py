@@ -42,15 +42,15 @@ def test_published_model_reaches_the_estimator_and_a_tampered_one_does_not(fleet
         upd = h.add(ModelUpdaterNode(context=h.context, namespace="/bms", parameter_overrides=[
             Parameter("repo_url", value=fleet.url), Parameter("trusted_root", value=str(fleet.root_file)),
             Parameter("model_dir", value=str(fleet.model_dir)), Parameter("period", value=0.5)]))
-        assert h.wait_for(lambda: diag_values(diags, EST).get("model") == "soc_cell_nmc@1"
+        assert h.wait_for(lambda: diag_values(diags, EST).get("model") == "soc_eta_nmc@1"
                           and int(diag_values(diags, UPD).get("polls", 0)) >= 1, timeout=15)
         assert diag_levels(diags, UPD)[-1] == OK
         # the fleet publishes v2: the updater installs it, the estimator hot-swaps to it
         fleet.publish(2)
-        assert h.wait_for(lambda: diag_values(diags, EST).get("model") == "soc_cell_nmc@2", timeout=15), \
+        assert h.wait_for(lambda: diag_values(diags, EST).get("model") == "soc_eta_nmc@2", timeout=15), \
             diag_values(diags, EST)
         kv = diag_values(diags, UPD)
-        assert h.wait_for(lambda: diag_values(diags, UPD).get("installed") == "soc/nmc=soc_cell_nmc@2", timeout=5)
+        assert h.wait_for(lambda: diag_values(diags, UPD).get("installed") == "soc/nmc=soc_eta_nmc@2", timeout=5)
         assert diag_values(diags, UPD)["rejected"] == "0" and diag_levels(diags, UPD)[-1] == OK, kv
         # v3 is tampered with on the server: rejected (WARN with the reason), the estimator keeps v2
         entry = fleet.publish(3)
@@ -60,7 +60,7 @@ def test_published_model_reaches_the_estimator_and_a_tampered_one_does_not(fleet
         assert h.wait_for(lambda: diag_levels(diags, UPD)[-1] == WARN, timeout=5)
         kv = diag_values(diags, UPD)
         assert entry.file in kv["last_reason"] and "hash" in kv["last_reason"], kv
-        assert diag_values(diags, EST)["model"] == "soc_cell_nmc@2"
+        assert diag_values(diags, EST)["model"] == "soc_eta_nmc@2"
         assert entry.file not in {p.name for p in fleet.model_dir.iterdir()}
         assert upd.polls >= 3
     finally:
