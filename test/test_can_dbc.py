@@ -1,3 +1,6 @@
+"""DBC loading: one-line errors naming the file and line, a tolerant loader for public DBCs."""
+
+from testutil import realdata
 
 
 def test_a_cantools_message_over_several_lines_becomes_one_line(tmp_path) -> None:
@@ -15,21 +18,6 @@ def test_a_cantools_message_over_several_lines_becomes_one_line(tmp_path) -> Non
         import pytest
 
         pytest.skip("this cantools accepts unused VAL_ entries")
-
-
-def realdata(rel: str):
-    """A file of the shared real-vehicle data (beside the checkout, or $BMS_AI_REALDATA); skip when absent."""
-    import os
-    from pathlib import Path
-
-    import pytest
-
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("BMS_AI_REALDATA"), here.parent / "shared" / "realdata",
-                 here.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
-        if base and (Path(base) / rel).is_file():
-            return Path(base) / rel
-    pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
 
 
 def test_public_dbc_without_nodes_line_loads_unmodified_with_a_warning() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from testutil import synthetic_messages, write_log
+from testutil import realdata, synthetic_messages, write_log
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.packconfig import load_pack_config
@@ -88,18 +88,6 @@ def test_dbc_without_pack_config_never_falls_back_to_the_reference_pack(tmp_path
     code = main(["decode", str(log), "--raw"])
     assert code == 1 and "--raw decodes with a DBC: pass --dbc DBC" in capsys.readouterr().err
 
-
-def realdata(rel: str):
-    """A file of the shared real-vehicle data (beside the checkout, or $BMS_AI_REALDATA); skip when absent."""
-    import os
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("BMS_AI_REALDATA"), here.parent / "shared" / "realdata",
-                 here.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
-        if base and (Path(base) / rel).is_file():
-            return Path(base) / rel
-    pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
 
 
 def _raw(argv: list[str], out, capsys) -> tuple[int, str, dict[str, list[float]]]:

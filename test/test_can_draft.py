@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import yaml
+from testutil import realdata
 
 from bms_ai.can.dbc import load_dbc
 from bms_ai.can.draft import guess, render
 from bms_ai.can.packconfig import parse_pack_config, validate_against_dbc
 from bms_ai.cli import main
-
-
-def realdata(rel: str) -> Path:
-    """A file of the shared real-vehicle data (beside the checkout, or $BMS_AI_REALDATA); skip when absent."""
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("BMS_AI_REALDATA"), here.parent / "shared" / "realdata",
-                 here.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
-        if base and (Path(base) / rel).is_file():
-            return Path(base) / rel
-    pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
 
 
 def test_kona_draft_with_a_log_picks_the_battery_signals_and_their_ranges(tmp_path, capsys):

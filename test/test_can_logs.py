@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testutil import deadline, memory_cap, peak_memory, write_log
+from testutil import deadline, memory_cap, peak_memory, realdata, write_log
 
 from bms_ai.can.frames import FrameArrays
 from bms_ai.can.logs import (
@@ -252,18 +252,6 @@ def test_blf_header_size_field_is_checked_before_reading(tmp_path, messages):
             with pytest.raises(LogError, match="file header size 4294967280"):
                 read(path)
 
-
-def realdata(rel: str):
-    """A file of the shared real-vehicle data (beside the checkout, or $BMS_AI_REALDATA); skip when absent."""
-    import os
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("BMS_AI_REALDATA"), here.parent / "shared" / "realdata",
-                 here.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
-        if base and (Path(base) / rel).is_file():
-            return Path(base) / rel
-    pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
 
 
 GVRET_HEADER = "Time Stamp,ID,Extended,Bus,LEN,D1,D2,D3,D4,D5,D6,D7,D8\r\n"

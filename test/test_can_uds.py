@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import can
 import numpy as np
@@ -19,11 +18,7 @@ pytest.importorskip("isotp", reason="can-isotp is not installed (./dev.sh instal
 pytest.importorskip("udsoncan", reason="udsoncan is not installed (./dev.sh installs it from setup.py)")
 
 from ecu_sim import KONA_CELLS, KONA_TEMPS, SimEcu, kona_cells, kona_data, kona_poll  # noqa: E402
-from testutil import wait_for  # noqa: E402
-
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "kona"
-if not REALDATA.is_dir():  # a worktree beside the shared folder rather than a clone inside it
-    REALDATA = Path("/work/shared/realdata/kona")
+from testutil import realdata, wait_for  # noqa: E402
 
 
 def _poll(**kw):
@@ -279,9 +274,7 @@ def test_frames_of_other_ids_cost_nothing_and_the_queue_is_bounded():
 def test_real_kona_obd_scan_reassembles_and_decodes():
     """The 2021 Kona's BMS on 0x7EC: multi-frame Mode 09 answers spell its calibration id and name; a
     polled OBD PID decodes by the layout; its negative answers name the code; no reassembly damage."""
-    path = REALDATA / "dcan-obd-scanner.gvret.csv"
-    if not path.is_file():
-        pytest.skip(f"real vehicle data not present at {REALDATA}")
+    path = realdata("kona/dcan-obd-scanner.gvret.csv")
     from bms_ai.can.logs import read_log
     from bms_ai.can.uds import nrc_name
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testutil import realdata_dir
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.packconfig import load_pack_config
@@ -14,9 +15,7 @@ from bms_ai.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 VEHICLES = ROOT / "config" / "vehicles"
-REALDATA = ROOT.parent / "shared" / "realdata"
-if not REALDATA.is_dir():  # a worktree beside the shared folder rather than a clone inside it
-    REALDATA = Path("/work/shared/realdata")
+REALDATA = realdata_dir() or ROOT / "no-realdata"   # tests skip with the reason when the folder is absent
 KONA, MODEL3 = REALDATA / "kona", REALDATA / "model3"
 needs_kona = pytest.mark.skipif(not (KONA / "pcan.dbc").is_file(), reason=f"real Kona data not found in {KONA}")
 

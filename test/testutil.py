@@ -376,3 +376,23 @@ def good_soc_model(model_dir: Path, version: int, chemistry: str = "nmc"):
     shutil.copy(src / entry.file, Path(model_dir) / f"{entry.name}_v{version}.onnx")
     entry.version, entry.file = version, f"{entry.name}_v{version}.onnx"
     return entry
+
+
+def realdata_dir() -> Path | None:
+    """The shared real-vehicle data folder: $BMS_AI_REALDATA, or shared/realdata beside the checkout (None: absent)."""
+    root = Path(__file__).resolve().parents[1]
+    for base in (os.environ.get("BMS_AI_REALDATA"), root.parent / "shared" / "realdata",
+                 root.parents[1] / "shared" / "realdata", Path("/work/shared/realdata")):
+        if base and Path(base).is_dir():
+            return Path(base)
+    return None
+
+
+def realdata(rel: str) -> Path:
+    """A file of the shared real-vehicle data; the test is skipped, with the reason, when it is absent."""
+    import pytest
+
+    base = realdata_dir()
+    if base is None or not (base / rel).is_file():
+        pytest.skip(f"real vehicle data {rel} not found (shared/realdata beside the checkout, or $BMS_AI_REALDATA)")
+    return base / rel
