@@ -127,6 +127,7 @@ def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0) -> tuple[np.ndarra
     return np.max(np.abs(o.cell_soc - d.soc[-1])), events
 
 
+@pytest.mark.accuracy
 @pytest.mark.parametrize("chem", ["nmc", "lfp"])
 @pytest.mark.parametrize("dv", [0.03, -0.03])
 def test_a_biased_voltage_does_not_move_the_soc_off_coulomb_counting(chem: str, dv: float) -> None:
@@ -135,6 +136,7 @@ def test_a_biased_voltage_does_not_move_the_soc_off_coulomb_counting(chem: str, 
     assert err < 0.005 and events == [], events
 
 
+@pytest.mark.accuracy
 def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None:
     """NMC, stored 30 points low: the gate reopens at the first stops and the OCV restart lands within 3 points."""
     err, events = _run_demo("nmc", shift=-0.3)
@@ -142,6 +144,7 @@ def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None
     assert err < 0.03
 
 
+@pytest.mark.accuracy
 def test_a_wrong_stored_start_on_the_lfp_plateau_is_kept() -> None:
     """LFP, stored 30 points low on the flat OCV: the voltage cannot tell, the estimate keeps Coulomb counting."""
     err, events = _run_demo("lfp", shift=-0.3)
