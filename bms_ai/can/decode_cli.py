@@ -158,8 +158,10 @@ def run_pack(args: argparse.Namespace) -> int:
             rejected.update(table.rejected)
         if not counts["chunks"]:  # not one frame: still the CSV header
             write_table(next(decode_chunks([FrameArrays.empty()], dec, 1.0)), args.format, out)
+    foreign = rejected.pop("unknown_id", 0)   # other ECUs' frames on a shared bus: counted, not rejected
     rej = {k: v for k, v in rejected.items() if v}
-    extra = [f"{counts['skipped']} instants of long gaps skipped"] if counts["skipped"] else []
+    extra = [f"{foreign} foreign frames (ids the pack config does not use)"] if foreign else []
+    extra += [f"{counts['skipped']} instants of long gaps skipped"] if counts["skipped"] else []
     extra += [timeline.summary()] if timeline.summary() else []
     print(f"decoded {span.n} frames ({counts['accepted']} accepted, rejected {rej or 'none'}) "
           f"-> {counts['samples']} samples" + "".join(f", {e}" for e in extra), file=sys.stderr)
