@@ -374,3 +374,18 @@ def test_stamps_jumping_back_and_forth_every_frame_stay_bounded():
     with deadline(5.0):
         out = tl.arrays(frames).ts
     assert (np.diff(out) > 0).all() and tl.rebased == 5000
+
+
+def test_candump_with_and_without_the_interface_column(tmp_path):
+    """candump -l lines, lines without the interface, -ta console lines, remote and FD frames: one reader."""
+    p = tmp_path / "mixed.log"
+    p.write_text("(1.000000) can0 123#1122\n(1.100000) 124#3344\n(1.2) can1 18FF0001#R\n(1.3) can0 123##1AABB\n"
+                 "(1.400000) can0  123   [2]  11 22\n(1.5) 7FF [1] 05\n")
+    f = read_log(p)
+    assert f.error is None and f.ids.tolist() == [0x123, 0x124, 0x18FF0001, 0x123, 0x123, 0x7FF]
+    assert f.ts.tolist() == [1.0, 1.1, 1.2, 1.3, 1.4, 1.5] and f.dlc.tolist() == [2, 2, 0, 2, 2, 1]
+    assert bytes(f.data[4][:2]) == b"\x11\x22" and f.ext.tolist() == [False, False, True, False, False, False]
+    console = tmp_path / "console.log"
+    console.write_text("  can0  123   [2]  11 22\n")
+    g = read_log(console)
+    assert len(g) == 0 and "no timestamp" in g.error and "candump -l" in g.error

@@ -177,12 +177,83 @@ class CsvLog(PythonCanLog):
         return super().open(path)
 
 
+class CandumpReader:
+    """SocketCAN candump text: ``(TS) [IFACE] ID#DATA`` (``candump -l``) or ``(TS) IFACE ID [N] B0 B1 ..``.
+
+    The interface is optional (logs written without it, or rewritten by tools
+    that drop it); ``ID##F DATA`` is a CAN FD frame, ``ID#R`` a remote frame.
+    Console output without timestamps cannot be placed in time and raises
+    (record with ``candump -l`` or ``candump -ta``). A line that does not parse
+    raises ``ValueError`` naming the line number (damage).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._f = _open_text(path)
+
+    def __enter__(self) -> CandumpReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    @staticmethod
+    def _frame(ts: float, channel: str | None, fields: list[str]) -> can.Message:
+        """One frame from the fields after the timestamp and interface."""
+        if "#" in fields[0]:
+            ident, _, payload = fields[0].partition("#")
+            fd = payload.startswith("#")
+            if fd:
+                payload = payload[2:]  # the flags nibble after "##"
+            remote = payload[:1].upper() == "R"
+            data = b"" if remote else bytes.fromhex(payload)
+        else:  # ID [N] B0 B1 ..
+            ident, fd, remote = fields[0], False, False
+            n = int(fields[1].strip("[]"))
+            data = bytes(int(b, 16) for b in fields[2:2 + n])
+            if len(data) != n:
+                raise ValueError(f"{n} data bytes announced, {len(data)} given")
+        msg = can.Message(arbitration_id=int(ident, 16), is_extended_id=len(ident) > 3, channel=channel,
+                          is_remote_frame=remote, is_fd=fd, data=data, check=True)
+        msg.timestamp = ts  # damaged stamps (inf, nan) pass on: the decoders count them as bad_time
+        return msg
+
+    def __iter__(self) -> Iterator[can.Message]:
+        for lineno, line in enumerate(self._f, start=1):
+            f = line.split()
+            if not f:
+                continue
+            try:
+                if not f[0].startswith("("):
+                    raise ValueError("no timestamp: candump console output cannot be placed in time "
+                                     "(record with `candump -l` or `candump -ta`)")
+                ts = float(f[0].strip("()"))
+                # no interface column: the frame starts right after the stamp (ID#.. or ID [N] ..)
+                bare = "#" in f[1] or f[2].startswith("[")
+                channel = None if bare else f[1]
+                yield self._frame(ts, channel, f[1:] if bare else f[2:])
+            except (ValueError, IndexError, OverflowError) as exc:
+                if not line.endswith("\n"):
+                    raise ValueError(f"truncated: the last line ({lineno}) is incomplete") from None
+                raise ValueError(f"line {lineno}: {exc}") from None
+
+
+class CandumpLog(PythonCanLog):
+    """``.log``: candump text with or without the interface column (see :class:`CandumpReader`)."""
+
+    def __init__(self) -> None:
+        super().__init__("CanutilsLogReader", text=True)
+
+    def open(self, path: Path):
+        """The project's candump reader (python-can's needs the interface column)."""
+        return CandumpReader(path)
+
+
 LOG_FORMATS: Registry[LogFormat] = Registry("log format")
 LOG_FORMATS.add(".asc", PythonCanLog("ASCReader", text=True, end_marker=b"end triggerblock"), "Vector ASCII")
 LOG_FORMATS.add(".blf", "bms_ai.can.blf_fast:BLF", "Vector binary logging format (fast array reader)")
 LOG_FORMATS.add(".csv", CsvLog(), "python-can CSV or SavvyCAN GVRET CSV (by the header line)")
 LOG_FORMATS.add(".db", PythonCanLog("SqliteReader"), "python-can SQLite")
-LOG_FORMATS.add(".log", PythonCanLog("CanutilsLogReader", text=True), "SocketCAN candump -l")
+LOG_FORMATS.add(".log", CandumpLog(), "SocketCAN candump (-l, or -ta console lines), interface column optional")
 LOG_FORMATS.add(".mf4", PythonCanLog("MF4Reader"), "ASAM MDF 4 (needs asammdf)")
 LOG_FORMATS.add(".trc", PythonCanLog("TRCReader", text=True), "PEAK trace")
 
