@@ -36,14 +36,18 @@ class LabelConfig:
     rest_s: float = 1800.0            # a rest or park this long counts as relaxed
     rest_c: float = 0.01              # |I| below C/100 is rest
     taper_c: float = 0.05             # full charge: current tapered below C/20 ...
-    top_tol_v: float = 0.03           # ... with the cell within this of the chemistry's top voltage
+    top_tol_v: float = 0.015          # ... with the cell within this of the chemistry's top voltage
+    charge_min_s: float = 600.0       # a charge lasts this long ...
+    charge_min_c: float = 0.05        # ... and puts in this much of the capacity
     full_sigma: float = 0.01          # SOC sigma of a full-charge anchor (taper cut-off leaves ~1 %)
     voltage_sigma_v: float = 0.003    # cell voltage sensor (noise, offset, quantisation)
     ocv_sigma_v: float = 0.005        # OCV model error when the cell type's own curve is given
+    family_band_scale: float = 2.0    # generic curve: the chemistry's family band is an RMS over known cell sets;
+                                      # a cell set outside them lies further out (one NMC set: 0.19 SOC at 20 %)
     offset_sigma_c: float = 0.006     # prior current-sensor offset (0.3 A on a 50 Ah cell)
     walk_per_sqrt_h: float = 0.002    # SOC random walk per sqrt(counting hour): offset drift, noise
     gain_sigma: float = 0.005         # current-sensor gain error
-    capacity_prior_sigma: float = 0.1  # design capacity as a prior on the true one (relative)
+    capacity_prior_sigma: float = 0.2  # design capacity as a prior on the true one (relative; fleets age to 70 %)
     min_dsoc: float = 0.1             # anchor pairs closer than this say little about capacity
     max_anchor_sigma: float = 0.1     # weaker anchors are not used (a plateau rest says nothing)
 
@@ -108,6 +112,7 @@ def _ocv_sigma_v(soc: np.ndarray, chem: str, own_curve: bool, cfg: LabelConfig) 
     else:
         b = np.atleast_1d(np.asarray(c.ocv_family_band_v, dtype=float))
         band = np.interp(soc, np.linspace(0, 1, b.size), b) if b.size > 1 else np.full_like(soc, b[0])
+        band = cfg.family_band_scale * band
     return np.sqrt(band**2 + cfg.voltage_sigma_v**2 + (c.hysteresis_gap_v / 2) ** 2)
 
 
@@ -156,14 +161,29 @@ def find_anchors(t: np.ndarray, current: np.ndarray, cell_v: np.ndarray, chemist
         for k in range(cell_v.shape[1]):
             s, sg = _ocv_anchor(float(cell_v[i, k]), ocv, sig_fn)
             out.append(Anchor(int(i), k, s, sg, "park"))
-    taper = (current > 0) & (current < cfg.taper_c * capacity_ah)
-    for k in range(cell_v.shape[1]):
-        top = taper & (cell_v[:, k] >= chem.v_max - cfg.top_tol_v)
-        ends = np.array([b - 1 for _, b in _runs(top)], dtype=int)
-        # one anchor per charge: taper runs split by noise are one event, not independent evidence
-        last = ends[np.r_[np.diff(t[ends]) > cfg.rest_s, True]] if ends.size else ends
-        out.extend(Anchor(int(i), k, 1.0, cfg.full_sigma, "full") for i in last)
+    out.extend(_full_charge_anchors(t, current, cell_v, chem.v_max, capacity_ah, session, cfg))
     return [x for x in out if x.sigma <= cfg.max_anchor_sigma]
+
+
+def _full_charge_anchors(t, current, cell_v, v_top, capacity_ah, session, cfg: LabelConfig) -> list[Anchor]:
+    """End of each CC-CV charge, per cell at the top voltage: one anchor per charge.
+
+    A charge is a stretch without discharge (I > -C/100) of >= ``charge_min_s`` that puts in
+    >= ``charge_min_c`` of capacity; its last sample with the current tapered below C/20 and the cell
+    at the top voltage is SOC 1. Requiring a whole charge keeps regenerative braking near full
+    (a few seconds of small positive current at a high voltage) from passing for a taper.
+    """
+    ah, _, _ = _counting(t, current, session)
+    taper = (current > 0) & (current < cfg.taper_c * capacity_ah)
+    out: list[Anchor] = []
+    for a, b in _runs(current > -cfg.rest_c * capacity_ah):
+        if t[b - 1] - t[a] < cfg.charge_min_s or ah[b - 1] - ah[a] < cfg.charge_min_c * capacity_ah:
+            continue
+        for k in range(cell_v.shape[1]):
+            hit = np.flatnonzero(taper[a:b] & (cell_v[a:b, k] >= v_top - cfg.top_tol_v))
+            if hit.size:
+                out.append(Anchor(int(a + hit[-1]), k, 1.0, cfg.full_sigma, "full"))
+    return out
 
 
 def _anchor_table(anchors: list[Anchor], n: int, n_t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
