@@ -111,52 +111,70 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
-class GvretCsvReader:
-    """SavvyCAN's GVRET CSV: ``Time Stamp,ID,Extended,[Dir,]Bus,LEN,D1..Dn``, time in microseconds, hex fields.
+class _LineReader:
+    """A text log read line by line; a line that does not parse is damage naming its number (or a cut last line)."""
 
-    Columns are found by the header's names, so the variants with and without
-    ``Dir`` (and CAN FD exports with more data columns) read alike. A line that
-    does not parse raises ``ValueError`` naming the line number (damage).
-    """
-
-    REQUIRED = ("time stamp", "id", "extended", "len")
+    first_line = 1
 
     def __init__(self, path: Path) -> None:
         self._f = _open_text(path)
-        names = [c.strip().lower() for c in self._f.readline().split(",")]
-        missing = [c for c in self.REQUIRED if c not in names]
-        if missing:
-            self._f.close()
-            raise ValueError(f"not a GVRET CSV header (no {', '.join(missing)} column)")
-        self._col = {n: i for i, n in enumerate(names)}
-        self._data = [i for i, n in enumerate(names) if n[:1] == "d" and n[1:].isdigit()]
 
-    def __enter__(self) -> GvretCsvReader:
+    def __enter__(self) -> _LineReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self._f.close()
 
+    def _message(self, line: str) -> can.Message | None:
+        """The frame of one line (None: a line without a frame); raises ValueError/IndexError on a bad one."""
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[can.Message]:
-        col, data = self._col, self._data
-        ts, fid, ext, n = col["time stamp"], col["id"], col["extended"], col["len"]
-        bus, direction = col.get("bus"), col.get("dir")
-        for lineno, line in enumerate(self._f, start=2):
-            f = line.rstrip("\r\n").split(",")
-            if f == [""]:
-                continue  # a blank line
+        for lineno, line in enumerate(self._f, start=self.first_line):
             try:
-                size = int(f[n])
-                yield can.Message(
-                    timestamp=float(f[ts]) / 1e6, arbitration_id=int(f[fid], 16),
-                    is_extended_id=f[ext].strip().lower() == "true",
-                    channel=int(f[bus]) if bus is not None and f[bus].strip() else None,
-                    is_rx=direction is None or f[direction].strip().lower() != "tx",
-                    dlc=size, data=bytes(int(f[i], 16) for i in data[:size]), check=True)
+                msg = self._message(line)
             except (ValueError, IndexError, OverflowError) as exc:
                 if not line.endswith("\n"):
                     raise ValueError(f"truncated: the last line ({lineno}) is incomplete") from None
                 raise ValueError(f"line {lineno}: {exc}") from None
+            if msg is not None:
+                yield msg
+
+
+class GvretCsvReader(_LineReader):
+    """SavvyCAN's GVRET CSV: ``Time Stamp,ID,Extended,[Dir,]Bus,LEN,D1..Dn``, time in microseconds, hex fields.
+
+    Columns are found by the header's names, so the variants with and without
+    ``Dir`` (and CAN FD exports with more data columns) read alike.
+    """
+
+    REQUIRED = ("time stamp", "id", "extended", "len")
+    first_line = 2
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        names = [c.strip().lower() for c in self._f.readline().split(",")]
+        missing = [c for c in self.REQUIRED if c not in names]
+        if missing:
+            self._f.close()
+            raise ValueError(f"not a GVRET CSV header (no {', '.join(missing)} column)")
+        col = {n: i for i, n in enumerate(names)}
+        self._cols = (col["time stamp"], col["id"], col["extended"], col["len"], col.get("bus"), col.get("dir"))
+        self._data = [i for i, n in enumerate(names) if n[:1] == "d" and n[1:].isdigit()]
+
+    def _message(self, line: str) -> can.Message | None:
+        """One CSV row (None for a blank line)."""
+        f = line.rstrip("\r\n").split(",")
+        if f == [""]:
+            return None
+        ts, fid, ext, n, bus, direction = self._cols
+        size = int(f[n])
+        return can.Message(
+            timestamp=float(f[ts]) / 1e6, arbitration_id=int(f[fid], 16),
+            is_extended_id=f[ext].strip().lower() == "true",
+            channel=int(f[bus]) if bus is not None and f[bus].strip() else None,
+            is_rx=direction is None or f[direction].strip().lower() != "tx",
+            dlc=size, data=bytes(int(f[i], 16) for i in self._data[:size]), check=True)
 
 
 class CsvLog(PythonCanLog):
@@ -177,24 +195,14 @@ class CsvLog(PythonCanLog):
         return super().open(path)
 
 
-class CandumpReader:
+class CandumpReader(_LineReader):
     """SocketCAN candump text: ``(TS) [IFACE] ID#DATA`` (``candump -l``) or ``(TS) IFACE ID [N] B0 B1 ..``.
 
     The interface is optional (logs written without it, or rewritten by tools
     that drop it); ``ID##F DATA`` is a CAN FD frame, ``ID#R`` a remote frame.
     Console output without timestamps cannot be placed in time and raises
-    (record with ``candump -l`` or ``candump -ta``). A line that does not parse
-    raises ``ValueError`` naming the line number (damage).
+    (record with ``candump -l`` or ``candump -ta``).
     """
-
-    def __init__(self, path: Path) -> None:
-        self._f = _open_text(path)
-
-    def __enter__(self) -> CandumpReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
 
     @staticmethod
     def _frame(ts: float, channel: str | None, fields: list[str]) -> can.Message:
@@ -217,24 +225,18 @@ class CandumpReader:
         msg.timestamp = ts  # damaged stamps (inf, nan) pass on: the decoders count them as bad_time
         return msg
 
-    def __iter__(self) -> Iterator[can.Message]:
-        for lineno, line in enumerate(self._f, start=1):
-            f = line.split()
-            if not f:
-                continue
-            try:
-                if not f[0].startswith("("):
-                    raise ValueError("no timestamp: candump console output cannot be placed in time "
-                                     "(record with `candump -l` or `candump -ta`)")
-                ts = float(f[0].strip("()"))
-                # no interface column: the frame starts right after the stamp (ID#.. or ID [N] ..)
-                bare = "#" in f[1] or f[2].startswith("[")
-                channel = None if bare else f[1]
-                yield self._frame(ts, channel, f[1:] if bare else f[2:])
-            except (ValueError, IndexError, OverflowError) as exc:
-                if not line.endswith("\n"):
-                    raise ValueError(f"truncated: the last line ({lineno}) is incomplete") from None
-                raise ValueError(f"line {lineno}: {exc}") from None
+    def _message(self, line: str) -> can.Message | None:
+        """One candump line (None for a blank one)."""
+        f = line.split()
+        if not f:
+            return None
+        if not f[0].startswith("("):
+            raise ValueError("no timestamp: candump console output cannot be placed in time "
+                             "(record with `candump -l` or `candump -ta`)")
+        ts = float(f[0].strip("()"))
+        # no interface column: the frame starts right after the stamp (ID#.. or ID [N] ..)
+        bare = "#" in f[1] or f[2].startswith("[")
+        return self._frame(ts, None if bare else f[1], f[1:] if bare else f[2:])
 
 
 class CandumpLog(PythonCanLog):
