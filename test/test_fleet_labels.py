@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ from bms_ai.fleet.labels import LabelConfig, _counting, find_anchors, label_driv
 from bms_ai.sim.dataset import load_drive, resample_drive
 
 ROOT = Path(__file__).resolve().parents[1]
-EST = Path("/work/data/estimation")
+# the generated estimation suites (`bms-ai simulate --estimation-suite eval --out DIR/eval_nmc`, ...):
+# $BMS_AI_ESTIMATION_DATA, or data/estimation beside the checkout
+EST = Path(os.environ.get("BMS_AI_ESTIMATION_DATA") or ROOT.parent / "data" / "estimation")
 LIVES = {"nmc": EST / "eval_nmc" / "eval_nmc_b00_NMC_OKane2022_life",
          "lfp": EST / "eval_lfp" / "eval_lfp_b01_LFP_T_power_life"}
 
