@@ -235,6 +235,7 @@ def _fuzz_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.fuzz
 def test_fuzz_pack_config_mutations(tmp_path_factory):
     """Any value at any key of a valid config: a PackConfig (validated against the DBC) or one line."""
     from hypothesis import given
@@ -277,6 +278,7 @@ def test_fuzz_pack_config_text(tmp_path_factory):
     check()
 
 
+@pytest.mark.fuzz
 def test_fuzz_dbc_behind_a_config(tmp_path_factory):
     """The config's DBC mutated line by line (dropped, doubled, altered), strict or not: a decoder or one line."""
     from hypothesis import given

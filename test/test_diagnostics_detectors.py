@@ -13,6 +13,7 @@ import pytest
 from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams, PlatingModel
 from bms_ai.pack import PackSample
 
+pytestmark = pytest.mark.drive   # whole synthetic 96-cell drives through the detector bank
 N, NT = 96, 32
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from bms_ai.estimation.baselines import EvalSetup
 from bms_ai.estimation.pack import open_models
 from bms_ai.sim.dataset import RecordedDrive, load_drive
 
-pytestmark = pytest.mark.accuracy
+pytestmark = pytest.mark.drive
 DATA = Path(__file__).resolve().parent / "data"
 DEMO = Path(__file__).resolve().parents[1] / "data" / "drives"   # bundled 3-min UDDS drives, inside the models' domains
 CLEAN_TOL = 0.005          # RMSE the shipped estimator may lose to oracle Coulomb counting on a clean drive

@@ -221,6 +221,7 @@ def test_trajectories_reproducible_and_reach_eol() -> None:
     assert any(not np.array_equal(x.soh, y.soh) for x, y in zip(a, sample_trajectories(5, 4)))
 
 
+@pytest.mark.drive
 def test_rul_interval_coverage_on_held_out() -> None:
     """Calibrated on one set, measured on another seed: 90 % interval covers 80..97 % (n = 240)."""
     train = sample_trajectories(60, 10)

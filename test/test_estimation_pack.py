@@ -120,6 +120,7 @@ def test_health_checks_follow_the_verdict() -> None:
 
 # ----------------------------------------------------------------------------- output guard and retirement
 
+@pytest.mark.drive
 @pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
 def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: Path, kind: str, needle: str) -> None:
     """NaN / 1e30 on every real input: ECM-backed finite SOC, retirement after 50 steps, then hot reload of v2."""
@@ -163,6 +164,7 @@ def test_model_refused_everywhere_is_retired_and_a_new_version_loads(tmp_path: P
     assert st.values["guard_rejected_steps"] == 50 and st.values["guard_consecutive"] == 0
 
 
+@pytest.mark.drive
 def test_soc_status_warns_while_and_shortly_after_cells_are_refused(tmp_path: Path) -> None:
     """A model refused now and then (while charging): WARN on refused steps and for GUARD_WARN_HOLD_S after."""
     write_manifest(tmp_path, [trap_soc_model(tmp_path, "nan", 0.0)])

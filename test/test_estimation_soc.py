@@ -65,6 +65,7 @@ def _trap(tmp_path: Path, kind: str, threshold: float, feature: int = 0) -> Load
     return model
 
 
+@pytest.mark.drive
 @pytest.mark.parametrize(("kind", "needle"), [("nan", "non-finite"), ("huge", "outside the declared range")])
 def test_refused_cells_use_the_ecm(tmp_path: Path, kind: str, needle: str) -> None:
     """NaN or 1e30 while charging: those steps use the ECM with the reason, the others the model; counted, never NaN."""
@@ -127,7 +128,7 @@ def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0) -> tuple[np.ndarra
     return np.max(np.abs(o.cell_soc - d.soc[-1])), events
 
 
-@pytest.mark.accuracy
+@pytest.mark.drive
 @pytest.mark.parametrize("chem", ["nmc", "lfp"])
 @pytest.mark.parametrize("dv", [0.03, -0.03])
 def test_a_biased_voltage_does_not_move_the_soc_off_coulomb_counting(chem: str, dv: float) -> None:
@@ -136,7 +137,7 @@ def test_a_biased_voltage_does_not_move_the_soc_off_coulomb_counting(chem: str, 
     assert err < 0.005 and events == [], events
 
 
-@pytest.mark.accuracy
+@pytest.mark.drive
 def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None:
     """NMC, stored 30 points low: the gate reopens at the first stops and the OCV restart lands within 3 points."""
     err, events = _run_demo("nmc", shift=-0.3)
@@ -144,7 +145,7 @@ def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None
     assert err < 0.03
 
 
-@pytest.mark.accuracy
+@pytest.mark.drive
 def test_a_wrong_stored_start_on_the_lfp_plateau_is_kept() -> None:
     """LFP, stored 30 points low on the flat OCV: the voltage cannot tell, the estimate keeps Coulomb counting."""
     err, events = _run_demo("lfp", shift=-0.3)

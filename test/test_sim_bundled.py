@@ -22,6 +22,7 @@ DRIVES = ROOT / "data" / "drives"
 BUNDLED = ("nmc_udds", "lfp_udds", "nmc_isc")
 
 
+@pytest.mark.drive
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_drive_replays_with_zero_rejections(name):
     import pyarrow.parquet as pq

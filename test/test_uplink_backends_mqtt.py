@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto broker not 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.drive
 def test_telemetry_retained_and_survives_broker_restart(tmp_path: Path) -> None:
     """Retained state reaches late subscribers and publishing resumes after a broker restart."""
     port = free_port()
@@ -66,6 +67,7 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.drive
 def test_last_will_marks_vehicle_offline_after_kill9(tmp_path: Path) -> None:
     """A killed vehicle process is marked offline by its last will."""
     port = free_port()

@@ -51,6 +51,7 @@ def http_uploader(sp: Spool, url: str, token: str = TOKEN, **kw) -> Uploader:
     return Uploader(sp, make_backend({"kind": "http", "url": url, "token": token}), FAST, idle_s=0.05, seed=1, **kw)
 
 
+@pytest.mark.drive
 def test_server_down_then_up(tmp_path: Path) -> None:
     """Segments wait while the server is down and all arrive once it is up."""
     sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
@@ -76,6 +77,7 @@ def test_server_down_then_up(tmp_path: Path) -> None:
         sp.close()
 
 
+@pytest.mark.drive
 def test_bad_token_keeps_everything_then_recovers(tmp_path: Path) -> None:
     """A rejected token uploads nothing and loses nothing; the right token then uploads all."""
     srv = IngestServer(tmp_path / "cloud", TOKEN).start()
@@ -157,6 +159,7 @@ def test_disk_quota_exhausted_during_outage(tmp_path: Path) -> None:
         sp.close()
 
 
+@pytest.mark.drive
 def test_https_verifies_certificate(tmp_path: Path) -> None:
     """HTTPS refuses an untrusted certificate and works with the configured CA."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -181,6 +184,7 @@ def test_https_verifies_certificate(tmp_path: Path) -> None:
         sp.close()
 
 
+@pytest.mark.drive
 def test_s3_backend_with_moto_server(tmp_path: Path) -> None:
     """S3 upload against moto: keys by class and hash, duplicates skipped."""
     moto_server = pytest.importorskip("moto.server")
