@@ -85,6 +85,17 @@ class Registry(Generic[T]):
         """The one-line description of ``name`` (no import)."""
         return self._entries[name].help
 
+    def add_subcommands(self, parser, dest: str) -> None:
+        """One sub-parser per entry, each filled by its module's ``add_arguments`` (a table of subcommands).
+
+        The entries are modules exposing ``add_arguments(parser)`` and
+        ``run(args)``; ``dest`` names the attribute that holds the choice.
+        """
+        sub = parser.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+        for name in self._entries:
+            sp = sub.add_parser(name, help=self.help(name), description=self.help(name))
+            self.get(name).add_arguments(sp)
+
     def names(self) -> list[str]:
         """Registered names in registration order."""
         return list(self._entries)

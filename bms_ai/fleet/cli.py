@@ -16,10 +16,7 @@ FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One sub-parser per fleet command."""
-    sub = p.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND", required=True)
-    for name in FLEET:
-        sp = sub.add_parser(name, help=FLEET.help(name), description=FLEET.help(name))
-        FLEET.get(name).add_arguments(sp)
+    FLEET.add_subcommands(p, "fleet_command")
 
 
 def run(args: argparse.Namespace) -> int:

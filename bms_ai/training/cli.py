@@ -41,10 +41,7 @@ def add_common(p: argparse.ArgumentParser, data_required: bool = False) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One sub-subcommand per task (task modules import torch/PyBaMM only when they run)."""
-    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    for name in TASKS:
-        sp = sub.add_parser(name, help=TASKS.help(name), description=TASKS.help(name))
-        TASKS.get(name).add_arguments(sp)
+    TASKS.add_subcommands(p, "task")
 
 
 def run(args: argparse.Namespace) -> int:
