@@ -108,7 +108,7 @@ class SocEstimator:
         self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
         self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
         # no hysteresis: the voltage at rest, and under moderate load, does not depend on the path
-        self.rest_anchor = ECM_DEFAULTS[chem.name].hysteresis_v == 0.0
+        self.path_free = chem.hysteresis_gap_v == 0.0
         self.ocv = ocv or default_ocv_model(chem.name)
         self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
@@ -202,14 +202,14 @@ class SocEstimator:
         """Inflation of the model errors (full trust only in a relaxed rest) and whether the sample may gate."""
         p = self.filter.params
         trust = 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
-        limit_c = p.gate_current_c if self.rest_anchor else p.gate_current_path_c
+        limit_c = p.gate_current_c if self.path_free else p.gate_current_path_c
         gate = abs(current) < limit_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
         return trust, gate
 
     def _relaxed(self, gate: bool, band: np.ndarray) -> bool:
         """A rest anchor: a long rest, an OCV known to the anchor band, no hysteresis (see ``FilterParams``)."""
         p = self.filter.params
-        return (self.rest_anchor and gate and self.features.rest_s >= p.rest_anchor_s
+        return (self.path_free and gate and self.features.rest_s >= p.rest_anchor_s
                 and float(np.max(band)) <= p.rest_anchor_band_v)
 
     def _track_means(self, dt: float, v: np.ndarray, eta: np.ndarray) -> None:
