@@ -27,7 +27,7 @@ setup() {
     pipq() { "$PY" -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" >&2 || true; "$PY" -m pip check >/dev/null 2>&1 || true; }
     pipq --upgrade pip
     pipq -r requirements-ros.txt
-    pipq -e ".[test,train]"
+    pipq -e ".[test,train,fleet]"
     "$PY" -c "import rclpy, cantools, can, onnxruntime, bms_ai" \
       || { echo "[dev] installation incomplete (see pip output above)" >&2; exit 1; }
     echo "$want" > "$stamp"

@@ -57,6 +57,7 @@ setup(
         "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7", "scipy>=1.10", "torch==2.13.0"],
         "s3": ["boto3>=1.28"],
         "server": ["aiohttp>=3.9"],  # `bms-ai ingest-server`, the cloud side
+        "fleet": ["ray[data]>=2.40", "pyarrow>=14", "boto3>=1.28"],  # `bms-ai fleet` pipeline, the cloud side
     },
     zip_safe=True,
     maintainer="bms_ai developers",
