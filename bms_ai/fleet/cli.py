@@ -12,6 +12,7 @@ from bms_ai.core.registry import Registry
 
 FLEET: Registry = Registry("fleet command")
 FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, publish, refresh, serve")
+FLEET.add("simulate", "bms_ai.fleet.simulator:", "simulate a fleet of vehicles for days (fitted cell types, 1 Hz)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
