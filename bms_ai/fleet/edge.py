@@ -229,14 +229,34 @@ def run_vehicle(drive: RecordedDrive, store: ObjectStore, cfg: EdgeConfig = Edge
     vid = str(drive.meta.get("vehicle_id") or "")
     if not vid:
         raise ValueError(f"drive {drive.name!r} has no meta vehicle_id")
-    pseudo = pseudonymizer(cfg)
-    pid = pseudo(vid)
+    pid = pseudonymizer(cfg)(vid)
     d = resample_drive(drive, cfg.rate_hz) if cfg.rate_hz else drive
     t0 = start_unix(d)
-    t_abs = t0 + d.t
-    tr, est, mon = _estimate(d, cfg, pid, t_abs)
-    res = EdgeResult(pid, samples=len(d.t), estimator_rejected=est.rejected, monitor_rejected=mon.rejected)
+    tr, est, mon = _estimate(d, cfg, pid, t0 + d.t)
+    res = EdgeResult(pid, estimator_rejected=est.rejected, monitor_rejected=mon.rejected)
     res.events = [f"{e.check}#{e.index}@{e.set_time - t0:.0f}s" for e in mon.active_events()]
+    upload(d, tr, store, res, cfg)
+    if truth:
+        res.truth_key = write_truth(d, store, pid, vid, t0)
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def replayed_trace(d: RecordedDrive, soc: np.ndarray, sigma: float = 0.02) -> _Trace:
+    """A trace of given pack SOC per sample (estimator output recorded elsewhere, or truth for benches)."""
+    tr = _Trace(len(d.t))
+    tr.ok[:], tr.soc[:], tr.capacity[:] = True, soc, d.capacity_ah
+    t_abs = start_unix(d) + d.t
+    for t in t_abs[:: max(1, int(60 * float(d.meta.get("rate_hz") or 1.0)))]:
+        tr.diag.append((float(t), [Status(0, "estimator: soc", "replayed", "", (("soc_sigma", f"{sigma:g}"),))]))
+    return tr
+
+
+def upload(d: RecordedDrive, tr: _Trace, store: ObjectStore, res: EdgeResult, cfg: EdgeConfig) -> None:
+    """Segments of the drive's samples and their estimator trace into the store (``res`` counts them)."""
+    pid = res.pseudonym
+    t_abs = start_unix(d) + d.t
+    res.samples = len(d.t)
     meta = {"vehicle": pid, "chemistry": d.chemistry, "design_capacity_ah": f"{d.capacity_ah:.6g}",
             "n_cells": str(d.n_cells), "rate_hz": f"{cfg.rate_hz:g}", "source": "bms_ai.fleet.edge"}
     diag_t = np.array([t for t, _ in tr.diag])
@@ -255,10 +275,6 @@ def run_vehicle(drive: RecordedDrive, store: ObjectStore, cfg: EdgeConfig = Edge
             res.segments.append(key)
             res.messages += len(msgs)
             res.bytes += len(data)
-    if truth:
-        res.truth_key = write_truth(d, store, pid, vid, t0)
-    res.seconds = time.perf_counter() - t_start
-    return res
 
 
 def _messages(d: RecordedDrive, tr: _Trace, t_abs: np.ndarray, s0: int, s1: int, pid: str) -> list[Message]:

@@ -177,7 +177,7 @@ def pack_relative(t: np.ndarray, anchors, n: int, min_dsoc: float = 0.05) -> tup
     if not moving.any():
         return rel, leak
     y = dz - dmed[:, None]
-    if moving.sum() >= 2 and np.ptp(dh / np.where(moving, dmed, np.nan)[moving]) > 1e-9:
+    if moving.sum() >= 2 and np.ptp(dh[moving] / dmed[moving]) > 1e-9:
         x = np.column_stack([dmed, -dh])
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
         k, leak = coef[0], coef[1]
