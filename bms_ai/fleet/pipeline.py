@@ -64,9 +64,11 @@ MANIFEST_FIELDS = {"key": "", "error": "", "vehicle": "", "day": "", "part": "",
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> bool:
     """Connect to ``address`` or start a local Ray on 127.0.0.1; False when one was already running here."""
+    _quiet_logs(quiet)
     import ray
 
     if ray.is_initialized():
+        _quiet_logs(quiet)
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet, "logging_level": "ERROR"}
@@ -74,12 +76,36 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+    _quiet_logs(quiet)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.verbose_stats_logs = False
     with contextlib.suppress(AttributeError):
         ctx.print_on_execution_start = not quiet
     return True
+
+
+def _tasks(workers: int | None) -> Any:
+    """Ray Data's task pool, at most ``workers`` tasks at once (None: as many as the cluster has CPUs)."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=workers) if workers else None
+
+
+def _quiet_logs(quiet: bool) -> None:
+    """Ray Data logs every dataset's start and end at INFO; a pipeline stage in a test or CLI says enough itself."""
+    import logging
+    import warnings
+
+    if quiet:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")    # read when ray.data configures its logging
+    for name in ("ray.data", "ray"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.ERROR if quiet else logging.INFO)
+        for h in log.handlers:
+            h.setLevel(logging.ERROR if quiet else logging.INFO)
+    if quiet:
+        warnings.filterwarnings("ignore", module=r"ray\.data\..*")
 
 
 def _rss_mb() -> float:
@@ -297,9 +323,9 @@ def run_ingest(store: ObjectStore, workers: int | None = None, batch_size: int =
     keys = list_segments(store) if keys is None else keys
     if not keys:
         return {"segments": 0, "rejected": 0, "errors": [], "rows": 0, "wall_s": 0.0, "cpu_s": 0.0}
-    ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=max(1, len(keys) // batch_size))
+    ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=-(-len(keys) // batch_size))
     out = ds.map_batches(_ingest_batch, fn_kwargs={"store": store}, batch_size=batch_size, batch_format="numpy",
-                         concurrency=workers, num_cpus=1).to_pandas()
+                         compute=_tasks(workers), num_cpus=1).to_pandas()
     bad = out[out["error"] != ""]
     good = out[out["error"] == ""]
     table = pa.Table.from_pandas(out.drop(columns=["worker_rss_mb", "pid"]), preserve_index=False)
@@ -335,7 +361,7 @@ def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
             from None
     jobs = vehicle_jobs(manifest)
     rows = ray.data.from_items(jobs, override_num_blocks=max(1, len(jobs))).map(
-        _label_row, fn_kwargs={"store": store}, concurrency=workers, num_cpus=1).take_all() if jobs else []
+        _label_row, fn_kwargs={"store": store}, compute=_tasks(workers), num_cpus=1).take_all() if jobs else []
     errors = [r["error"] for r in rows if r["error"]]
     vehicles = [json.loads(r["result"]) for r in rows if not r["error"]]
     ranking = rank_anomalies(vehicles)
@@ -347,7 +373,7 @@ def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
             "vehicle_hours": sum(v["hours"] for v in vehicles), "anchors": sum(v["anchors"] for v in vehicles),
             "cpu_s": sum(v["cpu_s"] for v in vehicles), "wall_s": time.perf_counter() - t0,
             "worker_rss_mb_max": max((v["worker_rss_mb"] for v in vehicles), default=0.0),
-            "top": ranking[:5]}
+            "workers_seen": len({v["pid"] for v in vehicles}), "top": ranking[:5]}
 
 
 def run_pipeline(store: ObjectStore | str, address: str | None = None, workers: int | None = None,
