@@ -126,3 +126,13 @@ def test_no_key_or_no_vehicle_id_is_refused(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(ValueError, match="pseudonym key"):
         run_vehicle(d, store, EdgeConfig())
     assert list(store.list()) == []
+
+
+@pytest.mark.drive
+def test_rerun_uploads_the_same_keys(edge) -> None:
+    """Content-addressed and deterministic (no wall-clock figures in the segments): a re-run adds nothing."""
+    d, store, res = edge
+    before = sorted(store.list())
+    again = run_vehicle(d, store, EdgeConfig(key=KEY))
+    assert again.segments == res.segments and again.truth_key == res.truth_key
+    assert sorted(store.list()) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,16 @@ import pytest
 
 from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.fleet.edge import EdgeConfig, run_vehicle
-from bms_ai.fleet.pipeline import RANKING, SOH, rank_anomalies, robust_z, run_ingest, run_label, start_ray
+from bms_ai.fleet.pipeline import (
+    RANKING,
+    SOH,
+    rank_anomalies,
+    robust_z,
+    run_ingest,
+    run_label,
+    run_vehicles,
+    start_ray,
+)
 from bms_ai.fleet.store import open_store
 from bms_ai.sim.dataset import RecordedDrive
 
@@ -42,6 +52,12 @@ def fleet_drive(k: int, n_cells: int = 4, sessions: int = 4, drive_s: int = 300,
     return d
 
 
+@dataclass
+class _Uploaded:
+    pseudonym: str
+    segments: list[str]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray (127.0.0.1, 2 CPUs, quiet) for the whole module."""
@@ -57,7 +73,10 @@ def fleet(tmp_path_factory, ray_session):
     store = open_store(str(tmp_path_factory.mktemp("fleet")))
     drives = [fleet_drive(k) for k in range(3)]
     cfg = EdgeConfig(key=KEY, model_dir=None, monitor=False)
-    results = [run_vehicle(d, store, cfg) for d in drives]
+    rows = run_vehicles(drives, store, cfg, workers=2)                  # the edge of a fleet, on the same Ray
+    results = [run_vehicle(d, store, cfg) for d in drives[:1]] + [None] * 2
+    assert [r["pseudonym"] for r in rows][:1] == [results[0].pseudonym]  # a worker and the driver agree
+    results[1:] = [_Uploaded(r["pseudonym"], sorted(store.list(f"segments/{r['pseudonym']}/"))) for r in rows[1:]]
     good = store.get(results[1].segments[0])
     store.put(f"segments/{results[1].pseudonym}/2026-01-01/damaged.mcap", good[: len(good) // 3])
     ingest = run_ingest(store, workers=2, batch_size=1)

@@ -61,6 +61,8 @@ BATTERY = "/bms/battery_state"
 DIAGNOSTICS = "/diagnostics"
 DEFAULT_T0_UNIX = 1767225600.0   # 2026-01-01 UTC: a drive without meta t0_unix starts here
 DEFAULT_KEY_ENV = "BMS_AI_PSEUDONYM_KEY"
+# wall-clock costs of this process, not of a vehicle: left out so a re-run uploads the same bytes (same keys)
+TIMING_KEYS = frozenset({"inference_ms", "cycle_ms", "cycle_max_ms", "step_mean_us", "step_max_us"})
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class _Diag:
             name = status_name(node, r.check)
             if self.levels.get(name) != r.level or r.check in force:
                 self.levels[name] = r.level
-                vals = tuple((str(k), _fmt(v)) for k, v in r.values.items())
+                vals = tuple((str(k), _fmt(v)) for k, v in r.values.items() if k not in TIMING_KEYS)
                 out.append(Status(int(r.level), name, r.message, self.hw, vals))
         return out
 

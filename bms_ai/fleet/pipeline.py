@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import pickle
 import resource
 import sys
 import time
@@ -376,6 +377,37 @@ def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
             "workers_seen": len({v["pid"] for v in vehicles}), "top": ranking[:5]}
 
 
+def _edge_row(row: dict[str, Any], store: ObjectStore, cfg: Any) -> dict[str, Any]:
+    from bms_ai.fleet.edge import run_vehicle
+    from bms_ai.sim.dataset import load_drive
+
+    d = load_drive(row["path"]) if row["path"] else pickle.loads(row["drive"])
+    r = run_vehicle(d, store, cfg)
+    return {"pseudonym": r.pseudonym, "segments": len(r.segments), "samples": r.samples, "bytes": r.bytes,
+            "diagnostics": r.diagnostics, "events": json.dumps(r.events), "seconds": r.seconds}
+
+
+def run_vehicles(drives: list[Any], store: ObjectStore, cfg: Any = None, workers: int | None = None) -> list[dict]:
+    """The vehicle edge for a whole fleet on Ray Data, one task per vehicle (``RecordedDrive`` or a drive path).
+
+    Each vehicle runs ``bms_ai.fleet.edge.run_vehicle`` unchanged; Ray only spreads them over
+    the workers (the estimator and fault monitor cost milliseconds per sample, the cloud side
+    microseconds). Returns one summary row per vehicle, in the given order.
+    """
+    import ray
+
+    from bms_ai.fleet.edge import EdgeConfig
+
+    cfg = cfg or EdgeConfig()
+    items = [{"i": i, "path": str(d) if isinstance(d, (str, os.PathLike)) else "",
+              "drive": b"" if isinstance(d, (str, os.PathLike)) else pickle.dumps(d)} for i, d in enumerate(drives)]
+    if not items:
+        return []
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        lambda r: {"i": r["i"], **_edge_row(r, store, cfg)}, compute=_tasks(workers), num_cpus=1).take_all()
+    return sorted(rows, key=lambda r: r["i"])
+
+
 def run_pipeline(store: ObjectStore | str, address: str | None = None, workers: int | None = None,
                  num_cpus: int | None = None, quiet: bool = True, endpoint_url: str | None = None) -> dict[str, Any]:
     """Ingest then label, on a local Ray (127.0.0.1) or the cluster at ``address``; the summary (also stored)."""
@@ -434,4 +466,4 @@ class LabelCommand:
 
 
 __all__ = ["TIMELINES", "IngestCommand", "LabelCommand", "VehicleJob", "label_vehicle", "rank_anomalies",
-           "run_ingest", "run_label", "run_pipeline", "start_ray"]
+           "run_ingest", "run_label", "run_pipeline", "run_vehicles", "start_ray"]
