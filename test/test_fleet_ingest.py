@@ -110,3 +110,24 @@ def test_sessions_from_gaps() -> None:
     """A gap longer than the threshold starts a new session."""
     t = np.array([0.0, 1, 2, 100, 101, 5000])
     np.testing.assert_array_equal(sessions_from_gaps(t, 10.0), [0, 0, 0, 1, 1, 2])
+
+
+def test_a_segment_across_midnight_goes_to_two_day_partitions(tmp_path: Path) -> None:
+    """A real Recorder's segment may span midnight: its rows split into the two days' partitions."""
+    from bms_ai.fleet.cdr import BATTERY_STATE, encode_battery_states
+    from bms_ai.uplink.segment import Message, SegmentWriter
+
+    t = 1767225600.0 + 86400.0 - 30.0 + np.arange(60.0)
+    msgs = encode_battery_states(t, np.full((60, 2), 3.7), np.full((60, 1), 25.0), current=np.zeros(60))
+    w = SegmentWriter(tmp_path / "s.mcap", metadata={"vehicle": "p-mid", "chemistry": "nmc",
+                                                     "design_capacity_ah": "50"})
+    for m, ti in zip(msgs, t):
+        w.write(Message("/bms/pack/measurements", BATTERY_STATE, m, int(ti * 1e9)))
+    w.close()
+    store = open_store(str(tmp_path / "store"))
+    store.put("segments/p-mid/2026-01-01/s.mcap", (tmp_path / "s.mcap").read_bytes())
+    rows = ingest_segment(store, "segments/p-mid/2026-01-01/s.mcap")
+    assert [(r["day"], r["rows"]) for r in rows] == [("2026-01-01", 30), ("2026-01-02", 30)]
+    tl = read_timeline(store, "p-mid")
+    np.testing.assert_allclose(tl.t, t)
+    assert tl.days == ["2026-01-01", "2026-01-02"] and np.isnan(tl.soc_est).all()
