@@ -20,7 +20,8 @@ SECTIONS.add("decode", "bms_ai.bench.decode:bench_decode", "CAN decode per frame
 SECTIONS.add("estimator", "bms_ai.bench.estimator:bench", "96-cell estimator cycle next to the EKF")
 SECTIONS.add("uplink", "bms_ai.bench.uplink:bench", "MCAP recording and upload next to bare writers")
 SECTIONS.add("graph", "bms_ai.bench.graph:bench", "whole graph CPU, latency, replay speed (needs rclpy)")
-SECTIONS.add("fleet", "bms_ai.bench.fleet:bench", "fleet simulator vehicle-hours per core-minute (calendar, awake)")
+SECTIONS.add("fleet_sim", "bms_ai.bench.fleet:bench", "fleet simulator vehicle-hours per core-minute (calendar, awake)")
+SECTIONS.add("fleet_pipeline", "bms_ai.bench.fleet_pipeline:bench", "fleet ingest + labels on Ray, 1 vs 2 workers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ from bms_ai.core.registry import Registry
 FLEET: Registry = Registry("fleet command")
 FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, publish, refresh, serve")
 FLEET.add("simulate", "bms_ai.fleet.simulator:", "simulate a fleet of vehicles for days (fitted cell types, 1 Hz)")
+FLEET.add("ingest", "bms_ai.fleet.pipeline:IngestCommand", "uploaded segments -> Parquet timelines (Ray Data)")
+FLEET.add("label", "bms_ai.fleet.pipeline:LabelCommand", "timelines -> pseudo-labels, SOH trends, anomaly ranking")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
