@@ -12,6 +12,9 @@ from bms_ai.core.registry import Registry
 
 FLEET: Registry = Registry("fleet command")
 FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, publish, refresh, serve")
+FLEET.add("train", "bms_ai.fleet.learn:TrainCommand", "learn a candidate (cell types' OCV curves) from pseudo-labelled vehicles")
+FLEET.add("gate", "bms_ai.fleet.gate:GateCommand", "candidate vs current models on held-out vehicles: accept or refuse")
+FLEET.add("publish", "bms_ai.fleet.gate:PublishCommand", "sign and publish a candidate the gate accepted")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
