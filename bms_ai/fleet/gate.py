@@ -191,16 +191,22 @@ def gate(candidate_dir: str | Path, drives: list[str | Path], current_dir: str |
     if not paths:
         raise ValueError("no held-out vehicles to gate on (every drive given was used to learn)")
     runs = _runs(paths, current, candidate_dir, rate_hz, jobs, log)
-    summ = summarise(runs)
-    reasons = decide(summ, rule)
-    record = {"accepted": not reasons, "reasons": reasons, "rule": asdict(rule), "current_dir": str(current),
-              "rate_hz": rate_hz, "summary": summ, "skipped_training_vehicles": [p.name for p in skipped],
-              "vehicles": [{"drive": r.drive, "vehicle": r.trace.get("vehicle", ""), "cell_type": r.cell_set,
-                            "class": "unfamiliar" if r.held_out else "familiar", "hours": r.duration_s / 3600,
-                            **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs],
-              "files": file_hashes(candidate_dir, _new_files(candidate_dir))}
-    (candidate_dir / GATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    log(f"[gate] {'ACCEPTED' if not reasons else 'REFUSED: ' + '; '.join(reasons)}")
+    vehicles = [{"drive": r.drive, "vehicle": r.trace.get("vehicle", ""), "cell_type": r.cell_set,
+                 "class": "unfamiliar" if r.held_out else "familiar", "hours": r.duration_s / 3600,
+                 **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs]
+    record = write_record(candidate_dir, summarise(runs), rule, vehicles,
+                          {"current_dir": str(current), "rate_hz": rate_hz,
+                           "skipped_training_vehicles": [p.name for p in skipped]})
+    log(f"[gate] {'ACCEPTED' if record['accepted'] else 'REFUSED: ' + '; '.join(record['reasons'])}")
+    return record
+
+
+def write_record(candidate_dir: Path, summary: dict, rule: GateRule, vehicles: list[dict], extra: dict) -> dict:
+    """Decide on ``summary`` and write ``gate.json`` with the sha256 of the files the verdict is about."""
+    reasons = decide(summary, rule)
+    record = {"accepted": not reasons, "reasons": reasons, "rule": asdict(rule), **extra, "summary": summary,
+              "vehicles": vehicles, "files": file_hashes(Path(candidate_dir), _new_files(Path(candidate_dir)))}
+    (Path(candidate_dir) / GATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
