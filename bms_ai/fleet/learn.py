@@ -259,6 +259,27 @@ def relabel(veh: LabelledVehicle, fit: FleetOcv, cfg: LearnConfig) -> LabelledVe
     return replace(veh, labels=label_drive(veh.drive, ocv=fit.curve, cfg=lc))
 
 
+def _learn_type(ct: str, vs: list[LabelledVehicle], chem: str, cfg: LearnConfig, log) -> FleetOcv | None:
+    """Fit, relabel with the fit, fit again (``cfg.passes``); None with a log line when the rests are too few."""
+    fit = None
+    for k in range(cfg.passes):
+        if fit is not None:
+            vs = [relabel(v, fit, cfg) for v in vs]
+        per_vehicle = [rest_points(v, cfg) for v in vs]
+        try:
+            fit = fit_ocv(_merge(per_vehicle), chem, ct, cfg)
+        except ValueError as exc:
+            log(f"[learn] {exc}: skipped")
+            return None
+        _add_between_vehicles(fit, per_vehicle, chem, cfg)
+        _add_capacity_scale(fit, vs)
+        # never claim less than the family prior itself offers
+        fit.band_v = np.minimum(fit.band_v, np.maximum(cfg.prior_scale * _family_band(chem, KNOTS), cfg.band_floor_v))
+        log(f"[learn] {ct} pass {k + 1}: {fit.stats['rests']} rests from {len(vs)} vehicles, "
+            f"band {1e3 * fit.band_v.min():.0f}-{1e3 * fit.band_v.max():.0f} mV, rms z {fit.stats['rms_z']}")
+    return fit
+
+
 def learn_curves(vehicles: list[LabelledVehicle], cfg: LearnConfig = LearnConfig(), log=print,
                  familiar: set[str] = frozenset()) -> dict[str, FleetOcv]:
     """Per cell type (with enough rests, not in ``familiar``): the learned OCV; skipped types get a log line."""
@@ -273,21 +294,7 @@ def learn_curves(vehicles: list[LabelledVehicle], cfg: LearnConfig = LearnConfig
         if not ct or any(get_chemistry(v.drive.chemistry).name != chem for v in vs):
             log(f"[learn] cell type {ct!r}: no name or mixed chemistries, skipped")
             continue
-        fit = None
-        for k in range(cfg.passes):
-            if fit is not None:
-                vs = [relabel(v, fit, cfg) for v in vs]
-            per_vehicle = [rest_points(v, cfg) for v in vs]
-            try:
-                fit = fit_ocv(_merge(per_vehicle), chem, ct, cfg)
-            except ValueError as exc:
-                log(f"[learn] {exc}: skipped")
-                fit = None
-                break
-            _add_between_vehicles(fit, per_vehicle, chem, cfg)
-            _add_capacity_scale(fit, vs)
-            log(f"[learn] {ct} pass {k + 1}: {fit.stats['rests']} rests from {len(vs)} vehicles, "
-                f"band {1e3 * fit.band_v.min():.0f}-{1e3 * fit.band_v.max():.0f} mV, rms z {fit.stats['rms_z']}")
+        fit = _learn_type(ct, vs, chem, cfg, log)
         if fit is not None:
             out[ct] = fit
     return out
