@@ -198,3 +198,19 @@ def test_learn_on_simulated_lives_gets_closer_to_the_true_curve_than_the_family_
     learned = np.sqrt(np.mean((np.asarray(curve["v"])[mid] - truth[mid]) ** 2))
     prior = np.sqrt(np.mean((load_ocv("nmc")(GRID[mid]) - truth[mid]) ** 2))
     assert learned < 0.5 * prior
+
+
+@pytest.mark.drive   # seconds: the whole command line (every subcommand's module) and two learns
+def test_cli_trains_a_candidate_and_bad_input_is_one_line(fleet, tmp_path: Path, capsys) -> None:
+    from bms_ai.cli import main
+    from bms_ai.sim.dataset import save_npz
+
+    for v in fleet:
+        save_npz(tmp_path / "fleet" / v.drive.name, v.drive)
+    assert main(["fleet", "train", str(tmp_path / "fleet"), "--out", str(tmp_path / "cand"), "--rate-hz", "0"]) == 0
+    assert (tmp_path / "cand" / "soc_eta_nmc_v3.onnx.json").is_file()
+    assert main(["fleet", "train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bms-ai fleet train: {tmp_path / 'nowhere'}: not a drive or directory of drives"]
+    assert main(["fleet", "train", str(tmp_path / "fleet"), "--out", str(tmp_path / "cand")]) == 2   # written once
+    assert "not empty" in capsys.readouterr().err
