@@ -139,3 +139,30 @@ def ocv_model_from_file(path: str | Path, sigma_v: float) -> OcvModel:
     if soc[0] < -1e-6 or soc[-1] > 1 + 1e-6 or np.any(np.diff(soc) <= 0):
         raise ValueError(f"OCV table {p}: soc must rise strictly within 0..1")
     return OcvModel.from_curve(OCVCurve(soc, volts, "user"), sigma_v, f"file:{p.name}")
+
+
+FLEET_OCV_KEY = "ocv_curves"   # a SOC model entry's ``extra`` key: cell type -> fleet-learned OCV curve
+
+
+def ocv_model_from_entry(extra: dict, cell_type: str, label: str = "") -> OcvModel | None:
+    """The fleet-learned OCV curve of ``cell_type`` carried in a model entry's ``extra``, None if it has none.
+
+    The fleet loop learns a cell type's curve from many vehicles' relaxed rests and ships it
+    inside the SOC model's signed entry: ``{"soc": [...], "v": [...], "band_v": [21 knots]}``.
+    A malformed curve is treated as absent (the family prior stays), never as an error at run time.
+    """
+    if not cell_type or not isinstance(extra, dict):
+        return None
+    c = (extra.get(FLEET_OCV_KEY) or {}).get(cell_type)
+    try:
+        soc = np.asarray(c["soc"], dtype=np.float64)
+        v = np.asarray(c["v"], dtype=np.float64)
+        band = np.asarray(c["band_v"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ok = (soc.ndim == 1 and soc.shape == v.shape and soc.size >= 3 and band.shape == KNOTS.shape
+          and np.isfinite(soc).all() and np.isfinite(v).all() and np.isfinite(band).all() and (band > 0).all()
+          and np.all(np.diff(soc) > 0) and np.all(np.diff(v) >= 0) and soc[0] >= 0.0 and soc[-1] <= 1.0)
+    if not ok:
+        return None
+    return OcvModel(OCVCurve(soc, v, "fleet"), band, f"fleet:{cell_type}@{label}" if label else f"fleet:{cell_type}")

@@ -35,7 +35,7 @@ from bms_ai.core.levels import OK, WARN
 from bms_ai.estimation import status
 from bms_ai.estimation.filter import CAP
 from bms_ai.estimation.health import HealthEstimator, HealthOutput
-from bms_ai.estimation.ocvmodel import OcvModel
+from bms_ai.estimation.ocvmodel import OcvModel, ocv_model_from_entry
 from bms_ai.estimation.rul import RulEstimator, load_rul_estimator
 from bms_ai.estimation.soc import RETIRE_AFTER, SocEstimator, SocOutput, soc_model_expectation
 from bms_ai.estimation.state import decode_state, encode_state
@@ -75,8 +75,12 @@ class PackEstimator:
     def __init__(self, chemistry: str, capacity_ah: float, models: ModelRegistry | None = None, *,
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
-                 rest_capacity: bool = True, ocv: OcvModel | None = None, retire_after: int = RETIRE_AFTER) -> None:
+                 rest_capacity: bool = True, ocv: OcvModel | None = None, retire_after: int = RETIRE_AFTER,
+                 cell_type: str = "") -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
+
+        ``cell_type``: the pack's cell type; when no ``ocv`` is given and the SOC model's entry
+        carries a fleet-learned curve for that type, the filter uses it instead of the family prior.
 
         ``rest_capacity`` False turns the capacity anchors off (SOH stays at the
         design value; R0 is still estimated). ``retire_after``: consecutive steps
@@ -94,6 +98,7 @@ class PackEstimator:
         self.rul = rul
         self.rest_capacity = rest_capacity
         self.ocv = ocv
+        self.cell_type = str(cell_type)
         self.retire_after = int(retire_after)
         self._pending_state: dict | None = None
         self.state_note = ""
@@ -137,7 +142,18 @@ class PackEstimator:
             return ""
         model, reason = self.soc_model()
         self.soc_est.set_model(model, reason)
+        ocv = self._ocv_for(model)
+        if ocv is not None and ocv.source != self.soc_est.ocv.source:   # the new model ships this cell type's curve
+            self.soc_est.ocv = ocv
+            if self.health is not None and self.health.ocv is not None:
+                self.health.ocv = ocv
         return f"SOC model now {model.label if model else 'none'}"
+
+    def _ocv_for(self, model: LoadedModel | None) -> OcvModel | None:
+        """The OCV the filter uses: the given one, else the model's fleet-learned curve for this cell type."""
+        if self.ocv is not None or model is None:
+            return self.ocv
+        return ocv_model_from_entry(model.entry.extra, self.cell_type, model.label)
 
     def _retire(self) -> None:
         """The SOC estimator reports its model refused for too long: the registry retires it, the slot decides next."""
@@ -157,7 +173,7 @@ class PackEstimator:
     def _create(self, n_cells: int, n_temps: int) -> None:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
-                                    ocv=self.ocv, soc0=self.initial_soc, model_reason=reason,
+                                    ocv=self._ocv_for(model), soc0=self.initial_soc, model_reason=reason,
                                     retire_after=self.retire_after)
         ocv = self.soc_est.ocv if self.rest_capacity else None
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,

@@ -15,6 +15,9 @@ FLEET.add("tuf", "bms_ai.fleet.tuf_cli:", "signed model repository (TUF): init, 
 FLEET.add("simulate", "bms_ai.fleet.simulator:", "simulate a fleet of vehicles for days (fitted cell types, 1 Hz)")
 FLEET.add("ingest", "bms_ai.fleet.pipeline:IngestCommand", "uploaded segments -> Parquet timelines (Ray Data)")
 FLEET.add("label", "bms_ai.fleet.pipeline:LabelCommand", "timelines -> pseudo-labels, SOH trends, anomaly ranking")
+FLEET.add("train", "bms_ai.fleet.learn:TrainCommand", "learn a candidate (cell types' OCV curves) from pseudo-labelled vehicles")
+FLEET.add("gate", "bms_ai.fleet.gate:GateCommand", "candidate vs current models on held-out vehicles: accept or refuse")
+FLEET.add("publish", "bms_ai.fleet.gate:PublishCommand", "sign and publish a candidate the gate accepted")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
