@@ -11,6 +11,7 @@ pseudo-labelled synthetic vehicles when judged on other vehicles of that cell ty
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -28,7 +29,9 @@ from bms_ai.fleet.updater import ModelUpdater
 from bms_ai.models.runtime import default_model_dir
 from bms_ai.sim.dataset import load_drive, save_npz
 
-EVAL_NMC = Path("/work/data/estimation/eval_nmc")
+# $BMS_AI_ESTIMATION_DATA, or data/estimation beside the checkout (as test_fleet_labels)
+EST = Path(os.environ.get("BMS_AI_ESTIMATION_DATA") or Path(__file__).resolve().parents[2] / "data" / "estimation")
+EVAL_NMC = EST / "eval_nmc"
 
 
 def _m(rmse: float, p95: float | None = None) -> dict:

@@ -178,7 +178,7 @@ def test_malformed_curves_in_an_entry_leave_the_family_prior() -> None:
 
 
 def _lives() -> list[Path]:
-    root = Path(os.environ.get("BMS_AI_FLEET_LIVES", "/work/data/estimation_fleet"))
+    root = Path(os.environ.get("BMS_AI_FLEET_LIVES") or Path(__file__).resolve().parents[2] / "data" / "estimation_fleet")
     return sorted(p for p in root.glob("*/") if (p / "drive.npz").exists()) if root.is_dir() else []
 
 
@@ -188,7 +188,7 @@ def test_learn_on_simulated_lives_gets_closer_to_the_true_curve_than_the_family_
 
     lives = [p for p in _lives() if "ecker" in p.name.lower()]
     if not lives:
-        pytest.skip("no simulated held-out lives ($BMS_AI_FLEET_LIVES or /work/data/estimation_fleet)")
+        pytest.skip("no simulated held-out lives ($BMS_AI_FLEET_LIVES or data/estimation_fleet beside the checkout)")
     drives = [resample_drive(load_drive(p), 1.0) for p in lives[:1]]
     out = learn(label_vehicles(drives), tmp_path / "cand", log=lambda s: None)
     entry = next(e for e in read_manifest(out)[0] if e.version == 3 and e.chemistry == "nmc")
