@@ -152,6 +152,8 @@ def _key(store) -> str:
 
 def labelled_from_store(store, pseudonyms: list[str], cell_types: dict[str, str]) -> list:
     """What the cloud learns from: each vehicle's uploaded timeline and its pseudo-labels (no truth)."""
+    import io
+
     import pyarrow.parquet as pq
 
     from bms_ai.fleet.ingest import read_timeline
@@ -159,8 +161,6 @@ def labelled_from_store(store, pseudonyms: list[str], cell_types: dict[str, str]
     from bms_ai.fleet.learn import LabelledVehicle
     from bms_ai.fleet.pipeline import MANIFEST
     from bms_ai.sim.dataset import RecordedDrive
-
-    import io
     man = pq.read_table(io.BytesIO(store.get(MANIFEST))).to_pylist()
     out = []
     for pid in pseudonyms:
@@ -266,7 +266,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log=print) -> Demo
     from bms_ai.core.paths import default_model_dir
     from bms_ai.fleet.gate import gate
     from bms_ai.fleet.learn import learn
-    from bms_ai.fleet.pipeline import run_label, run_ingest, start_ray
+    from bms_ai.fleet.pipeline import run_ingest, run_label, start_ray
     from bms_ai.fleet.store import open_store
 
     cfg = cfg.validate()

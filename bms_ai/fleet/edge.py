@@ -175,7 +175,7 @@ def _estimate(d: RecordedDrive, cfg: EdgeConfig, hw: str, t_abs: np.ndarray) -> 
     blob, est, next_soc_status = None, None, -math.inf
     for s0, s1 in session_bounds(d.session_ids()):
         est = PackEstimator(d.chemistry, d.capacity_ah, models, rul=rul,
-                            initial_soc=soc_stored(d) if blob is None else None)
+                            initial_soc=soc_stored(d) if blob is None else None, cell_type=d.cell_type)
         if blob is not None:
             est.restore_state(blob)
         for k in range(s0, s1):

@@ -63,18 +63,13 @@ class FleetEstimator(ShippedEstimator):
         return {**super().info(), "cell_type": self.cell_type, "ocv": est.ocv.source if est is not None else ""}
 
 
-def cell_type_of(meta: dict) -> str:
-    """The vehicle's cell type as the fleet knows it (simulation: the variant / cell set)."""
-    return str(meta.get("variant") or meta.get("cell_set") or "")
-
-
 def gate_drive(path: str, current_dir: str, candidate_dir: str, rate_hz: float = 1.0) -> RunResult:
     """One held-out vehicle: current and candidate estimators and CC from the true start, evaluate's metrics."""
     d = resample_drive(load_drive(path), rate_hz)
     pack = pack_info(d, "chemistry")
     base = VARIANTS[0]
     x = PERTURBATIONS[base.kind](d, base)
-    ct = cell_type_of(d.meta)
+    ct = d.cell_type
     names = [functools.partial(FleetEstimator, label=CURRENT, model_dir=current_dir, cell_type=ct),
              functools.partial(FleetEstimator, label=CANDIDATE, model_dir=candidate_dir, cell_type=ct), REFERENCE]
     stats, infos, _, _ = run_methods(pack, EvalSetup(rate_hz=rate_hz), names, x, d.soc, marks(d), plot_points=2)

@@ -62,8 +62,7 @@ class LabelledVehicle:
         if not self.vehicle:
             self.vehicle = pseudonym(self.drive)
         if not self.cell_type:
-            m = self.drive.meta
-            self.cell_type = str(m.get("variant") or m.get("cell_set") or "")
+            self.cell_type = self.drive.cell_type
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class EstimatorNode(Node):
             "ocv_file": declare(self, "ocv_file", "", "the cell's OCV curve (csv: soc, volts; '' = chemistry prior, "
                                 "learned in the field)"),
             "ocv_sigma_v": declare(self, "ocv_sigma_v", 0.003, "how far ocv_file is trusted (V)"),
+            "cell_type": declare(self, "cell_type", "", "the pack's cell type: a fleet-learned OCV curve for it in "
+                                 "the SOC model's entry is used when ocv_file is ''"),
             "state_file": declare(self, "state_file", "auto", "estimator state kept across power cycles "
                                   "('auto': $ROS_HOME/bms_ai/<namespace>_estimator.json; '' = off)"),
             "state_period": declare(self, "state_period", 60.0, "state save period (node clock, s); also on shutdown"),
@@ -55,7 +57,8 @@ class EstimatorNode(Node):
             self.p["model_dir"], self.p["chemistry"], float(self.p["capacity_ah"]),
             use_models=bool(self.p["use_models"]), initial_soc=s0 if 0.0 <= s0 <= 1.0 else None,
             health_period=float(self.p["health_period"]), efc0=float(self.p["efc0"]),
-            ocv=ocv_model_from_file(self.p["ocv_file"], float(self.p["ocv_sigma_v"])) if self.p["ocv_file"] else None)
+            ocv=ocv_model_from_file(self.p["ocv_file"], float(self.p["ocv_sigma_v"])) if self.p["ocv_file"] else None,
+            cell_type=str(self.p["cell_type"]))
         self.state_path = resolve_state_path(self.p["state_file"], self.get_namespace())
         if self.state_path is not None:
             payload, why = read_state(self.state_path)

@@ -45,6 +45,11 @@ class RecordedDrive:
     current_true: np.ndarray | None = None       # (T,) true cell current (A) incl. what the sensor misses
 
     @property
+    def cell_type(self) -> str:
+        """The cell type as a vehicle's pack config names it (simulated drives: the cell set); '' unknown."""
+        return str(self.meta.get("variant") or self.meta.get("cell_set") or "")
+
+    @property
     def n_cells(self) -> int:
         """Number of series cells (groups) measured."""
         return int(self.cell_v.shape[1])
