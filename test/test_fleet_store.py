@@ -10,6 +10,8 @@ from testutil import free_port
 
 from bms_ai.fleet.store import LocalStore, ObjectStore, S3Store, open_store
 
+BUCKET = "bms-fleet-store-test"
+
 
 def _exercise(st: ObjectStore) -> None:
     st.put("segments/p-1/2026-01-01/a.mcap", b"one")
@@ -67,12 +69,18 @@ def test_s3_store_against_moto_server() -> None:
     server.start()
     try:
         ep = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="fleet")
-        st = open_store("s3://fleet/run1", ep, access_key="testing", secret_key="testing")
-        assert isinstance(st, S3Store) and st.url == "s3://fleet/run1/"
-        _exercise(st)
-        other = open_store("s3://fleet/run2", ep, access_key="testing", secret_key="testing")
-        assert list(other.list()) == []                                  # the prefix separates runs
+        s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        s3.create_bucket(Bucket=BUCKET)   # moto keeps buckets per process: a name no other test uses
+        try:
+            st = open_store(f"s3://{BUCKET}/run1", ep, access_key="testing", secret_key="testing")
+            assert isinstance(st, S3Store) and st.url == f"s3://{BUCKET}/run1/"
+            _exercise(st)
+            other = open_store(f"s3://{BUCKET}/run2", ep, access_key="testing", secret_key="testing")
+            assert list(other.list()) == []                              # the prefix separates runs
+        finally:
+            for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+                s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+            s3.delete_bucket(Bucket=BUCKET)
     finally:
         server.stop()
