@@ -263,11 +263,11 @@ def score_alarms(drives: list, edge_rows: list[dict], anomalies: list[dict]) -> 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log=print) -> DemoRun:  # noqa: C901 - one story, told in order
     """The whole loop once; returns what it measured (also ``out/demo.json`` and ``out/report/index.html``)."""
-    from bms_ai.core.paths import default_model_dir
     from bms_ai.fleet.gate import gate
     from bms_ai.fleet.learn import learn
     from bms_ai.fleet.pipeline import run_ingest, run_label, start_ray
     from bms_ai.fleet.store import open_store
+    from bms_ai.models.runtime import default_model_dir
 
     cfg = cfg.validate()
     out = Path(out)
