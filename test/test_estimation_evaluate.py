@@ -88,6 +88,7 @@ def test_drive_classes_from_meta_or_conditions() -> None:
     assert ev.drive_classes({"ambient_c": 0.0}) == ("d",)
     assert ev.drive_classes({"current_offset_a": 0.3, "ambient_c": 25.0}) == ("c",)
     assert ev.drive_classes({"ambient_c": 25.0, "soh": 0.97}) == ("a",)
+    assert ev.drive_classes({"soh": [0.85, 0.86, 0.84]}) == ("d",)      # one per cell (fleet vehicles)
 
 
 # -- the harness --------------------------------------------------------------------------------

@@ -184,7 +184,8 @@ def drive_classes(meta: dict) -> tuple[str, ...]:
     if float(meta.get("current_offset_a") or 0.0) != 0.0:
         tags.append("c")
     amb = meta.get("ambient_c")
-    if (amb is not None and abs(float(amb) - 25.0) > 5.0) or float(meta.get("soh") or 1.0) < 0.9:
+    soh = float(np.mean(meta["soh"])) if meta.get("soh") else 1.0      # one value, or one per cell
+    if (amb is not None and abs(float(amb) - 25.0) > 5.0) or soh < 0.9:
         tags.append("d")
     if meta.get("held_out"):
         tags.append("e")

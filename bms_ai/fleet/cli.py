@@ -17,6 +17,7 @@ FLEET.add("ingest", "bms_ai.fleet.pipeline:IngestCommand", "uploaded segments ->
 FLEET.add("label", "bms_ai.fleet.pipeline:LabelCommand", "timelines -> pseudo-labels, SOH trends, anomaly ranking")
 FLEET.add("train", "bms_ai.fleet.learn:TrainCommand", "learn a candidate (cell types' OCV curves) from pseudo-labelled vehicles")
 FLEET.add("gate", "bms_ai.fleet.gate:GateCommand", "candidate vs current models on held-out vehicles: accept or refuse")
+FLEET.add("demo", "bms_ai.fleet.demo:", "one turn of the loop, measured: a week, pipeline, learn, gate, TUF, another week")
 FLEET.add("publish", "bms_ai.fleet.gate:PublishCommand", "sign and publish a candidate the gate accepted")
 
 
