@@ -43,6 +43,7 @@ class DemoConfig:
     edge_rate_hz: float = 0.2             # the vehicles' estimator and fault monitor rate in the fleet run
     workers: int = 2
     fault_rate: float = 0.1
+    anomaly_z: float = 6.0                # a fleet anomaly score at least this is an alarm
     address: str | None = None            # an existing Ray cluster; None: local Ray on 127.0.0.1
 
     def validate(self) -> DemoConfig:
@@ -217,55 +218,88 @@ def distribute(candidate: Path, gate_ok: bool, out: Path, factory: Path) -> dict
             "poll": str(getattr(res, "summary", res))[:300], "model_dir": str(vdir)}
 
 
-def before_after(paths: list[Path], factory: Path, installed: Path, jobs: int) -> dict:
+def before_after(paths: list[Path], factory: Path, installed: Path, jobs: int, rate_hz: float) -> dict:
     """Factory vs installed models on the same second-week drives of held-out vehicles, next to CC from the true start."""
-    from bms_ai.fleet.gate import _runs, summarise
+    from bms_ai.fleet.gate import _finite, _runs, summarise
 
-    runs = _runs(paths, factory, installed, 1.0, jobs, lambda s: None)
-    per = [{"vehicle": r.drive, "cell_type": r.cell_set, "class": "unfamiliar" if r.held_out else "familiar",
-            **{k: m.metrics.get("rmse") for k, m in r.methods.items()}} for r in runs]
+    runs = _runs(paths, factory, installed, rate_hz, jobs, lambda s: None)
+    per = [{"drive": r.drive, "cell_type": r.cell_set, "class": "unfamiliar" if r.held_out else "familiar",
+            "hours": r.duration_s / 3600, **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs]
     return {"summary": summarise(runs), "vehicles": per}
 
 
-def _fault_hits(events: list[str], anomalies: list[dict], pid: str) -> set[int]:
-    cells = set()
+# Operating-limit checks: the simulated vehicle really went there (cold soak, empty pack); counted, not scored.
+LIMIT_CHECKS = frozenset({"cell undervoltage", "cell overvoltage", "cell undertemperature", "cell overtemperature",
+                          "pack current", "derating"})
+
+
+def parse_event(text: str) -> tuple[str, int]:
+    """``check#index@Ns`` (edge result) -> (check, index); index -1 for pack-level checks."""
+    check, _, rest = text.partition("#")
+    idx = rest.split("@")[0]
+    return check, int(idx) if idx.lstrip("-").isdigit() else -1
+
+
+def _alarms_of(events: list[str], flagged: set[int]) -> tuple[dict[int, set[str]], dict[str, int]]:
+    """Fault alarms per cell (-1 = pack level) and operating-limit events per check."""
+    by_cell: dict[int, set[str]] = {}
+    limits: dict[str, int] = {}
     for e in events:
-        name, _, rest = e.partition("#")
-        if rest and rest.split("@")[0].isdigit():
-            cells.add(int(rest.split("@")[0]))
-    for a in anomalies:
-        if a.get("vehicle") == pid and a.get("flagged"):
-            cells.add(int(a["cell"]))
-    return cells
+        check, idx = parse_event(e)
+        if check in LIMIT_CHECKS:
+            limits[check] = limits.get(check, 0) + 1
+        else:
+            by_cell.setdefault(idx, set()).add(check)
+    for c in flagged:
+        by_cell.setdefault(c, set()).add("fleet anomaly")
+    return by_cell, limits
 
 
-def score_alarms(drives: list, edge_rows: list[dict], anomalies: list[dict]) -> dict:
-    """Alarms (fault monitor events, flagged fleet anomalies) against the injected faults' truth."""
-    detected = missed = false = 0
-    rows = []
+def score_alarms(drives: list, edge_rows: list[dict], ranking: list[dict], anomaly_z: float) -> dict:
+    """Fault alarms (fault monitor detectors and plausibility checks, fleet anomalies above ``anomaly_z``)
+    against the injected faults' truth; operating-limit events counted apart.
+
+    An injected fault is detected when any fault alarm names its cell; a fault alarm on a cell
+    (or at pack level on a vehicle) without an injected fault is a false alarm.
+    """
+    flagged: dict[str, set[int]] = {}
+    for r in ranking:
+        if float(r.get("score") or 0.0) >= anomaly_z:
+            flagged.setdefault(r["vehicle"], set()).add(int(r["cell"]))
+    faults: dict[tuple[str, int], str] = {}
+    alarms: dict[tuple[str, int], set[str]] = {}
+    limits: dict[str, int] = {}
     for d, e in zip(drives, edge_rows):
         pid = e["pseudonym"]
-        hits = _fault_hits(e.get("events", []), anomalies, pid)
-        faulty = {int(f["cell"]): f["kind"] for f in d.meta.get("faults", [])}
-        for cell, kind in faulty.items():
-            ok = cell in hits
-            detected += ok
-            missed += not ok
-            rows.append({"vehicle": pid, "cell": cell, "kind": kind, "detected": ok})
-        false += len(hits - set(faulty))
-        rows += [{"vehicle": pid, "cell": c, "kind": "none (false alarm)", "detected": True} for c in sorted(hits - set(faulty))]
+        for f in d.meta.get("faults", []):
+            faults[(pid, int(f["cell"]))] = str(f["kind"])
+        by_cell, lim = _alarms_of(e.get("events", []), flagged.pop(pid, set()))
+        for c, checks in by_cell.items():
+            alarms.setdefault((pid, c), set()).update(checks)
+        for k, n in lim.items():
+            limits[k] = limits.get(k, 0) + n
+    faulty_vehicles = {v for v, _ in faults}
+    rows, detected = [], 0
+    for (pid, cell), kind in sorted(faults.items()):
+        hit = alarms.get((pid, cell), set())
+        detected += bool(hit)
+        rows.append({"vehicle": pid, "cell": cell, "kind": f"injected {kind}", "level": "detected" if hit else "missed",
+                     "by": sorted(hit)})
+    false = [(k, v) for k, v in alarms.items() if k not in faults and not (k[1] == -1 and k[0] in faulty_vehicles)]
+    rows += [{"vehicle": pid, "cell": cell, "kind": "false alarm: " + ", ".join(sorted(v)), "level": "false"}
+             for (pid, cell), v in false]
     h = _hours(drives)
-    n_f = detected + missed
-    return {"injected": n_f, "detected": detected, "recall": (detected / n_f) if n_f else None,
-            "false_alarms": false, "per_1000_calendar_h": 1000 * false / max(h["calendar_h"], 1e-9),
-            "per_1000_awake_h": 1000 * false / max(h["awake_h"], 1e-9), **h, "rows": rows}
+    return {"injected": len(faults), "detected": detected, "recall": detected / len(faults) if faults else None,
+            "false_alarms": len(false), "per_1000_calendar_h": 1000 * len(false) / max(h["calendar_h"], 1e-9),
+            "per_1000_awake_h": 1000 * len(false) / max(h["awake_h"], 1e-9), "limit_events": limits,
+            "anomaly_z": anomaly_z, **h, "rows": rows}
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log=print) -> DemoRun:  # noqa: C901 - one story, told in order
     """The whole loop once; returns what it measured (also ``out/demo.json`` and ``out/report/index.html``)."""
     from bms_ai.fleet.gate import gate
     from bms_ai.fleet.learn import learn
-    from bms_ai.fleet.pipeline import run_ingest, run_label, start_ray
+    from bms_ai.fleet.pipeline import RANKING, run_ingest, run_label, start_ray
     from bms_ai.fleet.store import open_store
     from bms_ai.models.runtime import default_model_dir
 
@@ -324,23 +358,54 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log=print) -> Demo
     with _Timer(run, "before/after on held-out vehicles (week 2, paired)", log):
         held2 = [d for i, d in enumerate(week2) if i % cfg.heldout_every == 0]
         run.after = before_after(_save_drives(held2, out / "heldout_week2"), factory, Path(run.update["model_dir"]),
-                                 cfg.workers)
-    anomalies = lab.get("anomalies", []) if isinstance(lab, dict) else []
-    run.alarms = score_alarms(week1 + week2, edge1 + edge2, anomalies)
+                                 cfg.workers, cfg.edge_rate_hz)
+    with _Timer(run, "pipeline: both weeks (ingest, labels, SOH, anomalies)", log):
+        run_ingest(store, cfg.workers)
+        lab2 = run_label(store, cfg.workers)
+    run.pipeline["both_weeks"] = {k: v for k, v in lab2.items() if not isinstance(v, list)}
+    ranking = json.loads(store.get(RANKING)).get("cells", [])
+    run.alarms = score_alarms(week1 + week2, edge1 + edge2, ranking, cfg.anomaly_z)
     (out / "demo.json").write_text(json.dumps(dataclasses.asdict(run), indent=1, default=str) + "\n")
-    write_demo_report(out / "report", run, store, lab)
+    write_demo_report(out / "report", run, store, cell_types)
     return run
 
 
-def write_demo_report(out: Path, run: DemoRun, store, lab: dict) -> Path:
-    """The HTML report: fleet SOH, gate, before/after, alarms, stage timings."""
+def _soh_rows(store, cell_types: dict[str, str]) -> list[dict]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from bms_ai.fleet.pipeline import SOH
+
+    t = pq.read_table(io.BytesIO(store.get(SOH))).to_pydict()
+    by: dict[str, list[float]] = {}
+    for v, soh in zip(t["vehicle"], t["soh"]):
+        by.setdefault(v, []).append(float(soh))
+    return [{"vehicle": v, "cell_type": cell_types.get(v, ""), "soh": vals} for v, vals in by.items()]
+
+
+def _timing_html(run: DemoRun) -> str:
+    import html
+
+    rows = "".join(f"<tr><td>{html.escape(s.name)}</td><td>{s.wall_s:.1f}</td><td>{html.escape(s.note)}</td></tr>"
+                   for s in run.stages)
+    a = run.alarms
+    return ("<h2>Alarms against injected faults</h2>"
+            f"<p>{a.get('detected')}/{a.get('injected')} injected faults detected; {a.get('false_alarms')} false alarms "
+            f"= {a.get('per_1000_calendar_h', 0):.2f} per 1000 vehicle-hours ({a.get('calendar_h')} h), "
+            f"{a.get('per_1000_awake_h', 0):.2f} per 1000 awake hours ({a.get('awake_h')} h); "
+            f"operating-limit events (counted, not scored): {html.escape(json.dumps(a.get('limit_events', {})))}</p>"
+            f"<h2>Stages</h2><table><tr><th>stage</th><th>wall s</th><th>note</th></tr>{rows}</table>")
+
+
+def write_demo_report(out: Path, run: DemoRun, store, cell_types: dict[str, str]) -> Path:
+    """The HTML report: fleet SOH, before/after on the held-out vehicles' second week, alarms, stage timings."""
     from bms_ai.fleet.report import write_report
 
-    soh = lab.get("vehicles", []) if isinstance(lab, dict) else []
-    alarms = [r for r in run.alarms.get("rows", [])]
-    gate_view = dict(run.gate)
-    gate_view["after_week2"] = run.after.get("summary")
-    return write_report(out, soh=soh or None, gate=gate_view or None, alarms=alarms or None,
+    after = {"accepted": bool(run.gate.get("accepted")), "reasons": run.gate.get("reasons", []),
+             "summary": run.after.get("summary", {"classes": {}}), "vehicles": run.after.get("vehicles", [])}
+    return write_report(out, soh=_soh_rows(store, cell_types) or None, gate=after if after["vehicles"] else None,
+                        alarms=run.alarms.get("rows") or None, extra_html=_timing_html(run),
                         title="bms_ai fleet demo: one turn of the learning loop")
 
 

@@ -159,10 +159,10 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-
 
 def write_report(out: str | Path, *, soh: list[dict] | None = None, gate: dict | None = None,
                  alarms: list[dict] | None = None, labels: list[dict] | None = None,
-                 title: str = "Fleet learning report", plots: bool = True) -> Path:
+                 title: str = "Fleet learning report", plots: bool = True, extra_html: str = "") -> Path:
     """Write ``index.html`` into ``out`` (created) with the sections whose inputs are given; returns its path.
 
-    ``plots`` False writes the tables only (no matplotlib).
+    ``plots`` False writes the tables only (no matplotlib); ``extra_html`` (trusted, ours) goes at the end.
     """
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if soh:
@@ -173,6 +173,8 @@ def write_report(out: str | Path, *, soh: list[dict] | None = None, gate: dict |
         parts.append(alarms_section(alarms, plots=plots))
     if labels:
         parts.append(labels_section(labels, plots))
+    if extra_html:
+        parts.append(extra_html)
     if len(parts) == 1:
         parts.append("<p>No inputs given.</p>")
     out = Path(out)
