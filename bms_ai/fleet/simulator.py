@@ -62,7 +62,7 @@ class FleetConfig:
     climates: dict[str, float] = field(default_factory=lambda: {"cold": 1.0, "temperate": 2.0, "hot": 1.0})
     fault_rate: float = 0.03                 # probability per vehicle and fault kind
     spread: float = 1.0                      # manufacturing spread multiplier
-    pack_cooling: float = 3.0                # heat transfer of a cell in the pack / of the free cell PyBaMM fitted
+    pack_cooling: float = 8.0                # heat transfer of a cell in the pack / of the free cell PyBaMM fitted
     start_unix: float = DEFAULT_START_UNIX
     cells_dir: str | None = None             # fitted cell types (default: the shipped ones)
     current_sensor: SensorSpec = field(default_factory=SensorSpec)
@@ -344,13 +344,21 @@ class _Cells:
                       self.cool[idx], steps)
 
 
-def _run(ct: CellType, n_par: int, dt, i, amb, ses, c: _Cells, k0: int = 0, prev=None):
-    """``run_cells`` for the cells ``c`` from sample k0 on (from the states of ``prev`` at k0 - 1)."""
-    if k0 == 0:
+def _run(ct: CellType, n_par: int, dt, i, amb, ses, c: _Cells, k0: int = 0, prev=None, k1: int | None = None):
+    """``run_cells`` for the cells ``c`` over samples k0..k1-1 (from the states of ``prev`` at k0 - 1)."""
+    if k0 == 0 and k1 is None:
         return run_cells(ct, dt, i, amb, c.soc0, c.cap, n_par, ses, c.leak, c.r_scale, c.dv, c.h0, None, c.cool, c.steps)
+    sl = slice(k0, k1)
     steps = [(w, cell, max(k - k0, 0), x) for w, cell, k, x in c.steps]
-    return run_cells(ct, dt[k0:], i[k0:], amb[k0:], prev.soc[k0 - 1], c.cap, n_par, ses[k0:], c.leak, c.r_scale, c.dv,
+    return run_cells(ct, dt[sl], i[sl], amb[sl], prev.soc[k0 - 1], c.cap, n_par, ses[sl], c.leak, c.r_scale, c.dv,
                      prev.h[k0 - 1], prev.temp[k0 - 1], c.cool, steps, f0=prev.f[k0 - 1])
+
+
+def _splice(run, part, k0: int) -> None:
+    """Write a partial run into the whole one from sample k0."""
+    k1 = k0 + len(part.f)
+    for name in ("soc", "v", "temp", "h", "f"):
+        getattr(run, name)[k0:k1] = getattr(part, name)
 
 
 def bms_limits(ct: CellType) -> tuple[float, float]:
@@ -380,10 +388,23 @@ def _limit_segment(ct: CellType, dt, i, i_cmd, ses_k, run, c: _Cells, k0: int, k
     a = np.exp(-dt[sl, None] / taus[None, :])                              # (L, B)
     base = ocv + c.dv + np.einsum("blw,lb->lw", r[1:1 + nb], a * run.f[prev]) + 0.5 * ct.hyst_gap_v * run.h[prev]
     slope = r[0] + np.einsum("blw,lb->lw", r[1:1 + nb], 1.0 - a)
-    nl = ct.nonlinear(r[1 + nb:], i[sl, None] * (ct.capacity_ah / cap)) * c.r_scale
-    lo = ((v_lo - base - nl) / slope).max(axis=1)
-    hi = ((v_hi - base - nl) / slope).min(axis=1)
-    new = np.minimum(np.maximum(i_cmd[sl], lo), hi)
+    k_i = ct.capacity_ah / cap
+
+    def inside(cur: np.ndarray) -> np.ndarray:
+        v = base + slope * cur[:, None] + ct.nonlinear(r[1 + nb:], cur[:, None] * k_i) * c.r_scale
+        return ((v >= v_lo) & (v <= v_hi)).all(axis=1)
+
+    # the largest share of the command that keeps every watched cell inside (V is monotone in I): bisection
+    cmd = i_cmd[sl]
+    lo_s, hi_s = np.zeros(len(cmd)), np.ones(len(cmd))
+    ok = inside(cmd)
+    lo_s[ok] = 1.0
+    for _ in range(14):
+        mid = 0.5 * (lo_s + hi_s)
+        good = inside(mid * cmd)
+        lo_s = np.where(good & ~ok, mid, lo_s)
+        hi_s = np.where(good | ok, hi_s, mid)
+    new = lo_s * cmd
     if charge:
         end = np.flatnonzero((new < float(np.mean(cap)) / 20.0) & (i_cmd[sl] > 0))
         if len(end):
@@ -422,12 +443,14 @@ def _limit_watched(ct: CellType, n_par: int, dt, i, amb, ses, segs, seg_of, sub:
         limited += 1
         for _ in range(6):                   # fixed point: allowed current <-> the states it leads to
             _limit_segment(ct, dt, i, i_cmd, ses, run, sub, k0, b, kind != "trip" and i_cmd[k0] > 0)
-            part = _run(ct, n_par, dt, i, amb, ses, sub, k0, run)
-            for name in ("soc", "v", "temp", "h", "f"):
-                getattr(run, name)[k0:] = getattr(part, name)
-            bad[k0:] = _violations(part, v_lo, v_hi, tol) & (seg_of[k0:] >= 0)
-            if not bad[k0:b].any():
+            part = _run(ct, n_par, dt, i, amb, ses, sub, k0, run, b)
+            _splice(run, part, k0)
+            if not (_violations(part, v_lo, v_hi, tol)).any():
                 break
+        if b < len(i):                       # the rest of the period from the new states
+            part = _run(ct, n_par, dt, i, amb, ses, sub, b, run)
+            _splice(run, part, b)
+            bad[b:] = _violations(part, v_lo, v_hi, tol) & (seg_of[b:] >= 0)
         k_from = b
 
 
