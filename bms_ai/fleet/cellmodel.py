@@ -40,7 +40,8 @@ RIDGE = 1e-3                          # pull of every table entry towards the on
 SOC_KNOTS = (0.05, 0.2, 0.5, 0.8, 0.95)
 LEAK_A_PER_AH = 2e-3 / 50.0
 GRID_T0, GRID_DT, GRID_NT = -40.0, 0.5, 221        # fine lookup grid: -40..70 degC
-GRID_DS, GRID_NS = 0.005, 201                      # 0..1 SOC           # bms_ai.sim.life: 2 mA per 50 Ah, mean self-discharge
+GRID_DS, GRID_NS = 0.005, 201                      # 0..1 SOC
+TABLE_EVERY = 8                                    # samples between table reads in run_cells           # bms_ai.sim.life: 2 mA per 50 Ah, mean self-discharge
 
 
 @dataclass
@@ -96,6 +97,13 @@ class CellType:
         ti = ((np.asarray(temp) - GRID_T0) * (1.0 / GRID_DT) + 0.5).astype(np.int32)
         np.clip(ti, 0, GRID_NT - 1, out=ti)
         return ocv, np.take(self._grid, ti * GRID_NS + k, axis=1)
+
+    def ocv_fast(self, soc: np.ndarray) -> np.ndarray:
+        """OCV on the uniform grid by index arithmetic (no search)."""
+        x = np.clip(soc, 0.0, 1.0) * (GRID_NS - 1)
+        k = x.astype(np.int32)
+        np.minimum(k, GRID_NS - 2, out=k)
+        return self._ov[k] + (x - k) * self._dov[k]
 
     def resistances_fast(self, temp: np.ndarray, soc: np.ndarray) -> np.ndarray:
         """``resistances`` from the fine grid (what the simulator runs on)."""
@@ -235,6 +243,28 @@ def _stepped(base: np.ndarray, steps, name: str, k0: int, k1: int) -> np.ndarray
     return out
 
 
+def _overpotential(ct: CellType, temp: np.ndarray, soc: np.ndarray, i: np.ndarray, f: np.ndarray, k_r, k_i,
+                   r_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(OCV, overpotential) (T, n); the tables are read every ``TABLE_EVERY`` samples and held in between.
+
+    The resistances move with SOC and temperature only (0.1 % SOC per second at 3C), so reading
+    the tables at every sample would cost most of the run for nothing; currents and branch
+    currents enter at every sample.
+    """
+    nt, n = soc.shape
+    m = TABLE_EVERY
+    pad = (-nt) % m
+    idx = np.arange(0, nt, m)
+    ocv_s, r = ct.ocv_and_resistances(temp[idx, None], soc[idx])          # (1 + B + 2, T/m, n)
+    x = np.column_stack([i, f])                                          # (T, 1 + B)
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]))]).reshape(-1, m, x.shape[1])
+    nb = len(ct.rc_tau)
+    lin = np.einsum("jtn,tkj->tkn", r[:1 + nb], x).reshape(-1, n)[:nt] * k_r
+    ri = np.repeat(r[1 + nb:], m, axis=1)[:, :nt]
+    ocv = ct.ocv_fast(soc)
+    return ocv, lin + ct.nonlinear(ri, i[:, None] * k_i) * r_scale
+
+
 def run_cells(ct: CellType, dt: np.ndarray, i: np.ndarray, ambient: np.ndarray, soc0: np.ndarray,
               cap_ah: np.ndarray, n_parallel: int = 1, session: np.ndarray | None = None,
               leak_a: np.ndarray | float = 0.0, r_scale: np.ndarray | float = 1.0, dv: np.ndarray | float = 0.0,
@@ -286,12 +316,9 @@ def run_cells(ct: CellType, dt: np.ndarray, i: np.ndarray, ambient: np.ndarray, 
         heat = i[sl] * (rm[0] * i[sl] + np.einsum("bt,tb->t", rm[1:1 + nb], f[sl]))
         rises = recur(a_th[sl], (1.0 - a_th[sl]) * heat / ha, rise)
         temp = ambient[sl, None] + rises[:, None] * (float(np.mean(cool)) / cool[None, :])
-        ocv, r = ct.ocv_and_resistances((ambient[sl] + rises)[:, None], s)
-        r[:1 + nb] *= k_r
+        ocv, over = _overpotential(ct, (ambient[sl] + rises), s, i[sl], f[sl], k_r, ct.capacity_ah / c, r_scale)
         if any(w == "r0" for w, *_ in steps):
-            r[0] += _stepped(np.zeros(n), steps, "r0", k0, k1)
-        over = r[0] * i[sl, None] + np.einsum("btn,tb->tn", r[1:1 + nb], f[sl])
-        over += ct.nonlinear(r[1 + nb:], i[sl, None] * (ct.capacity_ah / c)) * r_scale
+            over += _stepped(np.zeros(n), steps, "r0", k0, k1) * i[sl, None]
         v = ocv + over
         if ct.hyst_gap_v > 0:
             p = recur(a_h[sl], 0.0, 1.0)

@@ -34,7 +34,6 @@ from bms_ai.sim.life import (
     command_knots,
     current_sensor,
     temperature_sensor,
-    voltage_sensor,
 )
 from bms_ai.sim.variants import get_variant
 
@@ -313,10 +312,10 @@ def timeline(sessions, cap_ah: float) -> tuple[np.ndarray, np.ndarray, np.ndarra
     i[starts] = 0.0                          # the sample after a park carries no charge (the park is closed form)
     segs = []
     for s, k0, x in zip(sessions, starts, ts):
-        for seg in s.segments:
-            a = k0 + int(math.ceil(seg.start_s - s.start_s))
-            b = k0 + min(int(math.floor(seg.end_s - s.start_s)) + 1, len(x))
-            segs.append((a, b, seg.kind))
+        # each segment runs to the next one's start: the 1 s transitions belong to a segment too
+        a = [k0 + int(math.ceil(seg.start_s - s.start_s)) for seg in s.segments]
+        b = a[1:] + [k0 + len(x)]
+        segs += [(ka, kb, seg.kind) for ka, kb, seg in zip(a, b, s.segments)]
     return t, ses, i, segs
 
 
@@ -362,9 +361,11 @@ def _splice(run, part, k0: int) -> None:
 
 
 def bms_limits(ct: CellType) -> tuple[float, float]:
-    """Voltage window the BMS holds: the cell type's cut-offs, half the hysteresis gap inside (as bms_ai.sim.life)."""
+    """Voltage window the BMS holds: the chemistry's operating window inside the cell's cut-offs, half the
+    hysteresis gap inside (as bms_ai.sim.life)."""
+    chem = get_chemistry(ct.chemistry)
     half = 0.5 * ct.hyst_gap_v
-    return ct.v_min + half, ct.v_max - half
+    return max(ct.v_min, chem.v_min) + half, min(ct.v_max, chem.v_max) - half
 
 
 def _limit_segment(ct: CellType, dt, i, i_cmd, ses_k, run, c: _Cells, k0: int, k1: int, charge: bool) -> None:
@@ -495,6 +496,17 @@ def _sensor_groups(n: int, m: int) -> np.ndarray:
     return (np.arange(n) * m) // n
 
 
+def _voltage_sensor(v: np.ndarray, spec: VoltageSensorSpec, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """``life.voltage_sensor`` (channel offset + noise, quantised) in float32: half the time on a week of 96 cells."""
+    off = spec.offset_v * rng.standard_normal(v.shape[1])
+    noise = rng.standard_normal(v.shape, dtype=np.float32)
+    noise *= np.float32(spec.noise_v)
+    noise += v
+    noise += off.astype(np.float32)[None, :]
+    np.rint(noise * np.float32(1.0 / spec.lsb_v), out=noise)
+    return noise.astype(np.float64) * spec.lsb_v, off.tolist()
+
+
 def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
     """Vehicle ``index`` of the fleet over ``cfg.days``: measured inputs, truth and meta (common record)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
@@ -522,7 +534,7 @@ def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
     temp_s = np.stack([run.temp[:, groups == j].mean(axis=1) for j in range(m)], axis=1)
     nominal = var.nominal_ah * v.n_parallel
     i_meas, cur = current_sensor(i_true, run.temp.mean(axis=1), ses, nominal, cfg.current_sensor, rng_sens)
-    v_meas, v_off = voltage_sensor(run.v, cfg.voltage_sensor, rng_sens)
+    v_meas, v_off = _voltage_sensor(run.v, cfg.voltage_sensor, rng_sens)
     t_meas = temperature_sensor(temp_s, cfg.temp_sensor, rng_sens)
     timing = {"wall_s": round(time.perf_counter() - t_wall, 3), "cpu_s": round(time.process_time() - t_cpu, 3),
               "calendar_h": round(cfg.days * 24.0, 3), "awake_h": round(len(t) / 3600.0, 3)}
