@@ -469,10 +469,11 @@ def realise_current(ct: CellType, n_par: int, dt, i_cmd, amb, ses, segs, cells: 
         seg_of[a:b] = j
     watch = _watched(cells, i, dt)
     limited = 0
-    for _ in range(3):
+    for _ in range(2):
         limited += _limit_watched(ct, n_par, dt, i, amb, ses, segs, seg_of, cells.take(watch), tol)
         run = _run(ct, n_par, dt, i, amb, ses, cells)
-        worst = np.flatnonzero(((run.v > v_hi + tol) | (run.v < v_lo - tol)).any(axis=0))
+        # another round only for a cell clearly outside (a full run of every cell costs as much as the rest)
+        worst = np.flatnonzero(((run.v > v_hi + 5 * tol) | (run.v < v_lo - 5 * tol)).any(axis=0))
         if not len(worst) or set(worst.tolist()) <= set(watch.tolist()):
             break
         watch = np.union1d(watch, worst)
