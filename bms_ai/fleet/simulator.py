@@ -429,17 +429,28 @@ def _violations(run, v_lo: float, v_hi: float, tol: float) -> np.ndarray:
 
 
 def _limit_watched(ct: CellType, n_par: int, dt, i, amb, ses, segs, seg_of, sub: _Cells, tol: float) -> int:
-    """One sweep forward over the watched cells: limit each violating segment, re-run from its first violation."""
+    """One sweep forward over the watched cells: limit each violating segment until it holds.
+
+    After a limited segment the run is stale from its end on; it is brought up to date only up to
+    the next flagged violation (one pass over the period in all, not one per segment).
+    """
     v_lo, v_hi = bms_limits(ct)
     i_cmd = i.copy()
     run = _run(ct, n_par, dt, i, amb, ses, sub)
     bad = _violations(run, v_lo, v_hi, tol) & (seg_of >= 0)
-    k_from, limited = 0, 0
+    k_from, limited, stale, n = 0, 0, None, len(i)
     while True:
         nxt = np.flatnonzero(bad[k_from:])
+        k_to = k_from + int(nxt[0]) if len(nxt) else n
+        if stale is not None and k_to > stale:
+            part = _run(ct, n_par, dt, i, amb, ses, sub, stale, run, k_to)
+            _splice(run, part, stale)
+            bad[stale:k_to] = _violations(part, v_lo, v_hi, tol) & (seg_of[stale:k_to] >= 0)
+            stale = k_to if k_to < n else None
+            continue
         if not len(nxt):
             return limited
-        k0 = max(k_from + int(nxt[0]), 1)
+        k0 = max(k_to, 1)
         a, b, kind = segs[int(seg_of[k0])]
         limited += 1
         for _ in range(6):                   # fixed point: allowed current <-> the states it leads to
@@ -448,10 +459,7 @@ def _limit_watched(ct: CellType, n_par: int, dt, i, amb, ses, segs, seg_of, sub:
             _splice(run, part, k0)
             if not (_violations(part, v_lo, v_hi, tol)).any():
                 break
-        if b < len(i):                       # the rest of the period from the new states
-            part = _run(ct, n_par, dt, i, amb, ses, sub, b, run)
-            _splice(run, part, b)
-            bad[b:] = _violations(part, v_lo, v_hi, tol) & (seg_of[b:] >= 0)
+        stale = b if b < n else None
         k_from = b
 
 
