@@ -34,7 +34,7 @@ setup(
         *tree("data/drives"),
     ],
     # data read at run time from inside the package (OCV tables, drive cycles)
-    package_data={PACKAGE: ["chemistry/data/*", "sim/data/*", "sim/data/*/*"]},
+    package_data={PACKAGE: ["chemistry/data/*", "sim/data/*", "sim/data/*/*", "fleet/data/cells/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",

@@ -93,7 +93,7 @@ def test_hysteresis_is_frozen_while_parked():
 
 @pytest.mark.pybamm
 def test_fitted_type_follows_pybamm_on_an_unseen_drive():
-    """NMC_Chen2020 against a short PyBaMM drive it was not fitted on (docs/fleet_sim.md: measured ~9-18 mV)."""
+    """NMC_Chen2020 against a short PyBaMM drive it was not fitted on (docs/fleet_sim.md: 7.1 mV measured)."""
     ct = cm.load_cell_type("NMC_Chen2020")
     d = cm.pybamm_drive("NMC_Chen2020", 300, 25.0, 0.3, hysteresis=True)
-    assert cm.rmse_mv(ct, d) <= 20.0
+    assert cm.rmse_mv(ct, d) <= 10.0

@@ -36,11 +36,12 @@ FIT_AMBIENTS = (-10.0, 0.0, 10.0, 25.0, 40.0, -5.0, 5.0, 15.0, 30.0, 45.0)
 VALID_AMBIENTS = (-5.0, 18.0, 33.0)
 TEMP_KNOTS = (-10.0, 0.0, 10.0, 25.0, 40.0)
 RC_TAUS = (10.0, 60.0, 300.0, 1500.0)   # fixed branch time constants: the fit is linear, the recursion cheap
-RIDGE = 1e-3                          # pull of every table entry towards the one-value fit
+RIDGE = 1e-3                          # pull of every table entry towards the one-value fit (one value for every set)
 SOC_KNOTS = (0.05, 0.2, 0.5, 0.8, 0.95)
 LEAK_A_PER_AH = 2e-3 / 50.0
 GRID_T0, GRID_DT, GRID_NT = -40.0, 0.5, 221        # fine lookup grid: -40..70 degC
-GRID_DS, GRID_NS = 0.005, 201                      # 0..1 SOC           # bms_ai.sim.life: 2 mA per 50 Ah, mean self-discharge
+GRID_DS, GRID_NS = 0.005, 201                      # 0..1 SOC
+TABLE_EVERY = 8                                    # samples between table reads in run_cells           # bms_ai.sim.life: 2 mA per 50 Ah, mean self-discharge
 
 
 @dataclass
@@ -96,6 +97,13 @@ class CellType:
         ti = ((np.asarray(temp) - GRID_T0) * (1.0 / GRID_DT) + 0.5).astype(np.int32)
         np.clip(ti, 0, GRID_NT - 1, out=ti)
         return ocv, np.take(self._grid, ti * GRID_NS + k, axis=1)
+
+    def ocv_fast(self, soc: np.ndarray) -> np.ndarray:
+        """OCV on the uniform grid by index arithmetic (no search)."""
+        x = np.clip(soc, 0.0, 1.0) * (GRID_NS - 1)
+        k = x.astype(np.int32)
+        np.minimum(k, GRID_NS - 2, out=k)
+        return self._ov[k] + (x - k) * self._dov[k]
 
     def resistances_fast(self, temp: np.ndarray, soc: np.ndarray) -> np.ndarray:
         """``resistances`` from the fine grid (what the simulator runs on)."""
@@ -235,6 +243,28 @@ def _stepped(base: np.ndarray, steps, name: str, k0: int, k1: int) -> np.ndarray
     return out
 
 
+def _overpotential(ct: CellType, temp: np.ndarray, soc: np.ndarray, i: np.ndarray, f: np.ndarray, k_r, k_i,
+                   r_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(OCV, overpotential) (T, n); the tables are read every ``TABLE_EVERY`` samples and held in between.
+
+    The resistances move with SOC and temperature only (0.1 % SOC per second at 3C), so reading
+    the tables at every sample would cost most of the run for nothing; currents and branch
+    currents enter at every sample.
+    """
+    nt, n = soc.shape
+    m = TABLE_EVERY
+    pad = (-nt) % m
+    idx = np.arange(0, nt, m)
+    ocv_s, r = ct.ocv_and_resistances(temp[idx, None], soc[idx])          # (1 + B + 2, T/m, n)
+    x = np.column_stack([i, f])                                          # (T, 1 + B)
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]))]).reshape(-1, m, x.shape[1])
+    nb = len(ct.rc_tau)
+    lin = np.einsum("jtn,tkj->tkn", r[:1 + nb], x).reshape(-1, n)[:nt] * k_r
+    ri = np.repeat(r[1 + nb:], m, axis=1)[:, :nt]
+    ocv = ct.ocv_fast(soc)
+    return ocv, lin + ct.nonlinear(ri, i[:, None] * k_i) * r_scale
+
+
 def run_cells(ct: CellType, dt: np.ndarray, i: np.ndarray, ambient: np.ndarray, soc0: np.ndarray,
               cap_ah: np.ndarray, n_parallel: int = 1, session: np.ndarray | None = None,
               leak_a: np.ndarray | float = 0.0, r_scale: np.ndarray | float = 1.0, dv: np.ndarray | float = 0.0,
@@ -285,13 +315,10 @@ def run_cells(ct: CellType, dt: np.ndarray, i: np.ndarray, ambient: np.ndarray, 
         nb = len(ct.rc_tau)
         heat = i[sl] * (rm[0] * i[sl] + np.einsum("bt,tb->t", rm[1:1 + nb], f[sl]))
         rises = recur(a_th[sl], (1.0 - a_th[sl]) * heat / ha, rise)
-        temp = ambient[sl, None] + rises[:, None] / cool[None, :]
-        ocv, r = ct.ocv_and_resistances((ambient[sl] + rises)[:, None], s)
-        r[:1 + nb] *= k_r
+        temp = ambient[sl, None] + rises[:, None] * (float(np.mean(cool)) / cool[None, :])
+        ocv, over = _overpotential(ct, (ambient[sl] + rises), s, i[sl], f[sl], k_r, ct.capacity_ah / c, r_scale)
         if any(w == "r0" for w, *_ in steps):
-            r[0] += _stepped(np.zeros(n), steps, "r0", k0, k1)
-        over = r[0] * i[sl, None] + np.einsum("btn,tb->tn", r[1:1 + nb], f[sl])
-        over += ct.nonlinear(r[1 + nb:], i[sl, None] * (ct.capacity_ah / c)) * r_scale
+            over += _stepped(np.zeros(n), steps, "r0", k0, k1) * i[sl, None]
         v = ocv + over
         if ct.hyst_gap_v > 0:
             p = recur(a_h[sl], 0.0, 1.0)
@@ -389,12 +416,12 @@ def _robust_drive(variant: str, seed: int, amb: float, hours: float, hysteresis:
     for s in (seed, seed + 1000):
         try:
             return pybamm_drive(variant, s, amb, hours, hysteresis=hysteresis, cache=cache), s
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - PyBaMM solver failures have several types; a redraw answers all
             say(f"{variant}: drive seed {s} at {amb:g} degC failed ({str(exc)[:80]}); redrawn")
     return None, None
 
 
-def _fit_tables(drives, ocv: OCVCurve, taus=RC_TAUS) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _fit_tables(drives, ocv: OCVCurve, taus=RC_TAUS, nonlinear: bool = True, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """R0, branch resistances and nonlinear terms over (temperature x SOC): ridge least squares on V - OCV(true SOC).
 
     With the time constants fixed the model is linear in every table entry (interpolation weights
@@ -409,7 +436,8 @@ def _fit_tables(drives, ocv: OCVCurve, taus=RC_TAUS) -> tuple[np.ndarray, np.nda
     for d in drives:
         i, soc, temp = _park_free(d), d.soc[:, 0], d.cell_t[:, 0]
         y = d.cell_v[:, 0] - ocv(np.clip(soc, 0.0, 1.0))
-        x = np.column_stack([i] + [rc_filter(d.t, i, tau) for tau in taus] + [i * np.abs(i), i ** 3 * 0.1])
+        nl = [i * np.abs(i), i ** 3 * 0.1] if nonlinear else [np.zeros_like(i), np.zeros_like(i)]
+        x = np.column_stack([i] + [rc_filter(d.t, i, tau) for tau in taus] + nl)
         w = (hat_weights(np.asarray(TEMP_KNOTS), temp)[:, :, None] * hat_weights(np.asarray(SOC_KNOTS), soc)[:, None, :])
         w = w.reshape(len(y), -1)
         ok = np.isfinite(y) & (soc > 0.01) & (soc < 0.995)
@@ -418,11 +446,14 @@ def _fit_tables(drives, ocv: OCVCurve, taus=RC_TAUS) -> tuple[np.ndarray, np.nda
         z1s.append(x[ok])
     y, z, z1 = np.concatenate(ys), np.vstack(zs), np.vstack(z1s)
     c0 = np.linalg.lstsq(z1, y, rcond=None)[0]
+    c0 = np.where(np.any(z1 != 0, axis=0), c0, 0.0)
     n_w = len(TEMP_KNOTS) * len(SOC_KNOTS)
     prior = np.repeat(c0, n_w)
     g = z.T @ z
-    lam = RIDGE * float(np.mean(np.diag(g)))
+    lam = ridge * float(np.mean(np.diag(g)))
     coef = np.linalg.solve(g + lam * np.eye(g.shape[0]), z.T @ y + lam * prior)
+    if not nonlinear:
+        coef[-2 * n_w:] = 0.0
     tabs = coef.reshape(3 + len(taus), len(TEMP_KNOTS), len(SOC_KNOTS))
     return tabs[0], tabs[1:1 + len(taus)], tabs[1 + len(taus):], i_max
 
@@ -447,16 +478,19 @@ def fit_cell_type(variant: str, seed: int = 0, hours: float = 1.0, ambients=FIT_
             drives.append(d)
             used.append({"seed": s, "ambient_c": amb, "hours": hours})
         say(f"{variant}: fit drive {k} ({amb:g} degC) in {time.perf_counter() - t0:.1f} s")
-    r0, rc_r, nl_r, i_max = _fit_tables(drives, ocv)
     c_th, ha = _fit_thermal(drives, ocv)
-    ct = CellType(variant=variant, chemistry=var.chemistry, held_out=var.held_out, capacity_ah=float(info["capacity_ah"]),
+    ct = _assemble(variant, var, info, soc, ocv, gap, _fit_tables(drives, ocv, nonlinear=True, ridge=RIDGE), c_th, ha)
+    ct.fit = {"pybamm_drives": used, "ridge": RIDGE, "fit_rmse_mv": [round(rmse_mv(ct, d), 2) for d in drives]}
+    return ct
+
+
+def _assemble(variant, var, info, soc, ocv, gap, tabs, c_th, ha) -> CellType:
+    r0, rc_r, nl_r, i_max = tabs
+    return CellType(variant=variant, chemistry=var.chemistry, held_out=var.held_out, capacity_ah=float(info["capacity_ah"]),
                   v_min=float(info["v_min"]), v_max=float(info["v_max"]), ocv_soc=soc.tolist(), ocv_v=ocv.ocv.tolist(),
                   hyst_gap_v=float(gap), kappa_hyst=KAPPA_HYST, temp_knots=list(TEMP_KNOTS), soc_knots=list(SOC_KNOTS),
                   r0=r0.tolist(), rc_tau=list(RC_TAUS), rc_r=rc_r.tolist(), nl_r=nl_r.tolist(), nl_i_max=i_max,
                   heat_capacity_j_k=c_th, heat_transfer_w_k=ha, leak_a=LEAK_A_PER_AH * float(info["capacity_ah"]))
-    ct.fit = {"pybamm_drives": used,
-              "fit_rmse_mv": [round(rmse_mv(ct, d), 2) for d in drives]}
-    return ct
 
 
 def validate_cell_type(ct: CellType, seed: int = 100, hours: float = 1.0, ambients=VALID_AMBIENTS, log=None,
