@@ -93,6 +93,25 @@ def test_vehicle_k_does_not_depend_on_the_fleet_size():
     np.testing.assert_array_equal(one.cell_v, two.cell_v)
 
 
+def test_a_later_period_is_the_same_vehicle_a_week_older():
+    cfg = _cfg(days=1.0, fault_rate=1.0, fade_per_day=1e-3).validate()
+    p0 = simulate_vehicle(cfg, 0)
+    p1 = simulate_vehicle(FleetConfig(**{**cfg.__dict__, "period": 1}).validate(), 0)
+    for k in ("vehicle_id", "variant", "driver"):
+        assert p1.meta[k] == p0.meta[k]
+    assert p1.meta["climate"]["name"] == p0.meta["climate"]["name"]      # other days, same climate
+    assert p1.meta["t0_unix"] == p0.meta["t0_unix"] + 86400.0
+    # the same faults, their onsets one period earlier (negative: already there when the period starts)
+    assert [(f["kind"], f["cell"]) for f in p1.meta["faults"]] == [(f["kind"], f["cell"]) for f in p0.meta["faults"]]
+    for f0, f1 in zip(p0.meta["faults"], p1.meta["faults"]):
+        assert f1["onset_s"] == pytest.approx(f0["onset_s"] - 86400.0, abs=0.1)
+    # aged: capacity at the start of period 1 = the start of period 0 less a day of fade (and the fault's own)
+    np.testing.assert_array_less(p1.cell_capacity_ah, p0.cell_capacity_ah)
+    first_h = p1.t[0] / 3600.0                      # period 1's first wake-up, hours after its midnight
+    assert np.median(p1.cell_capacity_ah / p0.cell_capacity_ah) == pytest.approx(1.0 - 1e-3 * (1 + first_h / 24), abs=5e-5)
+    assert p1.meta["classes"][0] == "b" and not np.array_equal(p1.current, p0.current[: len(p1.current)])
+
+
 @pytest.fixture(scope="module")
 def faulty():
     return simulate_vehicle(_cfg(days=3.0, fault_rate=1.0, fade_per_day=0.0).validate(), 0)
@@ -126,7 +145,7 @@ def test_injected_faults_show_in_the_truth(faulty):
 
 @pytest.mark.parametrize("kw", [{"vehicles": 0}, {"days": -1}, {"n_cells": 0}, {"soh": (0.9, 0.8)},
                                 {"mix": {"NMC_Nope": 1.0}}, {"mix": {"NMC_Chen2020": -1.0}}, {"climates": {"arctic": 1}},
-                                {"fault_rate": 2.0}, {"n_temps": 99}])
+                                {"fault_rate": 2.0}, {"n_temps": 99}, {"period": -1}])
 def test_bad_config_is_a_one_line_value_error(kw):
     with pytest.raises(ValueError) as e:
         _cfg(**kw).validate()

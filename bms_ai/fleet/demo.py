@@ -112,7 +112,7 @@ def _fleet(cfg: DemoConfig, period: int):
     from bms_ai.fleet.simulator import FleetConfig
 
     return FleetConfig(vehicles=cfg.vehicles, days=cfg.days, seed=cfg.seed, n_cells=cfg.n_cells,
-                       mix=cfg.mix or default_mix(), fault_rate=cfg.fault_rate).validate()  # PERIOD TODO
+                       mix=cfg.mix or default_mix(), fault_rate=cfg.fault_rate, period=period).validate()
 
 
 def simulate_week(cfg: DemoConfig, period: int, workers: int) -> list:

@@ -63,6 +63,8 @@ class FleetConfig:
     spread: float = 1.0                      # manufacturing spread multiplier
     pack_cooling: float = 8.0                # heat transfer of a cell in the pack / of the free cell PyBaMM fitted
     start_unix: float = DEFAULT_START_UNIX
+    period: int = 0                          # k-th period of ``days`` of the same vehicles (cells, climate, driver,
+    #                                          faults); new trips; time, ageing and fault onsets continue
     cells_dir: str | None = None             # fitted cell types (default: the shipped ones)
     current_sensor: SensorSpec = field(default_factory=SensorSpec)
     voltage_sensor: VoltageSensorSpec = field(default_factory=VoltageSensorSpec)
@@ -76,10 +78,10 @@ class FleetConfig:
             raise ValueError(f"vehicles must be a positive integer, not {self.vehicles!r}")
         if not (isinstance(self.days, (int, float)) and 0 < self.days <= 366):
             raise ValueError(f"days must be in (0, 366], not {self.days!r}")
-        if not (isinstance(self.n_cells, int) and 1 <= self.n_cells <= 1000):
-            raise ValueError(f"n_cells must be an integer in [1, 1000], not {self.n_cells!r}")
-        if self.n_temps is not None and not (isinstance(self.n_temps, int) and 1 <= self.n_temps <= self.n_cells):
-            raise ValueError(f"n_temps must be in [1, n_cells], not {self.n_temps!r}")
+        for name, hi in (("n_cells", 1000), ("n_temps", self.n_cells), ("period", 10_000)):
+            x, lo = getattr(self, name), 0 if name == "period" else 1
+            if not (name == "n_temps" and x is None) and not (isinstance(x, int) and lo <= x <= hi):
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], not {x!r}")
         lo, hi = self.soh
         if not 0.5 <= lo <= hi <= 1.0:
             raise ValueError(f"soh must be a range inside [0.5, 1.0], not {self.soh!r}")
@@ -522,7 +524,13 @@ def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
     v = draw_vehicle(cfg, index)
     ct = load_cell_type(v.variant, cfg.cells_dir)
     var = get_variant(v.variant)
-    rng_plan, rng_sens = np.random.default_rng([cfg.seed, index, 2]), np.random.default_rng([cfg.seed, index, 3])
+    per = [cfg.period] if cfg.period else []      # period 0 draws exactly what a fleet without periods draws
+    rng_plan, rng_sens = np.random.default_rng([cfg.seed, index, 2, *per]), np.random.default_rng([cfg.seed, index, 3, *per])
+    offset = cfg.period * cfg.days * 86400.0
+    if cfg.period:
+        v.soc0 = np.clip(v.soc0 - np.mean(v.soc0) + np.random.default_rng([cfg.seed, index, 4, *per]).uniform(0.4, 0.9),
+                         0.02, 0.99)
+    faults = [dict(f, onset_s=round(f["onset_s"] - offset, 1)) for f in v.faults]   # < 0: before this period
     day_means = CLIMATES[v.climate][0] + 3.0 * rng_plan.standard_normal(int(math.ceil(cfg.days)) + 1)
     sessions = plan_period(cfg, v, ct.chemistry, rng_plan, day_means)
     t, ses, i_cmd, segs = timeline(sessions, float(np.mean(v.cap_ah)))
@@ -530,13 +538,13 @@ def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
     amb = ambient_c(v.climate, day_means, t)
     starts = np.flatnonzero(np.r_[True, ses[1:] != ses[:-1]])
     steps = []
-    for f in v.faults:
+    for f in faults:
         k_on = int(np.searchsorted(t, f["onset_s"]))
         if f["kind"] == "internal_short":
             steps.append(("leak", f["cell"], k_on, f["leak_a"]))
         elif f["kind"] == "contact_resistance":
             steps.append(("r0", f["cell"], k_on, f["r_extra_ohm"]))
-    cells = _Cells(v.soc0, _session_caps(cfg, v, t[starts]), v.leak_a, v.r_scale, v.dv, v.h0, v.cool, steps)
+    cells = _Cells(v.soc0, _session_caps(cfg, v, t[starts] + offset), v.leak_a, v.r_scale, v.dv, v.h0, v.cool, steps)
     i_true, run, limited = realise_current(ct, v.n_parallel, dt, i_cmd, amb, ses, segs, cells)
     n, m = cfg.n_cells, cfg.n_temps or max(1, cfg.n_cells // 3)
     groups = _sensor_groups(n, m)
@@ -547,8 +555,11 @@ def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
     t_meas = temperature_sensor(temp_s, cfg.temp_sensor, rng_sens)
     timing = {"wall_s": round(time.perf_counter() - t_wall, 3), "cpu_s": round(time.process_time() - t_cpu, 3),
               "calendar_h": round(cfg.days * 24.0, 3), "awake_h": round(len(t) / 3600.0, 3)}
-    meta = {"vehicle_id": v.vehicle_id, "t0_unix": float(cfg.start_unix), "variant": v.variant, "cell_set": v.variant,
-            "held_out": var.held_out, "soh": [round(float(x), 5) for x in v.soh], "faults": v.faults,
+    soh = cells.cap[0] / (var.nominal_ah * v.n_parallel) if cfg.period else v.soh
+    classes = ["b"] + (["d"] if v.climate != "temperate" or float(np.mean(soh)) < 0.9 else []) + (["e"] if var.held_out else [])
+    meta = {"vehicle_id": v.vehicle_id, "t0_unix": float(cfg.start_unix + offset), "variant": v.variant,
+            "cell_set": v.variant, "held_out": var.held_out, "soh": [round(float(x), 5) for x in soh], "faults": faults,
+            "classes": classes, "period": cfg.period,
             "climate": {"name": v.climate, "day_mean_c": [round(float(x), 2) for x in day_means],
                         "diurnal_c": CLIMATES[v.climate][1]},
             "driver": v.driver, "rate_hz": RATE_HZ, "n_parallel": v.n_parallel, "n_sessions": int(ses[-1]) + 1,
@@ -559,7 +570,8 @@ def simulate_vehicle(cfg: FleetConfig, index: int) -> RecordedDrive:
             "source": f"{GENERATOR}: fitted ECM cell type {v.variant} (bms_ai.fleet.cellmodel)",
             "seed": cfg.seed, "index": index, "timing": timing}
     return RecordedDrive(name=v.vehicle_id, chemistry=ct.chemistry, capacity_ah=nominal, t=t, current=i_meas,
-                         cell_v=v_meas, cell_t=t_meas, soc=run.soc, meta=meta, session=ses, cell_capacity_ah=v.cap_ah.copy(),
+                         cell_v=v_meas, cell_t=t_meas, soc=run.soc, meta=meta, session=ses,
+                         cell_capacity_ah=cells.cap[0].copy() if cfg.period else v.cap_ah.copy(),
                          ocv_soc=np.asarray(ct.ocv_soc), ocv_v=np.asarray(ct.ocv_v), current_true=i_true)
 
 
