@@ -113,7 +113,7 @@ def test_retire_request_after_consecutive_refusals(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- fusion: Coulomb counting first
 
-def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0) -> tuple[np.ndarray, list[str]]:
+def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0, dt_c: float = 0.0) -> tuple[np.ndarray, list[str]]:
     """Max cell SOC error at the end of the bundled demo drive and the filter events, stored start and voltages shifted."""
     reg = open_models(Path(__file__).resolve().parents[1] / "models")
     reg.poll()
@@ -122,8 +122,8 @@ def _run_demo(chem: str, shift: float = 0.0, dv: float = 0.0) -> tuple[np.ndarra
                        soc0=np.clip(d.soc[0] + shift, 0.0, 1.0))
     events: list[str] = []
     for k in range(len(d.t)):
-        o = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k] + dv, d.cell_t[k])
-        assert o.method == "learned" or k == 0
+        o = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k] + dv, d.cell_t[k] + dt_c)
+        assert o.method == "learned" or k == 0 or dt_c
         events += o.events
     return np.max(np.abs(o.cell_soc - d.soc[-1])), events
 
@@ -143,6 +143,14 @@ def test_a_wrong_stored_start_restarts_from_the_ocv_where_it_has_slope() -> None
     err, events = _run_demo("nmc", shift=-0.3)
     assert [e.split(":")[0] for e in events] == ["soc_reopened", "soc_restarted_from_ocv"], events
     assert err < 0.03
+
+
+@pytest.mark.drive
+def test_no_restart_in_the_cold() -> None:
+    """Below 0 degC the voltage cannot tell a wrong state from a slow overpotential: the gate does not count
+    those samples (the same wrong start at 25 degC restarts, above), the estimate keeps Coulomb counting."""
+    err, events = _run_demo("nmc", shift=-0.3, dt_c=-30.0)
+    assert events == [] and abs(err - 0.3) < 0.01
 
 
 @pytest.mark.drive
