@@ -34,13 +34,13 @@ SECONDS_PER_WEEK = 7 * 86400.0
 class DemoConfig:
     """Size of the demo fleet; the defaults fit the 15-minute budget on 2 cores."""
 
-    vehicles: int = 12
+    vehicles: int = 8
     days: float = 7.0
     seed: int = 0
     n_cells: int = 96
     mix: dict[str, float] | None = None   # variant -> weight; None: the default mix (mostly unfamiliar cells)
     heldout_every: int = 3                # every k-th vehicle is held out from learning (gate + before/after)
-    edge_rate_hz: float = 0.2             # the vehicles' estimator and fault monitor rate in the fleet run
+    edge_rate_hz: float = 0.1             # the vehicles' estimator and fault monitor rate in the fleet run
     workers: int = 2
     fault_rate: float = 0.1
     anomaly_z: float = 6.0                # a fleet anomaly score at least this is an alarm
@@ -344,7 +344,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log=print) -> Demo
         if "error" in run.learn:
             run.gate = {"accepted": False, "reasons": [run.learn["error"]]}
         else:
-            run.gate = gate(cand, held_paths, factory, rate_hz=1.0, jobs=cfg.workers, log=lambda s: None)
+            run.gate = gate(cand, held_paths, factory, rate_hz=cfg.edge_rate_hz, jobs=cfg.workers, log=lambda s: None)
         st.note = "ACCEPTED" if run.gate.get("accepted") else f"REFUSED: {'; '.join(run.gate.get('reasons', []))}"
     with _Timer(run, "TUF publish + vehicle update", log) as st:
         run.update = distribute(cand, bool(run.gate.get("accepted")), out, factory)
