@@ -116,12 +116,12 @@ def _ocv_sigma_v(soc: np.ndarray, chem: str, own_curve: bool, cfg: LabelConfig) 
     return np.sqrt(band**2 + cfg.voltage_sigma_v**2 + (c.hysteresis_gap_v / 2) ** 2)
 
 
-def _ocv_anchor(v: float, ocv: OCVCurve, sig_fn) -> tuple[float, float]:
-    """SOC and sigma of a relaxed voltage: the secant over +-sigma, so a flat plateau gives a wide sigma."""
-    s = float(ocv.inverse(v))
-    sv = float(sig_fn(np.array([s]))[0])
-    lo, hi = float(ocv.inverse(v - sv)), float(ocv.inverse(v + sv))
-    return s, max((hi - lo) / 2.0, 1e-3)
+def _ocv_anchors(v: np.ndarray, ocv: OCVCurve, sig_fn) -> tuple[np.ndarray, np.ndarray]:
+    """SOC and sigma of relaxed voltages (one per cell): the secant over +-sigma, so a flat plateau gives a wide sigma."""
+    s = ocv.inverse(v)
+    sv = sig_fn(s)
+    lo, hi = ocv.inverse(v - sv), ocv.inverse(v + sv)
+    return s, np.maximum((hi - lo) / 2.0, 1e-3)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -154,13 +154,11 @@ def find_anchors(t: np.ndarray, current: np.ndarray, cell_v: np.ndarray, chemist
         cuts = [a, *inner.tolist(), b]
         for lo, hi in zip(cuts[:-1], cuts[1:]):
             if t[hi - 1] - t[lo] >= cfg.rest_s:
-                for k in range(cell_v.shape[1]):
-                    s, sg = _ocv_anchor(float(np.mean(cell_v[max(lo, hi - 5):hi, k])), ocv, sig_fn)
-                    out.append(Anchor(hi - 1, k, s, sg, "rest"))
+                s, sg = _ocv_anchors(np.mean(cell_v[max(lo, hi - 5):hi], axis=0), ocv, sig_fn)
+                out.extend(Anchor(hi - 1, k, float(s[k]), float(sg[k]), "rest") for k in range(len(s)))
     for i in np.flatnonzero((park >= cfg.rest_s) & (np.abs(current) < cfg.taper_c * capacity_ah)):
-        for k in range(cell_v.shape[1]):
-            s, sg = _ocv_anchor(float(cell_v[i, k]), ocv, sig_fn)
-            out.append(Anchor(int(i), k, s, sg, "park"))
+        s, sg = _ocv_anchors(cell_v[i], ocv, sig_fn)
+        out.extend(Anchor(int(i), k, float(s[k]), float(sg[k]), "park") for k in range(len(s)))
     out.extend(_full_charge_anchors(t, current, cell_v, chem.v_max, capacity_ah, session, cfg))
     return [x for x in out if x.sigma <= cfg.max_anchor_sigma]
 
@@ -179,10 +177,9 @@ def _full_charge_anchors(t, current, cell_v, v_top, capacity_ah, session, cfg: L
     for a, b in _runs(current > -cfg.rest_c * capacity_ah):
         if t[b - 1] - t[a] < cfg.charge_min_s or ah[b - 1] - ah[a] < cfg.charge_min_c * capacity_ah:
             continue
-        for k in range(cell_v.shape[1]):
-            hit = np.flatnonzero(taper[a:b] & (cell_v[a:b, k] >= v_top - cfg.top_tol_v))
-            if hit.size:
-                out.append(Anchor(int(a + hit[-1]), k, 1.0, cfg.full_sigma, "full"))
+        hit = taper[a:b, None] & (cell_v[a:b] >= v_top - cfg.top_tol_v)     # (b - a, n)
+        last = b - 1 - np.argmax(hit[::-1], axis=0)                          # last hit per cell
+        out.extend(Anchor(int(last[k]), int(k), 1.0, cfg.full_sigma, "full") for k in np.flatnonzero(hit.any(axis=0)))
     return out
 
 
@@ -192,12 +189,14 @@ def _anchor_table(anchors: list[Anchor], n: int, n_t: int) -> tuple[np.ndarray, 
     Several anchors of one cell at one sample are combined by inverse variance.
     """
     nodes = np.unique(np.r_[0, n_t - 1, [a.index for a in anchors]]).astype(int)
-    pos = {int(i): j for j, i in enumerate(nodes)}
     w = np.zeros((len(nodes), n))
     wz = np.zeros((len(nodes), n))
-    for a in anchors:
-        w[pos[a.index], a.cell] += 1.0 / a.sigma**2
-        wz[pos[a.index], a.cell] += a.soc / a.sigma**2
+    if anchors:
+        j = np.searchsorted(nodes, [a.index for a in anchors])
+        k = np.array([a.cell for a in anchors], dtype=int)
+        soc, var = np.array([a.soc for a in anchors]), np.array([a.sigma for a in anchors]) ** 2
+        np.add.at(w, (j, k), 1.0 / var)       # in list order, as a loop would add them
+        np.add.at(wz, (j, k), soc / var)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(w > 0, 1.0 / w, np.inf)
         z = np.where(w > 0, wz / w, 0.0)
@@ -249,14 +248,9 @@ def _smooth_into(pf, xpn, ppn, fb, xsn, psn):
     return (ss, bs), (v11, v12, v22)
 
 
-def smooth(ah, hours, thr, nodes, z, r, q, cfg: LabelConfig, cap_rel_sigma, offset_sigma_a: float):
-    """Fixed-interval RTS smoother over the anchor nodes, then evaluated at every sample in closed form.
-
-    Returns soc (T, n), var (T, n), offset (n,) and its variance at the first node.
-    """
-    n, n_t = z.shape[1], len(ah)
-    seg = _Segment(ah, hours, thr, q, cfg, cap_rel_sigma)
-    one = np.ones(n)
+def _filter(seg: _Segment, nodes: np.ndarray, z: np.ndarray, r: np.ndarray, offset_sigma_a: float):
+    """Forward Kalman filter over the anchor nodes: predicted and filtered (x, P) at each, all cells at once."""
+    one = np.ones(z.shape[1])
     x = (0.5 * one, 0.0 * one)
     p = (1.0 * one, 0.0 * one, offset_sigma_a**2 * one)      # uninformative SOC prior, offset prior
     xf, pf, xp, pp = [], [], [], []
@@ -272,18 +266,86 @@ def smooth(ah, hours, thr, nodes, z, r, q, cfg: LabelConfig, cap_rel_sigma, offs
         p = (p[0] - k1 * p[0], p[1] - k1 * p[1], p[2] - k2 * p[1])
         xf.append(x)
         pf.append(p)
-    soc, var = np.empty((n_t, n)), np.empty((n_t, n))
-    xs, ps = xf[-1], pf[-1]
-    soc[n_t - 1], var[n_t - 1] = xs[0], ps[0]
+    return xf, pf, xp, pp
+
+
+def _smooth_nodes(seg: _Segment, nodes: np.ndarray, q: np.ndarray, filt) -> tuple[list, list]:
+    """Backward RTS pass over the anchor nodes only: smoothed (x, P) at each node.
+
+    The capacity iterations need only the smoothed offset, so they skip the per-sample evaluation.
+    """
+    xf, pf, xp, pp = filt
+    xs, ps = list(xf), list(pf)
     for j in range(len(nodes) - 2, -1, -1):
         a, b = nodes[j], nodes[j + 1]
-        idx = np.arange(a, b)
-        pred = seg.predict(a, idx, xf[j], pf[j])
-        fb = -(hours[b] - hours[idx])[:, None] / q
-        (s_, b_), (v11, v12, v22) = _smooth_into(pred[:2], xp[j + 1], pp[j + 1], fb, xs, ps)
-        soc[idx], var[idx] = s_, v11
-        xs, ps = (s_[0], b_[0]), (v11[0], v12[0], v22[0])
-    return soc, np.maximum(var, 0.0), xs[1], ps[2]
+        pred = seg.predict(a, np.array([a]), xf[j], pf[j])
+        fb = -(seg.hours[b] - seg.hours[a]) / q[None, :]
+        (s_, b_), (v11, v12, v22) = _smooth_into(pred[:2], xp[j + 1], pp[j + 1], fb, xs[j + 1], ps[j + 1])
+        xs[j], ps[j] = (s_[0], b_[0]), (v11[0], v12[0], v22[0])
+    return xs, ps
+
+
+def _segment_samples(seg: _Segment, a: int, b: int, filt_a, pred_b, smooth_b, soc: np.ndarray, var: np.ndarray) -> None:
+    """Smoothed soc and var at samples a..b-1, written into ``soc[a:b]`` and ``var[a:b]`` (T, n).
+
+    The RTS correction of ``_smooth_into`` with its algebra done once per segment and cell, not per sample.
+    With h counting hours and u throughput since node a, a sample's f = -h/Q and its f to node b add up to
+    the segment's F, so P F^T is affine in (h, u): m11 = A + B h + G u, m12 = P12 + H h. The gain is
+    (m11, m12) Pb^-1 (Pb: node b's prediction), so the smoothed soc is linear in (h, u, dAh) and var quadratic
+    in (h, u): one small matrix product per segment, straight into the outputs. On a 96-cell pack (m, n)
+    temporaries cost more than the arithmetic; the rounding differs from the per-sample form by ~1e-15.
+    """
+    (sf, bf), (p11, p12, p22) = filt_a
+    (xpn, (q11, q12, q22)), (xsn, psn) = pred_b, smooth_b
+    q, w2, g = seg.q, seg.cfg.walk_per_sqrt_h**2, seg.g2 / seg.q
+    det = q11 * q22 - q12**2
+    e11, e12, e22 = q22 / det, -q12 / det, q11 / det              # Pb^-1
+    ds, db = xsn[0] - xpn[0], xsn[1] - xpn[1]
+    d11, d12, d22 = psn[0] - q11, psn[1] - q12, psn[2] - q22
+    al, be = e11 * ds + e12 * db, e12 * ds + e22 * db             # soc correction = m11 al + m12 be
+    t11, t12, t21, t22 = d11 * e11 + d12 * e12, d11 * e12 + d12 * e22, d12 * e11 + d22 * e12, d12 * e12 + d22 * e22
+    k11, k12, k22 = e11 * t11 + e12 * t21, e11 * t12 + e12 * t22, e12 * t12 + e22 * t22   # Pb^-1 D Pb^-1
+    f_seg = -(seg.hours[b] - seg.hours[a]) / q
+    m_a, m_b, m_h = p11 + f_seg * p12, w2 - (p12 + f_seg * p22) / q, -p22 / q          # A, B, H (G = g)
+    # soc = sf + dAh/Q + f bf + al m11 + be m12, over [1, h, u, dAh]
+    soc_c = np.stack([sf + al * m_a + be * p12, -bf / q + al * m_b + be * m_h, al * g, 1.0 / q])
+    # var = P11 + 2 f P12 + f^2 P22 + w2 h + g u + k11 m11^2 + 2 k12 m11 m12 + k22 m12^2, over [1, h, u, h^2, h u, u^2]
+    var_c = np.stack([p11 + k11 * m_a**2 + 2 * k12 * m_a * p12 + k22 * p12**2,
+                      w2 - 2 * p12 / q + 2 * (k11 * m_a * m_b + k12 * (m_a * m_h + m_b * p12) + k22 * p12 * m_h),
+                      g * (1 + 2 * (k11 * m_a + k12 * p12)),
+                      p22 / q**2 + k11 * m_b**2 + 2 * k12 * m_b * m_h + k22 * m_h**2,
+                      2 * g * (k11 * m_b + k12 * m_h),
+                      k11 * g**2])
+    h, u = seg.hours[a:b] - seg.hours[a], seg.thr[a:b] - seg.thr[a]
+    one = np.ones_like(h)
+    np.matmul(np.stack([one, h, u, seg.ah[a:b] - seg.ah[a]], axis=1), soc_c, out=soc[a:b])
+    np.matmul(np.stack([one, h, u, h * h, h * u, u * u], axis=1), var_c, out=var[a:b])
+
+
+def smooth(ah, hours, thr, nodes, z, r, q, cfg: LabelConfig, cap_rel_sigma, offset_sigma_a: float):
+    """Fixed-interval RTS smoother over the anchor nodes, then evaluated at every sample in closed form.
+
+    Returns soc (T, n), var (T, n), offset (n,) and its variance at the first node.
+    """
+    n, n_t = z.shape[1], len(ah)
+    seg = _Segment(ah, hours, thr, q, cfg, cap_rel_sigma)
+    filt = _filter(seg, nodes, z, r, offset_sigma_a)
+    xs, ps = _smooth_nodes(seg, nodes, q, filt)
+    xf, pf, xp, pp = filt
+    soc, var = np.empty((n_t, n)), np.empty((n_t, n))
+    soc[n_t - 1], var[n_t - 1] = xs[-1][0], ps[-1][0]
+    for j in range(len(nodes) - 1):
+        a, b = nodes[j], nodes[j + 1]
+        _segment_samples(seg, a, b, (xf[j], pf[j]), (xp[j + 1], pp[j + 1]), (xs[j + 1], ps[j + 1]), soc, var)
+    np.maximum(var, 0.0, out=var)
+    return soc, var, xs[0][1], ps[0][2]
+
+
+def smoothed_offset(ah, hours, thr, nodes, z, r, q, cfg: LabelConfig, cap_rel_sigma, offset_sigma_a: float):
+    """The smoothed current-sensor offset per cell (n,) alone: ``smooth``'s third output without the samples."""
+    seg = _Segment(ah, hours, thr, q, cfg, cap_rel_sigma)
+    xs, _ = _smooth_nodes(seg, nodes, q, _filter(seg, nodes, z, r, offset_sigma_a))
+    return xs[0][1]
 
 
 def estimate_capacity(anchors: list[Anchor], ah: np.ndarray, hours: np.ndarray, offset_a: np.ndarray,
@@ -293,22 +355,23 @@ def estimate_capacity(anchors: list[Anchor], ah: np.ndarray, hours: np.ndarray, 
     Weighted least squares through the origin of dAh = Q dSOC, weight 1 / var(dAh - Q dSOC), where the
     variance comes from both anchors' sigma and the counting error between them.
     """
-    cap, sig = np.full(n, design_ah), np.full(n, cfg.capacity_prior_sigma * design_ah)
-    for k in range(n):
-        an = sorted((a for a in anchors if a.cell == k), key=lambda a: a.index)
-        w0 = 1.0 / sig[k] ** 2
-        sxy, sxx = w0 * design_ah, w0
-        for a, b in zip(an[:-1], an[1:]):
-            ds = b.soc - a.soc
-            if abs(ds) < cfg.min_dsoc:
-                continue
-            dh = hours[b.index] - hours[a.index]
-            da = ah[b.index] - ah[a.index] - offset_a[k] * dh
-            var = design_ah**2 * (a.sigma**2 + b.sigma**2 + cfg.walk_per_sqrt_h**2 * dh) + (cfg.gain_sigma * da) ** 2
-            sxy += ds * da / var
-            sxx += ds * ds / var
-        cap[k], sig[k] = sxy / sxx, 1.0 / np.sqrt(sxx)
-    return cap, sig
+    w0 = 1.0 / (cfg.capacity_prior_sigma * design_ah) ** 2
+    sxy, sxx = np.full(n, w0 * design_ah), np.full(n, w0)
+    if anchors:
+        idx = np.array([x.index for x in anchors], dtype=int)
+        cell = np.array([x.cell for x in anchors], dtype=int)
+        order = np.argsort(cell * (len(ah) + 1) + idx, kind="stable")        # per cell by time, ties in list order
+        idx, cell = idx[order], cell[order]
+        soc, sg = np.array([x.soc for x in anchors])[order], np.array([x.sigma for x in anchors])[order]
+        ds = soc[1:] - soc[:-1]
+        use = np.flatnonzero((cell[1:] == cell[:-1]) & ~(np.abs(ds) < cfg.min_dsoc))   # consecutive pairs of one cell
+        i0, i1, k, ds = idx[use], idx[use + 1], cell[use], ds[use]
+        dh = hours[i1] - hours[i0]
+        da = ah[i1] - ah[i0] - offset_a[k] * dh
+        var = design_ah**2 * (sg[use] ** 2 + sg[use + 1] ** 2 + cfg.walk_per_sqrt_h**2 * dh) + (cfg.gain_sigma * da) ** 2
+        np.add.at(sxy, k, ds * da / var)       # in pair order, as a loop would add them
+        np.add.at(sxx, k, ds * ds / var)
+    return sxy / sxx, 1.0 / np.sqrt(sxx)
 
 
 def label_timeline(t, current, cell_v, chemistry: str, capacity_ah: float, session=None,
@@ -333,10 +396,10 @@ def label_timeline(t, current, cell_v, chemistry: str, capacity_ah: float, sessi
     off_sig = cfg.offset_sigma_c * capacity_ah
     q, qs = np.full(n, float(capacity_ah)), np.full(n, cfg.capacity_prior_sigma * capacity_ah)
     for _ in range(2):   # design capacity -> smoother -> capacity -> smoother
-        soc, var, off, _ = smooth(ah, hours, thr, nodes, z, r, q, cfg, qs / q, off_sig)
+        off = smoothed_offset(ah, hours, thr, nodes, z, r, q, cfg, qs / q, off_sig)
         q, qs = estimate_capacity(anchors, ah, hours, off, capacity_ah, n, cfg)
     soc, var, off, _ = smooth(ah, hours, thr, nodes, z, r, q, cfg, qs / q, off_sig)
-    return Labels(t=t, soc=soc, sigma=np.sqrt(var), capacity_ah=q, capacity_sigma_ah=qs, offset_a=off,
+    return Labels(t=t, soc=soc, sigma=np.sqrt(var, out=var), capacity_ah=q, capacity_sigma_ah=qs, offset_a=off,
                   anchors=anchors)
 
 
