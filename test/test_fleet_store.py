@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from testutil import free_port
+from testutil import moto_s3
 
 from bms_ai.fleet.store import LocalStore, ObjectStore, S3Store, open_store
 
@@ -62,25 +62,9 @@ def test_unknown_scheme_names_the_choices() -> None:
 @pytest.mark.drive
 def test_s3_store_against_moto_server() -> None:
     """s3://bucket/prefix on an S3-compatible endpoint behaves like the folder (moto's server, 127.0.0.1)."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        ep = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
-        s3.create_bucket(Bucket=BUCKET)   # moto keeps buckets per process: a name no other test uses
-        try:
-            st = open_store(f"s3://{BUCKET}/run1", ep, access_key="testing", secret_key="testing")
-            assert isinstance(st, S3Store) and st.url == f"s3://{BUCKET}/run1/"
-            _exercise(st)
-            other = open_store(f"s3://{BUCKET}/run2", ep, access_key="testing", secret_key="testing")
-            assert list(other.list()) == []                              # the prefix separates runs
-        finally:
-            for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-                s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
-            s3.delete_bucket(Bucket=BUCKET)
-    finally:
-        server.stop()
+    with moto_s3(BUCKET) as (ep, _):
+        st = open_store(f"s3://{BUCKET}/run1", ep, access_key="testing", secret_key="testing")
+        assert isinstance(st, S3Store) and st.url == f"s3://{BUCKET}/run1/"
+        _exercise(st)
+        other = open_store(f"s3://{BUCKET}/run2", ep, access_key="testing", secret_key="testing")
+        assert list(other.list()) == []                              # the prefix separates runs

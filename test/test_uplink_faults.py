@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from testutil import free_port, wait_for
+from testutil import free_port, moto_s3, wait_for
 
 from bms_ai.uplink.backends import make_backend
 from bms_ai.uplink.ingest_server import IngestServer
@@ -187,17 +187,10 @@ def test_https_verifies_certificate(tmp_path: Path) -> None:
 @pytest.mark.drive
 def test_s3_backend_with_moto_server(tmp_path: Path) -> None:
     """S3 upload against moto: keys by class and hash, duplicates skipped."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        ep = f"http://127.0.0.1:{port}"
+    import hashlib
+
+    with moto_s3("fleet") as (ep, s3):
         cred = {"access_key": "testing", "secret_key": "testing"}
-        s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
-        s3.create_bucket(Bucket="fleet")
         sp = Spool(tmp_path / "spool", min_free_bytes=0, fsync=False)
         acked = fill(sp, 4) + fill(sp, 2, "fault_snapshot")
         be = make_backend({"kind": "s3", "bucket": "fleet", "endpoint_url": ep, "prefix": "v1/", **cred})
@@ -207,7 +200,6 @@ def test_s3_backend_with_moto_server(tmp_path: Path) -> None:
         assert sorted(k.split("/")[-1].split(".")[0] for k in keys) == sorted(acked)
         assert sum(k.startswith("v1/fault_snapshot/") for k in keys) == 2
         obj = s3.get_object(Bucket="fleet", Key=keys[0])
-        import hashlib
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == keys[0].split("/")[-1].split(".")[0]
         # re-sending the same content (crash after upload, before the row was marked) is a no-op
         p = sp.new_part_path()
@@ -217,8 +209,6 @@ def test_s3_backend_with_moto_server(tmp_path: Path) -> None:
         assert up.drain(10) and up.stats.duplicates == 1
         assert len(s3.list_objects_v2(Bucket="fleet")["Contents"]) == len(acked)
         sp.close()
-    finally:
-        server.stop()
 
 
 CHILD = textwrap.dedent('''

@@ -42,6 +42,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[tuple[str, Any]]:
+    """moto's S3 server on 127.0.0.1 with ``bucket`` created (and emptied, removed after): (endpoint, boto3 client).
+
+    moto keeps buckets per process, so each test names its own bucket.
+    """
+    import pytest
+
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        ep = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        s3.create_bucket(Bucket=bucket)
+        try:
+            yield ep, s3
+        finally:
+            for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=obj["Key"])
+            s3.delete_bucket(Bucket=bucket)
+    finally:
+        server.stop()
+
+
 def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
     """Poll ``cond`` until it holds or ``timeout`` seconds pass; its last value (a bound, not a measurement)."""
     end = time.monotonic() + timeout
