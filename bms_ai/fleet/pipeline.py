@@ -405,7 +405,7 @@ def run_vehicles(drives: list[Any], store: ObjectStore, cfg: Any = None, workers
         return []
     rows = ray.data.from_items(items, override_num_blocks=len(items)).map(
         lambda r: {"i": r["i"], **_edge_row(r, store, cfg)}, compute=_tasks(workers), num_cpus=1).take_all()
-    return sorted(rows, key=lambda r: r["i"])
+    return [dict(r, events=json.loads(r["events"])) for r in sorted(rows, key=lambda r: r["i"])]
 
 
 def run_pipeline(store: ObjectStore | str, address: str | None = None, workers: int | None = None,
