@@ -52,6 +52,15 @@ class Debouncer:
         self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
         self._idle = True
 
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, nothing active: a tick without a violation changes nothing (callers may skip it)."""
+        return self._idle
+
+    def any_active(self, first_tier: int = 0) -> bool:
+        """Whether an element is active in ``first_tier`` or a higher tier."""
+        return not self._idle and bool(self.active[first_tier:].any())
+
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
         """violating: value beyond the limit; inside: value back inside by the hysteresis.
 

@@ -32,6 +32,7 @@ from bms_ai.diagnostics.rules import (
     Event,
     RuleEngine,
 )
+from bms_ai.diagnostics.stats import SampleStats
 from bms_ai.estimation import status
 from bms_ai.pack import PackSample
 
@@ -232,10 +233,11 @@ class FaultMonitor:
         assert self.engine is not None
         t0 = time.perf_counter()
         try:
+            stats = SampleStats.of(s, self.engine.buffers)  # reductions the rules and detectors share
             results = self.engine.step(s, t, soc=self.soc, soc_stamp=self.soc_stamp, capacity_ah=self.capacity,
-                                       model_fallback=self.model_fallback)
+                                       model_fallback=self.model_fallback, stats=stats)
             if self.detectors is not None:
-                results += self.detectors.step(s, t)
+                results += self.detectors.step(s, t, stats=stats)
         except Exception as exc:  # a rule bug must not take down the monitor
             self.reject(f"rule step failed: {exc!r}")
             return self._own([CheckResult(MONITOR_CHECK, ERROR, f"rule step failed: {exc!r}",
