@@ -45,6 +45,7 @@ class Debouncer:
         self.set_n = np.asarray(set_counts, dtype=np.int32).reshape(k, 1)
         self.clear_n = int(clear_count)
         self.latch = np.asarray(latch if latch is not None else (False,) * k, dtype=bool).reshape(k, 1)
+        self._unlatched = ~self.latch
         self.count = np.zeros((k, n), dtype=np.int32)
         self.clear = np.zeros((k, n), dtype=np.int32)
         self.active = np.zeros((k, n), dtype=bool)
@@ -59,33 +60,36 @@ class Debouncer:
 
     def any_active(self, first_tier: int = 0) -> bool:
         """Whether an element is active in ``first_tier`` or a higher tier."""
-        return not self._idle and bool(self.active[first_tier:].any())
+        return not self._idle and bool(np.count_nonzero(self.active[first_tier:]))
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
         """violating: value beyond the limit; inside: value back inside by the hysteresis.
 
         Where neither holds (in the hysteresis band, or NaN) counters hold.
         """
-        if self._idle and not violating.any():
-            return _EMPTY  # the common case: nothing pending, nothing violating
-        c = self.count
-        started = violating & (c == 0) & ~self.active
+        if self._idle and not np.count_nonzero(violating):
+            return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
+        c, active = self.count, self.active
+        inactive = ~active  # before this tick's sets: started, idle and new all look at it
+        started = violating & (c == 0) & inactive
         c += violating
         c -= ~violating & (c > 0)
         np.minimum(c, self.set_n, out=c)
         self.onset[started] = t
-        idle = (c == 0) & ~self.active
-        self.onset[idle] = np.nan
-        new = ~self.active & (c >= self.set_n)
-        self.active |= new
+        self.onset[(c == 0) & inactive] = np.nan  # idle again: the episode is over
+        new = inactive & (c >= self.set_n)
+        active |= new
         self.set_time[new] = t
+        held = active & inside
         cl = self.clear
-        cl[:] = np.where(self.active & inside, cl + 1, 0)
-        cleared = self.active & (cl >= self.clear_n) & ~self.latch
-        if cleared.any():
+        cl += held
+        cl *= held  # consecutive ticks inside, 0 otherwise
+        cleared = active & (cl >= self.clear_n) & self._unlatched
+        any_cleared = bool(np.count_nonzero(cleared))  # count_nonzero: the cheapest any() numpy has
+        if any_cleared:
             self._clear(cleared)
-        self._idle = not (c.any() or self.active.any())
-        if not (new.any() or cleared.any()):
+        self._idle = not (np.count_nonzero(c) or np.count_nonzero(active))
+        if not (any_cleared or np.count_nonzero(new)):
             return _EMPTY
         st, si = np.nonzero(new)
         ct, ci = np.nonzero(cleared)
@@ -111,5 +115,7 @@ class Debouncer:
         """Highest active tier index, -1 if none."""
         if self._idle:
             return -1
-        rows = np.nonzero(self.active.any(axis=1))[0]
-        return int(rows[-1]) if rows.size else -1
+        for k in range(self.k - 1, -1, -1):
+            if np.count_nonzero(self.active[k]):
+                return k
+        return -1

@@ -44,7 +44,7 @@ import numpy as np
 from bms_ai.core.files import load_json, sha256_file
 from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.rules import CheckResult, Event, _Rule
+from bms_ai.diagnostics.rules import CheckResult, Event, _Rule, active_events
 from bms_ai.diagnostics.stats import SampleStats, median
 from bms_ai.models.manifest import TensorSpec
 from bms_ai.models.runtime import OutputGuard, guarded
@@ -338,8 +338,8 @@ class DetectorBank:
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
-        """Events not cleared yet."""
-        return [e for e in self.events if e.active]
+        """Events not cleared yet, in the order they were set."""
+        return active_events(self.rules)
 
     def step(self, s: PackSample, t: float, stats: SampleStats | None = None) -> list[CheckResult]:
         """Evaluate every detector for one tick at time ``t``: one result per check in CHECKS order.

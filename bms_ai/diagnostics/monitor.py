@@ -260,7 +260,7 @@ class FaultMonitor:
 
     def events_status(self) -> CheckResult:
         """The ``events`` status for the current state."""
-        total = len(self.engine.events) if self.engine is not None else 0
+        total = self.engine.event_count() if self.engine is not None else 0
         return events_status(self.active_events(), total, self.max_events)
 
     def health(self) -> CheckResult:
@@ -281,5 +281,5 @@ class FaultMonitor:
                             "detector_files": "; ".join(self.detector_problems) or "ok"})
 
     def _own(self, results: list[CheckResult]) -> list[CheckResult]:
-        self._own_checks.update(r.check for r in results)
+        self._own_checks.update([r.check for r in results])
         return results

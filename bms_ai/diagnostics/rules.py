@@ -17,7 +17,7 @@ import numpy as np
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
-from bms_ai.diagnostics.stats import SampleStats, _Group
+from bms_ai.diagnostics.stats import SampleStats, _Group, amin
 from bms_ai.pack import PackSample
 
 TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
@@ -65,6 +65,7 @@ class _Rule:
         self.element = element
         self.open: dict[tuple[int, int], Event] = {}
         self.events: list[Event] = []
+        self._live: list[Event] = []   # events not seen cleared yet (a cleared event never becomes active again)
         self.unmonitored = ""  # why this pack cannot be checked ('' = monitored): never set, never OK
 
     def not_monitored(self, reason: str) -> None:
@@ -79,6 +80,7 @@ class _Rule:
                        level=self.levels[k])
             self.open[(k, i)] = ev
             self.events.append(ev)
+            self._live.append(ev)
         for k, i in zip(tr.clear_tier.tolist(), tr.clear_index.tolist()):
             ev = self.open.pop((k, i), None)
             if ev is not None:
@@ -91,6 +93,12 @@ class _Rule:
         tr = self.deb.update(violating, inside, t)
         if tr.any:
             self.apply(tr, values)
+
+    def active_events(self) -> list[Event]:
+        """This rule's events not cleared yet, in the order they were set."""
+        if self._live:
+            self._live = [e for e in self._live if e.active]
+        return self._live
 
     def skips(self, possible: bool, t: float) -> bool:
         """Take a tick that cannot change this rule without building its arrays; False: call :meth:`update`.
@@ -112,8 +120,10 @@ class _Rule:
                unit: str = "") -> CheckResult:
         """This tick's verdict: the highest active tier, where (first element, count) and since when."""
         deb = self.deb
-        top = deb.top_tier()
         kv: dict[str, Any] = dict(extra or {})
+        if deb.idle and not self.unmonitored:
+            return CheckResult(self.check, OK, ok_message, kv)
+        top = deb.top_tier()
         if self.unmonitored:
             return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
         if top < 0:
@@ -137,6 +147,16 @@ class _Rule:
         return CheckResult(self.check, self.levels[top], msg, kv)
 
 
+def _set_time(e: Event) -> float:
+    return e.set_time
+
+
+def active_events(rules: Iterable[_Rule]) -> list[Event]:
+    """The active events of ``rules`` in the order they were set (as filtering the sorted full log gives)."""
+    live = [e for r in rules for e in r.active_events()]
+    return sorted(live, key=_set_time) if len(live) > 1 else live
+
+
 def _element(values: np.ndarray | float, i: int, n: int) -> float:
     """Element ``i`` of per-element ``values`` of length ``n``, or the one value shared by all."""
     a = np.asarray(values, dtype=float)
@@ -146,11 +166,11 @@ def _element(values: np.ndarray | float, i: int, n: int) -> float:
 
 
 def _finite_min(a: np.ndarray) -> float:
-    """Smallest finite value, NaN if there is none (without numpy's all-NaN warning)."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return float(a.min())
-    return float(np.nanmin(a)) if finite.any() else math.nan
+    """Smallest non-NaN value, NaN if there is none (without numpy's all-NaN warning)."""
+    m = amin(a)  # NaN if any value is NaN
+    if math.isfinite(m):
+        return m
+    return float(np.nanmin(a)) if np.isfinite(a).any() else math.nan
 
 
 def _fmt(v: float) -> str:
@@ -216,9 +236,26 @@ class _FrozenTracker:
         np.copyto(self.last, values, where=changed)
         np.copyto(self.t_change, t, where=changed)
         np.copyto(self.ref_at_change, reference, where=changed)
-        if t - self.t_change.min() < self.window:  # the oldest change is recent: nothing frozen
+        if t - amin(self.t_change) < self.window:  # the oldest change is recent: nothing frozen
             return None
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
+
+
+class _FrozenScalar:
+    """:class:`_FrozenTracker` for one signal (the pack voltage), in plain floats."""
+
+    def __init__(self, eps: float, move: float, window: float) -> None:
+        self.eps, self.move, self.window = eps, move, window
+        self.last = self.t_change = self.ref_at_change = math.nan
+
+    def step(self, value: float, reference: float, t: float) -> np.ndarray | None:
+        """Track changes; ``[True]`` when frozen, else None."""
+        value = float(value)  # as the float64 array of the vector tracker holds it
+        if not abs(value - self.last) <= self.eps:  # NaN counts as changed (restarts)
+            self.last, self.t_change, self.ref_at_change = value, t, reference
+        if t - self.t_change >= self.window and abs(reference - self.ref_at_change) >= self.move:
+            return np.ones(1, dtype=bool)
+        return None
 
 
 #: checks (rules and detectors) that judge individual cell voltages: not monitored in a pack-level config
@@ -264,7 +301,7 @@ class RuleEngine:
         self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
         self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
                                               p.stuck_temperature_window_s)
-        self._frozen_pack_voltage = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
+        self._frozen_pack_voltage = _FrozenScalar(p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
         self._rest_start = math.nan
         self._rest_isum = 0.0
         self._rest_n = 0
@@ -293,8 +330,12 @@ class RuleEngine:
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
-        """Events not cleared yet."""
-        return [e for e in self.events if e.active]
+        """Events not cleared yet, in the order they were set."""
+        return active_events(self.rules)
+
+    def event_count(self) -> int:
+        """How many events were set since the start (active or cleared)."""
+        return sum(len(r.events) for r in self.rules)
 
     def reset(self, t: float) -> None:
         """Acknowledge latched (MSL) events; still-violating limits re-set after their debounce."""
@@ -441,21 +482,20 @@ class RuleEngine:
     def _stuck(self, s: PackSample, st: SampleStats, t: float) -> CheckResult:
         """Stuck / frozen signals: unchanged within epsilon for the window while their reference moved."""
         gv, gt = st.v, st.t
-        pv = np.array([s.pack_voltage])
         parts = (self._frozen_cells.step(gv.values, gv.median, t),
                  self._frozen_sensors.step(gt.values, gt.median, t),
-                 self._frozen_pack_voltage.step(pv, st.sum_v, t))
-        possible = any(f is not None and f.any() for f in parts)
+                 self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
+        possible = any(f is not None and np.count_nonzero(f) for f in parts)
         sig = None
         if not self.stuck.skips(possible, t):
             z = self._no_frozen
             bounds = (0, self.n_cells, self.n_cells + self.n_temps, z.size)
             fz = np.concatenate([f if f is not None else z[a:b] for f, a, b in zip(parts, bounds, bounds[1:])])
-            sig = np.concatenate((gv.values, gt.values, pv))
+            sig = np.concatenate((gv.values, gt.values, [s.pack_voltage]))
             self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
-        if sig is None and not self.stuck.deb.idle:
-            sig = np.concatenate((gv.values, gt.values, pv))
-        return self.stuck.result(sig if sig is not None else pv, "no frozen signal", {"signals": self._signals})
+        # skipped: the debouncer is idle, so the result reads no values
+        return self.stuck.result(sig if sig is not None else s.pack_voltage, "no frozen signal",
+                                 {"signals": self._signals})
 
     def _offset(self, s: PackSample, i: float, st: SampleStats, t: float) -> CheckResult:
         p = self.cfg.plausibility
@@ -587,7 +627,7 @@ def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:
     """How many stamps are older than ``stale_s`` at ``t`` (NaN counts as stale)."""
     if not stamps.size:
         return 0
-    if t - stamps.min() <= stale_s:  # the oldest is fresh (a NaN anywhere makes min NaN: counted below)
+    if t - amin(stamps) <= stale_s:  # the oldest is fresh (a NaN anywhere makes min NaN: counted below)
         return 0
     return int((~(t - stamps <= stale_s)).sum())
 

@@ -12,11 +12,29 @@ data), so the verdicts do not change by a bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from bms_ai.pack import PackSample
+
+
+def amax(a: np.ndarray) -> float:
+    """``float(a.max())`` of a non-empty 1-D array: argmax and the element (the method costs several times more).
+
+    A NaN or a zero (whose sign the reduction may pick differently) falls back to the reduction.
+    """
+    if a.ndim != 1:
+        return float(a.max())
+    x = a[a.argmax()]
+    return float(x) if x != 0.0 and x == x else float(a.max())
+
+
+def amin(a: np.ndarray) -> float:
+    """``float(a.min())`` of a non-empty 1-D array (see :func:`amax`)."""
+    if a.ndim != 1:
+        return float(a.min())
+    x = a[a.argmin()]
+    return float(x) if x != 0.0 and x == x else float(a.min())
 
 
 def median(a: np.ndarray, buf: np.ndarray | None = None) -> float:
@@ -40,29 +58,37 @@ def median(a: np.ndarray, buf: np.ndarray | None = None) -> float:
     return math.nan if math.isnan(b[-1]) else float(m)
 
 
-@dataclass
 class _Group:
     """One group of readings (cell voltages or temperature sensors) reduced once."""
 
-    values: np.ndarray
-    finite: np.ndarray
-    all_finite: bool
-    any_finite: bool
-    mostly_valid: bool   # at least half valid: only then are single invalid members faults of their own
-    max: float
-    min: float
-    argmax: int
-    argmin: int
-    median: float
+    __slots__ = ("values", "_finite", "all_finite", "any_finite", "mostly_valid", "max", "min", "argmax", "argmin",
+                 "median")
+
+    def __init__(self, values: np.ndarray, finite: np.ndarray | None, all_finite: bool, any_finite: bool,
+                 mostly_valid: bool, vmax: float, vmin: float, argmax: int, argmin: int, med: float) -> None:
+        self.values, self._finite = values, finite
+        self.all_finite, self.any_finite = all_finite, any_finite
+        self.mostly_valid = mostly_valid  # at least half valid: only then are single invalid members faults
+        self.max, self.min, self.argmax, self.argmin, self.median = vmax, vmin, argmax, argmin, med
+
+    @property
+    def finite(self) -> np.ndarray:
+        """Which readings are valid (built on first use: a complete group rarely needs it)."""
+        if self._finite is None:
+            self._finite = np.isfinite(self.values)
+        return self._finite
 
 
 def _group(a: np.ndarray, buf: np.ndarray | None) -> _Group:
     """Extremes, median and completeness of one group; NaN / -1 where nothing is finite."""
-    finite = np.isfinite(a)
     n = a.size
-    if n and finite.all():
-        return _Group(a, finite, True, True, True, float(a.max()), float(a.min()), int(a.argmax()),
-                      int(a.argmin()), median(a, buf))
+    if n:
+        imax, imin = int(a.argmax()), int(a.argmin())  # a NaN is both (the first one): finite ends = all finite
+        vmax, vmin = a[imax], a[imin]
+        if math.isfinite(vmax) and math.isfinite(vmin):
+            return _Group(a, None, True, True, True, amax(a) if vmax == 0.0 else float(vmax),
+                          amin(a) if vmin == 0.0 else float(vmin), imax, imin, median(a, buf))
+    finite = np.isfinite(a)
     count = int(finite.sum())
     if not count:
         return _Group(a, finite, n == 0, False, False, math.nan, math.nan, -1, -1, math.nan)
