@@ -33,6 +33,9 @@ class Transition:
 
 _E = np.empty(0, dtype=np.int64)
 _EMPTY = Transition(_E, _E, _E, _E)
+#: with at most this many elements in play (pending, active or violating), a tick runs element by element
+#: in plain Python: a latched fault or a held warning on one cell then costs microseconds, not 25 array ops
+FEW = 8
 
 
 class Debouncer:
@@ -52,6 +55,11 @@ class Debouncer:
         self.onset = np.full((k, n), np.nan)     # first violating tick of the current episode
         self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
         self._idle = True
+        # flat indices of the elements pending or active (None: not known, recomputed when needed)
+        self._hot: list[int] | None = []
+        self._set_list = [int(x) for x in set_counts]
+        self._latch_list = [bool(x) for x in self.latch[:, 0]]
+        self._few_ok = all(x >= 1 for x in self._set_list)  # the per-element path assumes counts in 0..set_n
 
     @property
     def idle(self) -> bool:
@@ -69,6 +77,11 @@ class Debouncer:
         """
         if self._idle and not np.count_nonzero(violating):
             return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
+        if self._few_ok and violating.shape == inside.shape == self.count.shape:
+            tr = self._update_few(violating, inside, t)
+            if tr is not None:
+                return tr
+        self._hot = None
         c, active = self.count, self.active
         inactive = ~active  # before this tick's sets: started, idle and new all look at it
         started = violating & (c == 0) & inactive
@@ -95,6 +108,50 @@ class Debouncer:
         ct, ci = np.nonzero(cleared)
         return Transition(st, si, ct, ci)
 
+    def _update_few(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition | None:
+        """:meth:`update` element by element when few are in play; None (nothing changed) when too many are.
+
+        Elements neither pending, active nor violating are left alone: for them the
+        array update changes nothing (count and clear counter stay 0, onset NaN).
+        """
+        viol_idx = np.flatnonzero(violating)
+        hot = self._hot if self._hot is not None else np.flatnonzero(self.count | self.active).tolist()
+        if viol_idx.size + len(hot) > FEW:
+            return None
+        cand = sorted(set(hot).union(viol_idx.tolist()))  # row-major order, as np.nonzero reports
+        vf, inf = violating.reshape(-1), inside.reshape(-1)
+        cf, clf, af = self.count.reshape(-1), self.clear.reshape(-1), self.active.reshape(-1)
+        onset, set_time = self.onset.reshape(-1), self.set_time.reshape(-1)
+        new: list[int] = []
+        cleared: list[int] = []
+        for f in cand:
+            tier = f // self.n
+            viol, was_active, c = bool(vf[f]), bool(af[f]), int(cf[f])
+            if viol and c == 0 and not was_active:
+                onset[f] = t                          # the episode starts
+            c = min(c + 1 if viol else (c - 1 if c > 0 else c), self._set_list[tier])
+            if c == 0 and not was_active:
+                onset[f] = np.nan                     # idle again: the episode is over
+            active = was_active
+            if not was_active and c >= self._set_list[tier]:
+                active = True
+                set_time[f] = t
+                new.append(f)
+            cl = int(clf[f]) + 1 if active and bool(inf[f]) else 0
+            if active and cl >= self.clear_n and not self._latch_list[tier]:
+                active, c, cl = False, 0, 0
+                onset[f] = set_time[f] = np.nan
+                cleared.append(f)
+            cf[f], clf[f], af[f] = c, cl, active
+        self._hot = [f for f in cand if cf[f] or af[f]]
+        self._idle = not self._hot
+        if not (new or cleared):
+            return _EMPTY
+        n = self.n
+        return Transition(np.array([f // n for f in new], dtype=np.intp), np.array([f % n for f in new], dtype=np.intp),
+                          np.array([f // n for f in cleared], dtype=np.intp),
+                          np.array([f % n for f in cleared], dtype=np.intp))
+
     def _clear(self, mask: np.ndarray) -> None:
         self.active[mask] = False
         self.count[mask] = 0
@@ -106,6 +163,7 @@ class Debouncer:
         """Acknowledge latched events: everything active clears (re-sets after debounce if still violating)."""
         mask = self.active.copy()
         self._clear(mask)
+        self._hot = None
         self._idle = not self.count.any()
         ct, ci = np.nonzero(mask)
         e = np.empty(0, dtype=np.int64)
