@@ -55,6 +55,7 @@ class Debouncer:
         self.onset = np.full((k, n), np.nan)     # first violating tick of the current episode
         self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
         self._idle = True
+        self.generation = 0  # counts sets, clears and resets: between two, the active elements are unchanged
         # flat indices of the elements pending or active (None: not known, recomputed when needed)
         self._hot: list[int] | None = []
         self._set_list = [int(x) for x in set_counts]
@@ -104,6 +105,7 @@ class Debouncer:
         self._idle = not (np.count_nonzero(c) or np.count_nonzero(active))
         if not (any_cleared or np.count_nonzero(new)):
             return _EMPTY
+        self.generation += 1
         st, si = np.nonzero(new)
         ct, ci = np.nonzero(cleared)
         return Transition(st, si, ct, ci)
@@ -147,6 +149,7 @@ class Debouncer:
         self._idle = not self._hot
         if not (new or cleared):
             return _EMPTY
+        self.generation += 1
         n = self.n
         return Transition(np.array([f // n for f in new], dtype=np.intp), np.array([f % n for f in new], dtype=np.intp),
                           np.array([f // n for f in cleared], dtype=np.intp),
@@ -164,6 +167,7 @@ class Debouncer:
         mask = self.active.copy()
         self._clear(mask)
         self._hot = None
+        self.generation += 1
         self._idle = not self.count.any()
         ct, ci = np.nonzero(mask)
         e = np.empty(0, dtype=np.int64)

@@ -66,6 +66,7 @@ class _Rule:
         self.open: dict[tuple[int, int], Event] = {}
         self.events: list[Event] = []
         self._live: list[Event] = []   # events not seen cleared yet (a cleared event never becomes active again)
+        self._part: tuple[int, Any] | None = None  # (debouncer generation, active part of the result)
         self.unmonitored = ""  # why this pack cannot be checked ('' = monitored): never set, never OK
 
     def not_monitored(self, reason: str) -> None:
@@ -121,30 +122,46 @@ class _Rule:
         """This tick's verdict: the highest active tier, where (first element, count) and since when."""
         deb = self.deb
         kv: dict[str, Any] = dict(extra or {})
-        if deb.idle and not self.unmonitored:
-            return CheckResult(self.check, OK, ok_message, kv)
-        top = deb.top_tier()
         if self.unmonitored:
             return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
-        if top < 0:
+        part = None if deb.idle else self._active_part()
+        if part is None:
             return CheckResult(self.check, OK, ok_message, kv)
-        idx = np.nonzero(deb.active[top])[0]
-        first = int(idx[0])
+        top, first, head, where, latched = part
         value = _element(values, first, deb.n)
-        kv.update({"tier": self.tier_names[top].upper(), "count": int(idx.size),
-                   "onset": _finite_min(deb.onset[top, idx]), "set_time": _finite_min(deb.set_time[top, idx])})
-        if deb.n > 1:
-            kv[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + ("..." if idx.size > 16 else "")
-            where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
-        else:
-            where = "pack"
+        kv.update(head)
         kv["value"] = value
-        latched = bool(deb.latch[top, 0])
         kv["latched"] = latched
         msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(value)}{unit}"
         if latched:
             msg += " (latched until reset)"
         return CheckResult(self.check, self.levels[top], msg, kv)
+
+    def _active_part(self) -> tuple[int, int, dict[str, Any], str, bool] | None:
+        """The highest active tier's elements, onset and set time: rebuilt only after a set, clear or reset.
+
+        Between transitions the active elements, their onsets and set times cannot change.
+        """
+        deb = self.deb
+        if self._part is not None and self._part[0] == deb.generation:
+            return self._part[1]
+        top = deb.top_tier()
+        part = None
+        if top >= 0:
+            idx = np.nonzero(deb.active[top])[0]
+            first = int(idx[0])
+            head: dict[str, Any] = {"tier": self.tier_names[top].upper(), "count": int(idx.size),
+                                    "onset": _finite_min(deb.onset[top, idx]),
+                                    "set_time": _finite_min(deb.set_time[top, idx])}
+            if deb.n > 1:
+                head[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + \
+                    ("..." if idx.size > 16 else "")
+                where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
+            else:
+                where = "pack"
+            part = (top, first, head, where, bool(deb.latch[top, 0]))
+        self._part = (deb.generation, part)
+        return part
 
 
 def _set_time(e: Event) -> float:
@@ -184,7 +201,7 @@ class _LimitRule(_Rule):
         super().__init__(check, n, deb.set_counts, deb.clear_count, cfg.latch_mask, TIER_LEVEL, TIERS, element)
         self.hyst = deb.hysteresis
         self._limits: TierLimits | None = None  # the thresholds below are for these limits
-        self._thr = np.zeros((3, 1))
+        self._thr = self._thr_in = np.zeros((3, 1))
         self._bound = math.nan                  # innermost threshold: no value beyond it, no violation
 
     def step(self, values: np.ndarray | float, limits: TierLimits, t: float, extreme: float | None = None) -> None:
@@ -196,6 +213,7 @@ class _LimitRule(_Rule):
         if limits is not self._limits:
             self._limits = limits
             self._thr = np.asarray(limits.as_tuple()).reshape(3, 1)
+            self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
             thr = [x for x in limits.as_tuple() if not math.isnan(x)]
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
         if extreme is not None:
@@ -206,10 +224,10 @@ class _LimitRule(_Rule):
         thr = self._thr
         if limits.upper:
             viol = values > thr
-            inside = values < thr - self.hyst
+            inside = values < self._thr_in
         else:
             viol = values < thr
-            inside = values > thr + self.hyst
+            inside = values > self._thr_in
         self.update(viol, inside, t, values)
 
 
