@@ -120,6 +120,8 @@ class FaultMonitor:
         self._own_checks: set[str] = set()
         self.detector_problems: list[str] = []
         self.pack_level = False  # the measurements carry the average cell only (known from the first sample)
+        self._events_key: tuple[int, ...] = ()
+        self._events_last = events_status([], 0, self.max_events)
 
     @classmethod
     def load(cls, limits_file: str, chemistry: str, hardware_id: str, limits_overrides: dict | None = None,
@@ -261,7 +263,14 @@ class FaultMonitor:
     def events_status(self) -> CheckResult:
         """The ``events`` status for the current state."""
         total = self.engine.event_count() if self.engine is not None else 0
-        return events_status(self.active_events(), total, self.max_events)
+        events = self.active_events()
+        # the same active events (the rules keep every event, so ids are not reused) give the same status:
+        # what it shows of an event is fixed when the event is set
+        key = (total, *map(id, events))
+        if key != self._events_key:
+            self._events_key, self._events_last = key, events_status(events, total, self.max_events)
+        r = self._events_last
+        return CheckResult(r.check, r.level, r.message, dict(r.values))
 
     def health(self) -> CheckResult:
         """The ``fault monitor`` status: steps, rejections (WARN for a while after one), step cost, limits in use.

@@ -170,7 +170,7 @@ def _set_time(e: Event) -> float:
 
 def active_events(rules: Iterable[_Rule]) -> list[Event]:
     """The active events of ``rules`` in the order they were set (as filtering the sorted full log gives)."""
-    live = [e for r in rules for e in r.active_events()]
+    live = [e for r in rules if r._live for e in r.active_events()]
     return sorted(live, key=_set_time) if len(live) > 1 else live
 
 
