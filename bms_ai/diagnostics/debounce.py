@@ -1,7 +1,9 @@
 """Vectorised debounce / hysteresis / latch state for k tiers x n elements.
 
-One array op per tick for all 96 cells and all tiers, so a whole rule step
-stays in the tens of microseconds. The set side is an up/down counter like
+A tick with nothing pending, active or violating costs nothing (callers test
+that on scalars first); with a few elements in play (a held warning, a latched
+fault) the tick runs element by element; otherwise one array op covers all 96
+cells and all tiers. All three give the same state. The set side is an up/down counter like
 the foxBMS DIAG module (a violating tick counts up, a good tick counts down),
 which tolerates a single noisy sample without letting a chattering signal
 hide a real violation; the clear side needs ``clear_count`` consecutive ticks

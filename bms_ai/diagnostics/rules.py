@@ -650,11 +650,6 @@ def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:
     return int((~(t - stamps <= stale_s)).sum())
 
 
-def _mostly_valid(finite: np.ndarray) -> bool:
-    """At least half of a group valid: only then are single invalid members faults of their own."""
-    return bool(finite.size) and 2 * int(finite.sum()) >= finite.size
-
-
 def _nanmax(a: np.ndarray) -> float:
     """Largest value ignoring NaN; NaN when nothing is finite (the NaN-aware scan only when needed)."""
     finite = np.isfinite(a)
@@ -669,22 +664,6 @@ def _nanmin(a: np.ndarray) -> float:
     if finite.all():
         return float(a.min()) if a.size else math.nan
     return float(np.nanmin(a)) if finite.any() else math.nan
-
-
-def _nanargmax(a: np.ndarray) -> int:
-    """Index of the largest value ignoring NaN; -1 when nothing is finite."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return int(a.argmax()) if a.size else -1
-    return int(np.nanargmax(a)) if finite.any() else -1
-
-
-def _nanargmin(a: np.ndarray) -> int:
-    """Index of the smallest value ignoring NaN; -1 when nothing is finite."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return int(a.argmin()) if a.size else -1
-    return int(np.nanargmin(a)) if finite.any() else -1
 
 
 def _clip01(x: float) -> float:
