@@ -42,6 +42,8 @@ from bms_ai.pack import PackSample
 DRIVE = "nmc_udds"
 #: health values that measure the machine, not the monitor's decisions: left out of a record
 TIMING_KEYS = frozenset({"step_mean_us", "step_max_us"})
+#: values naming a file of the checkout: recorded by file name, so a record holds in any checkout
+PATH_KEYS = frozenset({"limits"})
 
 
 @dataclass
@@ -177,9 +179,10 @@ def _plain(x: Any) -> Any:
 
 
 def canonical(results: list[Any]) -> list[list[Any]]:
-    """One call's statuses as plain lists (check, level, message, sorted values), timing left out."""
+    """One call's statuses as plain lists (check, level, message, values in published order), timing left out."""
     return [[r.check, int(r.level), r.message,
-             [[k, _plain(v)] for k, v in sorted(r.values.items()) if k not in TIMING_KEYS]] for r in results]
+             [[k, Path(v).name if k in PATH_KEYS else _plain(v)] for k, v in r.values.items() if k not in TIMING_KEYS]]
+            for r in results]
 
 
 def _digest(obj: Any) -> str:
