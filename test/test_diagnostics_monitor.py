@@ -284,6 +284,14 @@ def test_monitor_output_over_a_drive_matches_the_stored_record(variant: str) -> 
     assert workload.first_difference(got, want) == ""
 
 
+@pytest.mark.drive
+def test_monitor_output_on_small_packs_matches_the_stored_record() -> None:
+    """No sensor, one, two, five; pack-level cells; NaN and signed zeros: as recorded before the speed-up."""
+    want = json.loads(RECORD.read_text())["edges"]
+    got = json.loads(json.dumps(workload.record_edges()))
+    assert workload.first_difference(got, want) == ""
+
+
 def test_record_notices_a_changed_status() -> None:
     """The record's digest covers values, so a single changed number shows as a difference."""
     from bms_ai.diagnostics.rules import CheckResult

@@ -32,7 +32,6 @@ from bms_ai.diagnostics.rules import (
     Event,
     RuleEngine,
 )
-from bms_ai.diagnostics.stats import SampleStats
 from bms_ai.estimation import status
 from bms_ai.pack import PackSample
 
@@ -235,11 +234,10 @@ class FaultMonitor:
         assert self.engine is not None
         t0 = time.perf_counter()
         try:
-            stats = SampleStats.of(s, self.engine.buffers)  # reductions the rules and detectors share
             results = self.engine.step(s, t, soc=self.soc, soc_stamp=self.soc_stamp, capacity_ah=self.capacity,
-                                       model_fallback=self.model_fallback, stats=stats)
-            if self.detectors is not None:
-                results += self.detectors.step(s, t, stats=stats)
+                                       model_fallback=self.model_fallback)
+            if self.detectors is not None:  # the same per-sample reductions as the rules
+                results += self.detectors.step(s, t, stats=self.engine.stats)
         except Exception as exc:  # a rule bug must not take down the monitor
             self.reject(f"rule step failed: {exc!r}")
             return self._own([CheckResult(MONITOR_CHECK, ERROR, f"rule step failed: {exc!r}",

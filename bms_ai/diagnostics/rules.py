@@ -331,6 +331,7 @@ class RuleEngine:
         self.comm_lost = False
         self._missing: list[str] = []
         self.buffers = (np.empty(n_cells), np.empty(n_temps))  # scratch for the per-tick medians
+        self.stats: SampleStats | None = None                   # reductions of the last step's sample
         self._no_frozen = np.zeros(n_cells + n_temps + 1, dtype=bool)
         self._channels = f"0..{n_cells - 1}=cells, {n_cells}..{n_cells + n_temps - 1}=sensors"
         self._signals = f"{self._channels}, {n_cells + n_temps}=pack_v"
@@ -365,8 +366,8 @@ class RuleEngine:
              model_fallback: bool | None = None, stats: SampleStats | None = None) -> list[CheckResult]:
         """Evaluate every rule for one tick at time ``t`` (node clock, s).
 
-        ``stats``: the sample's shared reductions when the caller already has them
-        (the monitor hands the same ones to the detectors).
+        ``stats``: the sample's shared reductions when the caller already has them;
+        the ones used stay in :attr:`stats` (the monitor hands them to the detectors).
         """
         self.ticks += 1
         v = np.asarray(s.cell_voltages, dtype=float)
@@ -374,7 +375,7 @@ class RuleEngine:
         if v.shape != (self.n_cells,) or temps.shape != (self.n_temps,):
             raise ValueError(f"sample has {v.size} cells / {temps.size} sensors, engine expects "
                              f"{self.n_cells} / {self.n_temps}")
-        st = stats if stats is not None else SampleStats.of(s, self.buffers)
+        st = self.stats = stats if stats is not None else SampleStats.of(s, self.buffers)
         i = float(s.pack_current)
         out = self._limits(st, i, t)
         out += self._plausibility(s, st, t)
@@ -457,7 +458,7 @@ class RuleEngine:
         """|reading - median| of a group against its limit (judged only while most of the group is valid)."""
         med = g.median
         # the largest |x - median| is at the largest or the smallest x (subtraction is monotonic)
-        max_dev = max(g.max - med, med - g.min) if g.any_finite else math.nan
+        max_dev = max(abs(g.max - med), abs(g.min - med)) if g.any_finite else math.nan
         if g.mostly_valid and not rule.skips(max_dev > limit, t):
             dev = np.abs(g.values - med)
             rule.update((dev > limit)[None], (dev <= limit)[None], t, g.values)

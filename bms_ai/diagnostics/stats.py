@@ -37,6 +37,9 @@ def amin(a: np.ndarray) -> float:
     return float(x) if x != 0.0 and x == x else float(a.min())
 
 
+_add = np.add.reduce
+
+
 def median(a: np.ndarray, buf: np.ndarray | None = None) -> float:
     """``float(np.median(a))`` of a 1-D float array, NaN if any value is NaN, in a reusable buffer.
 
@@ -51,10 +54,10 @@ def median(a: np.ndarray, buf: np.ndarray | None = None) -> float:
     h = n // 2
     if n % 2:
         b.partition((h, -1))
-        m = b[h] / 1
+        m = _add(b[h:h + 1]) / 1            # np.mean of the middle: its sum (signed zeros included), / count
     else:
         b.partition((h - 1, h, -1))
-        m = (b[h - 1] + b[h]) / 2
+        m = _add(b[h - 1:h + 1]) / 2
     return math.nan if math.isnan(b[-1]) else float(m)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bms_ai.can.assembler import PACK_LEVEL_KEY
 from bms_ai.core.paths import share_path
 from bms_ai.pack import PackSample
 
@@ -211,6 +212,41 @@ def record(faults: bool = False, limit: int | None = None) -> dict[str, Any]:
             "steps": mon.steps, "rejected": mon.rejected}
 
 
+def _edge_sample(rng: np.random.Generator, k: int, n: int, n_temps: int, pack_level: bool) -> PackSample:
+    """Tick ``k`` of a small synthetic pack: limits crossed, NaN, signed zeros, stale stamps, pack V off."""
+    t = 1000.0 + 0.1 * k
+    v = 3.7 + 0.01 * rng.standard_normal(n) + (0.6 if 100 <= k < 140 else 0.0)
+    temps = 25 + rng.standard_normal(n_temps) + (40 if 200 <= k < 240 else 0)
+    if 250 <= k < 260:
+        v[:] = math.nan
+    if 300 <= k < 310 and n_temps:
+        temps[0] = math.nan
+    if k % 97 == 0:
+        v[0] = 0.0
+    if k % 89 == 0 and n_temps:
+        temps[-1] = -0.0
+    cur = float(rng.uniform(-50, 50)) if k < 350 else 0.0
+    return PackSample(t, float(np.nansum(v)) if k % 50 else 1.0, cur, v, temps, t, t, np.full(n, t),
+                      np.full(n_temps, t if k % 70 else t - 3), status={PACK_LEVEL_KEY: 1.0} if pack_level else {})
+
+
+def record_edges() -> dict[str, Any]:
+    """Small packs the drives do not cover (0, 1, 2, 5 sensors; pack-level), with NaN and signed zeros."""
+    digests, events = [], []
+    for n_temps in (0, 1, 2, 5):
+        for pack_level in (False, True):
+            mon = make_monitor()
+            rng = np.random.default_rng(n_temps * 2 + pack_level)
+            for k in range(400):
+                s = _edge_sample(rng, k, 1 if pack_level else 12, n_temps, pack_level)
+                mon.on_estimate(0.5 + 0.001 * k + (0.2 if k == 150 else 0.0), s.stamp, 50.0)
+                digests.append(_digest(canonical(mon.on_sample(s, s.stamp + 0.01))))
+                if k == 330:
+                    mon.reset(s.stamp)
+            events += [_event(e) for e in mon.engine.events]
+    return {"calls": len(digests), "digests": digests, "levels": {}, "events": events, "steps": 0, "rejected": 0}
+
+
 def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     """Where two records part (empty when identical): the first call, check or event that differs."""
     for key in ("calls", "steps", "rejected"):
@@ -273,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     tm.add_argument("--limit", type=int)
     args = ap.parse_args(argv)
     if args.cmd == "record":
-        doc = {"drive": DRIVE, "clean": record(False, args.limit), "faulted": record(True, args.limit)}
+        doc = {"drive": DRIVE, "clean": record(False, args.limit), "faulted": record(True, args.limit),
+               "edges": record_edges()}
         Path(args.out).write_text(json.dumps(doc, separators=(",", ":")) + "\n")
         return 0
     here = str(Path(__file__).resolve().parents[2])
