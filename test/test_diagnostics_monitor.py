@@ -274,7 +274,8 @@ RECORD = Path(__file__).parent / "data" / "diagnostics_monitor_record.json"
 @pytest.mark.drive
 @pytest.mark.parametrize("variant", ["clean", "faulted"])
 def test_monitor_output_over_a_drive_matches_the_stored_record(variant: str) -> None:
-    """Every status (level, message, values), every event, call by call, as recorded before the rules were sped up.
+    """Every status (level, message, values in order), every event, call by call, as the rules gave before the
+    per-sample cost was cut (recorded with the rules of commit 853b2d7).
 
     Regenerate only for an intended behaviour change:
     ``python -m bms_ai.diagnostics.workload record test/data/diagnostics_monitor_record.json``.
@@ -299,4 +300,7 @@ def test_record_notices_a_changed_status() -> None:
     a = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "step_mean_us": 3.0})])
     b = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0000000000000002, "step_mean_us": 4.0})])
     c = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "step_mean_us": 9.0})])
+    d = workload.canonical([CheckResult("x", OK, "m", {"w": 0, "v": 1.0})])
+    e = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "w": 0})])
     assert a != b and a == c
+    assert d != e  # the order values are published in counts too
