@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
+from bms_ai.diagnostics import workload
 from bms_ai.diagnostics.monitor import FaultMonitor, events_status, format_event, limits_path
 from bms_ai.diagnostics.rules import Event
 from bms_ai.estimation import status
@@ -262,3 +265,42 @@ def test_the_shipped_reference_packs_keep_their_limits_files_unscaled(root) -> N
     for name in ("pack96.yaml", "pack96_lfp.yaml"):
         cfg = load_pack_config(root / "config" / name)
         assert pack_limits(cfg.chemistry, cfg.design_capacity_ah) == load_limits(limits_path("", cfg.chemistry))
+
+
+# ------------------------------------------------------------------ identical results over whole drives
+RECORD = Path(__file__).parent / "data" / "diagnostics_monitor_record.json"
+
+
+@pytest.mark.drive
+@pytest.mark.parametrize("variant", ["clean", "faulted"])
+def test_monitor_output_over_a_drive_matches_the_stored_record(variant: str) -> None:
+    """Every status (level, message, values in order), every event, call by call, as the rules gave before the
+    per-sample cost was cut (recorded with the rules of commit 853b2d7).
+
+    Regenerate only for an intended behaviour change:
+    ``python -m bms_ai.diagnostics.workload record test/data/diagnostics_monitor_record.json``.
+    """
+    want = json.loads(RECORD.read_text())[variant]
+    got = json.loads(json.dumps(workload.record(variant == "faulted")))  # NaN and tuples as JSON has them
+    assert workload.first_difference(got, want) == ""
+
+
+@pytest.mark.drive
+def test_monitor_output_on_small_packs_matches_the_stored_record() -> None:
+    """No sensor, one, two, five; pack-level cells; NaN and signed zeros: as recorded before the speed-up."""
+    want = json.loads(RECORD.read_text())["edges"]
+    got = json.loads(json.dumps(workload.record_edges()))
+    assert workload.first_difference(got, want) == ""
+
+
+def test_record_notices_a_changed_status() -> None:
+    """The record's digest covers values, so a single changed number shows as a difference."""
+    from bms_ai.diagnostics.rules import CheckResult
+
+    a = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "step_mean_us": 3.0})])
+    b = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0000000000000002, "step_mean_us": 4.0})])
+    c = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "step_mean_us": 9.0})])
+    d = workload.canonical([CheckResult("x", OK, "m", {"w": 0, "v": 1.0})])
+    e = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "w": 0})])
+    assert a != b and a == c
+    assert d != e  # the order values are published in counts too

@@ -19,7 +19,7 @@ from bms_ai.diagnostics import (
     load_limits,
     parse_limits,
 )
-from bms_ai.diagnostics.debounce import Debouncer
+from bms_ai.diagnostics.debounce import Debouncer, Transition
 from bms_ai.pack import PackSample
 
 N, NT = 96, 32
@@ -129,6 +129,61 @@ def test_debouncer_up_down_counter_and_hysteresis():
     seq = [True, True, False, True, True]
     got = [d2.update(np.array([[x]]), np.array([[not x]]), k).any for k, x in enumerate(seq)]
     assert got == [False, False, False, False, True]
+
+
+class _ArrayDebouncer(Debouncer):
+    """The debouncer as a plain array update on every tick (the reference the per-element path must match)."""
+
+    def update(self, violating, inside, t):
+        if self._idle and not violating.any():
+            return Transition(*(np.empty(0, dtype=np.int64),) * 4)
+        c = self.count
+        started = violating & (c == 0) & ~self.active
+        c += violating
+        c -= ~violating & (c > 0)
+        np.minimum(c, self.set_n, out=c)
+        self.onset[started] = t
+        self.onset[(c == 0) & ~self.active] = np.nan
+        new = ~self.active & (c >= self.set_n)
+        self.active |= new
+        self.set_time[new] = t
+        self.clear[:] = np.where(self.active & inside, self.clear + 1, 0)
+        cleared = self.active & (self.clear >= self.clear_n) & ~self.latch
+        if cleared.any():
+            self._clear(cleared)
+        self._idle = not (c.any() or self.active.any())
+        return Transition(*np.nonzero(new), *np.nonzero(cleared))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_debouncer_matches_the_array_update_tick_by_tick(seed):
+    """Few or many elements in play, latched or not, resets between: state and transitions equal the array update."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 4))
+    n = int(rng.integers(1, 40))
+    counts = tuple(int(x) for x in rng.integers(1, 5, size=k))
+    latch = tuple(bool(x) for x in rng.random(k) < 0.4)
+    clear = int(rng.integers(0, 4))
+    fast, ref = Debouncer(n, counts, clear, latch), _ArrayDebouncer(n, counts, clear, latch)
+    density = 0.0
+    for tick in range(800):
+        if tick % 80 == 0:
+            density = float(rng.choice([0.0, 0.005, 0.02, 0.1, 0.6]))  # quiet, a few elements, many
+        viol = rng.random((k, n)) < density
+        inside = ~viol & (rng.random((k, n)) < 0.7)
+        t = 0.1 * tick
+        if rng.random() < 0.01:
+            a, b = fast.reset(), ref.reset()
+        else:
+            a, b = fast.update(viol, inside, t), ref.update(viol, inside, t)
+        for x, y in ((a.set_tier, b.set_tier), (a.set_index, b.set_index), (a.clear_tier, b.clear_tier),
+                     (a.clear_index, b.clear_index)):
+            assert x.tolist() == y.tolist(), tick
+        for name in ("count", "clear", "active"):
+            assert np.array_equal(getattr(fast, name), getattr(ref, name)), (tick, name)
+        for name in ("onset", "set_time"):
+            assert np.array_equal(getattr(fast, name), getattr(ref, name), equal_nan=True), (tick, name)
+        assert fast.idle == ref.idle and fast.top_tier() == ref.top_tier(), tick
 
 
 # ---------------------------------------------------------------- three-tier limits

@@ -1,7 +1,9 @@
 """Vectorised debounce / hysteresis / latch state for k tiers x n elements.
 
-One array op per tick for all 96 cells and all tiers, so a whole rule step
-stays in the tens of microseconds. The set side is an up/down counter like
+A tick with nothing pending, active or violating costs nothing (callers test
+that on scalars first); with a few elements in play (a held warning, a latched
+fault) the tick runs element by element; otherwise one array op covers all 96
+cells and all tiers. All three give the same state. The set side is an up/down counter like
 the foxBMS DIAG module (a violating tick counts up, a good tick counts down),
 which tolerates a single noisy sample without letting a chattering signal
 hide a real violation; the clear side needs ``clear_count`` consecutive ticks
@@ -33,6 +35,9 @@ class Transition:
 
 _E = np.empty(0, dtype=np.int64)
 _EMPTY = Transition(_E, _E, _E, _E)
+#: with at most this many elements in play (pending, active or violating), a tick runs element by element
+#: in plain Python: a latched fault or a held warning on one cell then costs microseconds, not 25 array ops
+FEW = 8
 
 
 class Debouncer:
@@ -45,42 +50,112 @@ class Debouncer:
         self.set_n = np.asarray(set_counts, dtype=np.int32).reshape(k, 1)
         self.clear_n = int(clear_count)
         self.latch = np.asarray(latch if latch is not None else (False,) * k, dtype=bool).reshape(k, 1)
+        self._unlatched = ~self.latch
         self.count = np.zeros((k, n), dtype=np.int32)
         self.clear = np.zeros((k, n), dtype=np.int32)
         self.active = np.zeros((k, n), dtype=bool)
         self.onset = np.full((k, n), np.nan)     # first violating tick of the current episode
         self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
         self._idle = True
+        self.generation = 0  # counts sets, clears and resets: between two, the active elements are unchanged
+        # flat indices of the elements pending or active (None: not known, recomputed when needed)
+        self._hot: list[int] | None = []
+        self._set_list = [int(x) for x in set_counts]
+        self._latch_list = [bool(x) for x in self.latch[:, 0]]
+        self._few_ok = all(x >= 1 for x in self._set_list)  # the per-element path assumes counts in 0..set_n
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending, nothing active: a tick without a violation changes nothing (callers may skip it)."""
+        return self._idle
+
+    def any_active(self, first_tier: int = 0) -> bool:
+        """Whether an element is active in ``first_tier`` or a higher tier."""
+        return not self._idle and bool(np.count_nonzero(self.active[first_tier:]))
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
         """violating: value beyond the limit; inside: value back inside by the hysteresis.
 
         Where neither holds (in the hysteresis band, or NaN) counters hold.
         """
-        if self._idle and not violating.any():
-            return _EMPTY  # the common case: nothing pending, nothing violating
-        c = self.count
-        started = violating & (c == 0) & ~self.active
+        if self._idle and not np.count_nonzero(violating):
+            return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
+        if self._few_ok and violating.shape == inside.shape == self.count.shape:
+            tr = self._update_few(violating, inside, t)
+            if tr is not None:
+                return tr
+        self._hot = None
+        c, active = self.count, self.active
+        inactive = ~active  # before this tick's sets: started, idle and new all look at it
+        started = violating & (c == 0) & inactive
         c += violating
         c -= ~violating & (c > 0)
         np.minimum(c, self.set_n, out=c)
         self.onset[started] = t
-        idle = (c == 0) & ~self.active
-        self.onset[idle] = np.nan
-        new = ~self.active & (c >= self.set_n)
-        self.active |= new
+        self.onset[(c == 0) & inactive] = np.nan  # idle again: the episode is over
+        new = inactive & (c >= self.set_n)
+        active |= new
         self.set_time[new] = t
+        held = active & inside
         cl = self.clear
-        cl[:] = np.where(self.active & inside, cl + 1, 0)
-        cleared = self.active & (cl >= self.clear_n) & ~self.latch
-        if cleared.any():
+        cl += held
+        cl *= held  # consecutive ticks inside, 0 otherwise
+        cleared = active & (cl >= self.clear_n) & self._unlatched
+        any_cleared = bool(np.count_nonzero(cleared))  # count_nonzero: the cheapest any() numpy has
+        if any_cleared:
             self._clear(cleared)
-        self._idle = not (c.any() or self.active.any())
-        if not (new.any() or cleared.any()):
+        self._idle = not (np.count_nonzero(c) or np.count_nonzero(active))
+        if not (any_cleared or np.count_nonzero(new)):
             return _EMPTY
+        self.generation += 1
         st, si = np.nonzero(new)
         ct, ci = np.nonzero(cleared)
         return Transition(st, si, ct, ci)
+
+    def _update_few(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition | None:
+        """:meth:`update` element by element when few are in play; None (nothing changed) when too many are.
+
+        Elements neither pending, active nor violating are left alone: for them the
+        array update changes nothing (count and clear counter stay 0, onset NaN).
+        """
+        viol_idx = np.flatnonzero(violating)
+        hot = self._hot if self._hot is not None else np.flatnonzero(self.count | self.active).tolist()
+        if viol_idx.size + len(hot) > FEW:
+            return None
+        cand = sorted(set(hot).union(viol_idx.tolist()))  # row-major order, as np.nonzero reports
+        vf, inf = violating.reshape(-1), inside.reshape(-1)
+        cf, clf, af = self.count.reshape(-1), self.clear.reshape(-1), self.active.reshape(-1)
+        onset, set_time = self.onset.reshape(-1), self.set_time.reshape(-1)
+        new: list[int] = []
+        cleared: list[int] = []
+        for f in cand:
+            tier = f // self.n
+            viol, was_active, c = bool(vf[f]), bool(af[f]), int(cf[f])
+            if viol and c == 0 and not was_active:
+                onset[f] = t                          # the episode starts
+            c = min(c + 1 if viol else (c - 1 if c > 0 else c), self._set_list[tier])
+            if c == 0 and not was_active:
+                onset[f] = np.nan                     # idle again: the episode is over
+            active = was_active
+            if not was_active and c >= self._set_list[tier]:
+                active = True
+                set_time[f] = t
+                new.append(f)
+            cl = int(clf[f]) + 1 if active and bool(inf[f]) else 0
+            if active and cl >= self.clear_n and not self._latch_list[tier]:
+                active, c, cl = False, 0, 0
+                onset[f] = set_time[f] = np.nan
+                cleared.append(f)
+            cf[f], clf[f], af[f] = c, cl, active
+        self._hot = [f for f in cand if cf[f] or af[f]]
+        self._idle = not self._hot
+        if not (new or cleared):
+            return _EMPTY
+        self.generation += 1
+        n = self.n
+        return Transition(np.array([f // n for f in new], dtype=np.intp), np.array([f % n for f in new], dtype=np.intp),
+                          np.array([f // n for f in cleared], dtype=np.intp),
+                          np.array([f % n for f in cleared], dtype=np.intp))
 
     def _clear(self, mask: np.ndarray) -> None:
         self.active[mask] = False
@@ -93,6 +168,8 @@ class Debouncer:
         """Acknowledge latched events: everything active clears (re-sets after debounce if still violating)."""
         mask = self.active.copy()
         self._clear(mask)
+        self._hot = None
+        self.generation += 1
         self._idle = not self.count.any()
         ct, ci = np.nonzero(mask)
         e = np.empty(0, dtype=np.int64)
@@ -102,5 +179,7 @@ class Debouncer:
         """Highest active tier index, -1 if none."""
         if self._idle:
             return -1
-        rows = np.nonzero(self.active.any(axis=1))[0]
-        return int(rows[-1]) if rows.size else -1
+        for k in range(self.k - 1, -1, -1):
+            if np.count_nonzero(self.active[k]):
+                return k
+        return -1

@@ -44,7 +44,8 @@ import numpy as np
 from bms_ai.core.files import load_json, sha256_file
 from bms_ai.core.levels import OK, WARN
 from bms_ai.core.paths import share_path
-from bms_ai.diagnostics.rules import CheckResult, Event, _nanargmin, _nanmax, _nanmin, _Rule
+from bms_ai.diagnostics.rules import CheckResult, Event, _Rule, active_events
+from bms_ai.diagnostics.stats import SampleStats, median
 from bms_ai.models.manifest import TensorSpec
 from bms_ai.models.runtime import OutputGuard, guarded
 from bms_ai.pack import PackSample
@@ -319,6 +320,10 @@ class DetectorBank:
         self.charge_last = math.nan   # last tick with charge current
         self.charge_ah_at_risk = 0.0
         self.score = 0.0
+        # per-tick scratch and summaries of arrays that change only on a fit / thermal update
+        self._buffers = (np.empty(n_cells), np.empty(n_temps))
+        self._leak_cache: tuple[tuple[np.ndarray, ...], dict[str, Any], float] | None = None
+        self._cusum_cache: tuple[np.ndarray, int, float] | None = None
 
     # ------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -333,13 +338,15 @@ class DetectorBank:
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
-        """Events not cleared yet."""
-        return [e for e in self.events if e.active]
+        """Events not cleared yet, in the order they were set."""
+        return active_events(self.rules)
 
-    def step(self, s: PackSample, t: float) -> list[CheckResult]:
-        """Evaluate every detector for one tick at time ``t``: one result per check in CHECKS order."""
-        v = np.asarray(s.cell_voltages, dtype=float)
-        temps = np.asarray(s.cell_temperatures, dtype=float)
+    def step(self, s: PackSample, t: float, stats: SampleStats | None = None) -> list[CheckResult]:
+        """Evaluate every detector for one tick at time ``t``: one result per check in CHECKS order.
+
+        ``stats``: the sample's shared reductions when the caller already has them (the rule engine's).
+        """
+        st = stats if stats is not None else SampleStats.of(s, self._buffers)
         i = float(s.pack_current)
         dt = self.tick_s if not math.isfinite(self.last_t) else min(max(t - self.last_t, 0.0), self.p.max_tick_gap_s)
         if not math.isfinite(self.t0):
@@ -351,8 +358,7 @@ class DetectorBank:
             self.current_slow += a * (i - self.current_slow)
             self.current_fast += min(dt / self.p.current_fast_tau_s, 1.0) * (i - self.current_fast)
         charger = (s.status or {}).get("charger_connected", math.nan)
-        out = [*self._cells(v, i, t), self._thermal(temps, t),
-               self._plating(v, temps, i, t, charger == 1.0)]
+        out = [*self._cells(st, i, t), self._thermal(st, t), self._plating(st, i, t, charger == 1.0)]
         out.append(self._anomaly(t))
         return out
 
@@ -371,17 +377,16 @@ class DetectorBank:
         self._was_settled = settled
         return settled
 
-    def _learn_resistance(self, v: np.ndarray, i: float) -> None:
-        """On load ticks: each cell's resistance signature (V/A against the median)."""
+    def _learn_resistance(self, v: np.ndarray, med: float, i: float) -> None:
+        """On load ticks: each cell's resistance signature (V/A against the median ``med``)."""
         p = self.p
         self.load_ticks += 1
         if self.load_ticks % p.quiet_decimate == 0:
-            self.resistance_fit.add(np.array([1.0, i / p.capacity_ah]), v - float(np.median(v)))
+            self.resistance_fit.add(np.array([1.0, i / p.capacity_ah]), v - med)
 
-    def _residuals(self, v: np.ndarray, settled: bool) -> tuple[np.ndarray, float]:
-        """Cell residuals against the median, common-mode polarisation removed, in units of the cell spread."""
+    def _residuals(self, v: np.ndarray, med: float, settled: bool) -> tuple[np.ndarray, float]:
+        """Cell residuals against the median ``med``, common-mode polarisation removed, in cell-spread units."""
         p = self.p
-        med = float(np.median(v))
         r = v - med
         if self.resistance_fit.w >= p.resistance_min_samples:
             # remaining polarisation at a stop is common-mode eta(t) x each cell's resistance signature:
@@ -399,10 +404,10 @@ class DetectorBank:
                 self.spread_v + p.spread_rate * (sp - self.spread_v)
         return r / self.spread_v, med
 
-    def _regress(self, v: np.ndarray, i: float, t: float, settled: bool) -> bool:
+    def _regress(self, v: np.ndarray, med: float, i: float, t: float, settled: bool) -> bool:
         """Add one sample to the residual regression; True when the leak fit was (re)judged."""
         p = self.p
-        y_cells, med = self._residuals(v, settled)
+        y_cells, med = self._residuals(v, med, settled)
         y = np.append(y_cells, med)
         c = p.capacity_ah
         # load ticks too: resistance and polarisation differences are absorbed by the current terms
@@ -417,33 +422,49 @@ class DetectorBank:
             return True
         return False
 
-    def _cells(self, v: np.ndarray, i: float, t: float) -> list[CheckResult]:
+    def _cells(self, st: SampleStats, i: float, t: float) -> list[CheckResult]:
         p = self.p
-        finite = math.isfinite(i) and bool(np.isfinite(v).all())
+        v, med = st.v.values, st.v.median  # med: np.median(v) whenever v is complete (the only time it is used)
+        finite = math.isfinite(i) and st.v.all_finite
         settled = self._settled(finite, i, t)
         if finite and abs(i) > p.load_current_c * p.capacity_ah:
-            self._learn_resistance(v, i)
+            self._learn_resistance(v, med, i)
         sampled = settled or (finite and p.all_ticks)
         if sampled:
             self.quiet_ticks += 1
-        if sampled and self.quiet_ticks % p.quiet_decimate == 0 and self._regress(v, i, t, settled):
+        if sampled and self.quiet_ticks % p.quiet_decimate == 0 and self._regress(v, med, i, t, settled):
             isc = self.leak_lcb > p.leak_alarm_a  # lower confidence bound of the leak above the threshold
             imb = np.abs(self.drift - np.median(self.drift)) > p.imbalance_alarm_v
-            self.internal_short_rule.update(isc[None], ~isc[None], t, self.leak)
-            self.imbalance_rule.update(imb[None], ~imb[None], t, self.drift)
+            if not self.internal_short_rule.skips(bool(isc.any()), t):
+                self.internal_short_rule.update(isc[None], ~isc[None], t, self.leak)
+            if not self.imbalance_rule.skips(bool(imb.any()), t):
+                self.imbalance_rule.update(imb[None], ~imb[None], t, self.drift)
         return [self._internal_short_result(), self._imbalance_result()]
 
     def _internal_short_result(self) -> CheckResult:
         p = self.p
         span = (self.quiet_last_t - self.quiet_first_t) if math.isfinite(self.quiet_first_t) else 0.0
-        k = int(np.argmax(self.leak)) if self.leak.size else -1
-        kv = {"max_leak_a": float(self.leak[k]) if k >= 0 else math.nan, "max_leak_cell": k,
-              "leak_z": float(self.leak_z[k]) if k >= 0 else math.nan,
-              "leak_lower_bound_a": float(self.leak_lcb[k]) if k >= 0 else math.nan, "dv_dah": self.ocv_slope,
+        kv = {**self._leak_summary()[0], "dv_dah": self.ocv_slope,
               "quiet_span_s": span, "quiet_samples": int(self.residual_fit.w), "quiet_episodes": self.quiet_episodes}
         return self.internal_short_rule.result(
             self.leak, "no abnormal leak current" if span >= p.min_span_s else
             f"learning ({span:.0f}/{p.min_span_s:.0f} s of quiet data)", kv, " A leak")
+
+    def _leak_summary(self) -> tuple[dict[str, Any], float]:
+        """The largest leak (cell, value, z, lower bound) and the largest lower bound.
+
+        Recomputed only when a fit replaced the arrays (they change nowhere else).
+        """
+        arrays = (self.leak, self.leak_z, self.leak_lcb)
+        cached = self._leak_cache
+        if cached is None or any(a is not b for a, b in zip(arrays, cached[0])):
+            k = int(np.argmax(self.leak)) if self.leak.size else -1
+            kv = {"max_leak_a": float(self.leak[k]) if k >= 0 else math.nan, "max_leak_cell": k,
+                  "leak_z": float(self.leak_z[k]) if k >= 0 else math.nan,
+                  "leak_lower_bound_a": float(self.leak_lcb[k]) if k >= 0 else math.nan}
+            lcb_max = float(np.max(self.leak_lcb)) if self.leak.size else math.nan
+            cached = self._leak_cache = (arrays, kv, lcb_max)
+        return cached[1], cached[2]
 
     def _imbalance_result(self) -> CheckResult:
         j = self.drift_cell
@@ -482,23 +503,30 @@ class DetectorBank:
         self.drift_cell = int(np.argmax(np.abs(self.drift - np.median(self.drift))))
 
     # ------------------------------------------------------------ thermal
-    def _thermal(self, temps: np.ndarray, t: float) -> CheckResult:
+    def _thermal(self, st: SampleStats, t: float) -> CheckResult:
         p = self.p
-        if np.isfinite(temps).all() and (not math.isfinite(self.thermal_last_t) or
-                                         t - self.thermal_last_t >= p.thermal_period_s):
-            self._thermal_update(temps, t)
-        k = int(np.argmax(self.thermal_cusum))
+        if st.t.all_finite and (not math.isfinite(self.thermal_last_t) or
+                                t - self.thermal_last_t >= p.thermal_period_s):
+            self._thermal_update(st.t.values, st.t.median, t)
+        k, _ = self._cusum_summary()
         kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": f"{3 * k}..{3 * k + 2}",
               "excess_c": float(self.thermal_excess[k]), "sigma_c": self.thermal_sigma}
         return self.thermal_rule.result(self.thermal_excess, "no thermal anomaly", kv, " degC above model")
 
-    def _thermal_update(self, temps: np.ndarray, t: float) -> None:
-        """Each sensor's deviation from the pack median against the pack's own heating; CUSUM on the excess."""
+    def _cusum_summary(self) -> tuple[int, float]:
+        """Sensor with the largest CUSUM and that CUSUM: recomputed only when an update replaced the array."""
+        if self._cusum_cache is None or self._cusum_cache[0] is not self.thermal_cusum:
+            c = self.thermal_cusum
+            k = int(np.argmax(c))
+            self._cusum_cache = (c, k, float(np.max(c)) if c.size else math.nan)
+        return self._cusum_cache[1], self._cusum_cache[2]
+
+    def _thermal_update(self, temps: np.ndarray, med: float, t: float) -> None:
+        """Each sensor's deviation from the pack median ``med`` against the pack's own heating; CUSUM on the excess."""
         p = self.p
         dt = p.thermal_period_s if not math.isfinite(self.thermal_last_t) else \
             min(t - self.thermal_last_t, p.thermal_max_dt_s)
         self.thermal_last_t = t
-        med = float(np.median(temps))
         if not math.isfinite(self.thermal_median0):
             self.thermal_median0 = med
         e = temps - med
@@ -507,7 +535,8 @@ class DetectorBank:
         if warm and self.thermal_fit.w >= p.thermal_min_samples:
             theta = self.thermal_fit.solve(np.asarray(p.thermal_ridge))
             innov = e - x @ theta
-            mad = MAD_TO_SIGMA * float(np.median(np.abs(innov - np.median(innov))))
+            buf = self._buffers[1]
+            mad = MAD_TO_SIGMA * median(np.abs(innov - median(innov, buf)), buf)
             self.thermal_sigma = max(mad, p.thermal_sigma_floor_c)
             z = innov / self.thermal_sigma
             self.thermal_excess = innov
@@ -516,8 +545,10 @@ class DetectorBank:
         # a clearly suspect sensor must not learn its fault
         learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
         self.thermal_fit.add(x, e, lam, mask=None if learn.all() else learn)
-        alarm = self.thermal_cusum > p.thermal_h
-        self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
+        _, cusum_max = self._cusum_summary()
+        if not self.thermal_rule.skips(not cusum_max <= p.thermal_h, t):  # NaN: judge every sensor
+            alarm = self.thermal_cusum > p.thermal_h
+            self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
 
     # ------------------------------------------------------------ plating
     def _charge_seconds(self, in_charge: bool, t: float) -> float:
@@ -531,7 +562,7 @@ class DetectorBank:
             self.charge_since = math.nan
         return t - self.charge_since if math.isfinite(self.charge_since) else 0.0
 
-    def _plating(self, v: np.ndarray, temps: np.ndarray, i: float, t: float, charger: bool = False) -> CheckResult:
+    def _plating(self, st: SampleStats, i: float, t: float, charger: bool = False) -> CheckResult:
         """Plating risk only inside a charge: sustained charge current or a connected charger.
 
         Regen braking at low temperature gives the same instantaneous (T, C-rate, V)
@@ -542,7 +573,7 @@ class DetectorBank:
         in_charge = math.isfinite(c_rate) and c_rate > p.plating_charge_c
         charge_s = self._charge_seconds(in_charge, t)
         charging = in_charge and (charger or charge_s >= p.plating_context_s)
-        coldest, tmin, vmax = _nanargmin(temps), _nanmin(temps), _nanmax(v)
+        coldest, tmin, vmax = st.t.argmin, st.t.min, st.v.max
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
@@ -551,13 +582,14 @@ class DetectorBank:
         if risk:
             self.charge_ah_at_risk += i * self.tick_s / 3600.0
         clear = not charging or prob < p.plating_clear_fraction * p.plating_threshold
-        self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
+        if not self.plating_rule.skips(risk, t):
+            self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
               "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
               "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind(),
               **(self.plating.guard.stats() if self.plating is not None else {})}
-        return self.plating_rule.result(np.array([prob]), "no plating risk" if self.plating is not None else
+        return self.plating_rule.result(prob, "no plating risk" if self.plating is not None else
                                         "plating model missing", kv, " probability")
 
     def _plating_model_kind(self) -> str:
@@ -568,17 +600,18 @@ class DetectorBank:
         p = self.p
         plating = self.p_plating / p.plating_threshold
         parts = {
-            "leak": float(np.max(self.leak_lcb)) / p.leak_alarm_a if self.leak.size else 0.0,
-            "thermal": float(np.max(self.thermal_cusum)) / p.thermal_h if self.thermal_cusum.size else 0.0,
+            "leak": self._leak_summary()[1] / p.leak_alarm_a if self.leak.size else 0.0,
+            "thermal": self._cusum_summary()[1] / p.thermal_h if self.thermal_cusum.size else 0.0,
             # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
-            "plating": plating if self.plating_rule.deb.active.any() else min(plating, p.anomaly_unconfirmed_cap),
+            "plating": plating if self.plating_rule.deb.any_active() else min(plating, p.anomaly_unconfirmed_cap),
         }
         self.score = max(parts.values())
         bad = self.score > 1.0
-        self.anomaly_rule.update(np.array([[bad]]), np.array([[self.score < p.anomaly_clear_score]]), t,
-                                 np.array([self.score]))
+        if not self.anomaly_rule.skips(bad, t):
+            self.anomaly_rule.update(np.array([[bad]]), np.array([[self.score < p.anomaly_clear_score]]), t,
+                                     np.array([self.score]))
         kv = {"score": self.score, **{f"{k}_part": v for k, v in parts.items()}}
-        r = self.anomaly_rule.result(np.array([self.score]), f"score {self.score:.2f}", kv)
+        r = self.anomaly_rule.result(self.score, f"score {self.score:.2f}", kv)
         if r.level == OK:
             r.message = f"score {self.score:.2f} (alarm > 1)"
         return r

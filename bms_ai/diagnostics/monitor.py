@@ -119,6 +119,8 @@ class FaultMonitor:
         self._own_checks: set[str] = set()
         self.detector_problems: list[str] = []
         self.pack_level = False  # the measurements carry the average cell only (known from the first sample)
+        self._events_key: tuple[int, ...] = ()
+        self._events_last = events_status([], 0, self.max_events)
 
     @classmethod
     def load(cls, limits_file: str, chemistry: str, hardware_id: str, limits_overrides: dict | None = None,
@@ -234,8 +236,8 @@ class FaultMonitor:
         try:
             results = self.engine.step(s, t, soc=self.soc, soc_stamp=self.soc_stamp, capacity_ah=self.capacity,
                                        model_fallback=self.model_fallback)
-            if self.detectors is not None:
-                results += self.detectors.step(s, t)
+            if self.detectors is not None:  # the same per-sample reductions as the rules
+                results += self.detectors.step(s, t, stats=self.engine.stats)
         except Exception as exc:  # a rule bug must not take down the monitor
             self.reject(f"rule step failed: {exc!r}")
             return self._own([CheckResult(MONITOR_CHECK, ERROR, f"rule step failed: {exc!r}",
@@ -258,8 +260,15 @@ class FaultMonitor:
 
     def events_status(self) -> CheckResult:
         """The ``events`` status for the current state."""
-        total = len(self.engine.events) if self.engine is not None else 0
-        return events_status(self.active_events(), total, self.max_events)
+        total = self.engine.event_count() if self.engine is not None else 0
+        events = self.active_events()
+        # the same active events (the rules keep every event, so ids are not reused) give the same status:
+        # what it shows of an event is fixed when the event is set
+        key = (total, *map(id, events))
+        if key != self._events_key:
+            self._events_key, self._events_last = key, events_status(events, total, self.max_events)
+        r = self._events_last
+        return CheckResult(r.check, r.level, r.message, dict(r.values))
 
     def health(self) -> CheckResult:
         """The ``fault monitor`` status: steps, rejections (WARN for a while after one), step cost, limits in use.
@@ -279,5 +288,5 @@ class FaultMonitor:
                             "detector_files": "; ".join(self.detector_problems) or "ok"})
 
     def _own(self, results: list[CheckResult]) -> list[CheckResult]:
-        self._own_checks.update(r.check for r in results)
+        self._own_checks.update([r.check for r in results])
         return results

@@ -17,6 +17,7 @@ import numpy as np
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
+from bms_ai.diagnostics.stats import SampleStats, _Group, amin
 from bms_ai.pack import PackSample
 
 TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
@@ -64,6 +65,8 @@ class _Rule:
         self.element = element
         self.open: dict[tuple[int, int], Event] = {}
         self.events: list[Event] = []
+        self._live: list[Event] = []   # events not seen cleared yet (a cleared event never becomes active again)
+        self._part: tuple[int, Any] | None = None  # (debouncer generation, active part of the result)
         self.unmonitored = ""  # why this pack cannot be checked ('' = monitored): never set, never OK
 
     def not_monitored(self, reason: str) -> None:
@@ -78,6 +81,7 @@ class _Rule:
                        level=self.levels[k])
             self.open[(k, i)] = ev
             self.events.append(ev)
+            self._live.append(ev)
         for k, i in zip(tr.clear_tier.tolist(), tr.clear_index.tolist()):
             ev = self.open.pop((k, i), None)
             if ev is not None:
@@ -91,6 +95,24 @@ class _Rule:
         if tr.any:
             self.apply(tr, values)
 
+    def active_events(self) -> list[Event]:
+        """This rule's events not cleared yet, in the order they were set."""
+        if self._live:
+            self._live = [e for e in self._live if e.active]
+        return self._live
+
+    def skips(self, possible: bool, t: float) -> bool:
+        """Take a tick that cannot change this rule without building its arrays; False: call :meth:`update`.
+
+        ``possible``: whether any element may violate this tick (a scalar test on
+        the shared reductions). While the debouncer is idle a tick without a
+        violation changes nothing, exactly as :meth:`update` would find.
+        """
+        if possible or not self.deb.idle:
+            return False
+        self._t = t
+        return True
+
     def reset(self, t: float) -> None:
         self._t = t
         self.apply(self.deb.reset(), np.nan)
@@ -99,29 +121,57 @@ class _Rule:
                unit: str = "") -> CheckResult:
         """This tick's verdict: the highest active tier, where (first element, count) and since when."""
         deb = self.deb
-        top = deb.top_tier()
         kv: dict[str, Any] = dict(extra or {})
         if self.unmonitored:
             return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
-        if top < 0:
+        part = None if deb.idle else self._active_part()
+        if part is None:
             return CheckResult(self.check, OK, ok_message, kv)
-        idx = np.nonzero(deb.active[top])[0]
-        first = int(idx[0])
+        top, first, head, where, latched = part
         value = _element(values, first, deb.n)
-        kv.update({"tier": self.tier_names[top].upper(), "count": int(idx.size),
-                   "onset": _finite_min(deb.onset[top, idx]), "set_time": _finite_min(deb.set_time[top, idx])})
-        if deb.n > 1:
-            kv[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + ("..." if idx.size > 16 else "")
-            where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
-        else:
-            where = "pack"
+        kv.update(head)
         kv["value"] = value
-        latched = bool(deb.latch[top, 0])
         kv["latched"] = latched
         msg = f"{self.tier_names[top].upper()} violated at {where}: {_fmt(value)}{unit}"
         if latched:
             msg += " (latched until reset)"
         return CheckResult(self.check, self.levels[top], msg, kv)
+
+    def _active_part(self) -> tuple[int, int, dict[str, Any], str, bool] | None:
+        """The highest active tier's elements, onset and set time: rebuilt only after a set, clear or reset.
+
+        Between transitions the active elements, their onsets and set times cannot change.
+        """
+        deb = self.deb
+        if self._part is not None and self._part[0] == deb.generation:
+            return self._part[1]
+        top = deb.top_tier()
+        part = None
+        if top >= 0:
+            idx = np.nonzero(deb.active[top])[0]
+            first = int(idx[0])
+            head: dict[str, Any] = {"tier": self.tier_names[top].upper(), "count": int(idx.size),
+                                    "onset": _finite_min(deb.onset[top, idx]),
+                                    "set_time": _finite_min(deb.set_time[top, idx])}
+            if deb.n > 1:
+                head[f"{self.element}_index"] = ",".join(str(i) for i in idx[:16].tolist()) + \
+                    ("..." if idx.size > 16 else "")
+                where = f"{self.element} {first}" + (f" (+{idx.size - 1} more)" if idx.size > 1 else "")
+            else:
+                where = "pack"
+            part = (top, first, head, where, bool(deb.latch[top, 0]))
+        self._part = (deb.generation, part)
+        return part
+
+
+def _set_time(e: Event) -> float:
+    return e.set_time
+
+
+def active_events(rules: Iterable[_Rule]) -> list[Event]:
+    """The active events of ``rules`` in the order they were set (as filtering the sorted full log gives)."""
+    live = [e for r in rules if r._live for e in r.active_events()]
+    return sorted(live, key=_set_time) if len(live) > 1 else live
 
 
 def _element(values: np.ndarray | float, i: int, n: int) -> float:
@@ -133,11 +183,11 @@ def _element(values: np.ndarray | float, i: int, n: int) -> float:
 
 
 def _finite_min(a: np.ndarray) -> float:
-    """Smallest finite value, NaN if there is none (without numpy's all-NaN warning)."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return float(a.min())
-    return float(np.nanmin(a)) if finite.any() else math.nan
+    """Smallest non-NaN value, NaN if there is none (without numpy's all-NaN warning)."""
+    m = amin(a)  # NaN if any value is NaN
+    if math.isfinite(m):
+        return m
+    return float(np.nanmin(a)) if np.isfinite(a).any() else math.nan
 
 
 def _fmt(v: float) -> str:
@@ -150,15 +200,34 @@ class _LimitRule(_Rule):
     def __init__(self, check: str, n: int, cfg: LimitsConfig, deb, element: str = "cell") -> None:
         super().__init__(check, n, deb.set_counts, deb.clear_count, cfg.latch_mask, TIER_LEVEL, TIERS, element)
         self.hyst = deb.hysteresis
+        self._limits: TierLimits | None = None  # the thresholds below are for these limits
+        self._thr = self._thr_in = np.zeros((3, 1))
+        self._bound = math.nan                  # innermost threshold: no value beyond it, no violation
 
-    def step(self, values: np.ndarray, limits: TierLimits, t: float) -> None:
-        thr = np.asarray(limits.as_tuple()).reshape(3, 1)
+    def step(self, values: np.ndarray | float, limits: TierLimits, t: float, extreme: float | None = None) -> None:
+        """One tick against ``limits``; ``extreme``: the largest (upper limits) / smallest value, NaN if none.
+
+        Given the extreme, a tick on which no value passes the innermost threshold is
+        skipped without comparing every element (nothing can change while idle).
+        """
+        if limits is not self._limits:
+            self._limits = limits
+            self._thr = np.asarray(limits.as_tuple()).reshape(3, 1)
+            self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
+            thr = [x for x in limits.as_tuple() if not math.isnan(x)]
+            self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
+        if extreme is not None:
+            possible = extreme > self._bound if limits.upper else extreme < self._bound
+            if self.skips(possible, t):
+                return
+        values = np.atleast_1d(np.asarray(values, dtype=float))
+        thr = self._thr
         if limits.upper:
             viol = values > thr
-            inside = values < thr - self.hyst
+            inside = values < self._thr_in
         else:
             viol = values < thr
-            inside = values > thr + self.hyst
+            inside = values > self._thr_in
         self.update(viol, inside, t, values)
 
 
@@ -170,13 +239,41 @@ class _FrozenTracker:
         self.last = np.full(n, np.nan)
         self.t_change = np.full(n, np.nan)
         self.ref_at_change = np.full(n, np.nan)
+        self._diff = np.empty(n)
+        self._changed = np.empty(n, dtype=bool)
 
-    def step(self, values: np.ndarray, reference: float, t: float) -> np.ndarray:
-        changed = ~(np.abs(values - self.last) <= self.eps)  # NaN counts as changed (restarts)
-        self.last[changed] = values[changed]
-        self.t_change[changed] = t
-        self.ref_at_change[changed] = reference
+    def step(self, values: np.ndarray, reference: float, t: float) -> np.ndarray | None:
+        """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window)."""
+        if not values.size:
+            return None
+        d, changed = self._diff, self._changed
+        np.subtract(values, self.last, out=d)
+        np.abs(d, out=d)
+        np.less_equal(d, self.eps, out=changed)
+        np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
+        np.copyto(self.last, values, where=changed)
+        np.copyto(self.t_change, t, where=changed)
+        np.copyto(self.ref_at_change, reference, where=changed)
+        if t - amin(self.t_change) < self.window:  # the oldest change is recent: nothing frozen
+            return None
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
+
+
+class _FrozenScalar:
+    """:class:`_FrozenTracker` for one signal (the pack voltage), in plain floats."""
+
+    def __init__(self, eps: float, move: float, window: float) -> None:
+        self.eps, self.move, self.window = eps, move, window
+        self.last = self.t_change = self.ref_at_change = math.nan
+
+    def step(self, value: float, reference: float, t: float) -> np.ndarray | None:
+        """Track changes; ``[True]`` when frozen, else None."""
+        value = float(value)  # as the float64 array of the vector tracker holds it
+        if not abs(value - self.last) <= self.eps:  # NaN counts as changed (restarts)
+            self.last, self.t_change, self.ref_at_change = value, t, reference
+        if t - self.t_change >= self.window and abs(reference - self.ref_at_change) >= self.move:
+            return np.ones(1, dtype=bool)
+        return None
 
 
 #: checks (rules and detectors) that judge individual cell voltages: not monitored in a pack-level config
@@ -222,7 +319,7 @@ class RuleEngine:
         self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
         self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
                                               p.stuck_temperature_window_s)
-        self._frozen_pack_voltage = _FrozenTracker(1, p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
+        self._frozen_pack_voltage = _FrozenScalar(p.stuck_epsilon_v * 10, p.stuck_pack_move_v, p.stuck_window_s)
         self._rest_start = math.nan
         self._rest_isum = 0.0
         self._rest_n = 0
@@ -233,6 +330,11 @@ class RuleEngine:
         self.ticks = 0
         self.comm_lost = False
         self._missing: list[str] = []
+        self.buffers = (np.empty(n_cells), np.empty(n_temps))  # scratch for the per-tick medians
+        self.stats: SampleStats | None = None                   # reductions of the last step's sample
+        self._no_frozen = np.zeros(n_cells + n_temps + 1, dtype=bool)
+        self._channels = f"0..{n_cells - 1}=cells, {n_cells}..{n_cells + n_temps - 1}=sensors"
+        self._signals = f"{self._channels}, {n_cells + n_temps}=pack_v"
 
     # ------------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -247,8 +349,12 @@ class RuleEngine:
         return sorted((e for r in self.rules for e in r.events), key=lambda e: e.set_time)
 
     def active_events(self) -> list[Event]:
-        """Events not cleared yet."""
-        return [e for e in self.events if e.active]
+        """Events not cleared yet, in the order they were set."""
+        return active_events(self.rules)
+
+    def event_count(self) -> int:
+        """How many events were set since the start (active or cleared)."""
+        return sum(len(r.events) for r in self.rules)
 
     def reset(self, t: float) -> None:
         """Acknowledge latched (MSL) events; still-violating limits re-set after their debounce."""
@@ -257,22 +363,32 @@ class RuleEngine:
 
     def step(self, s: PackSample, t: float, timed_out: Iterable[str] | None = None,
              soc: float | None = None, soc_stamp: float | None = None, capacity_ah: float | None = None,
-             model_fallback: bool | None = None) -> list[CheckResult]:
-        """Evaluate every rule for one tick at time ``t`` (node clock, s)."""
-        cfg, p = self.cfg, self.cfg.plausibility
+             model_fallback: bool | None = None, stats: SampleStats | None = None) -> list[CheckResult]:
+        """Evaluate every rule for one tick at time ``t`` (node clock, s).
+
+        ``stats``: the sample's shared reductions when the caller already has them;
+        the ones used stay in :attr:`stats` (the monitor hands them to the detectors).
+        """
         self.ticks += 1
         v = np.asarray(s.cell_voltages, dtype=float)
         temps = np.asarray(s.cell_temperatures, dtype=float)
         if v.shape != (self.n_cells,) or temps.shape != (self.n_temps,):
             raise ValueError(f"sample has {v.size} cells / {temps.size} sensors, engine expects "
                              f"{self.n_cells} / {self.n_temps}")
+        st = self.stats = stats if stats is not None else SampleStats.of(s, self.buffers)
         i = float(s.pack_current)
-        out: list[CheckResult] = []
+        out = self._limits(st, i, t)
+        out += self._plausibility(s, st, t)
+        out.append(self._offset(s, i, st, t))                  # current sensor offset at rest
+        out.append(self._timeouts(s, t, timed_out))             # CAN timeouts: named messages + stale stamps
+        out.append(self._estimator(t, i, soc, soc_stamp, capacity_ah, model_fallback))
+        out.append(self.derating(v, temps, st))                 # SOF-like derating
+        return out
 
-        # --- three-tier limits
-        self.cell_over.step(v, cfg.cell_over, t)
-        self.cell_under.step(v, cfg.cell_under, t)
-        # charge/discharge range with a dwell time both ways, so short regen pulses don't flip the range
+    # ------------------------------------------------------------------ parts
+    def _charge_range(self, i: float, t: float) -> bool:
+        """Charge or discharge temperature range, with a dwell time both ways so regen pulses don't flip it."""
+        cfg = self.cfg
         want = math.isfinite(i) and i > cfg.temperature.charge_current_a
         if want != self._charging:
             if not math.isfinite(self._mode_since):
@@ -281,118 +397,132 @@ class RuleEngine:
                 self._charging, self._mode_since = want, math.nan
         else:
             self._mode_since = math.nan
-        charging = self._charging
-        tl = cfg.temperature
-        self.temp_over.step(temps, tl.charge_over if charging else tl.discharge_over, t)
-        self.temp_under.step(temps, tl.charge_under if charging else tl.discharge_under, t)
-        ia = np.array([i])
-        self.cur_charge.step(ia, cfg.current_charge, t)
-        self.cur_discharge.step(-ia, cfg.current_discharge, t)
-        mode = "charge" if charging else "discharge"
-        out.append(self.cell_over.result(v, "all cells below MOL", {"max_v": _nanmax(v),
-                                                                     "max_cell": _nanargmax(v)}, " V"))
-        out.append(self.cell_under.result(v, "all cells above MOL", {"min_v": _nanmin(v),
-                                                                      "min_cell": _nanargmin(v)}, " V"))
-        out.append(self.temp_over.result(temps, f"all sensors below {mode} MOL",
-                                         {"max_c": _nanmax(temps), "range": mode}, " degC"))
-        out.append(self.temp_under.result(temps, f"all sensors above {mode} MOL",
-                                          {"min_c": _nanmin(temps), "range": mode}, " degC"))
-        out.append(self.cur_charge.result(ia, "charge current within MOL", {"current_a": i}, " A"))
-        out.append(self.cur_discharge.result(-ia, "discharge current within MOL", {"current_a": i}, " A"))
+        return self._charging
 
-        # --- plausibility
-        finite = np.isfinite(v)
-        sum_v = float(v.sum()) if finite.all() else math.nan
+    def _limits(self, st: SampleStats, i: float, t: float) -> list[CheckResult]:
+        """Three-tier limits: cell voltage, temperature (charge/discharge range), pack current."""
+        cfg, gv, gt = self.cfg, st.v, st.t
+        self.cell_over.step(gv.values, cfg.cell_over, t, gv.max)
+        self.cell_under.step(gv.values, cfg.cell_under, t, gv.min)
+        charging = self._charge_range(i, t)
+        tl = cfg.temperature
+        self.temp_over.step(gt.values, tl.charge_over if charging else tl.discharge_over, t, gt.max)
+        self.temp_under.step(gt.values, tl.charge_under if charging else tl.discharge_under, t, gt.min)
+        self.cur_charge.step(i, cfg.current_charge, t, i)
+        self.cur_discharge.step(-i, cfg.current_discharge, t, -i)
+        mode = "charge" if charging else "discharge"
+        return [
+            self.cell_over.result(gv.values, "all cells below MOL", {"max_v": gv.max, "max_cell": gv.argmax}, " V"),
+            self.cell_under.result(gv.values, "all cells above MOL", {"min_v": gv.min, "min_cell": gv.argmin}, " V"),
+            self.temp_over.result(gt.values, f"all sensors below {mode} MOL", {"max_c": gt.max, "range": mode},
+                                  " degC"),
+            self.temp_under.result(gt.values, f"all sensors above {mode} MOL", {"min_c": gt.min, "range": mode},
+                                   " degC"),
+            self.cur_charge.result(i, "charge current within MOL", {"current_a": i}, " A"),
+            self.cur_discharge.result(-i, "discharge current within MOL", {"current_a": i}, " A"),
+        ]
+
+    def _plausibility(self, s: PackSample, st: SampleStats, t: float) -> list[CheckResult]:
+        """Pack voltage against the cells, spreads, open wires, stuck signals."""
+        p = self.cfg.plausibility
+        gv, gt = st.v, st.t
+        sum_v = st.sum_v
         dpv = abs(s.pack_voltage - sum_v)
-        dpa = np.array([dpv])
-        self.pack_v.update(dpa[None, :] > p.pack_voltage_tolerance_v, dpa[None, :] <= p.pack_voltage_tolerance_v,
-                           t, dpa)
-        out.append(self.pack_v.result(dpa, "pack voltage matches sum of cells",
-                                      {"pack_v": s.pack_voltage, "sum_cells_v": sum_v, "diff_v": dpv}, " V"))
+        if not self.pack_v.skips(dpv > p.pack_voltage_tolerance_v, t):
+            dpa = np.array([dpv])
+            self.pack_v.update(dpa[None, :] > p.pack_voltage_tolerance_v, dpa[None, :] <= p.pack_voltage_tolerance_v,
+                               t, dpa)
+        out = [self.pack_v.result(dpv, "pack voltage matches sum of cells",
+                                  {"pack_v": s.pack_voltage, "sum_cells_v": sum_v, "diff_v": dpv}, " V")]
 
         # Whole-sample staleness (CAN log ended, bus silent: every value NaN) is a communication loss,
         # reported by `can timeout`; the measurement checks below hold their state instead of firing.
         # A group (cells, sensors) is judged only while most of it is valid, so a message timing out
         # part by part at the end of a log is not mistaken for open wires or a spread.
-        v_ok = _mostly_valid(finite)
-        tf = np.isfinite(temps)
-        t_ok = _mostly_valid(tf)
-        self.comm_lost = not finite.any() and not tf.any()
-        med_v = float(np.median(v[finite])) if finite.any() else math.nan
-        dv = np.abs(v - med_v)
-        if v_ok:
-            self.v_spread.update((dv > p.cell_voltage_spread_v)[None], (dv <= p.cell_voltage_spread_v)[None], t, v)
-        out.append(self.v_spread.result(v, "cell voltages within spread",
-                                        {"median_v": med_v, "max_dev_v": _nanmax(dv)}, " V"))
-        med_t = float(np.median(temps[tf])) if tf.any() else math.nan
-        dt = np.abs(temps - med_t)
-        if t_ok:
-            self.t_spread.update((dt > p.temperature_spread_c)[None], (dt <= p.temperature_spread_c)[None], t, temps)
-        out.append(self.t_spread.result(temps, "temperatures within spread",
-                                        {"median_c": med_t, "max_dev_c": _nanmax(dt)}, " degC"))
-
-        # open wire: an individual reading invalid (NaN with a fresh CAN stamp, or implausibly low), or the
-        # low/high pair an open sense wire makes, while the rest of its group is valid. A stale value
-        # (old stamp) or a whole group missing is a timeout, not an open wire.
-        fresh_v = t - np.asarray(s.cell_voltage_stamps, dtype=float) <= p.stale_s
-        fresh_t = t - np.asarray(s.cell_temperature_stamps, dtype=float) <= p.stale_s
-        if fresh_v.shape != v.shape:
-            fresh_v = np.ones(v.shape, dtype=bool)
-        if fresh_t.shape != temps.shape:
-            fresh_t = np.ones(temps.shape, dtype=bool)
-        ow = (~finite & fresh_v) | (v < p.open_wire_min_v)
-        d = v - med_v
-        pair = (d[:-1] < -p.open_wire_pair_v) & (d[1:] > p.open_wire_pair_v)
-        ow[:-1] |= pair
-        ow[1:] |= pair
-        owt = ~tf & fresh_t
-        # groups not judged this tick: neither violating nor good (active alarms hold, pending counts decay)
-        ow_all = np.concatenate((ow & v_ok, owt & t_ok))
-        good_all = np.concatenate((~ow & v_ok, ~owt & t_ok))
-        vals = np.concatenate((v, temps))
-        self.open_wire.update(ow_all[None], good_all[None], t, vals)
-        out.append(self.open_wire.result(vals, "all cell and sensor readings valid",
-                                         {"invalid_cells": int((~finite).sum()), "invalid_sensors": int((~tf).sum()),
-                                          "channels": f"0..{self.n_cells - 1}=cells, {self.n_cells}.."
-                                                      f"{self.n_cells + self.n_temps - 1}=sensors"}))
-        self._missing = [name for name, arr in (("cell_voltage", v), ("cell_temperature", temps))
-                         if arr.size and not np.isfinite(arr).any()]
-        self._missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", i))
+        self.comm_lost = not gv.any_finite and not gt.any_finite
+        out.append(self._spread(self.v_spread, gv, p.cell_voltage_spread_v, t, "cell voltages within spread",
+                                "median_v", "max_dev_v", " V"))
+        out.append(self._spread(self.t_spread, gt, p.temperature_spread_c, t, "temperatures within spread",
+                                "median_c", "max_dev_c", " degC"))
+        out.append(self._open_wire(s, st, t))
+        self._missing = [name for name, g in (("cell_voltage", gv), ("cell_temperature", gt))
+                         if g.values.size and not g.any_finite]
+        self._missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", s.pack_current))
                           if not math.isfinite(x)]
-
-        # stuck / frozen signals
-        fz = np.concatenate((
-            self._frozen_cells.step(v, med_v, t),
-            self._frozen_sensors.step(temps, med_t, t),
-            self._frozen_pack_voltage.step(np.array([s.pack_voltage]), sum_v, t),
-        ))
-        sig = np.concatenate((v, temps, [s.pack_voltage]))
-        self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
-        out.append(self.stuck.result(sig, "no frozen signal",
-                                     {"signals": f"0..{self.n_cells - 1}=cells, {self.n_cells}.."
-                                                 f"{self.n_cells + self.n_temps - 1}=sensors, "
-                                                 f"{self.n_cells + self.n_temps}=pack_v"}))
-
-        # current sensor offset at rest
-        out.append(self._offset(s, i, v, t))
-
-        # CAN timeouts: named messages + stale stamps
-        out.append(self._timeouts(s, t, timed_out))
-
-        # estimator plausibility
-        out.append(self._estimator(t, i, soc, soc_stamp, capacity_ah, model_fallback))
-
-        # SOF-like derating
-        out.append(self.derating(v, temps))
+        out.append(self._stuck(s, st, t))
         return out
 
-    # ------------------------------------------------------------------ parts
-    def _offset(self, s: PackSample, i: float, v: np.ndarray, t: float) -> CheckResult:
+    @staticmethod
+    def _spread(rule: _Rule, g: _Group, limit: float, t: float, ok: str, med_key: str, dev_key: str,
+                unit: str) -> CheckResult:
+        """|reading - median| of a group against its limit (judged only while most of the group is valid)."""
+        med = g.median
+        # the largest |x - median| is at the largest or the smallest x (subtraction is monotonic)
+        max_dev = max(abs(g.max - med), abs(g.min - med)) if g.any_finite else math.nan
+        if g.mostly_valid and not rule.skips(max_dev > limit, t):
+            dev = np.abs(g.values - med)
+            rule.update((dev > limit)[None], (dev <= limit)[None], t, g.values)
+        return rule.result(g.values, ok, {med_key: med, dev_key: max_dev}, unit)
+
+    def _open_wire(self, s: PackSample, st: SampleStats, t: float) -> CheckResult:
+        """An individual reading invalid (NaN with a fresh CAN stamp, or implausibly low), or the low/high
+        pair an open sense wire makes, while the rest of its group is valid. A stale value (old stamp) or a
+        whole group missing is a timeout, not an open wire."""
+        p = self.cfg.plausibility
+        gv, gt = st.v, st.t
+        v, temps = gv.values, gt.values
+        # a pair needs one cell below the median by the pair voltage and one above it
+        pair_possible = gv.min - gv.median < -p.open_wire_pair_v and gv.max - gv.median > p.open_wire_pair_v
+        possible = not (gv.all_finite and gt.all_finite) or gv.min < p.open_wire_min_v or pair_possible
+        if not self.open_wire.skips(possible, t):
+            fresh_v = t - np.asarray(s.cell_voltage_stamps, dtype=float) <= p.stale_s
+            fresh_t = t - np.asarray(s.cell_temperature_stamps, dtype=float) <= p.stale_s
+            if fresh_v.shape != v.shape:
+                fresh_v = np.ones(v.shape, dtype=bool)
+            if fresh_t.shape != temps.shape:
+                fresh_t = np.ones(temps.shape, dtype=bool)
+            ow = (~gv.finite & fresh_v) | (v < p.open_wire_min_v)
+            d = v - gv.median
+            pair = (d[:-1] < -p.open_wire_pair_v) & (d[1:] > p.open_wire_pair_v)
+            ow[:-1] |= pair
+            ow[1:] |= pair
+            owt = ~gt.finite & fresh_t
+            v_ok, t_ok = gv.mostly_valid, gt.mostly_valid
+            # groups not judged this tick: neither violating nor good (active alarms hold, pending counts decay)
+            ow_all = np.concatenate((ow & v_ok, owt & t_ok))
+            good_all = np.concatenate((~ow & v_ok, ~owt & t_ok))
+            self.open_wire.update(ow_all[None], good_all[None], t, np.concatenate((v, temps)))
+        vals = np.concatenate((v, temps)) if not self.open_wire.deb.idle else v
+        return self.open_wire.result(vals, "all cell and sensor readings valid",
+                                     {"invalid_cells": v.size - int(gv.finite.sum()) if not gv.all_finite else 0,
+                                      "invalid_sensors": temps.size - int(gt.finite.sum()) if not gt.all_finite else 0,
+                                      "channels": self._channels})
+
+    def _stuck(self, s: PackSample, st: SampleStats, t: float) -> CheckResult:
+        """Stuck / frozen signals: unchanged within epsilon for the window while their reference moved."""
+        gv, gt = st.v, st.t
+        parts = (self._frozen_cells.step(gv.values, gv.median, t),
+                 self._frozen_sensors.step(gt.values, gt.median, t),
+                 self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
+        possible = any(f is not None and np.count_nonzero(f) for f in parts)
+        sig = None
+        if not self.stuck.skips(possible, t):
+            z = self._no_frozen
+            bounds = (0, self.n_cells, self.n_cells + self.n_temps, z.size)
+            fz = np.concatenate([f if f is not None else z[a:b] for f, a, b in zip(parts, bounds, bounds[1:])])
+            sig = np.concatenate((gv.values, gt.values, [s.pack_voltage]))
+            self.stuck.update(fz[None], (~fz & np.isfinite(sig))[None], t, sig)
+        # skipped: the debouncer is idle, so the result reads no values
+        return self.stuck.result(sig if sig is not None else s.pack_voltage, "no frozen signal",
+                                 {"signals": self._signals})
+
+    def _offset(self, s: PackSample, i: float, st: SampleStats, t: float) -> CheckResult:
         p = self.cfg.plausibility
         contactors = s.status.get("contactor_plus") if s.status else None
         open_contactors = contactors is not None and math.isfinite(contactors) and contactors == 0
-        vmean = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
         at_rest = math.isfinite(i) and (open_contactors or abs(i) < p.rest_current_a)
+        # the cell mean (the same sum numpy's nanmean takes) is needed only at rest
+        vmean = _mean(st.v) if at_rest else math.nan
         if at_rest and math.isfinite(self._rest_start) and not open_contactors and \
                 abs(vmean - self._rest_vref) > p.rest_voltage_drift_v:
             at_rest = False  # voltage moves: a real (small) load, not an offset
@@ -407,8 +537,9 @@ class RuleEngine:
         mean_i = self._rest_isum / self._rest_n if self._rest_n else math.nan
         bad = long_rest and abs(mean_i) > p.current_offset_a
         good = long_rest and not bad
-        self.offset.update(np.array([[bad]]), np.array([[good]]), t, np.array([mean_i]))
-        return self.offset.result(np.array([mean_i]), "current offset within tolerance at rest",
+        if not self.offset.skips(bad, t):
+            self.offset.update(np.array([[bad]]), np.array([[good]]), t, np.array([mean_i]))
+        return self.offset.result(mean_i, "current offset within tolerance at rest",
                                   {"at_rest": bool(at_rest), "rest_mean_a": mean_i}, " A")
 
     def _timeouts(self, s: PackSample, t: float, timed_out: Iterable[str] | None) -> CheckResult:
@@ -419,15 +550,15 @@ class RuleEngine:
             if not (t - st <= p.stale_s):
                 stale.append(label)
         for label, arr in (("cell_voltage", s.cell_voltage_stamps), ("cell_temperature", s.cell_temperature_stamps)):
-            a = np.asarray(arr, dtype=float)
-            n_old = int((~(t - a <= p.stale_s)).sum()) if a.size else 0
+            n_old = _n_stale(np.asarray(arr, dtype=float), t, p.stale_s)
             if n_old:
                 stale.append(f"{label}[{n_old}]")
         stale = stale + [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
-        self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([float(len(names) + len(stale))]))
-        r = self.timeout.result(np.array([float(len(names) + len(stale))]), "all messages fresh",
-                                {"timed_out": ",".join(names), "stale": ",".join(stale)})
+        n_bad = float(len(names) + len(stale))
+        if not self.timeout.skips(bad, t):
+            self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([n_bad]))
+        r = self.timeout.result(n_bad, "all messages fresh", {"timed_out": ",".join(names), "stale": ",".join(stale)})
         r.values["communication_lost"] = bool(self.comm_lost)
         if r.level != OK and bad:
             r.message = ("communication lost (no valid measurement); " if r.values["communication_lost"] else
@@ -450,25 +581,30 @@ class RuleEngine:
                 self._soc_prev = (soc, stamp)
             bad_jump = bad_jump or not (0.0 <= soc <= 1.0)
         fb = bool(fallback)
-        viol = np.array([[bad_jump, fb]])
-        if self.comm_lost:
-            # no measurements: the estimator falls back (or coasts) because its inputs are missing; that is
-            # the communication loss reported by can timeout, not an estimator fault. Hold the state.
-            self.est.update(np.zeros_like(viol), np.zeros_like(viol), t, np.array([jump, float(fb)]))
-        else:
-            self.est.update(viol, ~viol, t, np.array([jump, float(fb)]))
-        r = self.est.result(np.array([jump, float(fb)]), "estimator plausible",
+        # no measurements (comm_lost): the estimator falls back (or coasts) because its inputs are missing;
+        # that is the communication loss reported by can timeout, not an estimator fault. Hold the state.
+        if not self.est.skips((bad_jump or fb) and not self.comm_lost, t):
+            viol = np.array([[bad_jump, fb]])
+            if self.comm_lost:
+                self.est.update(np.zeros_like(viol), np.zeros_like(viol), t, np.array([jump, float(fb)]))
+            else:
+                self.est.update(viol, ~viol, t, np.array([jump, float(fb)]))
+        values = np.array([jump, float(fb)]) if not self.est.deb.idle else jump
+        r = self.est.result(values, "estimator plausible",
                             {"soc": soc if soc is not None else math.nan, "soc_jump": jump, "model_fallback": fb})
         if r.level != OK:
             idx = np.nonzero(self.est.deb.active[0])[0].tolist()
             r.message = " and ".join(({0: "SOC jump", 1: "model fallback active"})[k] for k in idx)
         return r
 
-    def derating(self, v: np.ndarray, temps: np.ndarray) -> CheckResult:
+    def derating(self, v: np.ndarray, temps: np.ndarray, stats: SampleStats | None = None) -> CheckResult:
         """Recommended charge/discharge current (foxBMS SOF trapezoid: temperature x voltage headroom)."""
         cfg, dr = self.cfg, self.cfg.derating
         tl = cfg.temperature
-        tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
+        if stats is not None:
+            tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
+        else:
+            tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
 
         def trap(lo0: float, lo1: float, hi1: float, hi0: float) -> float:
             if not (math.isfinite(tmin) and math.isfinite(tmax)):
@@ -483,9 +619,9 @@ class RuleEngine:
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
         # an active limit violation forbids current in that direction
-        if self.cell_over.deb.active[1:].any() or self.temp_over.deb.active[2].any():
+        if self.cell_over.deb.any_active(1) or self.temp_over.deb.any_active(2):
             ic = 0.0
-        if self.cell_under.deb.active[1:].any():
+        if self.cell_under.deb.any_active(1):
             idis = 0.0
         level = WARN if (ic == 0.0 or idis == 0.0) else OK
         msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
@@ -499,9 +635,20 @@ class RuleEngine:
             "discharge_temperature_factor": f_td, "discharge_voltage_factor": f_vd})
 
 
-def _mostly_valid(finite: np.ndarray) -> bool:
-    """At least half of a group valid: only then are single invalid members faults of their own."""
-    return bool(finite.size) and 2 * int(finite.sum()) >= finite.size
+def _mean(g: _Group) -> float:
+    """The group's mean ignoring NaN (np.nanmean's value: the same pairwise sum over the same count)."""
+    if g.all_finite:
+        return float(g.values.sum() / g.values.size) if g.values.size else math.nan
+    return float(np.nanmean(g.values)) if g.any_finite else math.nan
+
+
+def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:
+    """How many stamps are older than ``stale_s`` at ``t`` (NaN counts as stale)."""
+    if not stamps.size:
+        return 0
+    if t - amin(stamps) <= stale_s:  # the oldest is fresh (a NaN anywhere makes min NaN: counted below)
+        return 0
+    return int((~(t - stamps <= stale_s)).sum())
 
 
 def _nanmax(a: np.ndarray) -> float:
@@ -518,22 +665,6 @@ def _nanmin(a: np.ndarray) -> float:
     if finite.all():
         return float(a.min()) if a.size else math.nan
     return float(np.nanmin(a)) if finite.any() else math.nan
-
-
-def _nanargmax(a: np.ndarray) -> int:
-    """Index of the largest value ignoring NaN; -1 when nothing is finite."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return int(a.argmax()) if a.size else -1
-    return int(np.nanargmax(a)) if finite.any() else -1
-
-
-def _nanargmin(a: np.ndarray) -> int:
-    """Index of the smallest value ignoring NaN; -1 when nothing is finite."""
-    finite = np.isfinite(a)
-    if finite.all():
-        return int(a.argmin()) if a.size else -1
-    return int(np.nanargmin(a)) if finite.any() else -1
 
 
 def _clip01(x: float) -> float:
