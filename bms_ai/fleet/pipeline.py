@@ -100,11 +100,8 @@ def _quiet_logs(quiet: bool) -> None:
 
     if quiet:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")    # read when ray.data configures its logging
-    for name in ("ray.data", "ray"):
-        log = logging.getLogger(name)
-        log.setLevel(logging.ERROR if quiet else logging.INFO)
-        for h in log.handlers:
-            h.setLevel(logging.ERROR if quiet else logging.INFO)
+    for name in ("ray.data", "ray"):    # logger levels only: Ray may share handlers with the root logger
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
     if quiet:
         warnings.filterwarnings("ignore", module=r"ray\.data\..*")
 
