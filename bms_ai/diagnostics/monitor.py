@@ -249,6 +249,11 @@ class FaultMonitor:
         self.last_t = t
         return self._own([*results, self.events_status(), self.health()])
 
+    def all_events(self) -> list[Event]:
+        """Every event latched so far (cleared ones too, up to each list's bound), rules then detectors."""
+        events = list(self.engine.events) if self.engine is not None else []
+        return events + (list(self.detectors.events) if self.detectors is not None else [])
+
     def active_events(self) -> list[Event]:
         """Active latched events of the rules, then of the detectors."""
         if self.engine is None:

@@ -198,13 +198,13 @@ class SocEstimator:
             self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
                                                   f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %"))
 
-    def _trust(self, current: float, docv: np.ndarray, cell_t: np.ndarray) -> tuple[float, bool]:
+    def _trust(self, current: float, docv: np.ndarray) -> tuple[float, bool]:
         """Inflation of the model errors (full trust only in a relaxed rest) and whether the sample may gate."""
         p = self.filter.params
         trust = 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
         limit_c = p.gate_current_c if self.path_free else p.gate_current_path_c
         gate = (abs(current) < limit_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
-                and not float(np.nanmean(cell_t)) < p.gate_min_temp_c)       # NaN temperatures: no evidence of cold
+                and float(np.mean(self.features.temp)) >= p.gate_min_temp_c)   # per cell, last finite value held
         return trust, gate
 
     def _relaxed(self, gate: bool, band: np.ndarray) -> bool:
@@ -239,7 +239,7 @@ class SocEstimator:
         ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
         n_events = len(self.filter.events)
         self._track_means(dt, v, eta.eta)
-        trust, gate = self._trust(current, ocv.docv, cell_t)
+        trust, gate = self._trust(current, ocv.docv)
         self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma,
                                               trust=trust, gate=gate,
                                               relaxed=self._relaxed(gate, ocv.sigma)))

@@ -220,11 +220,10 @@ def distribute(candidate: Path, gate_ok: bool, out: Path, factory: Path) -> dict
 
 def before_after(paths: list[Path], factory: Path, installed: Path, jobs: int, rate_hz: float) -> dict:
     """Factory vs installed models on the same second-week drives of held-out vehicles, next to CC from the true start."""
-    from bms_ai.fleet.gate import _finite, _runs, summarise
+    from bms_ai.fleet.gate import compare, summarise, vehicle_rows
 
-    runs = _runs(paths, factory, installed, rate_hz, jobs, lambda s: None)
-    per = [{"drive": r.drive, "cell_type": r.cell_set, "class": "unfamiliar" if r.held_out else "familiar",
-            "hours": r.duration_s / 3600, **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs]
+    runs = compare(paths, factory, installed, rate_hz, jobs, lambda s: None)
+    per = vehicle_rows(runs)
     return {"summary": summarise(runs), "vehicles": per}
 
 

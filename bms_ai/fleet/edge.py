@@ -221,12 +221,6 @@ def _day(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d")
 
 
-def monitor_events(mon: FaultMonitor) -> list:
-    """Every event the monitor latched over the run (cleared ones too), rules then detectors."""
-    events = list(mon.engine.events) if mon.engine is not None else []
-    return events + (list(mon.detectors.events) if mon.detectors is not None else [])
-
-
 def run_vehicle(drive: RecordedDrive, store: ObjectStore, cfg: EdgeConfig = EdgeConfig(),
                 truth: bool = True) -> EdgeResult:
     """Run one vehicle's drive through estimator and fault monitor; upload its segments (and truth) to ``store``.
@@ -242,7 +236,7 @@ def run_vehicle(drive: RecordedDrive, store: ObjectStore, cfg: EdgeConfig = Edge
     t0 = start_unix(d)
     tr, est, mon = _estimate(d, cfg, pid, t0 + d.t)
     res = EdgeResult(pid, estimator_rejected=est.rejected, monitor_rejected=mon.rejected)
-    res.events = [f"{e.check}#{e.index}@{e.set_time - t0:.0f}s" for e in monitor_events(mon)]
+    res.events = [f"{e.check}#{e.index}@{e.set_time - t0:.0f}s" for e in mon.all_events()]
     upload(d, tr, store, res, cfg)
     if truth:
         res.truth_key = write_truth(d, store, pid, vid, t0)

@@ -143,7 +143,7 @@ def _new_files(candidate_dir: Path) -> list[str]:
     return [f for m in info["models"] for f in (m, f"{m}.json")]
 
 
-def _runs(paths: list[Path], current: Path, candidate: Path, rate_hz: float, jobs: int, log) -> list[RunResult]:
+def compare(paths: list[Path], current: Path, candidate: Path, rate_hz: float, jobs: int, log) -> list[RunResult]:
     """Every vehicle through ``gate_drive``; in parallel worker processes when ``jobs`` > 1."""
     args = [(str(p), str(current), str(candidate), rate_hz) for p in paths]
     if jobs <= 1 or len(args) <= 1:
@@ -160,6 +160,13 @@ def _runs(paths: list[Path], current: Path, candidate: Path, rate_hz: float, job
     for r in out:
         log(_line(r))
     return out
+
+
+def vehicle_rows(runs: list[RunResult]) -> list[dict]:
+    """One row per vehicle: its class, hours and each method's RMSE / p95 / max (what gate.json and the report show)."""
+    return [{"drive": r.drive, "vehicle": r.trace.get("vehicle", ""), "cell_type": r.cell_set,
+             "class": "unfamiliar" if r.held_out else "familiar", "hours": r.duration_s / 3600,
+             **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs]
 
 
 def _line(r: RunResult) -> str:
@@ -185,10 +192,8 @@ def gate(candidate_dir: str | Path, drives: list[str | Path], current_dir: str |
         (skipped if pseudonym_of_path(p) in used else paths).append(p)
     if not paths:
         raise ValueError("no held-out vehicles to gate on (every drive given was used to learn)")
-    runs = _runs(paths, current, candidate_dir, rate_hz, jobs, log)
-    vehicles = [{"drive": r.drive, "vehicle": r.trace.get("vehicle", ""), "cell_type": r.cell_set,
-                 "class": "unfamiliar" if r.held_out else "familiar", "hours": r.duration_s / 3600,
-                 **{k: _finite(m.metrics) for k, m in r.methods.items()}} for r in runs]
+    runs = compare(paths, current, candidate_dir, rate_hz, jobs, log)
+    vehicles = vehicle_rows(runs)
     record = write_record(candidate_dir, summarise(runs), rule, vehicles,
                           {"current_dir": str(current), "rate_hz": rate_hz,
                            "skipped_training_vehicles": [p.name for p in skipped]})
