@@ -158,3 +158,36 @@ def test_a_wrong_stored_start_on_the_lfp_plateau_is_kept() -> None:
     """LFP, stored 30 points low on the flat OCV: the voltage cannot tell, the estimate keeps Coulomb counting."""
     err, events = _run_demo("lfp", shift=-0.3)
     assert events == [] and abs(err - 0.3) < 0.01
+
+
+# ----------------------------------------------------------------------------- the rest voltage at wake
+
+def _after_park(park_s: float, chem: str = "nmc", band_v: float = 0.005, current: float = -0.5) -> float:
+    """SOC right after a park that hid a 10-point change (stored 0.5, truly 0.6), first sample at key-on load."""
+    from bms_ai.chemistry.ocv import load_ocv
+    from bms_ai.estimation.ocvmodel import OcvModel
+
+    curve = load_ocv(chem)
+    n, cap = 4, 50.0
+
+    def est() -> SocEstimator:
+        return SocEstimator(n, 1, chem, cap, ocv=OcvModel.from_curve(curve, band_v, "test"), soc0=0.5)
+
+    a = est()
+    for k in range(5):
+        a.step(float(k), 0.0, np.full(n, float(curve(0.5))), np.array([25.0]))
+    b = est()
+    assert b.restore(a.state(), 4.0 + park_s) == ""
+    return b.step(4.0 + park_s, current, np.full(n, float(curve(0.6))), np.array([25.0])).soc
+
+
+def test_the_first_sample_after_a_long_park_is_a_rest_anchor() -> None:
+    """After >= 30 min asleep the key-on voltage (at a C/100 auxiliary load) is the rest OCV: with the cell's own
+    curve it moves the estimate most of the way; after a short stop, on the LFP plateau (hysteresis) or with
+    only a chemistry prior's band it is no anchor."""
+    assert 0.58 < _after_park(7200.0) < 0.65
+    assert _after_park(7200.0, current=-5.0) < 0.54       # C/10 at key-on: not a rest, the usual weak pull
+    assert _after_park(1700.0) < 0.51
+    assert _after_park(600.0) < 0.51
+    assert _after_park(7200.0, band_v=0.04) < 0.53
+    assert _after_park(7200.0, chem="lfp") < 0.51

@@ -81,6 +81,10 @@ class FilterParams:
     # (LFP 3-day life: 3.9 % without, 6.4 % with). Measured gain on a known-OCV NMC 3-day life: 5.1 -> 3.0 %.
     rest_anchor_s: float = 1800.0
     rest_anchor_band_v: float = 0.01
+    # The first sample after such a park is a rest anchor too when the key-on load is below this (C): the
+    # BMS slept while the pack relaxed (fleet NCA and NMC weeks with their own curves: 4.7 -> 2.4 % and
+    # 3.4 -> 3.0 % RMSE; the 0.5 A auxiliary load of a 50 Ah pack is above the features' rest threshold)
+    wake_rest_c: float = 0.05
     # Consistency gate: samples at moderate current (|I| < gate_current_c in C; gate_current_path_c for
     # a chemistry with hysteresis) where the OCV has slope (mean dOCV/dSOC >= gate_min_docv V per unit
     # SOC) feed a mean normalised innovation^2 (with the claimed, not inflated, spread); beyond

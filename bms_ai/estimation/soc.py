@@ -115,6 +115,7 @@ class SocEstimator:
         self.sigma0_given = sigma0_given
         self.t_last = math.nan
         self.t_session = math.nan
+        self.park_s = 0.0                        # length of the park before this session (set by restore)
         self.rest_committed = False
         self.notes: list[str] = []
         self.v_mean: np.ndarray | None = None    # gate-window means of the voltage and the overpotential:
@@ -198,20 +199,32 @@ class SocEstimator:
             self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
                                                   f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %"))
 
-    def _trust(self, current: float, docv: np.ndarray) -> tuple[float, bool]:
-        """Inflation of the model errors (full trust only in a relaxed rest) and whether the sample may gate."""
+    def _trust(self, current: float, docv: np.ndarray, wake: bool = False) -> tuple[float, bool]:
+        """Inflation of the model errors (full trust only in a relaxed rest or at a wake) and whether the sample may gate."""
         p = self.filter.params
-        trust = 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
+        trust = 1.0 if wake else 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
         limit_c = p.gate_current_c if self.path_free else p.gate_current_path_c
         gate = (abs(current) < limit_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
                 and float(np.mean(self.features.temp)) >= p.gate_min_temp_c)   # per cell, last finite value held
         return trust, gate
 
-    def _relaxed(self, gate: bool, band: np.ndarray) -> bool:
-        """A rest anchor: a long rest, an OCV known to the anchor band, no hysteresis (see ``FilterParams``)."""
+    def _relaxed(self, gate: bool, band: np.ndarray, wake: bool = False) -> bool:
+        """A rest anchor: a long rest (or the wake after a long park), an OCV known to the anchor band, no hysteresis."""
         p = self.filter.params
-        return (self.path_free and gate and self.features.rest_s >= p.rest_anchor_s
+        return (self.path_free and gate and (wake or self.features.rest_s >= p.rest_anchor_s)
                 and float(np.max(band)) <= p.rest_anchor_band_v)
+
+    def _wake_rest(self, current: float) -> bool:
+        """The first sample after a park of >= ``rest_anchor_s`` at a key-on load below ``wake_rest_c``: the rest OCV.
+
+        The BMS sleeps while the pack relaxes, so the sample at wake is the best voltage the
+        estimator ever gets; the auxiliary load at key-on (~C/100) is above the feature
+        pipeline's rest threshold and would otherwise hide it. Used once per wake.
+        """
+        p = self.filter.params
+        wake = self.park_s >= p.rest_anchor_s and abs(current) < p.wake_rest_c * self.capacity_ah
+        self.park_s = 0.0
+        return wake
 
     def _track_means(self, dt: float, v: np.ndarray, eta: np.ndarray) -> None:
         a = min(dt / self.filter.params.gate_tau, 1.0) if self.v_mean is not None else 1.0
@@ -231,7 +244,8 @@ class SocEstimator:
         soc_prior = self.filter.cell_soc
         feats = self.features.update(t, current, cell_t, soc_prior)
         eta, method, reason, n_out = self._eta(t, dt, current, feats)
-        if t - self.t_session < WARMUP_S:
+        wake = self._wake_rest(current)
+        if t - self.t_session < WARMUP_S and not wake:
             eta.sig_fast = eta.sig_fast * WARMUP_FACTOR
             eta.sig_slow = eta.sig_slow * WARMUP_FACTOR
         if first:
@@ -239,10 +253,10 @@ class SocEstimator:
         ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
         n_events = len(self.filter.events)
         self._track_means(dt, v, eta.eta)
-        trust, gate = self._trust(current, ocv.docv)
+        trust, gate = self._trust(current, ocv.docv, wake)
         self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma,
                                               trust=trust, gate=gate,
-                                              relaxed=self._relaxed(gate, ocv.sigma)))
+                                              relaxed=self._relaxed(gate, ocv.sigma, wake)))
         if any(e.kind == "soc_reopened" for e in self.filter.events[n_events:]):
             self._restart_from_ocv(eta)
         self._field_learning()
@@ -289,5 +303,7 @@ class SocEstimator:
         self.ecm.reset()
         self.t_last = t_now - 1e-3  # not a first step: no re-initialisation
         self.t_session = t_now
+        t_saved = float(d.get("filter", {}).get("t", math.nan))
+        self.park_s = t_now - t_saved if math.isfinite(t_saved) else 0.0
         self.notes = [n for n in (self.ocv.restore(d.get("ocv", {})),) if n]  # not fatal: reported only
         return ""
