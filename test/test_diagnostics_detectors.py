@@ -359,3 +359,35 @@ def test_monitor_runs_on_defaults_when_fault_model_files_are_broken(tmp_path, mo
     files = res["fault monitor"].values["detector_files"]
     assert "plating model not used" in files and "default detector thresholds" in files
     assert "lithium plating" in res and mon.detectors.p == DetectorParams.defaults("nmc")
+
+
+def _fleet_cell_alarms(fault_rate: float, imbalance_z: float | None = None) -> tuple[set[tuple[str, int]], list[dict]]:
+    """A simulated 4-day vehicle life (24 cells, self-discharge differing between healthy cells) at 0.1 Hz
+    through the fault monitor: the cell-drift alarms it raised and the injected faults."""
+    from bms_ai.diagnostics.monitor import FaultMonitor
+    from bms_ai.fleet.simulator import FleetConfig, simulate_vehicle
+    from bms_ai.sim.dataset import resample_drive
+
+    fc = FleetConfig(vehicles=1, days=4, seed=1, n_cells=24, mix={"NMC_Chen2020": 1.0}, fault_rate=fault_rate)
+    d = resample_drive(simulate_vehicle(fc.validate(), 0), 0.1)
+    mon = FaultMonitor.load("", d.chemistry, "hw", capacity_ah=d.capacity_ah)
+    for k in range(len(d.t)):
+        t, v, temp = float(d.t[k]), d.cell_v[k], d.cell_t[k]
+        mon.on_sample(PackSample(t, float(np.sum(v)), float(d.current[k]), v, temp, t, t, np.full(v.shape, t),
+                                 np.full(temp.shape, t)), t)
+        if k == 0 and imbalance_z is not None:
+            mon.detectors.p.imbalance_z = imbalance_z
+    alarms = {(e.check, e.index) for e in mon.all_events() if e.check in ("imbalance growth", "internal short")}
+    return alarms, d.meta["faults"]
+
+
+def test_imbalance_growth_over_days_needs_a_cell_that_stands_out_from_its_peers() -> None:
+    """Over days every cell's drift grows with its own self-discharge; only a cell far outside its peers' spread
+    (the injected 120 mA short) is imbalance growth. A fixed voltage alone flags a third of a healthy pack."""
+    healthy, _ = _fleet_cell_alarms(0.0)
+    assert healthy == set()
+    fixed_only, _ = _fleet_cell_alarms(0.0, imbalance_z=0.0)
+    assert len(fixed_only) >= 5
+    faulted, faults = _fleet_cell_alarms(1.0)
+    short = next(f["cell"] for f in faults if f["kind"] == "internal_short")
+    assert faulted == {("imbalance growth", short)}
