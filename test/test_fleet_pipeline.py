@@ -15,6 +15,7 @@ from bms_ai.fleet.edge import EdgeConfig, run_vehicle
 from bms_ai.fleet.pipeline import (
     RANKING,
     SOH,
+    pack_resistance,
     rank_anomalies,
     robust_z,
     run_ingest,
@@ -147,9 +148,30 @@ def test_robust_z_and_ranking_without_ray() -> None:
     assert robust_z(np.array([1.0, 1.0, 1.0, 2.0]), 0.1)[-1] == pytest.approx(10.0)
     vehicles = [{"vehicle": f"p-{k}", "chemistry": "nmc",
                  "capacity_rel": [0.0, 0.004, -0.003, -0.2 if k == 1 else 0.001],
-                 "leak_per_h": [0.0, 0.01 if k == 2 else 1e-5, -1e-5, 0.0]}
+                 "leak_per_h": [0.0, 0.01 if k == 2 else 1e-5, -1e-5, 0.0],
+                 "resistance_rel": [0.01, -0.02, 0.6 if k == 3 else 0.03, 0.0]}
                 for k in range(4)]
     r = rank_anomalies(vehicles)
-    assert {(c["vehicle"], c["cell"], c["reason"]) for c in r[:2]} == {
-        ("p-1", 3, "capacity below its peers"), ("p-2", 1, "self-discharge (leak)")}
-    assert r[2]["score"] < 3
+    assert {(c["vehicle"], c["cell"], c["reason"]) for c in r[:3]} == {
+        ("p-1", 3, "capacity below its peers"), ("p-2", 1, "self-discharge (leak)"),
+        ("p-3", 2, "resistance above its peers")}
+    assert r[3]["score"] < 3
+    del vehicles[0]["resistance_rel"]       # a vehicle without the figure (older labels) still ranks
+    assert rank_anomalies(vehicles)[0]["score"] > 6
+
+
+@pytest.mark.drive   # seconds: a simulated 4-day life
+def test_pack_resistance_finds_a_loose_connector_among_its_peers() -> None:
+    """A cell with an injected +2.9 mOhm contact resistance stands out of its pack by > 6 peer sigmas; healthy
+    cells spread by a few percent of the pack's own resistance."""
+    from bms_ai.fleet.simulator import FleetConfig, simulate_vehicle
+    from bms_ai.sim.dataset import resample_drive
+
+    fc = FleetConfig(vehicles=1, days=4, seed=1, n_cells=24, mix={"NMC_Chen2020": 1.0}, fault_rate=1.0)
+    d = resample_drive(simulate_vehicle(fc.validate(), 0), 0.1)
+    bad = next(f["cell"] for f in d.meta["faults"] if f["kind"] == "contact_resistance")
+    res = pack_resistance(d.t, d.current, d.cell_v, d.session, d.capacity_ah)
+    z = robust_z(res, 0.02)
+    assert int(np.argmax(z)) == bad and z[bad] > 6
+    assert np.max(np.abs(np.delete(z, bad))) < 3
+    assert np.isnan(pack_resistance(d.t[:10], d.current[:10], d.cell_v[:10], d.session[:10], d.capacity_ah)).all()

@@ -211,6 +211,36 @@ def pack_relative(t: np.ndarray, anchors, n: int, min_dsoc: float = 0.05) -> tup
     return rel, leak
 
 
+def pack_resistance(t: np.ndarray, current: np.ndarray, cell_v: np.ndarray, session: np.ndarray,
+                    capacity_ah: float, min_step_c: float = 0.1, min_steps: int = 20) -> np.ndarray:
+    """Each cell's resistance against its own pack: (R_cell - R_median) / R_median, from current steps.
+
+    Between consecutive samples of one session, a current step dI moves every cell's voltage by
+    R dI (the ohmic part, before any slow relaxation), and its OCV barely moves in one sample; the
+    cell's residual against the pack median then moves by (R_cell - R_med) dI. Least squares over
+    the steps of at least ``min_step_c`` (C) gives that difference; dividing by the median cell's
+    own step response makes it a ratio, comparable across packs of any size, age or temperature.
+    A loose or corroded cell connector adds series resistance the cell's peers do not have (the
+    pack's own cells spread by ~5 %). NaN with fewer than ``min_steps`` steps.
+    """
+    n = cell_v.shape[1]
+    v = cell_v.astype(np.float64)
+    med = np.median(v, axis=1)
+    dt = np.diff(t)
+    ok = (np.diff(session) == 0) & (dt <= 2.0 * float(np.median(dt))) if len(t) > 1 else np.zeros(0, bool)
+    di = np.diff(current.astype(np.float64))
+    ok &= np.abs(di) >= min_step_c * capacity_ah
+    if int(ok.sum()) < min_steps:
+        return np.full(n, np.nan)
+    di = di[ok]
+    den = float(di @ di)
+    r_med = float(di @ np.diff(med)[ok]) / den
+    if not r_med > 0:
+        return np.full(n, np.nan)
+    dr = np.diff(v - med[:, None], axis=0)[ok]
+    return (di @ dr) / den / r_med
+
+
 def label_vehicle(job: VehicleJob, store: ObjectStore, gap_s: float = SESSION_GAP_S,
                   cfg: LabelConfig | None = None) -> dict[str, Any]:
     """Labels of one vehicle's whole timeline, written per day; the per-cell figures the fleet stage ranks."""
@@ -231,11 +261,12 @@ def label_vehicle(job: VehicleJob, store: ObjectStore, gap_s: float = SESSION_GA
         store.put(f"labels/vehicle={job.vehicle}/day={day}/labels.parquet", table_bytes(table))
     names, caps, sigs = day_capacity(tl.t, tl.current, tl.session, lab, job.design_capacity_ah, days, cfg)
     rel, leak = pack_relative(tl.t, lab.anchors, lab.capacity_ah.shape[0])
+    res = pack_resistance(tl.t, tl.current, tl.cell_v, tl.session, job.design_capacity_ah)
     return {"vehicle": job.vehicle, "chemistry": job.chemistry, "design_capacity_ah": job.design_capacity_ah,
             "samples": len(tl.t), "hours": tl.hours, "sessions": int(tl.session[-1]) + 1,
             "anchors": len(lab.anchors), "capacity_ah": lab.capacity_ah.tolist(),
             "capacity_sigma_ah": lab.capacity_sigma_ah.tolist(), "offset_a": lab.offset_a.tolist(),
-            "capacity_rel": rel.tolist(), "leak_per_h": leak.tolist(),
+            "capacity_rel": rel.tolist(), "leak_per_h": leak.tolist(), "resistance_rel": res.tolist(),
             "days": names, "day_capacity_ah": caps.tolist(), "day_capacity_sigma_ah": sigs.tolist(),
             "trend_ah_per_day": trend_per_day(caps, sigs, cfg.capacity_prior_sigma * job.design_capacity_ah).tolist(),
             "cpu_s": time.process_time() - c0, "worker_rss_mb": _rss_mb(), "pid": os.getpid()}
@@ -263,31 +294,36 @@ def robust_z(x: np.ndarray, floor: float) -> np.ndarray:
     return (x - med) / max(mad, floor)
 
 
+ANOMALY_REASONS = ("capacity below its peers", "self-discharge (leak)", "resistance above its peers")
+
+
 def rank_anomalies(vehicles: list[dict[str, Any]], cap_floor: float = 0.01,
-                   leak_floor: float = 2e-4) -> list[dict[str, Any]]:
-    """Cells drifting against their peers: per chemistry, robust z of capacity and leak relative to the pack.
+                   leak_floor: float = 2e-4, res_floor: float = 0.02) -> list[dict[str, Any]]:
+    """Cells drifting against their peers: per chemistry, robust z of capacity, leak and resistance relative to the pack.
 
     ``capacity_rel`` and ``leak_per_h`` come from ``pack_relative`` (each cell against its own pack's
-    median, from the label anchors). Both are z-scored over every cell of the fleet with that
-    chemistry, so one cell that differs from its pack more than cells across the fleet do stands
-    out, while a whole pack of one batch does not. Score = max(-z_capacity, z_leak); highest first.
+    median, from the label anchors), ``resistance_rel`` from ``pack_resistance``. Each is z-scored
+    over every cell of the fleet with that chemistry, so one cell that differs from its pack more
+    than cells across the fleet do stands out, while a whole pack of one batch does not.
+    Score = max(-z_capacity, z_leak, z_resistance); highest first.
     """
-    by_chem: dict[str, list[tuple[str, int, float, float]]] = defaultdict(list)
+    by_chem: dict[str, list[tuple[str, int, float, float, float]]] = defaultdict(list)
     for v in vehicles:
         rel = np.asarray(v["capacity_rel"], float)
         leak = np.asarray(v["leak_per_h"], float)
+        res = np.asarray(v.get("resistance_rel") or np.full(len(rel), np.nan), float)
         for c in range(len(rel)):
-            by_chem[v["chemistry"]].append((v["vehicle"], c, float(rel[c]), float(leak[c])))
+            by_chem[v["chemistry"]].append((v["vehicle"], c, float(rel[c]), float(leak[c]), float(res[c])))
     out = []
     for chem, cells in by_chem.items():
-        rel = np.array([c[2] for c in cells])
-        leak = np.array([c[3] for c in cells])
-        zc, zl = robust_z(rel, cap_floor), robust_z(leak, leak_floor)
-        for (veh, cell, r, lk), a, b in zip(cells, zc, zl):
-            score = float(np.nanmax([-a, b, 0.0]))
-            why = "capacity below its peers" if np.nan_to_num(-a) >= np.nan_to_num(b) else "self-discharge (leak)"
-            out.append({"vehicle": veh, "cell": cell, "chemistry": chem, "score": score, "capacity_rel": r,
-                        "z_capacity": float(a), "leak_per_h": lk, "z_leak": float(b), "reason": why})
+        cols = np.array([c[2:] for c in cells]).reshape(-1, 3)
+        z = np.column_stack([-robust_z(cols[:, 0], cap_floor), robust_z(cols[:, 1], leak_floor),
+                             robust_z(cols[:, 2], res_floor)])
+        for (veh, cell, r, lk, rs), zs in zip(cells, z):
+            k = int(np.argmax(np.nan_to_num(zs, nan=-np.inf))) if np.isfinite(zs).any() else 0
+            out.append({"vehicle": veh, "cell": cell, "chemistry": chem, "score": float(np.nanmax([*zs, 0.0])),
+                        "capacity_rel": r, "z_capacity": float(-zs[0]), "leak_per_h": lk, "z_leak": float(zs[1]),
+                        "resistance_rel": rs, "z_resistance": float(zs[2]), "reason": ANOMALY_REASONS[k]})
     out.sort(key=lambda r: -r["score"])
     return out
 
@@ -306,6 +342,7 @@ def soh_table(vehicles: list[dict[str, Any]]) -> pa.Table:
             rows["days"].append(len(v["days"]))
             rows["capacity_rel"].append(v["capacity_rel"][c])
             rows["leak_per_h"].append(v["leak_per_h"][c])
+            rows["resistance_rel"].append((v.get("resistance_rel") or [math.nan] * len(v["capacity_ah"]))[c])
     return pa.table(rows)
 
 
