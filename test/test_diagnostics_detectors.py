@@ -391,3 +391,20 @@ def test_imbalance_growth_over_days_needs_a_cell_that_stands_out_from_its_peers(
     faulted, faults = _fleet_cell_alarms(1.0)
     short = next(f["cell"] for f in faults if f["kind"] == "internal_short")
     assert faulted == {("imbalance growth", short)}
+
+
+@pytest.mark.parametrize("park_s", [1800.0, 1e12])
+def test_after_a_park_the_thermal_model_measures_heating_from_the_wake(park_s: float) -> None:
+    """Two trips 10 h apart, the second 15 degC colder: the sensors' gains on the pack's own heating still hold,
+    but heating is counted from the median at wake, not from the first trip's start. Counting it from there
+    (no park handling) reads the colder ambient as -15 degC of heating and flags healthy sensors."""
+    t1, c1, v1, tp1 = synth_pack(20, seed=0)
+    t2, c2, v2, tp2 = synth_pack(20, seed=0)
+    t = np.r_[t1, t2 + t1[-1] + 36000.0]
+    bank = DetectorBank(N, NT, params=dataclasses.replace(DetectorParams.load(), thermal_park_s=park_s))
+    res = run_bank(t, np.r_[c1, c2], np.r_[v1, v2], np.r_[tp1, tp2 - 15.0], bank)
+    flagged = {e.index for e in bank.events if e.check == "thermal anomaly"}
+    if park_s < 1e9:
+        assert flagged == set() and res["thermal anomaly"].level == 0
+    else:
+        assert len(flagged) >= 3

@@ -107,6 +107,10 @@ class DetectorParams:
     fit_ridge_scale: float = 1e-6      # numerical ridge of the leak fit, relative to each regressor's scale
     thermal_period_s: float = 1.0      # thermal model update period
     thermal_max_dt_s: float = 10.0     # a longer gap counts as this long in the CUSUM
+    # A gap this long is a park: the pack cooled to the ambient, so its heating restarts from the median at
+    # wake (not from the first sample ever, days and 20 degC of ambient ago) and the CUSUM restarts (fleet
+    # weeks, 8 x 96 cells: 25 sensors falsely flagged shortly after wake-ups, 10 with this)
+    thermal_park_s: float = 1800.0
     thermal_min_samples: int = 10      # samples before the thermal model predicts
     thermal_ridge: tuple[float, float] = (1e-6, 1e-2)  # [offset, gain] ridge of the thermal model
     thermal_learn_fraction: float = 0.25  # a sensor with CUSUM above this share of thermal_h stops learning
@@ -532,6 +536,9 @@ class DetectorBank:
         p = self.p
         dt = p.thermal_period_s if not math.isfinite(self.thermal_last_t) else \
             min(t - self.thermal_last_t, p.thermal_max_dt_s)
+        if t - self.thermal_last_t > p.thermal_park_s:     # False on the first update (NaN)
+            self.thermal_median0 = math.nan
+            self.thermal_cusum = np.zeros(self.n_temps)
         self.thermal_last_t = t
         if not math.isfinite(self.thermal_median0):
             self.thermal_median0 = med
