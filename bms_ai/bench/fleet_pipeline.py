@@ -1,9 +1,10 @@
 """`bms-ai bench --only fleet`: cloud pipeline throughput (ingest + labels) with 1 and 2 Ray workers in one run.
 
-Vehicles are recorded drives (the multi-day lives of ``$BMS_AI_ESTIMATION_DATA`` or
-``data/estimation`` beside the checkout when present, else the bundled drives) uploaded
-as segments once, each under several vehicle ids and start days; the estimator trace is
-replayed (its cost belongs to the vehicle, not to the cloud). The same fleet is then
+Vehicles are the fleet simulator's weeks (96 cells, what a vehicle uploads in a week at the
+fleet demo's 0.1 Hz; 8 simulated, each uploaded under several ids for larger fleets), or with ``source="lives"`` recorded drives (the multi-day lives of
+``$BMS_AI_ESTIMATION_DATA`` or ``data/estimation`` beside the checkout when present, else the
+bundled drives), uploaded as segments once, each under its own vehicle id and start day; the
+estimator trace is replayed (its cost belongs to the vehicle, not to the cloud). The same fleet is then
 ingested and labelled on one local Ray with 1 worker and with 2. Figures: vehicle-hours
 per core-minute from wall time x workers (what a cluster pays) and from the workers' own
 CPU time (what the code costs, less sensitive to other load), the 2-worker speed-up over
@@ -32,13 +33,25 @@ def _fleet_drives(quick: bool) -> list[Path]:
     return [ROOT / "data" / "drives" / "nmc_udds", ROOT / "data" / "drives" / "lfp_udds"]
 
 
-def make_fleet(store: Any, vehicles: int, quick: bool) -> dict[str, Any]:
+def _simulated_weeks(vehicles: int, quick: bool) -> list:
+    from bms_ai.fleet.demo import default_mix
+    from bms_ai.fleet.simulator import FleetConfig, simulate_vehicle
+    from bms_ai.sim.dataset import resample_drive
+
+    fc = FleetConfig(vehicles=vehicles, days=2.0 if quick else 7.0, n_cells=96, mix=default_mix()).validate()
+    return [resample_drive(simulate_vehicle(fc, i), 0.1) for i in range(vehicles)]
+
+
+def make_fleet(store: Any, vehicles: int, quick: bool, source: str = "fleet") -> dict[str, Any]:
     """Upload ``vehicles`` vehicles (drives round-robin, each its own id and start day) with replayed estimates."""
     from bms_ai.fleet.edge import EdgeConfig, EdgeResult, pseudonymizer, replayed_trace, upload
     from bms_ai.sim.dataset import load_drive, resample_drive
 
     cfg = EdgeConfig(key="bench-key")
-    drives = [resample_drive(load_drive(p), 1.0) for p in _fleet_drives(quick)]
+    if source == "fleet":   # up to 8 simulated weeks, each uploaded under several ids when more vehicles are asked
+        drives = _simulated_weeks(min(vehicles, 4 if quick else 8), quick)
+    else:
+        drives = [resample_drive(load_drive(p), 1.0) for p in _fleet_drives(quick)]
     samples, cells = 0, set()
     for k in range(vehicles):
         d = drives[k % len(drives)]
@@ -48,7 +61,7 @@ def make_fleet(store: Any, vehicles: int, quick: bool) -> dict[str, Any]:
         upload(d, replayed_trace(d, d.soc.mean(axis=1)), store, res, cfg)
         samples += res.samples
         cells.add(d.n_cells)
-    return {"vehicles": vehicles, "samples": samples, "cells": sorted(cells)}
+    return {"vehicles": vehicles, "samples": samples, "cells": sorted(cells), "source": source}
 
 
 def _run(store: Any, workers: int) -> dict[str, Any]:
@@ -69,7 +82,7 @@ def _run(store: Any, workers: int) -> dict[str, Any]:
             "rejected": ing["rejected"], "worker_pids": [ing["workers_seen"], lab["workers_seen"]]}
 
 
-def bench(quick: bool = False, vehicles: int | None = None) -> dict[str, Any]:
+def bench(quick: bool = False, vehicles: int | None = None, source: str = "fleet") -> dict[str, Any]:
     """Throughput of ingest + labels with 1 and 2 workers on one local Ray (127.0.0.1, 2 CPUs)."""
     import ray
 
@@ -79,7 +92,7 @@ def bench(quick: bool = False, vehicles: int | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bms_fleet_bench_"))
     try:
         store = open_store(str(tmp / "store"))
-        fleet = make_fleet(store, vehicles or (4 if quick else 8), quick)
+        fleet = make_fleet(store, vehicles or (4 if quick else 64), quick, source)
         own = start_ray(num_cpus=2, quiet=True)
         try:
             _run(store, 2)                      # warm-up: both workers have imported everything
