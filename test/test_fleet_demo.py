@@ -41,6 +41,25 @@ def test_alarms_are_scored_against_the_injected_faults() -> None:
     assert missed["detected"] == 1 and missed["false_alarms"] == 1
 
 
+def test_sensor_and_signal_indices_are_not_cell_numbers() -> None:
+    """A thermal anomaly names a temperature sensor (the cells under it), the estimator's plausibility check a
+    signal of the pack: scored as such, not as cells 0, 1, 2."""
+    groups = [0, 0, 0, 1, 1, 1]
+    drives = [SimpleNamespace(meta={"faults": [{"cell": 4, "kind": "internal_short"}], "temp_sensor_cells": groups,
+                                    "timing": {"calendar_h": 24.0, "awake_h": 3.0}}),
+              SimpleNamespace(meta={"faults": [], "temp_sensor_cells": groups,
+                                    "timing": {"calendar_h": 24.0, "awake_h": 3.0}})]
+    edge = [{"pseudonym": "a", "events": ["thermal anomaly#1@10s", "estimator plausibility#0@5s"]},
+            {"pseudonym": "b", "events": ["thermal anomaly#0@10s", "estimator plausibility#1@5s",
+                                          "stuck signal#7@3s", "stuck signal#8@3s"]}]
+    r = score_alarms(drives, edge, [], anomaly_z=6.0)
+    assert r["detected"] == 1 and r["rows"][0]["by"] == ["thermal anomaly"]      # sensor 1 covers cell 4
+    false = sorted(x["element"] + ": " + x["kind"] for x in r["rows"] if x["level"] == "false")
+    # b: sensor 0, the pack (plausibility), stuck signal 7 = sensor 1 (6 cells first), 8 = the pack voltage
+    assert false == ["pack: false alarm: estimator plausibility, stuck signal", "sensor 0: false alarm: thermal anomaly",
+                     "sensor 1: false alarm: stuck signal"]
+
+
 @pytest.mark.parametrize("kw", [{"vehicles": 1}, {"heldout_every": 1}, {"edge_rate_hz": 0.0}, {"workers": 0}])
 def test_bad_demo_config_is_one_line(kw) -> None:
     with pytest.raises(ValueError) as e:

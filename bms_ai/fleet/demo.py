@@ -239,54 +239,100 @@ def parse_event(text: str) -> tuple[str, int]:
     return check, int(idx) if idx.lstrip("-").isdigit() else -1
 
 
-def _alarms_of(events: list[str], flagged: set[int]) -> tuple[dict[int, set[str]], dict[str, int]]:
-    """Fault alarms per cell (-1 = pack level) and operating-limit events per check."""
-    by_cell: dict[int, set[str]] = {}
+def check_elements() -> dict[str, tuple[str, bool]]:
+    """Per check of the fault monitor: what its event index counts (cell, sensor, channel, signal) and whether
+    a signal index is the concatenated cells / sensors / pack voltage layout (else it names no cell)."""
+    from bms_ai.diagnostics.config import pack_limits
+    from bms_ai.diagnostics.detectors import DetectorBank
+    from bms_ai.diagnostics.rules import RuleEngine
+
+    n, nt = 4, 2
+    rules = RuleEngine(pack_limits("nmc", 50.0), n, nt).rules + DetectorBank(n, nt, plating=False).rules
+    return {r.check: (r.element, r.deb.n == n + nt + 1) for r in rules}
+
+
+def event_element(check: str, idx: int, meta: dict, elements: dict[str, tuple[str, bool]]) -> tuple[str, int]:
+    """The element an alarm names: ("cell", c), ("sensor", s) or ("pack", -1); sensor and channel indices are
+    not cell numbers (a thermal anomaly on sensor 26 covers the cells under it, ``meta["temp_sensor_cells"]``)."""
+    kind, concatenated = elements.get(check, ("cell", False))
+    n = len(meta.get("temp_sensor_cells") or []) or None
+    if idx < 0 or (kind == "signal" and not concatenated):
+        return ("pack", -1)
+    if kind in ("channel", "signal") and n is not None:
+        kind, idx = ("cell", idx) if idx < n else ("sensor", idx - n)
+    if kind == "sensor" and n is not None and idx >= max(meta["temp_sensor_cells"]) + 1:
+        return ("pack", -1)                            # the pack voltage of the stuck-signal layout
+    return (kind if kind in ("cell", "sensor") else "cell", idx)
+
+
+def element_cells(element: tuple[str, int], meta: dict) -> set[int]:
+    """The cells an alarm element covers (none for a pack-level one)."""
+    kind, idx = element
+    if kind == "cell":
+        return {idx}
+    if kind == "sensor":
+        return {c for c, g in enumerate(meta.get("temp_sensor_cells") or []) if g == idx}
+    return set()
+
+
+def _alarms_of(events: list[str], flagged: set[int], meta: dict,
+               elements: dict[str, tuple[str, bool]]) -> tuple[dict[tuple[str, int], set[str]], dict[str, int]]:
+    """Fault alarms per element (cell, sensor or pack) and operating-limit events per check."""
+    by_el: dict[tuple[str, int], set[str]] = {}
     limits: dict[str, int] = {}
     for e in events:
         check, idx = parse_event(e)
         if check in LIMIT_CHECKS:
             limits[check] = limits.get(check, 0) + 1
         else:
-            by_cell.setdefault(idx, set()).add(check)
+            by_el.setdefault(event_element(check, idx, meta, elements), set()).add(check)
     for c in flagged:
-        by_cell.setdefault(c, set()).add("fleet anomaly")
-    return by_cell, limits
+        by_el.setdefault(("cell", c), set()).add("fleet anomaly")
+    return by_el, limits
 
 
 def score_alarms(drives: list, edge_rows: list[dict], ranking: list[dict], anomaly_z: float) -> dict:
     """Fault alarms (fault monitor detectors and plausibility checks, fleet anomalies above ``anomaly_z``)
     against the injected faults' truth; operating-limit events counted apart.
 
-    An injected fault is detected when any fault alarm names its cell; a fault alarm on a cell
-    (or at pack level on a vehicle) without an injected fault is a false alarm.
+    An injected fault is detected when any fault alarm names its cell (or the temperature sensor over
+    it); a fault alarm on a cell or sensor without an injected fault under it, or at pack level on a
+    vehicle without one, is a false alarm.
     """
     flagged: dict[str, set[int]] = {}
     for r in ranking:
         if float(r.get("score") or 0.0) >= anomaly_z:
             flagged.setdefault(r["vehicle"], set()).add(int(r["cell"]))
+    elements = check_elements()
     faults: dict[tuple[str, int], str] = {}
-    alarms: dict[tuple[str, int], set[str]] = {}
+    alarms: dict[tuple[str, tuple[str, int]], set[str]] = {}
+    cells_of: dict[tuple[str, tuple[str, int]], set[int]] = {}
     limits: dict[str, int] = {}
     for d, e in zip(drives, edge_rows):
         pid = e["pseudonym"]
         for f in d.meta.get("faults", []):
             faults[(pid, int(f["cell"]))] = str(f["kind"])
-        by_cell, lim = _alarms_of(e.get("events", []), flagged.pop(pid, set()))
-        for c, checks in by_cell.items():
-            alarms.setdefault((pid, c), set()).update(checks)
+        by_el, lim = _alarms_of(e.get("events", []), flagged.pop(pid, set()), d.meta, elements)
+        for el, checks in by_el.items():
+            alarms.setdefault((pid, el), set()).update(checks)
+            cells_of[(pid, el)] = element_cells(el, d.meta)
         for k, n in lim.items():
             limits[k] = limits.get(k, 0) + n
     faulty_vehicles = {v for v, _ in faults}
     rows, detected = [], 0
     for (pid, cell), kind in sorted(faults.items()):
-        hit = alarms.get((pid, cell), set())
+        hit = set().union(*(v for k, v in alarms.items() if k[0] == pid and cell in cells_of[k]))
         detected += bool(hit)
         rows.append({"vehicle": pid, "cell": cell, "kind": f"injected {kind}", "level": "detected" if hit else "missed",
                      "by": sorted(hit)})
-    false = [(k, v) for k, v in alarms.items() if k not in faults and not (k[1] == -1 and k[0] in faulty_vehicles)]
-    rows += [{"vehicle": pid, "cell": cell, "kind": "false alarm: " + ", ".join(sorted(v)), "level": "false"}
-             for (pid, cell), v in false]
+
+    def explained(key: tuple[str, tuple[str, int]]) -> bool:
+        pid, el = key
+        return pid in faulty_vehicles if el[0] == "pack" else any((pid, c) in faults for c in cells_of[key])
+
+    false = [(k, v) for k, v in alarms.items() if not explained(k)]
+    rows += [{"vehicle": pid, "element": f"{el[0]} {el[1]}" if el[0] != "pack" else "pack",
+              "kind": "false alarm: " + ", ".join(sorted(v)), "level": "false"} for (pid, el), v in false]
     h = _hours(drives)
     return {"injected": len(faults), "detected": detected, "recall": detected / len(faults) if faults else None,
             "false_alarms": len(false), "per_1000_calendar_h": 1000 * len(false) / max(h["calendar_h"], 1e-9),
