@@ -373,6 +373,18 @@ def test_estimator_plausibility(cfg):
     assert r["estimator plausibility"].level == WARN and "fallback" in r["estimator plausibility"].message
 
 
+def test_no_soc_jump_test_across_a_sleep(cfg):
+    """After a park the current at wake (an auxiliary 0.5 A) is not what flowed while asleep: a SOC that moved
+    by the self-discharge and the wake-up check is no jump; within a session the same test still flags."""
+    eng = RuleEngine(cfg, N, NT)
+    lv, t = run(eng, 0, 30, "estimator plausibility", soc=0.6, capacity_ah=50.0, i=-0.5)
+    assert max(lv) == OK
+    lv, t = run(eng, t + 10 * 3600.0, 30, "estimator plausibility", soc=0.61, capacity_ah=50.0, i=-0.5)
+    assert max(lv) == OK
+    lv, t = run(eng, t, 1, "estimator plausibility", soc=0.7, capacity_ah=50.0, i=-0.5)
+    assert lv[-1] == WARN
+
+
 def test_derating_trapezoid(cfg):
     """Allowed currents follow the temperature trapezoid and voltage headroom."""
     eng = RuleEngine(cfg, N, NT)

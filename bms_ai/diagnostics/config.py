@@ -82,6 +82,9 @@ class Plausibility:
     current_offset_a: float = 0.5
     stale_s: float = 1.0
     soc_jump: float = 0.05
+    # SOC stamps further apart than this span a sleep: the current over it was not measured (the one at wake
+    # times hours read as a 10-point jump) and the estimator's wake-up may move the SOC: no jump test across it
+    soc_jump_max_gap_s: float = 60.0
     debounce: int = 5
     clear_count: int = 10
 

@@ -575,7 +575,7 @@ class RuleEngine:
             if self._soc_prev is not None and stamp > self._soc_prev[1]:
                 dt = stamp - self._soc_prev[1]
                 expected = (i * dt / 3600.0 / capacity_ah) if capacity_ah and math.isfinite(i) else 0.0
-                jump = soc - self._soc_prev[0] - expected
+                jump = soc - self._soc_prev[0] - expected if dt <= p.soc_jump_max_gap_s else 0.0
                 bad_jump = abs(jump) > p.soc_jump
             if self._soc_prev is None or stamp > self._soc_prev[1]:
                 self._soc_prev = (soc, stamp)
