@@ -103,6 +103,7 @@ def _raw(argv: list[str], out, capsys) -> tuple[int, str, dict[str, list[float]]
     return code, err, values
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_raw_decode_of_a_real_kona_drive_gives_the_known_values(tmp_path, capsys):
     """SavvyCAN log + the public Kona DBC (no BU_ line), no pack config: the independently decoded values."""
     log, dbc = realdata("kona/power-off-on-ready-off.gvret.csv"), realdata("kona/pcan.dbc")

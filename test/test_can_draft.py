@@ -38,6 +38,7 @@ def model3():
     return path, load_dbc(path, strict=False)
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_model3_draft_is_a_pack_config_that_validates_against_its_dbc(model3):
     """Model 3: 0x132 voltage/current, 0x292 SOC, 0x332 min/max temperatures, the 0x401 cells; the draft loads."""
     path, db = model3

@@ -109,6 +109,7 @@ def test_damaged_stamps_and_ids_are_reported_rejections(decoder, messages):
     assert bus.level == WARN and bus.values["rejected_bad_time"] == 1 and bus.values["rejected_bad_id"] == 1
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_watchdog_ticks_every_instant_and_reports_stale_within_a_tenth_of_stale_after():
     """min(1/rate, stale_after/10): STALE lands at most one tick after stale_after (0.55 s at the defaults)."""
     assert watchdog_period(10.0, 0.5) == 0.05  # the defaults: 20 Hz, not 5 Hz

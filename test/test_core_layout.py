@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "bms_ai"
 ROS_LAYERS = ("bms_ai.nodes", "bms_ai.ros")  # the only places allowed to import rclpy at import time
@@ -24,6 +26,7 @@ def modules() -> list[str]:
     return out
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_library_imports_with_rclpy_blocked():
     """The library runs where ROS is not installed (training machines, the cloud side)."""
     lib = [m for m in modules() if not m.startswith(ROS_LAYERS)]
@@ -67,6 +70,7 @@ def _module_imports(mod: str, names: set[str]) -> set[str]:
     return deps
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_no_import_cycles():
     """Module-level imports form no cycle, so any module can be imported first."""
     names = set(modules())

@@ -61,6 +61,7 @@ def _ecm_drive(chem: str, n: int, seconds: float, seed: int = 0):
     return p, seg, np.array(volts), np.array(socs)
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_batched_ekf_recovers_from_wrong_initial_soc_on_96_cells() -> None:
     p, cur, volts, socs = _ecm_drive("nmc", 96, 900.0)
     ekf = BatchedEKF(96, "nmc", ECMParams(**{**p.__dict__, "r_v": 1e-5}), soc0=0.5)

@@ -46,6 +46,7 @@ def _truth(t, i_true, soc0, n=4, cap=None):
     return soc
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_exact_model_tracks_truth_from_a_wrong_start_and_estimates_the_offset():
     """Voltages from the filter's own model: a 30-point wrong start converges, a 0.5 A offset is learned."""
     t, i = _drive(7200.0, rest_every=900.0)
@@ -97,6 +98,7 @@ def test_flat_lfp_plateau_leaves_coulomb_counting_in_charge():
     assert np.abs(est - soc).max() < 0.01
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_cell_deviations_are_tracked_and_kept_zero_mean():
     t, i = _drive(3600.0, seed=4, rest_every=600.0)
     soc = _truth(t, i, 0.6) + np.array([0.0, 0.02, -0.03, 0.01])

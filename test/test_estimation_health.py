@@ -118,6 +118,7 @@ def _nmc_life(caps: np.ndarray, seed: int = 1, dt: float = 1.0) -> SynthPack:
     return p.hold(10).charge(0.3).hold(30).park(3600).hold(10).hold(60, -0.2 * p.design)
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_nmc_rests_and_full_charge_give_each_cells_capacity() -> None:
     caps = np.array([0.97, 0.90, 0.84]) * 50.0
     pack = _nmc_life(caps)
@@ -188,6 +189,7 @@ def test_state_round_trip_keeps_the_estimate_and_refuses_other_packs() -> None:
     assert "malformed" in HealthEstimator(2, 50.0).restore({"version": 1})
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_pack_estimator_persists_soh_and_feeds_the_soc_filter() -> None:
     caps = np.array([0.95, 0.88, 0.90]) * 50.0
     pack = _nmc_life(caps, seed=3, dt=4.0)

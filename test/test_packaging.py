@@ -58,6 +58,7 @@ def test_package_xml_format3_with_rosdep_keys(root):
     assert pkg.find("export/build_type").text == "ament_python"
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_every_rosdep_key_resolves(root, rosdep_rules):
     """`rosdep install --from-paths src --ignore-src` finds a rule for every non-ROS key on Jazzy's platforms."""
     unresolved = [f"{key} ({os_name} {codename})" for key in _deps(root) if key not in ROS_PACKAGES

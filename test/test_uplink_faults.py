@@ -293,6 +293,7 @@ def test_kill9_mid_upload_then_restart(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_ingest_server_cli_protocol(tmp_path: Path) -> None:
     """`bms-ai ingest-server` speaks the protocol: auth, hash check, idempotency, listing."""
     import hashlib

@@ -95,6 +95,7 @@ def names(draw) -> str:
     return hexes[:at] + odd + hexes[at:]
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 @settings(max_examples=FAST_CASES, **SETTINGS)
 @given(name=names())
 @example(name="0" * 64 + "\n")  # found by this test: "$" in the pattern let a trailing line break through
@@ -134,6 +135,7 @@ def authorizations(draw) -> tuple[str, str]:
     return token, bytes(value).decode("utf-8", "surrogateescape").strip(" \t")
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 @settings(max_examples=FAST_CASES, **SETTINGS)
 @given(case=authorizations())
 @example(case=("0?", "Bearer 0\udc80"))  # found by this test: a byte aiohttp cannot decode matched a "?"

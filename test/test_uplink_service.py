@@ -207,6 +207,7 @@ def serialize_message(m):  # noqa: ANN001, ANN201
     return ser(m)
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_disk_full_pauses_recording_evicts_reports_and_resumes(tmp_path: Path) -> None:
     """ENOSPC while writing and committing: no exception, recording pauses, lower classes are evicted,
     the status says so at ERROR with counters, and recording resumes once there is space again."""

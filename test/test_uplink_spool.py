@@ -336,6 +336,7 @@ def test_identical_content_is_spooled_once(tmp_path: Path) -> None:
     sp.close()
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_bench_reports_uplink_figures() -> None:
     """The uplink bench section produces its figures."""
     import tempfile

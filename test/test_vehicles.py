@@ -77,6 +77,7 @@ def test_kona_with_uds_cells_validates_and_is_not_pack_level():
     assert pack_level.pack_level and pack_level.n_cells == 98 and pack_level.design_capacity_ah == 180.0
 
 
+@pytest.mark.drive   # ~1 s: outside the fast library tier
 @pytest.mark.skipif(not (MODEL3 / "Model3CAN.dbc").is_file(), reason=f"real Model 3 DBC not found in {MODEL3}")
 def test_model3_config_validates_against_its_dbc():
     """0x132 pack V/I, 0x292 SOC, 0x332 brick extremes and temperatures (multiplexed) all exist in the DBC."""
