@@ -1,14 +1,15 @@
 """`bms-ai bench --only fleet`: cloud pipeline throughput (ingest + labels) with 1 and 2 Ray workers in one run.
 
-Vehicles are the fleet simulator's weeks (96 cells, what a vehicle uploads in a week at the
-fleet demo's 0.1 Hz; 8 simulated, each uploaded under several ids for larger fleets), or with ``source="lives"`` recorded drives (the multi-day lives of
-``$BMS_AI_ESTIMATION_DATA`` or ``data/estimation`` beside the checkout when present, else the
-bundled drives), uploaded as segments once, each under its own vehicle id and start day; the
-estimator trace is replayed (its cost belongs to the vehicle, not to the cloud). The same fleet is then
-ingested and labelled on one local Ray with 1 worker and with 2. Figures: vehicle-hours
-per core-minute from wall time x workers (what a cluster pays) and from the workers' own
-CPU time (what the code costs, less sensitive to other load), the 2-worker speed-up over
-2x the 1-worker throughput (1.0 = linear), peak RSS of a worker.
+Vehicles are the fleet simulator's weeks (96 cells, what a vehicle uploads in a week at
+the fleet demo's 0.1 Hz; 8 simulated, each uploaded under several ids for larger fleets),
+or with ``source="lives"`` recorded drives (the multi-day lives of
+``$BMS_AI_ESTIMATION_DATA`` or ``data/estimation`` beside the checkout when present, else
+the bundled drives). Each is uploaded as segments once under its own vehicle id and start
+day; the estimator trace is replayed (its cost belongs to the vehicle, not to the cloud).
+The same fleet is then ingested and labelled on one local Ray with 1 worker and with 2.
+Figures: vehicle-hours per core-minute from wall time x workers (what a cluster pays) and
+from the workers' own CPU time (what the code costs, less sensitive to other load), the
+2-worker speed-up over 2x the 1-worker throughput (1.0 = linear), peak RSS of a worker.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def rank_anomalies(vehicles: list[dict[str, Any]], cap_floor: float = 0.01,
     for v in vehicles:
         rel = np.asarray(v["capacity_rel"], float)
         leak = np.asarray(v["leak_per_h"], float)
-        res = np.asarray(v.get("resistance_rel") or np.full(len(rel), np.nan), float)
+        res = np.asarray(v["resistance_rel"] if v.get("resistance_rel") is not None else np.full(len(rel), np.nan), float)
         for c in range(len(rel)):
             by_chem[v["chemistry"]].append((v["vehicle"], c, float(rel[c]), float(leak[c]), float(res[c])))
     out = []
@@ -342,7 +342,8 @@ def soh_table(vehicles: list[dict[str, Any]]) -> pa.Table:
             rows["days"].append(len(v["days"]))
             rows["capacity_rel"].append(v["capacity_rel"][c])
             rows["leak_per_h"].append(v["leak_per_h"][c])
-            rows["resistance_rel"].append((v.get("resistance_rel") or [math.nan] * len(v["capacity_ah"]))[c])
+            res = v.get("resistance_rel")
+            rows["resistance_rel"].append(float(res[c]) if res is not None else math.nan)
     return pa.table(rows)
 
 
