@@ -96,7 +96,7 @@ def test_diagnostic_arrays_read_and_write_as_rclpy_does():
         wire = serialize_message(d)
         got = cdr.read_diagnostic_statuses(wire)
         assert got == _statuses(d)
-        assert [s[:4] + ([],) for s in got] == cdr.read_diagnostic_statuses(wire, with_values=False)
+        assert cdr.read_diagnostic_levels(wire) == [(s[0], s[1], s[3]) for s in got]
         back = deserialize_message(cdr.diagnostic_array_bytes(d.header.stamp.sec, d.header.stamp.nanosec, got,
                                                               d.header.frame_id), DiagnosticArray)
         assert _statuses(back) == _statuses(d) and back.header == d.header
@@ -117,7 +117,10 @@ def test_a_cut_or_foreign_payload_is_a_value_error(cut):
     wire = serialize_message(_battery(random.Random(3), 0))
     with pytest.raises(ValueError):
         cdr.read_battery_state(wire[:cut])
+    diag = serialize_message(_diagnostics(random.Random(4)))
     with pytest.raises(ValueError):
-        cdr.read_diagnostic_statuses(serialize_message(_diagnostics(random.Random(4)))[:cut])
+        cdr.read_diagnostic_statuses(diag[:cut])
+    with pytest.raises(ValueError):
+        cdr.read_diagnostic_levels(diag[:cut])
     with pytest.raises(ValueError):
         cdr.read_battery_state(b"\x00\x00\x00\x00" + wire[4:])  # big-endian CDR: not read here

@@ -21,7 +21,7 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.graph import pack_spool_dir
-from bms_ai.nodes.cdr import read_diagnostic_statuses
+from bms_ai.nodes.cdr import read_diagnostic_levels
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
 from bms_ai.uplink.schemas import normalise_type
@@ -126,14 +126,15 @@ class CloudUploaderNode(Node):
     def _on_diagnostics(self, data: bytes, now_ns: int) -> None:
         """Levels to the service (fault snapshots, active faults); hardware ids become known identifiers."""
         try:
-            statuses = [(s[1], s[0], s[3]) for s in read_diagnostic_statuses(data, with_values=False)]
+            statuses = [(name, level, hw) for level, name, hw in read_diagnostic_levels(data)]
         except ValueError:  # an encoding bms_ai.nodes.cdr does not read: through rclpy
             msg = deserialize_message(data, DiagnosticArray)
             statuses = [(s.name, s.level[0] if isinstance(s.level, bytes) else int(s.level), s.hardware_id)
                         for s in msg.status]
         self.svc.diagnostics([(name, level) for name, level, _ in statuses], now_ns)
-        for _, _, hardware_id in statuses:
-            self.svc.scrubber.learn(hardware_id)
+        if self.svc.scrubber.enabled:  # learn() keeps nothing otherwise
+            for _, _, hardware_id in statuses:
+                self.svc.scrubber.learn(hardware_id)
 
     def _on_battery(self, topic: str, data: bytes) -> None:
         """Keep the last battery_state for telemetry; its serial number becomes a known identifier."""
