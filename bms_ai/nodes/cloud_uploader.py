@@ -17,12 +17,12 @@ from typing import Any
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
-from sensor_msgs.msg import BatteryState
 
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.graph import pack_spool_dir
 from bms_ai.nodes.cdr import read_diagnostic_levels
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.convert import battery_fields_from_bytes
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
 from bms_ai.uplink.schemas import normalise_type
 from bms_ai.uplink.service import UplinkService
@@ -141,7 +141,7 @@ class CloudUploaderNode(Node):
         if topic.endswith("battery_state"):
             self._last_battery = data
         if self.svc.scrubber.enabled:
-            self.svc.scrubber.learn(deserialize_message(data, BatteryState).serial_number)
+            self.svc.scrubber.learn(battery_fields_from_bytes(data).serial_number)
 
     # ---------------------------------------------------------------- timers
     def _tick(self) -> None:
@@ -158,7 +158,7 @@ class CloudUploaderNode(Node):
         battery = None
         if self._last_battery is not None:
             try:
-                m = deserialize_message(self._last_battery, BatteryState)
+                m = battery_fields_from_bytes(self._last_battery)
                 battery = (m.percentage, m.capacity, m.design_capacity)
             except Exception as exc:  # noqa: BLE001
                 self._reject(f"battery_state: {exc}")

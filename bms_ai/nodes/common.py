@@ -88,6 +88,7 @@ class Diagnostics:
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
         self._status: dict[str, tuple[int, str, dict[str, Any]]] = {}  # name -> (level, message, values)
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
+        self._names: dict[str, str] = {}  # check -> status name
         self._timer = node.create_timer(period, self.publish)
 
     @contextlib.contextmanager
@@ -124,8 +125,11 @@ class Diagnostics:
         return None if st is None else st[0]
 
     def name(self, check: str) -> str:
-        """The status name of ``check`` from this node."""
-        return status_name(self._node.get_name(), check)
+        """The status name of ``check`` from this node (kept: nodes update every check at their sample rate)."""
+        name = self._names.get(check)
+        if name is None:
+            name = self._names[check] = status_name(self._node.get_name(), check)
+        return name
 
     def publish(self, names: Iterable[str] | None = None) -> None:
         """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""
