@@ -113,3 +113,26 @@ def test_silence_is_bounded_before_the_first_frame_and_over_long_gaps(decoder):
     out = sampler.close_until(1000.0)
     assert len(out) == 50 and round(out[-1].stamp, 6) == 5.9 and sampler.skipped == 10000 - 60
     assert [round(s.stamp, 6) for s in sampler.close_until(1000.05)] == [1000.0]  # the grid goes on from there
+
+
+def test_feed_burst_equals_feeding_frame_by_frame(decoder):
+    """A burst gives the samples, counters and state of its frames fed one by one, damaged frames included."""
+    msgs = synthetic_messages(decoder, 0.0, 3.0)
+    msgs[40].timestamp = math.nan  # a damaged stamp
+    msgs[41].timestamp = msgs[39].timestamp - 1.0  # time backwards
+    msgs[42].is_error_frame = True
+    msgs[43].data = bytes(msgs[43].data[:3])  # wrong length
+    for m in msgs[len(msgs) // 2:]:
+        m.timestamp += 7.0  # a gap: several instants closed by one frame
+
+    ref = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=1.0)
+    one = [s for m in msgs for s in ref.feed_message(m)]
+    burst = FixedRateSampler(PackAssembler(decoder), period=0.1, max_age=1.0)
+    got = [s for i in range(0, len(msgs), 37) for s in burst.feed_burst(msgs[i:i + 37])]
+    assert len(got) == len(one) > 90
+    for a, b in zip(got, one):
+        np.testing.assert_array_equal([a.stamp, a.pack_voltage, a.pack_current], [b.stamp, b.pack_voltage, b.pack_current])
+        np.testing.assert_array_equal(a.cell_voltages, b.cell_voltages)
+        np.testing.assert_array_equal(a.cell_voltage_stamps, b.cell_voltage_stamps)
+    assert burst.asm.counters == ref.asm.counters and burst.asm.counters.total_rejected >= 4
+    assert burst.asm.stats == ref.asm.stats and burst.asm.last_ts == ref.asm.last_ts

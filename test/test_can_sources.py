@@ -151,3 +151,23 @@ def test_receive_filters_pass_only_the_ids_the_pack_config_uses():
         stop.set()
         tx.shutdown()
         src.close()
+
+
+def test_a_replay_in_bursts_is_the_replay_frame_by_frame(tmp_path, messages):
+    """Bursts hold the frames of a replay in order, none twice; at maximum speed at most MAX_BURST each."""
+    from bms_ai.can.sources import MAX_BURST
+
+    log = write_log(tmp_path / "d.blf", messages * 3)
+    for lightweight in (False, True):
+        src = LogReplaySource(log, speed=0.0, lightweight=lightweight)
+        bursts = []
+        for b in src.bursts(threading.Event()):
+            if src.finished:
+                break
+            if b is not None:
+                bursts.append(b)
+        flat = [m for b in bursts for m in b]
+        ref = _drain(LogReplaySource(log, speed=0.0, lightweight=lightweight))
+        assert [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in flat] == \
+               [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in ref]
+        assert len(flat) == 3 * len(messages) and max(len(b) for b in bursts) <= MAX_BURST < len(flat)

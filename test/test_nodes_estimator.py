@@ -203,10 +203,14 @@ def test_model_fallback_false_on_the_nn(harness: RosHarness, root: Path) -> None
 def test_all_nan_measurements_hold_the_estimate(tmp_path):
     """After the bus goes silent can_bridge publishes aged-out NaN samples: SOC must not move."""
     import rclpy
+    from rclpy.serialization import serialize_message
 
-    from bms_ai.nodes.convert import sample_to_battery_state as to_msg
+    from bms_ai.nodes.convert import sample_to_battery_state
     from bms_ai.nodes.estimator import EstimatorNode as Est
     from bms_ai.pack import PackSample
+
+    def to_msg(s):  # what the node's raw subscription hands it
+        return serialize_message(sample_to_battery_state(s))
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)

@@ -70,6 +70,15 @@ class FrameSource:
         """Frames until ``stop`` is set; None on idle polls so the caller can run its watchdogs."""
         raise NotImplementedError
 
+    def bursts(self, stop: threading.Event) -> Iterator[list | None]:
+        """:meth:`frames` in lists of frames received together (in order), None on idle polls.
+
+        A consumer then pays its fixed costs (a lock, a clock read) once per
+        burst instead of once per frame; a source without bursts gives lists of one.
+        """
+        for msg in self.frames(stop):
+            yield None if msg is None else [msg]
+
     def frame_chunks(self) -> Iterator[FrameArrays] | None:
         """The source as arrays, chunk by chunk, when it may be decoded vectorised (a finite log at
         maximum speed), else None. Damage ends the chunks with its reason in :attr:`errors`.
@@ -161,18 +170,22 @@ class ReplayClock:
 
 #: a replay waits only for frames due this far ahead; the ones due sooner go out in the same burst
 REPLAY_BURST_S = 0.05
+#: frames in one burst at most (a replay at maximum speed is otherwise one burst)
+MAX_BURST = 256
+#: a burst's first frame goes out when due to within this (a shorter wait costs more than it is late)
+_DUE_SLACK = 0.001
 
 
-def _wait_until(target: float, stop: threading.Event) -> Generator[None, None, bool]:
-    """None polls until ``target`` (steady clock); returns True when stopped meanwhile.
+def _wait_until(target: float, stop: threading.Event, slack: float) -> Generator[None, None, bool]:
+    """None polls until ``target`` (steady clock) is less than ``slack`` ahead; True when stopped meanwhile.
 
-    Waits only when >= REPLAY_BURST_S ahead: frames due together go out in one
-    wake-up (a bus driver also delivers bursts). A timed wake-up costs ~0.1 ms
-    of CPU on a vehicle computer's VM, so at 1.4k frames/s this is 20 wake-ups
-    a second instead of 200 (~2 % of a core less; samples are on CAN time, so
-    nothing the graph computes changes).
+    Waits only when more than ``slack`` ahead: frames due together go out in
+    one wake-up (a bus driver also delivers bursts). A timed wake-up costs
+    ~0.1 ms of CPU on a vehicle computer's VM, so at 1.4k frames/s this is 20
+    wake-ups a second instead of 200 (~2 % of a core less; samples are on CAN
+    time, so nothing the graph computes changes).
     """
-    while (delay := target - time.monotonic()) > REPLAY_BURST_S:
+    while (delay := target - time.monotonic()) > slack:
         if stop.wait(min(delay, 0.05)):
             return True
         yield None
@@ -209,32 +222,69 @@ class LogReplaySource(FrameSource):
 
     def frames(self, stop: threading.Event) -> Iterator[can.Message | None]:
         """The log's frames paced by :attr:`speed`, then None polls (a silent bus) until stopped."""
+        for burst in self.bursts(stop):
+            if burst is None:
+                yield None
+                continue
+            for msg in burst:
+                if stop.is_set():
+                    return
+                yield msg
+
+    def bursts(self, stop: threading.Event) -> Iterator[list | None]:
+        """The frames due within REPLAY_BURST_S of now, one list per wake-up (at most MAX_BURST frames).
+
+        No frame goes out more than REPLAY_BURST_S early (the pacing of a
+        frame-by-frame replay), and the clock is read once per burst rather
+        than once per frame.
+        """
         offset = 0.0
         clock = ReplayClock(self.speed)
         while not stop.is_set():
-            first = last = None
-            for msg in self._messages():
-                if stop.is_set():
-                    return
-                ts = msg.timestamp
-                if stamp_ok(ts):  # a damaged stamp is passed on (the consumer rejects it), never waited for
-                    first = ts if first is None else first
-                    last = ts if last is None else max(last, ts)
-                    msg.timestamp = ts + offset
-                if (yield from _wait_until(clock.due(msg.timestamp, time.monotonic()), stop)):
-                    return
-                yield msg
+            span: list[float] = []  # the pass's first and last good stamp
+            if (yield from self._pass_bursts(stop, clock, offset, span)):
+                return
             self.gaps_shortened = clock.gaps
             if len(self.errors) > 1 and self.errors[-1] == self.errors[-2]:
                 self.errors.pop()  # a looped damaged log: the same damage once, not once per pass
-            if not self.loop or last is None:
+            if not self.loop or not span:
                 break
-            offset += last + 0.01 - first  # the next pass starts 10 ms after this one ended
+            offset += span[1] + 0.01 - span[0]  # the next pass starts 10 ms after this one ended
         self.finished = True
         while not stop.is_set():  # stay alive (silent bus) until stopped
             if stop.wait(0.05):
                 return
             yield None
+
+    def _pass_bursts(self, stop: threading.Event, clock: ReplayClock, offset: float,
+                     span: list[float]) -> Generator[list | None, None, bool]:
+        """One pass over the log in bursts, stamps shifted by ``offset``; True when stopped meanwhile."""
+        burst: list = []
+        now = time.monotonic()
+        for msg in self._messages():
+            if stop.is_set():
+                return True
+            ts = msg.timestamp
+            if stamp_ok(ts):  # a damaged stamp is passed on (the consumer rejects it), never waited for
+                if span:
+                    span[1] = max(span[1], ts)
+                else:
+                    span += [ts, ts]
+                msg.timestamp = ts + offset
+            due = clock.due(msg.timestamp, now)
+            if due - now > REPLAY_BURST_S or len(burst) >= MAX_BURST:
+                if burst:
+                    yield burst
+                    burst = []
+                # until this frame is due: the next burst then spans a whole REPLAY_BURST_S, however
+                # long the consumer took over the last one
+                if (yield from _wait_until(due, stop, _DUE_SLACK)):
+                    return True
+                now = time.monotonic()
+            burst.append(msg)
+        if burst:
+            yield burst
+        return False
 
     def _messages(self):
         if self.lightweight and log_format(self.path).fast_arrays:

@@ -37,8 +37,9 @@ from bms_ai.can.sources import SourceError, bus_options, can_filters, open_sourc
 from bms_ai.can.uds import UdsPoller
 from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
+from bms_ai.nodes.cdr import battery_state_bytes
 from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
-from bms_ai.nodes.convert import sample_to_battery_state, stamp_to_time, time_to_float
+from bms_ai.nodes.convert import battery_fields, battery_fields_from_bytes, stamp_to_time, time_to_float
 from bms_ai.pack import PackSample
 
 #: samples a replay may publish beyond what this process's readers have taken (< Fast DDS's 5000-sample
@@ -111,7 +112,7 @@ class CanBridgeNode(Node):
         self.last_status: dict[str, float] = {}
         self.our_soc = math.nan
         if cfg.vehicle_bms:
-            self.create_subscription(BatteryState, "battery_state", self._on_estimate, GRAPH_SUB_QOS)
+            self.create_subscription(BatteryState, "battery_state", self._on_estimate, GRAPH_SUB_QOS, raw=True)
         self.diag = Diagnostics(self, self.pack_id)
         self.lock = threading.Lock()
         self.samples_published = 0
@@ -232,27 +233,50 @@ class CanBridgeNode(Node):
             self.get_logger().error(f"CAN log damaged: {self.last_error}")
 
     def _read(self) -> None:
+        """Frames burst by burst; without a poller, raw log or receipt stamps, a burst is fed under one lock."""
         use_clock = self.p["time_source"] == "clock"
-        for msg in self.source.frames(self._stop):
+        whole = self.poll is None and not use_clock and self._raw_log is None
+        for burst in self.source.bursts(self._stop):
             if isinstance(self.poll, UdsPoller):
                 self._bind_poller()
-            if msg is None:
+            if burst is None:
                 self._note_damage()
                 continue
-            if use_clock:
-                msg.timestamp = time_to_float(self.get_clock().now().to_msg())
-            if self._raw_log is not None:
-                self._raw_log.on_message_received(msg)
-            with self.lock:
-                samples = self.sampler.feed_message(msg)
-                self.last_rx_steady = time.monotonic()
-                self.last_rx_can = self.asm.last_ts
-            for s in samples:
-                if self.source.replay and not self._hold_for_readers():
+            if whole:
+                with self.lock:
+                    samples = self.sampler.feed_burst(burst)
+                    self.last_rx_steady = time.monotonic()
+                    self.last_rx_can = self.asm.last_ts
+                if not self._publish_samples(samples):
                     return
-                self._publish(s)
-            if self.poll is not None:  # after the instants this frame closes: an answer counts from its own time
-                self.poll.on_message(msg)
+                continue
+            for msg in burst:
+                if not self._feed_frame(msg, use_clock):
+                    return
+
+    def _feed_frame(self, msg, use_clock: bool) -> bool:
+        """One frame with its receipt stamp, raw log and poller; False when the replay was stopped."""
+        if use_clock:
+            msg.timestamp = time_to_float(self.get_clock().now().to_msg())
+        if self._raw_log is not None:
+            self._raw_log.on_message_received(msg)
+        with self.lock:
+            samples = self.sampler.feed_message(msg)
+            self.last_rx_steady = time.monotonic()
+            self.last_rx_can = self.asm.last_ts
+        if not self._publish_samples(samples):
+            return False
+        if self.poll is not None:  # after the instants this frame closes: an answer counts from its own time
+            self.poll.on_message(msg)
+        return True
+
+    def _publish_samples(self, samples: list[PackSample]) -> bool:
+        """Publish in order (a replay held for its readers); False when stopped while held."""
+        for s in samples:
+            if self.source.replay and not self._hold_for_readers():
+                return False
+            self._publish(s)
+        return True
 
     def _bind_poller(self) -> None:
         """Start the poller on the source's bus once it is open; follow it when the source reopens it."""
@@ -309,10 +333,10 @@ class CanBridgeNode(Node):
             s = average_cell_sample(s, self.cfg.n_cells)
         if self.clock_pub is not None:
             self.clock_pub.publish(ClockMsg(clock=stamp_to_time(s.stamp)))
-        msg = sample_to_battery_state(s, self.p["frame_id"], self.pack_id)
+        f = battery_fields(s, self.p["frame_id"], self.pack_id)
         if self.cfg.pack_level:
-            msg.location = PACK_LEVEL  # the readers' cue: one average cell, not the pack's first cell
-        self.pub.publish(msg)
+            f.location = PACK_LEVEL  # the readers' cue: one average cell, not the pack's first cell
+        self.pub.publish(battery_state_bytes(f))  # serialized here: no message object per sample
         self.samples_published += 1
 
     # watchdog (steady clock) ------------------------------------------------
@@ -360,8 +384,8 @@ class CanBridgeNode(Node):
                 st = vehicle_bms_status(self.cfg.vehicle_bms, self.last_status, self.our_soc)
                 self.diag.update(st.check, st.level, st.message, st.values)
 
-    def _on_estimate(self, msg: BatteryState) -> None:
-        self.our_soc = float(msg.percentage)
+    def _on_estimate(self, data: bytes) -> None:
+        self.our_soc = float(battery_fields_from_bytes(data).percentage)
 
     def destroy_node(self) -> None:
         """Stop the reader thread, then release the source and the raw log."""

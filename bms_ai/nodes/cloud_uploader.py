@@ -17,11 +17,12 @@ from typing import Any
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
-from sensor_msgs.msg import BatteryState
 
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.graph import pack_spool_dir
+from bms_ai.nodes.cdr import read_diagnostic_levels
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
+from bms_ai.nodes.convert import battery_fields_from_bytes
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
 from bms_ai.uplink.schemas import normalise_type
 from bms_ai.uplink.service import UplinkService
@@ -124,18 +125,23 @@ class CloudUploaderNode(Node):
 
     def _on_diagnostics(self, data: bytes, now_ns: int) -> None:
         """Levels to the service (fault snapshots, active faults); hardware ids become known identifiers."""
-        msg = deserialize_message(data, DiagnosticArray)
-        self.svc.diagnostics([(s.name, s.level[0] if isinstance(s.level, bytes) else int(s.level))
-                              for s in msg.status], now_ns)
-        for s in msg.status:
-            self.svc.scrubber.learn(s.hardware_id)
+        try:
+            statuses = [(name, level, hw) for level, name, hw in read_diagnostic_levels(data)]
+        except ValueError:  # an encoding bms_ai.nodes.cdr does not read: through rclpy
+            msg = deserialize_message(data, DiagnosticArray)
+            statuses = [(s.name, s.level[0] if isinstance(s.level, bytes) else int(s.level), s.hardware_id)
+                        for s in msg.status]
+        self.svc.diagnostics([(name, level) for name, level, _ in statuses], now_ns)
+        if self.svc.scrubber.enabled:  # learn() keeps nothing otherwise
+            for _, _, hardware_id in statuses:
+                self.svc.scrubber.learn(hardware_id)
 
     def _on_battery(self, topic: str, data: bytes) -> None:
         """Keep the last battery_state for telemetry; its serial number becomes a known identifier."""
         if topic.endswith("battery_state"):
             self._last_battery = data
         if self.svc.scrubber.enabled:
-            self.svc.scrubber.learn(deserialize_message(data, BatteryState).serial_number)
+            self.svc.scrubber.learn(battery_fields_from_bytes(data).serial_number)
 
     # ---------------------------------------------------------------- timers
     def _tick(self) -> None:
@@ -152,7 +158,7 @@ class CloudUploaderNode(Node):
         battery = None
         if self._last_battery is not None:
             try:
-                m = deserialize_message(self._last_battery, BatteryState)
+                m = battery_fields_from_bytes(self._last_battery)
                 battery = (m.percentage, m.capacity, m.design_capacity)
             except Exception as exc:  # noqa: BLE001
                 self._reject(f"battery_state: {exc}")

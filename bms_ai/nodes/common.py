@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
@@ -21,6 +21,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_
 
 from bms_ai.core.levels import status_name
 from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
+from bms_ai.nodes.cdr import Status, diagnostic_array_bytes
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -68,9 +69,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def key_values(values: dict[str, Any]) -> list[KeyValue]:
+def key_values(values: dict[str, Any]) -> list[tuple[str, str]]:
     """Diagnostic values as text, floats short and NaN spelled the same everywhere."""
-    return [KeyValue(key=str(k), value=_fmt(v)) for k, v in values.items()]
+    return [(str(k), _fmt(v)) for k, v in values.items()]
 
 
 class Diagnostics:
@@ -87,6 +88,7 @@ class Diagnostics:
         self._pub = node.create_publisher(DiagnosticArray, topic, DIAG_QOS)
         self._status: dict[str, tuple[int, str, dict[str, Any]]] = {}  # name -> (level, message, values)
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
+        self._names: dict[str, str] = {}  # check -> status name
         self._timer = node.create_timer(period, self.publish)
 
     @contextlib.contextmanager
@@ -123,23 +125,24 @@ class Diagnostics:
         return None if st is None else st[0]
 
     def name(self, check: str) -> str:
-        """The status name of ``check`` from this node."""
-        return status_name(self._node.get_name(), check)
+        """The status name of ``check`` from this node (kept: nodes update every check at their sample rate)."""
+        name = self._names.get(check)
+        if name is None:
+            name = self._names[check] = status_name(self._node.get_name(), check)
+        return name
 
     def publish(self, names: Iterable[str] | None = None) -> None:
         """Send the named statuses (all by default; the 1 Hz timer), stamped with the node clock."""
         keys = list(self._status) if names is None else [k for k in names if k in self._status]
         if not keys:
             return
-        msg = DiagnosticArray()
-        msg.header.stamp = self._node.get_clock().now().to_msg()
-        msg.status = [self._message(k) for k in keys]
-        self._pub.publish(msg)
+        sec, nanosec = self._node.get_clock().now().seconds_nanoseconds()
+        # serialized here (bms_ai.nodes.cdr): no DiagnosticStatus and KeyValue objects per status and value
+        self._pub.publish(diagnostic_array_bytes(sec, nanosec, [self._status_tuple(k) for k in keys]))
 
-    def _message(self, name: str) -> DiagnosticStatus:
+    def _status_tuple(self, name: str) -> Status:
         level, message, values = self._status[name]
-        return DiagnosticStatus(level=bytes([level]), name=name, message=message,
-                                hardware_id=self.hardware_id, values=key_values(values))
+        return level, name, message, self.hardware_id, key_values(values)
 
 
 EXECUTOR_ENV = "BMS_AI_EXECUTOR"  # 'single' forces rclpy's SingleThreadedExecutor (comparison, debugging)

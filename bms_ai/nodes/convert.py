@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 from builtin_interfaces.msg import Time
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import BatteryState
 
+from bms_ai.nodes.cdr import BatteryFields, read_battery_state
 from bms_ai.pack import PackSample
 
 _MAX_SEC = 2**31  # builtin_interfaces/Time.sec is int32
@@ -44,39 +46,85 @@ def float32_array(values: np.ndarray) -> array.array:
     return array.array("f", np.ascontiguousarray(values, dtype=np.float32).tobytes())
 
 
-def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryState:
+def time_parts(t: float) -> tuple[int, int]:
+    """(sec, nanosec) of :func:`stamp_to_time` without building a message."""
+    tm = stamp_to_time(t)
+    return tm.sec, tm.nanosec
+
+
+def battery_fields(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryFields:
     """Measured quantities only; NaN where unknown (estimates belong to battery_state)."""
-    m = BatteryState()
-    m.header.stamp = stamp_to_time(s.stamp)
-    m.header.frame_id = frame_id
-    m.voltage = float(s.pack_voltage)
-    m.current = float(s.pack_current)
     tmax = np.nanmax(s.cell_temperatures) if np.isfinite(s.cell_temperatures).any() else math.nan
-    m.temperature = float(tmax)
-    nan = math.nan
-    m.charge = m.capacity = m.design_capacity = m.percentage = nan
-    m.power_supply_status = BatteryState.POWER_SUPPLY_STATUS_UNKNOWN
+    status = BatteryState.POWER_SUPPLY_STATUS_UNKNOWN
     if math.isfinite(s.pack_current):
-        m.power_supply_status = (BatteryState.POWER_SUPPLY_STATUS_CHARGING if s.pack_current > 0.5
-                                 else BatteryState.POWER_SUPPLY_STATUS_DISCHARGING if s.pack_current < -0.5
-                                 else BatteryState.POWER_SUPPLY_STATUS_NOT_CHARGING)
-    m.power_supply_health = BatteryState.POWER_SUPPLY_HEALTH_UNKNOWN
-    m.power_supply_technology = BatteryState.POWER_SUPPLY_TECHNOLOGY_LION
-    m.present = True
-    m.cell_voltage = float32_array(s.cell_voltages)
-    m.cell_temperature = float32_array(s.cell_temperatures)
-    m.serial_number = serial
+        status = (BatteryState.POWER_SUPPLY_STATUS_CHARGING if s.pack_current > 0.5
+                  else BatteryState.POWER_SUPPLY_STATUS_DISCHARGING if s.pack_current < -0.5
+                  else BatteryState.POWER_SUPPLY_STATUS_NOT_CHARGING)
+    nan = math.nan
+    sec, nanosec = time_parts(s.stamp)
+    return BatteryFields(sec, nanosec, frame_id, voltage=float(s.pack_voltage), temperature=float(tmax),
+                         current=float(s.pack_current), charge=nan, capacity=nan, design_capacity=nan,
+                         percentage=nan, power_supply_status=status,
+                         power_supply_health=BatteryState.POWER_SUPPLY_HEALTH_UNKNOWN,
+                         power_supply_technology=BatteryState.POWER_SUPPLY_TECHNOLOGY_LION, present=True,
+                         cell_voltage=np.asarray(s.cell_voltages, dtype=np.float32),
+                         cell_temperature=np.asarray(s.cell_temperatures, dtype=np.float32),
+                         location="", serial_number=serial)
+
+
+def fields_to_battery_state(f: BatteryFields) -> BatteryState:
+    """The message form of ``f`` (for code that wants message objects; nodes publish the bytes)."""
+    m = BatteryState()
+    m.header.stamp = Time(sec=f.sec, nanosec=f.nanosec)
+    m.header.frame_id = f.frame_id
+    m.voltage, m.temperature, m.current = f.voltage, f.temperature, f.current
+    m.charge, m.capacity, m.design_capacity, m.percentage = f.charge, f.capacity, f.design_capacity, f.percentage
+    m.power_supply_status = f.power_supply_status
+    m.power_supply_health = f.power_supply_health
+    m.power_supply_technology = f.power_supply_technology
+    m.present = f.present
+    m.cell_voltage = float32_array(f.cell_voltage)
+    m.cell_temperature = float32_array(f.cell_temperature)
+    m.location = f.location
+    m.serial_number = f.serial_number
     return m
 
 
-def battery_state_to_sample(m: BatteryState) -> PackSample:
+def battery_state_fields(m: BatteryState) -> BatteryFields:
+    """The fields of a BatteryState message (cells as float32 arrays), as :func:`read_battery_state` gives them."""
+    return BatteryFields(
+        m.header.stamp.sec, m.header.stamp.nanosec, m.header.frame_id, m.voltage, m.temperature, m.current,
+        m.charge, m.capacity, m.design_capacity, m.percentage, m.power_supply_status, m.power_supply_health,
+        m.power_supply_technology, m.present, np.asarray(m.cell_voltage, dtype=np.float32),
+        np.asarray(m.cell_temperature, dtype=np.float32), m.location, m.serial_number)
+
+
+def battery_fields_from_bytes(data: bytes) -> BatteryFields:
+    """A raw subscription's BatteryState: read directly, or through rclpy for an encoding :mod:`cdr` does not read."""
+    try:
+        return read_battery_state(data)
+    except ValueError:
+        return battery_state_fields(deserialize_message(data, BatteryState))
+
+
+def sample_to_battery_state(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryState:
+    """Measured quantities only; NaN where unknown (estimates belong to battery_state)."""
+    return fields_to_battery_state(battery_fields(s, frame_id, serial))
+
+
+def fields_to_sample(f: BatteryFields) -> PackSample:
     """The library's view of a pack/measurements message: every value stamped with the header time."""
-    t = time_to_float(m.header.stamp)
-    cv = np.asarray(m.cell_voltage, dtype=np.float64)
-    ct = np.asarray(m.cell_temperature, dtype=np.float64)
+    t = f.stamp
+    cv = np.asarray(f.cell_voltage, dtype=np.float64)
+    ct = np.asarray(f.cell_temperature, dtype=np.float64)
     return PackSample(
-        stamp=t, pack_voltage=float(m.voltage), pack_current=float(m.current),
+        stamp=t, pack_voltage=float(f.voltage), pack_current=float(f.current),
         cell_voltages=cv, cell_temperatures=ct,
         pack_voltage_stamp=t, pack_current_stamp=t,
         cell_voltage_stamps=np.full(cv.shape, t), cell_temperature_stamps=np.full(ct.shape, t),
     )
+
+
+def battery_state_to_sample(m: BatteryState) -> PackSample:
+    """:func:`fields_to_sample` of a message object."""
+    return fields_to_sample(battery_state_fields(m))

@@ -22,8 +22,9 @@ from bms_ai.chemistry.registry import CHEMISTRIES
 from bms_ai.estimation.ocvmodel import ocv_model_from_file
 from bms_ai.estimation.pack import PackEstimator, PackStep
 from bms_ai.estimation.state import read_state, resolve_state_path, write_state
+from bms_ai.nodes.cdr import BatteryFields, battery_state_bytes
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
-from bms_ai.nodes.convert import battery_state_to_sample, stamp_to_time
+from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_parts
 
 
 class EstimatorNode(Node):
@@ -67,7 +68,8 @@ class EstimatorNode(Node):
         self.diag = Diagnostics(self, self.p["pack_id"])
         self.cell_data = "per cell"  # or PACK_LEVEL: the measurements carry the average cell only
         self.pub = self.create_publisher(BatteryState, "battery_state", PUB_QOS)
-        self.sub = self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
+        # raw: the fields are read from the bytes (bms_ai.nodes.cdr), battery_state goes out as bytes
+        self.sub = self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
         self._poll_models()
         self.create_timer(float(self.p["model_poll_period"]), self._poll_models)
         self.create_timer(1.0, self._update_diagnostics)
@@ -106,32 +108,26 @@ class EstimatorNode(Node):
         """Measurements refused so far (reason in the soc diagnostic)."""
         return self.est.rejected
 
-    def _on_meas(self, msg: BatteryState) -> None:
-        s = battery_state_to_sample(msg)
-        self.cell_data = PACK_LEVEL if msg.location == PACK_LEVEL else "per cell"
+    def _on_meas(self, data: bytes) -> None:
+        meas = battery_fields_from_bytes(data)
+        s = fields_to_sample(meas)
+        self.cell_data = PACK_LEVEL if meas.location == PACK_LEVEL else "per cell"
         stamp = s.stamp if s.stamp > 0 else math.nan    # an unset header stamp is 0
         step = self.est.step(stamp, s.pack_current, s.cell_voltages, s.cell_temperatures)
         if step is not None:
-            self.pub.publish(self._battery_state(msg, step))
+            self.pub.publish(battery_state_bytes(self._battery_state(meas, step)))
 
-    def _battery_state(self, meas: BatteryState, step: PackStep) -> BatteryState:
-        m = BatteryState()
-        m.header.stamp = stamp_to_time(step.soc.stamp)
-        m.header.frame_id = self.p["frame_id"]
-        m.voltage, m.current, m.temperature = meas.voltage, meas.current, meas.temperature
-        m.percentage = float(step.soc.soc)
-        m.capacity = float(step.capacity_ah)
-        m.design_capacity = float(step.design_capacity_ah)
-        m.charge = step.charge_ah
-        m.power_supply_status = meas.power_supply_status
-        m.power_supply_technology = BatteryState.POWER_SUPPLY_TECHNOLOGY_LION
-        m.power_supply_health = step.health
-        m.present = True
-        m.cell_voltage = meas.cell_voltage  # array.array('f'): the setter's fast path, no per-element check
-        m.cell_temperature = meas.cell_temperature
-        m.location = "pack"
-        m.serial_number = self.p["pack_id"]
-        return m
+    def _battery_state(self, meas: BatteryFields, step: PackStep) -> BatteryFields:
+        """battery_state: the measurement's pack values and cells (float32 as received) with the estimate."""
+        sec, nanosec = time_parts(step.soc.stamp)
+        return BatteryFields(
+            sec, nanosec, self.p["frame_id"], voltage=meas.voltage, temperature=meas.temperature,
+            current=meas.current, charge=step.charge_ah, capacity=float(step.capacity_ah),
+            design_capacity=float(step.design_capacity_ah), percentage=float(step.soc.soc),
+            power_supply_status=meas.power_supply_status, power_supply_health=step.health,
+            power_supply_technology=BatteryState.POWER_SUPPLY_TECHNOLOGY_LION, present=True,
+            cell_voltage=meas.cell_voltage, cell_temperature=meas.cell_temperature,
+            location="pack", serial_number=self.p["pack_id"])
 
     def _update_diagnostics(self) -> None:
         for st in self.est.statuses():

@@ -23,8 +23,10 @@ from bms_ai.can.assembler import PACK_LEVEL, PACK_LEVEL_KEY
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.diagnostics.monitor import FaultMonitor
 from bms_ai.diagnostics.rules import CheckResult
+from bms_ai.estimation import status
+from bms_ai.nodes.cdr import read_diagnostic_statuses
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
-from bms_ai.nodes.convert import battery_state_to_sample, time_to_float
+from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_to_float
 
 
 class FaultMonitorNode(Node):
@@ -49,10 +51,12 @@ class FaultMonitorNode(Node):
             self.p["limits_file"], self.p["chemistry"], self.diag.hardware_id, detectors=self.p["detectors"],
             stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"],
             limits_overrides=overrides)
-        self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
-        self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS)
+        # raw: the fields are read from the bytes (bms_ai.nodes.cdr), not through rclpy's message objects
+        self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
+        self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS, raw=True)
         # /diagnostics carries every pack's statuses; only this pack's are decoded (a byte search first)
         self._own_id = self.diag.hardware_id.encode()
+        self._peer_check = f": {status.SOC_CHECK}".encode() + b"\0"
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag_raw, 50, raw=True)
         self.create_subscription(Empty, "fault_monitor/reset", self._on_reset, 10)
         self.create_timer(1.0 / float(self.p["rate_hz"]), self._watchdog)
@@ -67,26 +71,34 @@ class FaultMonitorNode(Node):
             for r in results:
                 self.diag.update(r.check, r.level, r.message, r.values)
 
-    def _on_meas(self, msg: BatteryState) -> None:
+    def _on_meas(self, data: bytes) -> None:
         try:
-            s = battery_state_to_sample(msg)
-            if msg.location == PACK_LEVEL:  # the bridge's average cell: cell checks are not monitored
+            meas = battery_fields_from_bytes(data)
+            s = fields_to_sample(meas)
+            if meas.location == PACK_LEVEL:  # the bridge's average cell: cell checks are not monitored
                 s.status[PACK_LEVEL_KEY] = 1.0
         except Exception as exc:  # malformed message: count and report, never crash
             self.monitor.reject(f"unconvertible message: {exc}")
             return
         self._publish(self.monitor.on_sample(s, self._now()))
 
-    def _on_state(self, msg: BatteryState) -> None:
-        self.monitor.on_estimate(msg.percentage, time_to_float(msg.header.stamp), msg.capacity)
+    def _on_state(self, data: bytes) -> None:
+        f = battery_fields_from_bytes(data)
+        self.monitor.on_estimate(f.percentage, f.stamp, f.capacity)
 
     def _on_diag_raw(self, data: bytes) -> None:
-        if self._own_id in data:  # CDR strings are plain bytes: no match, none of this pack's statuses
-            self._on_diag(deserialize_message(data, DiagnosticArray))
-
-    def _on_diag(self, msg: DiagnosticArray) -> None:
-        for st in msg.status:
-            self.monitor.on_peer_status(st.hardware_id, st.name, ((kv.key, kv.value) for kv in st.values))
+        # CDR strings are plain NUL-terminated bytes: without this pack's id and a '<node>: soc' name in
+        # them, the message has no status the monitor takes (FaultMonitor.on_peer_status), so it is not read
+        if self._own_id not in data or self._peer_check not in data:
+            return
+        try:
+            statuses = read_diagnostic_statuses(data)
+        except ValueError:  # an encoding bms_ai.nodes.cdr does not read: through rclpy
+            msg = deserialize_message(data, DiagnosticArray)
+            statuses = [(0, st.name, "", st.hardware_id, [(kv.key, kv.value) for kv in st.values])
+                        for st in msg.status]
+        for _level, name, _message, hardware_id, values in statuses:
+            self.monitor.on_peer_status(hardware_id, name, values)
 
     def _on_reset(self, _msg: Empty) -> None:
         if self.monitor.reset(self._now()):

@@ -33,6 +33,9 @@ KNOWN_TYPES = {
     "/rosout": "rcl_interfaces/msg/Log",
 }
 HEALTH_CHECK = "uploader"
+#: spool space is measured at most this often (steady clock): every tick of the 1 Hz timer, but not the
+#: tens of ticks a second of a replay on sim time (a spool of thousands of files takes ms to walk)
+REFRESH_S = 0.5
 # stats reported in the uploader's DiagnosticStatus (the rest stays in stats())
 HEALTH_KEYS = ("backlog_segments", "backlog_bytes", "backlog_age_s", "acknowledged", "uploaded", "evicted",
                "evicted_bytes", "expired", "rejected", "corrupt", "lost", "refused", "unsafe_files", "messages",
@@ -122,6 +125,7 @@ class UplinkService:
         self.internal_errors = 0
         self.last_internal_error = ""
         self._last_prune = 0.0
+        self._last_refresh = -math.inf
         c = self.spool.counters()
         self._seen = {"evicted": c["evicted"], "refused": c["refused"], "unsafe_files": c["unsafe_files"]}
         if start_threads:
@@ -242,7 +246,10 @@ class UplinkService:
         Never raises: whatever goes wrong is counted (``internal_errors``) and reported, the graph stays up.
         """
         try:
-            self.spool.refresh()
+            # between measurements the spool accounts its own writes (and measures again before refusing any)
+            if time.monotonic() - self._last_refresh >= REFRESH_S:
+                self._last_refresh = time.monotonic()
+                self.spool.refresh()
             self.recorder.tick(t_ns)
             self.recorder.flush_files()
             if time.monotonic() - self._last_prune > 3600.0:

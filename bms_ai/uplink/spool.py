@@ -110,8 +110,9 @@ def _evictable(rank: int) -> int:
     return max(rank, RANK["fault_snapshot"] + 1)
 
 
-def _tree_bytes(root: Path) -> Iterator[tuple[Path, int]]:
-    """(path, size) of every entry under ``root``; symlinks are counted as links, never followed."""
+def _tree_bytes(root: str, depth: int = 0) -> Iterator[tuple[str, int, int]]:
+    """(name, size, depth below ``root``) of every file under ``root``; symlinks are counted as links, never
+    followed. Plain strings: a spool of thousands of segments is walked every second."""
     try:
         entries = list(os.scandir(root))
     except OSError:
@@ -122,9 +123,9 @@ def _tree_bytes(root: Path) -> Iterator[tuple[Path, int]]:
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            yield from _tree_bytes(Path(e.path))
+            yield from _tree_bytes(e.path, depth + 1)
         else:
-            yield Path(e.path), st.st_size
+            yield e.name, st.st_size, depth
 
 
 class SpoolInUseError(ValueError):
@@ -238,8 +239,8 @@ class Spool:
     def usage_bytes(self) -> int:
         """Bytes of every file under the spool folder; the database counts as at least ``db_reserve_bytes``."""
         db = files = 0
-        for p, size in _tree_bytes(self.root):
-            if p.parent == self.root and p.name.startswith("spool.db"):
+        for name, size, depth in _tree_bytes(str(self.root)):
+            if depth == 0 and name.startswith("spool.db"):
                 db += size
             else:
                 files += size
