@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bms_ai.fleet.cdr import (
+from bms_ai.core.cdr import (
     Status,
     decode_battery_state,
     decode_battery_states,

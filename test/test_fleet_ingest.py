@@ -114,7 +114,7 @@ def test_sessions_from_gaps() -> None:
 
 def test_a_segment_across_midnight_goes_to_two_day_partitions(tmp_path: Path) -> None:
     """A real Recorder's segment may span midnight: its rows split into the two days' partitions."""
-    from bms_ai.fleet.cdr import BATTERY_STATE, encode_battery_states
+    from bms_ai.core.cdr import BATTERY_STATE, encode_battery_states
     from bms_ai.uplink.segment import Message, SegmentWriter
 
     t = 1767225600.0 + 86400.0 - 30.0 + np.arange(60.0)

@@ -1,4 +1,4 @@
-"""bms_ai.nodes.cdr against rclpy's own (de)serialization: the same fields both ways."""
+"""bms_ai.core.cdr against rclpy's own (de)serialization: the same fields both ways."""
 
 import array
 import math
@@ -13,7 +13,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # n
 from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
 from sensor_msgs.msg import BatteryState  # noqa: E402
 
-from bms_ai.nodes import cdr  # noqa: E402
+from bms_ai.core import cdr  # noqa: E402
 from bms_ai.nodes.convert import battery_fields, battery_state_fields, fields_to_battery_state  # noqa: E402
 from bms_ai.pack import PackSample  # noqa: E402
 

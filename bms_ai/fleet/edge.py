@@ -38,11 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bms_ai.core.levels import status_name
-from bms_ai.diagnostics.monitor import FaultMonitor
-from bms_ai.estimation.pack import PackEstimator, open_models
-from bms_ai.estimation.rul import load_rul_estimator
-from bms_ai.fleet.cdr import (
+from bms_ai.core.cdr import (
     BATTERY_STATE,
     DIAGNOSTIC_ARRAY,
     Status,
@@ -50,6 +46,10 @@ from bms_ai.fleet.cdr import (
     encode_battery_states,
     encode_diagnostic_array,
 )
+from bms_ai.core.levels import status_name
+from bms_ai.diagnostics.monitor import FaultMonitor
+from bms_ai.estimation.pack import PackEstimator, open_models
+from bms_ai.estimation.rul import load_rul_estimator
 from bms_ai.fleet.store import ObjectStore
 from bms_ai.pack import PackSample
 from bms_ai.sim.dataset import RecordedDrive, resample_drive

@@ -2,7 +2,7 @@
 
 One segment at a time (the unit of parallel work in ``bms_ai.fleet.pipeline``):
 its ``/bms/pack/measurements`` and ``/bms/battery_state`` messages are decoded in
-bulk (``bms_ai.fleet.cdr``, no rclpy), joined by stamp, the SOC sigma taken from
+bulk (``bms_ai.core.cdr``, no rclpy), joined by stamp, the SOC sigma taken from
 the estimator's ``soc`` diagnostic, and written as
 ``timelines/vehicle=<pseudonym>/day=<YYYY-MM-DD>/part-<segment hash>.parquet``
 (idempotent: the part is named by the segment's content hash). Columns: t (unix
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bms_ai.fleet.cdr import CdrError, decode_battery_states, decode_diagnostic_array
+from bms_ai.core.cdr import CdrError, decode_battery_states, decode_diagnostic_array
 from bms_ai.fleet.edge import BATTERY, DIAGNOSTICS, MEASUREMENTS
 from bms_ai.fleet.store import ObjectStore
 

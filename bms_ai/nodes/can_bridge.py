@@ -35,9 +35,9 @@ from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.can.sources import SourceError, bus_options, can_filters, open_source
 from bms_ai.can.uds import UdsPoller
+from bms_ai.core.cdr import battery_state_bytes
 from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
-from bms_ai.nodes.cdr import battery_state_bytes
 from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields, battery_fields_from_bytes, stamp_to_time, time_to_float
 from bms_ai.pack import PackSample

@@ -18,9 +18,9 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 
+from bms_ai.core.cdr import read_diagnostic_levels
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.graph import pack_spool_dir
-from bms_ai.nodes.cdr import read_diagnostic_levels
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
@@ -127,7 +127,7 @@ class CloudUploaderNode(Node):
         """Levels to the service (fault snapshots, active faults); hardware ids become known identifiers."""
         try:
             statuses = [(name, level, hw) for level, name, hw in read_diagnostic_levels(data)]
-        except ValueError:  # an encoding bms_ai.nodes.cdr does not read: through rclpy
+        except ValueError:  # an encoding bms_ai.core.cdr does not read: through rclpy
             msg = deserialize_message(data, DiagnosticArray)
             statuses = [(s.name, s.level[0] if isinstance(s.level, bytes) else int(s.level), s.hardware_id)
                         for s in msg.status]

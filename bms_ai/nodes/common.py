@@ -19,9 +19,9 @@ from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
+from bms_ai.core.cdr import StatusTuple, diagnostic_array_bytes
 from bms_ai.core.levels import status_name
 from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
-from bms_ai.nodes.cdr import Status, diagnostic_array_bytes
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -137,10 +137,10 @@ class Diagnostics:
         if not keys:
             return
         sec, nanosec = self._node.get_clock().now().seconds_nanoseconds()
-        # serialized here (bms_ai.nodes.cdr): no DiagnosticStatus and KeyValue objects per status and value
+        # serialized here (bms_ai.core.cdr): no DiagnosticStatus and KeyValue objects per status and value
         self._pub.publish(diagnostic_array_bytes(sec, nanosec, [self._status_tuple(k) for k in keys]))
 
-    def _status_tuple(self, name: str) -> Status:
+    def _status_tuple(self, name: str) -> StatusTuple:
         level, message, values = self._status[name]
         return level, name, message, self.hardware_id, key_values(values)
 

@@ -10,7 +10,7 @@ from builtin_interfaces.msg import Time
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import BatteryState
 
-from bms_ai.nodes.cdr import BatteryFields, read_battery_state
+from bms_ai.core.cdr import BatteryFields, read_battery_state
 from bms_ai.pack import PackSample
 
 _MAX_SEC = 2**31  # builtin_interfaces/Time.sec is int32

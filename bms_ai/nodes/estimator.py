@@ -19,10 +19,10 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PACK_LEVEL
 from bms_ai.chemistry.registry import CHEMISTRIES
+from bms_ai.core.cdr import BatteryFields, battery_state_bytes
 from bms_ai.estimation.ocvmodel import ocv_model_from_file
 from bms_ai.estimation.pack import PackEstimator, PackStep
 from bms_ai.estimation.state import read_state, resolve_state_path, write_state
-from bms_ai.nodes.cdr import BatteryFields, battery_state_bytes
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_parts
 
@@ -68,7 +68,7 @@ class EstimatorNode(Node):
         self.diag = Diagnostics(self, self.p["pack_id"])
         self.cell_data = "per cell"  # or PACK_LEVEL: the measurements carry the average cell only
         self.pub = self.create_publisher(BatteryState, "battery_state", PUB_QOS)
-        # raw: the fields are read from the bytes (bms_ai.nodes.cdr), battery_state goes out as bytes
+        # raw: the fields are read from the bytes (bms_ai.core.cdr), battery_state goes out as bytes
         self.sub = self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
         self._poll_models()
         self.create_timer(float(self.p["model_poll_period"]), self._poll_models)

@@ -21,10 +21,10 @@ from std_msgs.msg import Empty
 
 from bms_ai.can.assembler import PACK_LEVEL, PACK_LEVEL_KEY
 from bms_ai.can.packconfig import load_pack_config
+from bms_ai.core.cdr import read_diagnostic_statuses
 from bms_ai.diagnostics.monitor import FaultMonitor
 from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.estimation import status
-from bms_ai.nodes.cdr import read_diagnostic_statuses
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_to_float
 
@@ -51,7 +51,7 @@ class FaultMonitorNode(Node):
             self.p["limits_file"], self.p["chemistry"], self.diag.hardware_id, detectors=self.p["detectors"],
             stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"],
             limits_overrides=overrides)
-        # raw: the fields are read from the bytes (bms_ai.nodes.cdr), not through rclpy's message objects
+        # raw: the fields are read from the bytes (bms_ai.core.cdr), not through rclpy's message objects
         self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
         self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS, raw=True)
         # /diagnostics carries every pack's statuses; only this pack's are decoded (a byte search first)
@@ -93,7 +93,7 @@ class FaultMonitorNode(Node):
             return
         try:
             statuses = read_diagnostic_statuses(data)
-        except ValueError:  # an encoding bms_ai.nodes.cdr does not read: through rclpy
+        except ValueError:  # an encoding bms_ai.core.cdr does not read: through rclpy
             msg = deserialize_message(data, DiagnosticArray)
             statuses = [(0, st.name, "", st.hardware_id, [(kv.key, kv.value) for kv in st.values])
                         for st in msg.status]
