@@ -36,11 +36,11 @@ def _fleet_drives(quick: bool) -> list[Path]:
 
 def _simulated_weeks(vehicles: int, quick: bool) -> list:
     from bms_ai.fleet.demo import default_mix
-    from bms_ai.fleet.simulator import FleetConfig, simulate_vehicle
+    from bms_ai.fleet.simulator import FleetConfig, simulate_fleet
     from bms_ai.sim.dataset import resample_drive
 
-    fc = FleetConfig(vehicles=vehicles, days=2.0 if quick else 7.0, n_cells=96, mix=default_mix()).validate()
-    return [resample_drive(simulate_vehicle(fc, i), 0.1) for i in range(vehicles)]
+    fc = FleetConfig(vehicles=vehicles, days=2.0 if quick else 7.0, n_cells=96, mix=default_mix())
+    return [resample_drive(d, 0.1) for d in simulate_fleet(fc)]
 
 
 def make_fleet(store: Any, vehicles: int, quick: bool, source: str = "fleet") -> dict[str, Any]:

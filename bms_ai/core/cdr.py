@@ -51,12 +51,13 @@ def _check(data: bytes) -> None:
         raise CdrError(f"not little-endian CDR (encapsulation {bytes(data[:4]).hex()})")
 
 
-def _align4(pos: int) -> int:
-    return pos + (-(pos - _BASE) & 3)
+def _align(pos: int, n: int = 4) -> int:
+    """``pos`` padded to a multiple of ``n`` (1, 2, 4 or 8) counted from the end of the encapsulation header."""
+    return pos + (-(pos - _BASE) & (n - 1))
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
-    pos = _align4(pos)
+    pos = _align(pos)
     (n,) = _U32.unpack_from(data, pos)
     pos += 4
     if n > len(data) - pos:
@@ -70,7 +71,7 @@ def _skip_pairs(data: bytes, pos: int, n: int) -> int:
     """Past ``n`` pairs of strings (key/value): only their lengths are read."""
     u32 = _U32.unpack_from
     for _ in range(n):
-        pos = (pos + 3) & ~3  # _align4: the header is 4 bytes, so alignment is absolute
+        pos = (pos + 3) & ~3  # _align: the header is 4 bytes, so alignment is absolute
         pos = (pos + 7 + u32(data, pos)[0]) & ~3
         pos += 4 + u32(data, pos)[0]
     if pos > len(data):
@@ -80,7 +81,7 @@ def _skip_pairs(data: bytes, pos: int, n: int) -> int:
 
 def _floats(data: bytes, pos: int) -> tuple[np.ndarray, int]:
     """A float32[] as a read-only float32 array over ``data`` (no copy)."""
-    pos = _align4(pos)
+    pos = _align(pos)
     (n,) = _U32.unpack_from(data, pos)
     pos += 4
     if 4 * n > len(data) - pos:
@@ -179,7 +180,7 @@ def read_battery_state(data: bytes) -> BatteryFields:
         _check(data)
         sec, nanosec = _STAMP.unpack_from(data, _BASE)
         frame_id, pos = _string(data, _BASE + 8)
-        pos = _align4(pos)
+        pos = _align(pos)
         scalars = _BATTERY_SCALARS.unpack_from(data, pos)
         cv, pos = _floats(data, pos + _BATTERY_SCALARS.size)
         ct, pos = _floats(data, pos)
@@ -222,7 +223,7 @@ def read_diagnostic_statuses(data: bytes) -> list[StatusTuple]:
     try:
         _check(data)
         _, pos = _string(data, _BASE + 8)
-        pos = _align4(pos)
+        pos = _align(pos)
         (n,) = _U32.unpack_from(data, pos)
         pos += 4
         if n > len(data) - pos:
@@ -233,7 +234,7 @@ def read_diagnostic_statuses(data: bytes) -> list[StatusTuple]:
             name, pos = _string(data, pos + 1)
             message, pos = _string(data, pos)
             hardware_id, pos = _string(data, pos)
-            pos = _align4(pos)
+            pos = _align(pos)
             (nv,) = _U32.unpack_from(data, pos)
             pos += 4
             if nv > len(data) - pos:
@@ -283,10 +284,6 @@ def read_diagnostic_levels(data: bytes) -> list[tuple[int, str, str]]:
 
 # ---------------------------------------------------------------------------------------------- whole segments
 
-def _align(pos: int, n: int) -> int:
-    return (pos + n - 1) // n * n
-
-
 @dataclass(frozen=True)
 class BatteryLayout:
     """Byte layout of BatteryState with fixed cell counts and strings: a numpy structured dtype."""
@@ -303,14 +300,14 @@ class BatteryLayout:
         tmpl = bytearray(CDR_LE)
 
         def field(name: str, fmt: str, size: int, align: int) -> None:
-            pos = 4 + _align(len(tmpl) - 4, align)
+            pos = _align(len(tmpl), align)
             tmpl.extend(b"\0" * (pos - len(tmpl) + size))
             names.append(name)
             formats.append(fmt)
             offsets.append(pos)
 
         def const(data: bytes, align: int) -> None:
-            pos = 4 + _align(len(tmpl) - 4, align)
+            pos = _align(len(tmpl), align)
             tmpl.extend(b"\0" * (pos - len(tmpl)))
             tmpl.extend(data)
 

@@ -39,6 +39,7 @@ ETA_FEATURES: list[tuple[str, str]] = [
 N_FEATURES = len(ETA_FEATURES)
 TAUS = np.array([5.0, 30.0, 120.0, 600.0, 1800.0])
 REST_C = 0.01            # |I| below this (C) counts as rest
+WAKE_REST_C = 0.05       # ... and at the first sample after a long park (a key-on auxiliary load still reads the rest OCV)
 REVERSAL_C = 0.02        # a current sign change only counts beyond this deadband (C)
 MAX_GAP_S = 30.0         # a longer gap between samples is a restart (history unknown)
 DEFAULT_HYSTERESIS_RATE = 25.0   # one-state hysteresis: 1/(fraction of capacity) to swing fully

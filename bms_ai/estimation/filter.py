@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from bms_ai.estimation.features import WAKE_REST_C
+
 S, E_MODEL, E_OCV, OFFSET, CAP = range(5)
 N_BAR = 5
 STATE_VERSION = 1
@@ -84,7 +86,7 @@ class FilterParams:
     # The first sample after such a park is a rest anchor too when the key-on load is below this (C): the
     # BMS slept while the pack relaxed (fleet NCA and NMC weeks with their own curves: 4.7 -> 2.4 % and
     # 3.4 -> 3.0 % RMSE; the 0.5 A auxiliary load of a 50 Ah pack is above the features' rest threshold)
-    wake_rest_c: float = 0.05
+    wake_rest_c: float = WAKE_REST_C
     # Consistency gate: samples at moderate current (|I| < gate_current_c in C; gate_current_path_c for
     # a chemistry with hysteresis) where the OCV has slope (mean dOCV/dSOC >= gate_min_docv V per unit
     # SOC) feed a mean normalised innovation^2 (with the claimed, not inflated, spread); beyond

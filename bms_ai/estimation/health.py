@@ -54,6 +54,7 @@ import numpy as np
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.capacity import AnchorResult, CapacityFilter, CapacityParams
+from bms_ai.estimation.features import WAKE_REST_C
 from bms_ai.estimation.ica import FeatureEvent, FeatureFinder, IcaParams
 from bms_ai.estimation.rul import RulEstimator
 
@@ -69,7 +70,7 @@ class HealthParams:
     rest_max_c: float = 0.02         # |I| below this C-rate counts as rest while awake
     rest_min_s: float = 900.0        # awake rest this long gives an OCV anchor
     park_min_s: float = 1800.0       # a sleep this long makes the next session's first sample an OCV
-    wake_max_c: float = 0.05         # ... if that sample's |I| is below this C-rate
+    wake_max_c: float = WAKE_REST_C  # ... if that sample's |I| is below this C-rate
     session_gap_s: float = 60.0      # a gap between samples longer than this is a sleep
     ocv_sd_v: float = 0.008          # a relaxed cell's OCV vs its type's curve (spread, ageing, relaxation)
     hyst_sd: float = 0.3             # hysteresis branch uncertainty, fraction of half the gap
