@@ -75,6 +75,8 @@ class EtaFeatures:
         self.hysteresis_rate = float(hysteresis_rate)
         self.sensor_of_cell = cell_sensor_map(n_cells, n_temps)
         self.out = np.zeros((n_cells, N_FEATURES), dtype=np.float32)
+        self._alpha_dt, self._alpha = math.nan, np.zeros(len(TAUS))
+        self._shared = np.zeros(N_FEATURES)
         self.reset()
 
     def reset(self) -> None:
@@ -107,9 +109,11 @@ class EtaFeatures:
             self.i_ema[:] = i_c
             self.abs_ema = abs(i_c)
             return
-        alpha = 1.0 - np.exp(-dt / TAUS)
+        if dt != self._alpha_dt:   # samples come at a fixed rate: the decay factors rarely change
+            self._alpha_dt, self._alpha = dt, 1.0 - np.exp(-dt / TAUS)
+        alpha = self._alpha
         self.i_ema += alpha * (i_c - self.i_ema)
-        self.abs_ema += alpha[3] * (abs(i_c) - self.abs_ema)
+        self.abs_ema += float(alpha[3]) * (abs(i_c) - self.abs_ema)
         dq = i_c * dt / 3600.0  # in capacities
         # one-state hysteresis (Plett): moves towards sign(I) at a rate proportional to |charge|
         rate = min(self.hysteresis_rate * abs(dq), 1.0)
@@ -146,14 +150,16 @@ class EtaFeatures:
         self._temperature(cell_t)
         o = self.out
         i_now = float(current) / self.capacity_ah if math.isfinite(current) else float(self.i_ema[0])
-        o[:, 0] = i_now
-        o[:, 1:6] = self.i_ema
-        o[:, 6] = self.abs_ema
+        shared = self._shared   # the features every cell of the string has in common, written in one pass
+        shared[0] = i_now
+        shared[1:6] = self.i_ema
+        shared[6] = self.abs_ema
+        shared[9] = self.hyst
+        shared[10] = self.ah_rev
+        shared[11] = math.log1p(self.rest_s) / 10.0
+        o[:] = shared
         o[:, 7] = self.temp
         o[:, 8] = soc  # the filter's SOC, already within 0..1
-        o[:, 9] = self.hyst
-        o[:, 10] = self.ah_rev
-        o[:, 11] = math.log1p(self.rest_s) / 10.0
         return o
 
 
@@ -188,7 +194,8 @@ def eta_features_table(t: np.ndarray, current: np.ndarray, cell_t: np.ndarray, s
     return out
 
 
-def in_domain(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: float = 0.1) -> np.ndarray:
-    """Rows of x inside the training range widened by margin*range (per feature)."""
+def domain_limits(lo: np.ndarray, hi: np.ndarray, margin: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The training range widened by margin*range (per feature): what counts as inside the model's domain."""
     span = np.maximum(hi - lo, 1e-6)
-    return np.all((x >= lo - margin * span) & (x <= hi + margin * span), axis=-1)
+    return lo - margin * span, hi + margin * span
+

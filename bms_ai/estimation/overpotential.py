@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bms_ai.estimation.features import EtaFeatures, in_domain
+from bms_ai.estimation.features import EtaFeatures, domain_limits
 from bms_ai.models.runtime import LoadedModel
 
 T_REF_K = 298.15
@@ -97,6 +97,7 @@ class EcmEta:
         self.v1 = np.zeros(n_cells)
         self.error = params.error
         self._arr = np.ones(n_cells)
+        self._temp: np.ndarray | None = None   # the temperatures ``_arr`` was computed for
         self._i = 0.0
 
     def reset(self) -> None:
@@ -105,8 +106,11 @@ class EcmEta:
 
     def advance(self, dt: float, current: float, feats: np.ndarray) -> None:
         """Move the RC branch on (every step, so a fallback takes over from a live state)."""
-        temp_k = feats[:, 7].astype(np.float64) + 273.15
-        self._arr = np.exp(self.p.activation_k * (1.0 / np.clip(temp_k, 233.0, 343.0) - 1.0 / T_REF_K))
+        temp = feats[:, 7]
+        if self._temp is None or (temp != self._temp).any():   # temperatures change far slower than the samples
+            temp_k = temp.astype(np.float64) + 273.15
+            self._arr = np.exp(self.p.activation_k * (1.0 / np.clip(temp_k, 233.0, 343.0) - 1.0 / T_REF_K))
+            self._temp = temp.copy()
         self._i = current if math.isfinite(current) else 0.0
         if dt > 0:
             a = math.exp(-dt / self.p.tau)
@@ -142,6 +146,7 @@ class LearnedEta:
         self.lo = np.asarray(dom.get("min", [-np.inf] * n), dtype=np.float32)
         self.hi = np.asarray(dom.get("max", [np.inf] * n), dtype=np.float32)
         self.margin = domain_margin
+        self.lo_m, self.hi_m = domain_limits(self.lo, self.hi, domain_margin)
 
     def reset(self) -> None:
         """Nothing to forget: the model is stateless (its history is in the features)."""
@@ -153,7 +158,8 @@ class LearnedEta:
         the ECM for them) and (number of refused cells, the guard's reason).
         """
         t0 = time.perf_counter()
-        outs, verdict = self.model.run_guarded(np.nan_to_num(feats))
+        x = feats if np.isfinite(feats.sum()) else np.nan_to_num(feats)   # one reduction in the usual case
+        outs, verdict = self.model.run_guarded(x)
         infer = time.perf_counter() - t0
         n = feats.shape[0]
         good, why = verdict.ok, verdict.reason
@@ -165,7 +171,7 @@ class LearnedEta:
         eta = outs[0].reshape(-1).astype(np.float64)
         sigma = np.clip(outs[1].reshape(-1).astype(np.float64), 1e-4, self.sigma_max)
         ok = good & np.isfinite(eta) & np.isfinite(sigma) & (np.abs(eta) < 2.0)
-        dom = ok & in_domain(feats, self.lo, self.hi, self.margin)
+        dom = ok & ((feats >= self.lo_m) & (feats <= self.hi_m)).all(axis=-1)
         e = self.error
         terms = EtaTerms(eta=np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
                          sig_fast=e.fast_scale * sigma + e.fast_floor, in_domain=dom, infer_s=infer)
