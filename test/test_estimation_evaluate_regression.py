@@ -26,8 +26,6 @@ DATA = Path(__file__).resolve().parent / "data"
 DEMO = Path(__file__).resolve().parents[1] / "data" / "drives"   # bundled 3-min UDDS drives, inside the models' domains
 CLEAN_TOL = 0.005          # RMSE the shipped estimator may lose to oracle Coulomb counting on a clean drive
 SECONDS = 180.0            # fast tier: the first minutes of the bundled self-test drives
-XFAIL_WRONG_START = pytest.mark.xfail(strict=True, reason="the shipped estimator re-converges from a wrong start "
-                                      "more slowly than the EKF on NMC")
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +57,14 @@ def test_shipped_keeps_up_with_oracle_coulomb_counting_on_a_clean_drive(setups, 
     assert r["shipped"] <= r["cc_oracle"] + CLEAN_TOL, r
 
 
-@pytest.mark.parametrize("chem", [pytest.param("nmc", marks=XFAIL_WRONG_START), "lfp"])
+@pytest.mark.parametrize("chem", ["nmc", "lfp"])
 def test_shipped_beats_the_ekf_from_a_wrong_stored_start(setups, chem: str) -> None:
     d = load_drive(DEMO / f"{chem}_udds")
     r = rmse(d, setups[chem], ev.Variant("start70-stored40", "wrong_start", 0.7, -0.3, drives="*"), ["shipped", "ekf", "cc_stored"])
     assert r["cc_stored"] > 0.25                      # the condition is real: counting keeps the error
     assert r["shipped"] < r["ekf"], r
+    if chem == "nmc":   # the drive starts at rest, where an NMC voltage settles a 30-point error at once
+        assert r["shipped"] < 0.02, r
 
 
 @pytest.mark.parametrize("chem", ["nmc", "lfp"])

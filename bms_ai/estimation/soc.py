@@ -113,6 +113,7 @@ class SocEstimator:
         self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
         self.sigma0_given = sigma0_given
+        self.check_stored = soc0 is not None      # a stored start is checked against the first voltage at rest
         self.t_last = math.nan
         self.t_session = math.nan
         self.park_s = 0.0                        # length of the park before this session (set by restore)
@@ -179,25 +180,35 @@ class SocEstimator:
 
     def _invert(self, v: np.ndarray, eta: EtaTerms) -> tuple[np.ndarray, float]:
         """SOC per cell from the OCV at ``v`` minus the overpotential, with the honest spread of that guess."""
-        s0 = np.where(np.isfinite(v), self.ocv.inverse(np.nan_to_num(v - eta.eta, nan=0.0)), np.nan)
+        ocv_v = np.nan_to_num(v - eta.eta, nan=0.0)
+        finite = np.isfinite(v)
+        s0 = np.where(finite, self.ocv.inverse(ocv_v), np.nan)
         s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
-        terms = self.ocv.terms(s0)
-        spread = np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + terms.sigma ** 2) / np.maximum(terms.docv, 1e-3)
-        return s0, float(np.clip(np.nanmedian(spread), 0.02, self.filter.params.sigma_reset))
+        if not finite.any():
+            return s0, self.filter.params.sigma_reset
+        # the SOC interval the voltage's +-1 sigma maps to, not sigma over the local slope: a kink or a short
+        # flat stretch of the curve (the NMC reference near 90 %) would otherwise make a good inversion look bad
+        sig_v = np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + self.ocv.terms(s0).sigma ** 2)
+        spread = 0.5 * (self.ocv.inverse(ocv_v + sig_v) - self.ocv.inverse(ocv_v - sig_v))
+        return s0, float(np.clip(np.nanmedian(spread[finite]), 0.02, self.filter.params.sigma_reset))
 
-    def _restart_from_ocv(self, eta: EtaTerms) -> None:
-        """After a reopened state: start again from the gate window's OCV inversion where it is well conditioned.
+    def _restart_from_ocv(self, v: np.ndarray, eta_v: np.ndarray, eta: EtaTerms, why: str = "") -> bool:
+        """Start again from the OCV inversion of ``v`` where it is well conditioned and far off; whether it did.
 
-        On a flat OCV or with a large model error the inversion is worth less
-        than the widened filter state, which then keeps its own estimate.
+        Used after a reopened state (on the gate window's means) and at the first
+        sample of a session at rest (a stored SOC the pack contradicts). On a flat
+        OCV or with a large model error the inversion is worth less than the
+        filter's state, which then keeps its own estimate.
         """
-        s_new, sig_new = self._invert(self.v_mean, EtaTerms(self.eta_mean, eta.sig_slow, eta.sig_fast, eta.in_domain))
+        s_new, sig_new = self._invert(v, EtaTerms(eta_v, eta.sig_slow, eta.sig_fast, eta.in_domain))
         jump = abs(float(np.mean(s_new)) - float(np.mean(self.filter.cell_soc)))
         p = self.filter.params
-        if sig_new <= p.reset_sigma_max and jump > max(2.0 * sig_new, p.reset_min_jump):
-            self.filter.initialise(s_new, sig_new)
-            self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
-                                                  f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %"))
+        if not (sig_new <= p.reset_sigma_max and jump > max(2.0 * sig_new, p.reset_min_jump)):
+            return False
+        self.filter.initialise(s_new, sig_new)
+        self.filter.events.append(FilterEvent(self.t_last, "soc_restarted_from_ocv",
+                                              f"moved {jump * 100:.1f} points, sigma {sig_new * 100:.1f} %{why}"))
+        return True
 
     def _trust(self, current: float, docv: np.ndarray, wake: bool = False) -> tuple[float, bool]:
         """Inflation of the model errors (full trust only in a relaxed rest or at a wake) and whether the sample may gate."""
@@ -226,6 +237,29 @@ class SocEstimator:
         self.park_s = 0.0
         return wake
 
+    def _check_stored(self, current: float, v: np.ndarray, eta: EtaTerms) -> bool:
+        """At a session's first sample, at rest: does the pack's voltage contradict the stored SOC? Then restart.
+
+        A stored SOC can be far off (a value from another system, a charge the BMS
+        slept through, a corrupted store restored from an old backup): the
+        McMaster-style wrong start. A relaxed voltage that inverts well settles
+        it at once, instead of the consistency gate's minutes of driving.
+        """
+        if not self.check_stored:
+            return False
+        self.check_stored = False
+        p = self.filter.params
+        if not (abs(current) < p.wake_rest_c * self.capacity_ah            # at rest (a NaN current: no check)
+                and float(np.mean(self.features.temp)) >= p.gate_min_temp_c):   # cold cells relax for hours
+            return False
+        ocv = self.ocv.terms(self.filter.cell_soc)
+        resid = float(np.nanmean(v - eta.eta - ocv.ocv))
+        spread = float(np.nanmean(np.sqrt(eta.sig_slow ** 2 + eta.sig_fast ** 2 + ocv.sigma ** 2)))
+        if not abs(resid) > p.stored_check_z * spread:   # the stored SOC explains the voltage well enough
+            return False
+        return self._restart_from_ocv(v, eta.eta, eta, f": the voltage at rest is {resid * 1e3:+.0f} mV off the "
+                                                       f"stored SOC's OCV (spread {spread * 1e3:.0f} mV)")
+
     def _track_means(self, dt: float, v: np.ndarray, eta: np.ndarray) -> None:
         a = min(dt / self.filter.params.gate_tau, 1.0) if self.v_mean is not None else 1.0
         self.v_mean = v.copy() if self.v_mean is None else self.v_mean + a * (v - self.v_mean)
@@ -248,17 +282,18 @@ class SocEstimator:
         if t - self.t_session < WARMUP_S and not wake:
             eta.sig_fast = eta.sig_fast * WARMUP_FACTOR
             eta.sig_slow = eta.sig_slow * WARMUP_FACTOR
+        n_events = len(self.filter.events)
         if first:
             self._start(v, eta)
-        ocv = self.ocv.terms(soc_prior if not first else self.filter.cell_soc)
-        n_events = len(self.filter.events)
+        restarted = self._check_stored(current, v, eta)
+        ocv = self.ocv.terms(self.filter.cell_soc if first or restarted else soc_prior)
         self._track_means(dt, v, eta.eta)
         trust, gate = self._trust(current, ocv.docv, wake)
         self.filter.update(t, dt, FilterInput(v, eta.eta, eta.sig_slow, eta.sig_fast, ocv.ocv, ocv.docv, ocv.sigma,
                                               trust=trust, gate=gate,
                                               relaxed=self._relaxed(gate, ocv.sigma, wake)))
         if any(e.kind == "soc_reopened" for e in self.filter.events[n_events:]):
-            self._restart_from_ocv(eta)
+            self._restart_from_ocv(self.v_mean, self.eta_mean, eta)
         self._field_learning()
         f = self.filter
         cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
@@ -306,4 +341,5 @@ class SocEstimator:
         t_saved = float(d.get("filter", {}).get("t", math.nan))
         self.park_s = t_now - t_saved if math.isfinite(t_saved) else 0.0
         self.notes = [n for n in (self.ocv.restore(d.get("ocv", {})),) if n]  # not fatal: reported only
+        self.check_stored = self.park_s >= self.filter.params.rest_anchor_s   # the pack has relaxed since
         return ""
