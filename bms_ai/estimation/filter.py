@@ -292,7 +292,7 @@ class BarDeltaFilter:
         gain = ph / (hph + (w - 1.0) * sig_slow * sig_slow * cov[E_MODEL, E_MODEL]
                      + p.r_sensor * inv + w * sig_fast * sig_fast * self._n_corr(dt, m.relaxed))
         x += gain * y
-        cov -= np.outer(gain, ph)
+        cov -= gain[:, None] * ph
         lo, hi = p.soc_bounds
         x[S] = min(max(x[S], lo), hi)
 

@@ -170,10 +170,10 @@ class LearnedEta:
             return EtaTerms(eta=nan, sig_slow=nan, sig_fast=nan, in_domain=good, infer_s=infer), (n, why)
         eta = outs[0].reshape(-1).astype(np.float64)
         sigma = np.clip(outs[1].reshape(-1).astype(np.float64), 1e-4, self.sigma_max)
-        ok = good & np.isfinite(eta) & np.isfinite(sigma) & (np.abs(eta) < 2.0)
+        ok = good & (np.abs(eta) < 2.0) & np.isfinite(sigma)   # |NaN| < 2 is False
         dom = ok & ((feats >= self.lo_m) & (feats <= self.hi_m)).all(axis=-1)
         e = self.error
-        terms = EtaTerms(eta=np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
+        terms = EtaTerms(eta=eta if ok.all() else np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
                          sig_fast=e.fast_scale * sigma + e.fast_floor, in_domain=dom, infer_s=infer)
         return terms, (int(n - np.count_nonzero(good)), why)
 

@@ -215,8 +215,8 @@ class SocEstimator:
         p = self.filter.params
         trust = 1.0 if wake else 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
         limit_c = p.gate_current_c if self.path_free else p.gate_current_path_c
-        gate = (abs(current) < limit_c * self.capacity_ah and float(np.mean(docv)) >= p.gate_min_docv
-                and float(np.mean(self.features.temp)) >= p.gate_min_temp_c)   # per cell, last finite value held
+        gate = (abs(current) < limit_c * self.capacity_ah and float(docv.sum()) >= p.gate_min_docv * docv.size
+                and float(self.features.temp.sum()) >= p.gate_min_temp_c * self.n)   # per cell, last finite value held
         return trust, gate
 
     def _relaxed(self, gate: bool, band: np.ndarray, wake: bool = False) -> bool:
