@@ -97,6 +97,20 @@ def compile_signal(signal, frame_length: int) -> SignalPlan:
     )
 
 
+def raw_source(plan: SignalPlan, var: str) -> list[str]:
+    """Python statements that set ``var`` to :meth:`SignalPlan.raw` of the frame words ``le``/``be``.
+
+    The fused per-frame decoders (:mod:`bms_ai.can.assembler`) are compiled
+    from these lines: the same integer operations as :meth:`SignalPlan.raw`,
+    with the shift, mask and sign bit as constants.
+    """
+    word = "be" if plan.big_endian else "le"
+    lines = [f"{var} = ({word} >> {plan.shift}) & {plan.mask}" if plan.shift else f"{var} = {word} & {plan.mask}"]
+    if plan.signed:
+        lines.append(f"if {var} >> {plan.length - 1}: {var} -= {1 << plan.length}")
+    return lines
+
+
 def frame_words(data: bytes, frame_length: int) -> tuple[int, int]:
     """Little- and big-endian integers of a frame, zero padded to its DBC length."""
     if len(data) < frame_length:
