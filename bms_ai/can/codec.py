@@ -2,7 +2,8 @@
 
 cantools parses the DBC; decoding goes through plans compiled from its signal
 model because the hot path needs a few integer operations per signal, not a
-dict per frame. The same plan drives the scalar path (live bus) and the numpy
+dict per frame. The same plan drives the scalar path (live bus: compiled
+further into one fused decoder per CAN id, :func:`raw_source`) and the numpy
 path (offline logs), so both give identical values. cantools stays the
 reference in tests.
 """
