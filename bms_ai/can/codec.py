@@ -2,7 +2,8 @@
 
 cantools parses the DBC; decoding goes through plans compiled from its signal
 model because the hot path needs a few integer operations per signal, not a
-dict per frame. The same plan drives the scalar path (live bus) and the numpy
+dict per frame. The same plan drives the scalar path (live bus: compiled
+further into one fused decoder per CAN id, :func:`raw_source`) and the numpy
 path (offline logs), so both give identical values. cantools stays the
 reference in tests.
 """
@@ -95,6 +96,20 @@ def compile_signal(signal, frame_length: int) -> SignalPlan:
         offset=float(conv.offset),
         frame_bits=frame_bits,
     )
+
+
+def raw_source(plan: SignalPlan, var: str) -> list[str]:
+    """Python statements that set ``var`` to :meth:`SignalPlan.raw` of the frame words ``le``/``be``.
+
+    The fused per-frame decoders (:mod:`bms_ai.can.assembler`) are compiled
+    from these lines: the same integer operations as :meth:`SignalPlan.raw`,
+    with the shift, mask and sign bit as constants.
+    """
+    word = "be" if plan.big_endian else "le"
+    lines = [f"{var} = ({word} >> {plan.shift}) & {plan.mask}" if plan.shift else f"{var} = {word} & {plan.mask}"]
+    if plan.signed:
+        lines.append(f"if {var} >> {plan.length - 1}: {var} -= {1 << plan.length}")
+    return lines
 
 
 def frame_words(data: bytes, frame_length: int) -> tuple[int, int]:

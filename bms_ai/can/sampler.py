@@ -99,21 +99,22 @@ class FixedRateSampler:
     def feed_burst(self, msgs) -> list[PackSample]:
         """:meth:`feed_message` of each frame in order, the samples of all of them in one list.
 
-        The per-frame fast path of a live bus or a paced replay: a frame that
-        closes no instant costs only the assembler's decode.
+        The per-frame fast path of a live bus or a paced replay: the frames
+        that close no instant go through the assembler's loop
+        (:meth:`~bms_ai.can.assembler.PackAssembler.feed_frames`), the others
+        one by one through :meth:`feed_message`.
         """
         out: list[PackSample] = []
-        asm = self.asm
-        feed = asm.feed
-        for msg in msgs:
-            if getattr(msg, "is_error_frame", False) or getattr(msg, "is_remote_frame", False):
-                asm.feed_message(msg)  # counted as rejected, never drives sampling
-                continue
-            ts = msg.timestamp
-            if type(ts) is float and self._k is not None and not ts > self._k * self.period:
-                feed(msg.arbitration_id, msg.data, ts, bool(msg.is_extended_id))  # closes no instant
-            else:
-                out += self.feed(msg.arbitration_id, msg.data, ts, bool(msg.is_extended_id))
+        msgs = msgs if isinstance(msgs, list) else list(msgs)
+        feed_frames = self.asm.feed_frames
+        i, n = 0, len(msgs)
+        while i < n:
+            if self._k is not None:
+                i = feed_frames(msgs, i, self._k * self.period)
+                if i == n:
+                    break
+            out += self.feed_message(msgs[i])
+            i += 1
         return out
 
     def feed_arrays(self, frames: FrameArrays) -> SampleTable:
