@@ -208,11 +208,9 @@ def _wake_after_missed_charge(park_s: float, temp_c: float = 25.0) -> tuple[floa
     return o.soc, o.events
 
 
-def test_a_stored_state_the_rested_pack_contradicts_restarts_from_the_ocv() -> None:
-    """After a long park the restored SOC is checked against the voltage at key-on: 50 points off (a charge the
-    BMS slept through) restarts from the OCV at once; after a short stop (not relaxed) or in the cold it does not."""
+def test_a_restored_state_is_not_rechecked_at_key_on() -> None:
+    """Only a given start SOC is checked against the first voltage at rest, not the estimator's own restored
+    state: an unfamiliar cell's OCV can sit 200 mV off the family curve (a fleet NCA vehicle restarted 21 points
+    the wrong way at a wake), so after a park even a 50-point contradiction is left to the consistency gate."""
     soc, events = _wake_after_missed_charge(7200.0)
-    assert abs(soc - 0.8) < 0.05 and [e.split(":")[0] for e in events] == ["soc_restarted_from_ocv"], events
-    for park_s, temp_c in ((600.0, 25.0), (7200.0, -10.0)):
-        soc, events = _wake_after_missed_charge(park_s, temp_c)
-        assert soc < 0.35 and events == [], (park_s, temp_c, events)
+    assert soc < 0.35 and events == [], events

@@ -113,7 +113,7 @@ class SocEstimator:
         self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams())
         self.soc0 = soc0
         self.sigma0_given = sigma0_given
-        self.check_stored = soc0 is not None      # a stored start is checked against the first voltage at rest
+        self.check_stored = soc0 is not None      # a given start is checked against the first voltage at rest
         self.t_last = math.nan
         self.t_session = math.nan
         self.park_s = 0.0                        # length of the park before this session (set by restore)
@@ -238,12 +238,14 @@ class SocEstimator:
         return wake
 
     def _check_stored(self, current: float, v: np.ndarray, eta: EtaTerms) -> bool:
-        """At a session's first sample, at rest: does the pack's voltage contradict the stored SOC? Then restart.
+        """At a cold start's first sample, at rest: does the pack's voltage contradict the given SOC? Then restart.
 
-        A stored SOC can be far off (a value from another system, a charge the BMS
-        slept through, a corrupted store restored from an old backup): the
-        McMaster-style wrong start. A relaxed voltage that inverts well settles
-        it at once, instead of the consistency gate's minutes of driving.
+        A given start SOC can be far off (a value from another system, an old
+        backup): the McMaster-style wrong start. A relaxed voltage that inverts
+        well settles it at once, instead of the consistency gate's minutes of
+        driving. Only a cold start's given SOC: the estimator's own restored
+        state is better than an unfamiliar cell's family-curve inversion
+        (``FilterParams.stored_check_z``).
         """
         if not self.check_stored:
             return False
@@ -341,5 +343,4 @@ class SocEstimator:
         t_saved = float(d.get("filter", {}).get("t", math.nan))
         self.park_s = t_now - t_saved if math.isfinite(t_saved) else 0.0
         self.notes = [n for n in (self.ocv.restore(d.get("ocv", {})),) if n]  # not fatal: reported only
-        self.check_stored = self.park_s >= self.filter.params.rest_anchor_s   # the pack has relaxed since
         return ""
