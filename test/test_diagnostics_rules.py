@@ -135,7 +135,7 @@ class _ArrayDebouncer(Debouncer):
     """The debouncer as a plain array update on every tick (the reference the per-element path must match)."""
 
     def update(self, violating, inside, t):
-        if self._idle and not violating.any():
+        if self.idle and not violating.any():
             return Transition(*(np.empty(0, dtype=np.int64),) * 4)
         c = self.count
         started = violating & (c == 0) & ~self.active
@@ -151,7 +151,7 @@ class _ArrayDebouncer(Debouncer):
         cleared = self.active & (self.clear >= self.clear_n) & ~self.latch
         if cleared.any():
             self._clear(cleared)
-        self._idle = not (c.any() or self.active.any())
+        self.idle = not (c.any() or self.active.any())
         return Transition(*np.nonzero(new), *np.nonzero(cleared))
 
 

@@ -56,7 +56,9 @@ class Debouncer:
         self.active = np.zeros((k, n), dtype=bool)
         self.onset = np.full((k, n), np.nan)     # first violating tick of the current episode
         self.set_time = np.full((k, n), np.nan)  # tick at which the debounce completed
-        self._idle = True
+        # nothing pending, nothing active: a tick without a violation changes nothing (callers may skip it);
+        # a plain attribute, as every check reads it every tick
+        self.idle = True
         self.generation = 0  # counts sets, clears and resets: between two, the active elements are unchanged
         # flat indices of the elements pending or active (None: not known, recomputed when needed)
         self._hot: list[int] | None = []
@@ -64,21 +66,16 @@ class Debouncer:
         self._latch_list = [bool(x) for x in self.latch[:, 0]]
         self._few_ok = all(x >= 1 for x in self._set_list)  # the per-element path assumes counts in 0..set_n
 
-    @property
-    def idle(self) -> bool:
-        """Nothing pending, nothing active: a tick without a violation changes nothing (callers may skip it)."""
-        return self._idle
-
     def any_active(self, first_tier: int = 0) -> bool:
         """Whether an element is active in ``first_tier`` or a higher tier."""
-        return not self._idle and bool(np.count_nonzero(self.active[first_tier:]))
+        return not self.idle and bool(np.count_nonzero(self.active[first_tier:]))
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
         """violating: value beyond the limit; inside: value back inside by the hysteresis.
 
         Where neither holds (in the hysteresis band, or NaN) counters hold.
         """
-        if self._idle and not np.count_nonzero(violating):
+        if self.idle and not np.count_nonzero(violating):
             return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
         if self._few_ok and violating.shape == inside.shape == self.count.shape:
             tr = self._update_few(violating, inside, t)
@@ -104,7 +101,7 @@ class Debouncer:
         any_cleared = bool(np.count_nonzero(cleared))  # count_nonzero: the cheapest any() numpy has
         if any_cleared:
             self._clear(cleared)
-        self._idle = not (np.count_nonzero(c) or np.count_nonzero(active))
+        self.idle = not (np.count_nonzero(c) or np.count_nonzero(active))
         if not (any_cleared or np.count_nonzero(new)):
             return _EMPTY
         self.generation += 1
@@ -148,7 +145,7 @@ class Debouncer:
                 cleared.append(f)
             cf[f], clf[f], af[f] = c, cl, active
         self._hot = [f for f in cand if cf[f] or af[f]]
-        self._idle = not self._hot
+        self.idle = not self._hot
         if not (new or cleared):
             return _EMPTY
         self.generation += 1
@@ -170,14 +167,14 @@ class Debouncer:
         self._clear(mask)
         self._hot = None
         self.generation += 1
-        self._idle = not self.count.any()
+        self.idle = not self.count.any()
         ct, ci = np.nonzero(mask)
         e = np.empty(0, dtype=np.int64)
         return Transition(e, e, ct, ci)
 
     def top_tier(self) -> int:
         """Highest active tier index, -1 if none."""
-        if self._idle:
+        if self.idle:
             return -1
         for k in range(self.k - 1, -1, -1):
             if np.count_nonzero(self.active[k]):

@@ -23,9 +23,9 @@ from bms_ai.pack import PackSample
 TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckResult:
-    """One check's verdict for one tick (maps 1:1 to a DiagnosticStatus)."""
+    """One check's verdict for one tick (maps 1:1 to a DiagnosticStatus); slots: ~20 are built per tick."""
 
     check: str
     level: int
@@ -119,9 +119,12 @@ class _Rule:
 
     def result(self, values: np.ndarray | float, ok_message: str, extra: dict[str, Any] | None = None,
                unit: str = "") -> CheckResult:
-        """This tick's verdict: the highest active tier, where (first element, count) and since when."""
+        """This tick's verdict: the highest active tier, where (first element, count) and since when.
+
+        ``extra`` becomes the result's values (not copied: every caller builds it for this result).
+        """
         deb = self.deb
-        kv: dict[str, Any] = dict(extra or {})
+        kv: dict[str, Any] = extra if extra is not None else {}
         if self.unmonitored:
             return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
         part = None if deb.idle else self._active_part()
@@ -239,22 +242,30 @@ class _FrozenTracker:
         self.last = np.full(n, np.nan)
         self.t_change = np.full(n, np.nan)
         self.ref_at_change = np.full(n, np.nan)
+        self._oldest = math.nan  # amin(t_change), kept: it moves only on a tick with a change
         self._diff = np.empty(n)
         self._changed = np.empty(n, dtype=bool)
 
     def step(self, values: np.ndarray, reference: float, t: float) -> np.ndarray | None:
-        """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window)."""
-        if not values.size:
+        """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window).
+
+        A tick on which no element changed (most ticks of slow temperatures)
+        updates nothing, so it costs three array ops.
+        """
+        n = values.size
+        if not n:
             return None
         d, changed = self._diff, self._changed
         np.subtract(values, self.last, out=d)
         np.abs(d, out=d)
-        np.less_equal(d, self.eps, out=changed)
-        np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
-        np.copyto(self.last, values, where=changed)
-        np.copyto(self.t_change, t, where=changed)
-        np.copyto(self.ref_at_change, reference, where=changed)
-        if t - amin(self.t_change) < self.window:  # the oldest change is recent: nothing frozen
+        np.less_equal(d, self.eps, out=changed)  # unchanged, for now
+        if np.count_nonzero(changed) != n:
+            np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
+            np.copyto(self.last, values, where=changed)
+            np.copyto(self.t_change, t, where=changed)
+            np.copyto(self.ref_at_change, reference, where=changed)
+            self._oldest = amin(self.t_change)
+        if t - self._oldest < self.window:  # the oldest change is recent: nothing frozen
             return None
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
 
@@ -335,6 +346,9 @@ class RuleEngine:
         self._no_frozen = np.zeros(n_cells + n_temps + 1, dtype=bool)
         self._channels = f"0..{n_cells - 1}=cells, {n_cells}..{n_cells + n_temps - 1}=sensors"
         self._signals = f"{self._channels}, {n_cells + n_temps}=pack_v"
+        self._temperature_key = (math.nan, math.nan)  # derating: the extremes of the cached factors
+        self._temperature_f = (0.0, 0.0)
+        self._derating_msg = (math.nan, math.nan, "")   # derating: currents and their message
 
     # ------------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -504,7 +518,11 @@ class RuleEngine:
         parts = (self._frozen_cells.step(gv.values, gv.median, t),
                  self._frozen_sensors.step(gt.values, gt.median, t),
                  self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
-        possible = any(f is not None and np.count_nonzero(f) for f in parts)
+        possible = False
+        for f in parts:
+            if f is not None and np.count_nonzero(f):
+                possible = True
+                break
         sig = None
         if not self.stuck.skips(possible, t):
             z = self._no_frozen
@@ -600,21 +618,11 @@ class RuleEngine:
     def derating(self, v: np.ndarray, temps: np.ndarray, stats: SampleStats | None = None) -> CheckResult:
         """Recommended charge/discharge current (foxBMS SOF trapezoid: temperature x voltage headroom)."""
         cfg, dr = self.cfg, self.cfg.derating
-        tl = cfg.temperature
         if stats is not None:
             tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
         else:
             tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
-
-        def trap(lo0: float, lo1: float, hi1: float, hi0: float) -> float:
-            if not (math.isfinite(tmin) and math.isfinite(tmax)):
-                return 0.0
-            f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
-            f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
-            return float(min(f_lo, f_hi))
-
-        f_tc = trap(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
-        f_td = trap(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
+        f_tc, f_td = self._temperature_factors(tmin, tmax)
         f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
@@ -624,7 +632,10 @@ class RuleEngine:
         if self.cell_under.deb.any_active(1):
             idis = 0.0
         level = WARN if (ic == 0.0 or idis == 0.0) else OK
-        msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
+        last_ic, last_idis, msg = self._derating_msg
+        if not (_same(ic, last_ic) and _same(idis, last_idis)):  # the currents sit at their maxima most ticks
+            msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
+            self._derating_msg = (ic, idis, msg)
         if not (math.isfinite(vmax) and math.isfinite(tmax)):
             # no measurement to derate from: a communication loss (can timeout), not a derating condition
             level = STALE
@@ -633,6 +644,35 @@ class RuleEngine:
             "max_charge_current_a": ic, "max_discharge_current_a": idis,
             "charge_temperature_factor": f_tc, "charge_voltage_factor": f_vc,
             "discharge_temperature_factor": f_td, "discharge_voltage_factor": f_vd})
+
+    def _temperature_factors(self, tmin: float, tmax: float) -> tuple[float, float]:
+        """Charge and discharge temperature factors of the trapezoid: recomputed only when an extreme moved.
+
+        Temperatures change far more slowly than the 10 Hz tick (and are quantised on the wire).
+        """
+        last_min, last_max = self._temperature_key
+        if not (_same(tmin, last_min) and _same(tmax, last_max)):
+            tl, dr = self.cfg.temperature, self.cfg.derating
+            self._temperature_key = (tmin, tmax)
+            self._temperature_f = (_trapezoid(tmin, tmax, tl.charge_under.mol, *dr.charge_temperature_full,
+                                              tl.charge_over.mol),
+                                   _trapezoid(tmin, tmax, tl.discharge_under.mol, *dr.discharge_temperature_full,
+                                              tl.discharge_over.mol))
+        return self._temperature_f
+
+
+def _same(x: float, y: float) -> bool:
+    """The same float for a cache key: equal and, for zeros, the same sign (-0.0 formats differently); NaN never."""
+    return x == y and (x != 0.0 or math.copysign(1.0, x) == math.copysign(1.0, y))
+
+
+def _trapezoid(tmin: float, tmax: float, lo0: float, lo1: float, hi1: float, hi0: float) -> float:
+    """Allowed share of the current at these extremes: ramps from lo0 to lo1 and from hi1 down to hi0."""
+    if not (math.isfinite(tmin) and math.isfinite(tmax)):
+        return 0.0
+    f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
+    f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
+    return float(min(f_lo, f_hi))
 
 
 def _mean(g: _Group) -> float:
