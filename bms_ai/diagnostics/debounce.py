@@ -1,9 +1,11 @@
 """Vectorised debounce / hysteresis / latch state for k tiers x n elements.
 
 A tick with nothing pending, active or violating costs nothing (callers test
-that on scalars first); with a few elements in play (a held warning, a latched
+that on scalars first); a tick that repeats a settled violation (the same
+elements violating, all of them active with full counts, none back inside)
+costs four array ops; with a few elements in play (a held warning, a latched
 fault) the tick runs element by element; otherwise one array op covers all 96
-cells and all tiers. All three give the same state. The set side is an up/down counter like
+cells and all tiers. All four give the same state. The set side is an up/down counter like
 the foxBMS DIAG module (a violating tick counts up, a good tick counts down),
 which tolerates a single noisy sample without letting a chattering signal
 hide a real violation; the clear side needs ``clear_count`` consecutive ticks
@@ -65,6 +67,9 @@ class Debouncer:
         self._set_list = [int(x) for x in set_counts]
         self._latch_list = [bool(x) for x in self.latch[:, 0]]
         self._few_ok = all(x >= 1 for x in self._set_list)  # the per-element path assumes counts in 0..set_n
+        # the violating elements of a settled state (see _settled), None when the state is not settled
+        self._settled_viol: np.ndarray | None = None
+        self._scratch = np.empty((k, n), dtype=bool)
 
     def any_active(self, first_tier: int = 0) -> bool:
         """Whether an element is active in ``first_tier`` or a higher tier."""
@@ -77,6 +82,9 @@ class Debouncer:
         """
         if self.idle and not np.count_nonzero(violating):
             return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
+        if self._settled_viol is not None and self._repeats(violating, inside):
+            return _EMPTY  # a held violation: the same elements still violating, none back inside
+        self._settled_viol = None
         if self._few_ok and violating.shape == inside.shape == self.count.shape:
             tr = self._update_few(violating, inside, t)
             if tr is not None:
@@ -103,11 +111,40 @@ class Debouncer:
             self._clear(cleared)
         self.idle = not (np.count_nonzero(c) or np.count_nonzero(active))
         if not (any_cleared or np.count_nonzero(new)):
+            if not self.idle:
+                self._settled_viol = self._settled(violating)
             return _EMPTY
         self.generation += 1
         st, si = np.nonzero(new)
         ct, ci = np.nonzero(cleared)
         return Transition(st, si, ct, ci)
+
+    def _settled(self, violating: np.ndarray) -> np.ndarray | None:
+        """A copy of ``violating`` if repeating it changes nothing while no active element is inside, else None.
+
+        That holds when every violating element is active with its count at the
+        set count, every other count is 0 and no clear counter runs: the counts
+        then stay (saturated or 0), no episode starts or ends (onsets of idle
+        elements are already NaN), nothing new is set, and with nothing inside
+        the clear counters stay 0, so nothing clears.
+        """
+        if not (self._few_ok and self.clear_n >= 1) or violating.shape != self.count.shape or \
+                np.count_nonzero(self.clear) or np.count_nonzero(violating & ~self.active):
+            return None
+        if np.count_nonzero(self.count != self.set_n * violating):
+            return None
+        return violating.copy()
+
+    def _repeats(self, violating: np.ndarray, inside: np.ndarray) -> bool:
+        """This tick repeats the settled state's violation with no active element inside: it changes nothing."""
+        settled, scratch = self._settled_viol, self._scratch
+        if violating.shape != settled.shape or inside.shape != settled.shape:
+            return False
+        np.not_equal(violating, settled, out=scratch)
+        if np.count_nonzero(scratch):
+            return False
+        np.logical_and(self.active, inside, out=scratch)
+        return not np.count_nonzero(scratch)
 
     def _update_few(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition | None:
         """:meth:`update` element by element when few are in play; None (nothing changed) when too many are.
@@ -166,6 +203,7 @@ class Debouncer:
         mask = self.active.copy()
         self._clear(mask)
         self._hot = None
+        self._settled_viol = None
         self.generation += 1
         self.idle = not self.count.any()
         ct, ci = np.nonzero(mask)
