@@ -1,11 +1,12 @@
 """Vectorised debounce / hysteresis / latch state for k tiers x n elements.
 
 A tick with nothing pending, active or violating costs nothing (callers test
-that on scalars first); a tick that repeats a settled violation (the same
-elements violating, all of them active with full counts, none back inside)
-costs four array ops; with a few elements in play (a held warning, a latched
-fault) the tick runs element by element; otherwise one array op covers all 96
-cells and all tiers. All four give the same state. The set side is an up/down counter like
+that on scalars first); a tick that repeats a settled state (the same elements
+violating, all of them active with full counts; nothing unlatched back
+inside, as while a fault is held or a latched fault waits for its reset)
+costs a few array ops; with a few elements in play the tick runs element by
+element; otherwise one array op covers all 96 cells and all tiers. All four
+give the same state. The set side is an up/down counter like
 the foxBMS DIAG module (a violating tick counts up, a good tick counts down),
 which tolerates a single noisy sample without letting a chattering signal
 hide a real violation; the clear side needs ``clear_count`` consecutive ticks
@@ -70,6 +71,7 @@ class Debouncer:
         # the violating elements of a settled state (see _settled), None when the state is not settled
         self._settled_viol: np.ndarray | None = None
         self._scratch = np.empty((k, n), dtype=bool)
+        self._all_unlatched = not self.latch.any()
 
     def any_active(self, first_tier: int = 0) -> bool:
         """Whether an element is active in ``first_tier`` or a higher tier."""
@@ -82,13 +84,20 @@ class Debouncer:
         """
         if self.idle and not np.count_nonzero(violating):
             return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
-        if self._settled_viol is not None and self._repeats(violating, inside):
-            return _EMPTY  # a held violation: the same elements still violating, none back inside
+        if self._settled_viol is not None and self._hold(violating, inside):
+            return _EMPTY  # a held violation or latched fault: the same elements violating, nothing can clear
         self._settled_viol = None
+        tr = None
         if self._few_ok and violating.shape == inside.shape == self.count.shape:
             tr = self._update_few(violating, inside, t)
-            if tr is not None:
-                return tr
+        if tr is None:
+            tr = self._update_all(violating, inside, t)
+        if tr is _EMPTY and not self.idle:
+            self._settled_viol = self._settled(violating)
+        return tr
+
+    def _update_all(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
+        """:meth:`update` as array ops over every tier and element."""
         self._hot = None
         c, active = self.count, self.active
         inactive = ~active  # before this tick's sets: started, idle and new all look at it
@@ -111,8 +120,6 @@ class Debouncer:
             self._clear(cleared)
         self.idle = not (np.count_nonzero(c) or np.count_nonzero(active))
         if not (any_cleared or np.count_nonzero(new)):
-            if not self.idle:
-                self._settled_viol = self._settled(violating)
             return _EMPTY
         self.generation += 1
         st, si = np.nonzero(new)
@@ -120,31 +127,44 @@ class Debouncer:
         return Transition(st, si, ct, ci)
 
     def _settled(self, violating: np.ndarray) -> np.ndarray | None:
-        """A copy of ``violating`` if repeating it changes nothing while no active element is inside, else None.
+        """A copy of ``violating`` if repeating it can only move clear counters of latched tiers, else None.
 
         That holds when every violating element is active with its count at the
-        set count, every other count is 0 and no clear counter runs: the counts
-        then stay (saturated or 0), no episode starts or ends (onsets of idle
-        elements are already NaN), nothing new is set, and with nothing inside
-        the clear counters stay 0, so nothing clears.
+        set count, every other count is 0 and no clear counter of an unlatched
+        tier runs: the counts then stay (saturated or 0), no episode starts or
+        ends (onsets of idle elements are already NaN) and nothing new is set.
+        While no element of an unlatched tier is back inside, nothing clears:
+        only the clear counters of latched tiers move (see :meth:`_hold`).
         """
         if not (self._few_ok and self.clear_n >= 1) or violating.shape != self.count.shape or \
-                np.count_nonzero(self.clear) or np.count_nonzero(violating & ~self.active):
+                np.count_nonzero(violating & ~self.active):
             return None
-        if np.count_nonzero(self.count != self.set_n * violating):
+        if np.count_nonzero(self.count != self.set_n * violating) or np.count_nonzero(self.clear * self._unlatched):
             return None
         return violating.copy()
 
-    def _repeats(self, violating: np.ndarray, inside: np.ndarray) -> bool:
-        """This tick repeats the settled state's violation with no active element inside: it changes nothing."""
-        settled, scratch = self._settled_viol, self._scratch
+    def _hold(self, violating: np.ndarray, inside: np.ndarray) -> bool:
+        """A tick that repeats the settled violation with no unlatched active element inside: apply it, True.
+
+        Such a tick moves only the clear counters (of latched tiers, which never
+        clear by themselves); False, changing nothing, for any other tick.
+        """
+        settled, held = self._settled_viol, self._scratch
         if violating.shape != settled.shape or inside.shape != settled.shape:
             return False
-        np.not_equal(violating, settled, out=scratch)
-        if np.count_nonzero(scratch):
+        np.not_equal(violating, settled, out=held)
+        if np.count_nonzero(held):
             return False
-        np.logical_and(self.active, inside, out=scratch)
-        return not np.count_nonzero(scratch)
+        np.logical_and(self.active, inside, out=held)
+        if not np.count_nonzero(held):
+            self.clear.fill(0)  # nothing inside: every run of ticks inside ends
+            return True
+        if self._all_unlatched or np.count_nonzero(held & self._unlatched):
+            return False
+        cl = self.clear
+        cl += held
+        cl *= held  # consecutive ticks inside, 0 otherwise (as in _update_all)
+        return True
 
     def _update_few(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition | None:
         """:meth:`update` element by element when few are in play; None (nothing changed) when too many are.
