@@ -253,12 +253,20 @@ class _SharedRLS:
         self.w = 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray, lam: float = 1.0, mask: np.ndarray | None = None) -> None:
-        self.xx *= lam
-        self.xx += np.outer(x, x)
+        """One sample of the regressors ``x`` and every output's ``y``, after forgetting by ``lam``.
+
+        ``lam == 1`` (no forgetting) skips the scaling: x * 1.0 is x, bit for bit.
+        The outer products are numpy's np.outer (the same multiply), without its wrapper.
+        """
+        xc = x[:, None]
+        if lam != 1.0:
+            self.xx *= lam
+        self.xx += xc * x
         if mask is None:
-            self.xy *= lam
-            self.xy += np.outer(x, y)
-            self.yy *= lam
+            if lam != 1.0:
+                self.xy *= lam
+                self.yy *= lam
+            self.xy += xc * y
             self.yy += y * y
         else:  # frozen outputs keep their statistics (a suspect sensor must not learn its fault)
             self.xy[:, mask] = lam * self.xy[:, mask] + np.outer(x, y[mask])
@@ -612,19 +620,19 @@ class DetectorBank:
     def _anomaly(self, t: float) -> CheckResult:
         p = self.p
         plating = self.p_plating / p.plating_threshold
-        parts = {
-            "leak": self._leak_summary()[1] / p.leak_alarm_a if self.leak.size else 0.0,
-            "thermal": self._cusum_summary()[1] / p.thermal_h if self.thermal_cusum.size else 0.0,
-            # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
-            "plating": plating if self.plating_rule.deb.any_active() else min(plating, p.anomaly_unconfirmed_cap),
-        }
-        self.score = max(parts.values())
-        bad = self.score > 1.0
+        leak = self._leak_summary()[1] / p.leak_alarm_a if self.leak.size else 0.0
+        thermal = self._cusum_summary()[1] / p.thermal_h if self.thermal_cusum.size else 0.0
+        # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
+        if not self.plating_rule.deb.any_active():
+            plating = min(plating, p.anomaly_unconfirmed_cap)
+        self.score = score = max(leak, thermal, plating)
+        bad = score > 1.0
         if not self.anomaly_rule.skips(bad, t):
-            self.anomaly_rule.update(np.array([[bad]]), np.array([[self.score < p.anomaly_clear_score]]), t,
-                                     np.array([self.score]))
-        kv = {"score": self.score, **{f"{k}_part": v for k, v in parts.items()}}
-        r = self.anomaly_rule.result(self.score, f"score {self.score:.2f}", kv)
+            self.anomaly_rule.update(np.array([[bad]]), np.array([[score < p.anomaly_clear_score]]), t,
+                                     np.array([score]))
+        kv = {"score": score, "leak_part": leak, "thermal_part": thermal, "plating_part": plating}
+        text = f"score {score:.2f}"
+        r = self.anomaly_rule.result(score, text, kv)
         if r.level == OK:
-            r.message = f"score {self.score:.2f} (alarm > 1)"
+            r.message = text + " (alarm > 1)"
         return r

@@ -240,8 +240,10 @@ class _FrozenTracker:
     def __init__(self, n: int, eps: float, move: float, window: float) -> None:
         self.eps, self.move, self.window = eps, move, window
         self.last = np.full(n, np.nan)
-        self.t_change = np.full(n, np.nan)
-        self.ref_at_change = np.full(n, np.nan)
+        # time of each element's last change and its reference then: one array, so one masked copy a tick
+        self._at_change = np.full((2, n), np.nan)
+        self.t_change, self.ref_at_change = self._at_change
+        self._now = np.empty((2, 1))
         self._oldest = math.nan  # amin(t_change), kept: it moves only on a tick with a change
         self._diff = np.empty(n)
         self._changed = np.empty(n, dtype=bool)
@@ -262,8 +264,9 @@ class _FrozenTracker:
         if np.count_nonzero(changed) != n:
             np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
             np.copyto(self.last, values, where=changed)
-            np.copyto(self.t_change, t, where=changed)
-            np.copyto(self.ref_at_change, reference, where=changed)
+            now = self._now
+            now[0, 0], now[1, 0] = t, reference
+            np.copyto(self._at_change, now, where=changed)
             self._oldest = amin(self.t_change)
         if t - self._oldest < self.window:  # the oldest change is recent: nothing frozen
             return None
