@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from bms_ai.pack import PackSample
 
 MONITOR_CHECK = "fault monitor"
 EVENTS_CHECK = "events"
+_GENERATION = attrgetter("generation")
 REJECT_HOLD_STEPS = 50      # the monitor status stays WARN for this many steps after a rejection (5 s at 10 Hz)
 
 
@@ -276,7 +278,7 @@ class FaultMonitor:
         stands still, the events (and what the status shows of them, fixed when
         each is set) are those of the last status, which is reused.
         """
-        key = sum(d.generation for d in self._debouncers)
+        key = sum(map(_GENERATION, self._debouncers))
         if key != self._events_key or not self._debouncers:
             total = self.engine.event_count() if self.engine is not None else 0
             self._events_key, self._events_last = key, events_status(self.active_events(), total, self.max_events)

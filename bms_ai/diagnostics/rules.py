@@ -219,10 +219,10 @@ class _LimitRule(_Rule):
             self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
             thr = [x for x in limits.as_tuple() if not math.isnan(x)]
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
-        if extreme is not None:
-            possible = extreme > self._bound if limits.upper else extreme < self._bound
-            if self.skips(possible, t):
-                return
+        if extreme is not None and self.deb.idle and \
+                not (extreme > self._bound if limits.upper else extreme < self._bound):
+            self._t = t  # as skips(): idle and nothing beyond the innermost threshold changes nothing
+            return
         values = np.atleast_1d(np.asarray(values, dtype=float))
         thr = self._thr
         if limits.upper:
@@ -462,10 +462,14 @@ class RuleEngine:
         out.append(self._spread(self.t_spread, gt, p.temperature_spread_c, t, "temperatures within spread",
                                 "median_c", "max_dev_c", " degC"))
         out.append(self._open_wire(s, st, t))
-        self._missing = [name for name, g in (("cell_voltage", gv), ("cell_temperature", gt))
-                         if g.values.size and not g.any_finite]
-        self._missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", s.pack_current))
-                          if not math.isfinite(x)]
+        missing: list[str] = []  # the lists below are built only when something is missing
+        if not (gv.any_finite and gt.any_finite):
+            missing += [name for name, g in (("cell_voltage", gv), ("cell_temperature", gt))
+                        if g.values.size and not g.any_finite]
+        if not (math.isfinite(s.pack_voltage) and math.isfinite(s.pack_current)):
+            missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", s.pack_current))
+                        if not math.isfinite(x)]
+        self._missing = missing
         out.append(self._stuck(s, st, t))
         return out
 
@@ -567,14 +571,19 @@ class RuleEngine:
         p = self.cfg.plausibility
         names = sorted(timed_out) if timed_out else []
         stale: list[str] = []
-        for label, st in (("pack_voltage", s.pack_voltage_stamp), ("pack_current", s.pack_current_stamp)):
-            if not (t - st <= p.stale_s):
-                stale.append(label)
-        for label, arr in (("cell_voltage", s.cell_voltage_stamps), ("cell_temperature", s.cell_temperature_stamps)):
-            n_old = _n_stale(np.asarray(arr, dtype=float), t, p.stale_s)
-            if n_old:
-                stale.append(f"{label}[{n_old}]")
-        stale = stale + [f"{m} missing" for m in self._missing]
+        stale_s = p.stale_s
+        if not (t - s.pack_voltage_stamp <= stale_s):
+            stale.append("pack_voltage")
+        if not (t - s.pack_current_stamp <= stale_s):
+            stale.append("pack_current")
+        n_old = _n_stale(np.asarray(s.cell_voltage_stamps, dtype=float), t, stale_s)
+        if n_old:
+            stale.append(f"cell_voltage[{n_old}]")
+        n_old = _n_stale(np.asarray(s.cell_temperature_stamps, dtype=float), t, stale_s)
+        if n_old:
+            stale.append(f"cell_temperature[{n_old}]")
+        if self._missing:
+            stale += [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
         n_bad = float(len(names) + len(stale))
         if not self.timeout.skips(bad, t):

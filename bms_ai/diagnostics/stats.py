@@ -105,10 +105,10 @@ def _group(a: np.ndarray, buf: np.ndarray | None) -> _Group:
     n = a.size
     if n:
         imax, imin = int(a.argmax()), int(a.argmin())  # a NaN is both (the first one): finite ends = all finite
-        vmax, vmin = a[imax], a[imin]
+        vmax, vmin = a.item(imax), a.item(imin)
         if math.isfinite(vmax) and math.isfinite(vmin):
-            return _Group(a, None, True, True, True, amax(a) if vmax == 0.0 else float(vmax),
-                          amin(a) if vmin == 0.0 else float(vmin), imax, imin, median(a, buf))
+            return _Group(a, None, True, True, True, amax(a) if vmax == 0.0 else vmax,
+                          amin(a) if vmin == 0.0 else vmin, imax, imin, median(a, buf))
     finite = np.isfinite(a)
     count = int(finite.sum())
     if not count:
@@ -137,5 +137,5 @@ class SampleStats:
         temps = np.asarray(s.cell_temperatures, dtype=float)
         bv, bt = buffers if buffers is not None else (None, None)
         gv = _group(v, bv)
-        sum_v = float(v.sum()) if gv.all_finite else math.nan
+        sum_v = float(_add(v)) if gv.all_finite else math.nan  # v.sum() without the method's wrapper
         return cls(gv, _group(temps, bt), sum_v)
