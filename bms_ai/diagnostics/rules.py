@@ -349,8 +349,9 @@ class RuleEngine:
         self._no_frozen = np.zeros(n_cells + n_temps + 1, dtype=bool)
         self._channels = f"0..{n_cells - 1}=cells, {n_cells}..{n_cells + n_temps - 1}=sensors"
         self._signals = f"{self._channels}, {n_cells + n_temps}=pack_v"
-        self._temperature_key = (math.nan, math.nan)  # derating: the extremes of the cached factors
-        self._temperature_f = (0.0, 0.0)
+        tl, dr = cfg.temperature, cfg.derating
+        self._charge_ramps = _ramps(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
+        self._discharge_ramps = _ramps(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
         self._derating_msg = (math.nan, math.nan, "")   # derating: currents and their message
 
     # ------------------------------------------------------------------ public
@@ -634,7 +635,8 @@ class RuleEngine:
             tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
         else:
             tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
-        f_tc, f_td = self._temperature_factors(tmin, tmax)
+        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
+            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
         f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
@@ -657,34 +659,19 @@ class RuleEngine:
             "charge_temperature_factor": f_tc, "charge_voltage_factor": f_vc,
             "discharge_temperature_factor": f_td, "discharge_voltage_factor": f_vd})
 
-    def _temperature_factors(self, tmin: float, tmax: float) -> tuple[float, float]:
-        """Charge and discharge temperature factors of the trapezoid: recomputed only when an extreme moved.
-
-        Temperatures change far more slowly than the 10 Hz tick (and are quantised on the wire).
-        """
-        last_min, last_max = self._temperature_key
-        if not (_same(tmin, last_min) and _same(tmax, last_max)):
-            tl, dr = self.cfg.temperature, self.cfg.derating
-            self._temperature_key = (tmin, tmax)
-            self._temperature_f = (_trapezoid(tmin, tmax, tl.charge_under.mol, *dr.charge_temperature_full,
-                                              tl.charge_over.mol),
-                                   _trapezoid(tmin, tmax, tl.discharge_under.mol, *dr.discharge_temperature_full,
-                                              tl.discharge_over.mol))
-        return self._temperature_f
-
-
 def _same(x: float, y: float) -> bool:
     """The same float for a cache key: equal and, for zeros, the same sign (-0.0 formats differently); NaN never."""
     return x == y and (x != 0.0 or math.copysign(1.0, x) == math.copysign(1.0, y))
 
 
-def _trapezoid(tmin: float, tmax: float, lo0: float, lo1: float, hi1: float, hi0: float) -> float:
-    """Allowed share of the current at these extremes: ramps from lo0 to lo1 and from hi1 down to hi0."""
-    if not (math.isfinite(tmin) and math.isfinite(tmax)):
-        return 0.0
-    f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
-    f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
-    return float(min(f_lo, f_hi))
+def _ramps(lo0: float, lo1: float, hi1: float, hi0: float) -> tuple[float, float, float, float]:
+    """A temperature trapezoid (0 at lo0, full from lo1 to hi1, 0 at hi0) as :func:`_trapezoid` takes it."""
+    return lo0, max(lo1 - lo0, 1e-9), hi0, max(hi0 - hi1, 1e-9)
+
+
+def _trapezoid(tmin: float, tmax: float, lo0: float, lo_span: float, hi0: float, hi_span: float) -> float:
+    """Allowed share of the current at these (finite) extremes: the lower of the rising and the falling ramp."""
+    return float(min(_clip01((tmin - lo0) / lo_span), _clip01((hi0 - tmax) / hi_span)))
 
 
 def _mean(g: _Group) -> float:
