@@ -341,6 +341,7 @@ class DetectorBank:
         self._buffers = (np.empty(n_cells), np.empty(n_temps))
         self._leak_cache: tuple[tuple[np.ndarray, ...], dict[str, Any], float] | None = None
         self._cusum_cache: tuple[np.ndarray, int, float] | None = None
+        self._sensor_cells = [f"{3 * k}..{3 * k + 2}" for k in range(n_temps)]  # the cells near each sensor
 
     # ------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -528,7 +529,7 @@ class DetectorBank:
                                 t - self.thermal_last_t >= p.thermal_period_s):
             self._thermal_update(st.t.values, st.t.median, t)
         k, _ = self._cusum_summary()
-        kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": f"{3 * k}..{3 * k + 2}",
+        kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": self._sensor_cells[k],
               "excess_c": float(self.thermal_excess[k]), "sigma_c": self.thermal_sigma}
         return self.thermal_rule.result(self.thermal_excess, "no thermal anomaly", kv, " degC above model")
 
@@ -608,7 +609,7 @@ class DetectorBank:
             self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
-              "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
+              "cells": self._sensor_cells[coldest] if coldest >= 0 else "",
               "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind(),
               **(self.plating.guard.stats() if self.plating is not None else {})}
         return self.plating_rule.result(prob, "no plating risk" if self.plating is not None else
