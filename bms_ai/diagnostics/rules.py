@@ -251,8 +251,8 @@ class _FrozenTracker:
     def step(self, values: np.ndarray, reference: float, t: float) -> np.ndarray | None:
         """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window).
 
-        A tick on which no element changed (most ticks of slow temperatures)
-        updates nothing, so it costs three array ops.
+        A tick on which no element changed (signals holding still, as quantised
+        temperatures do between steps) updates nothing: four array ops.
         """
         n = values.size
         if not n:
