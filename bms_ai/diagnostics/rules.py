@@ -244,7 +244,9 @@ class _FrozenTracker:
         self._at_change = np.full((2, n), np.nan)
         self.t_change, self.ref_at_change = self._at_change
         self._now = np.empty((2, 1))
-        self._oldest = math.nan  # amin(t_change), kept: it moves only on a tick with a change
+        # amin(t_change) and where it is, kept: it moves only when that element changes (a change sets the newest
+        # time), -1: not known
+        self._oldest, self._oldest_at = math.nan, -1
         self._diff = np.empty(n)
         self._changed = np.empty(n, dtype=bool)
 
@@ -267,7 +269,9 @@ class _FrozenTracker:
             now = self._now
             now[0, 0], now[1, 0] = t, reference
             np.copyto(self._at_change, now, where=changed)
-            self._oldest = amin(self.t_change)
+            if self._oldest_at < 0 or changed.item(self._oldest_at):
+                i = int(self.t_change.argmin())  # a NaN (never changed) is the minimum, as in amin
+                self._oldest, self._oldest_at = self.t_change.item(i), i
         if t - self._oldest < self.window:  # the oldest change is recent: nothing frozen
             return None
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
