@@ -454,9 +454,9 @@ class DetectorBank:
             isc = self.leak_lcb > p.leak_alarm_a  # lower confidence bound of the leak above the threshold
             dev = np.abs(self.drift - np.median(self.drift))
             imb = (dev > p.imbalance_alarm_v) & (dev > p.imbalance_z * MAD_TO_SIGMA * float(np.median(dev)))
-            if not self.internal_short_rule.skips(bool(isc.any()), t):
+            if not self.internal_short_rule.skips(bool(isc.any())):
                 self.internal_short_rule.update(isc[None], ~isc[None], t, self.leak)
-            if not self.imbalance_rule.skips(bool(imb.any()), t):
+            if not self.imbalance_rule.skips(bool(imb.any())):
                 self.imbalance_rule.update(imb[None], ~imb[None], t, self.drift)
         return [self._internal_short_result(), self._imbalance_result()]
 
@@ -569,7 +569,7 @@ class DetectorBank:
         learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
         self.thermal_fit.add(x, e, lam, mask=None if learn.all() else learn)
         _, cusum_max = self._cusum_summary()
-        if not self.thermal_rule.skips(not cusum_max <= p.thermal_h, t):  # NaN: judge every sensor
+        if not self.thermal_rule.skips(not cusum_max <= p.thermal_h):  # NaN: judge every sensor
             alarm = self.thermal_cusum > p.thermal_h
             self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
 
@@ -605,7 +605,7 @@ class DetectorBank:
         if risk:
             self.charge_ah_at_risk += i * self.tick_s / 3600.0
         clear = not charging or prob < p.plating_clear_fraction * p.plating_threshold
-        if not self.plating_rule.skips(risk, t):
+        if not self.plating_rule.skips(risk):
             self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
@@ -629,7 +629,7 @@ class DetectorBank:
             plating = min(plating, p.anomaly_unconfirmed_cap)
         self.score = score = max(leak, thermal, plating)
         bad = score > 1.0
-        if not self.anomaly_rule.skips(bad, t):
+        if not self.anomaly_rule.skips(bad):
             self.anomaly_rule.update(np.array([[bad]]), np.array([[score < p.anomaly_clear_score]]), t,
                                      np.array([score]))
         kv = {"score": score, "leak_part": leak, "thermal_part": thermal, "plating_part": plating}

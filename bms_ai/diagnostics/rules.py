@@ -73,7 +73,8 @@ class _Rule:
         """Stop judging this check for good (its data does not exist in this pack): STALE with ``reason``."""
         self.unmonitored = reason
 
-    def apply(self, tr: Transition, values: np.ndarray | float) -> None:
+    def apply(self, tr: Transition, values: np.ndarray | float, t: float) -> None:
+        """Log the events ``tr`` sets (with their value) and clears (at ``t``)."""
         vals = np.broadcast_to(np.asarray(values, dtype=float), (self.deb.n,))
         for k, i in zip(tr.set_tier.tolist(), tr.set_index.tolist()):
             ev = Event(self.check, self.tier_names[k], i if self.deb.n > 1 else -1,
@@ -85,15 +86,14 @@ class _Rule:
         for k, i in zip(tr.clear_tier.tolist(), tr.clear_index.tolist()):
             ev = self.open.pop((k, i), None)
             if ev is not None:
-                ev.cleared = self._t
+                ev.cleared = t
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float, values: np.ndarray | float) -> None:
-        self._t = t
         if self.unmonitored:
             return
         tr = self.deb.update(violating, inside, t)
         if tr.any:
-            self.apply(tr, values)
+            self.apply(tr, values, t)
 
     def active_events(self) -> list[Event]:
         """This rule's events not cleared yet, in the order they were set."""
@@ -101,21 +101,17 @@ class _Rule:
             self._live = [e for e in self._live if e.active]
         return self._live
 
-    def skips(self, possible: bool, t: float) -> bool:
-        """Take a tick that cannot change this rule without building its arrays; False: call :meth:`update`.
+    def skips(self, possible: bool) -> bool:
+        """Whether this tick cannot change this rule, so its arrays need not be built; False: call :meth:`update`.
 
         ``possible``: whether any element may violate this tick (a scalar test on
         the shared reductions). While the debouncer is idle a tick without a
         violation changes nothing, exactly as :meth:`update` would find.
         """
-        if possible or not self.deb.idle:
-            return False
-        self._t = t
-        return True
+        return not possible and self.deb.idle
 
     def reset(self, t: float) -> None:
-        self._t = t
-        self.apply(self.deb.reset(), np.nan)
+        self.apply(self.deb.reset(), np.nan, t)
 
     def result(self, values: np.ndarray | float, ok_message: str, extra: dict[str, Any] | None = None,
                unit: str = "") -> CheckResult:
@@ -221,8 +217,7 @@ class _LimitRule(_Rule):
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
         if extreme is not None and self.deb.idle and \
                 not (extreme > self._bound if limits.upper else extreme < self._bound):
-            self._t = t  # as skips(): idle and nothing beyond the innermost threshold changes nothing
-            return
+            return  # as skips(): idle and nothing beyond the innermost threshold changes nothing
         values = np.atleast_1d(np.asarray(values, dtype=float))
         thr = self._thr
         if limits.upper:
@@ -450,7 +445,7 @@ class RuleEngine:
         gv, gt = st.v, st.t
         sum_v = st.sum_v
         dpv = abs(s.pack_voltage - sum_v)
-        if not self.pack_v.skips(dpv > p.pack_voltage_tolerance_v, t):
+        if not self.pack_v.skips(dpv > p.pack_voltage_tolerance_v):
             dpa = np.array([dpv])
             self.pack_v.update(dpa[None, :] > p.pack_voltage_tolerance_v, dpa[None, :] <= p.pack_voltage_tolerance_v,
                                t, dpa)
@@ -485,7 +480,7 @@ class RuleEngine:
         med = g.median
         # the largest |x - median| is at the largest or the smallest x (subtraction is monotonic)
         max_dev = max(abs(g.max - med), abs(g.min - med)) if g.any_finite else math.nan
-        if g.mostly_valid and not rule.skips(max_dev > limit, t):
+        if g.mostly_valid and not rule.skips(max_dev > limit):
             dev = np.abs(g.values - med)
             rule.update((dev > limit)[None], (dev <= limit)[None], t, g.values)
         return rule.result(g.values, ok, {med_key: med, dev_key: max_dev}, unit)
@@ -500,7 +495,7 @@ class RuleEngine:
         # a pair needs one cell below the median by the pair voltage and one above it
         pair_possible = gv.min - gv.median < -p.open_wire_pair_v and gv.max - gv.median > p.open_wire_pair_v
         possible = not (gv.all_finite and gt.all_finite) or gv.min < p.open_wire_min_v or pair_possible
-        if not self.open_wire.skips(possible, t):
+        if not self.open_wire.skips(possible):
             fresh_v = t - np.asarray(s.cell_voltage_stamps, dtype=float) <= p.stale_s
             fresh_t = t - np.asarray(s.cell_temperature_stamps, dtype=float) <= p.stale_s
             if fresh_v.shape != v.shape:
@@ -536,7 +531,7 @@ class RuleEngine:
                 possible = True
                 break
         sig = None
-        if not self.stuck.skips(possible, t):
+        if not self.stuck.skips(possible):
             z = self._no_frozen
             bounds = (0, self.n_cells, self.n_cells + self.n_temps, z.size)
             fz = np.concatenate([f if f is not None else z[a:b] for f, a, b in zip(parts, bounds, bounds[1:])])
@@ -567,7 +562,7 @@ class RuleEngine:
         mean_i = self._rest_isum / self._rest_n if self._rest_n else math.nan
         bad = long_rest and abs(mean_i) > p.current_offset_a
         good = long_rest and not bad
-        if not self.offset.skips(bad, t):
+        if not self.offset.skips(bad):
             self.offset.update(np.array([[bad]]), np.array([[good]]), t, np.array([mean_i]))
         return self.offset.result(mean_i, "current offset within tolerance at rest",
                                   {"at_rest": bool(at_rest), "rest_mean_a": mean_i}, " A")
@@ -591,7 +586,7 @@ class RuleEngine:
             stale += [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
         n_bad = float(len(names) + len(stale))
-        if not self.timeout.skips(bad, t):
+        if not self.timeout.skips(bad):
             self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([n_bad]))
         r = self.timeout.result(n_bad, "all messages fresh", {"timed_out": ",".join(names), "stale": ",".join(stale)})
         r.values["communication_lost"] = bool(self.comm_lost)
@@ -618,7 +613,7 @@ class RuleEngine:
         fb = bool(fallback)
         # no measurements (comm_lost): the estimator falls back (or coasts) because its inputs are missing;
         # that is the communication loss reported by can timeout, not an estimator fault. Hold the state.
-        if not self.est.skips((bad_jump or fb) and not self.comm_lost, t):
+        if not self.est.skips((bad_jump or fb) and not self.comm_lost):
             viol = np.array([[bad_jump, fb]])
             if self.comm_lost:
                 self.est.update(np.zeros_like(viol), np.zeros_like(viol), t, np.array([jump, float(fb)]))
