@@ -341,6 +341,7 @@ class DetectorBank:
         self._buffers = (np.empty(n_cells), np.empty(n_temps))
         self._leak_cache: tuple[tuple[np.ndarray, ...], dict[str, Any], float] | None = None
         self._cusum_cache: tuple[np.ndarray, int, float] | None = None
+        self._plating_model: dict[str, Any] | None = None  # see _plating_model_values
         self._sensor_cells = [f"{3 * k}..{3 * k + 2}" for k in range(n_temps)]  # the cells near each sensor
 
     # ------------------------------------------------------------ public
@@ -600,6 +601,7 @@ class DetectorBank:
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
+            self._plating_model = None  # the guard counted this answer (the model may have been retired)
         self.p_plating = prob
         risk = prob > p.plating_threshold
         if risk:
@@ -610,13 +612,16 @@ class DetectorBank:
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
               "cells": self._sensor_cells[coldest] if coldest >= 0 else "",
-              "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind(),
-              **(self.plating.guard.stats() if self.plating is not None else {})}
+              "charge_ah_at_risk": self.charge_ah_at_risk, **self._plating_model_values()}
         return self.plating_rule.result(prob, "no plating risk" if self.plating is not None else
                                         "plating model missing", kv, " probability")
 
-    def _plating_model_kind(self) -> str:
-        return "missing" if self.plating is None else self.plating.kind()
+    def _plating_model_values(self) -> dict[str, Any]:
+        """Which model answers and its output guard's counters: they change only with a prediction."""
+        if self._plating_model is None:
+            self._plating_model = {"model": "missing"} if self.plating is None else \
+                {"model": self.plating.kind(), **self.plating.guard.stats()}
+        return self._plating_model
 
     # ------------------------------------------------------------ anomaly
     def _anomaly(self, t: float) -> CheckResult:
