@@ -34,6 +34,7 @@ drives by bms_ai.diagnostics.train); defaults below are the fallback.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -477,8 +478,7 @@ class DetectorBank:
         """
         arrays = (self.leak, self.leak_z, self.leak_lcb)
         cached = self._leak_cache
-        if cached is None or cached[0][0] is not arrays[0] or cached[0][1] is not arrays[1] or \
-                cached[0][2] is not arrays[2]:
+        if cached is None or not all(map(operator.is_, arrays, cached[0])):
             k = int(np.argmax(self.leak)) if self.leak.size else -1
             kv = {"max_leak_a": float(self.leak[k]) if k >= 0 else math.nan, "max_leak_cell": k,
                   "leak_z": float(self.leak_z[k]) if k >= 0 else math.nan,
