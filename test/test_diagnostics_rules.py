@@ -135,7 +135,7 @@ class _ArrayDebouncer(Debouncer):
     """The debouncer as a plain array update on every tick (the reference the per-element path must match)."""
 
     def update(self, violating, inside, t):
-        if self._idle and not violating.any():
+        if self.idle and not violating.any():
             return Transition(*(np.empty(0, dtype=np.int64),) * 4)
         c = self.count
         started = violating & (c == 0) & ~self.active
@@ -151,7 +151,7 @@ class _ArrayDebouncer(Debouncer):
         cleared = self.active & (self.clear >= self.clear_n) & ~self.latch
         if cleared.any():
             self._clear(cleared)
-        self._idle = not (c.any() or self.active.any())
+        self.idle = not (c.any() or self.active.any())
         return Transition(*np.nonzero(new), *np.nonzero(cleared))
 
 
@@ -184,6 +184,35 @@ def test_debouncer_matches_the_array_update_tick_by_tick(seed):
         for name in ("onset", "set_time"):
             assert np.array_equal(getattr(fast, name), getattr(ref, name), equal_nan=True), (tick, name)
         assert fast.idle == ref.idle and fast.top_tier() == ref.top_tier(), tick
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_debouncer_holding_a_violation_matches_the_array_update(seed):
+    """Violations held for many ticks (settled states skipped), then released, flipped or reset: same as the array."""
+    rng = np.random.default_rng(100 + seed)
+    k, n = int(rng.integers(1, 4)), int(rng.integers(1, 40))
+    counts = tuple(int(x) for x in rng.integers(1, 5, size=k))
+    latch = tuple(bool(x) for x in rng.random(k) < 0.4)
+    clear = int(rng.integers(1, 4))
+    fast, ref = Debouncer(n, counts, clear, latch), _ArrayDebouncer(n, counts, clear, latch)
+    viol = inside = np.zeros((k, n), dtype=bool)
+    for tick in range(600):
+        if tick % 25 == 0:  # a new held pattern: many elements, few, none; inside elsewhere or in the band
+            viol = rng.random((k, n)) < float(rng.choice([0.0, 0.05, 0.5, 1.0]))
+            inside = ~viol & (rng.random((k, n)) < float(rng.choice([0.0, 0.5, 1.0])))
+        if tick % 25 == 20 and rng.random() < 0.5:
+            inside = inside.copy()
+            inside[rng.integers(k), rng.integers(n)] = True  # an element back inside while others hold
+        t = 0.1 * tick
+        if tick % 97 == 50:
+            a, b = fast.reset(), ref.reset()
+        else:
+            a, b = fast.update(viol, inside, t), ref.update(viol, inside, t)
+        assert [x.tolist() for x in (a.set_tier, a.set_index, a.clear_tier, a.clear_index)] == \
+            [x.tolist() for x in (b.set_tier, b.set_index, b.clear_tier, b.clear_index)], tick
+        for name in ("count", "clear", "active", "onset", "set_time"):
+            assert np.array_equal(getattr(fast, name), getattr(ref, name), equal_nan=True), (tick, name)
+        assert fast.idle == ref.idle, tick
 
 
 # ---------------------------------------------------------------- three-tier limits

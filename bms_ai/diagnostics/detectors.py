@@ -34,6 +34,7 @@ drives by bms_ai.diagnostics.train); defaults below are the fallback.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -253,12 +254,20 @@ class _SharedRLS:
         self.w = 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray, lam: float = 1.0, mask: np.ndarray | None = None) -> None:
-        self.xx *= lam
-        self.xx += np.outer(x, x)
+        """One sample of the regressors ``x`` and every output's ``y``, after forgetting by ``lam``.
+
+        ``lam == 1`` (no forgetting) skips the scaling: x * 1.0 is x, bit for bit.
+        The outer products are numpy's np.outer (the same multiply), without its wrapper.
+        """
+        xc = x[:, None]
+        if lam != 1.0:
+            self.xx *= lam
+        self.xx += xc * x
         if mask is None:
-            self.xy *= lam
-            self.xy += np.outer(x, y)
-            self.yy *= lam
+            if lam != 1.0:
+                self.xy *= lam
+                self.yy *= lam
+            self.xy += xc * y
             self.yy += y * y
         else:  # frozen outputs keep their statistics (a suspect sensor must not learn its fault)
             self.xy[:, mask] = lam * self.xy[:, mask] + np.outer(x, y[mask])
@@ -333,6 +342,8 @@ class DetectorBank:
         self._buffers = (np.empty(n_cells), np.empty(n_temps))
         self._leak_cache: tuple[tuple[np.ndarray, ...], dict[str, Any], float] | None = None
         self._cusum_cache: tuple[np.ndarray, int, float] | None = None
+        self._plating_model: dict[str, Any] | None = None  # see _plating_model_values
+        self._sensor_cells = [f"{3 * k}..{3 * k + 2}" for k in range(n_temps)]  # the cells near each sensor
 
     # ------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -445,9 +456,9 @@ class DetectorBank:
             isc = self.leak_lcb > p.leak_alarm_a  # lower confidence bound of the leak above the threshold
             dev = np.abs(self.drift - np.median(self.drift))
             imb = (dev > p.imbalance_alarm_v) & (dev > p.imbalance_z * MAD_TO_SIGMA * float(np.median(dev)))
-            if not self.internal_short_rule.skips(bool(isc.any()), t):
+            if not self.internal_short_rule.skips(bool(isc.any())):
                 self.internal_short_rule.update(isc[None], ~isc[None], t, self.leak)
-            if not self.imbalance_rule.skips(bool(imb.any()), t):
+            if not self.imbalance_rule.skips(bool(imb.any())):
                 self.imbalance_rule.update(imb[None], ~imb[None], t, self.drift)
         return [self._internal_short_result(), self._imbalance_result()]
 
@@ -467,7 +478,7 @@ class DetectorBank:
         """
         arrays = (self.leak, self.leak_z, self.leak_lcb)
         cached = self._leak_cache
-        if cached is None or any(a is not b for a, b in zip(arrays, cached[0])):
+        if cached is None or not all(map(operator.is_, arrays, cached[0])):
             k = int(np.argmax(self.leak)) if self.leak.size else -1
             kv = {"max_leak_a": float(self.leak[k]) if k >= 0 else math.nan, "max_leak_cell": k,
                   "leak_z": float(self.leak_z[k]) if k >= 0 else math.nan,
@@ -519,7 +530,7 @@ class DetectorBank:
                                 t - self.thermal_last_t >= p.thermal_period_s):
             self._thermal_update(st.t.values, st.t.median, t)
         k, _ = self._cusum_summary()
-        kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": f"{3 * k}..{3 * k + 2}",
+        kv = {"max_cusum": float(self.thermal_cusum[k]), "sensor": k, "cells": self._sensor_cells[k],
               "excess_c": float(self.thermal_excess[k]), "sigma_c": self.thermal_sigma}
         return self.thermal_rule.result(self.thermal_excess, "no thermal anomaly", kv, " degC above model")
 
@@ -559,7 +570,7 @@ class DetectorBank:
         learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
         self.thermal_fit.add(x, e, lam, mask=None if learn.all() else learn)
         _, cusum_max = self._cusum_summary()
-        if not self.thermal_rule.skips(not cusum_max <= p.thermal_h, t):  # NaN: judge every sensor
+        if not self.thermal_rule.skips(not cusum_max <= p.thermal_h):  # NaN: judge every sensor
             alarm = self.thermal_cusum > p.thermal_h
             self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
 
@@ -590,41 +601,45 @@ class DetectorBank:
         prob = 0.0
         if self.plating is not None and charging and math.isfinite(tmin) and math.isfinite(vmax):
             prob = float(self.plating.predict(np.array([[tmin, c_rate, vmax]]))[0])
+            self._plating_model = None  # the guard counted this answer (the model may have been retired)
         self.p_plating = prob
         risk = prob > p.plating_threshold
         if risk:
             self.charge_ah_at_risk += i * self.tick_s / 3600.0
         clear = not charging or prob < p.plating_clear_fraction * p.plating_threshold
-        if not self.plating_rule.skips(risk, t):
+        if not self.plating_rule.skips(risk):
             self.plating_rule.update(np.array([[risk]]), np.array([[clear]]), t, np.array([prob]))
         kv = {"p_plating": prob, "t_min_c": tmin, "c_rate": c_rate, "v_max": vmax, "coldest_sensor": coldest,
               "charge_s": charge_s, "charging": charging,
-              "cells": f"{3 * coldest}..{3 * coldest + 2}" if coldest >= 0 else "",
-              "charge_ah_at_risk": self.charge_ah_at_risk, "model": self._plating_model_kind(),
-              **(self.plating.guard.stats() if self.plating is not None else {})}
+              "cells": self._sensor_cells[coldest] if coldest >= 0 else "",
+              "charge_ah_at_risk": self.charge_ah_at_risk, **self._plating_model_values()}
         return self.plating_rule.result(prob, "no plating risk" if self.plating is not None else
                                         "plating model missing", kv, " probability")
 
-    def _plating_model_kind(self) -> str:
-        return "missing" if self.plating is None else self.plating.kind()
+    def _plating_model_values(self) -> dict[str, Any]:
+        """Which model answers and its output guard's counters: they change only with a prediction."""
+        if self._plating_model is None:
+            self._plating_model = {"model": "missing"} if self.plating is None else \
+                {"model": self.plating.kind(), **self.plating.guard.stats()}
+        return self._plating_model
 
     # ------------------------------------------------------------ anomaly
     def _anomaly(self, t: float) -> CheckResult:
         p = self.p
         plating = self.p_plating / p.plating_threshold
-        parts = {
-            "leak": self._leak_summary()[1] / p.leak_alarm_a if self.leak.size else 0.0,
-            "thermal": self._cusum_summary()[1] / p.thermal_h if self.thermal_cusum.size else 0.0,
-            # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
-            "plating": plating if self.plating_rule.deb.any_active() else min(plating, p.anomaly_unconfirmed_cap),
-        }
-        self.score = max(parts.values())
-        bad = self.score > 1.0
-        if not self.anomaly_rule.skips(bad, t):
-            self.anomaly_rule.update(np.array([[bad]]), np.array([[self.score < p.anomaly_clear_score]]), t,
-                                     np.array([self.score]))
-        kv = {"score": self.score, **{f"{k}_part": v for k, v in parts.items()}}
-        r = self.anomaly_rule.result(self.score, f"score {self.score:.2f}", kv)
+        leak = self._leak_summary()[1] / p.leak_alarm_a if self.leak.size else 0.0
+        thermal = self._cusum_summary()[1] / p.thermal_h if self.thermal_cusum.size else 0.0
+        # plating counts once its own (longer) debounce confirmed it: regen pulses stay below 1
+        if not self.plating_rule.deb.any_active():
+            plating = min(plating, p.anomaly_unconfirmed_cap)
+        self.score = score = max(leak, thermal, plating)
+        bad = score > 1.0
+        if not self.anomaly_rule.skips(bad):
+            self.anomaly_rule.update(np.array([[bad]]), np.array([[score < p.anomaly_clear_score]]), t,
+                                     np.array([score]))
+        kv = {"score": score, "leak_part": leak, "thermal_part": thermal, "plating_part": plating}
+        text = f"score {score:.2f}"
+        r = self.anomaly_rule.result(score, text, kv)
         if r.level == OK:
-            r.message = f"score {self.score:.2f} (alarm > 1)"
+            r.message = text + " (alarm > 1)"
         return r

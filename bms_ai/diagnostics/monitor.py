@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from bms_ai.pack import PackSample
 
 MONITOR_CHECK = "fault monitor"
 EVENTS_CHECK = "events"
+_GENERATION = attrgetter("generation")
 REJECT_HOLD_STEPS = 50      # the monitor status stays WARN for this many steps after a rejection (5 s at 10 Hz)
 
 
@@ -119,7 +121,8 @@ class FaultMonitor:
         self._own_checks: set[str] = set()
         self.detector_problems: list[str] = []
         self.pack_level = False  # the measurements carry the average cell only (known from the first sample)
-        self._events_key: tuple[int, ...] = ()
+        self._events_key = -1
+        self._debouncers: tuple[Any, ...] = ()  # every rule's and detector's, for the events status key
         self._events_last = events_status([], 0, self.max_events)
 
     @classmethod
@@ -170,6 +173,8 @@ class FaultMonitor:
                 self.detectors, self.detector_problems = make_detectors(s.n_cells, n_temps, self.cfg.tick_hz,
                                                                         self.cfg.chemistry)
             self._unmonitored(bool(s.status.get(PACK_LEVEL_KEY)), n_temps)
+            self._debouncers = tuple(r.deb for part in (self.engine, self.detectors) if part is not None
+                                     for r in part.rules)
             return True
         if s.n_cells != self.engine.n_cells or n_temps != self.engine.n_temps:
             self.reject(f"shape {s.n_cells}/{n_temps} != {self.engine.n_cells}/{self.engine.n_temps}")
@@ -247,7 +252,9 @@ class FaultMonitor:
         self.step_time_sum += dt
         self.step_time_max = max(self.step_time_max, dt)
         self.last_t = t
-        return self._own([*results, self.events_status(), self.health()])
+        results += (self.events_status(), self.health())
+        # the same checks every step (fixed by the parts the first sample built): their names are known after one
+        return self._own(results) if self.steps == 1 else results
 
     def all_events(self) -> list[Event]:
         """Every event latched so far (cleared ones too, up to each list's bound), rules then detectors."""
@@ -264,14 +271,17 @@ class FaultMonitor:
         return events
 
     def events_status(self) -> CheckResult:
-        """The ``events`` status for the current state."""
-        total = self.engine.event_count() if self.engine is not None else 0
-        events = self.active_events()
-        # the same active events (the rules keep every event, so ids are not reused) give the same status:
-        # what it shows of an event is fixed when the event is set
-        key = (total, *map(id, events))
-        if key != self._events_key:
-            self._events_key, self._events_last = key, events_status(events, total, self.max_events)
+        """The ``events`` status for the current state.
+
+        Events are set, cleared and reset only with a debouncer transition, which
+        counts up that debouncer's generation: while the sum of the generations
+        stands still, the events (and what the status shows of them, fixed when
+        each is set) are those of the last status, which is reused.
+        """
+        key = sum(map(_GENERATION, self._debouncers))
+        if key != self._events_key or not self._debouncers:
+            total = self.engine.event_count() if self.engine is not None else 0
+            self._events_key, self._events_last = key, events_status(self.active_events(), total, self.max_events)
         r = self._events_last
         return CheckResult(r.check, r.level, r.message, dict(r.values))
 

@@ -23,9 +23,9 @@ from bms_ai.pack import PackSample
 TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckResult:
-    """One check's verdict for one tick (maps 1:1 to a DiagnosticStatus)."""
+    """One check's verdict for one tick (maps 1:1 to a DiagnosticStatus); slots: ~20 are built per tick."""
 
     check: str
     level: int
@@ -73,7 +73,8 @@ class _Rule:
         """Stop judging this check for good (its data does not exist in this pack): STALE with ``reason``."""
         self.unmonitored = reason
 
-    def apply(self, tr: Transition, values: np.ndarray | float) -> None:
+    def apply(self, tr: Transition, values: np.ndarray | float, t: float) -> None:
+        """Log the events ``tr`` sets (with their value) and clears (at ``t``)."""
         vals = np.broadcast_to(np.asarray(values, dtype=float), (self.deb.n,))
         for k, i in zip(tr.set_tier.tolist(), tr.set_index.tolist()):
             ev = Event(self.check, self.tier_names[k], i if self.deb.n > 1 else -1,
@@ -85,15 +86,14 @@ class _Rule:
         for k, i in zip(tr.clear_tier.tolist(), tr.clear_index.tolist()):
             ev = self.open.pop((k, i), None)
             if ev is not None:
-                ev.cleared = self._t
+                ev.cleared = t
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float, values: np.ndarray | float) -> None:
-        self._t = t
         if self.unmonitored:
             return
         tr = self.deb.update(violating, inside, t)
         if tr.any:
-            self.apply(tr, values)
+            self.apply(tr, values, t)
 
     def active_events(self) -> list[Event]:
         """This rule's events not cleared yet, in the order they were set."""
@@ -101,27 +101,26 @@ class _Rule:
             self._live = [e for e in self._live if e.active]
         return self._live
 
-    def skips(self, possible: bool, t: float) -> bool:
-        """Take a tick that cannot change this rule without building its arrays; False: call :meth:`update`.
+    def skips(self, possible: bool) -> bool:
+        """Whether this tick cannot change this rule, so its arrays need not be built; False: call :meth:`update`.
 
         ``possible``: whether any element may violate this tick (a scalar test on
         the shared reductions). While the debouncer is idle a tick without a
         violation changes nothing, exactly as :meth:`update` would find.
         """
-        if possible or not self.deb.idle:
-            return False
-        self._t = t
-        return True
+        return not possible and self.deb.idle
 
     def reset(self, t: float) -> None:
-        self._t = t
-        self.apply(self.deb.reset(), np.nan)
+        self.apply(self.deb.reset(), np.nan, t)
 
     def result(self, values: np.ndarray | float, ok_message: str, extra: dict[str, Any] | None = None,
                unit: str = "") -> CheckResult:
-        """This tick's verdict: the highest active tier, where (first element, count) and since when."""
+        """This tick's verdict: the highest active tier, where (first element, count) and since when.
+
+        ``extra`` becomes the result's values (not copied: every caller builds it for this result).
+        """
         deb = self.deb
-        kv: dict[str, Any] = dict(extra or {})
+        kv: dict[str, Any] = extra if extra is not None else {}
         if self.unmonitored:
             return CheckResult(self.check, STALE, self.unmonitored, {**kv, "monitored": False})
         part = None if deb.idle else self._active_part()
@@ -216,10 +215,9 @@ class _LimitRule(_Rule):
             self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
             thr = [x for x in limits.as_tuple() if not math.isnan(x)]
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
-        if extreme is not None:
-            possible = extreme > self._bound if limits.upper else extreme < self._bound
-            if self.skips(possible, t):
-                return
+        if extreme is not None and self.deb.idle and \
+                not (extreme > self._bound if limits.upper else extreme < self._bound):
+            return  # as skips(): idle and nothing beyond the innermost threshold changes nothing
         values = np.atleast_1d(np.asarray(values, dtype=float))
         thr = self._thr
         if limits.upper:
@@ -237,24 +235,39 @@ class _FrozenTracker:
     def __init__(self, n: int, eps: float, move: float, window: float) -> None:
         self.eps, self.move, self.window = eps, move, window
         self.last = np.full(n, np.nan)
-        self.t_change = np.full(n, np.nan)
-        self.ref_at_change = np.full(n, np.nan)
+        # time of each element's last change and its reference then: one array, so one masked copy a tick
+        self._at_change = np.full((2, n), np.nan)
+        self.t_change, self.ref_at_change = self._at_change
+        self._now = np.empty((2, 1))
+        # amin(t_change) and where it is, kept: it moves only when that element changes (a change sets the newest
+        # time), -1: not known
+        self._oldest, self._oldest_at = math.nan, -1
         self._diff = np.empty(n)
         self._changed = np.empty(n, dtype=bool)
 
     def step(self, values: np.ndarray, reference: float, t: float) -> np.ndarray | None:
-        """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window)."""
-        if not values.size:
+        """Track changes; the frozen elements, or None when none can be (nothing unchanged for the window).
+
+        A tick on which no element changed (signals holding still, as quantised
+        temperatures do between steps) updates nothing: four array ops.
+        """
+        n = values.size
+        if not n:
             return None
         d, changed = self._diff, self._changed
         np.subtract(values, self.last, out=d)
         np.abs(d, out=d)
-        np.less_equal(d, self.eps, out=changed)
-        np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
-        np.copyto(self.last, values, where=changed)
-        np.copyto(self.t_change, t, where=changed)
-        np.copyto(self.ref_at_change, reference, where=changed)
-        if t - amin(self.t_change) < self.window:  # the oldest change is recent: nothing frozen
+        np.less_equal(d, self.eps, out=changed)  # unchanged, for now
+        if np.count_nonzero(changed) != n:
+            np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
+            np.copyto(self.last, values, where=changed)
+            now = self._now
+            now[0, 0], now[1, 0] = t, reference
+            np.copyto(self._at_change, now, where=changed)
+            if self._oldest_at < 0 or changed.item(self._oldest_at):
+                i = int(self.t_change.argmin())  # a NaN (never changed) is the minimum, as in amin
+                self._oldest, self._oldest_at = self.t_change.item(i), i
+        if t - self._oldest < self.window:  # the oldest change is recent: nothing frozen
             return None
         return ((t - self.t_change) >= self.window) & (np.abs(reference - self.ref_at_change) >= self.move)
 
@@ -335,6 +348,10 @@ class RuleEngine:
         self._no_frozen = np.zeros(n_cells + n_temps + 1, dtype=bool)
         self._channels = f"0..{n_cells - 1}=cells, {n_cells}..{n_cells + n_temps - 1}=sensors"
         self._signals = f"{self._channels}, {n_cells + n_temps}=pack_v"
+        tl, dr = cfg.temperature, cfg.derating
+        self._charge_ramps = _ramps(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
+        self._discharge_ramps = _ramps(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
+        self._derating_msg = (math.nan, math.nan, "")   # derating: currents and their message
 
     # ------------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -428,7 +445,7 @@ class RuleEngine:
         gv, gt = st.v, st.t
         sum_v = st.sum_v
         dpv = abs(s.pack_voltage - sum_v)
-        if not self.pack_v.skips(dpv > p.pack_voltage_tolerance_v, t):
+        if not self.pack_v.skips(dpv > p.pack_voltage_tolerance_v):
             dpa = np.array([dpv])
             self.pack_v.update(dpa[None, :] > p.pack_voltage_tolerance_v, dpa[None, :] <= p.pack_voltage_tolerance_v,
                                t, dpa)
@@ -445,10 +462,14 @@ class RuleEngine:
         out.append(self._spread(self.t_spread, gt, p.temperature_spread_c, t, "temperatures within spread",
                                 "median_c", "max_dev_c", " degC"))
         out.append(self._open_wire(s, st, t))
-        self._missing = [name for name, g in (("cell_voltage", gv), ("cell_temperature", gt))
-                         if g.values.size and not g.any_finite]
-        self._missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", s.pack_current))
-                          if not math.isfinite(x)]
+        missing: list[str] = []  # the lists below are built only when something is missing
+        if not (gv.any_finite and gt.any_finite):
+            missing += [name for name, g in (("cell_voltage", gv), ("cell_temperature", gt))
+                        if g.values.size and not g.any_finite]
+        if not (math.isfinite(s.pack_voltage) and math.isfinite(s.pack_current)):
+            missing += [name for name, x in (("pack_voltage", s.pack_voltage), ("pack_current", s.pack_current))
+                        if not math.isfinite(x)]
+        self._missing = missing
         out.append(self._stuck(s, st, t))
         return out
 
@@ -459,7 +480,7 @@ class RuleEngine:
         med = g.median
         # the largest |x - median| is at the largest or the smallest x (subtraction is monotonic)
         max_dev = max(abs(g.max - med), abs(g.min - med)) if g.any_finite else math.nan
-        if g.mostly_valid and not rule.skips(max_dev > limit, t):
+        if g.mostly_valid and not rule.skips(max_dev > limit):
             dev = np.abs(g.values - med)
             rule.update((dev > limit)[None], (dev <= limit)[None], t, g.values)
         return rule.result(g.values, ok, {med_key: med, dev_key: max_dev}, unit)
@@ -474,7 +495,7 @@ class RuleEngine:
         # a pair needs one cell below the median by the pair voltage and one above it
         pair_possible = gv.min - gv.median < -p.open_wire_pair_v and gv.max - gv.median > p.open_wire_pair_v
         possible = not (gv.all_finite and gt.all_finite) or gv.min < p.open_wire_min_v or pair_possible
-        if not self.open_wire.skips(possible, t):
+        if not self.open_wire.skips(possible):
             fresh_v = t - np.asarray(s.cell_voltage_stamps, dtype=float) <= p.stale_s
             fresh_t = t - np.asarray(s.cell_temperature_stamps, dtype=float) <= p.stale_s
             if fresh_v.shape != v.shape:
@@ -504,9 +525,13 @@ class RuleEngine:
         parts = (self._frozen_cells.step(gv.values, gv.median, t),
                  self._frozen_sensors.step(gt.values, gt.median, t),
                  self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
-        possible = any(f is not None and np.count_nonzero(f) for f in parts)
+        possible = False
+        for f in parts:
+            if f is not None and np.count_nonzero(f):
+                possible = True
+                break
         sig = None
-        if not self.stuck.skips(possible, t):
+        if not self.stuck.skips(possible):
             z = self._no_frozen
             bounds = (0, self.n_cells, self.n_cells + self.n_temps, z.size)
             fz = np.concatenate([f if f is not None else z[a:b] for f, a, b in zip(parts, bounds, bounds[1:])])
@@ -537,7 +562,7 @@ class RuleEngine:
         mean_i = self._rest_isum / self._rest_n if self._rest_n else math.nan
         bad = long_rest and abs(mean_i) > p.current_offset_a
         good = long_rest and not bad
-        if not self.offset.skips(bad, t):
+        if not self.offset.skips(bad):
             self.offset.update(np.array([[bad]]), np.array([[good]]), t, np.array([mean_i]))
         return self.offset.result(mean_i, "current offset within tolerance at rest",
                                   {"at_rest": bool(at_rest), "rest_mean_a": mean_i}, " A")
@@ -546,17 +571,22 @@ class RuleEngine:
         p = self.cfg.plausibility
         names = sorted(timed_out) if timed_out else []
         stale: list[str] = []
-        for label, st in (("pack_voltage", s.pack_voltage_stamp), ("pack_current", s.pack_current_stamp)):
-            if not (t - st <= p.stale_s):
-                stale.append(label)
-        for label, arr in (("cell_voltage", s.cell_voltage_stamps), ("cell_temperature", s.cell_temperature_stamps)):
-            n_old = _n_stale(np.asarray(arr, dtype=float), t, p.stale_s)
-            if n_old:
-                stale.append(f"{label}[{n_old}]")
-        stale = stale + [f"{m} missing" for m in self._missing]
+        stale_s = p.stale_s
+        if not (t - s.pack_voltage_stamp <= stale_s):
+            stale.append("pack_voltage")
+        if not (t - s.pack_current_stamp <= stale_s):
+            stale.append("pack_current")
+        n_old = _n_stale(np.asarray(s.cell_voltage_stamps, dtype=float), t, stale_s)
+        if n_old:
+            stale.append(f"cell_voltage[{n_old}]")
+        n_old = _n_stale(np.asarray(s.cell_temperature_stamps, dtype=float), t, stale_s)
+        if n_old:
+            stale.append(f"cell_temperature[{n_old}]")
+        if self._missing:
+            stale += [f"{m} missing" for m in self._missing]
         bad = bool(names or stale)
         n_bad = float(len(names) + len(stale))
-        if not self.timeout.skips(bad, t):
+        if not self.timeout.skips(bad):
             self.timeout.update(np.array([[bad]]), np.array([[not bad]]), t, np.array([n_bad]))
         r = self.timeout.result(n_bad, "all messages fresh", {"timed_out": ",".join(names), "stale": ",".join(stale)})
         r.values["communication_lost"] = bool(self.comm_lost)
@@ -583,7 +613,7 @@ class RuleEngine:
         fb = bool(fallback)
         # no measurements (comm_lost): the estimator falls back (or coasts) because its inputs are missing;
         # that is the communication loss reported by can timeout, not an estimator fault. Hold the state.
-        if not self.est.skips((bad_jump or fb) and not self.comm_lost, t):
+        if not self.est.skips((bad_jump or fb) and not self.comm_lost):
             viol = np.array([[bad_jump, fb]])
             if self.comm_lost:
                 self.est.update(np.zeros_like(viol), np.zeros_like(viol), t, np.array([jump, float(fb)]))
@@ -600,21 +630,12 @@ class RuleEngine:
     def derating(self, v: np.ndarray, temps: np.ndarray, stats: SampleStats | None = None) -> CheckResult:
         """Recommended charge/discharge current (foxBMS SOF trapezoid: temperature x voltage headroom)."""
         cfg, dr = self.cfg, self.cfg.derating
-        tl = cfg.temperature
         if stats is not None:
             tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
         else:
             tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
-
-        def trap(lo0: float, lo1: float, hi1: float, hi0: float) -> float:
-            if not (math.isfinite(tmin) and math.isfinite(tmax)):
-                return 0.0
-            f_lo = _clip01((tmin - lo0) / max(lo1 - lo0, 1e-9))
-            f_hi = _clip01((hi0 - tmax) / max(hi0 - hi1, 1e-9))
-            return float(min(f_lo, f_hi))
-
-        f_tc = trap(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
-        f_td = trap(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
+        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
+            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
         f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
@@ -624,7 +645,10 @@ class RuleEngine:
         if self.cell_under.deb.any_active(1):
             idis = 0.0
         level = WARN if (ic == 0.0 or idis == 0.0) else OK
-        msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
+        last_ic, last_idis, msg = self._derating_msg
+        if not (_same(ic, last_ic) and _same(idis, last_idis)):  # the currents sit at their maxima most ticks
+            msg = f"allowed charge {ic:.1f} A, discharge {idis:.1f} A"
+            self._derating_msg = (ic, idis, msg)
         if not (math.isfinite(vmax) and math.isfinite(tmax)):
             # no measurement to derate from: a communication loss (can timeout), not a derating condition
             level = STALE
@@ -633,6 +657,20 @@ class RuleEngine:
             "max_charge_current_a": ic, "max_discharge_current_a": idis,
             "charge_temperature_factor": f_tc, "charge_voltage_factor": f_vc,
             "discharge_temperature_factor": f_td, "discharge_voltage_factor": f_vd})
+
+def _same(x: float, y: float) -> bool:
+    """The same float for a cache key: equal and, for zeros, the same sign (-0.0 formats differently); NaN never."""
+    return x == y and (x != 0.0 or math.copysign(1.0, x) == math.copysign(1.0, y))
+
+
+def _ramps(lo0: float, lo1: float, hi1: float, hi0: float) -> tuple[float, float, float, float]:
+    """A temperature trapezoid (0 at lo0, full from lo1 to hi1, 0 at hi0) as :func:`_trapezoid` takes it."""
+    return lo0, max(lo1 - lo0, 1e-9), hi0, max(hi0 - hi1, 1e-9)
+
+
+def _trapezoid(tmin: float, tmax: float, lo0: float, lo_span: float, hi0: float, hi_span: float) -> float:
+    """Allowed share of the current at these (finite) extremes: the lower of the rising and the falling ramp."""
+    return float(min(_clip01((tmin - lo0) / lo_span), _clip01((hi0 - tmax) / hi_span)))
 
 
 def _mean(g: _Group) -> float:
