@@ -195,8 +195,8 @@ class SocEstimator:
     def _restart_from_ocv(self, v: np.ndarray, eta_v: np.ndarray, eta: EtaTerms, why: str = "") -> bool:
         """Start again from the OCV inversion of ``v`` where it is well conditioned and far off; whether it did.
 
-        Used after a reopened state (on the gate window's means) and at the first
-        sample of a session at rest (a stored SOC the pack contradicts). On a flat
+        Used after a reopened state (on the gate window's means) and at a cold
+        start's first sample at rest (a given SOC the pack contradicts). On a flat
         OCV or with a large model error the inversion is worth less than the
         filter's state, which then keeps its own estimate.
         """
