@@ -16,7 +16,7 @@ from bms_ai.core.files import sha256_file
 from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES
 from bms_ai.estimation.soc import SocEstimator, soc_model_expectation
 from bms_ai.models.manifest import ModelEntry, TensorSpec, read_manifest, upsert_entry
-from bms_ai.models.runtime import ModelRegistry, verify_and_load
+from bms_ai.models.runtime import ModelRegistry, OutputGuard, verify_and_load
 
 
 def _soc_onnx(path: Path, n_in: int = N_FEATURES, bias: float = 0.0, input_name: str = "features") -> None:
@@ -304,3 +304,22 @@ def test_pipeline_output_contract_names_and_default_ranges(tmp_path: Path) -> No
     e.outputs[0].name, e.outputs[1].name = "sigma", "eta"
     res = verify_and_load(tmp_path, e, soc_model_expectation())
     assert res.model is None and "pipeline reads ['eta', 'sigma'] first" in res.reason
+
+
+@pytest.mark.parametrize("bounds", [[-2.0, 2.0], [None, None], [0.0, None]])
+def test_guard_verdicts_per_row_for_every_kind_of_bad_value(bounds: list) -> None:
+    """The guard's fast all-inside path and its per-row path agree: NaN and inf are refused under any range,
+    values outside a finite range are refused, and only the rows holding them."""
+    guard = OutputGuard([TensorSpec("eta", ["batch", 1], range=bounds), TensorSpec("sigma", ["batch", 1])])
+    ok = np.full((4, 1), 0.5, np.float32)
+    assert guard.check([ok, ok], 4).ok.all()
+    for bad, outside in ((np.nan, True), (np.inf, True), (-np.inf, True), (-5.0, bounds[0] is not None),
+                         (5.0, bounds[1] is not None)):
+        eta = ok.copy()
+        eta[2, 0] = bad
+        verdict = guard.check([eta, ok], 4)
+        assert verdict.ok.tolist() == [True, True, not outside, True], (bad, bounds)
+        assert bool(verdict.reason) == outside
+    sigma = ok.copy()
+    sigma[0, 0] = np.nan   # the unbounded output is still checked for finiteness
+    assert guard.check([ok, sigma], 4).ok.tolist() == [False, True, True, True]
