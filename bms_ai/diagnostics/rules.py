@@ -215,9 +215,8 @@ class _LimitRule(_Rule):
             self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
             thr = [x for x in limits.as_tuple() if not math.isnan(x)]
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
-        if extreme is not None and self.deb.idle and \
-                not (extreme > self._bound if limits.upper else extreme < self._bound):
-            return  # as skips(): idle and nothing beyond the innermost threshold changes nothing
+        if extreme is not None and self.skips(extreme > self._bound if limits.upper else extreme < self._bound):
+            return
         values = np.atleast_1d(np.asarray(values, dtype=float))
         thr = self._thr
         if limits.upper:

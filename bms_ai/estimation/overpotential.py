@@ -143,10 +143,9 @@ class LearnedEta:
         self.sigma_max = float(extra.get("sigma_max_v", 0.2))
         dom = model.entry.domain
         n = model.entry.inputs[0].shape[-1] if model.entry.inputs else 0
-        self.lo = np.asarray(dom.get("min", [-np.inf] * n), dtype=np.float32)
-        self.hi = np.asarray(dom.get("max", [np.inf] * n), dtype=np.float32)
-        self.margin = domain_margin
-        self.lo_m, self.hi_m = domain_limits(self.lo, self.hi, domain_margin)
+        # the training range widened by the margin: what counts as inside the model's domain
+        self.lo_m, self.hi_m = domain_limits(np.asarray(dom.get("min", [-np.inf] * n), dtype=np.float32),
+                                             np.asarray(dom.get("max", [np.inf] * n), dtype=np.float32), domain_margin)
 
     def reset(self) -> None:
         """Nothing to forget: the model is stateless (its history is in the features)."""
