@@ -8,7 +8,14 @@ import pytest
 from testutil import synthetic_messages
 
 from bms_ai.can.assembler import PackAssembler
-from bms_ai.can.health import MIN_WATCHDOG_PERIOD, BusHealth, can_time_now, silence_sample_time, watchdog_period
+from bms_ai.can.health import (
+    MIN_WATCHDOG_PERIOD,
+    BusHealth,
+    can_time_now,
+    silence_sample_time,
+    watchdog_delay,
+    watchdog_period,
+)
 from bms_ai.can.sampler import FixedRateSampler
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 
@@ -116,6 +123,16 @@ def test_watchdog_ticks_every_instant_and_reports_stale_within_a_tenth_of_stale_
     assert watchdog_period(50.0, 0.5) == 0.02  # every instant of a 50 Hz stream
     assert watchdog_period(10.0, 2.0) == 0.1
     assert watchdog_period(1000.0, 0.01) == MIN_WATCHDOG_PERIOD  # never a busy timer
+
+
+def test_watchdog_sleeps_while_frames_flow_and_ticks_once_silent():
+    """Frames flowing: the next tick is when silence could reach stale_after, plus one tick (STALE stays
+    within stale_after + tick of the last frame); silent or before the first frame: every tick."""
+    assert watchdog_delay(0.01, 0.5, 0.05) == pytest.approx(0.54)
+    assert 0.5 < 0.2 + watchdog_delay(0.2, 0.5, 0.05) <= 0.55  # silence at the next tick
+    assert watchdog_delay(0.5, 0.5, 0.05) == 0.05
+    assert watchdog_delay(3.0, 0.5, 0.05) == 0.05
+    assert watchdog_delay(float("inf"), 0.5, 0.05) == 0.05
     health = BusHealth(stale_after=0.5)
     period = watchdog_period(10.0, 0.5)
     for phase in (0.0, 0.013, 0.037, 0.049):  # where the last frame falls between two ticks

@@ -53,6 +53,62 @@ def test_in_process_runner_on_virtual_bus(pack_config_path):
     assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
 
 
+def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_config_path):
+    """In one process the bridge's thread steps the estimator and the fault monitor (bms_ai.nodes.local).
+
+    Neither reads pack/measurements or battery_state through DDS, yet both take every sample; a reader
+    in another context still gets both topics through DDS; a local reader that raises is logged and
+    counted, and the bridge goes on.
+    """
+    import can
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.node import Node
+    from sensor_msgs.msg import BatteryState
+
+    from bms_ai.nodes.common import make_executor, spin_executor
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(graph_from_options({"nodes": "can_bridge,estimator,fault_monitor", "params_file": "",
+                                             "interface": "virtual", "channel": "local"}))
+    bridge, est, fm = (runner.node(n) for n in ("can_bridge", "estimator", "fault_monitor"))
+    dds_topics = {s.topic_name for n in (est, fm) for s in n.subscriptions}
+    assert not dds_topics & {"/bms/pack/measurements", "/bms/battery_state"}, dds_topics
+    assert [n for n, _ in bridge.pub.local] == [est, fm] and [n for n, _ in est.pub.local] == [fm]
+
+    def broken(_data: bytes) -> None:
+        raise ValueError("reader fault")
+
+    bridge.pub.local.append((fm, broken))
+    ctx = Context()
+    rclpy.init(context=ctx)
+    probe = Node("local_probe", context=ctx)
+    got: dict[str, list] = {"pack/measurements": [], "battery_state": []}
+    for topic, lst in got.items():
+        probe.create_subscription(BatteryState, "/bms/" + topic, lst.append, 1000)
+    pex = make_executor(ctx)
+    pex.add_node(probe)
+    stop = threading.Event()
+    th = threading.Thread(target=spin_executor, args=(pex, ctx, stop.is_set), daemon=True)
+    th.start()
+    bus = can.Bus(interface="virtual", channel="local")
+    try:
+        assert runner.local.final and bridge.pub.get_subscription_count() >= 3  # the local readers count
+        t = _feeder(bus, pack_config_path, 1.5)
+        runner.spin(until=lambda: est.steps >= 10 and len(got["battery_state"]) >= 10, duration=15)
+        t.join()
+    finally:
+        bus.shutdown()
+        stop.set()
+        th.join(5)
+        probe.destroy_node()
+        rclpy.shutdown(context=ctx)
+        runner.shutdown()
+    assert est.steps >= 10 and fm.monitor.steps >= 10 and 0.0 <= fm.monitor.soc <= 1.0  # both topics arrived
+    assert len(got["pack/measurements"]) >= 10 and len(got["battery_state"]) >= 10
+    assert runner.local.failures >= 10 and bridge.reader_failed == ""
+
+
 def test_two_packs_as_two_namespaces(pack_config_path):
     """Multiple packs = the same graph in two namespaces; topics stay apart."""
     import can

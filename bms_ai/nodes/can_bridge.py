@@ -29,7 +29,14 @@ from sensor_msgs.msg import BatteryState
 from bms_ai.can.assembler import PACK_LEVEL, PackAssembler, average_cell_sample
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.frames import Frame, FrameArrays
-from bms_ai.can.health import BusHealth, PollHealth, silence_sample_time, vehicle_bms_status, watchdog_period
+from bms_ai.can.health import (
+    BusHealth,
+    PollHealth,
+    silence_sample_time,
+    vehicle_bms_status,
+    watchdog_delay,
+    watchdog_period,
+)
 from bms_ai.can.isotp_offline import PollLogDecoder
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
@@ -40,6 +47,7 @@ from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
 from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields, battery_fields_from_bytes, stamp_to_time, time_to_float
+from bms_ai.nodes.local import LocalPublisher, graph_subscription
 from bms_ai.pack import PackSample
 
 #: samples a replay may publish beyond what this process's readers have taken (< Fast DDS's 5000-sample
@@ -101,7 +109,8 @@ class CanBridgeNode(Node):
         self.poll_health = PollHealth()
         # a replay can wait for its readers; a live bus never does
         qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
-        self.pub = self.create_publisher(BatteryState, "pack/measurements", qos)
+        # the graph's readers in this process take it on the publishing thread (bms_ai.nodes.local)
+        self.pub = LocalPublisher(self, BatteryState, "pack/measurements", qos)
         # a replay's own reader of what it publishes, taken by the executor like every reader in this process
         self._taken = threading.Condition()
         self.samples_taken = 0
@@ -112,7 +121,7 @@ class CanBridgeNode(Node):
         self.last_status: dict[str, float] = {}
         self.our_soc = math.nan
         if cfg.vehicle_bms:
-            self.create_subscription(BatteryState, "battery_state", self._on_estimate, GRAPH_SUB_QOS, raw=True)
+            graph_subscription(self, BatteryState, "battery_state", self._on_estimate, GRAPH_SUB_QOS)
         self.diag = Diagnostics(self, self.pack_id)
         self.lock = threading.Lock()
         self.samples_published = 0
@@ -132,7 +141,9 @@ class CanBridgeNode(Node):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can_bridge_reader", daemon=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self.watchdog = self.create_timer(watchdog_period(p["rate_hz"], p["stale_after"]), self._watchdog, clock=steady)
+        self.watchdog_tick = watchdog_period(p["rate_hz"], p["stale_after"])
+        self._watchdog_ns = int(self.watchdog_tick * 1e9)
+        self.watchdog = self.create_timer(self.watchdog_tick, self._watchdog, clock=steady)
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
         self._thread.start()
@@ -362,6 +373,16 @@ class CanBridgeNode(Node):
                     self._publish(s)
         if (silence > self.p["stale_after"]) != self._reported_silent or self._reported_late:
             self._update_diagnostics(periodic=False)
+        self._schedule_watchdog()
+
+    def _schedule_watchdog(self) -> None:
+        """The next tick: at the sample rate while silent or late, else when silence could go STALE."""
+        delay = (self.watchdog_tick if self._reported_late
+                 else watchdog_delay(self.silence(), self.p["stale_after"], self.watchdog_tick))
+        ns = int(delay * 1e9)
+        if ns != self._watchdog_ns:
+            self._watchdog_ns = self.watchdog.timer_period_ns = ns
+        self.watchdog.reset()  # from now: the next tick is ``delay`` away
 
     def _update_diagnostics(self, periodic: bool = True) -> None:
         """Assess and publish both checks; ``periodic``: the 1 Hz report (closes the rejection window)."""

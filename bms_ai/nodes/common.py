@@ -23,6 +23,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_
 from bms_ai.core.cdr import StatusTuple, diagnostic_array_bytes
 from bms_ai.core.levels import status_name
 from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
+from bms_ai.nodes.local import guarded
 
 # REP-2003: publishers reliable; subscribers sensor-data QoS (compatible with both).
 PUB_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -90,7 +91,7 @@ class Diagnostics:
         self._status: dict[str, tuple[int, str, dict[str, Any]]] = {}  # name -> (level, message, values)
         self._pending: list[str] | None = None  # inside batch(): changed names, published once at the end
         self._names: dict[str, str] = {}  # check -> status name
-        self._timer = node.create_timer(period, self.publish)
+        self._timer = node.create_timer(period, guarded(node, self.publish))
 
     @contextlib.contextmanager
     def batch(self):
@@ -310,7 +311,7 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
         executor = make_executor()
         executor.add_node(node)
         signals.spinning = True
-        spin_executor(executor, done=lambda: signals.stopping)
+        spin_executor(executor, done=lambda: signals.stopping, period_s=0.5)  # Ctrl-C noticed within 0.5 s
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:

@@ -25,6 +25,7 @@ from bms_ai.estimation.pack import PackEstimator, PackStep
 from bms_ai.estimation.state import read_state, resolve_state_path, write_state
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_parts
+from bms_ai.nodes.local import LocalPublisher, graph_subscription, guarded
 
 
 class EstimatorNode(Node):
@@ -67,14 +68,15 @@ class EstimatorNode(Node):
             self.get_logger().info(f"estimator state: {note or 'restored from ' + str(self.state_path)}")
         self.diag = Diagnostics(self, self.p["pack_id"])
         self.cell_data = "per cell"  # or PACK_LEVEL: the measurements carry the average cell only
-        self.pub = self.create_publisher(BatteryState, "battery_state", PUB_QOS)
-        # raw: the fields are read from the bytes (bms_ai.core.cdr), battery_state goes out as bytes
-        self.sub = self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
+        self.pub = LocalPublisher(self, BatteryState, "battery_state", PUB_QOS)
+        # raw: the fields are read from the bytes (bms_ai.core.cdr), battery_state goes out as bytes; in a
+        # composed graph the bridge's thread steps the estimator (bms_ai.nodes.local), so the timers hold its lock
+        graph_subscription(self, BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
         self._poll_models()
-        self.create_timer(float(self.p["model_poll_period"]), self._poll_models)
-        self.create_timer(1.0, self._update_diagnostics)
+        self.create_timer(float(self.p["model_poll_period"]), guarded(self, self._poll_models))
+        self.create_timer(1.0, guarded(self, self._update_diagnostics))
         if self.state_path is not None:
-            self.create_timer(float(self.p["state_period"]), self._save_state)
+            self.create_timer(float(self.p["state_period"]), guarded(self, self._save_state))
 
     def _save_state(self) -> None:
         if self.est.last is None:
@@ -88,7 +90,7 @@ class EstimatorNode(Node):
     def destroy_node(self) -> None:
         """Save the state one last time (a clean shutdown keeps the freshest state)."""
         if self.state_path is not None:
-            self._save_state()
+            guarded(self, self._save_state)()
         super().destroy_node()
 
     def _poll_models(self) -> None:

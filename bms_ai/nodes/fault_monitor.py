@@ -27,6 +27,7 @@ from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.estimation import status
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_to_float
+from bms_ai.nodes.local import graph_subscription, guarded
 
 
 class FaultMonitorNode(Node):
@@ -52,14 +53,15 @@ class FaultMonitorNode(Node):
             stale_after=self.p["stale_after"], capacity_ah=self.p["capacity_ah"], max_events=self.p["max_events"],
             limits_overrides=overrides)
         # raw: the fields are read from the bytes (bms_ai.core.cdr), not through rclpy's message objects
-        self.create_subscription(BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS, raw=True)
-        self.create_subscription(BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS, raw=True)
+        # in a composed graph the publishers' threads call these (bms_ai.nodes.local): the rest holds the lock
+        graph_subscription(self, BatteryState, "pack/measurements", self._on_meas, GRAPH_SUB_QOS)
+        graph_subscription(self, BatteryState, "battery_state", self._on_state, GRAPH_SUB_QOS)
         # /diagnostics carries every pack's statuses; only this pack's are decoded (a byte search first)
         self._own_id = self.diag.hardware_id.encode()
         self._peer_check = f": {status.SOC_CHECK}".encode() + b"\0"
-        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag_raw, 50, raw=True)
-        self.create_subscription(Empty, "fault_monitor/reset", self._on_reset, 10)
-        self.create_timer(1.0 / float(self.p["rate_hz"]), self._watchdog)
+        self.create_subscription(DiagnosticArray, "/diagnostics", guarded(self, self._on_diag_raw), 50, raw=True)
+        self.create_subscription(Empty, "fault_monitor/reset", guarded(self, self._on_reset), 10)
+        self.create_timer(1.0 / float(self.p["rate_hz"]), guarded(self, self._watchdog))
         self._publish(self.monitor.startup_status())
 
     def _now(self) -> float:

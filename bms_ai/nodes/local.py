@@ -1,0 +1,133 @@
+"""Process-local delivery between the nodes of one composed graph (the in-process runner).
+
+rclpy has no intra-process communication: a sample that the bridge publishes
+reaches the estimator and the fault monitor in the same process through DDS,
+one copy, one middleware event and one executor turn per reader, and the
+estimator's step then runs on a thread that woke only for it. Measured at
+nominal traffic (BENCHMARKS.md) that was a sixth of the graph's CPU and most
+of its frame -> battery_state latency.
+
+In a graph composed by :class:`bms_ai.ros.runner.GraphRunner`, a topic that a
+node of the same graph publishes is therefore handed to that graph's readers
+directly: :meth:`LocalPublisher.publish` still publishes through DDS (tools,
+recorders and other processes see every message), then calls each local
+reader's callback with the same CDR bytes on the publishing thread. One lock
+per graph (:func:`callback_lock`) keeps each node's callbacks mutually
+exclusive, as a single-threaded executor did. Outside a composed graph
+(``ros2 run``, ``ros2 launch``: one node per process) nothing changes: every
+reader is a DDS subscription.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from rclpy.node import Node
+from rclpy.qos import QoSProfile
+
+Handler = Callable[[bytes], None]
+
+_GRAPHS: dict[int, LocalTopics] = {}  # id(context) -> the composed graph using it
+
+
+class LocalTopics:
+    """The local readers of one composed graph, resolved once every node exists."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.final = False
+        self._published: dict[str, LocalPublisher] = {}  # resolved topic -> its publisher in this graph
+        self._wanted: list[tuple[Node, Any, str, str, Handler, QoSProfile]] = []  # ..., resolved and given name
+        self.failures = 0  # local callbacks that raised (logged; the publisher goes on)
+
+    @staticmethod
+    def attach(context: Any) -> LocalTopics:
+        """Start composing a graph on ``context``: nodes made from now on register here."""
+        graph = _GRAPHS[id(context)] = LocalTopics()
+        return graph
+
+    @staticmethod
+    def detach(context: Any) -> None:
+        """The graph on ``context`` is gone."""
+        _GRAPHS.pop(id(context), None)
+
+    @staticmethod
+    def of(node: Node) -> LocalTopics | None:
+        """The composed graph ``node`` belongs to, None for a node on its own."""
+        return _GRAPHS.get(id(node.context))
+
+    def finalize(self) -> None:
+        """Every node exists: a wanted topic with a publisher here is delivered locally, any other by DDS."""
+        for node, msg_type, resolved, topic, callback, qos in self._wanted:
+            pub = self._published.get(resolved)
+            if pub is not None:
+                pub.local.append((node, callback))
+            else:
+                node.create_subscription(msg_type, topic, callback, qos, raw=True)
+        self._wanted.clear()
+        self.final = True
+
+
+class LocalPublisher:
+    """A DDS publisher of CDR bytes that also calls the graph's local readers of its topic."""
+
+    def __init__(self, node: Node, msg_type: Any, topic: str, qos: QoSProfile) -> None:
+        self.dds = node.create_publisher(msg_type, topic, qos)
+        self.topic = self.dds.topic_name
+        self.local: list[tuple[Node, Handler]] = []
+        self._graph = LocalTopics.of(node)
+        if self._graph is not None:
+            self._graph._published[self.topic] = self
+
+    def publish(self, data: bytes) -> None:
+        """Publish to DDS, then hand the bytes to each local reader (in order, on this thread)."""
+        self.dds.publish(data)
+        if self.local:
+            with self._graph.lock:
+                for node, callback in self.local:
+                    try:
+                        callback(data)
+                    except Exception as exc:  # noqa: BLE001  (a reader's fault must not stop the publisher)
+                        self._graph.failures += 1
+                        node.get_logger().error(f"{self.topic}: callback failed: {type(exc).__name__}: {exc}",
+                                                throttle_duration_sec=5.0)
+
+    def get_subscription_count(self) -> int:
+        """Readers of this topic: DDS subscriptions plus this graph's local readers."""
+        return self.dds.get_subscription_count() + len(self.local)
+
+    def wait_for_all_acked(self, timeout: Any) -> bool:
+        """DDS readers' acknowledgements (local readers have taken the message when publish returns)."""
+        return self.dds.wait_for_all_acked(timeout)
+
+
+def graph_subscription(node: Node, msg_type: Any, topic: str, callback: Handler, qos: QoSProfile) -> None:
+    """Read ``topic`` as CDR bytes: locally when a node of the same composed graph publishes it, else by DDS."""
+    graph = LocalTopics.of(node)
+    if graph is None or graph.final:
+        node.create_subscription(msg_type, topic, callback, qos, raw=True)
+    else:
+        graph._wanted.append((node, msg_type, node.resolve_topic_name(topic), topic, callback, qos))
+
+
+def callback_lock(node: Node) -> Any:
+    """What a node holds in executor callbacks that share state with its local readers (no-op alone)."""
+    graph = LocalTopics.of(node)
+    return graph.lock if graph is not None else contextlib.nullcontext()
+
+
+def guarded(node: Node, callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` holding :func:`callback_lock` (for the executor: timers, DDS readers of a local reader's node)."""
+    graph = LocalTopics.of(node)
+    if graph is None:
+        return callback
+    lock = graph.lock
+
+    def locked(*args: Any) -> Any:
+        with lock:
+            return callback(*args)
+
+    return locked
