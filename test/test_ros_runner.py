@@ -53,12 +53,12 @@ def test_in_process_runner_on_virtual_bus(pack_config_path):
     assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
 
 
-def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_config_path):
+def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_config_path, tmp_path):
     """In one process the bridge's thread steps the estimator and the fault monitor (bms_ai.nodes.local).
 
-    Neither reads pack/measurements or battery_state through DDS, yet both take every sample; a reader
-    in another context still gets both topics through DDS; a local reader that raises is logged and
-    counted, and the bridge goes on.
+    None of them (nor the uploader) reads pack/measurements or battery_state through DDS, yet each takes
+    every sample, the uploader through its inbox; a reader in another context still gets both topics
+    through DDS; a local reader that raises is logged and counted, and the bridge goes on.
     """
     import can
     import rclpy
@@ -69,12 +69,13 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
     from bms_ai.nodes.common import make_executor, spin_executor
     from bms_ai.ros.runner import GraphRunner
 
-    runner = GraphRunner(graph_from_options({"nodes": "can_bridge,estimator,fault_monitor", "params_file": "",
-                                             "interface": "virtual", "channel": "local"}))
-    bridge, est, fm = (runner.node(n) for n in ("can_bridge", "estimator", "fault_monitor"))
-    dds_topics = {s.topic_name for n in (est, fm) for s in n.subscriptions}
+    runner = GraphRunner(graph_from_options({"nodes": "can_bridge,estimator,fault_monitor,cloud_uploader",
+                                             "params_file": "", "interface": "virtual", "channel": "local"},
+                                            overrides={"cloud_uploader": {"spool_dir": str(tmp_path)}}))
+    bridge, est, fm, up = (runner.node(n) for n in ("can_bridge", "estimator", "fault_monitor", "cloud_uploader"))
+    dds_topics = {s.topic_name for n in (est, fm, up) for s in n.subscriptions}
     assert not dds_topics & {"/bms/pack/measurements", "/bms/battery_state"}, dds_topics
-    assert [n for n, _ in bridge.pub.local] == [est, fm] and [n for n, _ in est.pub.local] == [fm]
+    assert [n for n, _ in bridge.pub.local] == [est, fm, up] and [n for n, _ in est.pub.local] == [fm, up]
 
     def broken(_data: bytes) -> None:
         raise ValueError("reader fault")
@@ -97,6 +98,8 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
         t = _feeder(bus, pack_config_path, 1.5)
         runner.spin(until=lambda: est.steps >= 10 and len(got["battery_state"]) >= 10, duration=15)
         t.join()
+        # the inbox empties on the uploader's next DDS message or tick: both topics recorded, every message once
+        runner.spin(until=lambda: bridge.silence() > 1.0 and not up._inbox, duration=10)
     finally:
         bus.shutdown()
         stop.set()
@@ -107,6 +110,8 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
     assert est.steps >= 10 and fm.monitor.steps >= 10 and 0.0 <= fm.monitor.soc <= 1.0  # both topics arrived
     assert len(got["pack/measurements"]) >= 10 and len(got["battery_state"]) >= 10
     assert runner.local.failures >= 10 and bridge.reader_failed == ""
+    recorded = up.svc.recorder.stats.messages
+    assert recorded >= len(got["pack/measurements"]) + len(got["battery_state"]) and up.inbox_dropped == 0
 
 
 def test_two_packs_as_two_namespaces(pack_config_path):

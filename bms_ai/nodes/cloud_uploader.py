@@ -4,11 +4,15 @@ Subscriptions are raw (CDR bytes, no deserialisation); the library
 (bms_ai.uplink) writes segments, keeps them in a durable spool and uploads
 them in its own thread. Only /diagnostics (fault snapshots, active faults) and,
 for MQTT telemetry or pseudonymisation, a few messages are deserialised.
-Its own health goes out as ``cloud_uploader: uploader``.
+Its own health goes out as ``cloud_uploader: uploader``. In a composed graph
+(bms_ai.nodes.local) the graph's own topics arrive on their publisher's
+thread and wait in a bounded inbox for the executor (the next DDS message,
+the 1 Hz tick, shutdown): the CAN reader thread never waits for spool I/O.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import os
@@ -23,6 +27,7 @@ from bms_ai.diagnostics.rules import CheckResult
 from bms_ai.graph import pack_spool_dir
 from bms_ai.nodes.common import GRAPH_SUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields_from_bytes
+from bms_ai.nodes.local import graph_subscription
 from bms_ai.uplink.config import default_config_path, load_config, parameter_overrides
 from bms_ai.uplink.schemas import normalise_type
 from bms_ai.uplink.service import UplinkService
@@ -31,6 +36,8 @@ BATTERY = "sensor_msgs/msg/BatteryState"
 DIAG = "diagnostic_msgs/msg/DiagnosticArray"
 # Reliable and deep: the recorder must not drop what it is meant to keep (file replays wait for it).
 RECORD_QOS = GRAPH_SUB_QOS
+#: messages from the graph's own publishers waiting for the executor (~1 s of a maximum-speed replay at 100x)
+INBOX_MAX = 20_000
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,6 +79,8 @@ class CloudUploaderNode(Node):
         self._last_battery: bytes | None = None
         self._subs: dict[str, Any] = {}
         self._wanted = self.svc.topics
+        self._inbox: collections.deque = collections.deque()  # (topic, type, data, class, receipt ns)
+        self.inbox_dropped = 0
         self._subscribe_known()
         self.create_timer(1.0, self._tick)
         if self.svc.telemetry is not None:
@@ -98,15 +107,32 @@ class CloudUploaderNode(Node):
                 continue
             tname = normalise_type(tname)
             pcls = self.svc.recorder.class_of(topic)
-            self._subs[topic] = self.create_subscription(
-                cls, topic, lambda data, t=full, n=tname, c=pcls: self._on_raw(t, n, data, c), RECORD_QOS, raw=True)
+            self._subs[topic] = graph_subscription(
+                self, cls, topic, lambda data, t=full, n=tname, c=pcls: self._on_raw(t, n, data, c), RECORD_QOS,
+                local=lambda data, t=full, n=tname, c=pcls: self._enqueue(t, n, data, c))
+
+    def _enqueue(self, topic: str, type_name: str, data: bytes, cls: str) -> None:
+        """A local message (publisher's thread): stamped now, recorded by the executor (:meth:`_drain`)."""
+        if len(self._inbox) >= INBOX_MAX:
+            self.inbox_dropped += 1
+            self._reject(f"{topic}: recording inbox full ({INBOX_MAX} messages)")
+            return
+        self._inbox.append((topic, type_name, data, cls, self.get_clock().now().nanoseconds))
+
+    def _drain(self) -> None:
+        """Record what waits in the inbox, in arrival order (before any newer DDS message)."""
+        inbox = self._inbox
+        while inbox:
+            self._on_raw(*inbox.popleft())
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1
         self.reject_reason = reason
 
-    def _on_raw(self, topic: str, type_name: str, data: bytes, cls: str) -> None:
-        now = self.get_clock().now().nanoseconds
+    def _on_raw(self, topic: str, type_name: str, data: bytes, cls: str, now: int | None = None) -> None:
+        if now is None:  # a DDS message: what the inbox holds is older
+            self._drain()
+            now = self.get_clock().now().nanoseconds
         try:
             if type_name == DIAG:
                 self._on_diagnostics(data, now)
@@ -145,6 +171,7 @@ class CloudUploaderNode(Node):
 
     # ---------------------------------------------------------------- timers
     def _tick(self) -> None:
+        self._drain()
         if len(self._subs) < len(self._wanted):
             self._subscribe_known()
         self.svc.tick(self.get_clock().now().nanoseconds)
@@ -167,6 +194,7 @@ class CloudUploaderNode(Node):
     def destroy_node(self) -> None:
         """Commit open segments and upload for up to shutdown_drain_s before the node goes (never raises)."""
         try:
+            self._drain()
             self.svc.close(drain_s=float(self.p["shutdown_drain_s"]))
         finally:
             super().destroy_node()

@@ -40,7 +40,7 @@ class LocalTopics:
         self.lock = threading.RLock()
         self.final = False
         self._published: dict[str, LocalPublisher] = {}  # resolved topic -> its publisher in this graph
-        self._wanted: list[tuple[Node, Any, str, str, Handler, QoSProfile]] = []  # ..., resolved and given name
+        self._wanted: list[tuple[Node, Any, str, str, Handler, Handler, QoSProfile]] = []
         self.failures = 0  # local callbacks that raised (logged; the publisher goes on)
 
     @staticmethod
@@ -61,10 +61,10 @@ class LocalTopics:
 
     def finalize(self) -> None:
         """Every node exists: a wanted topic with a publisher here is delivered locally, any other by DDS."""
-        for node, msg_type, resolved, topic, callback, qos in self._wanted:
+        for node, msg_type, resolved, topic, callback, local, qos in self._wanted:
             pub = self._published.get(resolved)
             if pub is not None:
-                pub.local.append((node, callback))
+                pub.local.append((node, local))
             else:
                 node.create_subscription(msg_type, topic, callback, qos, raw=True)
         self._wanted.clear()
@@ -104,13 +104,19 @@ class LocalPublisher:
         return self.dds.wait_for_all_acked(timeout)
 
 
-def graph_subscription(node: Node, msg_type: Any, topic: str, callback: Handler, qos: QoSProfile) -> None:
-    """Read ``topic`` as CDR bytes: locally when a node of the same composed graph publishes it, else by DDS."""
+def graph_subscription(node: Node, msg_type: Any, topic: str, callback: Handler, qos: QoSProfile,
+                       local: Handler | None = None) -> Any:
+    """Read ``topic`` as CDR bytes: locally when a node of the same composed graph publishes it, else by DDS.
+
+    ``local`` replaces ``callback`` for local delivery (it then runs on the
+    publisher's thread). Returns the DDS subscription, or True while the
+    graph is still being composed.
+    """
     graph = LocalTopics.of(node)
     if graph is None or graph.final:
-        node.create_subscription(msg_type, topic, callback, qos, raw=True)
-    else:
-        graph._wanted.append((node, msg_type, node.resolve_topic_name(topic), topic, callback, qos))
+        return node.create_subscription(msg_type, topic, callback, qos, raw=True)
+    graph._wanted.append((node, msg_type, node.resolve_topic_name(topic), topic, callback, local or callback, qos))
+    return True
 
 
 def callback_lock(node: Node) -> Any:
