@@ -363,25 +363,33 @@ def _replay_graph(log: Path, nodes: str, speed: float, timeout: float,
         t0 = time.monotonic()
         runner.spin(until=lambda: bool(b.reader_failed)
                     or (b.source.finished and est.steps + est.rejected >= b.samples_published), duration=timeout)
-        return {"failed": b.reader_failed, "published": b.samples_published, "steps": est.steps,
-                "rejected": est.rejected, "wall_s": time.monotonic() - t0}
+        got = {"failed": b.reader_failed, "published": b.samples_published, "steps": est.steps,
+               "rejected": est.rejected, "wall_s": time.monotonic() - t0, "local": runner.local is not None}
+        if "cloud_uploader" in nodes:  # what it recorded once its inbox is empty
+            up = runner.node("cloud_uploader")
+            runner.spin(until=lambda: not up._inbox, duration=30)
+            got.update(recorded=up.svc.recorder.stats.messages, inbox_dropped=up.inbox_dropped)
+        return got
     finally:
         runner.shutdown()
 
 
-def test_hour_drive_at_maximum_speed_reaches_the_estimator_whole(hour_drive):
+@pytest.mark.parametrize("local", ["1", "0"])
+def test_hour_drive_at_maximum_speed_reaches_the_estimator_whole(hour_drive, local, monkeypatch):
     """`bms-ai run --can-log <1 h drive> --speed 0`: every one of the 36,000 instants reaches the estimator.
 
-    The estimator takes a sample per executor turn, far slower than the bridge decodes; readers in one
-    process get a sample once, and a KEEP_ALL reader history that filled (5000) used to lose samples for
-    good, stall the writer and kill the reader thread (RCLError: cannot publish data) after ~5,000 samples.
-    The replay is now held READER_LEAD samples ahead of its readers.
+    Handed over in process (bms_ai.nodes.local), and through DDS as with one process per node
+    (``BMS_AI_LOCAL_DELIVERY=0``): there the estimator takes a sample per executor turn, far slower than
+    the bridge decodes; readers in one process get a sample once, and a KEEP_ALL reader history that
+    filled (5000) used to lose samples for good, stall the writer and kill the reader thread (RCLError:
+    cannot publish data) after ~5,000 samples. The replay is now held READER_LEAD samples ahead of its readers.
     """
+    monkeypatch.setenv("BMS_AI_LOCAL_DELIVERY", local)
     # the classical estimator: delivery is under test, not estimation (the ONNX step doubles its time)
     got = _replay_graph(hour_drive, "can_bridge,estimator", 0.0, timeout=300, overrides={"estimator": {"use_models": False}})
     assert got["failed"] == "" and got["published"] == 36_000, got
     assert got["steps"] == 36_000 and got["rejected"] == 0, got
-    assert READER_LEAD < 5000
+    assert READER_LEAD < 5000 and got["local"] == (local == "1")
 
 
 @pytest.mark.slow
@@ -395,6 +403,7 @@ def test_hour_drive_through_the_whole_graph(hour_drive, speed):
                         overrides={"can_bridge": {"stale_after": 30.0}})  # no silence samples after the drive
     assert got["failed"] == "" and got["published"] == 36_000, got
     assert got["steps"] == 36_000 and got["rejected"] == 0, got
+    assert got["recorded"] >= 72_000 and got["inbox_dropped"] == 0, got  # every sample and estimate recorded
 
 
 # ----------------------------------------------------------------------------- UDS polling in the bridge

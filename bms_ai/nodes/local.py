@@ -21,6 +21,7 @@ reader is a DDS subscription.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from rclpy.qos import QoSProfile
 Handler = Callable[[bytes], None]
 
 _GRAPHS: dict[int, LocalTopics] = {}  # id(context) -> the composed graph using it
+LOCAL_ENV = "BMS_AI_LOCAL_DELIVERY"  # '0': every reader through DDS, as in one process per node (comparison, debugging)
 
 
 class LocalTopics:
@@ -44,8 +46,10 @@ class LocalTopics:
         self.failures = 0  # local callbacks that raised (logged; the publisher goes on)
 
     @staticmethod
-    def attach(context: Any) -> LocalTopics:
-        """Start composing a graph on ``context``: nodes made from now on register here."""
+    def attach(context: Any) -> LocalTopics | None:
+        """Start composing a graph on ``context``: nodes made from now on register here (None: switched off)."""
+        if os.environ.get(LOCAL_ENV, "1") == "0":
+            return None
         graph = _GRAPHS[id(context)] = LocalTopics()
         return graph
 

@@ -71,7 +71,8 @@ class GraphRunner:
                 self.nodes.append(node)
                 self.executor.add_node(node)
                 _check_declared(node, spec)
-            self.local.finalize()
+            if self.local is not None:
+                self.local.finalize()
         except BaseException:
             self.shutdown()
             raise
