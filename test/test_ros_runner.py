@@ -75,12 +75,12 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
     bridge, est, fm, up = (runner.node(n) for n in ("can_bridge", "estimator", "fault_monitor", "cloud_uploader"))
     dds_topics = {s.topic_name for n in (est, fm, up) for s in n.subscriptions}
     assert not dds_topics & {"/bms/pack/measurements", "/bms/battery_state"}, dds_topics
-    assert [n for n, _ in bridge.pub.local] == [est, fm, up] and [n for n, _ in est.pub.local] == [fm, up]
+    assert [n for n, *_ in bridge.pub.local] == [est, fm, up] and [n for n, *_ in est.pub.local] == [fm, up]
 
     def broken(_data: bytes) -> None:
         raise ValueError("reader fault")
 
-    bridge.pub.local.append((fm, broken))
+    bridge.pub.local.append((fm, broken, runner.local.lock_of(fm)))
     ctx = Context()
     rclpy.init(context=ctx)
     probe = Node("local_probe", context=ctx)

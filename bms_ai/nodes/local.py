@@ -4,23 +4,25 @@ rclpy has no intra-process communication: a sample that the bridge publishes
 reaches the estimator and the fault monitor in the same process through DDS,
 one copy, one middleware event and one executor turn per reader, and the
 estimator's step then runs on a thread that woke only for it. Measured at
-nominal traffic (BENCHMARKS.md) that was a sixth of the graph's CPU and most
-of its frame -> battery_state latency.
+nominal traffic (BENCHMARKS.md) that was about a fifth of the graph's CPU and
+a quarter of its frame -> battery_state latency.
 
 In a graph composed by :class:`bms_ai.ros.runner.GraphRunner`, a topic that a
 node of the same graph publishes is therefore handed to that graph's readers
 directly: :meth:`LocalPublisher.publish` still publishes through DDS (tools,
 recorders and other processes see every message), then calls each local
-reader's callback with the same CDR bytes on the publishing thread. One lock
-per graph (:func:`callback_lock`) keeps each node's callbacks mutually
-exclusive, as a single-threaded executor did. Outside a composed graph
+reader's callback with the same CDR bytes on the publishing thread, holding
+that reader's node lock; the node's executor callbacks hold it too
+(:func:`guarded`), so each node's callbacks stay mutually exclusive as under
+a single-threaded executor. A callback that publishes (the estimator's)
+takes its readers' locks inside its own, and no reader publishes back to its
+publisher, so the locks never form a cycle. Outside a composed graph
 (``ros2 run``, ``ros2 launch``: one node per process) nothing changes: every
 reader is a DDS subscription.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -39,7 +41,7 @@ class LocalTopics:
     """The local readers of one composed graph, resolved once every node exists."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self._locks: dict[Node, threading.RLock] = {}
         self.final = False
         self._published: dict[str, LocalPublisher] = {}  # resolved topic -> its publisher in this graph
         self._wanted: list[tuple[Node, Any, str, str, Handler, Handler, QoSProfile]] = []
@@ -68,11 +70,18 @@ class LocalTopics:
         for node, msg_type, resolved, topic, callback, local, qos in self._wanted:
             pub = self._published.get(resolved)
             if pub is not None:
-                pub.local.append((node, local))
+                pub.local.append((node, local, self.lock_of(node)))
             else:
                 node.create_subscription(msg_type, topic, callback, qos, raw=True)
         self._wanted.clear()
         self.final = True
+
+    def lock_of(self, node: Node) -> threading.RLock:
+        """The lock ``node``'s callbacks hold, on the executor and when a local publisher calls them."""
+        lock = self._locks.get(node)
+        if lock is None:
+            lock = self._locks[node] = threading.RLock()
+        return lock
 
 
 class LocalPublisher:
@@ -81,7 +90,7 @@ class LocalPublisher:
     def __init__(self, node: Node, msg_type: Any, topic: str, qos: QoSProfile) -> None:
         self.dds = node.create_publisher(msg_type, topic, qos)
         self.topic = self.dds.topic_name
-        self.local: list[tuple[Node, Handler]] = []
+        self.local: list[tuple[Node, Handler, threading.RLock]] = []  # reader node, callback, its lock
         self._graph = LocalTopics.of(node)
         if self._graph is not None:
             self._graph._published[self.topic] = self
@@ -89,15 +98,14 @@ class LocalPublisher:
     def publish(self, data: bytes) -> None:
         """Publish to DDS, then hand the bytes to each local reader (in order, on this thread)."""
         self.dds.publish(data)
-        if self.local:
-            with self._graph.lock:
-                for node, callback in self.local:
-                    try:
-                        callback(data)
-                    except Exception as exc:  # noqa: BLE001  (a reader's fault must not stop the publisher)
-                        self._graph.failures += 1
-                        node.get_logger().error(f"{self.topic}: callback failed: {type(exc).__name__}: {exc}",
-                                                throttle_duration_sec=5.0)
+        for node, callback, lock in self.local:
+            with lock:
+                try:
+                    callback(data)
+                except Exception as exc:  # noqa: BLE001  (a reader's fault must not stop the publisher)
+                    self._graph.failures += 1
+                    node.get_logger().error(f"{self.topic}: callback failed: {type(exc).__name__}: {exc}",
+                                            throttle_duration_sec=5.0)
 
     def get_subscription_count(self) -> int:
         """Readers of this topic: DDS subscriptions plus this graph's local readers."""
@@ -123,18 +131,12 @@ def graph_subscription(node: Node, msg_type: Any, topic: str, callback: Handler,
     return True
 
 
-def callback_lock(node: Node) -> Any:
-    """What a node holds in executor callbacks that share state with its local readers (no-op alone)."""
-    graph = LocalTopics.of(node)
-    return graph.lock if graph is not None else contextlib.nullcontext()
-
-
 def guarded(node: Node, callback: Callable[..., Any]) -> Callable[..., Any]:
-    """``callback`` holding :func:`callback_lock` (for the executor: timers, DDS readers of a local reader's node)."""
+    """``callback`` holding ``node``'s lock in a composed graph (its timers and DDS readers); as is alone."""
     graph = LocalTopics.of(node)
     if graph is None:
         return callback
-    lock = graph.lock
+    lock = graph.lock_of(node)
 
     def locked(*args: Any) -> Any:
         with lock:
