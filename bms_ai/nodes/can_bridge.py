@@ -142,7 +142,6 @@ class CanBridgeNode(Node):
         self._thread = threading.Thread(target=self._run, name="can_bridge_reader", daemon=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.watchdog_tick = watchdog_period(p["rate_hz"], p["stale_after"])
-        self._watchdog_ns = int(self.watchdog_tick * 1e9)
         self.watchdog = self.create_timer(self.watchdog_tick, self._watchdog, clock=steady)
         self._diag_timer = self.create_timer(1.0, self._update_diagnostics, clock=steady)
         self._update_diagnostics()
@@ -379,9 +378,7 @@ class CanBridgeNode(Node):
         """The next tick: at the sample rate while silent or late, else when silence could go STALE."""
         delay = (self.watchdog_tick if self._reported_late
                  else watchdog_delay(self.silence(), self.p["stale_after"], self.watchdog_tick))
-        ns = int(delay * 1e9)
-        if ns != self._watchdog_ns:
-            self._watchdog_ns = self.watchdog.timer_period_ns = ns
+        self.watchdog.timer_period_ns = int(delay * 1e9)
         self.watchdog.reset()  # from now: the next tick is ``delay`` away
 
     def _update_diagnostics(self, periodic: bool = True) -> None:

@@ -148,6 +148,8 @@ class Diagnostics:
 
 
 EXECUTOR_ENV = "BMS_AI_EXECUTOR"  # 'single' forces rclpy's SingleThreadedExecutor (comparison, debugging)
+#: how often a spin stopped by a signal or a duration checks (each check wakes two threads)
+SIGNAL_POLL_S = 0.5
 
 
 def make_executor(context: Any = None) -> Any:
@@ -311,7 +313,7 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
         executor = make_executor()
         executor.add_node(node)
         signals.spinning = True
-        spin_executor(executor, done=lambda: signals.stopping, period_s=0.5)  # Ctrl-C noticed within 0.5 s
+        spin_executor(executor, done=lambda: signals.stopping, period_s=SIGNAL_POLL_S)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
     finally:

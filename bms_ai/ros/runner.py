@@ -142,13 +142,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"bms-ai run: error: {exc}", file=sys.stderr)
         return 2
     print(f"bms-ai run: {', '.join(s.fqn for s in specs)}", file=sys.stderr)
-    from bms_ai.nodes.common import ShutdownSignals
+    from bms_ai.nodes.common import SIGNAL_POLL_S, ShutdownSignals
 
     signals = ShutdownSignals().install()
     signals.spinning = True
     try:
-        # a signal or the end of --duration is noticed within half a second (fewer wake-ups than 0.1 s)
-        runner.spin(until=lambda: signals.stopping, duration=duration, poll_s=0.5)
+        runner.spin(until=lambda: signals.stopping, duration=duration, poll_s=SIGNAL_POLL_S)
     finally:
         signals.shutting_down()
         try:
