@@ -157,7 +157,8 @@ class LearnedEta:
         the ECM for them) and (number of refused cells, the guard's reason).
         """
         t0 = time.perf_counter()
-        x = feats if np.isfinite(feats.sum()) else np.nan_to_num(feats)   # one reduction in the usual case
+        # one reduction in the usual case (the ufunc itself: ndarray.sum adds a Python frame every cycle)
+        x = feats if math.isfinite(np.add.reduce(feats, axis=None)) else np.nan_to_num(feats)
         outs, verdict = self.model.run_guarded(x)
         infer = time.perf_counter() - t0
         n = feats.shape[0]
@@ -168,9 +169,11 @@ class LearnedEta:
             nan = np.full(n, np.nan)
             return EtaTerms(eta=nan, sig_slow=nan, sig_fast=nan, in_domain=good, infer_s=infer), (n, why)
         eta = outs[0].reshape(-1).astype(np.float64)
-        sigma = np.clip(outs[1].reshape(-1).astype(np.float64), 1e-4, self.sigma_max)
+        sigma = np.minimum(np.maximum(outs[1].reshape(-1).astype(np.float64), 1e-4), self.sigma_max)  # NaN stays NaN
         ok = good & (np.abs(eta) < 2.0) & np.isfinite(sigma)   # |NaN| < 2 is False
-        dom = ok & ((feats >= self.lo_m) & (feats <= self.hi_m)).all(axis=-1)
+        inside = (feats >= self.lo_m) & (feats <= self.hi_m)
+        # every cell inside the domain (the usual case) is one reduction; the per-cell answer only otherwise
+        dom = ok if np.logical_and.reduce(inside, axis=None) else ok & inside.all(axis=-1)
         e = self.error
         terms = EtaTerms(eta=eta if ok.all() else np.where(ok, eta, np.nan), sig_slow=e.slow_scale * sigma + e.slow_floor,
                          sig_fast=e.fast_scale * sigma + e.fast_floor, in_domain=dom, infer_s=infer)

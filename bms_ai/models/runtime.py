@@ -60,6 +60,7 @@ class OutputGuard:
         self.out_of_range = 0
         self.bad_shape = 0
         self.last_reason = ""
+        self._passed: dict[int, np.ndarray] = {}   # rows -> a read-only all-True verdict (the usual answer)
 
     def check(self, outputs: list[np.ndarray], rows: int | None = None) -> GuardVerdict:
         """The verdict for one inference's outputs (in manifest order), counted.
@@ -75,7 +76,7 @@ class OutputGuard:
             return self.refuse(n, f"outputs {[a.shape for a in arrays]} do not match "
                                   f"{[s.name for s in self.specs]} (one row per batch element, {n} rows)")
         if n and self._all_inside(arrays):   # the usual case, two reductions per output
-            return self._count(GuardVerdict(np.ones(n, dtype=bool)), passed=True)
+            return self._count(GuardVerdict(self._all_rows(n)), passed=True)
         ok = np.ones(n, dtype=bool)
         for (low, high), a in zip(self.bounds, arrays):
             v = a.reshape(n, -1)
@@ -87,10 +88,19 @@ class OutputGuard:
             return self._count(GuardVerdict(ok), passed=n > 0)
         return self._count(GuardVerdict(ok, self._explain(arrays, n)))
 
+    def _all_rows(self, n: int) -> np.ndarray:
+        """The all-passed verdict for ``n`` rows, made once (read-only: callers combine it, never change it)."""
+        ok = self._passed.get(n)
+        if ok is None:
+            ok = self._passed[n] = np.ones(n, dtype=bool)
+            ok.flags.writeable = False
+        return ok
+
     def _all_inside(self, arrays: list[np.ndarray]) -> bool:
         """Every value finite and within range: min and max decide it (a NaN makes both NaN, which fails)."""
         for (low, high), a in zip(self.bounds, arrays):
-            lo, hi = float(a.min()), float(a.max())
+            # the ufunc reductions themselves: ndarray.min/max add a Python frame each (every estimator cycle)
+            lo, hi = float(np.minimum.reduce(a, axis=None)), float(np.maximum.reduce(a, axis=None))
             if not (low <= lo and hi <= high and math.isfinite(lo) and math.isfinite(hi)):
                 return False
         return True
