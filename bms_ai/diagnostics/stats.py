@@ -17,6 +17,11 @@ import numpy as np
 
 from bms_ai.pack import PackSample
 
+try:  # np.count_nonzero's C function: the public one adds two Python calls (dispatch, axis) to every count
+    from numpy._core.multiarray import count_nonzero
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import count_nonzero  # type: ignore[no-redef]  # noqa: F401
+
 
 def amax(a: np.ndarray) -> float:
     """``float(a.max())`` of a non-empty 1-D array: argmax and the element (the method costs several times more).
@@ -133,8 +138,13 @@ class SampleStats:
     @classmethod
     def of(cls, s: PackSample, buffers: tuple[np.ndarray, np.ndarray] | None = None) -> SampleStats:
         """Reduce a sample's cell voltages and temperatures (``buffers``: scratch for the two medians)."""
-        v = np.asarray(s.cell_voltages, dtype=float)
-        temps = np.asarray(s.cell_temperatures, dtype=float)
+        return cls.of_arrays(np.asarray(s.cell_voltages, dtype=float), np.asarray(s.cell_temperatures, dtype=float),
+                             buffers)
+
+    @classmethod
+    def of_arrays(cls, v: np.ndarray, temps: np.ndarray,
+                  buffers: tuple[np.ndarray, np.ndarray] | None = None) -> SampleStats:
+        """:meth:`of` on a sample's float arrays the caller already converted (and checked)."""
         bv, bt = buffers if buffers is not None else (None, None)
         gv = _group(v, bv)
         sum_v = float(_add(v)) if gv.all_finite else math.nan  # v.sum() without the method's wrapper
