@@ -394,8 +394,7 @@ class RuleEngine:
         the ones used stay in :attr:`stats` (the monitor hands them to the detectors).
         """
         self.ticks += 1
-        v = np.asarray(s.cell_voltages, dtype=float)
-        temps = np.asarray(s.cell_temperatures, dtype=float)
+        v, temps = _floats(s.cell_voltages), _floats(s.cell_temperatures)
         if v.shape != (self.n_cells,) or temps.shape != (self.n_temps,):
             raise ValueError(f"sample has {v.size} cells / {temps.size} sensors, engine expects "
                              f"{self.n_cells} / {self.n_temps}")
@@ -583,10 +582,10 @@ class RuleEngine:
             stale.append("pack_voltage")
         if not (t - s.pack_current_stamp <= stale_s):
             stale.append("pack_current")
-        n_old = _n_stale(np.asarray(s.cell_voltage_stamps, dtype=float), t, stale_s)
+        n_old = _n_stale(_floats(s.cell_voltage_stamps), t, stale_s)
         if n_old:
             stale.append(f"cell_voltage[{n_old}]")
-        n_old = _n_stale(np.asarray(s.cell_temperature_stamps, dtype=float), t, stale_s)
+        n_old = _n_stale(_floats(s.cell_temperature_stamps), t, stale_s)
         if n_old:
             stale.append(f"cell_temperature[{n_old}]")
         if self._missing:
@@ -688,6 +687,11 @@ def _mean(g: _Group, total: float) -> float:
     if g.all_finite:
         return total / g.values.size if g.values.size else math.nan
     return float(np.nanmean(g.values)) if g.any_finite else math.nan
+
+
+def _floats(a: np.ndarray) -> np.ndarray:
+    """``np.asarray(a, dtype=float)``: a sample's float64 arrays as they are (the conversion is a numpy call)."""
+    return a if type(a) is np.ndarray and a.dtype is _F64 else np.asarray(a, dtype=float)
 
 
 def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:

@@ -84,6 +84,18 @@ def _median_signed(a: np.ndarray, b: np.ndarray) -> float:
     return math.nan if math.isnan(b[-1]) else float(m)
 
 
+_PLACES: dict[int, np.ndarray] = {}
+
+
+def _places(n: int) -> np.ndarray:
+    """Where a sorted group of ``n`` holds its minimum, the two middle values (one twice if odd), its maximum."""
+    idx = _PLACES.get(n)
+    if idx is None:
+        h = n // 2
+        idx = _PLACES[n] = np.array([0, h - 1 if n % 2 == 0 else h, h, n - 1], dtype=np.intp)
+    return idx
+
+
 class _Group:
     """One group of readings (cell voltages or temperature sensors) reduced once."""
 
@@ -106,14 +118,27 @@ class _Group:
 
 
 def _group(a: np.ndarray, buf: np.ndarray | None) -> _Group:
-    """Extremes, median and completeness of one group; NaN / -1 where nothing is finite."""
+    """Extremes, median and completeness of one group; NaN / -1 where nothing is finite.
+
+    A complete group takes its extremes and middle values from one sorted copy
+    in one read (``take`` of the four places, as a list): the values of
+    argmax / argmin and of :func:`median` (equal non-zero floats are the same
+    bits; a zero extreme or middle takes numpy's own reduction, as there).
+    """
     n = a.size
     if n:
-        imax, imin = int(a.argmax()), int(a.argmin())  # a NaN is both (the first one): finite ends = all finite
-        vmax, vmin = a.item(imax), a.item(imin)
+        b = buf if buf is not None and buf.size == n else np.empty(n)
+        b[:] = a
+        b.sort()  # a NaN sorts last
+        vmin, lo, hi, vmax = b.take(_places(n)).tolist()
         if math.isfinite(vmax) and math.isfinite(vmin):
+            imax, imin = int(a.argmax()), int(a.argmin())
+            if lo == 0.0 or hi == 0.0:
+                med = _median_signed(a, b)
+            else:
+                med = (lo + hi) / 2 if n % 2 == 0 else hi  # np.mean of the middle: their sum over the count
             return _Group(a, None, True, True, True, amax(a) if vmax == 0.0 else vmax,
-                          amin(a) if vmin == 0.0 else vmin, imax, imin, median(a, buf))
+                          amin(a) if vmin == 0.0 else vmin, imax, imin, med)
     finite = np.isfinite(a)
     count = int(finite.sum())
     if not count:
