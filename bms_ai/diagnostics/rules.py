@@ -359,6 +359,7 @@ class RuleEngine:
         self._charge_ramps = _ramps(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
         self._discharge_ramps = _ramps(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
         self._derating_msg = (math.nan, math.nan, "")   # derating: currents and their message
+        self._derating_t = (math.nan, math.nan, 0.0, 0.0)  # derating: temperature extremes and their factors
 
     # ------------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -633,6 +634,16 @@ class RuleEngine:
             r.message = " and ".join(({0: "SOC jump", 1: "model fallback active"})[k] for k in idx)
         return r
 
+    def _temperature_factors(self, tmin: float, tmax: float) -> tuple[float, float]:
+        """The charge and discharge temperature factors; the last ones while the extremes stand still (most ticks)."""
+        last_min, last_max, f_tc, f_td = self._derating_t
+        if _same(tmin, last_min) and _same(tmax, last_max):
+            return f_tc, f_td
+        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
+            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
+        self._derating_t = (tmin, tmax, f_tc, f_td)
+        return f_tc, f_td
+
     def derating(self, v: np.ndarray, temps: np.ndarray, stats: SampleStats | None = None) -> CheckResult:
         """Recommended charge/discharge current (foxBMS SOF trapezoid: temperature x voltage headroom)."""
         cfg, dr = self.cfg, self.cfg.derating
@@ -640,8 +651,7 @@ class RuleEngine:
             tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
         else:
             tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
-        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
-            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
+        f_tc, f_td = self._temperature_factors(tmin, tmax)
         f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
