@@ -58,3 +58,18 @@ def test_sample_stats_match_numpy_reductions() -> None:
     st = SampleStats.of(s)
     assert not st.t.all_finite and st.t.any_finite and st.t.mostly_valid
     assert (st.t.max, st.t.argmin, st.t.median) == (np.nanmax(temps), np.nanargmin(temps), np.nanmedian(temps))
+
+
+@pytest.mark.parametrize("a", _cases(), ids=lambda a: f"n{a.size}")
+def test_group_reductions_are_numpys_bit_for_bit(a: np.ndarray) -> None:
+    """Extremes, where they are and the median of a group (ties, signed zeros, NaN, inf) as numpy finds them."""
+    from bms_ai.diagnostics.stats import _group
+
+    g = _group(a, np.empty(a.size))
+    if not np.isfinite(a).all():  # the NaN-aware path (unchanged, covered above): only flagged here
+        assert not g.all_finite
+        return
+    want = (float(a.max()), float(a.min()), float(np.median(a)))
+    assert [_bits(x) for x in (g.max, g.min, g.median)] == [_bits(x) for x in want]
+    assert (g.argmax, g.argmin) == (int(a.argmax()), int(a.argmin()))
+    assert g.all_finite and g.mostly_valid

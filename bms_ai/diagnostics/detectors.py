@@ -342,6 +342,7 @@ class DetectorBank:
         self._buffers = (np.empty(n_cells), np.empty(n_temps))
         self._leak_cache: tuple[tuple[np.ndarray, ...], dict[str, Any], float] | None = None
         self._cusum_cache: tuple[np.ndarray, int, float] | None = None
+        self._drift_cache: tuple[np.ndarray, np.ndarray, int, float, float] | None = None
         self._plating_model: dict[str, Any] | None = None  # see _plating_model_values
         self._sensor_cells = [f"{3 * k}..{3 * k + 2}" for k in range(n_temps)]  # the cells near each sensor
 
@@ -489,7 +490,10 @@ class DetectorBank:
 
     def _imbalance_result(self) -> CheckResult:
         j = self.drift_cell
-        kv = {"max_drift_v": float(self.drift[j]), "max_drift_cell": j, "drift_rate_v_per_h": float(self.drift_rate[j])}
+        cached = self._drift_cache  # the drifts change only with a fit, which replaces the arrays
+        if cached is None or cached[0] is not self.drift or cached[1] is not self.drift_rate or cached[2] != j:
+            cached = self._drift_cache = (self.drift, self.drift_rate, j, self.drift.item(j), self.drift_rate.item(j))
+        kv = {"max_drift_v": cached[3], "max_drift_cell": j, "drift_rate_v_per_h": cached[4]}
         return self.imbalance_rule.result(self.drift, "no growing imbalance", kv, " V drift")
 
     def _fit(self) -> None:

@@ -17,10 +17,11 @@ import numpy as np
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
-from bms_ai.diagnostics.stats import SampleStats, _Group, amin
+from bms_ai.diagnostics.stats import SampleStats, _Group, amin, count_nonzero
 from bms_ai.pack import PackSample
 
-TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
+TIER_LEVEL = (WARN, WARN, ERROR)
+_F64 = np.dtype(np.float64)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
 
 
 @dataclass(slots=True)
@@ -175,6 +176,10 @@ def active_events(rules: Iterable[_Rule]) -> list[Event]:
 
 def _element(values: np.ndarray | float, i: int, n: int) -> float:
     """Element ``i`` of per-element ``values`` of length ``n``, or the one value shared by all."""
+    if type(values) is float:
+        return values
+    if type(values) is np.ndarray and values.dtype is _F64 and values.ndim == 1 and values.size == n:
+        return values.item(i)
     a = np.asarray(values, dtype=float)
     if a.size not in (1, n):
         raise ValueError(f"{a.size} values for {n} elements")
@@ -215,9 +220,12 @@ class _LimitRule(_Rule):
             self._thr_in = self._thr - self.hyst if limits.upper else self._thr + self.hyst  # back inside
             thr = [x for x in limits.as_tuple() if not math.isnan(x)]
             self._bound = (min(thr) if limits.upper else max(thr)) if thr else math.nan
-        if extreme is not None and self.skips(extreme > self._bound if limits.upper else extreme < self._bound):
+        # self.skips() inline (this runs for six limits every tick)
+        if extreme is not None and self.deb.idle and \
+                not (extreme > self._bound if limits.upper else extreme < self._bound):
             return
-        values = np.atleast_1d(np.asarray(values, dtype=float))
+        if type(values) is not np.ndarray or values.dtype is not _F64 or values.ndim != 1:
+            values = np.atleast_1d(np.asarray(values, dtype=float))
         thr = self._thr
         if limits.upper:
             viol = values > thr
@@ -257,7 +265,7 @@ class _FrozenTracker:
         np.subtract(values, self.last, out=d)
         np.abs(d, out=d)
         np.less_equal(d, self.eps, out=changed)  # unchanged, for now
-        if np.count_nonzero(changed) != n:
+        if count_nonzero(changed) != n:
             np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
             np.copyto(self.last, values, where=changed)
             now = self._now
@@ -351,6 +359,7 @@ class RuleEngine:
         self._charge_ramps = _ramps(tl.charge_under.mol, *dr.charge_temperature_full, tl.charge_over.mol)
         self._discharge_ramps = _ramps(tl.discharge_under.mol, *dr.discharge_temperature_full, tl.discharge_over.mol)
         self._derating_msg = (math.nan, math.nan, "")   # derating: currents and their message
+        self._derating_t = (math.nan, math.nan, 0.0, 0.0)  # derating: temperature extremes and their factors
 
     # ------------------------------------------------------------------ public
     def not_monitored(self, checks: Iterable[str], reason: str) -> None:
@@ -386,12 +395,11 @@ class RuleEngine:
         the ones used stay in :attr:`stats` (the monitor hands them to the detectors).
         """
         self.ticks += 1
-        v = np.asarray(s.cell_voltages, dtype=float)
-        temps = np.asarray(s.cell_temperatures, dtype=float)
+        v, temps = _floats(s.cell_voltages), _floats(s.cell_temperatures)
         if v.shape != (self.n_cells,) or temps.shape != (self.n_temps,):
             raise ValueError(f"sample has {v.size} cells / {temps.size} sensors, engine expects "
                              f"{self.n_cells} / {self.n_temps}")
-        st = self.stats = stats if stats is not None else SampleStats.of(s, self.buffers)
+        st = self.stats = stats if stats is not None else SampleStats.of_arrays(v, temps, self.buffers)
         i = float(s.pack_current)
         out = self._limits(st, i, t)
         out += self._plausibility(s, st, t)
@@ -526,7 +534,7 @@ class RuleEngine:
                  self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
         possible = False
         for f in parts:
-            if f is not None and np.count_nonzero(f):
+            if f is not None and count_nonzero(f):
                 possible = True
                 break
         sig = None
@@ -546,7 +554,7 @@ class RuleEngine:
         open_contactors = contactors is not None and math.isfinite(contactors) and contactors == 0
         at_rest = math.isfinite(i) and (open_contactors or abs(i) < p.rest_current_a)
         # the cell mean (the same sum numpy's nanmean takes) is needed only at rest
-        vmean = _mean(st.v) if at_rest else math.nan
+        vmean = _mean(st.v, st.sum_v) if at_rest else math.nan
         if at_rest and math.isfinite(self._rest_start) and not open_contactors and \
                 abs(vmean - self._rest_vref) > p.rest_voltage_drift_v:
             at_rest = False  # voltage moves: a real (small) load, not an offset
@@ -575,10 +583,10 @@ class RuleEngine:
             stale.append("pack_voltage")
         if not (t - s.pack_current_stamp <= stale_s):
             stale.append("pack_current")
-        n_old = _n_stale(np.asarray(s.cell_voltage_stamps, dtype=float), t, stale_s)
+        n_old = _n_stale(_floats(s.cell_voltage_stamps), t, stale_s)
         if n_old:
             stale.append(f"cell_voltage[{n_old}]")
-        n_old = _n_stale(np.asarray(s.cell_temperature_stamps, dtype=float), t, stale_s)
+        n_old = _n_stale(_floats(s.cell_temperature_stamps), t, stale_s)
         if n_old:
             stale.append(f"cell_temperature[{n_old}]")
         if self._missing:
@@ -626,6 +634,16 @@ class RuleEngine:
             r.message = " and ".join(({0: "SOC jump", 1: "model fallback active"})[k] for k in idx)
         return r
 
+    def _temperature_factors(self, tmin: float, tmax: float) -> tuple[float, float]:
+        """The charge and discharge temperature factors; the last ones while the extremes stand still (most ticks)."""
+        last_min, last_max, f_tc, f_td = self._derating_t
+        if _same(tmin, last_min) and _same(tmax, last_max):
+            return f_tc, f_td
+        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
+            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
+        self._derating_t = (tmin, tmax, f_tc, f_td)
+        return f_tc, f_td
+
     def derating(self, v: np.ndarray, temps: np.ndarray, stats: SampleStats | None = None) -> CheckResult:
         """Recommended charge/discharge current (foxBMS SOF trapezoid: temperature x voltage headroom)."""
         cfg, dr = self.cfg, self.cfg.derating
@@ -633,8 +651,7 @@ class RuleEngine:
             tmin, tmax, vmax, vmin = stats.t.min, stats.t.max, stats.v.max, stats.v.min
         else:
             tmin, tmax, vmax, vmin = _nanmin(temps), _nanmax(temps), _nanmax(v), _nanmin(v)
-        f_tc, f_td = (_trapezoid(tmin, tmax, *self._charge_ramps), _trapezoid(tmin, tmax, *self._discharge_ramps)) \
-            if math.isfinite(tmin) and math.isfinite(tmax) else (0.0, 0.0)
+        f_tc, f_td = self._temperature_factors(tmin, tmax)
         f_vc = _clip01((cfg.cell_over.mol - vmax) / dr.voltage_headroom_v) if math.isfinite(vmax) else 0.0
         f_vd = _clip01((vmin - cfg.cell_under.mol) / dr.voltage_headroom_v) if math.isfinite(vmin) else 0.0
         ic, idis = dr.max_charge_a * f_tc * f_vc, dr.max_discharge_a * f_td * f_vd
@@ -672,18 +689,26 @@ def _trapezoid(tmin: float, tmax: float, lo0: float, lo_span: float, hi0: float,
     return float(min(_clip01((tmin - lo0) / lo_span), _clip01((hi0 - tmax) / hi_span)))
 
 
-def _mean(g: _Group) -> float:
-    """The group's mean ignoring NaN (np.nanmean's value: the same pairwise sum over the same count)."""
+def _mean(g: _Group, total: float) -> float:
+    """The group's mean ignoring NaN (np.nanmean's value: the same pairwise sum over the same count).
+
+    ``total``: the group's sum when it is complete (:attr:`SampleStats.sum_v`, the same reduction).
+    """
     if g.all_finite:
-        return float(g.values.sum() / g.values.size) if g.values.size else math.nan
+        return total / g.values.size if g.values.size else math.nan
     return float(np.nanmean(g.values)) if g.any_finite else math.nan
+
+
+def _floats(a: np.ndarray) -> np.ndarray:
+    """``np.asarray(a, dtype=float)``: a sample's float64 arrays as they are (the conversion is a numpy call)."""
+    return a if type(a) is np.ndarray and a.dtype is _F64 else np.asarray(a, dtype=float)
 
 
 def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:
     """How many stamps are older than ``stale_s`` at ``t`` (NaN counts as stale)."""
     if not stamps.size:
         return 0
-    if t - amin(stamps) <= stale_s:  # the oldest is fresh (a NaN anywhere makes min NaN: counted below)
+    if t - stamps.item(stamps.argmin()) <= stale_s:  # the oldest is fresh (argmin finds a NaN first: counted)
         return 0
     return int((~(t - stamps <= stale_s)).sum())
 

@@ -17,6 +17,11 @@ import numpy as np
 
 from bms_ai.pack import PackSample
 
+try:  # np.count_nonzero's C function: the public one adds two Python calls (dispatch, axis) to every count
+    from numpy._core.multiarray import count_nonzero
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import count_nonzero  # type: ignore[no-redef]  # noqa: F401
+
 
 def amax(a: np.ndarray) -> float:
     """``float(a.max())`` of a non-empty 1-D array: argmax and the element (the method costs several times more).
@@ -79,6 +84,18 @@ def _median_signed(a: np.ndarray, b: np.ndarray) -> float:
     return math.nan if math.isnan(b[-1]) else float(m)
 
 
+_PLACES: dict[int, np.ndarray] = {}
+
+
+def _places(n: int) -> np.ndarray:
+    """Where a sorted group of ``n`` holds its minimum, the two middle values (one twice if odd), its maximum."""
+    idx = _PLACES.get(n)
+    if idx is None:
+        h = n // 2
+        idx = _PLACES[n] = np.array([0, h - 1 if n % 2 == 0 else h, h, n - 1], dtype=np.intp)
+    return idx
+
+
 class _Group:
     """One group of readings (cell voltages or temperature sensors) reduced once."""
 
@@ -101,14 +118,27 @@ class _Group:
 
 
 def _group(a: np.ndarray, buf: np.ndarray | None) -> _Group:
-    """Extremes, median and completeness of one group; NaN / -1 where nothing is finite."""
+    """Extremes, median and completeness of one group; NaN / -1 where nothing is finite.
+
+    A complete group takes its extremes and middle values from one sorted copy
+    in one read (``take`` of the four places, as a list): the values of
+    argmax / argmin and of :func:`median` (equal non-zero floats are the same
+    bits; a zero extreme or middle takes numpy's own reduction, as there).
+    """
     n = a.size
     if n:
-        imax, imin = int(a.argmax()), int(a.argmin())  # a NaN is both (the first one): finite ends = all finite
-        vmax, vmin = a.item(imax), a.item(imin)
+        b = buf if buf is not None and buf.size == n else np.empty(n)
+        b[:] = a
+        b.sort()  # a NaN sorts last
+        vmin, lo, hi, vmax = b.take(_places(n)).tolist()
         if math.isfinite(vmax) and math.isfinite(vmin):
+            imax, imin = int(a.argmax()), int(a.argmin())
+            if lo == 0.0 or hi == 0.0:
+                med = _median_signed(a, b)
+            else:
+                med = (lo + hi) / 2 if n % 2 == 0 else hi  # np.mean of the middle: their sum over the count
             return _Group(a, None, True, True, True, amax(a) if vmax == 0.0 else vmax,
-                          amin(a) if vmin == 0.0 else vmin, imax, imin, median(a, buf))
+                          amin(a) if vmin == 0.0 else vmin, imax, imin, med)
     finite = np.isfinite(a)
     count = int(finite.sum())
     if not count:
@@ -133,8 +163,13 @@ class SampleStats:
     @classmethod
     def of(cls, s: PackSample, buffers: tuple[np.ndarray, np.ndarray] | None = None) -> SampleStats:
         """Reduce a sample's cell voltages and temperatures (``buffers``: scratch for the two medians)."""
-        v = np.asarray(s.cell_voltages, dtype=float)
-        temps = np.asarray(s.cell_temperatures, dtype=float)
+        return cls.of_arrays(np.asarray(s.cell_voltages, dtype=float), np.asarray(s.cell_temperatures, dtype=float),
+                             buffers)
+
+    @classmethod
+    def of_arrays(cls, v: np.ndarray, temps: np.ndarray,
+                  buffers: tuple[np.ndarray, np.ndarray] | None = None) -> SampleStats:
+        """:meth:`of` on a sample's float arrays the caller already converted (and checked)."""
         bv, bt = buffers if buffers is not None else (None, None)
         gv = _group(v, bv)
         sum_v = float(_add(v)) if gv.all_finite else math.nan  # v.sum() without the method's wrapper
