@@ -86,6 +86,21 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
     return True
 
 
+#: Ray tasks per worker in a stage. A Ray Data task costs ~0.1 s of wall time on the 2-core development machine
+#: (20 tasks of 0.2 s CPU: 6.6 s on one worker, 4.4 s on two), so a stage runs as a few tasks per worker (enough
+#: to balance uneven vehicles) instead of one task per 4 segments or per vehicle: 64 vehicle-weeks took 48 s on
+#: one worker and 36 s on two that way, 23-25 s and 15 s this way (docs/fleet_pipeline.md, "Scale")
+TASKS_PER_WORKER = 4
+
+
+def n_tasks(items: int, workers: int | None) -> int:
+    """How many tasks a stage of ``items`` runs in: TASKS_PER_WORKER per worker (all of the cluster's CPUs if None)."""
+    import ray
+
+    w = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(items, TASKS_PER_WORKER * w))
+
+
 def _tasks(workers: int | None) -> Any:
     """Ray Data's task pool, at most ``workers`` tasks at once (None: as many as the cluster has CPUs)."""
     import ray
@@ -350,15 +365,19 @@ def soh_table(vehicles: list[dict[str, Any]]) -> pa.Table:
 # -- stages --------------------------------------------------------------------------------------
 
 
-def run_ingest(store: ObjectStore, workers: int | None = None, batch_size: int = 4,
+def run_ingest(store: ObjectStore, workers: int | None = None, batch_size: int | None = None,
                keys: list[str] | None = None) -> dict[str, Any]:
-    """Stage 1 on Ray Data: every segment (or ``keys``) into timeline parts; the manifest saved to the store."""
+    """Stage 1 on Ray Data: every segment (or ``keys``) into timeline parts; the manifest saved to the store.
+
+    ``batch_size``: segments per task (None: the segments spread over :func:`n_tasks` tasks).
+    """
     import ray
 
     t0 = time.perf_counter()
     keys = list_segments(store) if keys is None else keys
     if not keys:
         return {"segments": 0, "rejected": 0, "errors": [], "rows": 0, "wall_s": 0.0, "cpu_s": 0.0}
+    batch_size = batch_size or -(-len(keys) // n_tasks(len(keys), workers))   # segments per task
     ds = ray.data.from_items([{"key": k} for k in keys], override_num_blocks=-(-len(keys) // batch_size))
     out = ds.map_batches(_ingest_batch, fn_kwargs={"store": store}, batch_size=batch_size, batch_format="numpy",
                          compute=_tasks(workers), num_cpus=1).to_pandas()
@@ -396,7 +415,7 @@ def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
         raise ValueError(f"{store.url}: nothing ingested yet (no {MANIFEST}); run `bms-ai fleet ingest` first") \
             from None
     jobs = vehicle_jobs(manifest)
-    rows = ray.data.from_items(jobs, override_num_blocks=max(1, len(jobs))).map(
+    rows = ray.data.from_items(jobs, override_num_blocks=n_tasks(len(jobs), workers)).map(
         _label_row, fn_kwargs={"store": store}, compute=_tasks(workers), num_cpus=1).take_all() if jobs else []
     errors = [r["error"] for r in rows if r["error"]]
     vehicles = [json.loads(r["result"]) for r in rows if not r["error"]]
