@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bms_ai.diagnostics.stats import count_nonzero
-
 
 @dataclass
 class Transition:
@@ -77,14 +75,14 @@ class Debouncer:
 
     def any_active(self, first_tier: int = 0) -> bool:
         """Whether an element is active in ``first_tier`` or a higher tier."""
-        return not self.idle and bool(count_nonzero(self.active[first_tier:]))
+        return not self.idle and bool(np.count_nonzero(self.active[first_tier:]))
 
     def update(self, violating: np.ndarray, inside: np.ndarray, t: float) -> Transition:
         """violating: value beyond the limit; inside: value back inside by the hysteresis.
 
         Where neither holds (in the hysteresis band, or NaN) counters hold.
         """
-        if self.idle and not count_nonzero(violating):
+        if self.idle and not np.count_nonzero(violating):
             return _EMPTY  # the common case: nothing pending, nothing active, nothing violating
         if self._settled_viol is not None and self._hold(violating, inside):
             return _EMPTY  # a held violation or latched fault: the same elements violating, nothing can clear
@@ -117,11 +115,11 @@ class Debouncer:
         cl += held
         cl *= held  # consecutive ticks inside, 0 otherwise
         cleared = active & (cl >= self.clear_n) & self._unlatched
-        any_cleared = bool(count_nonzero(cleared))  # count_nonzero: the cheapest any() numpy has
+        any_cleared = bool(np.count_nonzero(cleared))  # count_nonzero: the cheapest any() numpy has
         if any_cleared:
             self._clear(cleared)
-        self.idle = not (count_nonzero(c) or count_nonzero(active))
-        if not (any_cleared or count_nonzero(new)):
+        self.idle = not (np.count_nonzero(c) or np.count_nonzero(active))
+        if not (any_cleared or np.count_nonzero(new)):
             return _EMPTY
         self.generation += 1
         st, si = np.nonzero(new)
@@ -139,9 +137,9 @@ class Debouncer:
         only the clear counters of latched tiers move (see :meth:`_hold`).
         """
         if not (self._few_ok and self.clear_n >= 1) or violating.shape != self.count.shape or \
-                count_nonzero(violating & ~self.active):
+                np.count_nonzero(violating & ~self.active):
             return None
-        if count_nonzero(self.count != self.set_n * violating) or count_nonzero(self.clear * self._unlatched):
+        if np.count_nonzero(self.count != self.set_n * violating) or np.count_nonzero(self.clear * self._unlatched):
             return None
         return violating.copy()
 
@@ -155,13 +153,13 @@ class Debouncer:
         if violating.shape != settled.shape or inside.shape != settled.shape:
             return False
         np.not_equal(violating, settled, out=held)
-        if count_nonzero(held):
+        if np.count_nonzero(held):
             return False
         np.logical_and(self.active, inside, out=held)
-        if not count_nonzero(held):
+        if not np.count_nonzero(held):
             self.clear.fill(0)  # nothing inside: every run of ticks inside ends
             return True
-        if self._all_unlatched or count_nonzero(held & self._unlatched):
+        if self._all_unlatched or np.count_nonzero(held & self._unlatched):
             return False
         cl = self.clear
         cl += held
@@ -237,6 +235,6 @@ class Debouncer:
         if self.idle:
             return -1
         for k in range(self.k - 1, -1, -1):
-            if count_nonzero(self.active[k]):
+            if np.count_nonzero(self.active[k]):
                 return k
         return -1

@@ -17,11 +17,11 @@ import numpy as np
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
-from bms_ai.diagnostics.stats import SampleStats, _Group, amin, count_nonzero
+from bms_ai.diagnostics.stats import SampleStats, _Group, amin
 from bms_ai.pack import PackSample
 
-TIER_LEVEL = (WARN, WARN, ERROR)
-_F64 = np.dtype(np.float64)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
+TIER_LEVEL = (WARN, WARN, ERROR)  # MOL, RSL -> WARN; MSL -> ERROR (contactors must open)
+_F64 = np.dtype(np.float64)  # a sample's arrays already of this dtype are used as they are (no conversion call)
 
 
 @dataclass(slots=True)
@@ -265,7 +265,7 @@ class _FrozenTracker:
         np.subtract(values, self.last, out=d)
         np.abs(d, out=d)
         np.less_equal(d, self.eps, out=changed)  # unchanged, for now
-        if count_nonzero(changed) != n:
+        if np.count_nonzero(changed) != n:
             np.logical_not(changed, out=changed)  # NaN counts as changed (restarts)
             np.copyto(self.last, values, where=changed)
             now = self._now
@@ -534,7 +534,7 @@ class RuleEngine:
                  self._frozen_pack_voltage.step(s.pack_voltage, st.sum_v, t))
         possible = False
         for f in parts:
-            if f is not None and count_nonzero(f):
+            if f is not None and np.count_nonzero(f):
                 possible = True
                 break
         sig = None

@@ -17,10 +17,6 @@ import numpy as np
 
 from bms_ai.pack import PackSample
 
-#: numpy's public counter (the C function behind it lives in a private module whose path moved in numpy 2;
-#: a private import would save ~1 us per call and break on the next move)
-count_nonzero = np.count_nonzero
-
 
 def amax(a: np.ndarray) -> float:
     """``float(a.max())`` of a non-empty 1-D array: argmax and the element (the method costs several times more).
