@@ -97,7 +97,9 @@ def n_tasks(items: int, workers: int | None) -> int:
     """How many tasks a stage of ``items`` runs in: TASKS_PER_WORKER per worker (all of the cluster's CPUs if None)."""
     import ray
 
-    w = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if not workers:   # Ray Data starts a local Ray on first use when none is running: it gets this machine's CPUs
+        workers = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count() or 1
+    w = max(1, workers)
     return max(1, min(items, TASKS_PER_WORKER * w))
 
 
