@@ -15,6 +15,8 @@ from bms_ai.fleet.edge import EdgeConfig, run_vehicle
 from bms_ai.fleet.pipeline import (
     RANKING,
     SOH,
+    TASKS_PER_WORKER,
+    n_tasks,
     pack_resistance,
     rank_anomalies,
     robust_z,
@@ -175,3 +177,11 @@ def test_pack_resistance_finds_a_loose_connector_among_its_peers() -> None:
     assert int(np.argmax(z)) == bad and z[bad] > 6
     assert np.max(np.abs(np.delete(z, bad))) < 3
     assert np.isnan(pack_resistance(d.t[:10], d.current[:10], d.cell_v[:10], d.session[:10], d.capacity_ah)).all()
+
+
+def test_a_stage_runs_in_a_few_tasks_per_worker() -> None:
+    """A Ray Data task costs ~0.1 s of wall time: a stage is a few tasks per worker, never one per item."""
+    assert n_tasks(2520, 1) == TASKS_PER_WORKER
+    assert n_tasks(2520, 2) == 2 * TASKS_PER_WORKER
+    assert n_tasks(3, 2) == 3       # never more tasks than items
+    assert n_tasks(0, 2) == 1
