@@ -89,7 +89,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
 #: Ray tasks per worker in a stage. A Ray Data task costs ~0.1 s of wall time on the 2-core development machine
 #: (20 tasks of 0.2 s CPU: 6.6 s on one worker, 4.4 s on two), so a stage runs as a few tasks per worker (enough
 #: to balance uneven vehicles) instead of one task per 4 segments or per vehicle: 64 vehicle-weeks took 48 s on
-#: one worker and 36 s on two that way, 23-25 s and 15 s this way (docs/fleet_pipeline.md, "Scale")
+#: one worker and 36 s on two that way, 24-25 s and 15-16 s this way (docs/fleet_pipeline.md, "Scale")
 TASKS_PER_WORKER = 4
 
 
