@@ -128,11 +128,13 @@ class EtaFeatures:
         ct = np.asarray(cell_t, dtype=np.float64)
         if not ct.size:
             return
-        tc = ct[self.sensor_of_cell]
-        bad = ~np.isfinite(tc)
-        if bad.any():
-            fill = np.nanmean(ct) if np.isfinite(ct).any() else np.nan
-            tc = np.where(bad, fill, tc)
+        tc = ct[self.sensor_of_cell]   # a new array: kept as it is when every reading is finite (the usual case)
+        finite = np.isfinite(tc)
+        if np.logical_and.reduce(finite):
+            self.temp = tc
+            return
+        fill = np.nanmean(ct) if np.isfinite(ct).any() else np.nan
+        tc = np.where(finite, tc, fill)
         self.temp = np.where(np.isfinite(tc), tc, self.temp)
 
     def update(self, t: float, current: float, cell_t: np.ndarray, soc: np.ndarray) -> np.ndarray:

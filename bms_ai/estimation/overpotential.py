@@ -109,7 +109,7 @@ class EcmEta:
         temp = feats[:, 7]
         if self._temp is None or (temp != self._temp).any():   # temperatures change far slower than the samples
             temp_k = temp.astype(np.float64) + 273.15
-            self._arr = np.exp(self.p.activation_k * (1.0 / np.clip(temp_k, 233.0, 343.0) - 1.0 / T_REF_K))
+            self._arr = np.exp(self.p.activation_k * (1.0 / np.minimum(np.maximum(temp_k, 233.0), 343.0) - 1.0 / T_REF_K))
             self._temp = temp.copy()
         self._i = current if math.isfinite(current) else 0.0
         if dt > 0:

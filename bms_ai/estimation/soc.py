@@ -25,7 +25,7 @@ import numpy as np
 from bms_ai.chemistry.ocv import load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.features import FEATURE_VERSION, N_FEATURES, hysteresis_rate_for
-from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterEvent, FilterInput, FilterParams, S
+from bms_ai.estimation.filter import E_OCV, BarDeltaFilter, FilterEvent, FilterInput, FilterParams, S, vsum
 from bms_ai.estimation.ocvmodel import OcvModel
 from bms_ai.estimation.overpotential import EcmEta, EcmParams, EtaTerms, LearnedEta, make_features
 from bms_ai.models.runtime import LoadedModel
@@ -226,8 +226,8 @@ class SocEstimator:
         p = self.filter.params
         trust = 1.0 if wake else 1.0 + (p.load_trust - 1.0) * math.exp(-self.features.rest_s / p.relax_s)
         limit_c = p.gate_current_c if self.path_free else p.gate_current_path_c
-        gate = (abs(current) < limit_c * self.capacity_ah and float(docv.sum()) >= p.gate_min_docv * docv.size
-                and float(self.features.temp.sum()) >= p.gate_min_temp_c * self.n)   # per cell, last finite value held
+        gate = (abs(current) < limit_c * self.capacity_ah and float(vsum(docv)) >= p.gate_min_docv * docv.size
+                and float(vsum(self.features.temp)) >= p.gate_min_temp_c * self.n)   # per cell, last finite value held
         return trust, gate
 
     def _relaxed(self, gate: bool, band: np.ndarray, wake: bool = False) -> bool:
@@ -310,7 +310,7 @@ class SocEstimator:
         self._field_learning()
         f = self.filter
         cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
-        return SocOutput(stamp=t, soc=float(cell_soc.sum()) / self.n, sigma=float(cell_sigma.sum()) / self.n,
+        return SocOutput(stamp=t, soc=float(vsum(cell_soc)) / self.n, sigma=float(vsum(cell_sigma)) / self.n,
                          cell_soc=cell_soc, cell_sigma=cell_sigma, method=method, fallback_reason=reason,
                          ood_cells=n_out, infer_s=eta.infer_s, offset_a=f.offset_c * self.capacity_ah,
                          capacity_factor=f.capacity_factor,
