@@ -224,8 +224,9 @@ class _LimitRule(_Rule):
         if extreme is not None and self.deb.idle and \
                 not (extreme > self._bound if limits.upper else extreme < self._bound):
             return
-        if type(values) is not np.ndarray or values.dtype is not _F64 or values.ndim != 1:
-            values = np.atleast_1d(np.asarray(values, dtype=float))
+        values = _floats(values)
+        if values.ndim == 0:   # one value shared by every element (np.atleast_1d without its Python call)
+            values = values.reshape(1)
         thr = self._thr
         if limits.upper:
             viol = values > thr
@@ -708,7 +709,7 @@ def _n_stale(stamps: np.ndarray, t: float, stale_s: float) -> int:
     """How many stamps are older than ``stale_s`` at ``t`` (NaN counts as stale)."""
     if not stamps.size:
         return 0
-    if t - stamps.item(stamps.argmin()) <= stale_s:  # the oldest is fresh (argmin finds a NaN first: counted)
+    if t - amin(stamps) <= stale_s:  # the oldest is fresh (a NaN anywhere makes min NaN: counted below)
         return 0
     return int((~(t - stamps <= stale_s)).sum())
 
