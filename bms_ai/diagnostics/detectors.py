@@ -14,11 +14,17 @@ rules (one CheckResult per check, with the cell and the evidence):
   mismatch) and relaxation are absorbed by the other regressors. A leak is
   flagged when it is both large in A and an outlier against the other cells
   (robust z from the median/MAD across cells).
-- ``thermal anomaly``: each sensor's deviation from the pack median follows
-  a per-sensor linear model in the pack's own heating (offset + gain,
-  recursive least squares with forgetting, frozen while a sensor is
-  suspect); a one-sided CUSUM on the standardised innovation catches extra
-  heat long before the temperature limits.
+- ``thermal anomaly``: the sensors' deviations from the pack median share
+  one heating factor: each sensor's deviation grows with the pack's rise
+  over an ambient the BMS does not measure, by its own gain (its place in
+  the pack's cooling). The gains are the leading principal direction of the
+  deviations' covariance (exponential forgetting; a suspect sensor adds its
+  model's answer, so it cannot learn its fault), the factor is read each
+  update from the other sensors (leave-one-out), and a one-sided CUSUM on
+  each sensor's standardised innovation catches extra heat long before the
+  temperature limits. The median's rise since the wake is not the pack's
+  rise: it also moves with the ambient's daily swing and starts warm after
+  a short park.
 - ``lithium plating``: logistic model (ONNX, models/faults/) on
   [min temperature, C-rate, max cell voltage] during charge, trained on the
   data factory's plating labels (anode potential < 0 Li/Li+). Every ONNX
@@ -107,14 +113,19 @@ class DetectorParams:
     fit_min_samples: int = 20          # quiet samples before the leak fit is judged
     fit_ridge_scale: float = 1e-6      # numerical ridge of the leak fit, relative to each regressor's scale
     thermal_period_s: float = 1.0      # thermal model update period
-    thermal_max_dt_s: float = 10.0     # a longer gap counts as this long in the CUSUM
-    # A gap this long is a park: the pack cooled to the ambient, so its heating restarts from the median at
-    # wake (not from the first sample ever, days and 20 degC of ambient ago) and the CUSUM restarts (fleet
-    # weeks, 8 x 96 cells: 25 sensors falsely flagged shortly after wake-ups, 10 with this)
+    thermal_max_dt_s: float = 10.0     # a longer gap counts as this long in the thermal model's forgetting
+    # A gap this long is a park: the pack cooled towards the ambient and the CUSUM restarts (fleet weeks,
+    # 8 x 96 cells, with the model before the heating factor: 25 sensors falsely flagged shortly after
+    # wake-ups, 10 with this)
     thermal_park_s: float = 1800.0
     thermal_min_samples: int = 10      # samples before the thermal model predicts
-    thermal_ridge: tuple[float, float] = (1e-6, 1e-2)  # [offset, gain] ridge of the thermal model
     thermal_learn_fraction: float = 0.25  # a sensor with CUSUM above this share of thermal_h stops learning
+    # The heating factor is used once its direction carries this many times the variance of the next one
+    # (before, in a pack that never heated, and next to a hot sensor's own direction, the deviations' mean
+    # alone is the model).
+    thermal_factor_ratio: float = 2.0
+    thermal_power_steps: int = 4       # at most this many power-iteration steps per update for the gains
+    thermal_clip: float = 4.0          # a reading teaches the thermal model at most this many sigmas off it
     plating_clear_fraction: float = 0.5   # plating risk clears below this share of the threshold
     anomaly_clear_score: float = 0.7      # the anomaly alarm clears below this score
     anomaly_unconfirmed_cap: float = 0.99  # plating's share of the score until its own debounce confirmed it
@@ -253,7 +264,7 @@ class _SharedRLS:
         self.yy = np.zeros(n)
         self.w = 0.0
 
-    def add(self, x: np.ndarray, y: np.ndarray, lam: float = 1.0, mask: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, lam: float = 1.0) -> None:
         """One sample of the regressors ``x`` and every output's ``y``, after forgetting by ``lam``.
 
         ``lam == 1`` (no forgetting) skips the scaling: x * 1.0 is x, bit for bit.
@@ -262,16 +273,11 @@ class _SharedRLS:
         xc = x[:, None]
         if lam != 1.0:
             self.xx *= lam
+            self.xy *= lam
+            self.yy *= lam
         self.xx += xc * x
-        if mask is None:
-            if lam != 1.0:
-                self.xy *= lam
-                self.yy *= lam
-            self.xy += xc * y
-            self.yy += y * y
-        else:  # frozen outputs keep their statistics (a suspect sensor must not learn its fault)
-            self.xy[:, mask] = lam * self.xy[:, mask] + np.outer(x, y[mask])
-            self.yy[mask] = lam * self.yy[mask] + y[mask] ** 2
+        self.xy += xc * y
+        self.yy += y * y
         self.w = lam * self.w + 1.0
 
     def solve(self, ridge: np.ndarray) -> np.ndarray:
@@ -326,8 +332,11 @@ class DetectorBank:
         self.ocv_slope = self.p.dvdah_default  # pack dV/dAh
         self.spread_v = math.nan
         # thermal model of each sensor's deviation from the pack median
-        self.thermal_fit = _SharedRLS(2, n_temps)
-        self.thermal_median0 = math.nan
+        self.thermal_w = 0.0
+        self.thermal_mean = np.zeros(n_temps)
+        self.thermal_cov = np.zeros((n_temps, n_temps))
+        start = np.linspace(1.0, 2.0, n_temps) / math.sqrt(max(n_temps, 1))   # power-iteration starts
+        self.thermal_dir, self.thermal_dir2 = start * (-1.0) ** np.arange(n_temps), start[::-1].copy()
         self.thermal_cusum = np.zeros(n_temps)
         self.thermal_excess = np.zeros(n_temps)   # innovation: degC above the model
         self.thermal_sigma = self.p.thermal_sigma_floor_c
@@ -547,36 +556,85 @@ class DetectorBank:
         return self._cusum_cache[1], self._cusum_cache[2]
 
     def _thermal_update(self, temps: np.ndarray, med: float, t: float) -> None:
-        """Each sensor's deviation from the pack median ``med`` against the pack's own heating; CUSUM on the excess."""
+        """Each sensor's deviation from the pack median ``med`` against the pack's heating factor; CUSUM on the excess."""
         p = self.p
         dt = p.thermal_period_s if not math.isfinite(self.thermal_last_t) else \
             min(t - self.thermal_last_t, p.thermal_max_dt_s)
         if t - self.thermal_last_t > p.thermal_park_s:     # False on the first update (NaN)
-            self.thermal_median0 = math.nan
             self.thermal_cusum = np.zeros(self.n_temps)
         self.thermal_last_t = t
-        if not math.isfinite(self.thermal_median0):
-            self.thermal_median0 = med
-        e = temps - med
-        x = np.array([1.0, med - self.thermal_median0])
-        warm = t - self.t0 >= p.thermal_warmup_s
-        if warm and self.thermal_fit.w >= p.thermal_min_samples:
-            theta = self.thermal_fit.solve(np.asarray(p.thermal_ridge))
-            innov = e - x @ theta
+        c = temps - med - self.thermal_mean
+        # a clearly suspect sensor must not learn its fault, nor tell the others how hot the pack is
+        learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
+        model = self._heating(c, learn) if self.thermal_w >= p.thermal_min_samples else np.zeros(self.n_temps)
+        judged = self.thermal_w >= p.thermal_min_samples and t - self.t0 >= p.thermal_warmup_s
+        if judged:
+            innov = c - model
             buf = self._buffers[1]
             mad = MAD_TO_SIGMA * median(np.abs(innov - median(innov, buf)), buf)
             self.thermal_sigma = max(mad, p.thermal_sigma_floor_c)
             z = innov / self.thermal_sigma
             self.thermal_excess = innov
-            self.thermal_cusum = np.maximum(0.0, self.thermal_cusum + (z - p.thermal_k) * dt)
+            # each reading is one piece of evidence (its noise is white), however long ago the last one was:
+            # weighted by its interval, a 0.1 Hz reading counted ten times one at 1 Hz and sensor noise alone
+            # flagged healthy sensors (fleet weeks at 0.1 Hz); slower readings now detect in as many readings
+            self.thermal_cusum = np.maximum(0.0, self.thermal_cusum + (z - p.thermal_k) * min(dt, p.thermal_period_s))
+            # robust learning: a reading counts at most thermal_clip sigmas off the model (one 70 degC spike
+            # would otherwise own the covariance, and so the factor's direction, for an hour)
+            lim = p.thermal_clip * self.thermal_sigma
+            c = np.where(learn, model + np.clip(c - model, -lim, lim), model)
+        # exponentially weighted mean and covariance of the deviations
         lam = math.exp(-dt / p.thermal_tau_s)
-        # a clearly suspect sensor must not learn its fault
-        learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
-        self.thermal_fit.add(x, e, lam, mask=None if learn.all() else learn)
+        self.thermal_w = lam * self.thermal_w + 1.0
+        alpha = 1.0 / self.thermal_w
+        self.thermal_mean += alpha * c
+        self.thermal_cov *= 1.0 - alpha
+        self.thermal_cov += (alpha * (1.0 - alpha)) * c[:, None] * c
         _, cusum_max = self._cusum_summary()
         if not self.thermal_rule.skips(not cusum_max <= p.thermal_h):  # NaN: judge every sensor
             alarm = self.thermal_cusum > p.thermal_h
             self.thermal_rule.update(alarm[None], (self.thermal_cusum == 0.0)[None], t, self.thermal_excess)
+
+    def _heating(self, c: np.ndarray, use: np.ndarray) -> np.ndarray:
+        """Each sensor's deviation ``c`` (from its mean) as the heating factor predicts it from the other sensors.
+
+        The gains are the covariance's leading unit eigenvector; the factor is the least-squares
+        projection of the ``use`` sensors' deviations on it without the sensor itself. No dominant
+        direction (a pack at one temperature: only noise): no prediction.
+        """
+        n = self.n_temps
+        if n < 3:   # two sensors' deviations from their median are one number: nothing to read it from
+            return np.zeros(n)
+        # the two leading directions by power iteration from the last ones (the covariance drifts slowly, so a
+        # few products of a microsecond each converge; numpy's eigh of 32 x 32 took 0.17-4 ms on this machine)
+        cov = self.thermal_cov
+        g, lead = self._power(cov, self.thermal_dir)
+        second = cov - lead * g[:, None] * g
+        self.thermal_dir = g
+        self.thermal_dir2, lead2 = self._power(second, self.thermal_dir2)
+        # one direction must dominate: a hot sensor next to the pack's heating makes two, and neither is the model
+        if not lead > self.p.thermal_factor_ratio * max(lead2, 0.0):
+            return np.zeros(n)
+        rest = max(float(np.trace(cov)) - lead, 0.0) / (n - 1)   # the other directions' mean variance
+        gu = np.where(use, g, 0.0)
+        gc, gg = gu * c, gu * gu
+        # posterior mean of the factor (prior variance: the direction's; noise: the others'): when the other
+        # sensors carry little of the direction, the estimate shrinks to 0 instead of amplifying their noise
+        return g * ((float(gc.sum()) - gc) / (float(gg.sum()) - gg + rest / lead))
+
+    def _power(self, m: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, float]:
+        """The leading unit eigenvector of the symmetric ``m`` (power iteration from ``g``) and its eigenvalue."""
+        for _ in range(self.p.thermal_power_steps):
+            h = m @ g
+            norm = float(np.sqrt(h @ h))
+            if not norm > 0.0:
+                return g, 0.0
+            h /= norm
+            done = float(np.abs(h - g).max()) < 1e-4
+            g = h
+            if done:
+                break
+        return g, float(g @ m @ g)
 
     # ------------------------------------------------------------ plating
     def _charge_seconds(self, in_charge: bool, t: float) -> float:
