@@ -124,6 +124,7 @@ class DetectorParams:
     # (before, in a pack that never heated, and next to a hot sensor's own direction, the deviations' mean
     # alone is the model).
     thermal_factor_ratio: float = 2.0
+    knee_slope_ratio: float = 5.0      # OCV slope x its mid-range median where a knee begins (cell fit skips it)
     thermal_power_steps: int = 4       # at most this many power-iteration steps per update for the gains
     thermal_clip: float = 4.0          # a reading teaches the thermal model at most this many sigmas off it
     plating_clear_fraction: float = 0.5   # plating risk clears below this share of the threshold
@@ -255,6 +256,27 @@ class PlatingModel:
         return cls(w, bias, mean, std, d / "plating.onnx")
 
 
+def flat_band(chemistry: str, ratio: float) -> tuple[float, float]:
+    """The cell voltages between the chemistry's OCV knees: slope at most ``ratio`` x its 10-90 % median.
+
+    An unknown chemistry (or ratio inf) gives no bound.
+    """
+    from bms_ai.chemistry.ocv import load_ocv
+
+    try:
+        curve = load_ocv(chemistry)
+    except (ValueError, OSError, KeyError):
+        return -math.inf, math.inf
+    soc, ocv = curve.soc, curve.ocv
+    slope = np.gradient(ocv, soc)
+    mid = float(np.median(slope[(soc >= 0.1) & (soc <= 0.9)]))
+    steep = slope > ratio * mid
+    lo = soc < 0.5
+    v_lo = float(ocv[lo & steep].max()) if (lo & steep).any() else -math.inf
+    v_hi = float(ocv[~lo & steep].min()) if (~lo & steep).any() else math.inf
+    return v_lo, v_hi
+
+
 class _SharedRLS:
     """Least squares for many outputs sharing the regressors, with exponential forgetting."""
 
@@ -295,6 +317,7 @@ class DetectorBank:
         self.n_cells, self.n_temps, self.tick_s = n_cells, n_temps, 1.0 / tick_hz
         self.plating = PlatingModel.load() if plating is True else (plating or None)
         p = self.p
+        self.flat_v = flat_band(chemistry, p.knee_slope_ratio)
 
         def rule(check: str, n: int, debounce: int, element: str = "cell") -> _Rule:
             return _Rule(check, n, (debounce,), p.clear_count, None, (WARN,), ("detector",), element)
@@ -459,7 +482,9 @@ class DetectorBank:
         settled = self._settled(finite, i, t)
         if finite and abs(i) > p.load_current_c * p.capacity_ah:
             self._learn_resistance(v, med, i)
-        sampled = settled or (finite and p.all_ticks)
+        # on an OCV knee a cell a few SOC points off the others stands out by 100+ mV (LFP at full charge):
+        # capacity mismatch the flat part hid, not a leak; the cell fit learns and judges only off the knees
+        sampled = (settled or (finite and p.all_ticks)) and self.flat_v[0] <= st.v.min and st.v.max <= self.flat_v[1]
         if sampled:
             self.quiet_ticks += 1
         if sampled and self.quiet_ticks % p.quiet_decimate == 0 and self._regress(v, med, i, t, settled):
