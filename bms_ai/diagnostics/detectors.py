@@ -267,8 +267,7 @@ def flat_band(chemistry: str, ratio: float) -> tuple[float, float]:
         curve = load_ocv(chemistry)
     except (ValueError, OSError, KeyError):
         return -math.inf, math.inf
-    soc, ocv = curve.soc, curve.ocv
-    slope = np.gradient(ocv, soc)
+    soc, ocv, slope = curve.soc, curve.ocv, curve.docv_tab
     mid = float(np.median(slope[(soc >= 0.1) & (soc <= 0.9)]))
     steep = slope > ratio * mid
     lo = soc < 0.5
@@ -591,8 +590,9 @@ class DetectorBank:
         c = temps - med - self.thermal_mean
         # a clearly suspect sensor must not learn its fault, nor tell the others how hot the pack is
         learn = self.thermal_cusum <= p.thermal_learn_fraction * p.thermal_h
-        model = self._heating(c, learn) if self.thermal_w >= p.thermal_min_samples else np.zeros(self.n_temps)
-        judged = self.thermal_w >= p.thermal_min_samples and t - self.t0 >= p.thermal_warmup_s
+        fitted = self.thermal_w >= p.thermal_min_samples
+        model = self._heating(c, learn) if fitted else np.zeros(self.n_temps)
+        judged = fitted and t - self.t0 >= p.thermal_warmup_s
         if judged:
             innov = c - model
             buf = self._buffers[1]
