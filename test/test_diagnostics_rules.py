@@ -319,6 +319,24 @@ def test_temperature_spread_and_cell_spread(cfg):
     assert run(RuleEngine(cfg, N, NT), 0, 10, "cell voltage spread", v=v)[0][-1] == WARN
 
 
+def test_cell_spread_on_an_ocv_knee_is_judged_in_soc():
+    """LFP at a full charge: a cell 240 mV above the median on the top knee is 2 SOC points of capacity
+    mismatch, not out of spread; the same 240 mV on the plateau (tens of SOC points) is flagged, and with
+    the SOC test off (``cell_soc_spread: 0``) the knee is flagged too."""
+    lfp = load_limits(default_limits_path("lfp"))
+    p = lfp.plausibility
+    assert p.cell_voltage_spread_v < 0.24 and p.cell_soc_spread > 0
+    knee = np.full(N, 3.33)  # ~97 % SOC
+    knee[7] = 3.57           # ~99.8 % SOC
+    temps = np.full(NT, 25.0)
+    assert max(run(RuleEngine(lfp, N, NT), 0, 20, "cell voltage spread", v=knee, temps=temps)[0]) == OK
+    plateau = np.full(N, 3.29)  # ~70 % SOC
+    plateau[7] = 3.53
+    assert run(RuleEngine(lfp, N, NT), 0, 20, "cell voltage spread", v=plateau, temps=temps)[0][-1] == WARN
+    off = dataclasses.replace(lfp, plausibility=dataclasses.replace(p, cell_soc_spread=0.0))
+    assert run(RuleEngine(off, N, NT), 0, 20, "cell voltage spread", v=knee, temps=temps)[0][-1] == WARN
+
+
 def test_open_wire_nan_low_and_pair(cfg):
     """Open wire from a NaN reading, an implausibly low one, or the low/high pair."""
     for v_bad in (np.nan, 0.1):

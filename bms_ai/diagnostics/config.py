@@ -66,6 +66,10 @@ class Plausibility:
 
     pack_voltage_tolerance_v: float = 3.0
     cell_voltage_spread_v: float = 0.3
+    # on an OCV knee a small SOC imbalance is a large voltage spread (LFP's top: 2 SOC points = 240 mV); a
+    # cell beyond the voltage spread is flagged only when its OCV-equivalent SOC is also this far off the
+    # median's (0 = voltage alone). On the plateau any voltage spread is many SOC points and still flagged.
+    cell_soc_spread: float = 0.05
     temperature_spread_c: float = 10.0
     open_wire_min_v: float = 0.5
     open_wire_pair_v: float = 0.15

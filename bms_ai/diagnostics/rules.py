@@ -8,12 +8,13 @@ latched :class:`Event` log. Every array op covers all cells at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
@@ -306,6 +307,14 @@ NO_CELLS = "not monitored: no cell voltages in this pack config"
 FEW_SENSORS = "not monitored: fewer than two temperature sensors in this pack config"
 
 
+def _ocv_or_none(chemistry: str) -> OCVCurve | None:
+    """The chemistry's reference OCV curve; None for one without a table (the spread is then voltage alone)."""
+    try:
+        return load_ocv(chemistry)
+    except (ValueError, OSError, KeyError):
+        return None
+
+
 class RuleEngine:
     """All rule checks for one pack; call :meth:`step` once per fixed-rate tick."""
 
@@ -337,6 +346,7 @@ class RuleEngine:
         self.rules: list[_Rule] = [self.cell_over, self.cell_under, self.temp_over, self.temp_under,
                                    self.cur_charge, self.cur_discharge, self.pack_v, self.v_spread, self.t_spread,
                                    self.open_wire, self.stuck, self.offset, self.timeout, self.est]
+        self._ocv = _ocv_or_none(cfg.chemistry)
         self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
         self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
                                               p.stuck_temperature_window_s)
@@ -466,7 +476,7 @@ class RuleEngine:
         # part by part at the end of a log is not mistaken for open wires or a spread.
         self.comm_lost = not gv.any_finite and not gt.any_finite
         out.append(self._spread(self.v_spread, gv, p.cell_voltage_spread_v, t, "cell voltages within spread",
-                                "median_v", "max_dev_v", " V"))
+                                "median_v", "max_dev_v", " V", self._soc_of_v))
         out.append(self._spread(self.t_spread, gt, p.temperature_spread_c, t, "temperatures within spread",
                                 "median_c", "max_dev_c", " degC"))
         out.append(self._open_wire(s, st, t))
@@ -483,15 +493,32 @@ class RuleEngine:
 
     @staticmethod
     def _spread(rule: _Rule, g: _Group, limit: float, t: float, ok: str, med_key: str, dev_key: str,
-                unit: str) -> CheckResult:
-        """|reading - median| of a group against its limit (judged only while most of the group is valid)."""
+                unit: str, explained: Callable[[np.ndarray, float], np.ndarray] | None = None) -> CheckResult:
+        """|reading - median| of a group against its limit (judged only while most of the group is valid).
+
+        ``explained(values, median)``: which readings beyond the limit are still plausible (cells: a small
+        SOC imbalance on an OCV knee).
+        """
         med = g.median
         # the largest |x - median| is at the largest or the smallest x (subtraction is monotonic)
         max_dev = max(abs(g.max - med), abs(g.min - med)) if g.any_finite else math.nan
         if g.mostly_valid and not rule.skips(max_dev > limit):
             dev = np.abs(g.values - med)
-            rule.update((dev > limit)[None], (dev <= limit)[None], t, g.values)
+            bad, good = dev > limit, dev <= limit
+            if explained is not None and bad.any():
+                ok_knee = bad & explained(g.values, med)
+                bad, good = bad & ~ok_knee, good | ok_knee
+            rule.update(bad[None], good[None], t, g.values)
         return rule.result(g.values, ok, {med_key: med, dev_key: max_dev}, unit)
+
+    def _soc_of_v(self, v: np.ndarray, med: float) -> np.ndarray:
+        """Cells whose OCV-equivalent SOC lies within ``cell_soc_spread`` of the median's (all False without
+        a known OCV curve or with the test off)."""
+        lim = self.cfg.plausibility.cell_soc_spread
+        if self._ocv is None or lim <= 0:
+            return np.zeros(v.shape, bool)
+        soc = self._ocv.inverse(np.where(np.isfinite(v), v, med))
+        return np.isfinite(v) & (np.abs(soc - float(self._ocv.inverse(med))) <= lim)
 
     def _open_wire(self, s: PackSample, st: SampleStats, t: float) -> CheckResult:
         """An individual reading invalid (NaN with a fresh CAN stamp, or implausibly low), or the low/high
