@@ -69,7 +69,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
     import ray
 
     if ray.is_initialized():
-        _quiet_logs(quiet)
+        _configure_data(quiet)
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet, "logging_level": "ERROR"}
@@ -77,20 +77,32 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, quiet: bo
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
+    _configure_data(quiet)
+    return True
+
+
+def _configure_data(quiet: bool) -> None:
+    """This driver's Ray Data settings (logs, progress bars, scheduling)."""
+    import ray
+
     _quiet_logs(quiet)
     ctx = ray.data.DataContext.get_current()
+    # Our stages are one map each: the reservation (half the CPUs held back per operator) only delays the second
+    # worker's first task (~1 s) and leaves gaps between tasks. 4 tasks of 1 s on 2 workers: 3.2 s with it, 2.1 s
+    # without (docs/fleet_pipeline.md, "Scale").
+    ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = not quiet
     ctx.verbose_stats_logs = False
     with contextlib.suppress(AttributeError):
         ctx.print_on_execution_start = not quiet
-    return True
 
 
-#: Ray tasks per worker in a stage. A Ray Data task costs ~0.1 s of wall time on the 2-core development machine
-#: (20 tasks of 0.2 s CPU: 6.6 s on one worker, 4.4 s on two), so a stage runs as a few tasks per worker (enough
-#: to balance uneven vehicles) instead of one task per 4 segments or per vehicle: 64 vehicle-weeks took 48 s on
-#: one worker and 36 s on two that way, 24-25 s and 15-16 s this way (docs/fleet_pipeline.md, "Scale")
-TASKS_PER_WORKER = 4
+#: Ray tasks per worker in a stage. Each task boundary costs 0.15-0.4 s of a worker's time on the 2-core
+#: development machine (the executor's turn-around), so a stage runs as a few tasks per worker (labels: blocks
+#: of equal work, :func:`balanced_order`; ingest: equal segment counts). 64 vehicle-weeks, 3 rounds of 1 then 2 workers in one
+#: session, median wall: 4 per worker 29.6 / 18.8 s, 2 per worker 29.5 / 15.0 s, 1 per worker 27.6 / 13.7 s
+#: (docs/fleet_pipeline.md, "Scale"). Two keep some room for a slower worker.
+TASKS_PER_WORKER = 2
 
 
 def n_tasks(items: int, workers: int | None) -> int:
@@ -402,8 +414,27 @@ def vehicle_jobs(manifest: pa.Table) -> list[dict[str, Any]]:
     for veh, g in df.groupby("vehicle", sort=True):
         jobs.append({"vehicle": veh, "chemistry": str(g["chemistry"].iloc[0]),
                      "design_capacity_ah": float(g["design_capacity_ah"].iloc[0]),
-                     "parts": json.dumps(sorted(set(g["part"])))})
+                     "parts": json.dumps(sorted(set(g["part"]))), "rows": int(g["rows"].sum())})
     return jobs
+
+
+def balanced_order(sizes: list[int], n_blocks: int) -> list[int]:
+    """An order of the items whose contiguous blocks (as Ray Data splits ``from_items``: counts differ by at most
+    one) carry about equal work: the largest item first into the lightest block with room (LPT).
+
+    Why: a stage ends with its slowest task; vehicles differ several-fold in samples, so blocks cut in name
+    order left one worker idle for a whole task at the end.
+    """
+    n = len(sizes)
+    n_blocks = max(1, min(n_blocks, n))
+    room = [len(c) for c in np.array_split(np.arange(n), n_blocks)]
+    bins: list[list[int]] = [[] for _ in range(n_blocks)]
+    load = [0] * n_blocks
+    for i in sorted(range(n), key=lambda k: -sizes[k]):
+        j = min((b for b in range(n_blocks) if len(bins[b]) < room[b]), key=lambda b: load[b])
+        bins[j].append(i)
+        load[j] += sizes[i]
+    return [i for b in bins for i in b]
 
 
 def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
@@ -417,7 +448,9 @@ def run_label(store: ObjectStore, workers: int | None = None) -> dict[str, Any]:
         raise ValueError(f"{store.url}: nothing ingested yet (no {MANIFEST}); run `bms-ai fleet ingest` first") \
             from None
     jobs = vehicle_jobs(manifest)
-    rows = ray.data.from_items(jobs, override_num_blocks=n_tasks(len(jobs), workers)).map(
+    blocks = n_tasks(len(jobs), workers) if jobs else 1
+    jobs = [jobs[i] for i in balanced_order([j["rows"] for j in jobs], blocks)]
+    rows = ray.data.from_items(jobs, override_num_blocks=blocks).map(
         _label_row, fn_kwargs={"store": store}, compute=_tasks(workers), num_cpus=1).take_all() if jobs else []
     errors = [r["error"] for r in rows if r["error"]]
     vehicles = [json.loads(r["result"]) for r in rows if not r["error"]]
