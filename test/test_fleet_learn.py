@@ -24,6 +24,8 @@ from bms_ai.fleet.learn import (
     fit_ocv,
     label_vehicles,
     learn,
+    learn_curves,
+    prior_band,
     pseudonym,
 )
 from bms_ai.models.manifest import read_manifest
@@ -53,8 +55,10 @@ def _segment(kind: str, soc: np.ndarray, dt: float, dur: float, rate_c: float = 
     return i
 
 
-def synthetic_vehicle(seed: int, days: int = 3, cell_type: str = "SYN_cell", dt: float = 10.0) -> RecordedDrive:
-    """A period of one vehicle: per day a full CC-CV charge, then trips with awake rests, parks between sessions."""
+def synthetic_vehicle(seed: int, days: int = 3, cell_type: str = "SYN_cell", dt: float = 10.0,
+                      full: bool = True) -> RecordedDrive:
+    """A period of one vehicle: per day a full CC-CV charge (``full``; else a CC charge to 90 %), then trips with
+    awake rests, parks between sessions."""
     rng = np.random.default_rng(seed)
     curve = true_curve()
     caps = CAP * rng.uniform(0.88, 0.96, 3)
@@ -74,9 +78,10 @@ def synthetic_vehicle(seed: int, days: int = 3, cell_type: str = "SYN_cell", dt:
 
     for _ in range(days):
         # morning: park before, full CC-CV charge (CC to ~0.97, taper to C/50 at the top voltage)
-        run(np.full(int(3600 * (0.97 - soc.min()) / 0.3 / dt) + 1, 0.3 * CAP))
-        run(np.linspace(0.1, 0.02, 90) * CAP, taper_top=True)
-        soc[:] = 1.0
+        run(np.full(int(3600 * ((0.97 if full else 0.9) - soc.min()) / 0.3 / dt) + 1, 0.3 * CAP))
+        if full:
+            run(np.linspace(0.1, 0.02, 90) * CAP, taper_top=True)
+            soc[:] = 1.0
         run(np.zeros(200))
         for _trip in range(3):
             t_now += 3 * 3600.0          # park: no samples
@@ -165,6 +170,18 @@ def test_familiar_cell_types_are_not_learned_and_too_few_rests_is_a_clear_error(
     pts = RestPoints(np.array([3.7, 3.8]), np.array([0.5, 0.6]), np.array([0.01, 0.01]), ["x"])
     with pytest.raises(ValueError, match="2 usable rests, need >= 20"):
         fit_ocv(pts, "nmc", "X", LearnConfig())
+
+
+def test_without_a_full_charge_the_band_stays_the_prior(fleet) -> None:
+    """Rests alone, read through the family curve, cannot show that curve's error: vehicles that never ended a
+    full charge leave the band at the prior's (twice the family band); with full charges it narrows."""
+    prior = prior_band("nmc")
+    no_full = label_vehicles([synthetic_vehicle(s, full=False) for s in (1, 2)])
+    fit = learn_curves(no_full, log=lambda s: None)["SYN_cell"]
+    assert fit.stats["curve_free_anchors"] == 0 and np.array_equal(fit.band_v, prior)
+    fit = learn_curves(fleet, log=lambda s: None)["SYN_cell"]
+    assert fit.stats["curve_free_anchors"] > 0 and np.all(fit.band_v <= prior)
+    assert np.median(fit.band_v) < 0.5 * np.median(prior)
 
 
 def test_malformed_curves_in_an_entry_leave_the_family_prior() -> None:

@@ -258,9 +258,19 @@ def relabel(veh: LabelledVehicle, fit: FleetOcv, cfg: LearnConfig) -> LabelledVe
     return replace(veh, labels=label_drive(veh.drive, ocv=fit.curve, cfg=lc))
 
 
+def prior_band(chemistry: str, cfg: LearnConfig = LearnConfig()) -> np.ndarray:
+    """The widest band a learned curve gets, on the estimator's knots: twice the family band (at least the floor)."""
+    return np.maximum(cfg.prior_scale * _family_band(chemistry, KNOTS), cfg.band_floor_v)
+
+
 def _learn_type(ct: str, vs: list[LabelledVehicle], chem: str, cfg: LearnConfig, log) -> FleetOcv | None:
     """Fit, relabel with the fit, fit again (``cfg.passes``); None with a log line when the rests are too few."""
     fit = None
+    # Only the end of a full charge says where SOC 1 is without an OCV curve. Without one, every label came
+    # from rests read through the family curve, so the fit returns that curve and its small residuals say
+    # nothing about its error: the band stays the prior's (twice the family band), never tighter.
+    curve_free = sum(a.kind == "full" for v in vs for a in v.labels.anchors)
+    prior = prior_band(chem, cfg)
     for k in range(cfg.passes):
         if fit is not None:
             vs = [relabel(v, fit, cfg) for v in vs]
@@ -272,8 +282,9 @@ def _learn_type(ct: str, vs: list[LabelledVehicle], chem: str, cfg: LearnConfig,
             return None
         _add_between_vehicles(fit, per_vehicle, chem, cfg)
         _add_capacity_scale(fit, vs)
-        # never claim less than the family prior itself offers
-        fit.band_v = np.minimum(fit.band_v, np.maximum(cfg.prior_scale * _family_band(chem, KNOTS), cfg.band_floor_v))
+        # at most the prior's band; without a curve-free anchor exactly the prior's
+        fit.band_v = np.minimum(fit.band_v, prior) if curve_free else prior.copy()
+        fit.stats["curve_free_anchors"] = int(curve_free)
         log(f"[learn] {ct} pass {k + 1}: {fit.stats['rests']} rests from {len(vs)} vehicles, "
             f"band {1e3 * fit.band_v.min():.0f}-{1e3 * fit.band_v.max():.0f} mV, rms z {fit.stats['rms_z']}")
     return fit
