@@ -201,3 +201,12 @@ def test_balanced_order_evens_the_blocks_ray_data_cuts():
     naive = [sum(c) for c in np.array_split(np.array(sizes), 8)]
     assert max(load) / min(load) < 1.1 < max(naive) / min(naive)
     assert balanced_order([5, 1], 8) in ([0, 1], [1, 0]) and balanced_order([], 4) == []
+
+
+def test_start_ray_turns_the_reservation_off_also_on_a_running_ray(ray_session):
+    """Our one-map stages lose a worker's first second to Ray Data's per-operator reservation (BENCHMARKS.md);
+    start_ray configures this driver's Ray Data whether it starts Ray or finds it running."""
+    ctx = ray_session.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = True
+    assert start_ray(num_cpus=2, quiet=True) is False
+    assert ctx.op_resource_reservation_enabled is False and ctx.enable_progress_bars is False

@@ -476,7 +476,7 @@ class RuleEngine:
         # part by part at the end of a log is not mistaken for open wires or a spread.
         self.comm_lost = not gv.any_finite and not gt.any_finite
         out.append(self._spread(self.v_spread, gv, p.cell_voltage_spread_v, t, "cell voltages within spread",
-                                "median_v", "max_dev_v", " V", self._soc_of_v))
+                                "median_v", "max_dev_v", " V", self._small_soc_gap))
         out.append(self._spread(self.t_spread, gt, p.temperature_spread_c, t, "temperatures within spread",
                                 "median_c", "max_dev_c", " degC"))
         out.append(self._open_wire(s, st, t))
@@ -511,7 +511,7 @@ class RuleEngine:
             rule.update(bad[None], good[None], t, g.values)
         return rule.result(g.values, ok, {med_key: med, dev_key: max_dev}, unit)
 
-    def _soc_of_v(self, v: np.ndarray, med: float) -> np.ndarray:
+    def _small_soc_gap(self, v: np.ndarray, med: float) -> np.ndarray:
         """Cells whose OCV-equivalent SOC lies within ``cell_soc_spread`` of the median's (all False without
         a known OCV curve or with the test off)."""
         lim = self.cfg.plausibility.cell_soc_spread
