@@ -48,3 +48,11 @@ def load_ocv(chemistry: str) -> OCVCurve:
         raise ValueError(f"no OCV table for chemistry {chemistry!r}; known: {', '.join(CHEMISTRIES.names())}")
     tab = np.loadtxt(get_chemistry(chem).ocv_table_path, delimiter=",", comments="#")
     return OCVCurve(tab[:, 0], tab[:, 1], chem)
+
+
+def ocv_or_none(chemistry: str) -> OCVCurve | None:
+    """The chemistry's OCV curve, or None for one without a table (checks that can do without it then do)."""
+    try:
+        return load_ocv(chemistry)
+    except (ValueError, OSError, KeyError):
+        return None

@@ -261,11 +261,10 @@ def flat_band(chemistry: str, ratio: float) -> tuple[float, float]:
 
     An unknown chemistry (or ratio inf) gives no bound.
     """
-    from bms_ai.chemistry.ocv import load_ocv
+    from bms_ai.chemistry.ocv import ocv_or_none
 
-    try:
-        curve = load_ocv(chemistry)
-    except (ValueError, OSError, KeyError):
+    curve = ocv_or_none(chemistry)
+    if curve is None:
         return -math.inf, math.inf
     soc, ocv, slope = curve.soc, curve.ocv, curve.docv_tab
     mid = float(np.median(slope[(soc >= 0.1) & (soc <= 0.9)]))

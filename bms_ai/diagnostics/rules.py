@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bms_ai.chemistry.ocv import OCVCurve, load_ocv
+from bms_ai.chemistry.ocv import ocv_or_none
 from bms_ai.core.levels import ERROR, OK, STALE, WARN
 from bms_ai.diagnostics.config import TIERS, LimitsConfig, TierLimits
 from bms_ai.diagnostics.debounce import Debouncer, Transition
@@ -307,14 +307,6 @@ NO_CELLS = "not monitored: no cell voltages in this pack config"
 FEW_SENSORS = "not monitored: fewer than two temperature sensors in this pack config"
 
 
-def _ocv_or_none(chemistry: str) -> OCVCurve | None:
-    """The chemistry's reference OCV curve; None for one without a table (the spread is then voltage alone)."""
-    try:
-        return load_ocv(chemistry)
-    except (ValueError, OSError, KeyError):
-        return None
-
-
 class RuleEngine:
     """All rule checks for one pack; call :meth:`step` once per fixed-rate tick."""
 
@@ -346,7 +338,7 @@ class RuleEngine:
         self.rules: list[_Rule] = [self.cell_over, self.cell_under, self.temp_over, self.temp_under,
                                    self.cur_charge, self.cur_discharge, self.pack_v, self.v_spread, self.t_spread,
                                    self.open_wire, self.stuck, self.offset, self.timeout, self.est]
-        self._ocv = _ocv_or_none(cfg.chemistry)
+        self._ocv = ocv_or_none(cfg.chemistry)   # None: the spread is voltage alone
         self._frozen_cells = _FrozenTracker(n_cells, p.stuck_epsilon_v, p.stuck_reference_move_v, p.stuck_window_s)
         self._frozen_sensors = _FrozenTracker(n_temps, p.stuck_epsilon_c, p.stuck_reference_move_c,
                                               p.stuck_temperature_window_s)
