@@ -136,3 +136,19 @@ def test_state_round_trip_and_self_discharge_while_asleep():
     bad = dict(d, x=[float("nan")] * 5)
     assert "non-finite" in BarDeltaFilter(2, Q).restore(bad, 0.0)
     assert "malformed" in BarDeltaFilter(2, Q).restore({"version": 1}, 0.0)
+
+
+def test_a_soc_anchor_is_weighed_by_its_sigma_and_a_contradicting_one_reopens_the_state():
+    """The end of a full charge: close to the state it is a Kalman update; 15 points off a 1 % state it resets it."""
+    flt = BarDeltaFilter(3, Q)
+    flt.initialise(np.array([0.95, 0.96, 0.97]), 0.01)
+    flt.anchor_soc(0.0, np.array([0.975, 0.985, 0.995]), np.full(3, 0.01), np.ones(3, bool))
+    # prior and reading equally sure: the mean moves half way, the cells keep their order, no event
+    assert float(np.mean(flt.cell_soc)) == pytest.approx(0.9725, abs=1e-3)
+    assert np.all(np.diff(flt.cell_soc) > 0) and not flt.events
+    flt.initialise(0.8, 0.01)
+    flt.anchor_soc(5.0, np.full(3, 0.98), np.full(3, 0.005), np.array([True, True, False]))
+    assert float(np.mean(flt.cell_soc)) == pytest.approx(0.98, abs=0.005)
+    assert [e.kind for e in flt.events] == ["soc_reopened"] and "full charge" in flt.events[0].detail
+    flt.anchor_soc(6.0, np.full(3, np.nan), np.full(3, 0.005), np.ones(3, bool))   # nothing usable: no change
+    assert float(np.mean(flt.cell_soc)) == pytest.approx(0.98, abs=0.005) and len(flt.events) == 1

@@ -254,6 +254,37 @@ class BarDeltaFilter:
         self.cell_cap = np.where(np.isfinite(f) & (f > 0.3), f, 1.0) / max(float(np.mean(f)), 1e-3)
         self.cells_differ = bool(np.any(np.abs(self.cell_cap - 1.0) > 1e-6))
 
+    def anchor_soc(self, t: float, soc: np.ndarray, sigma: np.ndarray, ok: np.ndarray) -> None:
+        """A direct measurement of each cell's SOC (the end of a CC-CV full charge) with its sigma.
+
+        The string's mean takes the mean of the usable cells with the mean sigma (their errors share
+        the charger's cut-off and the curve's top, so they do not average out); each cell's deviation
+        then takes its own reading. A reading far outside the predicted spread (a wrong stored SOC
+        the voltage could not reveal, as on the LFP plateau) reopens the SOC variance first, as the
+        consistency gate does, so the anchor is taken in full rather than in proportion to a stale sigma.
+        """
+        ok = np.asarray(ok, dtype=bool) & np.isfinite(soc) & np.isfinite(sigma) & (np.asarray(sigma) > 0)
+        if not ok.any():
+            return
+        x, cov = self.x, self.P
+        y = float(np.mean(soc[ok] - self.ds[ok])) - x[S]
+        r = float(np.mean(sigma[ok])) ** 2
+        if y * y > self.params.gate_nis * (cov[S, S] + r):
+            self._reopen(t, y, cov[S, S] + r, 1.0, f"full charge: SOC {100 * (x[S] + y):.1f} % vs "
+                                                     f"{100 * x[S]:.1f} % counted")
+        gain = cov[:, S] / (cov[S, S] + r)
+        x += gain * y
+        cov -= gain[:, None] * cov[S, :][None, :]
+        k0 = np.where(ok, self.d00 / (self.d00 + np.where(ok, sigma, 1.0) ** 2), 0.0)
+        self.ds += k0 * np.where(ok, soc - float(np.mean(soc[ok])) - self.ds, 0.0)   # deviations: the mean is taken
+        self.d01 -= k0 * self.d01
+        self.d00 -= k0 * self.d00
+        shift = float(vsum(self.ds)) / self.n
+        self.ds -= shift
+        x[S] += shift
+        lo, hi = self.params.soc_bounds
+        x[S] = min(max(x[S], lo), hi)
+
     # -- measurement update ----------------------------------------------------
     def update(self, t: float, dt: float, m: FilterInput) -> None:
         """Correct with one set of cell voltages (cells with NaN voltage or model terms are skipped)."""
@@ -300,7 +331,7 @@ class BarDeltaFilter:
         lo, hi = p.soc_bounds
         x[S] = min(max(x[S], lo), hi)
 
-    def _reopen(self, t: float, y: float, spread: float, slope: float) -> None:  # noqa: D401
+    def _reopen(self, t: float, y: float, spread: float, slope: float, detail: str = "") -> None:  # noqa: D401
         """Widen the SOC variance to what the persistent innovation implies (not beyond sigma_reset)."""
         p = self.params
         var = min(max((y / max(slope, 1e-3)) ** 2, self.P[S, S]), p.sigma_reset ** 2)
@@ -313,8 +344,8 @@ class BarDeltaFilter:
             self.P[:, e] = 0.0
             self.P[e, e] = 1.0
         self.nis = 0.0
-        self.events.append(FilterEvent(t, "soc_reopened", f"innovation {y * 1e3:.0f} mV vs spread "
-                                                        f"{math.sqrt(spread) * 1e3:.0f} mV"))
+        self.events.append(FilterEvent(t, "soc_reopened", detail or f"innovation {y * 1e3:.0f} mV vs spread "
+                                                                  f"{math.sqrt(spread) * 1e3:.0f} mV"))
 
     def _update_cells(self, dt: float, m: FilterInput, ok: np.ndarray) -> None:
         p = self.params

@@ -161,6 +161,10 @@ class HealthEstimator:
         self.history: list[tuple[float, float]] = list(soh_history or [])
         self.rul_est = rul or RulEstimator()
         self.q_updates = 0
+        # the latest end of a CC-CV full charge as a SOC measurement for the SOC filter: (Ah counter at the
+        # anchor, SOC per cell, sigma per cell, usable cells), and how many there have been
+        self.full_soc: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.full_count = 0
         self.r0_updates = 0
         self.counts: dict[str, list[int]] = {}      # kind -> [used, rejected, flat]
         use_ica = self.p.ica if self.p.ica is not None else bool(self.chem and self.chem.hysteresis_gap_v > 0)
@@ -362,6 +366,9 @@ class HealthEstimator:
         sd = np.maximum(sd_v / slope, self.p.full_sd if kind == "full" else 0.0)
         flat = sd > self.p.max_soc_sd
         ok = np.isfinite(soc) & ~flat
+        if kind == "full" and ok.any():
+            self.full_soc = (self.ah if ah_at is None else ah_at, soc, sd, ok)
+            self.full_count += 1
         graphite = ok & (soc < self.p.graphite_frame_soc) & (kind != "full")
         self._predict()
         back = 0.0 if ah_at is None else self.ah - ah_at

@@ -108,6 +108,7 @@ class PackEstimator:
         self.last_health: HealthOutput | None = None
         self._t_health = -math.inf
         self.steps = 0
+        self.full_anchors = 0         # SOC anchors at the end of a full charge (reported in the soc check)
         self.rejected = 0
         self.reject_reason = ""
         self._rejected_at_last_status = 0
@@ -179,6 +180,7 @@ class PackEstimator:
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,
                                       chemistry=self.chemistry)
         self._cap_fed = -1
+        self._full_fed = self.health.full_count
 
     def _admit(self, t: float, current: float, cell_v: np.ndarray, n_temps: int) -> str:
         """Why the sample cannot be used ("" if it can); (re)creates the filters for a new cell count."""
@@ -220,6 +222,8 @@ class PackEstimator:
         self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
         if self.health.q_updates != self._cap_fed:
             self._feed_capacity()
+        if self.health.full_count != self._full_fed:
+            self._feed_full()
         if t - self._t_health >= self.health_period:
             self._t_health = t
             self.last_health = self.health.output()
@@ -245,6 +249,22 @@ class PackEstimator:
             f.P[:, CAP] = 0.0
             f.P[CAP, CAP] = var
 
+    def _feed_full(self) -> None:
+        """The end of a CC-CV full charge (found by the SOH estimator) anchors the SOC, free of the OCV band.
+
+        The charger's cut-off fixes the SOC near 100 % whatever the cell's curve below the top,
+        so this anchor also holds for a cell type whose curve is only the family prior. The
+        Coulomb counting since the anchor (a pause in the CV tail) is added on the filter's capacity.
+        """
+        h, f = self.health, self.soc_est.filter
+        self._full_fed = h.full_count
+        if h.full_soc is None:
+            return
+        ah_at, soc, sd, ok = h.full_soc
+        since = (h.ah - ah_at) / (self.capacity_ah * max(f.capacity_factor, 0.3) * f.cell_cap)
+        f.anchor_soc(self.soc_est.t_last, np.clip(soc + since, 0.0, 1.0), sd, ok)
+        self.full_anchors += 1
+
     # -- persistence ---------------------------------------------------------------
     def save_state(self) -> bytes:
         """What the next power cycle continues from (files: ``estimation.state.write_state(path, state_payload())``)."""
@@ -252,6 +272,10 @@ class PackEstimator:
 
     def state_payload(self) -> dict:
         """``save_state`` before encoding (for ``write_state``)."""
+        if self.health is not None and self.soc_est is not None:
+            self.health.end_session()     # (as its ``state`` does) a full charge that ends with the session ...
+            if self.health.full_count != self._full_fed:
+                self._feed_full()         # ... anchors the SOC saved with it
         return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
                 "soc": self.soc_est.state() if self.soc_est is not None else {},
                 "health": self.health.state() if self.health is not None else {}}
@@ -297,7 +321,7 @@ class PackEstimator:
             "inference_ms": o.infer_s * 1e3, "cycle_ms": self.cycle_last_s * 1e3, "cycle_max_ms": self.cycle_max_s * 1e3,
             "current_offset_a": o.offset_a, "capacity_factor": o.capacity_factor,
             "ocv_source": self.soc_est.ocv.source if self.soc_est else "", "state": self.state_note,
-            "steps": self.steps,
+            "steps": self.steps, "full_charge_anchors": self.full_anchors,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
             "last_model_event": (events or [""])[-1], **self.soc_est.guard.values()})
