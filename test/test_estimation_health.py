@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from bms_ai.chemistry.ocv import load_ocv
+from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
 from bms_ai.estimation.health import GRAPHITE_SHIFT_S, HealthEstimator
 from bms_ai.estimation.pack import PackEstimator
@@ -128,6 +128,17 @@ def test_nmc_rests_and_full_charge_give_each_cells_capacity() -> None:
     assert o.soh == pytest.approx(0.84, abs=0.01) and np.all(o.cell_soh_sd < 0.03)
     assert o.anchors["full"]["used"] == 3 and o.anchors["rest"]["used"] >= 6
     assert o.capacity_updates >= 2
+
+
+@pytest.mark.drive   # ~1 s: outside the fast library tier
+def test_a_curve_whose_top_lies_above_the_chargers_cv_voltage_still_finds_the_full_charge() -> None:
+    """A (learned) curve 25 mV above the cells near the top: its 99 % OCV is above v_max, yet the CV phase is at v_max."""
+    ref = load_ocv("nmc")
+    high = OCVCurve(ref.soc, ref.ocv + 0.025 * np.clip((ref.soc - 0.5) / 0.5, 0.0, 1.0), "nmc")
+    assert float(high(0.99)) > get_chemistry("nmc").v_max
+    pack = _nmc_life(np.array([0.97, 0.90, 0.84]) * 50.0)
+    h = run_sessions(lambda: HealthEstimator(3, 50.0, ocv=high, chemistry="nmc"), pack)
+    assert h.output().anchors["full"]["used"] == 3
 
 
 def test_rest_and_full_anchors_ignore_the_step_that_ends_them_and_the_offset_comes_from_the_rest() -> None:

@@ -81,6 +81,7 @@ class HealthParams:
     full_taper_c: float = 0.05       # ... then tapered to at most this (CV at v_max)
     full_top_soc: float = 0.95       # ... with the highest cell above the OCV of this SOC
     full_cv_soc: float = 0.99        # ... after a taper with the highest cell held above the OCV of this SOC (CV)
+    cv_margin_v: float = 0.01        # ... or above the chemistry's v_max less this (sensor error), if lower
     full_cv_min_s: float = 120.0     # ... for this long while charging (not a regen pulse at the top)
     full_sd: float = 0.003           # SOC sigma at the end of a full charge
     filter_offset: bool = False      # correct the current with the SOC filter's offset estimate (see the docstring)
@@ -173,6 +174,11 @@ class HealthEstimator:
             self.finder = FeatureFinder(n_cells, self.q_design, _curve(ocv), self.p.features)
         self.v_top = float(_curve(ocv)(self.p.full_top_soc)) if ocv is not None else math.inf
         self.v_cv = float(_curve(ocv)(self.p.full_cv_soc)) if ocv is not None else math.inf
+        if self.chem is not None:
+            # the charger holds the chemistry's v_max: a curve whose top lies above it (a fleet-learned curve of
+            # an NCA type: 4.203 V at 99 %) would otherwise never see a CV phase, and no full charge at all
+            self.v_cv = min(self.v_cv, self.chem.v_max - self.p.cv_margin_v)
+            self.v_top = min(self.v_top, self.v_cv)
         self._reset_session()
         self.t_sleep: float | None = None    # time of the last sample before a sleep (persisted)
         self.t_anchor_days = 0.0             # day count of the last capacity-filter prediction
