@@ -245,8 +245,7 @@ class BarDeltaFilter:
         self.d01 *= phi_m
         self.d11 *= phi_m * phi_m
         self.d11 += 1.0 - phi_m * phi_m
-        lo, hi = p.soc_bounds
-        x[S] = min(max(x[S], lo), hi)
+        self._clamp()
 
     def set_cell_capacity(self, factors: np.ndarray) -> None:
         """Per-cell capacity relative to the string's mean (from the SOH estimate)."""
@@ -279,11 +278,8 @@ class BarDeltaFilter:
         self.ds += k0 * np.where(ok, soc - float(np.mean(soc[ok])) - self.ds, 0.0)   # deviations: the mean is taken
         self.d01 -= k0 * self.d01
         self.d00 -= k0 * self.d00
-        shift = float(vsum(self.ds)) / self.n
-        self.ds -= shift
-        x[S] += shift
-        lo, hi = self.params.soc_bounds
-        x[S] = min(max(x[S], lo), hi)
+        self._recentre()
+        self._clamp()
 
     # -- measurement update ----------------------------------------------------
     def update(self, t: float, dt: float, m: FilterInput) -> None:
@@ -328,8 +324,7 @@ class BarDeltaFilter:
                      + p.r_sensor * inv + w * sig_fast * sig_fast * self._n_corr(dt, m.relaxed))
         x += gain * y
         cov -= gain[:, None] * ph
-        lo, hi = p.soc_bounds
-        x[S] = min(max(x[S], lo), hi)
+        self._clamp()
 
     def _reopen(self, t: float, y: float, spread: float, slope: float, detail: str = "") -> None:  # noqa: D401
         """Widen the SOC variance to what the persistent innovation implies (not beyond sigma_reset)."""
@@ -367,9 +362,17 @@ class BarDeltaFilter:
         self.d00 -= k0 * ph0
         self.d01 -= k0 * ph1
         self.d11 -= k1 * ph1
-        shift = float(vsum(self.ds)) / self.n  # the mean belongs to the bar filter
+        self._recentre()
+
+    def _recentre(self) -> None:
+        """Move the cells' mean deviation into the string's SOC: the mean belongs to the bar filter."""
+        shift = float(vsum(self.ds)) / self.n
         self.ds -= shift
-        x[S] += shift
+        self.x[S] += shift
+
+    def _clamp(self) -> None:
+        lo, hi = self.params.soc_bounds
+        self.x[S] = min(max(self.x[S], lo), hi)
 
     # -- persistence -----------------------------------------------------------
     def to_dict(self, t: float) -> dict:
