@@ -138,6 +138,24 @@ def test_state_round_trip_and_self_discharge_while_asleep():
     assert "malformed" in BarDeltaFilter(2, Q).restore({"version": 1}, 0.0)
 
 
+def test_a_zero_current_reading_sets_the_offset_and_takes_back_the_drift_it_implies():
+    """The sensor read at a known zero current: the offset takes the reading, the SOC the hour it miscounted."""
+    flt = BarDeltaFilter(3, Q)
+    flt.initialise(0.5, 0.01)
+    for _ in range(360):
+        flt.predict(10.0, 0.0)               # an hour at a measured 0 A: no SOC change counted
+    s0 = float(np.mean(flt.cell_soc))
+    assert flt.measure_offset(3600.0, 0.004, 1e-4)      # the sensor read -0.2 A on 50 Ah
+    assert flt.offset_c == pytest.approx(0.004, abs=2e-4)
+    # the hour is counted again with that offset: 0.4 % of the capacity, through the state's covariance
+    assert float(np.mean(flt.cell_soc)) - s0 == pytest.approx(0.004, abs=4e-4)
+    assert not flt.events
+    before = flt.offset_c
+    assert not flt.measure_offset(3700.0, 0.1, 1e-4)    # 5 A on 50 Ah at "rest": a load, not the offset
+    assert flt.offset_c == before and [e.kind for e in flt.events] == ["offset_refused"]
+    assert not flt.measure_offset(3800.0, math.nan, 1e-4) and len(flt.events) == 1
+
+
 def test_a_soc_anchor_is_weighed_by_its_sigma_and_a_contradicting_one_reopens_the_state():
     """The end of a full charge: close to the state it is a Kalman update; 15 points off a 1 % state it resets it."""
     flt = BarDeltaFilter(3, Q)

@@ -222,6 +222,18 @@ def test_pack_estimator_persists_soh_and_feeds_the_soc_filter() -> None:
     assert f.capacity_factor == pytest.approx(h.cell_soh.mean(), abs=2e-3)   # then the filter's own updates
 
 
+def test_an_awake_rest_at_zero_current_gives_the_soc_filter_the_sensors_offset() -> None:
+    """The SOH estimator's zero-current rest (free of the OCV curve) reaches the SOC filter's offset state."""
+    pack = SynthPack("nmc", np.full(3, 45.0), 0.6, seed=2, offset_a=-0.4, dt=2.0)
+    pack.hold(10).hold(900, -0.4 * pack.design).hold(900).hold(600, -0.5 * pack.design)
+    t, cur, v = pack.arrays()
+    est = PackEstimator("nmc", 50.0, None, initial_soc=0.6)
+    for k in range(len(t)):
+        est.step(float(t[k]), float(cur[k]), v[k], np.full(2, 25.0))
+    assert est.soc_status().values["offset_readings"] == 1
+    assert est.soc_est.filter.offset_c * 50.0 == pytest.approx(0.4, abs=0.05)     # the correction: +0.4 A
+
+
 @pytest.mark.drive   # ~2 s: outside the fast library tier
 @pytest.mark.parametrize("anchors", [True, False])
 def test_the_end_of_a_full_charge_anchors_the_soc_where_the_voltage_cannot(anchors: bool) -> None:

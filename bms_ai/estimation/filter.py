@@ -120,6 +120,9 @@ class FilterParams:
     reset_sigma_max: float = 0.15
     reset_min_jump: float = 0.15
     self_discharge_per_day: float = 0.001   # expected SOC lost per day asleep (and its sigma)
+    # a direct reading of the current offset (the sensor at a known zero current) further off the
+    # predicted spread than this many sigmas is refused: a load the rest did not show
+    offset_gate_sigma: float = 4.0
     soc_bounds: tuple[float, float] = (-0.05, 1.05)
 
 
@@ -280,6 +283,28 @@ class BarDeltaFilter:
         self.d00 -= k0 * self.d00
         self._recentre()
         self._clamp()
+
+    def measure_offset(self, t: float, correction_c: float, sigma_c: float) -> bool:
+        """A direct reading of the offset correction [C] (minus what the sensor read at a known zero current).
+
+        Free of the OCV curve and of the capacity, so it is the only offset evidence that holds on a
+        cell type known only through its family prior; the SOC drift it implies is corrected through
+        the state's covariance. False (and an event) when refused by ``offset_gate_sigma``.
+        """
+        if not (math.isfinite(correction_c) and math.isfinite(sigma_c) and sigma_c > 0):
+            return False
+        x, cov = self.x, self.P
+        y = correction_c - x[OFFSET]
+        s = cov[OFFSET, OFFSET] + sigma_c * sigma_c
+        if y * y > self.params.offset_gate_sigma ** 2 * s:
+            self.events.append(FilterEvent(t, "offset_refused", f"zero-current reading {correction_c:+.4f} C vs "
+                                                                 f"{x[OFFSET]:+.4f} +- {math.sqrt(s):.4f} C"))
+            return False
+        gain = cov[:, OFFSET] / s
+        x += gain * y
+        cov -= gain[:, None] * cov[OFFSET, :][None, :]
+        self._clamp()
+        return True
 
     # -- measurement update ----------------------------------------------------
     def update(self, t: float, dt: float, m: FilterInput) -> None:

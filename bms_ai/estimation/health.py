@@ -166,6 +166,9 @@ class HealthEstimator:
         # anchor, SOC per cell, sigma per cell, usable cells), and how many there have been
         self.full_soc: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.full_count = 0
+        # the latest awake zero-current rest as an offset reading for the SOC filter: (mean current [A], sigma [A])
+        self.zero_reading: tuple[float, float] | None = None
+        self.zero_count = 0
         self.r0_updates = 0
         self.counts: dict[str, list[int]] = {}      # kind -> [used, rejected, flat]
         use_ica = self.p.ica if self.p.ica is not None else bool(self.chem and self.chem.hysteresis_gap_v > 0)
@@ -317,6 +320,8 @@ class HealthEstimator:
         mean = s1 / n
         var_mean = max(s2 / n - mean * mean, 0.0) / n
         sd = math.sqrt((self.p.rest_load_sd_c * self.q_design) ** 2 + var_mean)
+        self.zero_reading = (mean, sd)
+        self.zero_count += 1
         self._predict()
         self._count("zero_current", self.cap.update_offset(mean, sd), 0)
 

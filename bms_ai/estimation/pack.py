@@ -109,6 +109,7 @@ class PackEstimator:
         self._t_health = -math.inf
         self.steps = 0
         self.full_anchors = 0         # SOC anchors at the end of a full charge (reported in the soc check)
+        self.offset_readings = 0      # current-offset readings at awake zero-current rests taken by the filter
         self.rejected = 0
         self.reject_reason = ""
         self._rejected_at_last_status = 0
@@ -181,6 +182,7 @@ class PackEstimator:
                                       chemistry=self.chemistry)
         self._cap_fed = -1
         self._full_fed = self.health.full_count
+        self._zero_fed = self.health.zero_count
 
     def _admit(self, t: float, current: float, cell_v: np.ndarray, n_temps: int) -> str:
         """Why the sample cannot be used ("" if it can); (re)creates the filters for a new cell count."""
@@ -224,6 +226,8 @@ class PackEstimator:
             self._feed_capacity()
         if self.health.full_count != self._full_fed:
             self._feed_full()
+        if self.health.zero_count != self._zero_fed:
+            self._feed_zero()
         if t - self._t_health >= self.health_period:
             self._t_health = t
             self.last_health = self.health.output()
@@ -265,6 +269,16 @@ class PackEstimator:
         f.anchor_soc(self.soc_est.t_last, np.clip(soc + since, 0.0, 1.0), sd, ok)
         self.full_anchors += 1
 
+    def _feed_zero(self) -> None:
+        """An awake rest at zero current (found by the SOH estimator) reads the current sensor's offset."""
+        h, f = self.health, self.soc_est.filter
+        self._zero_fed = h.zero_count
+        if h.zero_reading is None:
+            return
+        mean, sd = h.zero_reading
+        if f.measure_offset(self.soc_est.t_last, -mean / self.capacity_ah, sd / self.capacity_ah):
+            self.offset_readings += 1
+
     # -- persistence ---------------------------------------------------------------
     def save_state(self) -> bytes:
         """What the next power cycle continues from (files: ``estimation.state.write_state(path, state_payload())``)."""
@@ -276,6 +290,8 @@ class PackEstimator:
             self.health.end_session()     # (as its ``state`` does) a full charge that ends with the session ...
             if self.health.full_count != self._full_fed:
                 self._feed_full()         # ... anchors the SOC saved with it
+            if self.health.zero_count != self._zero_fed:
+                self._feed_zero()
         return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
                 "soc": self.soc_est.state() if self.soc_est is not None else {},
                 "health": self.health.state() if self.health is not None else {}}
@@ -322,6 +338,7 @@ class PackEstimator:
             "current_offset_a": o.offset_a, "capacity_factor": o.capacity_factor,
             "ocv_source": self.soc_est.ocv.source if self.soc_est else "", "state": self.state_note,
             "steps": self.steps, "full_charge_anchors": self.full_anchors,
+            "offset_readings": self.offset_readings,
             "rejected": self.rejected, "reject_reason": self.reject_reason,
             "model_reloads": self.models.reloads if self.models is not None else 0,
             "last_model_event": (events or [""])[-1], **self.soc_est.guard.values()})
