@@ -277,9 +277,7 @@ class BarDeltaFilter:
         if y * y > self.params.gate_nis * (cov[S, S] + r):
             self._reopen(t, y, cov[S, S] + r, 1.0, f"full charge: SOC {100 * (x[S] + y):.1f} % vs "
                                                      f"{100 * x[S]:.1f} % counted")
-        gain = cov[:, S] / (cov[S, S] + r)
-        x += gain * y
-        cov -= gain[:, None] * cov[S, :][None, :]
+        self._observe(S, y, r)
         k0 = np.where(ok, self.d00 / (self.d00 + np.where(ok, sigma, 1.0) ** 2), 0.0)
         self.ds += k0 * np.where(ok, soc - float(np.mean(soc[ok])) - self.ds, 0.0)   # deviations: the mean is taken
         self.d01 -= k0 * self.d01
@@ -303,11 +301,15 @@ class BarDeltaFilter:
             self.events.append(FilterEvent(t, "offset_refused", f"zero-current reading {correction_c:+.4f} C vs "
                                                                  f"{x[OFFSET]:+.4f} +- {math.sqrt(s):.4f} C"))
             return False
-        gain = cov[:, OFFSET] / s
-        x += gain * y
-        cov -= gain[:, None] * cov[OFFSET, :][None, :]
+        self._observe(OFFSET, y, sigma_c * sigma_c)
         self._clamp()
         return True
+
+    def _observe(self, i: int, y: float, r: float) -> None:
+        """Kalman update with a direct reading of bar state ``i``: innovation ``y``, reading variance ``r``."""
+        gain = self.P[:, i] / (self.P[i, i] + r)
+        self.x += gain * y
+        self.P -= gain[:, None] * self.P[i, :][None, :]
 
     # -- measurement update ----------------------------------------------------
     def update(self, t: float, dt: float, m: FilterInput) -> None:

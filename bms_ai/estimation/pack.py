@@ -224,10 +224,7 @@ class PackEstimator:
         self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
         if self.health.q_updates != self._cap_fed:
             self._feed_capacity()
-        if self.health.full_count != self._full_fed:
-            self._feed_full()
-        if self.health.zero_count != self._zero_fed:
-            self._feed_zero()
+        self._feed_anchors()
         if t - self._t_health >= self.health_period:
             self._t_health = t
             self.last_health = self.health.output()
@@ -252,6 +249,13 @@ class PackEstimator:
             f.P[CAP, :] = 0.0
             f.P[:, CAP] = 0.0
             f.P[CAP, CAP] = var
+
+    def _feed_anchors(self) -> None:
+        """What the SOH estimator found since the last call (a full charge's end, a zero-current rest) to the SOC filter."""
+        if self.health.full_count != self._full_fed:
+            self._feed_full()
+        if self.health.zero_count != self._zero_fed:
+            self._feed_zero()
 
     def _feed_full(self) -> None:
         """The end of a CC-CV full charge (found by the SOH estimator) anchors the SOC, free of the OCV band.
@@ -287,11 +291,8 @@ class PackEstimator:
     def state_payload(self) -> dict:
         """``save_state`` before encoding (for ``write_state``)."""
         if self.health is not None and self.soc_est is not None:
-            self.health.end_session()     # (as its ``state`` does) a full charge that ends with the session ...
-            if self.health.full_count != self._full_fed:
-                self._feed_full()         # ... anchors the SOC saved with it
-            if self.health.zero_count != self._zero_fed:
-                self._feed_zero()
+            self.health.end_session()     # (as its ``state`` does) a full charge or rest that ends with the session ...
+            self._feed_anchors()          # ... reaches the SOC state saved with it
         return {"chemistry": self.chemistry, "capacity_ah": self.capacity_ah,
                 "soc": self.soc_est.state() if self.soc_est is not None else {},
                 "health": self.health.state() if self.health is not None else {}}
