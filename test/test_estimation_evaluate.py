@@ -247,6 +247,9 @@ def test_cli_end_to_end_parallel_equals_serial(drives, tmp_path, capsys) -> None
     assert main([*args, "--report", str(tmp_path / "j2"), "--jobs", "2"]) == 0
     assert main([*args, "--report", str(tmp_path / "j1"), "--jobs", "1", "--no-plots"]) == 0
     r1, r2 = (json.loads((tmp_path / j / "results.json").read_text()) for j in ("j1", "j2"))
-    assert r1["summary"] == r2["summary"]
+    measured = "cpu_us_per_sample"   # process time per sample: measured, so it differs from run to run
+    assert {k: v for k, v in r1["summary"].items() if k != measured} == \
+        {k: v for k, v in r2["summary"].items() if k != measured}
+    assert set(r1["summary"][measured]) == set(r2["summary"][measured])
     assert (tmp_path / "j2" / "index.html").exists() and list((tmp_path / "j2").glob("class_*.png"))
     assert "shipped" in r2["runs"][0]["methods"]
