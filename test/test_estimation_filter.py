@@ -48,16 +48,31 @@ def _truth(t, i_true, soc0, n=4, cap=None):
 
 @pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_exact_model_tracks_truth_from_a_wrong_start_and_estimates_the_offset():
-    """Voltages from the filter's own model: a 30-point wrong start converges, a 0.5 A offset is learned."""
+    """Voltages from the filter's own model: a 30-point wrong start is within 2 points after the first rest
+    (630-900 s; under load the voltage counts ``load_trust`` times less), a 0.5 A offset is learned."""
     t, i = _drive(7200.0, rest_every=900.0)
     soc = _truth(t, i, 0.9)
     v = load_ocv("nmc")(np.clip(soc, 0, 1)) + 0.001 * np.random.default_rng(1).standard_normal(soc.shape)
     flt = BarDeltaFilter(4, Q)
     flt.initialise(0.6, 0.03)
     est = _run(flt, t, i - 0.5, v)  # the sensor reads 0.5 A low
-    t5 = np.searchsorted(t, 300.0)
-    assert np.abs(est[t5:] - soc[t5:]).max() < 0.02
+    t5, t_rest = np.searchsorted(t, 300.0), np.searchsorted(t, 900.0)
+    assert np.abs(est[t5] - soc[t5]).max() < 0.05
+    assert np.abs(est[t_rest:] - soc[t_rest:]).max() < 0.02
     assert 0.1 < flt.offset_c * Q < 0.8  # learned in the right direction; its pace depends on the model-error sigma
+
+
+def test_a_voltage_bias_common_to_every_cell_moves_the_soc_only_by_the_strings_share():
+    """A -20 mV OCV-curve error on every cell, in a 40 mV band, over an hour at rest: the mean SOC takes only
+    its share of it (the bar filter's). The per-cell update used to take the common residual a second time
+    through the cells' mean (0.72 points here; a held-out-like Mohtat2020 drive drifted 2.3 points in a
+    13-minute rest, eval clean-drive RMSE 1.25 % against Coulomb counting's 0.05 %, 0.15 % without it)."""
+    t = np.arange(0.0, 3600.0, DT)
+    v = np.full((len(t), 4), float(load_ocv("nmc")(0.5)) - 0.02)
+    flt = BarDeltaFilter(4, Q)
+    flt.initialise(0.5, 0.02)
+    est = _run(flt, t, np.zeros_like(t), v, band=0.04)
+    assert abs(float(est[-1].mean()) - 0.5) < 0.005
 
 
 def test_a_confident_wrong_state_is_reopened():

@@ -205,9 +205,9 @@ def _after_park(park_s: float, chem: str = "nmc", band_v: float = 0.005, current
 
 def test_the_first_sample_after_a_long_park_is_a_rest_anchor() -> None:
     """After >= 30 min asleep the key-on voltage (at a C/100 auxiliary load) is the rest OCV: with the cell's own
-    curve it moves the estimate most of the way; after a short stop, on the LFP plateau (hysteresis) or with
-    only a chemistry prior's band it is no anchor."""
-    assert 0.58 < _after_park(7200.0) < 0.65
+    curve it moves the estimate more than half of the way (one sample against the stored state's own sigma);
+    after a short stop, on the LFP plateau (hysteresis) or with only a chemistry prior's band it is no anchor."""
+    assert 0.55 < _after_park(7200.0) < 0.65
     assert _after_park(7200.0, current=-5.0) < 0.54       # C/10 at key-on: not a rest, the usual weak pull
     assert _after_park(1700.0) < 0.51
     assert _after_park(600.0) < 0.51

@@ -380,6 +380,7 @@ class BarDeltaFilter:
         x = self.x
         h1 = m.sig_slow * p.k_cell
         y = m.v - (m.ocv + m.eta + m.sig_slow * x[E_MODEL] + h1 * self.de + m.sig_ocv * x[E_OCV])
+        y = y - float(vsum(np.where(ok, y, 0.0))) / max(int(np.count_nonzero(ok)), 1)   # the mean is the bar's
         h0 = m.docv
         r = p.r_sensor + (p.k_cell_fast * p.k_cell_fast * self._n_corr(dt, m.relaxed) * m.trust * m.trust) * (m.sig_fast * m.sig_fast)
         ph0 = self.d00 * h0 + self.d01 * h1
