@@ -170,7 +170,6 @@ def test_a_wrong_stored_start_on_the_lfp_plateau_is_kept() -> None:
     assert events == [] and abs(err - 0.3) < 0.01
 
 
-
 def test_a_wrong_stored_start_below_the_lfp_plateau_restarts() -> None:
     """LFP, truly 30 %, stored 60 %: below the plateau the family curve has slope, and the voltage at rest is
     63 mV (2.7 spreads) off the stored SOC's OCV: the first sample restarts the estimate to the truth."""
@@ -181,6 +180,7 @@ def test_a_wrong_stored_start_below_the_lfp_plateau_restarts() -> None:
     out = est.step(0.0, 0.0, np.full(n, float(curve(0.3))), np.array([25.0]))
     assert [e.split(":")[0] for e in out.events] == ["soc_restarted_from_ocv"], out.events
     assert abs(out.soc - 0.3) < 0.02
+
 
 # ----------------------------------------------------------------------------- the rest voltage at wake
 
