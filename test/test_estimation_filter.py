@@ -76,14 +76,14 @@ def test_a_voltage_bias_common_to_every_cell_moves_the_soc_only_by_the_strings_s
 
 
 def test_a_rest_at_either_end_of_the_curve_teaches_neither_offset_nor_capacity():
-    """On a chemistry with hysteresis, at rest within ``end_soc`` of full or empty, a relaxing voltage (15 mV decaying over 20 min, as after a
-    charge's CV phase) is not read as a current-sensor offset or a capacity; mid-curve the same residual still
-    is (there a persistent drift at rest is the offset's signature). An LFP 3-day life took +0.069 A from an
-    hour at 99.8 % and drifted 9.5 points on it."""
+    """On a chemistry with hysteresis, at rest within ``end_soc`` of full or empty, a relaxing voltage (15 mV
+    decaying over 20 min, as after a charge's CV phase) is not read as a current-sensor offset or a capacity;
+    mid-curve the same residual still is (there a persistent drift at rest is the offset's signature). An LFP
+    3-day life took +0.069 A from an hour at 99.8 % and drifted 9.5 points on it."""
     def learned(soc0: float, dv: float, end_soc: float) -> tuple[float, float]:
         t = np.arange(0.0, 3600.0, DT)
         v = np.full((len(t), 4), float(load_ocv("lfp")(soc0))) + (dv * np.exp(-t / 1200.0))[:, None]
-        flt = BarDeltaFilter(4, Q, FilterParams(end_soc=end_soc), path_dependent=True)
+        flt = BarDeltaFilter(4, Q, FilterParams(end_soc=end_soc), path_free=False)
         flt.initialise(soc0, 0.01)
         _run(flt, t, np.zeros_like(t), v, band=0.02, chem="lfp")
         return flt.offset_c * Q, flt.capacity_factor

@@ -173,7 +173,7 @@ class BarDeltaFilter:
     n: int
     design_capacity_ah: float
     params: FilterParams = field(default_factory=FilterParams)
-    path_dependent: bool = False       # the chemistry has hysteresis (``FilterParams.end_soc``)
+    path_free: bool = True             # no hysteresis (else ``FilterParams.end_soc`` applies)
     x: np.ndarray = field(init=False)
     P: np.ndarray = field(init=False)  # noqa: N815  (covariance: the conventional name)
     ds: np.ndarray = field(init=False)
@@ -337,7 +337,7 @@ class BarDeltaFilter:
             m = FilterInput(*(np.where(ok, a, 0.0) for a in (m.v, m.eta, m.sig_slow, m.sig_fast, m.ocv,
                                                               m.docv, m.sig_ocv)), trust=m.trust, gate=m.gate, relaxed=m.relaxed)
         self._update_bar(t, dt, m, ok, n_ok)
-        self._update_cells(dt, m, ok)
+        self._update_cells(dt, m, ok, n_ok)
 
     def _n_corr(self, dt: float, relaxed: bool = False) -> float:
         return 1.0 if relaxed else max(2.0 * self.params.tau_fast / max(dt, 1e-3), 1.0)
@@ -368,13 +368,13 @@ class BarDeltaFilter:
         s_eff = (hph + (w - 1.0) * sig_slow * sig_slow * cov[E_MODEL, E_MODEL]
                  + p.r_sensor * inv + w * sig_fast * sig_fast * self._n_corr(dt, m.relaxed))
         gain = ph / s_eff
-        if self.path_dependent and abs(self.i_c) < p.end_rest_c and not p.end_soc <= x[S] <= 1.0 - p.end_soc:
-            # Schmidt update: offset and capacity are considered, not corrected (Joseph form keeps P right)
+        considered = not self.path_free and abs(self.i_c) < p.end_rest_c and not p.end_soc <= x[S] <= 1.0 - p.end_soc
+        if considered:   # Schmidt update: offset and capacity are considered, not corrected
             gain[OFFSET] = gain[CAP] = 0.0
-            x += gain * y
+        x += gain * y
+        if considered:   # Joseph form: P stays right for the suboptimal gain
             cov += s_eff * np.outer(gain, gain) - np.outer(gain, ph) - np.outer(ph, gain)
         else:
-            x += gain * y
             cov -= gain[:, None] * ph
         self._clamp()
 
@@ -394,12 +394,12 @@ class BarDeltaFilter:
         self.events.append(FilterEvent(t, "soc_reopened", detail or f"innovation {y * 1e3:.0f} mV vs spread "
                                                                   f"{math.sqrt(spread) * 1e3:.0f} mV"))
 
-    def _update_cells(self, dt: float, m: FilterInput, ok: np.ndarray) -> None:
+    def _update_cells(self, dt: float, m: FilterInput, ok: np.ndarray, n_ok: int) -> None:
         p = self.params
         x = self.x
         h1 = m.sig_slow * p.k_cell
         y = m.v - (m.ocv + m.eta + m.sig_slow * x[E_MODEL] + h1 * self.de + m.sig_ocv * x[E_OCV])
-        y = y - float(vsum(np.where(ok, y, 0.0))) / max(int(np.count_nonzero(ok)), 1)   # the mean is the bar's
+        y -= float(vsum(y)) / n_ok   # the mean is the bar's (a missing cell's neutral inputs give y = 0; its gains are 0)
         h0 = m.docv
         r = p.r_sensor + (p.k_cell_fast * p.k_cell_fast * self._n_corr(dt, m.relaxed) * m.trust * m.trust) * (m.sig_fast * m.sig_fast)
         ph0 = self.d00 * h0 + self.d01 * h1

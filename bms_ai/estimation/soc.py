@@ -110,7 +110,7 @@ class SocEstimator:
         # no hysteresis: the voltage at rest, and under moderate load, does not depend on the path
         self.path_free = chem.hysteresis_gap_v == 0.0
         self.ocv = ocv or default_ocv_model(chem.name)
-        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams(), path_dependent=not self.path_free)
+        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams(), path_free=self.path_free)
         self.soc0 = soc0
         self.sigma0_given = sigma0_given
         self.check_stored = soc0 is not None      # a given start is checked against the first voltage at rest
