@@ -192,6 +192,29 @@ def test_a_zero_current_reading_sets_the_offset_and_takes_back_the_drift_it_impl
     assert not flt.measure_offset(3800.0, math.nan, 1e-4) and len(flt.events) == 1
 
 
+def test_a_capacity_reading_is_weighed_and_takes_back_the_charge_it_miscounted():
+    """The SOH estimator's capacity is a reading of the filter's state, not an override of it.
+
+    After 10 Ah counted on an assumed full capacity, a surer reading of 0.9 moves the capacity
+    by its Kalman weight (4:1 here) and the SOC by the share of those 10 Ah it changes.
+    """
+    flt = BarDeltaFilter(3, Q)
+    flt.initialise(0.5, 0.01)
+    for _ in range(288):
+        flt.predict(10.0, -12.5)              # 10 Ah out: 0.2 of the design capacity
+    s0, c0, var0 = float(np.mean(flt.cell_soc)), flt.capacity_factor, float(flt.P[CAP, CAP])
+    assert c0 == pytest.approx(1.0)
+    assert flt.measure_capacity(0.9, var0 / 4)
+    assert flt.capacity_factor == pytest.approx(c0 + 0.8 * (0.9 - c0), abs=1e-3)
+    # 10 Ah on a 0.92 capacity is 0.217 of it, not 0.200: the SOC takes most of the difference
+    assert float(np.mean(flt.cell_soc)) - s0 == pytest.approx(-0.2 / 0.92 + 0.2, abs=0.004)
+    assert flt.P[CAP, CAP] < var0 / 4 and np.allclose(flt.P, flt.P.T)
+    c1 = flt.capacity_factor
+    assert not flt.measure_capacity(0.8, float(flt.P[CAP, CAP]))   # no surer than the filter: not taken
+    assert not flt.measure_capacity(math.nan, 1e-6) and not flt.measure_capacity(0.8, 0.0)
+    assert flt.capacity_factor == c1
+
+
 def test_a_soc_anchor_is_weighed_by_its_sigma_and_a_contradicting_one_reopens_the_state():
     """The end of a full charge: close to the state it is a Kalman update; 15 points off a 1 % state it resets it."""
     flt = BarDeltaFilter(3, Q)

@@ -320,6 +320,20 @@ class BarDeltaFilter:
         self._clamp()
         return True
 
+    def measure_capacity(self, factor: float, var: float) -> bool:
+        """The SOH estimator's pack capacity factor as a reading of the capacity state, where it is surer.
+
+        A Kalman update, not an override: the SOC, offset and capacity stay correlated, so a
+        capacity the SOH estimator read through a family OCV curve (confident, a few points off)
+        is weighed against what the voltage already taught the filter. Overriding the state and
+        zeroing its covariance row cost the NMC 3-day life 2 SOC points (docs/estimation.md).
+        """
+        if not (math.isfinite(factor) and math.isfinite(var) and 0 < var < self.P[CAP, CAP]):
+            return False
+        self._observe(CAP, factor - self.x[CAP], var)
+        self._clamp()
+        return True
+
     def _observe(self, i: int, y: float, r: float) -> None:
         """Kalman update with a direct reading of bar state ``i``: innovation ``y``, reading variance ``r``."""
         gain = self.P[:, i] / (self.P[i, i] + r)
