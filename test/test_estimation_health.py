@@ -229,7 +229,8 @@ def test_pack_estimator_persists_soh_and_gives_the_soc_filter_the_cells_shares()
     np.testing.assert_allclose(h.cell_soh, caps / 50.0, atol=0.015)
     f = est.soc_est.filter
     np.testing.assert_allclose(f.cell_cap, h.cell_soh / h.cell_soh.mean(), rtol=1e-6)
-    assert abs(f.capacity_factor - h.cell_soh.mean()) > 0.01       # its own estimate, not the SOH's
+    # its own estimate, not the SOH's: here, with the exact curve, 3 % high (the cost; docs/estimation.md, SOH)
+    assert abs(f.capacity_factor - h.cell_soh.mean()) > 0.01
 
 
 @pytest.mark.drive   # ~2 s: outside the fast library tier

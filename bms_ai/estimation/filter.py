@@ -325,8 +325,8 @@ class BarDeltaFilter:
 
         A Kalman update, not an override: the SOC, offset and capacity stay correlated, so a
         capacity the SOH estimator read through a family OCV curve (confident, a few points off)
-        is weighed against what the voltage already taught the filter. Overriding the state and
-        zeroing its covariance row cost the NMC 3-day life 2 SOC points (docs/estimation.md).
+        is weighed against what the voltage already taught the filter. As an override (state set,
+        covariance row zeroed) the NMC 3-day life gave 3.56 % RMSE, as this reading 1.63 %.
         """
         if not (math.isfinite(factor) and math.isfinite(var) and 0 < var < self.P[CAP, CAP]):
             return False

@@ -236,7 +236,7 @@ class PackEstimator:
                         status.soh_verdict(h.soh if h is not None else 1.0).health)
 
     def _feed_capacity(self) -> None:
-        """A new capacity estimate: per-cell factors; on a flat curve also a reading of the pack factor.
+        """A new capacity estimate: per-cell factors; with hysteresis (LFP) also a reading of the pack factor.
 
         On a chemistry with hysteresis (LFP) the SOC filter learns no capacity on the plateau (its
         sigma stayed at the prior over a 3-day life), so the SOH estimator's is the only one. On a
