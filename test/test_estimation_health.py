@@ -201,20 +201,28 @@ def test_state_round_trip_keeps_the_estimate_and_refuses_other_packs() -> None:
     assert "malformed" in HealthEstimator(2, 50.0).restore({"version": 1})
 
 
-def _run_pack(chemistry: str, pack: SynthPack, soc0: float) -> PackEstimator:
-    """The pack estimator session by session, each restored from the last one's saved state."""
+def _pack_sessions(chemistry: str, pack: SynthPack, soc0: float, **kw):
+    """The pack estimator session by session, each restored from the last one's saved state.
+
+    Yields each session's estimator and its last step's output (before the state is saved).
+    """
     t, cur, v = pack.arrays()
     temps = np.full(2, 25.0)
     cut = np.flatnonzero(np.diff(t) > 60) + 1
     blob = None
     for a, b in zip(np.r_[0, cut], np.r_[cut, len(t)]):
-        est = PackEstimator(chemistry, 50.0, None, initial_soc=soc0)
+        est = PackEstimator(chemistry, 50.0, None, initial_soc=soc0, **kw)
         if blob is not None:
             assert est.restore_state(blob) == ""
         for k in range(a, b):
-            est.step(float(t[k]), float(cur[k]), v[k], temps)
+            out = est.step(float(t[k]), float(cur[k]), v[k], temps)
         blob = est.save_state()
-    return est
+        yield est, out
+
+
+def _run_pack(chemistry: str, pack: SynthPack, soc0: float) -> PackEstimator:
+    """The estimator after the last session of ``_pack_sessions``."""
+    return list(_pack_sessions(chemistry, pack, soc0))[-1][0]
 
 
 @pytest.mark.drive   # ~1 s: outside the fast library tier
@@ -270,17 +278,9 @@ def test_the_end_of_a_full_charge_anchors_the_soc_where_the_voltage_cannot(ancho
     """
     pack = SynthPack("lfp", np.array([0.92, 0.9, 0.94]) * 50.0, 0.55, seed=2, dt=2.0)
     pack.hold(10).hold(1200, -0.4 * 50).park(3600).hold(10).charge(0.25).hold(60).park(3600).hold(10).hold(900, -0.5 * 50)
-    t, cur, v = pack.arrays()
-    cut = np.flatnonzero(np.diff(t) > 60) + 1
-    blob, counted = None, 0
-    for a, b in zip(np.r_[0, cut], np.r_[cut, len(t)]):
-        est = PackEstimator("lfp", 50.0, None, initial_soc=0.40, rest_capacity=anchors)
-        if blob is not None:
-            assert est.restore_state(blob) == ""
-        for k in range(a, b):
-            out = est.step(float(t[k]), float(cur[k]), v[k], np.full(2, 25.0))
-        blob = est.save_state()
-        counted += est.soc_status().values["full_charge_anchors"]
+    sessions = list(_pack_sessions("lfp", pack, 0.40, rest_capacity=anchors))
+    counted = sum(est.soc_status().values["full_charge_anchors"] for est, _ in sessions)
+    out = sessions[-1][1]
     err = out.soc.soc - float(np.mean(pack.soc))
     if anchors:
         assert counted == 1 and abs(err) < 0.02, (counted, err)

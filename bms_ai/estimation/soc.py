@@ -107,10 +107,10 @@ class SocEstimator:
         self.capacity_ah = float(capacity_ah)
         self.features = make_features(n_cells, n_temps, capacity_ah, hysteresis_rate_for(chem.name))
         self.ecm = EcmEta(n_cells, (ecm or ECM_DEFAULTS[chem.name]).scaled(self.capacity_ah))
-        # no hysteresis: the voltage at rest, and under moderate load, does not depend on the path
-        self.path_free = chem.hysteresis_gap_v == 0.0
         self.ocv = ocv or default_ocv_model(chem.name)
-        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams(), path_free=self.path_free)
+        # no hysteresis: the voltage at rest, and under moderate load, does not depend on the path
+        self.filter = BarDeltaFilter(n_cells, self.capacity_ah, params or FilterParams(),
+                                     path_free=chem.hysteresis_gap_v == 0.0)
         self.soc0 = soc0
         self.sigma0_given = sigma0_given
         self.check_stored = soc0 is not None      # a given start is checked against the first voltage at rest
@@ -129,6 +129,11 @@ class SocEstimator:
         self.set_model(model, model_reason)
 
     # -- model management ----------------------------------------------------
+
+    @property
+    def path_free(self) -> bool:
+        """No hysteresis (the filter's flag: one home)."""
+        return self.filter.path_free
     def set_model(self, model: LoadedModel | None, reason: str = "") -> None:
         """Swap the overpotential model (hot reload); the filter state is kept, so the output does not jump."""
         self.learned = LearnedEta(model) if model is not None else None
