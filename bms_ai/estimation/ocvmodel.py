@@ -69,6 +69,15 @@ class OcvModel:
         g = self._grid  # np.interp clamps outside [0, 1]
         return OcvTerms(np.interp(soc, g, self._ocv), np.interp(soc, g, self._slope), np.interp(soc, g, self._sigma))
 
+    def rest_soc_sigma(self, lo: float = 0.2, hi: float = 0.95) -> float:
+        """The SOC error a relaxed rest takes from this curve: band over slope, the median over ``lo..hi``.
+
+        It is the curve's own error, the same at every rest near that SOC, so it does not
+        average down over rests the way sensor noise does.
+        """
+        k = (self._grid >= lo) & (self._grid <= hi)
+        return float(np.median(self._sigma[k] / np.maximum(np.abs(self._slope[k]), 1e-4)))
+
     def inverse(self, v: float | np.ndarray) -> np.ndarray:
         """SOC whose corrected OCV is ``v`` (first use: the raw curve plus the mean correction)."""
         return self.curve.inverse(np.asarray(v) - float(np.mean(self.correction)))

@@ -46,6 +46,9 @@ SOC_METHOD_TEXT = {"learned": "Coulomb counting + learned overpotential model",
 # the soc check stays WARN this long (measurement time) after the output guard refused a cell, so a model
 # that fails now and then shows at the 1 Hz diagnostics rate, not only when a report hits a bad step
 GUARD_WARN_HOLD_S = 10.0
+# SOC apart of the two anchors a capacity rests on in vehicle use: turns the curve's SOC error at a rest
+# into the capacity error it leaves (sqrt(2) x sigma / swing)
+ANCHOR_SWING = 0.5
 
 
 @dataclass
@@ -236,14 +239,17 @@ class PackEstimator:
                         status.soh_verdict(h.soh if h is not None else 1.0).health)
 
     def _feed_capacity(self) -> None:
-        """A new capacity estimate: per-cell factors; with hysteresis (LFP) also a reading of the pack factor.
+        """A new capacity estimate: per-cell factors, and the pack factor as a reading as sure as its anchors.
 
-        On a chemistry with hysteresis (LFP) the SOC filter learns no capacity on the plateau (its
-        sigma stayed at the prior over a 3-day life), so the SOH estimator's is the only one. On a
-        sloped curve the filter learns its own through the voltage and the OCV curve's error state;
-        the SOH estimator's rests, read through the same family curve as independent 8-mV readings,
-        are surer than they are (NMC 3-day life: 0.976 +- 0.010 for a true 0.948; a fleet's unfamiliar
-        Ecker cells 1.2-1.4 for 0.90), and feeding them cost that life 2 SOC points (3.56 vs 1.53 %).
+        With hysteresis (LFP) the SOC filter learns no capacity on the plateau (its sigma stayed at
+        the prior over a 3-day life), and the SOH estimator's comes from anchors free of the curve
+        (full charges, graphite features, the knees): read as it is. On a sloped curve the filter
+        learns its own through the voltage; the SOH estimator's rests are read through the same
+        curve as independent 8-mV readings, but the curve's error is common to every rest, so the
+        reading carries that error too (``OcvModel.rest_soc_sigma``). With a family prior (40-180 mV)
+        it is then weaker than the filter's own and refused: fed as sure as claimed, it cost the NMC
+        3-day life 2 SOC points (3.56 vs 1.53 %; 0.976 +- 0.010 for a true 0.948). With the cell's
+        own curve (a pack config's, or a fleet curve) it is taken.
         """
         self._cap_fed = self.health.q_updates
         if not self.health.q_updates:
@@ -251,8 +257,9 @@ class PackEstimator:
         cells, mean, var = self.health.capacity_factors()
         f = self.soc_est.filter
         f.set_cell_capacity(cells)
-        if not self.soc_est.path_free:
-            f.measure_capacity(mean, var)
+        if self.soc_est.path_free:
+            var += 2.0 * (self.soc_est.ocv.rest_soc_sigma() / ANCHOR_SWING) ** 2
+        f.measure_capacity(mean, var)
 
     def _feed_anchors(self) -> None:
         """What the SOH estimator found since the last call (a full charge's end, a zero-current rest) to the SOC filter."""
