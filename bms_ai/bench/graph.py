@@ -209,8 +209,9 @@ def bench_latency(seconds: float) -> dict[str, Any]:
                            stderr=subprocess.DEVNULL, text=True)
     try:
         ready = ext.stdout.readline().strip() == "ready" if ext.stdout else False
+        # no estimator state file: a run must not start from what an earlier run (or the user's graph) saved
         runner = GraphRunner(graph_from_options({"nodes": ",".join(names), "params_file": "", "interface": "virtual",
-                                                 "channel": "lat"}))
+                                                 "channel": "lat"}, overrides={"estimator": {"state_file": ""}}))
         import rclpy
         from rclpy.context import Context
 
