@@ -304,3 +304,45 @@ def test_record_notices_a_changed_status() -> None:
     e = workload.canonical([CheckResult("x", OK, "m", {"v": 1.0, "w": 0})])
     assert a != b and a == c
     assert d != e  # the order values are published in counts too
+
+
+def test_a_bus_gap_during_a_rest_is_no_long_rest() -> None:
+    """The watchdog's steps on the last sample during a silence are no rest observed.
+
+    A 20 s stop at a 0.8 A accessory load, then the bus is silent for 110 s (a stalled replay, a bus
+    fault), then the same stop resumes: the current-offset rule needs 120 s of rest seen at a steady
+    voltage, and the repeated last sample (the same voltage at every watchdog step) must not make it one.
+    """
+    mon = FaultMonitor.load("", "nmc", "packT", detectors=False, stale_after=0.5)
+    levels = []
+
+    def at_rest(t: float) -> PackSample:
+        s = sample(t)
+        s.pack_current = -0.8
+        return s
+
+    t = 100.0
+    for k in range(200):                                   # 20 s at rest
+        t = 100.0 + 0.1 * k
+        levels.append(by_check(mon.on_sample(at_rest(t), now=t))["current sensor offset"].level)
+    for k in range(1, 441):                                # 110 s of silence, 4 Hz watchdog
+        res = by_check(mon.watchdog(now=t + 0.25 * k))
+        if "current sensor offset" in res:
+            levels.append(res["current sensor offset"].level)
+    t0 = t + 110.0
+    for k in range(100):                                   # 10 s more at rest
+        t = t0 + 0.1 * k
+        levels.append(by_check(mon.on_sample(at_rest(t), now=t))["current sensor offset"].level)
+    assert WARN not in levels
+
+
+def test_a_monitor_clock_without_time_is_no_silence(mon: FaultMonitor) -> None:
+    """Samples received while the monitor clock has no time (NaN: sim time before /clock) start no silence."""
+    t0 = 1767225600.0
+    for k in range(3):
+        mon.on_sample(sample(t0 + 0.1 * k), now=math.nan)
+    assert mon.watchdog(now=t0 + 5.0) == []                 # no silence measured from "no time"
+    r = by_check(mon.on_sample(sample(t0 + 0.3), now=t0 + 0.3))
+    assert r["can timeout"].level == OK and mon.last_t == pytest.approx(t0 + 0.3)
+    unstamped = sample(0.0)
+    assert mon.on_sample(unstamped, now=math.nan) == [] and mon.rejected == 1   # no stamp, no clock: no time

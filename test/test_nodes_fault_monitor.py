@@ -179,3 +179,68 @@ def test_fault_monitor_all_nan_stream_is_timeout_not_open_wire(h: Harness) -> No
     assert h.level("fault_monitor: current derating") == 3  # STALE: no data to derate from
     ev = [x for x in h.seen if x[1] == "fault_monitor: events"][-1]
     assert "open wire" not in ev[4].get("event0", "") and "can timeout" in ev[4].get("event0", "")
+
+
+def test_on_sim_time_samples_before_the_first_clock_message_raise_no_timeout() -> None:
+    """A replay's first samples can reach the monitor before its sim clock has a time (it reads 0).
+
+    The watchdog's silence from that 0 to the first /clock reading is no silence: it used to put the
+    rule time decades ahead, after which every sample looked stale (can timeout ERROR for good) and a
+    stop at a small load looked like a long rest (a current-sensor offset WARN).
+    """
+    from rclpy.parameter import Parameter
+    from rosgraph_msgs.msg import Clock
+
+    from bms_ai.nodes.common import LOSSLESS_QOS
+    from bms_ai.nodes.convert import stamp_to_time
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    mon = FaultMonitorNode(namespace="bms", context=ctx, parameter_overrides=[
+        Parameter("pack_id", value="packS"), Parameter("use_sim_time", value=True)])
+    io = Node("diag_sim_io", namespace="bms", context=ctx)
+    pub = io.create_publisher(BatteryState, "pack/measurements", PUB_QOS)
+    clock = io.create_publisher(Clock, "/clock", LOSSLESS_QOS)
+    seen: list[tuple[str, int]] = []
+    io.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.extend(
+        (st.name, st.level[0] if isinstance(st.level, bytes) else int(st.level)) for st in m.status), 500)
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(mon)
+    ex.add_node(io)
+
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            ex.spin_once(timeout_sec=0.01)
+
+    def measurement(t: float) -> BatteryState:
+        v = np.full(96, 3.8)
+        return sample_to_battery_state(PackSample(stamp=t, pack_voltage=float(v.sum()), pack_current=-0.8,
+                                                  cell_voltages=v, cell_temperatures=np.full(32, 25.0)))
+
+    try:
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and (pub.get_subscription_count() < 1 or clock.get_subscription_count() < 1):
+            spin(0.05)
+        t0 = 1767225600.0
+        for k in range(3):                       # before any /clock: the monitor's clock reads 0
+            pub.publish(measurement(t0 + 0.1 * k))
+            spin(0.05)
+        assert mon.monitor.received == 3
+        clock.publish(Clock(clock=stamp_to_time(t0 + 0.3)))   # the clock starts; the watchdog ticks before a sample
+        spin(0.5)
+        for k in range(3, 80):                   # the replay's clock starts; a stop at 0.8 A
+            t = t0 + 0.1 * k
+            clock.publish(Clock(clock=stamp_to_time(t)))
+            pub.publish(measurement(t))
+            spin(0.03)
+        spin(0.3)
+        last = {name: level for name, level in seen}
+        assert last["fault_monitor: can timeout"] == 0, [x for x in seen if x[0].endswith("can timeout")][-3:]
+        assert all(level == 0 for name, level in seen if name == "fault_monitor: current sensor offset")
+        assert mon.monitor.last_t - t0 < 60.0
+    finally:
+        ex.shutdown()
+        mon.destroy_node()
+        io.destroy_node()
+        rclpy.shutdown(context=ctx)

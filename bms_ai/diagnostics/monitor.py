@@ -154,6 +154,9 @@ class FaultMonitor:
         if not self._accepts_shape(s):
             return []
         stamp = s.stamp if s.stamp > 0 else now
+        if not math.isfinite(stamp):
+            self.reject("no stamp and no monitor clock yet")
+            return []
         if math.isfinite(self.last_stamp) and stamp <= self.last_stamp:
             self.reject("out-of-order stamp")
             return []
@@ -228,7 +231,7 @@ class FaultMonitor:
         """
         if self.sample is None or self.engine is None:
             return []
-        silence = now - self.last_rx
+        silence = now - self.last_rx   # NaN while the monitor clock had no time (not a silence)
         t = self.last_stamp + silence
         if silence > self.stale_after and t > self.last_t:
             return self._step(self.sample, t)

@@ -572,7 +572,10 @@ class RuleEngine:
         p = self.cfg.plausibility
         contactors = s.status.get("contactor_plus") if s.status else None
         open_contactors = contactors is not None and math.isfinite(contactors) and contactors == 0
-        at_rest = math.isfinite(i) and (open_contactors or abs(i) < p.rest_current_a)
+        # a rest is what was seen: a step on a current reading older than ``stale_s`` (the watchdog's steps on
+        # the last sample during a bus silence: the same voltage each time) ends it instead of extending it
+        at_rest = t - s.pack_current_stamp <= p.stale_s and math.isfinite(i) and \
+            (open_contactors or abs(i) < p.rest_current_a)
         # the cell mean (the same sum numpy's nanmean takes) is needed only at rest
         vmean = _mean(st.v, st.sum_v) if at_rest else math.nan
         if at_rest and math.isfinite(self._rest_start) and not open_contactors and \

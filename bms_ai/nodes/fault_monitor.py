@@ -11,6 +11,7 @@ a level change; latched MSL events clear only on a reset message.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -65,7 +66,13 @@ class FaultMonitorNode(Node):
         self._publish(self.monitor.startup_status())
 
     def _now(self) -> float:
-        return time_to_float(self.get_clock().now().to_msg())
+        """The node clock; NaN while it reads 0: on sim time, before the first /clock message.
+
+        A 0 there is no time: the watchdog's silence measured from it to the first real clock reading
+        (decades) pushed the rule time decades ahead, and every check read the samples as stale.
+        """
+        t = time_to_float(self.get_clock().now().to_msg())
+        return t if t > 0 else math.nan
 
     def _publish(self, results: list[CheckResult]) -> None:
         """Every status whose level changed goes out in one DiagnosticArray (not one message per check)."""
