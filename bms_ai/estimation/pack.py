@@ -242,8 +242,9 @@ class PackEstimator:
         """A new capacity estimate: per-cell factors, and the pack factor as a reading as sure as its anchors.
 
         With hysteresis (LFP) the SOC filter learns no capacity on the plateau (its sigma stayed at
-        the prior over a 3-day life), and the SOH estimator's comes from anchors free of the curve
-        (full charges, graphite features, the knees): read as it is. On a sloped curve the filter
+        the prior over a 3-day life), and the SOH estimator's comes mostly from anchors free of the
+        curve (full charges, graphite features) besides rests at the knees: read as it is (held out,
+        where the knees are not the family's, it is 13-23 % high; docs/estimation.md, SOH). On a sloped curve the filter
         learns its own through the voltage; the SOH estimator's rests are read through the same
         curve as independent 8-mV readings, but the curve's error is common to every rest, so the
         reading carries that error too (``OcvModel.rest_soc_sigma``). With a family prior (40-180 mV)
