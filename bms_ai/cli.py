@@ -7,10 +7,12 @@ and is imported only when used, so `bms-ai decode` never loads rclpy or PyBaMM.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bms_ai.core.registry import NotAvailableError, Registry
 
+DEBUG_ENV = "BMS_AI_DEBUG"  # '1': an unexpected error raises with its traceback instead of one line
 COMMANDS: Registry = Registry("command")
 COMMANDS.add("run", "bms_ai.ros.runner:", "run the whole node graph in one process")
 COMMANDS.add("demo", "bms_ai.ros.demo:", "main job: replay a bundled drive through the graph, live view, report")
@@ -54,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # config/input errors carry their own message
-        print(f"bms-ai {name}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ArithmeticError) as exc:  # input, file and number errors carry their own message
+        print(f"bms-ai {name}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # anything else still ends in one line; the traceback only on request
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"bms-ai {name}: error: {type(exc).__name__}: {_one_line(exc)} ({DEBUG_ENV}=1 shows where)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

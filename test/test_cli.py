@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import pytest
 
 from bms_ai.cli import build_parser
 from bms_ai.core.paths import share_path
@@ -19,3 +22,59 @@ def test_evaluate_finds_the_shipped_models_from_any_directory(tmp_path, monkeypa
     assert entries and not errors
     none = build_parser(only="evaluate").parse_args(["evaluate", "drive", "--report", "out", "--models", "none"])
     assert none.models == "none"
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    from bms_ai.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["decode", "x.blf", "--rate", "0"], "--rate: must be > 0"),
+    (["decode", "x.blf", "--rate", "inf"], "--rate: must be finite"),
+    (["decode", "x.blf", "--max-age", "nan"], "--max-age: must be finite"),
+    (["replay", "x.blf", "--start-delay", "1e999"], "--start-delay: must be finite"),
+    (["evaluate", "d", "--report", "r", "--rate-hz", "-1"], "--rate-hz: must be >= 0"),
+    (["evaluate", "d", "--report", "r", "--jobs", "0"], "--jobs: must be >= 1"),
+    (["ingest-server", "--port", "99999"], "--port: must be a port"),
+])
+def test_out_of_range_numbers_are_a_usage_error(argv, says, capsys) -> None:
+    """nan, inf and out-of-range values are refused where the option is read, in one line (argparse's exit 2)."""
+    with pytest.raises(SystemExit) as ex:
+        _run(argv, capsys)
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_bad_files_end_in_one_line_not_a_traceback(tmp_path, capsys) -> None:
+    """A drive whose meta.json is not an object, an output path that is a directory, a null scenario."""
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    shutil.copy(share_path("data", "drives", "nmc_udds", "truth.parquet"), drive)
+    (drive / "meta.json").write_text("null")
+    (tmp_path / "null.json").write_text("null")
+    for argv, says in ((["evaluate", str(drive), "--report", str(tmp_path / "r"), "--no-plots"],
+                        "meta.json: drive metadata must be a JSON object"),
+                       (["bench", "--quick", "--only", "decode", "-o", str(tmp_path)], "is a directory, not a file"),
+                       (["simulate", "--scenario", str(tmp_path / "null.json"), "--out", str(tmp_path / "o")],
+                        "a scenario must be a JSON object")):
+        code, err = _run(argv, capsys)
+        assert code == 1 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, capsys) -> None:
+    """What no handler expected still ends in one line; BMS_AI_DEBUG=1 gives the traceback instead."""
+    from bms_ai import cli
+
+    def boom(_args) -> int:
+        raise KeyError("surprise")
+
+    module = type("M", (), {"run": staticmethod(boom), "add_arguments": staticmethod(lambda p: None)})
+    monkeypatch.setattr(cli.COMMANDS, "get", lambda name: module)
+    code, err = _run(["bench"], capsys)
+    assert code == 1 and err.strip() == "bms-ai bench: error: KeyError: 'surprise' (BMS_AI_DEBUG=1 shows where)"
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(KeyError):
+        cli.main(["bench"])

@@ -10,8 +10,9 @@ import pytest
 os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
 pa = pytest.importorskip("pyarrow")
 
+from bms_ai.sim.dataset import read_meta  # noqa: E402
 from bms_ai.sim.importers import import_kollmeyer_csv, read_kollmeyer_csv  # noqa: E402
-from bms_ai.sim.io import read_meta, read_truth  # noqa: E402
+from bms_ai.sim.io import read_truth  # noqa: E402
 
 HEADER = [
     "Test Name,551_LA92", "Cycler Program: LA92 drive cycle", "Channel: 5", "Battery: LG HG2 3Ah",

@@ -59,6 +59,8 @@ def run_sections(names: list[str], quick: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """`bms-ai bench`: the chosen sections as JSON on stdout (and in --output)."""
     names = [SECTIONS.check(n.strip()) for n in args.only.split(",")] if args.only else SECTIONS.names()
+    if args.output and os.path.isdir(args.output):  # before minutes of measuring, not after
+        raise ValueError(f"--output {args.output}: is a directory, not a file")
     res = run_sections(names, args.quick)
     text = json.dumps(res, indent=2)
     print(text)

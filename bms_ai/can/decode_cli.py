@@ -22,6 +22,7 @@ from fnmatch import fnmatchcase
 from bms_ai.can.assembler import REJECT_REASONS
 from bms_ai.can.frames import FrameArrays, stamp_ok, stamps_ok
 from bms_ai.can.logs import Timeline, iter_log, read_log_chunks
+from bms_ai.core.cliargs import positive_float
 from bms_ai.core.paths import default_pack_config
 
 
@@ -35,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bus", help="only frames of this bus/channel (e.g. 0 in a SavvyCAN log, can0 in candump)")
     p.add_argument("--no-strict", action="store_true", help="load a DBC that cantools rejects in strict mode")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    p.add_argument("--rate", type=float, default=10.0, help="samples per second of CAN time")
-    p.add_argument("--max-age", type=float, default=1.0, help="values older than this (s) are written as NaN")
+    p.add_argument("--rate", type=positive_float, default=10.0, help="samples per second of CAN time")
+    p.add_argument("--max-age", type=positive_float, default=1.0, help="values older than this (s) are written as NaN")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
 
 

@@ -9,7 +9,6 @@ far more than the rules themselves.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from bms_ai.diagnostics.config import LimitsConfig, default_limits_path, load_li
 from bms_ai.diagnostics.detectors import DetectorBank, DetectorParams
 from bms_ai.diagnostics.rules import Event, RuleEngine
 from bms_ai.pack import PackSample
+from bms_ai.sim.dataset import read_meta
 
 
 @dataclass
@@ -47,10 +47,7 @@ class Measured:
 def load_measured(drive_dir: str | Path, cache_dir: str | Path | None = None) -> Measured:
     """Decode a drive's CAN log (cached) and read its ground-truth fault list from meta.json."""
     d = Path(drive_dir)
-    meta_p = d / "meta.json"
-    if not meta_p.is_file():
-        raise FileNotFoundError(f"{d}: no meta.json (not a recorded drive directory)")
-    meta = json.loads(meta_p.read_text())
+    meta = read_meta(d)
     logs = [p for p in (d / "can.blf", d / "can.asc") if p.is_file()]
     if not logs:
         raise FileNotFoundError(f"{d}: no can.blf / can.asc")

@@ -42,11 +42,13 @@ import numpy as np
 
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.core.cliargs import nonneg_float, positive_int
+from bms_ai.core.files import load_json
 from bms_ai.estimation.baselines import METHODS, EvalSetup, Method, PackInfo
 from bms_ai.estimation.ekf import EcmTable
 from bms_ai.estimation.pack import PackEstimator, open_models
 from bms_ai.models.runtime import ModelRegistry, default_model_dir
-from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive, resample_drive
+from bms_ai.sim.dataset import RecordedDrive, find_drives, load_drive, read_meta, resample_drive
 
 PROTOCOL_VERSION = 2
 LEARNED = ("shipped", "shipped_fallback")     # the shipped estimator's names (with / without its model)
@@ -213,7 +215,7 @@ class DriveHead:
 
 def drive_head(path: Path) -> DriveHead:
     """Name, chemistry and classes from meta.json; size from the file (longest drives are started first)."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     data = path / "drive.npz" if (path / "drive.npz").exists() else path / "truth.parquet"
     return DriveHead(path, str(meta.get("name", path.name)), str(meta.get("chemistry", "nmc")), drive_classes(meta),
                      data.stat().st_size)
@@ -677,7 +679,9 @@ def resolve_ecm(chemistries: list[str], ecm_file: Path | None, fit_drives: list[
     from bms_ai.estimation.ecm_fit import fit_ecm_table, tune_noise
 
     out: dict[str, EcmTable] = {}
-    given = json.loads(Path(ecm_file).read_text()) if ecm_file else {}
+    given = load_json(ecm_file, "ECM table") if ecm_file else {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{ecm_file}: an ECM table must be a JSON object (chemistry -> table)")
     for chem in chemistries:
         entry = models.slot("soc", chem).model.entry if models is not None and models.slot("soc", chem).model else None
         if chem in given:
@@ -908,11 +912,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", required=True, help="output directory: results.json, table.md, index.html")
     p.add_argument("--models", default=str(default_model_dir()),
                    help="model directory (default: the installed models, from any directory; 'none' = no models)")
-    p.add_argument("--jobs", type=int, default=2, help="drives evaluated in parallel (results do not depend on it)")
+    p.add_argument("--jobs", type=positive_int, default=2, help="drives evaluated in parallel (results do not depend on it)")
     p.add_argument("--methods", default="", help=f"comma list (default all: {', '.join(METHODS.names())})")
     p.add_argument("--variants", default="all", help="comma list of conditions, 'all' or 'base' "
                    f"(known: {', '.join(v.name for v in VARIANTS)})")
-    p.add_argument("--rate-hz", type=float, default=0.0,
+    p.add_argument("--rate-hz", type=nonneg_float, default=0.0,
                    help="resample every drive to this rate before any method sees it (0: as recorded; the "
                         "current is window-averaged, so Coulomb counting keeps the charge)")
     p.add_argument("--ocv", choices=("chemistry", "datasheet"), default="chemistry",

@@ -26,6 +26,7 @@ import numpy as np
 from bms_ai.core.levels import level_name, split_status_name
 from bms_ai.core.paths import share_path
 from bms_ai.graph import NODES, OPTION_BY_NAME, graph_from_options
+from bms_ai.sim.dataset import read_meta
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     log = next((drive / n for n in ("can.blf", "can.asc", "can.log") if (drive / n).is_file()), None)
     if log is None:
         raise FileNotFoundError(f"{drive}: no can.blf/can.asc/can.log")
-    meta = json.loads((drive / "meta.json").read_text()) if (drive / "meta.json").is_file() else {}
+    meta = read_meta(drive) if (drive / "meta.json").is_file() else {}
     pack_cfg = share_path("config", meta.get("pack_config", "pack96.yaml"))
     out = Path(args.out) / drive.name
     out.mkdir(parents=True, exist_ok=True)

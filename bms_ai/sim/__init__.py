@@ -7,7 +7,8 @@ Training-side only (needs PyBaMM); never imported by the nodes.
     write_drive(drive, "out/nmc_udds_1")     # can.blf, truth.parquet, meta.json
 """
 
-from bms_ai.sim.io import read_meta, read_truth, truth_arrays, truth_columns, write_drive
+from bms_ai.sim.dataset import read_meta
+from bms_ai.sim.io import read_truth, truth_arrays, truth_columns, write_drive
 from bms_ai.sim.scenario import BUNDLED, SCENARIOS, Fault, Phase, Scenario, get_scenario
 from bms_ai.sim.simulator import SimulatedDrive, simulate_drive
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.core.files import load_json
 from bms_ai.core.paths import share_path
 
 
@@ -108,9 +109,20 @@ def save_npz(path: Path, d: RecordedDrive) -> Path:
     return path
 
 
+def read_meta(drive_dir: Path | str) -> dict:
+    """meta.json of a drive directory, or a one-line ValueError when it is no JSON object (or FileNotFoundError)."""
+    p = Path(drive_dir) / "meta.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{drive_dir}: no meta.json (not a recorded drive directory)")
+    meta = load_json(p, "drive metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p}: drive metadata must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def _load_npz(path: Path) -> RecordedDrive:
+    meta = read_meta(path)
     z = np.load(path / "drive.npz")
-    meta = json.loads((path / "meta.json").read_text())
     extra = {k: z[k].astype(dt) for k, dt in V2_ARRAYS.items() if k in z.files}
     return RecordedDrive(name=meta.get("name", path.name), chemistry=meta["chemistry"],
                          capacity_ah=float(meta["capacity_ah"]), t=z["t"], current=z["current"],
@@ -151,7 +163,7 @@ def load_sim_drive(path: Path, max_cells: int | None = None) -> RecordedDrive:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     tab = pq.read_table(path / "truth.parquet")
     cols = set(tab.column_names)
     n = sum(1 for c in cols if c.startswith("soc_c"))

@@ -150,6 +150,3 @@ def truth_arrays(drive_dir: Path | str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_meta(drive_dir: Path | str) -> dict:
-    """meta.json of a drive directory."""
-    return json.loads((Path(drive_dir) / "meta.json").read_text())

@@ -7,12 +7,12 @@ is plain data: it round-trips through JSON (meta.json) unchanged.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from bms_ai.chemistry.registry import get_chemistry
+from bms_ai.core.files import load_json
 
 PHASE_KINDS = ("drive", "rest", "park", "charge", "discharge")
 FAULT_KINDS = ("isc", "self_discharge", "thermal", "sensor_stuck", "sensor_drift", "open_wire", "can_timeout")
@@ -217,5 +217,11 @@ def get_scenario(name_or_path: str) -> Scenario:
     if p.suffix == ".json":
         if not p.exists():
             raise FileNotFoundError(f"scenario file {p} not found")
-        return Scenario.from_dict(json.loads(p.read_text()))
+        d = load_json(p, "scenario")
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: a scenario must be a JSON object, got {type(d).__name__}")
+        try:
+            return Scenario.from_dict(d)
+        except (TypeError, AttributeError) as exc:  # a field of the wrong JSON type (a string for a number, ...)
+            raise ValueError(f"{p}: a scenario field has the wrong type: {exc}") from None
     raise ValueError(f"unknown scenario {name_or_path!r}; names: {sorted(SCENARIOS)}, bundled:{sorted(BUNDLED)} or a .json file")

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bms_ai.core import cliargs
+
 _SHA = re.compile(r"[0-9a-f]{64}")  # always fullmatch: "$" would let a trailing "\n" through
 MAX_BODY = 1 << 30
 log = logging.getLogger("bms_ai.ingest")
@@ -521,12 +523,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Limits()
     p.add_argument("--root", default="ingest_store", help="directory for received segments")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=cliargs.port, default=8080)
     p.add_argument("--token", default=None, help="bearer token (default: $BMS_AI_INGEST_TOKEN; empty = no auth)")
     p.add_argument("--token-file", default=None, help="read the bearer token from this file (keeps it out of ps)")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    p.add_argument("--max-body-mb", type=float, default=d.max_body / 2**20, help="largest accepted segment")
+    p.add_argument("--max-body-mb", type=cliargs.positive_float, default=d.max_body / 2**20, help="largest accepted segment")
     p.add_argument("--max-uploads", type=int, default=d.max_uploads, help="bodies received at once")
     p.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s, help="longest gap within a body")
     p.add_argument("-v", "--verbose", action="store_true")
