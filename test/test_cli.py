@@ -78,3 +78,9 @@ def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, capsys) -
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(KeyError):
         cli.main(["bench"])
+
+
+def test_fleet_ingest_of_a_missing_store_folder_is_an_error(tmp_path, capsys) -> None:
+    """A typo in --store is not an empty fleet (it printed 0 segments and exited 0)."""
+    code, err = _run(["fleet", "ingest", "--store", str(tmp_path / "nowhere"), "--quiet"], capsys)
+    assert code == 2 and "store folder" in err and "not found" in err

@@ -523,6 +523,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _cli(args: argparse.Namespace, stage: str) -> int:
     try:
         st = open_store(args.store, args.endpoint_url)
+        root = getattr(st, "root", None)
+        if root is not None and not root.is_dir():  # reading a folder store that is not there: a typo, not 0 segments
+            raise ValueError(f"store folder {root} not found")
         start_ray(args.address, args.num_cpus, args.quiet)
         res = run_ingest(st, args.workers) if stage == "ingest" else run_label(st, args.workers)
     except (ValueError, KeyError, OSError) as exc:
