@@ -6,6 +6,7 @@ import argparse
 import threading
 import time
 
+import numpy as np
 import pytest
 from testutil import synthetic_messages
 
@@ -286,6 +287,16 @@ def test_run_with_a_missing_can_log_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"bms-ai run: error: CAN log not found: {tmp_path / 'nonexistent.blf'}"
+
+
+def test_run_on_an_unreadable_can_log_fails_in_one_line(tmp_path, capsys):
+    """A log the reader cannot open (random bytes named .blf) ends the run with exit 1, not a clean 0."""
+    log = tmp_path / "damaged.blf"
+    log.write_bytes(np.random.default_rng(1).bytes(4096))
+    code = main(["run", "--can-log", str(log), "--duration", "3", "--speed", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("bms-ai run: error: /bms/can_bridge: CAN reader stopped: LogError:")
 
 
 def test_ctrl_c_twice_stops_the_run_cleanly(tmp_path):

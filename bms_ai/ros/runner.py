@@ -148,10 +148,16 @@ def run(args: argparse.Namespace) -> int:
     signals.spinning = True
     try:
         runner.spin(until=lambda: signals.stopping, duration=duration, poll_s=SIGNAL_POLL_S)
+        # a CAN reader that stopped for good (an unreadable or damaged log) is the run's failure, not a clean end
+        failed = [f"{n.get_fully_qualified_name()}: CAN reader stopped: {n.reader_failed}"
+                  for n in runner.nodes if getattr(n, "reader_failed", "")]
     finally:
         signals.shutting_down()
         try:
             runner.shutdown()
         finally:
             signals.restore()
+    if failed:
+        print(f"bms-ai run: error: {' '.join(failed[0].split())}", file=sys.stderr)
+        return 1
     return 0
