@@ -37,6 +37,14 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (a weight or a fraction)."""
+    v = _number(text, float)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     v = _number(text, int)

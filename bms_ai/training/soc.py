@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.core.cliargs import positive_int, unit_float
 from bms_ai.estimation.features import ETA_FEATURES, FEATURE_VERSION, N_FEATURES
 from bms_ai.estimation.filter import FilterParams
 from bms_ai.estimation.overpotential import ErrorModel
@@ -453,9 +454,9 @@ def _register(out: Path, fname: str, name: str, version: int, chemistry: str, mo
 def add_arguments(p) -> None:
     """`bms-ai train soc`."""
     add_data_arguments(p)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--max-rows", type=int, default=MAX_ROWS)
-    p.add_argument("--beta", type=float, default=0.0, help="beta-NLL weight (0: plain Gaussian NLL)")
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--max-rows", type=positive_int, default=MAX_ROWS)
+    p.add_argument("--beta", type=unit_float, default=0.0, help="beta-NLL weight (0: plain Gaussian NLL)")
 
 
 def run(args) -> int:
