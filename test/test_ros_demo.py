@@ -25,6 +25,29 @@ def test_demo_runs_the_graph_and_writes_report(tmp_path, root):
     assert summary["soc_rmse_pct"] < 1.0
     assert summary["segments_uploaded_to_ingest_server"] >= 3  # one per priority class at least
     assert "ERROR" not in summary["diagnostics_at_drive_end"].values()
+    assert summary["can_log_damaged"] == ""
     html = (out / "report.html").read_text()
     assert "State of charge" in html and "data:image/png;base64," in html
     assert "report:" in r.stdout
+
+
+def test_demo_on_a_log_cut_mid_file_says_how_much_it_covers(tmp_path, root):
+    """A drive whose CAN log ends mid-object: replayed up to the damage, and the demo says so (not a silent 'all OK')."""
+    import shutil
+
+    from bms_ai.core.paths import share_path
+
+    src = share_path("data", "drives", "nmc_udds")
+    drive = tmp_path / "cut"
+    shutil.copytree(src, drive)
+    blf = drive / "can.blf"
+    blf.write_bytes(blf.read_bytes()[: blf.stat().st_size // 2 + 123])
+    r = subprocess.run([sys.executable, "-m", "bms_ai.cli", "demo", "--drive", str(drive), "--speed", "40",
+                        "--no-live", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=240,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warning = [line for line in r.stdout.splitlines() if line.startswith("warning: CAN log damaged")]
+    assert len(warning) == 1 and "of the drive's 177 s" in warning[0], r.stdout[-2000:]
+    summary = json.loads((tmp_path / "out" / "cut" / "summary.json").read_text())
+    assert "unreadable after" in summary["can_log_damaged"]
+    assert 0.3 < summary["samples_received"] / 1771 < 0.7

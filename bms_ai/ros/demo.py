@@ -317,12 +317,19 @@ def run(args: argparse.Namespace) -> int:
     print("diagnostics at the end of the drive: " + (", ".join(f"{n}={lv}" for n, lv in raised.items())
                                                      if raised else "all OK")
           + " (after it the bus is silent: timeouts and STALE are expected)", flush=True)
+    damaged = bridge.last_error if bridge.source_errors else ""
+    if damaged:  # the replay stopped where the log became unreadable: say how much of the drive the report holds
+        covered = (rec.mt[-1] - t_start) if rec.mt else 0.0
+        length = meta.get("duration_s")
+        of = f" of the drive's {float(length):.0f} s" if isinstance(length, (int, float)) else ""
+        print(f"warning: CAN log damaged ({damaged}): the report covers its first {covered:.0f} s{of}", flush=True)
     summary = {
         "drive": drive.name, "chemistry": meta.get("chemistry"), "drive_seconds": t_end - t_start,
         "wall_seconds": wall, "replay_speed": args.speed, "frames": len(frames),
         "samples_received": len(rec.mt), "estimates_received": len(rec.t), "nodes": nodes,
         "diagnostics_at_drive_end": {n: level_name(lv) for n, lv in sorted(at_end.items())},
         "diagnostics_after_bus_silence": {n: level_name(lv) for n, (lv, _, _) in sorted(rec.diag.items())},
+        "can_log_damaged": damaged,
     }
     if ingest is not None:
         summary["segments_uploaded_to_ingest_server"] = len(uploaded)
