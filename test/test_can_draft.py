@@ -62,3 +62,16 @@ def test_draft_of_an_unreadable_dbc_is_one_line(tmp_path, capsys):
     code = main(["pack-config", "draft", "--dbc", str(bad)])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "bad.dbc: line 7" in err
+
+
+def test_a_log_with_no_frame_of_the_dbc_is_an_error_not_an_unannotated_draft(tmp_path, capsys):
+    """The bundled pack's DBC and log, but a bus the log does not have: one line, exit 1 (it drafted 'from' it)."""
+    from bms_ai.core.paths import share_path
+
+    dbc, log = share_path("dbc", "bms_ai_pack96.dbc"), share_path("data", "drives", "nmc_udds", "can.blf")
+    code = main(["pack-config", "draft", "--dbc", str(dbc), "--log", str(log), "--bus", "7", "-o", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == f"bms-ai pack-config: error: {log}: no frame on bus 7 in the log"
+    assert not (tmp_path / "d").exists()
+    assert main(["pack-config", "draft", "--dbc", str(dbc), "--log", str(log), "-o", str(tmp_path / "d")]) == 0
+    assert "observed" in (tmp_path / "d").read_text()

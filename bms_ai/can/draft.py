@@ -144,15 +144,23 @@ def observe(d: Draft, db, log: str | Path, channel: str | None = None) -> list[s
     names = {m for m, _ in wanted}
     dec.by_id = {k: v for k, v in dec.by_id.items() if v[0].name in names}
     errors: list[str] = []
+    read = matched = 0
     for msg in iter_log(log, errors, channel=channel):
+        read += 1
         got = dec.decode(msg)
         if got is None:
             continue
+        matched += 1
         m, values = got
         for name, v in values.items():
             c = wanted.get((m.name, name))
             if c is not None and isinstance(v, (int, float)) and math.isfinite(v):
                 c.lo, c.hi, c.n = min(c.lo, v), max(c.hi, v), c.n + 1
+    if not matched:  # a draft annotated from nothing would still say "ranges seen in" the log
+        on_bus = f" on bus {channel}" if channel is not None else ""
+        why = f"none of its {read} frames{on_bus} is a candidate message of the DBC" if read else \
+            f"no frame{on_bus} in the log" + (f" ({errors[-1]})" if errors else "")
+        raise ValueError(f"{log}: {why}")
     return errors
 
 
