@@ -93,12 +93,12 @@ def test_number_option_types_refuse_what_would_break_the_work() -> None:
     from bms_ai.core import cliargs
 
     ok = [(cliargs.positive_float, "0.5", 0.5), (cliargs.nonneg_float, "0", 0.0), (cliargs.unit_float, "1", 1.0),
-          (cliargs.positive_int, "3", 3), (cliargs.port, "0", 0), (cliargs.port, "65535", 65535)]
+          (cliargs.positive_int, "3", 3), (cliargs.nonneg_int, "0", 0), (cliargs.port, "0", 0), (cliargs.port, "65535", 65535)]
     for fn, text, want in ok:
         assert fn(text) == want
     bad = [(cliargs.positive_float, "0"), (cliargs.positive_float, "inf"), (cliargs.nonneg_float, "nan"),
            (cliargs.nonneg_float, "-1"), (cliargs.unit_float, "1.5"), (cliargs.unit_float, "nan"),
-           (cliargs.positive_int, "0"), (cliargs.positive_int, "2.5"), (cliargs.port, "65536"), (cliargs.port, "x")]
+           (cliargs.positive_int, "0"), (cliargs.positive_int, "2.5"), (cliargs.nonneg_int, "-1"), (cliargs.port, "65536"), (cliargs.port, "x")]
     for fn, text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             fn(text)

@@ -53,6 +53,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (a seed)."""
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
 def port(text: str) -> int:
     """A TCP port, 0 (any free one) .. 65535."""
     v = _number(text, int)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from bms_ai.core.cliargs import nonneg_int
+
 DEMO_KEY_FILE = "pseudonym.key"
 SECONDS_PER_WEEK = 7 * 86400.0
 
@@ -482,7 +484,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vehicles", type=int, default=d.vehicles)
     p.add_argument("--days", type=float, default=d.days, help="days per week-long period")
     p.add_argument("--cells", type=int, default=d.n_cells, help="series cells per pack")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=nonneg_int, default=d.seed)
     p.add_argument("--heldout-every", type=int, default=d.heldout_every, help="every k-th vehicle is held out from learning")
     p.add_argument("--edge-rate-hz", type=float, default=d.edge_rate_hz)
     p.add_argument("--workers", type=int, default=d.workers)

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bms_ai.core.cliargs import positive_int
 from bms_ai.fleet.ingest import (
     SESSION_GAP_S,
     TIMELINES,
@@ -515,8 +516,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="object store: a folder, file://..., or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (with s3://)")
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. 127.0.0.1:6379); default: local")
-    p.add_argument("--workers", type=int, default=None, help="parallel tasks per stage (default: all CPUs)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks per stage (default: all CPUs)")
+    p.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
