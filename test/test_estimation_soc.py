@@ -182,6 +182,22 @@ def test_a_wrong_stored_start_below_the_lfp_plateau_restarts() -> None:
     assert abs(out.soc - 0.3) < 0.02
 
 
+def test_a_wrong_stored_start_on_the_lfp_plateau_that_the_voltage_contradicts_is_reopened() -> None:
+    """LFP, truly 60 %, stored 30 %: 63 mV (2.6 spreads) off the stored SOC's OCV, but on the plateau the
+    voltage cannot say where the SOC is, so there is no restart: the given SOC loses its 1 % claim instead,
+    and half an hour at rest moves it towards the truth (it stayed at 30 % with a 1 % sigma before)."""
+    from bms_ai.chemistry.ocv import load_ocv
+
+    curve, n = load_ocv("lfp"), 4
+    est = SocEstimator(n, 1, "lfp", 46.0, soc0=0.3)
+    first = est.step(0.0, 0.0, np.full(n, float(curve(0.6))), np.array([25.0]))
+    assert [e.split(":")[0] for e in first.events] == ["soc_reopened"] and "stored SOC" in first.events[0]
+    assert first.sigma > 0.1
+    for k in range(1, 1800):
+        out = est.step(float(k), 0.0, np.full(n, float(curve(0.6))), np.array([25.0]))
+    assert out.soc > 0.38
+
+
 # ----------------------------------------------------------------------------- the rest voltage at wake
 
 def _after_park(park_s: float, chem: str = "nmc", band_v: float = 0.005, current: float = -0.5) -> float:

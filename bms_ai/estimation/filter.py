@@ -290,7 +290,7 @@ class BarDeltaFilter:
         y = float(np.mean(soc[ok] - self.ds[ok])) - x[S]
         r = float(np.mean(sigma[ok])) ** 2
         if y * y > self.params.gate_nis * (cov[S, S] + r):
-            self._reopen(t, y, cov[S, S] + r, 1.0, f"full charge: SOC {100 * (x[S] + y):.1f} % vs "
+            self.reopen(t, y, cov[S, S] + r, 1.0, f"full charge: SOC {100 * (x[S] + y):.1f} % vs "
                                                      f"{100 * x[S]:.1f} % counted")
         self._observe(S, y, r)
         k0 = np.where(ok, self.d00 / (self.d00 + np.where(ok, sigma, 1.0) ** 2), 0.0)
@@ -375,7 +375,7 @@ class BarDeltaFilter:
         a = min(dt / p.gate_tau, 1.0) if dt > 0 and m.gate else 0.0
         self.nis += a * (y * y / (hph + r_white) - self.nis)
         if self.nis > p.gate_nis:
-            self._reopen(t, y, hph + r_white, h[S])
+            self.reopen(t, y, hph + r_white, h[S])
             ph = cov @ h
             hph = float(h @ ph)
         w = m.trust * m.trust
@@ -392,7 +392,7 @@ class BarDeltaFilter:
             cov -= gain[:, None] * ph
         self._clamp()
 
-    def _reopen(self, t: float, y: float, spread: float, slope: float, detail: str = "") -> None:  # noqa: D401
+    def reopen(self, t: float, y: float, spread: float, slope: float, detail: str = "") -> None:  # noqa: D401
         """Widen the SOC variance to what the persistent innovation implies (not beyond sigma_reset)."""
         p = self.params
         var = min(max((y / max(slope, 1e-3)) ** 2, self.P[S, S]), p.sigma_reset ** 2)
