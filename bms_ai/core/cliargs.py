@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import Any
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -21,49 +23,21 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    v = _number(text, float)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return v
+def _ranged(kind: type, ok: Callable[[Any], bool], says: str, name: str) -> Callable[[str], Any]:
+    """A ``type=`` for argparse: ``kind`` parsed (finite if a float) and ``ok``, else 'must be <says>'."""
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {says}, got {text!r}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def nonneg_float(text: str) -> float:
-    """A finite number >= 0."""
-    v = _number(text, float)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
-
-
-def unit_float(text: str) -> float:
-    """A number in [0, 1] (a weight or a fraction)."""
-    v = _number(text, float)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
-    return v
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    """An integer >= 0 (a seed)."""
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
-
-
-def port(text: str) -> int:
-    """A TCP port, 0 (any free one) .. 65535."""
-    v = _number(text, int)
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port 0..65535, got {text!r}")
-    return v
+positive_float = _ranged(float, lambda v: v > 0, "> 0", "positive_float")
+nonneg_float = _ranged(float, lambda v: v >= 0, ">= 0", "nonneg_float")
+unit_float = _ranged(float, lambda v: 0 <= v <= 1, "between 0 and 1", "unit_float")   # a weight, a fraction
+positive_int = _ranged(int, lambda v: v >= 1, ">= 1", "positive_int")
+nonneg_int = _ranged(int, lambda v: v >= 0, ">= 0", "nonneg_int")                      # a seed
+port = _ranged(int, lambda v: 0 <= v <= 65535, "a port 0..65535", "port")              # 0: any free one
