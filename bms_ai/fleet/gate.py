@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bms_ai.core.cliargs import positive_float
+from bms_ai.core.cliargs import nonneg_float
 from bms_ai.estimation.baselines import EvalSetup, ShippedEstimator
 from bms_ai.estimation.evaluate import (
     PERTURBATIONS,
@@ -255,7 +255,7 @@ class GateCommand:
         p.add_argument("candidate", help="candidate directory written by `bms-ai fleet train`")
         p.add_argument("--drives", nargs="+", required=True, help="held-out vehicles (truth SOC needed)")
         p.add_argument("--models", default="", help="current model directory (default: the one the candidate grew from)")
-        p.add_argument("--rate-hz", type=positive_float, default=1.0)
+        p.add_argument("--rate-hz", type=nonneg_float, default=1.0, help="resample the drives to this rate first (0: as recorded)")
         p.add_argument("--jobs", type=int, default=1, help="vehicles evaluated in parallel")
         p.add_argument("--margin", type=float, default=GateRule.unfamiliar_margin,
                        help="required RMSE reduction on unfamiliar cells (fraction)")
