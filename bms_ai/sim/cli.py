@@ -9,7 +9,7 @@ import sys
 import time
 
 from bms_ai.chemistry.registry import CHEMISTRIES
-from bms_ai.core.cliargs import nonneg_int
+from bms_ai.core.cliargs import nonneg_int, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--list", action="store_true", help="list named scenarios and suite sizes")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (cell spread, sensors, CAN timing)")
     p.add_argument("--out", help="output directory")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes for --suite / --estimation-suite")
-    p.add_argument("--limit", type=int, default=None, help="only the first N drives of the suite")
+    p.add_argument("--jobs", type=positive_int, default=1, help="parallel worker processes for --suite / --estimation-suite")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N drives of the suite")
     p.add_argument("--can", default="blf", choices=["blf", "asc", "both", "none"], help="CAN log format(s)")
     p.add_argument("--asc", action="store_true", help="also write can.asc")
     p.add_argument("--chemistry", default="nmc", choices=CHEMISTRIES.names(),
@@ -68,8 +68,6 @@ def run(args) -> int:
     if args.suite:
         from bms_ai.sim.suite import build_suite
 
-        if args.jobs < 1:
-            raise ValueError("--jobs must be >= 1")
         summary = build_suite(args.suite, args.out, jobs=args.jobs, formats=_formats(args), limit=args.limit)
         print(json.dumps(summary))
         return 1 if summary["failed"] else 0
