@@ -298,8 +298,9 @@ def test_the_end_of_a_full_charge_anchors_the_soc_where_the_voltage_cannot(ancho
 
     With the SOH estimator's anchors on, the end of the CC-CV charge puts the SOC filter back
     on the truth (the state reopened: the reading is far outside its 1 % sigma) and the soc
-    check counts the anchor; without them most of the error stays (the first rest's voltage
-    contradicts the stored SOC, which is reopened, but the plateau moves it only part of the way).
+    check counts the anchor; without them a good part of the error stays (the first rest's voltage
+    contradicts the stored SOC and the estimate restarts from what the plateau allows: 4 of the 15 points
+    are left).
     """
     pack = SynthPack("lfp", np.array([0.92, 0.9, 0.94]) * 50.0, 0.55, seed=2, dt=2.0)
     pack.hold(10).hold(1200, -0.4 * 50).park(3600).hold(10).charge(0.25).hold(60).park(3600).hold(10).hold(900, -0.5 * 50)
@@ -310,7 +311,7 @@ def test_the_end_of_a_full_charge_anchors_the_soc_where_the_voltage_cannot(ancho
     if anchors:
         assert counted == 1 and abs(err) < 0.02, (counted, err)
     else:
-        assert counted == 0 and err < -0.05, (counted, err)
+        assert counted == 0 and err < -0.03, (counted, err)
 
 
 # -- RUL ------------------------------------------------------------------------------------------------------------
