@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from bms_ai.core.cliargs import MIN_REPLAY_SPEED
 from bms_ai.core.paths import share_path
 from bms_ai.core.yamlfile import load_yaml
 
@@ -98,6 +99,15 @@ def parse_seconds(text: str, name: str) -> float:
         raise ValueError(f"{name}: expected a number, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_speed(text: str, name: str) -> float:
+    """A replay speed factor: 0 (as fast as possible) or within ``PARAMETER_LIMITS['replay_speed']``."""
+    value = parse_seconds(text, name)
+    limit = PARAMETER_LIMITS["replay_speed"]
+    if not limit.holds(value):
+        raise ValueError(f"{name}: expected {limit.text}, got {text!r}")
     return value
 
 
@@ -207,7 +217,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("channel", "", "CAN channel for can_bridge ('' = params file)"),
     Option("can_log", "", "replay this CAN log through can_bridge instead of reading a bus"),
     Option("replay_speed", "1.0", "replay speed factor with can_log; 0 = as fast as the graph consumes "
-           "(lossless, deterministic on sim time)", parse_seconds, flags=("--speed", "--replay-speed")),
+           "(lossless, deterministic on sim time)", parse_speed, flags=("--speed", "--replay-speed")),
     Option("use_sim_time", "", "nodes follow /clock ('' = true when replaying can_log, which then publishes "
            "/clock)", parse_optional_bool),
     Option("set", "", "parameter overrides NODE.PARAM=VALUE, value as in ros2 -p (launch: space-separated; "
@@ -306,21 +316,28 @@ def coerce_parameter(name: str, value: Any, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class Limit:
-    """The span of sensible values of a numeric parameter; ``low_open``: the low end itself is refused."""
+    """The span of sensible values of a numeric parameter; ``low_open``: the low end itself is refused.
+
+    ``zero_ok``: 0 is a setting of its own besides the span (a replay speed of 0 = as fast as possible).
+    """
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    zero_ok: bool = False
 
     @property
     def text(self) -> str:
         """The span as users read it, e.g. ``> 0`` or ``0 .. 1000``."""
         low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
         high = "" if self.high is None else f"<= {self.high:g}"
-        return " and ".join(t for t in (low, high) if t)
+        span = " and ".join(t for t in (low, high) if t)
+        return f"0 or {span}" if self.zero_ok else span
 
     def holds(self, v: float) -> bool:
         """True when ``v`` lies in the span."""
+        if self.zero_ok and v == 0:
+            return True
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
             return False
         return self.high is None or v <= self.high
@@ -333,7 +350,7 @@ PARAMETER_LIMITS: dict[str, Limit] = {
     "rate_hz": Limit(0.0, 1000.0, low_open=True),
     "max_age": Limit(0.0, low_open=True),
     "stale_after": Limit(0.0, low_open=True),
-    "replay_speed": Limit(0.0),
+    "replay_speed": Limit(MIN_REPLAY_SPEED, zero_ok=True),
     "wait_for_subscribers": Limit(0),
     "raw_log_max_bytes": Limit(1),
     "capacity_ah": Limit(0.0, low_open=True),

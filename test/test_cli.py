@@ -39,6 +39,12 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     (["evaluate", "d", "--report", "r", "--rate-hz", "-1"], "--rate-hz: must be >= 0"),
     (["evaluate", "d", "--report", "r", "--jobs", "0"], "--jobs: must be >= 1"),
     (["ingest-server", "--port", "99999"], "--port: must be a port"),
+    (["replay", "x.blf", "--speed", "1e-308"], "--speed: must be 0 (as fast as possible) or >= 0.01"),   # never ends
+    (["demo", "--speed", "nan"], "--speed: must be finite"),
+    (["demo", "--timeout", "-1"], "--timeout: must be > 0"),
+    (["evaluate", "d", "--report", ""], "--report: must name a directory"),    # '' wrote into the working directory
+    (["fleet", "demo", "--out", " "], "--out: must name a directory"),
+    (["train", "rul", "--out", ""], "--out: must name a directory"),
 ])
 def test_out_of_range_numbers_are_a_usage_error(argv, says, capsys) -> None:
     """nan, inf and out-of-range values are refused where the option is read, in one line (argparse's exit 2)."""
@@ -80,6 +86,16 @@ def test_an_unexpected_error_is_one_line_unless_debugging(monkeypatch, capsys) -
         cli.main(["bench"])
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["train", "rul", "--data", "drives"], "train rul: --data is not used"),     # was silently ignored
+    (["train", "soh", "--data", "a", "b"], "train soh: --data takes one directory"),   # the second was ignored
+])
+def test_training_options_a_task_would_ignore_are_refused(argv, says, capsys) -> None:
+    """An option the task does not read is an error, not silently dropped."""
+    code, err = _run(argv, capsys)
+    assert code != 0 and says in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_fleet_ingest_of_a_missing_store_folder_is_an_error(tmp_path, capsys) -> None:
     """A typo in --store is not an empty fleet (it printed 0 segments and exited 0)."""
     code, err = _run(["fleet", "ingest", "--store", str(tmp_path / "nowhere"), "--quiet"], capsys)
@@ -93,12 +109,14 @@ def test_number_option_types_refuse_what_would_break_the_work() -> None:
     from bms_ai.core import cliargs
 
     ok = [(cliargs.positive_float, "0.5", 0.5), (cliargs.nonneg_float, "0", 0.0), (cliargs.unit_float, "1", 1.0),
-          (cliargs.positive_int, "3", 3), (cliargs.nonneg_int, "0", 0), (cliargs.port, "0", 0), (cliargs.port, "65535", 65535)]
+          (cliargs.positive_int, "3", 3), (cliargs.nonneg_int, "0", 0), (cliargs.port, "0", 0), (cliargs.port, "65535", 65535),
+          (cliargs.replay_speed, "0", 0.0), (cliargs.replay_speed, "0.01", 0.01), (cliargs.out_dir, "out", "out")]
     for fn, text, want in ok:
         assert fn(text) == want
     bad = [(cliargs.positive_float, "0"), (cliargs.positive_float, "inf"), (cliargs.nonneg_float, "nan"),
            (cliargs.nonneg_float, "-1"), (cliargs.unit_float, "1.5"), (cliargs.unit_float, "nan"),
-           (cliargs.positive_int, "0"), (cliargs.positive_int, "2.5"), (cliargs.nonneg_int, "-1"), (cliargs.port, "65536"), (cliargs.port, "x")]
+           (cliargs.positive_int, "0"), (cliargs.positive_int, "2.5"), (cliargs.nonneg_int, "-1"), (cliargs.port, "65536"), (cliargs.port, "x"),
+           (cliargs.replay_speed, "0.001"), (cliargs.replay_speed, "-1"), (cliargs.out_dir, ""), (cliargs.out_dir, "  ")]
     for fn, text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             fn(text)

@@ -107,6 +107,7 @@ def test_false_words_as_ros_reads_them(word):
     ({"replay_speed": "fast"}, "replay_speed (--speed)"),
     ({"replay_speed": "-1"}, "replay_speed (--speed)"),
     ({"replay_speed": "nan"}, "replay_speed (--speed)"),
+    ({"replay_speed": "1e-308"}, "replay_speed (--speed): expected 0 or >= 0.01"),   # a replay that never ends
     ({"duration": "inf"}, "duration (--duration)"),
     ({"nodes": "can_bridge,nope"}, "nodes (--nodes): unknown node(s) nope"),
     ({"nodes": " , "}, "nodes (--nodes): no node"),
@@ -343,6 +344,7 @@ def test_entry_points_match_graph(root):
     ("estimator.initial_soc=1.5", "estimator: parameter initial_soc must be <= 1, got 1.5"),
     ("estimator.efc0=inf", "parameter efc0 must be a finite number"),
     ("*.stale_after=0", "*: parameter stale_after must be > 0"),
+    ("can_bridge.replay_speed=1e-9", "can_bridge: parameter replay_speed must be 0 or >= 0.01, got 1e-09"),
 ])
 def test_out_of_range_set_values_stop_the_graph_before_it_starts(item, says):
     """rate_hz=0.0 would divide by zero in can_bridge: one line naming node, parameter and span instead."""
@@ -357,6 +359,7 @@ def test_in_range_values_pass_unchanged():
     assert {s.name: s.parameters for s in specs}["can_bridge"]["rate_hz"] == 20
     assert check_parameter("rate_hz", 1000.0) == 1000.0 and check_parameter("initial_soc", -1.0) == -1.0
     assert check_parameter("topics", ["a=b"]) == ["a=b"] and check_parameter("replay_loop", True) is True
+    assert check_parameter("replay_speed", 0.0) == 0.0 and check_parameter("replay_speed", 0.01) == 0.01
     assert describe_limit("rate_hz", "rate") == "rate (range: > 0 and <= 1000)"
     assert describe_limit("frame_id", "frame") == "frame"
     assert all(lim.text for lim in PARAMETER_LIMITS.values())

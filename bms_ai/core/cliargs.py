@@ -40,4 +40,15 @@ nonneg_float = _ranged(float, lambda v: v >= 0, ">= 0", "nonneg_float")
 unit_float = _ranged(float, lambda v: 0 <= v <= 1, "between 0 and 1", "unit_float")   # a weight, a fraction
 positive_int = _ranged(int, lambda v: v >= 1, ">= 1", "positive_int")
 nonneg_int = _ranged(int, lambda v: v >= 0, ">= 0", "nonneg_int")                      # a seed
+# a replay slower than this is no replay (1e-308 x real time: a 3-minute log in 1e302 years)
+MIN_REPLAY_SPEED = 0.01
+replay_speed = _ranged(float, lambda v: v == 0 or v >= MIN_REPLAY_SPEED,
+                       f"0 (as fast as possible) or >= {MIN_REPLAY_SPEED:g}", "replay_speed")
 port = _ranged(int, lambda v: 0 <= v <= 65535, "a port 0..65535", "port")              # 0: any free one
+
+
+def out_dir(text: str) -> str:
+    """A ``type=`` for an output directory: '' (or blanks) would write into the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a directory, got {text!r}")
+    return text

@@ -416,10 +416,12 @@ def _opt(x, nd: int = 0) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`bms-ai evaluate --faults` arguments."""
+    from bms_ai.core.cliargs import out_dir, positive_int
+
     p.add_argument("drives", nargs="+", help="drive directories (bms_ai/sim layout) or folders of them")
-    p.add_argument("--report", required=True, help="output directory for report.html, summary.json, plots")
+    p.add_argument("--report", type=out_dir, required=True, help="output directory for report.html, summary.json, plots")
     p.add_argument("--cache", default=None, help="decoded-log cache directory (default: $TMPDIR/bms_ai_fault_cache)")
-    p.add_argument("--jobs", type=int, default=1, help="drives replayed in parallel")
+    p.add_argument("--jobs", type=positive_int, default=1, help="drives replayed in parallel")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ import numpy as np
 
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.core.cliargs import nonneg_float, positive_int
+from bms_ai.core.cliargs import nonneg_float, out_dir, positive_int
 from bms_ai.core.files import load_json
 from bms_ai.estimation.baselines import METHODS, EvalSetup, Method, PackInfo
 from bms_ai.estimation.ekf import EcmTable
@@ -909,7 +909,7 @@ def _json_default(o):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`bms-ai evaluate` arguments."""
     p.add_argument("drives", nargs="+", help="drives or directories of drives (held-out evaluation sets)")
-    p.add_argument("--report", required=True, help="output directory: results.json, table.md, index.html")
+    p.add_argument("--report", type=out_dir, required=True, help="output directory: results.json, table.md, index.html")
     p.add_argument("--models", default=str(default_model_dir()),
                    help="model directory (default: the installed models, from any directory; 'none' = no models)")
     p.add_argument("--jobs", type=positive_int, default=2, help="drives evaluated in parallel (results do not depend on it)")

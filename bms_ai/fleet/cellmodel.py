@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bms_ai.chemistry.ocv import OCVCurve
+from bms_ai.core.cliargs import out_dir
 
 CELLS_DIR = Path(__file__).resolve().parent / "data" / "cells"
 KAPPA_HYST = 25.0                     # bms_ai.sim.life.hysteresis default (per unit of SOC moved)
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("fit", "validate"):
         sp = sub.add_parser(name)
         sp.add_argument("--variant", required=True, action="append", help="cell set (repeatable)")
-        sp.add_argument("--out", default=str(CELLS_DIR), help="cell-type directory")
+        sp.add_argument("--out", type=out_dir, default=str(CELLS_DIR), help="cell-type directory")
         sp.add_argument("--seed", type=int, default=0 if name == "fit" else 100)
         sp.add_argument("--hours", type=float, default=1.0, help="awake hours per PyBaMM drive")
         sp.add_argument("--cache", help="keep the PyBaMM drives here (a refit does not solve them again)")

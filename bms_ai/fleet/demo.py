@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bms_ai.core.cliargs import nonneg_int
+from bms_ai.core.cliargs import nonneg_int, out_dir
 
 DEMO_KEY_FILE = "pseudonym.key"
 SECONDS_PER_WEEK = 7 * 86400.0
@@ -480,7 +480,7 @@ def summary_lines(run: DemoRun) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `bms-ai fleet demo`."""
     d = DemoConfig()
-    p.add_argument("--out", default="fleet_demo", help="output directory (store, candidate, TUF repo, report)")
+    p.add_argument("--out", type=out_dir, default="fleet_demo", help="output directory (store, candidate, TUF repo, report)")
     p.add_argument("--vehicles", type=int, default=d.vehicles)
     p.add_argument("--days", type=float, default=d.days, help="days per week-long period")
     p.add_argument("--cells", type=int, default=d.n_cells, help="series cells per pack")

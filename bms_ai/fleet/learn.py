@@ -34,7 +34,7 @@ import numpy as np
 
 from bms_ai.chemistry.ocv import OCVCurve, load_ocv
 from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.core.cliargs import nonneg_float
+from bms_ai.core.cliargs import nonneg_float, out_dir
 from bms_ai.estimation.ocvmodel import FLEET_OCV_KEY, KNOTS
 from bms_ai.fleet.labels import LabelConfig, Labels, find_anchors, label_drive
 from bms_ai.models.manifest import ModelEntry, read_manifest
@@ -390,7 +390,7 @@ class TrainCommand:
     def add_arguments(p) -> None:
         """Drives in, candidate directory out."""
         p.add_argument("drives", nargs="+", help="recorded vehicle periods (RecordedDrive directories or parents)")
-        p.add_argument("--out", required=True, help="candidate model directory to write (new or empty)")
+        p.add_argument("--out", type=out_dir, required=True, help="candidate model directory to write (new or empty)")
         p.add_argument("--models", default="", help="current model directory ('' = the shipped models)")
         p.add_argument("--rate-hz", type=nonneg_float, default=1.0, help="resample the drives to this rate first (fleet: 1 Hz; 0: as recorded)")
         p.add_argument("--all-types", action="store_true", help="learn curves for familiar cell types as well")

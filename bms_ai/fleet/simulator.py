@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bms_ai.chemistry.registry import get_chemistry
-from bms_ai.core.cliargs import nonneg_int
+from bms_ai.core.cliargs import nonneg_int, out_dir
 from bms_ai.fleet.cellmodel import CellType, load_cell_type, run_cells
 from bms_ai.sim.dataset import RecordedDrive
 from bms_ai.sim.life import (
@@ -594,7 +594,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--cells", type=int, default=96, help="series cells per vehicle (default 96)")
     p.add_argument("--fault-rate", type=float, default=0.03, help="probability per vehicle and fault kind")
-    p.add_argument("--out", required=True, help="output directory: <vehicle_id>/ per vehicle and fleet.json")
+    p.add_argument("--out", type=out_dir, required=True, help="output directory: <vehicle_id>/ per vehicle and fleet.json")
 
 
 def run(args) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bms_ai.core.cliargs import out_dir, positive_float, replay_speed
 from bms_ai.core.levels import level_name, split_status_name
 from bms_ai.core.paths import share_path
 from bms_ai.graph import NODES, OPTION_BY_NAME, graph_from_options
@@ -32,11 +33,11 @@ from bms_ai.sim.dataset import read_meta
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `bms-ai demo` flags."""
     p.add_argument("--drive", default="nmc_udds", help="bundled drive name (data/drives/NAME) or a drive directory")
-    p.add_argument("--speed", type=float, default=20.0, help="replay speed factor")
-    p.add_argument("--out", default="out/demo", help="report directory")
+    p.add_argument("--speed", type=replay_speed, default=20.0, help="replay speed factor; 0 = as fast as possible")
+    p.add_argument("--out", type=out_dir, default="out/demo", help="report directory")
     p.add_argument("--params", default=OPTION_BY_NAME["params_file"].default, help=OPTION_BY_NAME["params_file"].help)
     p.add_argument("--no-live", action="store_true", help="no live view (plain progress lines)")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="give up after this many seconds")
 
 
 def resolve_drive(name: str) -> Path:

@@ -16,7 +16,7 @@ import can
 
 from bms_ai.can.frames import stamp_ok
 from bms_ai.can.sources import SourceError, bus_options, open_source
-from bms_ai.core.cliargs import nonneg_float
+from bms_ai.core.cliargs import nonneg_float, replay_speed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interface", default="virtual", help="python-can interface (socketcan, udp_multicast, ...)")
     p.add_argument("--channel", default="vcan0")
     p.add_argument("--bus-options", default="{}", help="extra python-can Bus kwargs as JSON")
-    p.add_argument("--speed", type=nonneg_float, default=1.0, help="speed factor; 0 = as fast as possible")
+    p.add_argument("--speed", type=replay_speed, default=1.0, help="speed factor; 0 = as fast as possible")
     p.add_argument("--loop", action="store_true", help="repeat the log")
     p.add_argument("--clock", action="store_true", help="publish /clock (rosgraph_msgs/Clock) from log time")
     p.add_argument("--start-delay", type=nonneg_float, default=0.0, help="wait this long (s) before the first frame")

@@ -9,7 +9,7 @@ import sys
 import time
 
 from bms_ai.chemistry.registry import CHEMISTRIES
-from bms_ai.core.cliargs import nonneg_int, positive_int
+from bms_ai.core.cliargs import nonneg_int, out_dir, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--import-csv", metavar="CSV", help="convert a McMaster/Kollmeyer drive-cycle CSV to the truth schema")
     g.add_argument("--list", action="store_true", help="list named scenarios and suite sizes")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (cell spread, sensors, CAN timing)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", type=out_dir, help="output directory")
     p.add_argument("--jobs", type=positive_int, default=1, help="parallel worker processes for --suite / --estimation-suite")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N drives of the suite")
     p.add_argument("--can", default="blf", choices=["blf", "asc", "both", "none"], help="CAN log format(s)")

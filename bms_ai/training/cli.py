@@ -10,7 +10,7 @@ import argparse
 import os
 
 from bms_ai.chemistry.registry import CHEMISTRIES
-from bms_ai.core.cliargs import nonneg_int
+from bms_ai.core.cliargs import nonneg_int, out_dir
 from bms_ai.core.registry import Registry
 
 TASKS: Registry = Registry("training task")
@@ -36,7 +36,7 @@ def add_common(p: argparse.ArgumentParser, data_required: bool = False) -> None:
     p.add_argument("--chemistry", default="nmc", choices=CHEMISTRIES.names())
     p.add_argument("--data", nargs="*", default=[], required=data_required,
                    help="drive directories (or parents of drives)")
-    p.add_argument("--out", default="models", help="model directory (manifest.json is updated)")
+    p.add_argument("--out", type=out_dir, default="models", help="model directory (manifest.json is updated)")
     p.add_argument("--seed", type=nonneg_int, default=0)
 
 

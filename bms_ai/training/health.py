@@ -247,14 +247,19 @@ def train_health(task: str, chemistry: str, data, out, seed: int = 0, epochs: in
 
 def add_arguments(p) -> None:
     """`bms-ai train soh` / `bms-ai train rul`."""
+    from bms_ai.core.cliargs import out_dir
     from bms_ai.training.cli import add_common
 
     add_common(p)
-    p.add_argument("--report", default="reports/estimation/health", help="report directory")
+    p.add_argument("--report", type=out_dir, default="reports/estimation/health", help="report directory")
 
 
 def run(args) -> int:
     """soh: --data is where the simulated aged drives go (reused when present); rul: --out gets the parameters."""
+    if args.task == "rul" and args.data:
+        raise ValueError("train rul: --data is not used (the fade law is fitted on sampled ageing trajectories)")
+    if len(args.data) > 1:
+        raise ValueError(f"train soh: --data takes one directory (the simulated aged drives), got {len(args.data)}")
     entry = train_health(args.task, args.chemistry, args.data, Path(args.out), seed=args.seed, report=args.report)
     print(json.dumps(entry, indent=1))
     return 0
