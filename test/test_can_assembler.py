@@ -305,6 +305,7 @@ def test_fused_decoders_equal_the_signal_plans_on_real_kona_logs(log, routed):
     assert check_against_plans(dec, frames) >= routed
 
 
+@pytest.mark.drive   # seconds: outside the fast library tier
 def test_fused_decoders_equal_the_signal_plans_on_the_real_model3_dbc():
     """The Tesla Model 3 DBC (multiplexed messages, loaded non-strict): random payloads of its mapped ids."""
     from bms_ai.can.decoder import PackDecoder

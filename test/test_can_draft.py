@@ -64,6 +64,7 @@ def test_draft_of_an_unreadable_dbc_is_one_line(tmp_path, capsys):
     assert code == 1 and "\n" not in err and "bad.dbc: line 7" in err
 
 
+@pytest.mark.drive   # reads the whole bundled drive twice (~5 s): not the fast tier
 def test_a_log_with_no_frame_of_the_dbc_is_an_error_not_an_unannotated_draft(tmp_path, capsys):
     """The bundled pack's DBC and log, but a bus the log does not have: one line, exit 1 (it drafted 'from' it)."""
     from bms_ai.core.paths import share_path

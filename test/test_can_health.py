@@ -125,6 +125,7 @@ def test_watchdog_ticks_every_instant_and_reports_stale_within_a_tenth_of_stale_
     assert watchdog_period(1000.0, 0.01) == MIN_WATCHDOG_PERIOD  # never a busy timer
 
 
+@pytest.mark.drive   # seconds: outside the fast library tier
 def test_watchdog_sleeps_while_frames_flow_and_ticks_once_silent():
     """Frames flowing: the next tick is when silence could reach stale_after, plus one tick (STALE stays
     within stale_after + tick of the last frame); silent or before the first frame: every tick."""

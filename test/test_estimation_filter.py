@@ -75,6 +75,7 @@ def test_a_voltage_bias_common_to_every_cell_moves_the_soc_only_by_the_strings_s
     assert abs(float(est[-1].mean()) - 0.5) < 0.005
 
 
+@pytest.mark.drive   # seconds: outside the fast library tier
 def test_a_rest_at_either_end_of_the_curve_teaches_neither_offset_nor_capacity():
     """On a chemistry with hysteresis, at rest within ``end_soc`` of full or empty, a relaxing voltage (15 mV
     decaying over 20 min, as after a charge's CV phase) is not read as a current-sensor offset or a capacity;

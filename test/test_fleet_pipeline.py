@@ -203,6 +203,7 @@ def test_balanced_order_evens_the_blocks_ray_data_cuts():
     assert balanced_order([5, 1], 8) in ([0, 1], [1, 0]) and balanced_order([], 4) == []
 
 
+@pytest.mark.drive   # starts a real Ray (~7 s): not the fast tier
 def test_start_ray_turns_the_reservation_off_also_on_a_running_ray(ray_session):
     """Our one-map stages lose a worker's first second to Ray Data's per-operator reservation (BENCHMARKS.md);
     start_ray configures this driver's Ray Data whether it starts Ray or finds it running."""

@@ -106,6 +106,7 @@ def closed_by_server(s: socket.socket) -> bool:
         return False
 
 
+@pytest.mark.drive   # seconds: outside the fast library tier
 def test_idle_tcp_connection_does_not_block_https_uploads(tmp_path: Path, cert: tuple[Path, Path]) -> None:
     """Connections that never start TLS hold up nobody and are closed after the handshake timeout."""
     crt, key = cert
