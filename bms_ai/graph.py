@@ -361,6 +361,7 @@ PARAMETER_LIMITS: dict[str, Limit] = {
     "efc0": Limit(0.0),
     "max_events": Limit(0),
     "shutdown_drain_s": Limit(0.0),
+    "update_period": Limit(0.0, 10.0),
 }
 
 

@@ -184,3 +184,38 @@ def test_soc_status_warns_while_and_shortly_after_cells_are_refused(tmp_path: Pa
             assert "output guard refused cells" in st.message and "non-finite" in st.message
         ok += st.level == OK
     assert held > 0 and ok > 0 and est.soc_est.learned is not None
+
+
+# ----------------------------------------------------------------------------- voltage update rate
+
+@pytest.mark.drive
+def test_an_update_period_runs_the_model_on_one_sample_in_five_and_counts_every_sample() -> None:
+    """At 10 Hz with a 0.5 s update period (the node's default, the rate the report measures) the model runs on
+    every fifth sample only, the estimate is the per-sample one to 0.01 points on the bundled drive, and the
+    first sample after a restored park is an update (the wake's rest voltage)."""
+    from bms_ai.sim.dataset import resample_drive
+
+    d = resample_drive(load_drive(DEMO), 10.0)
+
+    def run(period: float) -> tuple[np.ndarray, int, PackEstimator]:
+        est = PackEstimator.from_model_dir("", "nmc", d.capacity_ah, initial_soc=d.soc[0], update_period_s=period)
+        est.poll_models()
+        out, runs = np.empty(len(d.t)), 0
+        for k in range(len(d.t)):
+            s = est.step(float(d.t[k]), float(d.current[k]), d.cell_v[k], d.cell_t[k])
+            out[k], runs = s.soc.soc, runs + (est.soc_est.t_update == float(d.t[k]))
+        return out, runs, est
+
+    every, n_every, _ = run(0.0)
+    fifth, n_fifth, est = run(0.5)
+    assert n_every == len(d.t) and abs(n_fifth - len(d.t) / 5) <= 2, (n_every, n_fifth)
+    truth = d.soc.mean(axis=1)
+    rmse = [float(np.sqrt(np.mean((x - truth) ** 2))) for x in (every, fifth)]
+    assert abs(rmse[0] - rmse[1]) < 1e-4 and np.max(np.abs(every - fifth)) < 0.002, rmse
+    again = PackEstimator.from_model_dir("", "nmc", d.capacity_ah, update_period_s=0.5)
+    again.poll_models()
+    assert again.restore_state(est.save_state()) == ""
+    t_wake = float(d.t[-1]) + 3600.0
+    again.step(t_wake, -0.3, d.cell_v[-1], d.cell_t[-1])
+    again.step(t_wake + 0.1, -0.3, d.cell_v[-1], d.cell_t[-1])
+    assert again.soc_est.t_update == t_wake

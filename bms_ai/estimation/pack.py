@@ -78,7 +78,7 @@ class PackEstimator:
                  use_models: bool = True, initial_soc: float | np.ndarray | None = None,
                  health_period: float = 10.0, efc0: float = 0.0, rul: RulEstimator | None = None,
                  rest_capacity: bool = True, ocv: OcvModel | None = None, retire_after: int = RETIRE_AFTER,
-                 cell_type: str = "") -> None:
+                 cell_type: str = "", update_period_s: float = 0.0) -> None:
         """``models`` None: no model directory (EKF only); ``initial_soc`` None: from the first voltages.
 
         ``cell_type``: the pack's cell type; when no ``ocv`` is given and the SOC model's entry
@@ -86,7 +86,8 @@ class PackEstimator:
 
         ``rest_capacity`` False turns the capacity anchors off (SOH stays at the
         design value; R0 is still estimated). ``retire_after``: consecutive steps
-        with cells refused by the output guard before the SOC model is retired.
+        with cells refused by the output guard before the SOC model is retired. ``update_period_s``: the
+        SOC filter's voltage update at most this often (``SocEstimator``); 0: every sample.
         """
         self.chemistry = get_chemistry(chemistry).name
         self.capacity_ah = float(capacity_ah)
@@ -98,6 +99,7 @@ class PackEstimator:
         self.health_period = float(health_period)
         self.efc0 = float(efc0)
         self.rul = rul
+        self.update_period_s = float(update_period_s)
         self.rest_capacity = rest_capacity
         self.ocv = ocv
         self.cell_type = str(cell_type)
@@ -178,7 +180,7 @@ class PackEstimator:
         model, reason = self.soc_model()
         self.soc_est = SocEstimator(n_cells, n_temps, self.chemistry, self.capacity_ah, model=model,
                                     ocv=self._ocv_for(model), soc0=self.initial_soc, model_reason=reason,
-                                    retire_after=self.retire_after)
+                                    retire_after=self.retire_after, update_period_s=self.update_period_s)
         ocv = self.soc_est.ocv if self.rest_capacity else None
         self.health = HealthEstimator(n_cells, self.capacity_ah, efc0=self.efc0, ocv=ocv, rul=self.rul,
                                       chemistry=self.chemistry)

@@ -101,7 +101,10 @@ class SocEstimator:
                  model: LoadedModel | None = None, ocv: OcvModel | None = None,
                  ecm: EcmParams | None = None, params: FilterParams | None = None,
                  soc0: float | np.ndarray | None = None, sigma0_given: float = 0.01,
-                 model_reason: str = "no model loaded", retire_after: int = RETIRE_AFTER) -> None:
+                 model_reason: str = "no model loaded", retire_after: int = RETIRE_AFTER,
+                 update_period_s: float = 0.0) -> None:
+        """``update_period_s``: the voltage update (model inference, filter correction) at most this often;
+        Coulomb counting, the feature history and the classical overpotential's RC state advance every sample."""
         chem = get_chemistry(chemistry)
         self.n = n_cells
         self.chemistry = chem.name
@@ -124,6 +127,10 @@ class SocEstimator:
         self.v_mean: np.ndarray | None = None    # gate-window means of the voltage and the overpotential:
         self.eta_mean: np.ndarray | None = None  # a reopened state restarts from their OCV inversion
         self.retire_after = int(retire_after)
+        self.update_period_s = float(update_period_s)
+        self.t_update = -math.inf                # time of the last voltage update
+        self.held: SocOutput | None = None        # the last update's output (method, reason, ...) between updates
+        self.refused: tuple[int, str] = (0, "")   # the last update's cells refused by the output guard
         self.guard = GuardCounts()
         self.retire_request = ""
         self.learned: LearnedEta | None = None
@@ -149,10 +156,10 @@ class SocEstimator:
 
     # -- one step --------------------------------------------------------------
     def _eta(self, t: float, dt: float, current: float, feats: np.ndarray) -> tuple[EtaTerms, str, str, int]:
-        self.ecm.advance(dt, current, feats)
         if self.learned is None:
             return self.ecm.terms(feats), "classical", self.model_reason, 0
         nn, refused = self.learned.step(dt, current, feats)
+        self.refused = refused
         why = self._count_refusals(t, refused, nn.in_domain.size)
         use = nn.in_domain
         n_out = int(self.n - np.count_nonzero(use))
@@ -336,6 +343,12 @@ class SocEstimator:
             self.filter.predict(dt, current)
         soc_prior = self.filter.cell_soc
         feats = self.features.update(t, current, cell_t, soc_prior)
+        self.ecm.advance(dt, current, feats)
+        if t - self.t_update < self.update_period_s and self.held is not None:
+            return self._between_updates(t)
+        if math.isfinite(self.t_update):
+            dt = t - self.t_update   # the update sees the time since the last update
+        self.t_update = t
         eta, method, reason, n_out = self._eta(t, dt, current, feats)
         wake = self._wake_rest(current)
         if t - self.t_session < WARMUP_S and not wake:
@@ -356,11 +369,26 @@ class SocEstimator:
         self._field_learning()
         f = self.filter
         cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
+        self.held = SocOutput(stamp=t, soc=float(vsum(cell_soc)) / self.n, sigma=float(vsum(cell_sigma)) / self.n,
+                              cell_soc=cell_soc, cell_sigma=cell_sigma, method=method, fallback_reason=reason,
+                              ood_cells=n_out, infer_s=eta.infer_s, offset_a=f.offset_c * self.capacity_ah,
+                              capacity_factor=f.capacity_factor,
+                              events=[f"{e.kind}: {e.detail}" for e in f.events[n_events:]])
+        return self.held
+
+    def _between_updates(self, t: float) -> SocOutput:
+        """A sample between voltage updates: the counted SOC, everything else as the last update said.
+
+        A refusal of the output guard holds until the next update, so it counts for this sample too:
+        retirement comes after ``retire_after`` samples whatever the update period.
+        """
+        if self.guard.consecutive:
+            self._count_refusals(t, self.refused, self.n)
+        f, h = self.filter, self.held
+        cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
         return SocOutput(stamp=t, soc=float(vsum(cell_soc)) / self.n, sigma=float(vsum(cell_sigma)) / self.n,
-                         cell_soc=cell_soc, cell_sigma=cell_sigma, method=method, fallback_reason=reason,
-                         ood_cells=n_out, infer_s=eta.infer_s, offset_a=f.offset_c * self.capacity_ah,
-                         capacity_factor=f.capacity_factor,
-                         events=[f"{e.kind}: {e.detail}" for e in f.events[n_events:]])
+                         cell_soc=cell_soc, cell_sigma=cell_sigma, method=h.method, fallback_reason=h.fallback_reason,
+                         ood_cells=h.ood_cells, infer_s=h.infer_s, offset_a=h.offset_a, capacity_factor=h.capacity_factor)
 
     def _field_learning(self) -> None:
         rest = self.features.rest_s
@@ -396,6 +424,7 @@ class SocEstimator:
         self.features.restore(d.get("features", {}), t_now)
         self.ecm.reset()
         self.t_last = t_now - 1e-3  # not a first step: no re-initialisation
+        self.t_update = -math.inf   # the wake's sample is an update
         self.t_session = t_now
         t_saved = float(d.get("filter", {}).get("t", math.nan))
         self.park_s = t_now - t_saved if math.isfinite(t_saved) else 0.0

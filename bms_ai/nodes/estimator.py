@@ -53,6 +53,9 @@ class EstimatorNode(Node):
             "state_file": declare(self, "state_file", "auto", "estimator state kept across power cycles "
                                   "('auto': $ROS_HOME/bms_ai/<namespace>_estimator.json; '' = off)"),
             "state_period": declare(self, "state_period", 60.0, "state save period (node clock, s); also on shutdown"),
+            "update_period": declare(self, "update_period", 0.5, "SOC voltage update (model inference, filter "
+                                     "correction) at most this often (s of measurement time; 0 = every sample); "
+                                     "Coulomb counting runs every sample. 0.5: the rate `bms-ai evaluate` reports"),
         }
         s0 = float(self.p["initial_soc"])
         self.est = PackEstimator.from_model_dir(
@@ -60,7 +63,7 @@ class EstimatorNode(Node):
             use_models=bool(self.p["use_models"]), initial_soc=s0 if 0.0 <= s0 <= 1.0 else None,
             health_period=float(self.p["health_period"]), efc0=float(self.p["efc0"]),
             ocv=ocv_model_from_file(self.p["ocv_file"], float(self.p["ocv_sigma_v"])) if self.p["ocv_file"] else None,
-            cell_type=str(self.p["cell_type"]))
+            cell_type=str(self.p["cell_type"]), update_period_s=float(self.p["update_period"]))
         self.state_path = resolve_state_path(self.p["state_file"], self.get_namespace())
         if self.state_path is not None:
             payload, why = read_state(self.state_path)
