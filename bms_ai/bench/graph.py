@@ -165,18 +165,13 @@ r.shutdown()
 # callbacks do not wait for the GIL behind the graph's reader thread. It prints "ready", records until its
 # stdin closes, then prints what it received as JSON.
 _PROBE = r"""
-import json, sys, threading, time
+import json, sys, threading
 import rclpy
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import BatteryState
+from bms_ai.bench.graph import subscribe_probe
 rclpy.init()
 node = Node("lat_probe_process")
-recv = {"pack/measurements": [], "battery_state": []}
-qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-for topic, lst in recv.items():
-    node.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
-        (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, time.time())), qos)
+recv = subscribe_probe(node)
 done = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
 print("ready", flush=True)
@@ -184,6 +179,21 @@ while not done.is_set():
     rclpy.spin_once(node, timeout_sec=0.1)
 print(json.dumps(recv), flush=True)
 """
+
+
+def subscribe_probe(node) -> dict[str, list[tuple[float, float]]]:
+    """The latency probe's subscriptions on ``node``: per topic, (header stamp, arrival time) of each message."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import BatteryState
+
+    from bms_ai.nodes.convert import time_to_float
+
+    recv: dict[str, list[tuple[float, float]]] = {"pack/measurements": [], "battery_state": []}
+    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+    for topic, lst in recv.items():
+        node.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
+            (time_to_float(m.header.stamp), time.time())), qos)
+    return recv
 
 
 def bench_latency(seconds: float) -> dict[str, Any]:
@@ -194,12 +204,9 @@ def bench_latency(seconds: float) -> dict[str, Any]:
     """
     import can
     from rclpy.node import Node
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import BatteryState
 
     from bms_ai.bench.decode import _synthetic_frames
     from bms_ai.graph import graph_from_options
-    from bms_ai.nodes.convert import time_to_float
     from bms_ai.ros.demo import available_nodes
     from bms_ai.ros.runner import GraphRunner
 
@@ -220,11 +227,7 @@ def bench_latency(seconds: float) -> dict[str, Any]:
         pctx = Context()
         rclpy.init(context=pctx)
         probe = Node("lat_probe", context=pctx)
-        recv: dict[str, list[tuple[float, float]]] = {"pack/measurements": [], "battery_state": []}
-        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        for topic, lst in recv.items():
-            probe.create_subscription(BatteryState, "/bms/" + topic, lambda m, lst=lst: lst.append(
-                (time_to_float(m.header.stamp), time.time())), qos)
+        recv = subscribe_probe(probe)
         pex = make_executor(pctx)
         pex.add_node(probe)
         stop = threading.Event()
