@@ -223,12 +223,17 @@ def _one_line_or_ok(fn, errors=(PackConfigError, DbcError)):
         assert str(exc) and "\n" not in str(exc), repr(exc)
 
 
-def _fuzz_settings():
+SLOW_CASES = 100  # in CI per DBC-building fuzz test (a case parses a DBC under tracemalloc, ~0.1 s)
+
+
+def _fuzz_settings(max_examples: int | None = None):
+    """The fuzz tests' settings; ``max_examples`` caps the profile's count where a case costs ~0.1 s."""
     from hypothesis import HealthCheck, settings
     from testutil import FUZZ_DEADLINE_MS
 
-    return settings(deadline=FUZZ_DEADLINE_MS, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                      HealthCheck.too_slow])
+    n = settings.default.max_examples if max_examples is None else min(max_examples, settings.default.max_examples)
+    return settings(max_examples=n, deadline=FUZZ_DEADLINE_MS,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def _fuzz_dir(tmp_path_factory) -> Path:
@@ -244,7 +249,7 @@ def test_fuzz_pack_config_mutations(tmp_path_factory):
 
     d = _fuzz_dir(tmp_path_factory)
 
-    @_fuzz_settings()
+    @_fuzz_settings(max_examples=SLOW_CASES)
     @given(st.lists(st.tuples(st.sampled_from(PATHS), json_like(8) | st.just(DELETE)), min_size=1, max_size=3))
     def check(mutations):
         doc = REF
@@ -289,7 +294,7 @@ def test_fuzz_dbc_behind_a_config(tmp_path_factory):
     ops = st.tuples(st.sampled_from(["drop", "double", "alter"]), st.integers(0, len(lines) - 1),
                     st.integers(0, 80), st.sampled_from(list("0123456789|@+-()[]:; \"xX")))
 
-    @_fuzz_settings()
+    @_fuzz_settings(max_examples=SLOW_CASES)
     @given(st.lists(ops, min_size=1, max_size=4), st.booleans())
     def check(edits, strict):
         out = list(lines)
