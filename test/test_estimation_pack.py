@@ -219,3 +219,48 @@ def test_an_update_period_runs_the_model_on_one_sample_in_five_and_counts_every_
     again.step(t_wake, -0.3, d.cell_v[-1], d.cell_t[-1])
     again.step(t_wake + 0.1, -0.3, d.cell_v[-1], d.cell_t[-1])
     assert again.soc_est.t_update == t_wake
+
+
+def test_emit_gives_the_counted_estimate_before_the_correction_and_the_state_is_unchanged() -> None:
+    """The running graph publishes through ``emit`` once the charge is counted: the voltage update (and model
+    inference) comes after, the corrected steps are bit-identical to a plain run, an update's correction shows in
+    the next sample's output, and an emit that raises still leaves the step complete."""
+    from bms_ai.sim.dataset import resample_drive
+
+    d = resample_drive(load_drive(DEMO), 10.0)
+    n = 300
+
+    def make() -> PackEstimator:
+        est = PackEstimator.from_model_dir("", "nmc", d.capacity_ah, initial_soc=min(d.soc[0].mean() + 0.15, 1.0),
+                                           update_period_s=0.5)
+        est.poll_models()
+        return est
+
+    plain, early = make(), make()
+    seen: list[tuple[float, float, float]] = []  # (emitted SOC, last update time when emitted, steps done)
+    gaps = {False: [], True: []}  # |emitted - corrected| on samples without / with a voltage update
+    for k in range(n):
+        t = float(d.t[k])
+        a = plain.step(t, float(d.current[k]), d.cell_v[k], d.cell_t[k])
+        b = early.step(t, float(d.current[k]), d.cell_v[k], d.cell_t[k],
+                       emit=lambda s: seen.append((s.soc.soc, early.soc_est.t_update, early.steps)))
+        assert b.soc.soc == a.soc.soc and np.array_equal(b.soc.cell_soc, a.soc.cell_soc)
+        assert len(seen) == k + 1 and seen[-1][2] == (k + 1 if k == 0 else k)  # a first sample: after its step
+        update = early.soc_est.t_update == t
+        if k and update:
+            assert seen[-1][1] < t  # emitted before the update ran
+            gaps[True].append(abs(seen[-1][0] - b.soc.soc))
+        elif k:
+            gaps[False].append(abs(seen[-1][0] - b.soc.soc))
+    assert max(gaps[False]) == 0.0 and len(gaps[True]) >= n // 5 - 2
+    assert 0.0 < max(gaps[True]) < 0.02, max(gaps[True])  # the corrections of a wrong start: one sample late
+    # an emit that fails: the exception reaches the caller, the step is complete
+    t = float(d.t[n])
+
+    def boom(_s) -> None:
+        raise RuntimeError("publish failed")
+
+    with pytest.raises(RuntimeError):
+        early.step(t, float(d.current[n]), d.cell_v[n], d.cell_t[n], emit=boom)
+    a = plain.step(t, float(d.current[n]), d.cell_v[n], d.cell_t[n])
+    assert early.steps == plain.steps == n + 1 and early.last.soc == a.soc.soc

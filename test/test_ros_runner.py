@@ -59,7 +59,9 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
 
     None of them (nor the uploader) reads pack/measurements or battery_state through DDS, yet each takes
     every sample, the uploader through its inbox; a reader in another context still gets both topics
-    through DDS; a local reader that raises is logged and counted, and the bridge goes on.
+    through DDS; a local reader that raises is logged and counted, and the bridge goes on. The bridge's
+    readers take a sample before DDS does (the estimator's battery_state does not wait for that write);
+    battery_state goes to DDS before the estimator's local readers.
     """
     import can
     import rclpy
@@ -82,6 +84,22 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
         raise ValueError("reader fault")
 
     bridge.pub.local.append((fm, broken, runner.local.lock_of(fm)))
+    order: list[str] = []
+
+    class Recorded:  # the DDS publisher, noting when it writes
+        def __init__(self, pub, name: str) -> None:
+            self.pub, self.name = pub, name
+
+        def publish(self, data: bytes) -> None:
+            order.append(self.name)
+            self.pub.publish(data)
+
+        def __getattr__(self, attr: str):
+            return getattr(self.pub, attr)
+
+    bridge.pub.dds, est.pub.dds = Recorded(bridge.pub.dds, "measurements to DDS"), Recorded(est.pub.dds,
+                                                                                            "battery_state to DDS")
+    est.pub.local.append((fm, lambda _d: order.append("battery_state to a local reader"), runner.local.lock_of(fm)))
     ctx = Context()
     rclpy.init(context=ctx)
     probe = Node("local_probe", context=ctx)
@@ -113,6 +131,9 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
     assert len(got["pack/measurements"]) >= 10 and len(got["battery_state"]) >= 10
     assert runner.local.failures >= 10 and bridge.reader_failed == ""
     assert up.svc.recorder.stats.messages >= seen + 20 and up.inbox_dropped == 0
+    pairs = [order[i:i + 3] for i, o in enumerate(order) if o == "battery_state to DDS"]
+    assert len(pairs) >= 10 and all(p == ["battery_state to DDS", "battery_state to a local reader",
+                                          "measurements to DDS"] for p in pairs), order[:12]
 
 
 def test_two_packs_as_two_namespaces(pack_config_path):

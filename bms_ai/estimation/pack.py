@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,8 +213,16 @@ class PackEstimator:
             return f"stamp {t:.3f} not after {self.last.stamp:.3f}"
         return ""
 
-    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> PackStep | None:
-        """SOC every call, capacity every ``health_period`` s of ``t``; None for a rejected sample."""
+    def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray,
+             emit: Callable[[PackStep], None] | None = None) -> PackStep | None:
+        """SOC every call, capacity every ``health_period`` s of ``t``; None for a rejected sample.
+
+        With ``emit``, the sample's Coulomb-counted estimate goes to ``emit``
+        before the rest of the step (voltage update, model inference, SOH):
+        the running graph publishes it without waiting for them. The state
+        after the step is the same; an update's correction reaches the output
+        one sample later. Returns the corrected step either way.
+        """
         cell_v = np.asarray(cell_v, dtype=np.float64)
         cell_t = np.asarray(cell_t, dtype=np.float64)
         why = self._admit(t, current, cell_v, cell_t.size)
@@ -222,7 +231,20 @@ class PackEstimator:
             self.reject_reason = why
             return None
         t0 = time.perf_counter()
-        out = self.soc_est.step(t, current, cell_v, cell_t)
+        counted = self.soc_est.count(t, current)
+        if emit is None or counted is None:
+            return self._correct(t, current, cell_v, cell_t, t0, emit)
+        t_emit = time.perf_counter()
+        try:
+            emit(self._pack_step(counted))
+        finally:  # the step completes even if emit fails; its time is not the estimator's
+            step = self._correct(t, current, cell_v, cell_t, t0 + time.perf_counter() - t_emit, None)
+        return step
+
+    def _correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray, t0: float,
+                 emit: Callable[[PackStep], None] | None) -> PackStep:
+        """The step after Coulomb counting; ``emit`` gets its result (a first sample has nothing counted before)."""
+        out = self.soc_est.correct(t, current, cell_v, cell_t)
         if self.soc_est.retire_request:
             self._retire()
         self.health.update(t, current, cell_v, out.cell_soc, offset_a=out.offset_a)
@@ -236,6 +258,12 @@ class PackEstimator:
         self.cycle_max_s = max(self.cycle_max_s, self.cycle_last_s)
         self.steps += 1
         self.last = out
+        step = self._pack_step(out)
+        if emit is not None:
+            emit(step)
+        return step
+
+    def _pack_step(self, out: SocOutput) -> PackStep:
         h = self.last_health
         return PackStep(out, h.capacity_ah if h is not None else self.capacity_ah, self.capacity_ah,
                         status.soh_verdict(h.soh if h is not None else 1.0).health)

@@ -129,6 +129,7 @@ class SocEstimator:
         self.retire_after = int(retire_after)
         self.update_period_s = float(update_period_s)
         self.t_update = -math.inf                # time of the last voltage update
+        self._dt, self._first = 0.0, True         # count()'s sample, for correct()
         self.held: SocOutput | None = None        # the last update's output (method, reason, ...) between updates
         self.refused: tuple[int, str] = (0, "")   # the last update's cells refused by the output guard
         self.guard = GuardCounts()
@@ -333,14 +334,32 @@ class SocEstimator:
 
     def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
         """Advance to time ``t`` with one measurement sample (NaN values are skipped, never integrated)."""
-        v = np.asarray(cell_v, dtype=np.float64)
+        self.count(t, current)
+        return self.correct(t, current, cell_v, cell_t)
+
+    def count(self, t: float, current: float) -> SocOutput | None:
+        """The first half of :meth:`step`: Coulomb counting to ``t``, and the SOC that gives.
+
+        :meth:`correct` must follow with the same sample. A caller that publishes
+        this before the correction (the running graph) has its estimate out
+        without waiting for the voltage update and model inference; the state
+        is :meth:`step`'s, and an update's correction shows one sample later.
+        None before the first correction (the start needs the voltage).
+        """
         first = not math.isfinite(self.t_last)
-        dt = 0.0 if first else max(t - self.t_last, 0.0)
+        self._dt = 0.0 if first else max(t - self.t_last, 0.0)
+        self._first = first
         self.t_last = t
         if first:
             self.t_session = t
-        if dt > 0 and math.isfinite(current):
-            self.filter.predict(dt, current)
+        if self._dt > 0 and math.isfinite(current):
+            self.filter.predict(self._dt, current)
+        return None if self.held is None else self._held_output(t)
+
+    def correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
+        """The second half of :meth:`step` after :meth:`count`: features, and the voltage update when one is due."""
+        v = np.asarray(cell_v, dtype=np.float64)
+        dt, first = self._dt, self._first
         soc_prior = self.filter.cell_soc
         feats = self.features.update(t, current, cell_t, soc_prior)
         self.ecm.advance(dt, current, feats)
@@ -384,6 +403,10 @@ class SocEstimator:
         """
         if self.guard.consecutive:
             self._count_refusals(t, self.refused, self.n)
+        return self._held_output(t)
+
+    def _held_output(self, t: float) -> SocOutput:
+        """The filter's SOC now, with what the last update said about the rest (method, reason, offset, ...)."""
         f, h = self.filter, self.held
         cell_soc, cell_sigma = f.cell_soc, f.cell_sigma
         return SocOutput(stamp=t, soc=float(vsum(cell_soc)) / self.n, sigma=float(vsum(cell_sigma)) / self.n,

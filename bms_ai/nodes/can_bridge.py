@@ -110,7 +110,7 @@ class CanBridgeNode(Node):
         # a replay can wait for its readers; a live bus never does
         qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
         # the graph's readers in this process take it on the publishing thread (bms_ai.nodes.local)
-        self.pub = LocalPublisher(self, BatteryState, "pack/measurements", qos)
+        self.pub = LocalPublisher(self, BatteryState, "pack/measurements", qos, local_first=True)
         # a replay's own reader of what it publishes, taken by the executor like every reader in this process
         self._taken = threading.Condition()
         self.samples_taken = 0

@@ -118,9 +118,10 @@ class EstimatorNode(Node):
         s = fields_to_sample(meas)
         self.cell_data = PACK_LEVEL if meas.location == PACK_LEVEL else "per cell"
         stamp = s.stamp if s.stamp > 0 else math.nan    # an unset header stamp is 0
-        step = self.est.step(stamp, s.pack_current, s.cell_voltages, s.cell_temperatures)
-        if step is not None:
-            self.pub.publish(battery_state_bytes(self._battery_state(meas, step)))
+        # battery_state goes out once the charge is counted, before the voltage update, model inference and
+        # SOH (PackEstimator.step): frame -> battery_state does not wait for them (an update shows 0.1 s later)
+        self.est.step(stamp, s.pack_current, s.cell_voltages, s.cell_temperatures,
+                      emit=lambda step: self.pub.publish(battery_state_bytes(self._battery_state(meas, step))))
 
     def _battery_state(self, meas: BatteryFields, step: PackStep) -> BatteryFields:
         """battery_state: the measurement's pack values and cells (float32 as received) with the estimate."""

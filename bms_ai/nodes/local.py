@@ -10,8 +10,10 @@ a quarter of its frame -> battery_state latency.
 In a graph composed by :class:`bms_ai.ros.runner.GraphRunner`, a topic that a
 node of the same graph publishes is therefore handed to that graph's readers
 directly: :meth:`LocalPublisher.publish` still publishes through DDS (tools,
-recorders and other processes see every message), then calls each local
-reader's callback with the same CDR bytes on the publishing thread, holding
+recorders and other processes see every message) and calls each local
+reader's callback with the same CDR bytes on the publishing thread (after
+the DDS write, or before it for the bridge's measurements: the estimator's
+battery_state then does not wait for that write), holding
 that reader's node lock; the node's executor callbacks hold it too
 (:func:`guarded`), so each node's callbacks stay mutually exclusive as under
 a single-threaded executor. A callback that publishes (the estimator's)
@@ -87,8 +89,9 @@ class LocalTopics:
 class LocalPublisher:
     """A DDS publisher of CDR bytes that also calls the graph's local readers of its topic."""
 
-    def __init__(self, node: Node, msg_type: Any, topic: str, qos: QoSProfile) -> None:
+    def __init__(self, node: Node, msg_type: Any, topic: str, qos: QoSProfile, local_first: bool = False) -> None:
         self.dds = node.create_publisher(msg_type, topic, qos)
+        self.local_first = local_first
         self.topic = self.dds.topic_name
         self.local: list[tuple[Node, Handler, threading.RLock]] = []  # reader node, callback, its lock
         self._graph = LocalTopics.of(node)
@@ -96,8 +99,21 @@ class LocalPublisher:
             self._graph._published[self.topic] = self
 
     def publish(self, data: bytes) -> None:
-        """Publish to DDS, then hand the bytes to each local reader (in order, on this thread)."""
-        self.dds.publish(data)
+        """Publish to DDS and hand the bytes to each local reader (in order, on this thread).
+
+        DDS first, unless ``local_first``: then the graph's readers come first,
+        and the sample reaches other processes after them. Where the graph's
+        readers make the product's output (the bridge's measurements feed the
+        estimator, whose battery_state is what consumers wait for), the
+        ~0.3 ms of a DDS write then is not on that path.
+        """
+        if not self.local_first:
+            self.dds.publish(data)
+        self._deliver(data)
+        if self.local_first:
+            self.dds.publish(data)
+
+    def _deliver(self, data: bytes) -> None:
         for node, callback, lock in self.local:
             with lock:
                 try:
