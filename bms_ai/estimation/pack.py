@@ -231,8 +231,8 @@ class PackEstimator:
             self.reject_reason = why
             return None
         t0 = time.perf_counter()
-        counted = self.soc_est.count(t, current)
-        if emit is None or counted is None:
+        counted = self.soc_est.count(t, current, output=emit is not None)
+        if counted is None:
             return self._correct(t, current, cell_v, cell_t, t0, emit)
         t_emit = time.perf_counter()
         try:

@@ -334,17 +334,17 @@ class SocEstimator:
 
     def step(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
         """Advance to time ``t`` with one measurement sample (NaN values are skipped, never integrated)."""
-        self.count(t, current)
+        self.count(t, current, output=False)
         return self.correct(t, current, cell_v, cell_t)
 
-    def count(self, t: float, current: float) -> SocOutput | None:
+    def count(self, t: float, current: float, output: bool = True) -> SocOutput | None:
         """The first half of :meth:`step`: Coulomb counting to ``t``, and the SOC that gives.
 
         :meth:`correct` must follow with the same sample. A caller that publishes
         this before the correction (the running graph) has its estimate out
         without waiting for the voltage update and model inference; the state
         is :meth:`step`'s, and an update's correction shows one sample later.
-        None before the first correction (the start needs the voltage).
+        None before the first correction (the start needs the voltage), or without ``output``.
         """
         first = not math.isfinite(self.t_last)
         self._dt = 0.0 if first else max(t - self.t_last, 0.0)
@@ -354,7 +354,7 @@ class SocEstimator:
             self.t_session = t
         if self._dt > 0 and math.isfinite(current):
             self.filter.predict(self._dt, current)
-        return None if self.held is None else self._held_output(t)
+        return None if self.held is None or not output else self._held_output(t)
 
     def correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
         """The second half of :meth:`step` after :meth:`count`: features, and the voltage update when one is due."""
