@@ -159,6 +159,13 @@ def test_missing_cells_and_missing_current_are_skipped_not_integrated():
     flt.update(0.0, 0.1, FilterInput(v, np.zeros(3), np.full(3, 0.005), np.full(3, 0.003), terms.ocv, terms.docv,
                                      terms.sigma))
     assert np.isfinite(flt.x).all() and np.isfinite(flt.ds).all()
+    # a model term without its error (an overpotential on a sample without the current) skips the cell too:
+    # it made the whole state NaN for good
+    flt.update(0.1, 0.1, FilterInput(terms.ocv, np.zeros(3), np.array([0.005, math.nan, 0.005]), np.full(3, 0.003),
+                                     terms.ocv, terms.docv, terms.sigma))
+    flt.update(0.2, 0.1, FilterInput(terms.ocv, np.zeros(3), np.full(3, math.nan), np.full(3, math.nan),
+                                     terms.ocv, terms.docv, terms.sigma))
+    assert np.isfinite(flt.x).all() and np.isfinite(flt.ds).all() and np.isfinite(flt.P).all()
 
 
 def test_state_round_trip_and_self_discharge_while_asleep():

@@ -343,7 +343,7 @@ class BarDeltaFilter:
     # -- measurement update ----------------------------------------------------
     def update(self, t: float, dt: float, m: FilterInput) -> None:
         """Correct with one set of cell voltages (cells with NaN voltage or model terms are skipped)."""
-        ok = np.isfinite(m.v + m.eta + m.ocv)
+        ok = np.isfinite(m.v + m.eta + m.ocv + m.sig_slow + m.sig_fast + m.docv + m.sig_ocv)
         n_ok = int(np.count_nonzero(ok))
         if n_ok == 0:
             return

@@ -198,6 +198,10 @@ class PackEstimator:
             return "no valid measurement (communication lost)"
         if not math.isfinite(t):
             return "no valid time stamp"
+        if self.last is None and not math.isfinite(current):
+            # the start reads the voltage through the overpotential, which needs the current (a bus whose
+            # current frame has not arrived yet): started without it, the state was NaN for good
+            return "no valid current yet (the first estimate needs it)"
         if self.soc_est is None or self.soc_est.n != cell_v.size:
             self._create(cell_v.size, n_temps)
             if self._pending_state is not None:

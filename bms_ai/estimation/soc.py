@@ -203,8 +203,10 @@ class SocEstimator:
         local slope: with the interval, a learned curve's gain on the fleet gate's synthetic unfamiliar
         vehicles fell from 27 % to 16 %.
         """
-        ocv_v = np.nan_to_num(v - eta.eta, nan=0.0)
-        finite = np.isfinite(v)
+        # a cell needs its voltage and an overpotential with its error: a first sample without the current
+        # (its frame not yet received) has neither, and 0 V inverted is an empty cell, not an unknown one
+        finite = np.isfinite(v) & np.isfinite(eta.eta) & np.isfinite(eta.sig_slow) & np.isfinite(eta.sig_fast)
+        ocv_v = np.where(finite, v - eta.eta, 0.0)
         s0 = np.where(finite, self.ocv.inverse(ocv_v), np.nan)
         s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
         if not finite.any():
@@ -215,7 +217,9 @@ class SocEstimator:
             spread = 0.5 * (self.ocv.inverse(ocv_v + sig_v) - self.ocv.inverse(ocv_v - sig_v))
         else:
             spread = sig_v / np.maximum(terms.docv, 1e-3)
-        return s0, float(np.clip(np.nanmedian(spread[finite]), 0.02, self.filter.params.sigma_reset))
+        spread = spread[finite & np.isfinite(spread)]
+        sig = float(np.median(spread)) if spread.size else self.filter.params.sigma_reset
+        return s0, float(np.clip(sig, 0.02, self.filter.params.sigma_reset))
 
     def _restart_from_ocv(self, v: np.ndarray, eta_v: np.ndarray, eta: EtaTerms, why: str = "",
                           interval: bool = False) -> bool:
