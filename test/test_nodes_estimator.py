@@ -235,6 +235,43 @@ def test_all_nan_measurements_hold_the_estimate(tmp_path):
         rclpy.shutdown(context=ctx)
 
 
+def test_a_first_sample_without_the_current_then_a_clean_shutdown(tmp_path):
+    """Seen in a composed-graph test: the bus's first sample without the current made the state NaN, and
+    destroy_node raised when the state file refused it. That sample is now rejected and counted, the state
+    saves; a state that still cannot be encoded is reported, never raised at shutdown."""
+    import json
+
+    import rclpy
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
+
+    from bms_ai.nodes.convert import sample_to_battery_state
+    from bms_ai.nodes.estimator import EstimatorNode as Est
+    from bms_ai.pack import PackSample
+
+    state = tmp_path / "state.json"
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        for broken in (False, True):
+            node = Est(context=ctx, namespace="/bms", parameter_overrides=[Parameter("state_file", value=str(state))])
+            s = PackSample.empty(96, 32)
+            s.cell_voltages[:], s.cell_temperatures[:], s.pack_voltage = 3.7, 25.0, 355.2
+            for k in range(10):
+                s.stamp, s.pack_current = 100.0 + 0.1 * k, float("nan") if k == 0 else -10.0
+                node._on_meas(serialize_message(sample_to_battery_state(s)))
+            assert node.est.rejected == 1 and node.est.steps == 9 and 0.0 < node.est.last.soc < 1.0
+            if broken:
+                node.est.state_payload = lambda: {"soc": float("nan")}
+            node.destroy_node()  # saves the state: raised ValueError before
+            if broken:
+                assert node.est.state_note.startswith("cannot save state: Out of range float")
+            else:
+                assert json.loads(state.read_text())  # a finite state, saved
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
 def test_library_health_codes_are_the_battery_state_codes() -> None:
     from bms_ai.estimation import status
 

@@ -86,8 +86,9 @@ class EstimatorNode(Node):
             return  # nothing learned yet: keep what is stored
         try:
             write_state(self.state_path, self.est.state_payload())
-        except OSError as exc:  # a full or read-only disk must not stop the estimator
-            self.est.state_note = f"cannot save state: {exc.strerror or exc}"
+        except (OSError, ValueError) as exc:  # a full or read-only disk, or a state that does not encode
+            # (a non-finite value): the estimator goes on, the stored state stays as it was
+            self.est.state_note = f"cannot save state: {getattr(exc, 'strerror', None) or exc}"
             self.get_logger().warning(self.est.state_note, throttle_duration_sec=60.0)
 
     def destroy_node(self) -> None:
