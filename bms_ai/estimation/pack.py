@@ -236,18 +236,20 @@ class PackEstimator:
             return None
         t0 = time.perf_counter()
         counted = self.soc_est.count(t, current, output=emit is not None)
-        if counted is None:
-            return self._correct(t, current, cell_v, cell_t, t0, emit)
-        t_emit = time.perf_counter()
-        try:
-            emit(self._pack_step(counted))
-        finally:  # the step completes even if emit fails; its time is not the estimator's
-            step = self._correct(t, current, cell_v, cell_t, t0 + time.perf_counter() - t_emit, None)
+        if counted is not None:
+            t_emit = time.perf_counter()
+            try:
+                emit(self._pack_step(counted))
+            finally:  # the step completes even if emit fails; its time is not the estimator's
+                step = self._correct(t, current, cell_v, cell_t, t0 + time.perf_counter() - t_emit)
+            return step
+        step = self._correct(t, current, cell_v, cell_t, t0)
+        if emit is not None:  # a first sample: nothing was counted before its correction
+            emit(step)
         return step
 
-    def _correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray, t0: float,
-                 emit: Callable[[PackStep], None] | None) -> PackStep:
-        """The step after Coulomb counting; ``emit`` gets its result (a first sample has nothing counted before)."""
+    def _correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray, t0: float) -> PackStep:
+        """The step after Coulomb counting (``t0``: when the estimator's own work began)."""
         out = self.soc_est.correct(t, current, cell_v, cell_t)
         if self.soc_est.retire_request:
             self._retire()
@@ -262,10 +264,7 @@ class PackEstimator:
         self.cycle_max_s = max(self.cycle_max_s, self.cycle_last_s)
         self.steps += 1
         self.last = out
-        step = self._pack_step(out)
-        if emit is not None:
-            emit(step)
-        return step
+        return self._pack_step(out)
 
     def _pack_step(self, out: SocOutput) -> PackStep:
         h = self.last_health

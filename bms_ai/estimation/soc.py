@@ -130,6 +130,7 @@ class SocEstimator:
         self.update_period_s = float(update_period_s)
         self.t_update = -math.inf                # time of the last voltage update
         self._dt, self._first = 0.0, True         # count()'s sample, for correct()
+        self._counted: SocOutput | None = None    # count()'s output: correct()'s too when no update is due
         self.held: SocOutput | None = None        # the last update's output (method, reason, ...) between updates
         self.refused: tuple[int, str] = (0, "")   # the last update's cells refused by the output guard
         self.guard = GuardCounts()
@@ -205,7 +206,7 @@ class SocEstimator:
         """
         # a cell needs its voltage and an overpotential with its error: a first sample without the current
         # (its frame not yet received) has neither, and 0 V inverted is an empty cell, not an unknown one
-        finite = np.isfinite(v) & np.isfinite(eta.eta) & np.isfinite(eta.sig_slow) & np.isfinite(eta.sig_fast)
+        finite = np.isfinite(v + eta.eta + eta.sig_slow + eta.sig_fast)
         ocv_v = np.where(finite, v - eta.eta, 0.0)
         s0 = np.where(finite, self.ocv.inverse(ocv_v), np.nan)
         s0 = np.where(np.isfinite(s0), s0, np.nanmean(s0) if np.isfinite(s0).any() else 0.5)
@@ -358,7 +359,8 @@ class SocEstimator:
             self.t_session = t
         if self._dt > 0 and math.isfinite(current):
             self.filter.predict(self._dt, current)
-        return None if self.held is None or not output else self._held_output(t)
+        self._counted = None if self.held is None or not output else self._held_output(t)
+        return self._counted
 
     def correct(self, t: float, current: float, cell_v: np.ndarray, cell_t: np.ndarray) -> SocOutput:
         """The second half of :meth:`step` after :meth:`count`: features, and the voltage update when one is due."""
@@ -407,7 +409,8 @@ class SocEstimator:
         """
         if self.guard.consecutive:
             self._count_refusals(t, self.refused, self.n)
-        return self._held_output(t)
+        # the filter has not moved since count(): its output, when it built one, stands
+        return self._counted if self._counted is not None else self._held_output(t)
 
     def _held_output(self, t: float) -> SocOutput:
         """The filter's SOC now, with what the last update said about the rest (method, reason, offset, ...)."""
