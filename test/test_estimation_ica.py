@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bms_ai.chemistry.ocv import load_ocv
-from bms_ai.estimation.ica import FeatureFinder, IcaParams, reference_features
+from bms_ai.estimation.ica import FeatureFinder, IcaParams, peaks_by_prominence, reference_features, savgol_slope
 
 CAP = 41.0          # true capacity [Ah] (design 50)
 LEAD_S = 500.0      # graphite surface lead [s]: a feature shows current x LEAD_S early
@@ -29,6 +29,24 @@ def _run(t, ah, i, v, finder: FeatureFinder, soc_error: float = 0.0):
     for k in range(len(t)):
         events += finder.update(1.0, ah[k], i[k], v[k:k + 1], np.array([ah[k] / CAP + soc_error]))
     return events + finder.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_slope_and_peaks_equal_scipy_signal(seed: int) -> None:
+    """The numpy filter and peak search (kept out of scipy.signal for start-up time) give scipy's answers:
+    edges, both axes, flat tops (rounded values), prominence thresholds."""
+    signal = pytest.importorskip("scipy.signal")
+    rng = np.random.default_rng(seed)
+    n, w, delta = int(rng.integers(25, 300)), int(rng.choice([5, 9, 21])), float(rng.uniform(1e-3, 1.0))
+    x = rng.normal(size=(n, 3)).cumsum(axis=0)
+    for data, axis in ((x, 0), (x.T, 1)):
+        want = signal.savgol_filter(data, w, 2, deriv=1, delta=delta, axis=axis)
+        assert np.allclose(savgol_slope(data, w, delta, axis=axis), want, rtol=1e-10, atol=1e-10)
+    y = np.round(rng.normal(size=n), 1)
+    for least in (0.0, 0.3, 1.0):
+        idx, props = signal.find_peaks(y, prominence=least)
+        got, prominences = peaks_by_prominence(y, least)
+        assert np.array_equal(got, idx) and np.allclose(prominences, props["prominences"])
 
 
 def test_reference_features_of_the_lfp_curve_are_the_graphite_stages() -> None:
