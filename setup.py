@@ -52,7 +52,7 @@ setup(
         "tuf>=6",  # signed model updates (bms_ai.fleet.updater: ngclient with its urllib3 fetcher)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "ruff>=0.5", "wheel", "mcap-ros2-support>=0.5",
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6.80", "ruff>=0.5", "wheel", "mcap-ros2-support>=0.5",
                  "boto3>=1.28", "moto[s3,server]>=5.0", "aiohttp>=3.9"],  # aiohttp: as in "server"
         "train": ["pybamm==26.10.1.1", "pyarrow>=14", "onnx>=1.15", "matplotlib>=3.7", "scipy>=1.10", "torch==2.13.0"],
         "s3": ["boto3>=1.28"],

@@ -48,6 +48,34 @@ print("imported", len({lib!r}))
     assert f"imported {len(lib)}" in r.stdout
 
 
+@pytest.mark.drive   # ~2 s: outside the fast library tier
+def test_vehicle_side_runs_without_the_training_extras():
+    """A vehicle installs bms_ai without [train]: its nodes import, and an estimator built on the shipped
+    models charges (the charging-feature search runs) with scipy, torch, pybamm, onnx and pyarrow blocked."""
+    vehicle = [m for m in modules() if m.startswith(("bms_ai.nodes", "bms_ai.can", "bms_ai.diagnostics",
+                                                       "bms_ai.uplink", "bms_ai.models", "bms_ai.graph"))]
+    code = f"""
+import importlib, importlib.abc, sys
+import numpy as np
+BLOCKED = ("scipy", "torch", "pybamm", "onnx", "pyarrow", "matplotlib", "ray")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+for m in {vehicle!r}:
+    importlib.import_module(m)
+from bms_ai.estimation.pack import PackEstimator, open_models
+est = PackEstimator("lfp", 50.0, open_models(None), initial_soc=0.3)
+for k in range(3300):                      # a 0.2 C charge, then a rest closes its segment
+    out = est.step(float(k), 10.0 if k < 3000 else 0.0, np.full(4, 3.30 + 1e-5 * min(k, 3000)), np.full(4, 25.0))
+print("charged", round(out.soc.soc, 3))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "charged 0.4" in r.stdout, r.stdout
+
+
 @functools.cache
 def _tree(mod: str) -> ast.Module:
     """Parsed source of a module (parsed once per run: three tests walk every module)."""
@@ -118,6 +146,7 @@ def _all_imports(mod: str) -> frozenset[str]:
     return frozenset(out)
 
 
+@pytest.mark.drive   # ~3 s (parses every module): outside the fast library tier
 def test_layers_point_downwards():
     """Lower rooms never reach into higher ones, so each room can be tested on its own."""
     layer = {name: i for i, group in enumerate(LAYERS) for name in group}
@@ -135,6 +164,7 @@ def test_layers_point_downwards():
     assert found == KNOWN_VIOLATIONS, f"fixed, remove from KNOWN_VIOLATIONS: {sorted(KNOWN_VIOLATIONS - found)}"
 
 
+@pytest.mark.drive   # shares the parse above
 def test_no_import_cycles_including_lazy_imports():
     """Even lazy imports do not tie two modules together (the known pairs may only go away)."""
     names = set(modules())

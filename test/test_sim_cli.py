@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-
-os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-pytest.importorskip("pybamm")
 
 from bms_ai.cli import main  # noqa: E402
 from bms_ai.sim import Phase, Scenario, read_meta  # noqa: E402

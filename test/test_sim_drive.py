@@ -8,8 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-pytest.importorskip("pybamm")
 pytest.importorskip("pyarrow")
 
 import can  # noqa: E402

@@ -6,13 +6,9 @@ import math
 import os
 from dataclasses import replace
 
+import can  # noqa: E402
 import numpy as np
 import pytest
-
-os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-pytest.importorskip("pybamm")
-
-import can  # noqa: E402
 
 from bms_ai.can.assembler import PackAssembler  # noqa: E402
 from bms_ai.can.decoder import PackDecoder  # noqa: E402

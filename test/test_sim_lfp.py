@@ -7,9 +7,6 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-pytest.importorskip("pybamm")
-
 from bms_ai.can.packconfig import load_pack_config  # noqa: E402
 from bms_ai.chemistry import get_chemistry  # noqa: E402
 from bms_ai.chemistry.pybamm_cell import ocv  # noqa: E402

@@ -3,12 +3,7 @@ solve shows it too aggressive, and a diffusion-limited end of discharge truncate
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ.setdefault("PYBAMM_DISABLE_TELEMETRY", "true")
-pytest.importorskip("pybamm")
 
 from bms_ai.chemistry import get_chemistry  # noqa: E402
 from bms_ai.sim import Phase, Scenario, simulate_drive  # noqa: E402
