@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bms_ai developer entry point (works on a fresh machine; installs what it needs).
 #   ./dev.sh demo [ARGS]   main job: the whole node graph on a bundled recorded drive
-#   ./dev.sh test [ARGS]   CI run: ruff, then every test tier but slow (ARGS go to pytest)
+#   ./dev.sh test [ARGS]   CI run: ruff, then every test tier but slow (ARGS: one pytest run with them)
 #   ./dev.sh bench [ARGS]  performance figures as JSON
 #   ./dev.sh setup         only create/refresh the virtual environment (.venv)
 set -euo pipefail
@@ -62,7 +62,14 @@ case "$cmd" in
     system_packages
     "$PY" -m ruff check bms_ai test launch
     # CI effort for property tests (conftest.py; a plain `pytest` uses the quick "dev" profile)
-    HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}" exec "$PY" -m pytest -q -m "not slow" "$@"
+    export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+    if [ $# -gt 0 ]; then exec "$PY" -m pytest -q -m "not slow" "$@"; fi
+    # Tiers within one process run on two workers; the ROS and multi-process tiers measure
+    # timing and delivery, so they run alone afterwards (both run even if the first fails).
+    rc=0
+    "$PY" -m pytest -q -n 2 -m "not slow and not (ros or e2e)" || rc=$?
+    "$PY" -m pytest -q -m "(ros or e2e) and not slow" || rc=$?
+    exit "$rc"
     ;;
   *) sed -n '2,7p' "$0"; exit 2 ;;
 esac
