@@ -171,3 +171,67 @@ def test_a_replay_in_bursts_is_the_replay_frame_by_frame(tmp_path, messages):
         assert [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in flat] == \
                [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in ref]
         assert len(flat) == 3 * len(messages) and max(len(b) for b in bursts) <= MAX_BURST < len(flat)
+
+
+@pytest.mark.parametrize("speed", [1.0, 7.5, math.inf])
+def test_replay_clock_dues_of_a_chunk_equal_the_dues_frame_by_frame(speed):
+    """Chunks of stamps with damaged ones, steps back, ties and long breaks: the same due times and gap count."""
+    rng = np.random.default_rng(int(speed) if math.isfinite(speed) else 99)
+    ts = 1000.0 + np.cumsum(rng.exponential(0.01, 3000))
+    ts[rng.integers(0, 3000, 40)] -= rng.uniform(0, 2, 40)                  # steps back
+    ts[1500:] += 500.0                                                      # a long break
+    ts[2200:] += 61.0                                                       # just over MAX gap
+    ts[rng.integers(0, 3000, 30)] = rng.choice([np.nan, np.inf, -5.0, 1e300], 30)  # damaged
+    ts[700:703] = ts[699]                                                   # ties
+    frame_by_frame, chunked = ReplayClock(speed, max_gap=60.0), ReplayClock(speed, max_gap=60.0)
+    want = [frame_by_frame.due(float(t), now=3.0) for t in ts]
+    got = np.concatenate([chunked.dues(ts[a:b], now=3.0) for a, b in ((0, 1), (1, 900), (900, 2201), (2201, 3000))])
+    np.testing.assert_array_equal(got, want)
+    assert chunked.gaps == frame_by_frame.gaps == (2 if math.isfinite(speed) else 0)
+
+
+class _FakeClock:
+    """Steady time that passes only while the replay waits (and by ``work`` per burst taken)."""
+
+    def __init__(self) -> None:
+        self.t = 50.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+class _FakeStop(threading.Event):
+    def __init__(self, clock: _FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def wait(self, timeout=None) -> bool:
+        self.clock.t += timeout or 0.0
+        return self.is_set()
+
+
+@pytest.mark.parametrize("speed,work", [(1.0, 0.0), (1.0, 0.03), (3.0, 0.2), (0.0, 0.0)])
+def test_chunked_pacing_cuts_the_same_bursts_at_the_same_times(tmp_path, messages, monkeypatch, speed, work):
+    """The light replay's per-chunk pacing gives the bursts frame-by-frame pacing gives, yielded at the same
+    (fake) steady times, also when the consumer takes ``work`` seconds per burst; log loops and MAX_BURST cuts."""
+    import bms_ai.can.sources as sources
+
+    log = write_log(tmp_path / "d.blf", messages * 2)
+
+    def run(lightweight: bool):
+        clock = _FakeClock()
+        monkeypatch.setattr(sources, "time", clock)
+        src = LogReplaySource(log, speed=speed, loop=True, lightweight=lightweight)
+        out = []
+        for b in src.bursts(_FakeStop(clock)):
+            if b is None:
+                continue
+            out.append((round(clock.t, 9), [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in b]))
+            clock.t += work
+            if sum(len(x[1]) for x in out) > 5 * len(messages):
+                break
+        return out
+
+    light, ref = run(True), run(False)
+    assert [len(b) for _, b in light] == [len(b) for _, b in ref] and len(ref) > 3
+    assert light == ref

@@ -13,13 +13,15 @@ import math
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import can
+import numpy as np
 
-from bms_ai.can.frames import FrameArrays, stamp_ok
+from bms_ai.can.frames import FrameArrays, stamp_ok, stamps_ok
 from bms_ai.can.logs import iter_log, log_format, read_log_chunks
 from bms_ai.core.registry import Registry
 
@@ -167,6 +169,32 @@ class ReplayClock:
         self._last = max(self._last, ts)
         return self._wall0 + (ts - self._log0) / self.speed
 
+    def dues(self, ts: np.ndarray, now: float) -> np.ndarray:
+        """:meth:`due` of each stamp in order, as one array (a chunk of a log at a few numpy calls per break)."""
+        out = np.full(len(ts), now, dtype=float)
+        if self.speed == math.inf:
+            return out
+        good = np.flatnonzero(stamps_ok(ts))
+        i = 0
+        while i < len(good):
+            seg = ts[good[i:]]
+            if math.isnan(self._wall0):
+                self._wall0, self._log0, self._last = now, float(seg[0]), float(seg[0])
+            before = np.maximum.accumulate(np.concatenate(([self._last], seg)))  # the latest stamp up to each
+            breaks = np.flatnonzero(seg - before[:-1] > self.max_gap)
+            k = int(breaks[0]) if len(breaks) else len(seg)
+            out[good[i:i + k]] = self._wall0 + (seg[:k] - self._log0) / self.speed
+            self._last = float(before[k])
+            if k == len(seg):
+                break
+            self.gaps += 1                                  # stamp k comes after a break: shortened
+            self._wall0 += (self._last + self.max_gap - self._log0) / self.speed
+            self._log0 = float(seg[k])
+            self._last = max(self._last, float(seg[k]))
+            out[good[i + k]] = self._wall0
+            i += k + 1
+        return out
+
 
 #: a replay waits only for frames due this far ahead; the ones due sooner go out in the same burst
 REPLAY_BURST_S = 0.05
@@ -259,6 +287,8 @@ class LogReplaySource(FrameSource):
     def _pass_bursts(self, stop: threading.Event, clock: ReplayClock, offset: float,
                      span: list[float]) -> Generator[list | None, None, bool]:
         """One pass over the log in bursts, stamps shifted by ``offset``; True when stopped meanwhile."""
+        if self.lightweight and log_format(self.path).fast_arrays:
+            return (yield from self._pass_chunk_bursts(stop, clock, offset, span))
         burst: list = []
         now = time.monotonic()
         for msg in self._messages():
@@ -282,6 +312,49 @@ class LogReplaySource(FrameSource):
                     return True
                 now = time.monotonic()
             burst.append(msg)
+        if burst:
+            yield burst
+        return False
+
+    def _pass_chunk_bursts(self, stop: threading.Event, clock: ReplayClock, offset: float,
+                           span: list[float]) -> Generator[list | None, None, bool]:
+        """:meth:`_pass_bursts` of light frames, paced per chunk of the log's arrays instead of per frame.
+
+        The same bursts as frame by frame (the same waits and cuts), but the
+        stamps' shift and due times are computed a chunk at a time: per frame
+        that bookkeeping was a fifth of the graph's CPU at nominal traffic.
+        """
+        burst: list = []
+        now = time.monotonic()
+        for chunk in read_log_chunks(self.path, errors=self.errors):
+            ts = chunk.ts.copy()
+            ok = stamps_ok(ts)
+            if ok.any():  # a damaged stamp is passed on (the consumer rejects it), never waited for
+                good = ts[ok]
+                if span:
+                    span[1] = max(span[1], float(good.max()))
+                else:
+                    span += [float(good[0]), float(good.max())]
+                ts[ok] += offset
+            due = clock.dues(ts, now)
+            due[~ok] = -math.inf  # due at once, whenever they come
+            frames = replace(chunk, ts=ts).frames()
+            i, n = 0, len(ts)
+            while i < n:
+                if stop.is_set():
+                    return True
+                if len(burst) >= MAX_BURST or due[i] - now > REPLAY_BURST_S:
+                    if burst:
+                        yield burst
+                        burst = []
+                    if (yield from _wait_until(float(due[i]), stop, _DUE_SLACK)):
+                        return True
+                    now = time.monotonic()
+                # frame i joins the burst, and the ones after it that are due by then, up to MAX_BURST
+                later = np.flatnonzero(due[i + 1:i + MAX_BURST - len(burst)] - now > REPLAY_BURST_S)
+                k = 1 + (int(later[0]) if len(later) else min(n - i - 1, MAX_BURST - len(burst) - 1))
+                burst.extend(islice(frames, k))
+                i += k
         if burst:
             yield burst
         return False
