@@ -46,15 +46,18 @@ def test_sources_by_name_and_what_the_bridge_asks_them(tmp_path, messages):
 
 
 def test_source_configuration_errors_are_one_line(tmp_path):
-    """A missing log is a SourceError; bus options that are not a JSON object are a ValueError."""
+    """A missing log or an unknown interface is a SourceError at once (a bus that does not open, when read);
+    bus options that are not a JSON object are a ValueError."""
     with pytest.raises(SourceError, match="CAN log not found"):
         open_source(tmp_path / "nope.blf")
     with pytest.raises(ValueError, match="bus_options is not JSON"):
         open_source(interface="virtual", channel="x", bus_options="{bitrate: 5}")
     with pytest.raises(ValueError, match="must be a JSON object"):
         open_source(interface="virtual", channel="x", bus_options="[1]")
-    with pytest.raises(SourceError, match="cannot open CAN bus nosuchinterface:x"):
-        next(open_source(interface="nosuchinterface", channel="x").frames(threading.Event()))
+    with pytest.raises(SourceError, match=r"unknown CAN interface 'socketcn'; python-can has: .*socketcan"):
+        open_source(interface="socketcn", channel="can0")  # a typo fails at start, not in a retry loop
+    with pytest.raises(SourceError, match="cannot open CAN bus socketcan:nosuchbus0"):
+        next(open_source(interface="socketcan", channel="nosuchbus0").frames(threading.Event()))
 
 
 def test_bus_source_yields_frames_and_idle_polls():

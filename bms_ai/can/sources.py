@@ -96,6 +96,9 @@ class BusSource(FrameSource):
 
     def __init__(self, interface: str, channel: str | int, poll: float = 0.05, **kwargs: Any) -> None:
         super().__init__()
+        if interface not in can.VALID_INTERFACES:  # a typo is a configuration error, not a bus to retry
+            raise SourceError(f"unknown CAN interface {interface!r}; python-can has: "
+                              f"{', '.join(sorted(can.VALID_INTERFACES))}")
         self.interface, self.channel, self.poll, self.kwargs = interface, channel, poll, kwargs
         self.description = f"{interface}:{channel}"
         self._bus: can.BusABC | None = None
