@@ -11,15 +11,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.exceptions import InvalidParameterTypeException
+from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
+from bms_ai.can.sources import SourceError
 from bms_ai.core.cdr import StatusTuple, diagnostic_array_bytes
 from bms_ai.core.levels import status_name
 from bms_ai.graph import check_parameter, coerce_parameter, describe_limit, pack_hardware_id
@@ -298,6 +300,11 @@ class ShutdownSignals:
         self._saved.clear()
 
 
+#: what a node's construction raises for a configuration it cannot run with (parameters, pack config,
+#: files): under `ros2 launch` one line and exit code 1, as `bms-ai run` reports them, not a traceback
+CONFIG_ERRORS = (ValueError, OSError, SourceError, ParameterException)
+
+
 def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
               shutdown_timeout_s: float = 10.0) -> None:
     """Standard entry point: init, spin until Ctrl-C/SIGTERM or shutdown, clean up.
@@ -309,7 +316,11 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
     node = None
     try:
         rclpy.init(args=args)
-        node = node_factory()
+        try:
+            node = node_factory()
+        except CONFIG_ERRORS as exc:  # a wrong parameter, pack config, log or directory: one line, exit 1
+            print(f"{Path(sys.argv[0]).stem}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            raise SystemExit(1) from None
         executor = make_executor()
         executor.add_node(node)
         signals.spinning = True
