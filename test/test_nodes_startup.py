@@ -18,6 +18,8 @@ CASES = [
     ("can_bridge", ["-p", "can_log:=/nonexistent/drive.blf"], "CAN log not found"),
     ("fault_monitor", ["-p", "pack_config:=/nonexistent/pack.yaml"], "/nonexistent/pack.yaml"),
     ("cloud_uploader", ["-p", "spool_dir:=/proc/no_spool_here"], "/proc/no_spool_here"),
+    ("estimator", ["--params-file", "/nonexistent/params.yaml"], "Couldn't parse params file"),
+    ("fault_monitor", ["-p", "rate_hz:={unclosed"], "Couldn't parse parameter override rule"),
 ]
 
 
@@ -29,4 +31,4 @@ def test_a_node_started_with_a_bad_configuration_says_why_in_one_line(tmp_path, 
     assert r.returncode == 1, (r.returncode, r.stderr[-1500:])
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{node}: error: ") and reason in last, last
+    assert last.startswith(f"{node}: error: ") and reason in last and ", at /" not in last, last

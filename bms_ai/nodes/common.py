@@ -305,6 +305,12 @@ class ShutdownSignals:
 CONFIG_ERRORS = (ValueError, OSError, SourceError, ParameterException)
 
 
+def _config_error(text: str) -> None:
+    """One line '<executable>: error: ...' on stderr, exit code 1 (launch shows both)."""
+    print(f"{Path(sys.argv[0]).stem}: error: {' '.join(text.split())}", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
               shutdown_timeout_s: float = 10.0) -> None:
     """Standard entry point: init, spin until Ctrl-C/SIGTERM or shutdown, clean up.
@@ -315,12 +321,14 @@ def spin_node(node_factory: Callable[[], Node], args: list[str] | None = None,
     signals = ShutdownSignals(shutdown_timeout_s).install()
     node = None
     try:
-        rclpy.init(args=args)
+        try:
+            rclpy.init(args=args)
+        except Exception as exc:  # noqa: BLE001  (rcl refuses the command line: a params file, a -p rule)
+            _config_error(str(exc).split(", at /")[0])  # without rcl's source locations
         try:
             node = node_factory()
-        except CONFIG_ERRORS as exc:  # a wrong parameter, pack config, log or directory: one line, exit 1
-            print(f"{Path(sys.argv[0]).stem}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-            raise SystemExit(1) from None
+        except CONFIG_ERRORS as exc:  # a wrong parameter, pack config, log or directory
+            _config_error(str(exc))
         executor = make_executor()
         executor.add_node(node)
         signals.spinning = True
