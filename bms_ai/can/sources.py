@@ -294,7 +294,7 @@ class LogReplaySource(FrameSource):
             return (yield from self._pass_chunk_bursts(stop, clock, offset, span))
         burst: list = []
         now = time.monotonic()
-        for msg in self._messages():
+        for msg in iter_log(self.path, self.errors):  # python-can messages (a light replay: below)
             if stop.is_set():
                 return True
             ts = msg.timestamp
@@ -361,13 +361,6 @@ class LogReplaySource(FrameSource):
         if burst:
             yield burst
         return False
-
-    def _messages(self):
-        if self.lightweight and log_format(self.path).fast_arrays:
-            for chunk in read_log_chunks(self.path, errors=self.errors):
-                yield from chunk.frames()
-            return
-        yield from iter_log(self.path, self.errors)
 
     def frame_chunks(self) -> Iterator[FrameArrays] | None:
         """The log in chunks, when it plays once at maximum speed to a consumer of light frames."""

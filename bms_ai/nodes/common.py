@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -305,7 +305,7 @@ class ShutdownSignals:
 CONFIG_ERRORS = (ValueError, OSError, SourceError, ParameterException)
 
 
-def _config_error(text: str) -> None:
+def _config_error(text: str) -> NoReturn:
     """One line '<executable>: error: ...' on stderr, exit code 1 (launch shows both)."""
     print(f"{Path(sys.argv[0]).stem}: error: {' '.join(text.split())}", file=sys.stderr)
     raise SystemExit(1)
