@@ -26,26 +26,31 @@ def modules() -> list[str]:
     return out
 
 
+def _run_with_blocked(blocked: tuple[str, ...], modules_: list[str], then: str = "") -> str:
+    """Import ``modules_`` in a fresh interpreter where importing ``blocked`` fails, run ``then``; stdout."""
+    code = f"""
+import importlib, importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+for m in {modules_!r}:
+    importlib.import_module(m)
+print("imported", len({modules_!r}))
+{then}"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"imported {len(modules_)}" in r.stdout
+    return r.stdout
+
+
 @pytest.mark.drive   # ~1 s: outside the fast library tier
 def test_library_imports_with_rclpy_blocked():
     """The library runs where ROS is not installed (training machines, the cloud side)."""
-    lib = [m for m in modules() if not m.startswith(ROS_LAYERS)]
-    code = f"""
-import importlib, importlib.abc, sys
-BLOCKED = ("rclpy", "rosgraph_msgs", "sensor_msgs", "diagnostic_msgs", "builtin_interfaces",
-           "rcl_interfaces", "std_msgs", "launch", "launch_ros")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-for m in {lib!r}:
-    importlib.import_module(m)
-print("imported", len({lib!r}))
-"""
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"imported {len(lib)}" in r.stdout
+    _run_with_blocked(("rclpy", "rosgraph_msgs", "sensor_msgs", "diagnostic_msgs", "builtin_interfaces",
+                       "rcl_interfaces", "std_msgs", "launch", "launch_ros"),
+                      [m for m in modules() if not m.startswith(ROS_LAYERS)])
 
 
 @pytest.mark.drive   # ~2 s: outside the fast library tier
@@ -54,26 +59,15 @@ def test_vehicle_side_runs_without_the_training_extras():
     models charges (the charging-feature search runs) with scipy, torch, pybamm, onnx and pyarrow blocked."""
     vehicle = [m for m in modules() if m.startswith(("bms_ai.nodes", "bms_ai.can", "bms_ai.diagnostics",
                                                        "bms_ai.uplink", "bms_ai.models", "bms_ai.graph"))]
-    code = f"""
-import importlib, importlib.abc, sys
+    out = _run_with_blocked(("scipy", "torch", "pybamm", "onnx", "pyarrow", "matplotlib", "ray"), vehicle, """
 import numpy as np
-BLOCKED = ("scipy", "torch", "pybamm", "onnx", "pyarrow", "matplotlib", "ray")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-for m in {vehicle!r}:
-    importlib.import_module(m)
 from bms_ai.estimation.pack import PackEstimator, open_models
 est = PackEstimator("lfp", 50.0, open_models(None), initial_soc=0.3)
 for k in range(3300):                      # a 0.2 C charge, then a rest closes its segment
     out = est.step(float(k), 10.0 if k < 3000 else 0.0, np.full(4, 3.30 + 1e-5 * min(k, 3000)), np.full(4, 25.0))
 print("charged", round(out.soc.soc, 3))
-"""
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "charged 0.4" in r.stdout, r.stdout
+""")
+    assert "charged 0.4" in out, out
 
 
 @functools.cache
