@@ -180,21 +180,18 @@ class ReplayClock:
         good = np.flatnonzero(stamps_ok(ts))
         i = 0
         while i < len(good):
+            if math.isnan(self._wall0):  # the first stamp sets the clock
+                out[good[i]] = self.due(float(ts[good[i]]), now)
+                i += 1
+                continue
             seg = ts[good[i:]]
-            if math.isnan(self._wall0):
-                self._wall0, self._log0, self._last = now, float(seg[0]), float(seg[0])
             before = np.maximum.accumulate(np.concatenate(([self._last], seg)))  # the latest stamp up to each
             breaks = np.flatnonzero(seg - before[:-1] > self.max_gap)
             k = int(breaks[0]) if len(breaks) else len(seg)
             out[good[i:i + k]] = self._wall0 + (seg[:k] - self._log0) / self.speed
             self._last = float(before[k])
-            if k == len(seg):
-                break
-            self.gaps += 1                                  # stamp k comes after a break: shortened
-            self._wall0 += (self._last + self.max_gap - self._log0) / self.speed
-            self._log0 = float(seg[k])
-            self._last = max(self._last, float(seg[k]))
-            out[good[i + k]] = self._wall0
+            if k < len(seg):  # a stamp after a break: due() shortens the break
+                out[good[i + k]] = self.due(float(seg[k]), now)
             i += k + 1
         return out
 
@@ -334,10 +331,11 @@ class LogReplaySource(FrameSource):
             ok = stamps_ok(ts)
             if ok.any():  # a damaged stamp is passed on (the consumer rejects it), never waited for
                 good = ts[ok]
+                latest = float(good.max())
                 if span:
-                    span[1] = max(span[1], float(good.max()))
+                    span[1] = max(span[1], latest)
                 else:
-                    span += [float(good[0]), float(good.max())]
+                    span += [float(good[0]), latest]
                 ts[ok] += offset
             due = clock.dues(ts, now)
             due[~ok] = -math.inf  # due at once, whenever they come
