@@ -238,3 +238,50 @@ def test_chunked_pacing_cuts_the_same_bursts_at_the_same_times(tmp_path, message
     light, ref = run(True), run(False)
     assert [len(b) for _, b in light] == [len(b) for _, b in ref] and len(ref) > 3
     assert light == ref
+
+
+@pytest.mark.parametrize("speed", [1.0, 3.0])
+def test_paced_chunks_are_the_light_replay_with_its_due_times(tmp_path, messages, monkeypatch, speed):
+    """A light real-time replay as chunks: the frames of the burst replay, looped forward, each with the (fake)
+    steady time its burst is due at; None where the replay cannot be decoded vectorised."""
+    import bms_ai.can.sources as sources
+
+    span = messages[-1].timestamp - messages[0].timestamp + 0.001
+    log = write_log(tmp_path / "d.blf", [can.Message(timestamp=m.timestamp + k * span, arbitration_id=m.arbitration_id,
+                                                     data=m.data, is_extended_id=m.is_extended_id)
+                                         for k in range(8) for m in messages])
+    assert LogReplaySource(log, speed=speed).paced_chunks(threading.Event()) is None            # python-can frames
+    assert LogReplaySource(log, speed=0.0, lightweight=True).paced_chunks(threading.Event()) is None  # batch
+    asc = write_log(tmp_path / "d.asc", messages)
+    assert LogReplaySource(asc, speed=speed, lightweight=True).paced_chunks(threading.Event()) is None
+    monkeypatch.setattr(sources, "PACED_ROWS", 100)  # several chunks per pass (whole BLF containers)
+    n = 20 * len(messages)
+
+    clock = _FakeClock()
+    monkeypatch.setattr(sources, "time", clock)
+    src = LogReplaySource(log, speed=speed, loop=True, lightweight=True)
+    frames, dues, sizes = [], [], []
+    for chunk, due in src.paced_chunks(threading.Event()):
+        assert len(due) == len(chunk)
+        sizes.append(len(chunk))
+        frames += [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in chunk.frames()]
+        dues += due.tolist()
+        if len(frames) >= n:
+            break
+    ref, when = [], []
+    clock = _FakeClock()
+    monkeypatch.setattr(sources, "time", clock)
+    src = LogReplaySource(log, speed=speed, loop=True, lightweight=True)
+    for b in src.bursts(_FakeStop(clock)):
+        if b is not None:
+            ref += [(m.timestamp, m.arbitration_id, bytes(m.data)) for m in b]
+            when += [clock.t] * len(b)
+        if len(ref) >= n:
+            break
+    assert frames[:n] == ref[:n] and len(sizes) > 2 and max(sizes) < 8 * len(messages)
+    stamps = [f[0] for f in frames[:n]]
+    assert stamps[-1] - stamps[0] > 2.5 * 8 * span and min(np.diff(stamps)) >= 0  # looped forward
+    # a burst goes out when its first frame is due, with the frames due within REPLAY_BURST_S after it
+    lag = np.array(dues[:n]) - np.array(when[:n])
+    assert lag.min() >= -0.002 and lag.max() <= sources.REPLAY_BURST_S + 0.002
+    np.testing.assert_allclose(np.diff(dues[:n]), np.diff(stamps) / speed, atol=1e-9)

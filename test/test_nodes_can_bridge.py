@@ -146,6 +146,36 @@ def test_max_speed_batch_replay_equals_offline_decode(ros, drive_log, cfg):
     assert ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_crc_error") == "1", timeout=3)
 
 
+def test_paced_light_replay_equals_offline_decode_in_time(ros, drive_log, cfg, monkeypatch):
+    """A BLF replayed at 3x: chunks decoded vectorised, the offline decoder's samples, spread over the
+    log's duration / 3 (not sent at once), and each chunk's counts on /diagnostics once it is replayed."""
+    import bms_ai.can.sources as sources
+    from bms_ai.can.sampler import FixedRateSampler
+
+    monkeypatch.setattr(sources, "PACED_ROWS", 500)  # a few chunks (whole BLF containers)
+    chunks = []
+    decode = FixedRateSampler.decode_arrays
+    monkeypatch.setattr(FixedRateSampler, "decode_arrays", lambda self, f: chunks.append(len(f)) or decode(self, f))
+    got, arrived = [], []
+    ros.node.create_subscription(BatteryState, "/bms/pack/measurements",
+                                 lambda m: (got.append(m), arrived.append(time.monotonic())), 1000)
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    time.sleep(0.3)
+    node = _node(ros, can_log=str(drive_log), replay_speed=3.0)
+    expected = decode_log(drive_log, cfg, rate=10.0, max_age=1.0)
+    assert ros.wait_for(lambda: len(got) >= len(expected), timeout=10)
+    np.testing.assert_array_equal([time_to_float(m.header.stamp) for m in got[: len(expected)]],
+                                  np.round(expected.t, 9))
+    np.testing.assert_allclose([m.voltage for m in got[: len(expected)]], expected.pack_voltage, rtol=1e-6)
+    np.testing.assert_allclose(np.array([m.cell_voltage for m in got[: len(expected)]]),
+                               expected.cell_voltages, atol=1e-6)
+    span = (expected.t[-1] - expected.t[0]) / 3.0
+    assert span * 0.8 < arrived[len(expected) - 1] - arrived[0] < span + 1.0
+    assert ros.wait_for(lambda: diag_values(diags, "can_bridge: can_bus").get("rejected_crc_error") == "1", timeout=3)
+    assert ros.wait_for(lambda: node.source.finished, timeout=3)
+    assert len(chunks) >= 2 and sum(chunks) == expected.accepted + sum(expected.rejected.values())
+
+
 def _diag_message(diags, name: str) -> str:
     msgs = [st.message for a in diags for st in a.status if st.name == name]
     return msgs[-1] if msgs else ""

@@ -22,7 +22,7 @@ import can
 import numpy as np
 
 from bms_ai.can.frames import FrameArrays, stamp_ok, stamps_ok
-from bms_ai.can.logs import iter_log, log_format, read_log_chunks
+from bms_ai.can.logs import CHUNK_ROWS, iter_log, log_format, read_log_chunks
 from bms_ai.core.registry import Registry
 
 
@@ -84,6 +84,12 @@ class FrameSource:
     def frame_chunks(self) -> Iterator[FrameArrays] | None:
         """The source as arrays, chunk by chunk, when it may be decoded vectorised (a finite log at
         maximum speed), else None. Damage ends the chunks with its reason in :attr:`errors`.
+        """
+        return None
+
+    def paced_chunks(self, stop: threading.Event) -> Iterator[tuple[FrameArrays, np.ndarray]] | None:
+        """The source as arrays with the steady-clock time each frame is due, when it may be decoded
+        vectorised and paced by its consumer (a log of light frames in real time), else None.
         """
         return None
 
@@ -200,8 +206,11 @@ class ReplayClock:
 REPLAY_BURST_S = 0.05
 #: frames in one burst at most (a replay at maximum speed is otherwise one burst)
 MAX_BURST = 256
+#: frames per chunk of a light real-time replay (~6 s at nominal traffic): the consumer's state (counts,
+#: receive times) moves a chunk at a time, and each chunk's vectorised decode costs a few ms however small
+PACED_ROWS = 8192
 #: a burst's first frame goes out when due to within this (a shorter wait costs more than it is late)
-_DUE_SLACK = 0.001
+DUE_SLACK = 0.001
 
 
 def _wait_until(target: float, stop: threading.Event, slack: float) -> Generator[None, None, bool]:
@@ -266,12 +275,25 @@ class LogReplaySource(FrameSource):
         frame-by-frame replay), and the clock is read once per burst rather
         than once per frame.
         """
+        if (yield from self._passes(stop, self._pass_bursts)):
+            return
+        while not stop.is_set():  # stay alive (silent bus) until stopped
+            if stop.wait(0.05):
+                return
+            yield None
+
+    def _passes(self, stop: threading.Event, one_pass) -> Generator[Any, None, bool]:
+        """The log's passes (one, or repeated with ``loop``) through ``one_pass``; True when stopped.
+
+        Each pass's stamps are shifted to start 10 ms after the previous pass
+        ended, on one :class:`ReplayClock`; the source is finished after the last.
+        """
         offset = 0.0
         clock = ReplayClock(self.speed)
         while not stop.is_set():
             span: list[float] = []  # the pass's first and last good stamp
-            if (yield from self._pass_bursts(stop, clock, offset, span)):
-                return
+            if (yield from one_pass(stop, clock, offset, span)):
+                return True
             self.gaps_shortened = clock.gaps
             if len(self.errors) > 1 and self.errors[-1] == self.errors[-2]:
                 self.errors.pop()  # a looped damaged log: the same damage once, not once per pass
@@ -279,10 +301,7 @@ class LogReplaySource(FrameSource):
                 break
             offset += span[1] + 0.01 - span[0]  # the next pass starts 10 ms after this one ended
         self.finished = True
-        while not stop.is_set():  # stay alive (silent bus) until stopped
-            if stop.wait(0.05):
-                return
-            yield None
+        return False
 
     def _pass_bursts(self, stop: threading.Event, clock: ReplayClock, offset: float,
                      span: list[float]) -> Generator[list | None, None, bool]:
@@ -308,7 +327,7 @@ class LogReplaySource(FrameSource):
                     burst = []
                 # until this frame is due: the next burst then spans a whole REPLAY_BURST_S, however
                 # long the consumer took over the last one
-                if (yield from _wait_until(due, stop, _DUE_SLACK)):
+                if (yield from _wait_until(due, stop, DUE_SLACK)):
                     return True
                 now = time.monotonic()
             burst.append(msg)
@@ -326,21 +345,9 @@ class LogReplaySource(FrameSource):
         """
         burst: list = []
         now = time.monotonic()
-        for chunk in read_log_chunks(self.path, errors=self.errors):
-            ts = chunk.ts.copy()
-            ok = stamps_ok(ts)
-            if ok.any():  # a damaged stamp is passed on (the consumer rejects it), never waited for
-                good = ts[ok]
-                latest = float(good.max())
-                if span:
-                    span[1] = max(span[1], latest)
-                else:
-                    span += [float(good[0]), latest]
-                ts[ok] += offset
-            due = clock.dues(ts, now)
-            due[~ok] = -math.inf  # due at once, whenever they come
-            frames = replace(chunk, ts=ts).frames()
-            i, n = 0, len(ts)
+        for chunk, due in self._timed_chunks(clock, offset, span, CHUNK_ROWS):
+            frames = chunk.frames()
+            i, n = 0, len(chunk)
             while i < n:
                 if stop.is_set():
                     return True
@@ -348,7 +355,7 @@ class LogReplaySource(FrameSource):
                     if burst:
                         yield burst
                         burst = []
-                    if (yield from _wait_until(float(due[i]), stop, _DUE_SLACK)):
+                    if (yield from _wait_until(float(due[i]), stop, DUE_SLACK)):
                         return True
                     now = time.monotonic()
                 # frame i joins the burst, and the ones after it that are due by then, up to MAX_BURST
@@ -359,6 +366,43 @@ class LogReplaySource(FrameSource):
         if burst:
             yield burst
         return False
+
+    def _timed_chunks(self, clock: ReplayClock, offset: float, span: list[float],
+                      rows: int) -> Iterator[tuple[FrameArrays, np.ndarray]]:
+        """The log's chunks with stamps shifted by ``offset`` and each frame's due time on ``clock``.
+
+        A damaged stamp is passed on (the consumer rejects it), never waited
+        for: due at once (-inf). ``span`` gets the pass's first and latest good stamp.
+        """
+        for chunk in read_log_chunks(self.path, rows, errors=self.errors):
+            ts = chunk.ts.copy()
+            ok = stamps_ok(ts)
+            if ok.any():
+                good = ts[ok]
+                latest = float(good.max())
+                if span:
+                    span[1] = max(span[1], latest)
+                else:
+                    span += [float(good[0]), latest]
+                ts[ok] += offset
+            due = clock.dues(ts, time.monotonic())
+            due[~ok] = -math.inf
+            yield replace(chunk, ts=ts), due
+
+    def paced_chunks(self, stop: threading.Event) -> Iterator[tuple[FrameArrays, np.ndarray]] | None:
+        """Chunks of :data:`PACED_ROWS` frames with their due times, for a light real-time replay.
+
+        The consumer waits for the due times (and checks ``stop``); passes
+        repeat with ``loop``, and the source is finished after the last chunk.
+        """
+        if self.speed == math.inf or not self.lightweight or not log_format(self.path).fast_arrays:
+            return None
+
+        def one_pass(_stop, clock, offset, span):
+            yield from self._timed_chunks(clock, offset, span, PACED_ROWS)
+            return False
+
+        return self._passes(stop, one_pass)
 
     def frame_chunks(self) -> Iterator[FrameArrays] | None:
         """The log in chunks, when it plays once at maximum speed to a consumer of light frames."""

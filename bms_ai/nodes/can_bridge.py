@@ -28,7 +28,7 @@ from sensor_msgs.msg import BatteryState
 
 from bms_ai.can.assembler import PACK_LEVEL, PackAssembler, average_cell_sample
 from bms_ai.can.decoder import PackDecoder
-from bms_ai.can.frames import Frame, FrameArrays
+from bms_ai.can.frames import Frame, FrameArrays, stamps_ok
 from bms_ai.can.health import (
     BusHealth,
     PollHealth,
@@ -40,7 +40,7 @@ from bms_ai.can.health import (
 from bms_ai.can.isotp_offline import PollLogDecoder
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.can.sampler import FixedRateSampler
-from bms_ai.can.sources import SourceError, bus_options, can_filters, open_source
+from bms_ai.can.sources import DUE_SLACK, SourceError, bus_options, can_filters, open_source
 from bms_ai.can.uds import UdsPoller
 from bms_ai.core.cdr import battery_state_bytes
 from bms_ai.core.levels import WARN
@@ -219,6 +219,9 @@ class CanBridgeNode(Node):
         chunks = self.source.frame_chunks()
         if chunks is not None:
             return self._run_batch(chunks)
+        paced = self.source.paced_chunks(self._stop)
+        if paced is not None:
+            return self._run_paced(paced)
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -325,6 +328,59 @@ class CanBridgeNode(Node):
             while polled:
                 self.poll.on_message(polled.popleft())
         self.source.finished = True
+
+    def _run_paced(self, chunks) -> None:
+        """Light real-time replay: each chunk decoded vectorised, each sample published when the frame
+        that closes its instant is due (the samples frame-by-frame feeding gives, at ~10x less CPU).
+
+        The sampler's state (values, counts, receive times) takes over a
+        chunk once its last frame is due, so /diagnostics lags by up to a
+        chunk but never reports frames before they are due; silence is
+        measured from the latest frame due, as if it had been received.
+        """
+        for frames, due in chunks:
+            out = np.maximum.accumulate(due)  # in order: a frame goes out after the ones before it
+            latest = np.maximum.accumulate(np.where(stamps_ok(frames.ts), frames.ts, -np.inf))
+            polled = self._poll_frames(frames)
+            table, decoded, carry = self.sampler.decode_arrays(frames)
+            # an instant is closed by the first frame stamped after it (stamps stepping back close none)
+            closing = np.minimum(np.searchsorted(latest, table.t, side="right"), len(frames) - 1)
+            for s, when in zip(table.samples(), out[closing].tolist()):
+                if not self._wait_due(when, out, latest) or not self._hold_for_readers():
+                    return
+                while polled and polled[0].timestamp <= s.stamp:  # answers up to this instant, as frame by frame
+                    self.poll.on_message(polled.popleft())
+                self._publish(s)
+            if len(frames) and not self._wait_due(float(out[-1]), out, latest):
+                return
+            with self.lock:
+                self.sampler.commit(table, decoded, carry)
+            while polled:
+                self.poll.on_message(polled.popleft())
+            self._note_damage()
+
+    def _wait_due(self, target: float, out: np.ndarray, latest: np.ndarray) -> bool:
+        """Wait until steady time ``target``, keeping the last receipt at the latest frame due; False when stopped.
+
+        One wake-up per sample where the samples come faster than half of
+        ``stale_after`` (a wake-up costs ~0.1-0.4 ms of CPU on a VM, more than
+        the sample's own work), else often enough that frames due meanwhile
+        keep the bus from looking silent.
+        """
+        step = max(0.5 * self.p["stale_after"], 0.01)
+        while True:
+            now = time.monotonic()
+            i = int(np.searchsorted(out, now, side="right"))
+            if i and out[i - 1] > -math.inf:
+                with self.lock:
+                    self.last_rx_steady = max(self.last_rx_steady, float(out[i - 1])) \
+                        if math.isfinite(self.last_rx_steady) else float(out[i - 1])
+                    if latest[i - 1] > -math.inf:
+                        self.last_rx_can = float(latest[i - 1])
+            if target - now <= DUE_SLACK:
+                return True
+            if self._stop.wait(min(target - now, step)):
+                return False
 
     def _poll_frames(self, frames: FrameArrays) -> collections.deque:
         """The chunk's frames on polled ids, in order (a few among thousands: picked vectorised)."""
