@@ -222,6 +222,30 @@ def test_damaged_stamps_and_gaps_never_freeze_the_bridge(ros, tmp_path, speed):
     assert time.monotonic() - t0 < 3.0
 
 
+def test_a_1e9_s_gap_in_a_blf_replayed_in_time_is_bounded(ros, tmp_path):
+    """The chunked real-time replay (BLF): a 1e9 s gap gives max_catchup samples after MAX_REPLAY_GAP of log
+    time (0.6 s at 100x), the skipped instants reach /diagnostics, and the node stops promptly."""
+    log = tmp_path / "gap.blf"
+    with can.Logger(str(log)) as w:
+        for t in (100.0, 100.05, 100.5, 1000000100.5, 1000000100.6):
+            w.on_message_received(can.Message(timestamp=t, arbitration_id=0x120,
+                                              data=bytes.fromhex("E0306097F8FFE1FF"), is_extended_id=False))
+    got = ros.collect(BatteryState, "/bms/pack/measurements")
+    diags = ros.collect(DiagnosticArray, "/diagnostics")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    node = _node(ros, can_log=str(log), replay_speed=100.0)
+    assert ros.wait_for(lambda: len(got) >= 4 + 600, timeout=10)
+    assert time.monotonic() - t0 > 0.5  # the gap was replayed, shortened, not skipped
+    assert ros.wait_for(lambda: int(diag_values(diags, "can_bridge: can_bus").get("samples_skipped_gaps", 0)) > 1e9,
+                        timeout=5)
+    assert ros.wait_for(lambda: node.source.finished, timeout=3)
+    t0 = time.monotonic()
+    node.destroy_node()
+    ros.nodes.remove(node)
+    assert time.monotonic() - t0 < 3.0
+
+
 def test_truncated_log_is_reported_once_replayed(ros, drive_log, tmp_path):
     """A BLF cut short: the frames before the cut are published, then ERROR naming the truncation."""
     log = tmp_path / "cut.blf"
