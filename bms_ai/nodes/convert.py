@@ -17,19 +17,9 @@ _MAX_SEC = 2**31  # builtin_interfaces/Time.sec is int32
 
 
 def stamp_to_time(t: float) -> Time:
-    """Seconds -> builtin_interfaces/Time, rounded to the nearest nanosecond.
-
-    A fraction that rounds up to a whole second carries into ``sec`` (never a
-    stamp one second early). Times a stamp cannot hold (NaN, inf, negative,
-    beyond int32 seconds) become the zero stamp instead of an exception in a callback.
-    """
-    if not math.isfinite(t) or t < 0 or t >= _MAX_SEC:
-        return Time()
-    sec = math.floor(t)
-    nanosec = round((t - sec) * 1e9)  # t - sec is exact for floats
-    if nanosec >= 1_000_000_000:
-        sec, nanosec = sec + 1, nanosec - 1_000_000_000
-    return Time(sec=int(sec), nanosec=int(nanosec))
+    """Seconds -> builtin_interfaces/Time, rounded to the nearest nanosecond (see :func:`time_parts`)."""
+    sec, nanosec = time_parts(t)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def time_to_float(t: Time) -> float:
@@ -47,14 +37,27 @@ def float32_array(values: np.ndarray) -> array.array:
 
 
 def time_parts(t: float) -> tuple[int, int]:
-    """(sec, nanosec) of :func:`stamp_to_time` without building a message."""
-    tm = stamp_to_time(t)
-    return tm.sec, tm.nanosec
+    """Seconds -> (sec, nanosec) of a builtin_interfaces/Time, rounded to the nearest nanosecond.
+
+    A fraction that rounds up to a whole second carries into ``sec`` (never a
+    stamp one second early). Times a stamp cannot hold (NaN, inf, negative,
+    beyond int32 seconds) become the zero stamp instead of an exception in a
+    callback. No message is built: nodes that serialize the bytes themselves
+    call this once per sample.
+    """
+    if not math.isfinite(t) or t < 0 or t >= _MAX_SEC:
+        return 0, 0
+    sec = math.floor(t)
+    nanosec = round((t - sec) * 1e9)  # t - sec is exact for floats
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    return int(sec), int(nanosec)
 
 
 def battery_fields(s: PackSample, frame_id: str = "", serial: str = "") -> BatteryFields:
     """Measured quantities only; NaN where unknown (estimates belong to battery_state)."""
-    tmax = np.nanmax(s.cell_temperatures) if np.isfinite(s.cell_temperatures).any() else math.nan
+    temps = s.cell_temperatures
+    tmax = np.fmax.reduce(temps) if len(temps) else math.nan  # the hottest known sensor; NaN if none is known
     status = BatteryState.POWER_SUPPLY_STATUS_UNKNOWN
     if math.isfinite(s.pack_current):
         status = (BatteryState.POWER_SUPPLY_STATUS_CHARGING if s.pack_current > 0.5

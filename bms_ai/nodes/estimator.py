@@ -24,7 +24,7 @@ from bms_ai.estimation.ocvmodel import ocv_model_from_file
 from bms_ai.estimation.pack import PackEstimator, PackStep
 from bms_ai.estimation.state import read_state, resolve_state_path, write_state
 from bms_ai.nodes.common import GRAPH_SUB_QOS, PUB_QOS, Diagnostics, declare, spin_node
-from bms_ai.nodes.convert import battery_fields_from_bytes, fields_to_sample, time_parts
+from bms_ai.nodes.convert import battery_fields_from_bytes, time_parts
 from bms_ai.nodes.local import LocalPublisher, graph_subscription, guarded
 
 
@@ -116,12 +116,11 @@ class EstimatorNode(Node):
 
     def _on_meas(self, data: bytes) -> None:
         meas = battery_fields_from_bytes(data)
-        s = fields_to_sample(meas)
         self.cell_data = PACK_LEVEL if meas.location == PACK_LEVEL else "per cell"
-        stamp = s.stamp if s.stamp > 0 else math.nan    # an unset header stamp is 0
+        stamp = meas.stamp if meas.stamp > 0 else math.nan    # an unset header stamp is 0
         # battery_state goes out once the charge is counted, before the voltage update, model inference and
         # SOH (PackEstimator.step): frame -> battery_state does not wait for them (an update shows 0.1 s later)
-        self.est.step(stamp, s.pack_current, s.cell_voltages, s.cell_temperatures,
+        self.est.step(stamp, float(meas.current), meas.cell_voltage, meas.cell_temperature,
                       emit=lambda step: self.pub.publish(battery_state_bytes(self._battery_state(meas, step))))
 
     def _battery_state(self, meas: BatteryFields, step: PackStep) -> BatteryFields:
