@@ -317,16 +317,14 @@ class CanBridgeNode(Node):
             for s in table.samples():
                 if self._stop.is_set() or not self._hold_for_readers():
                     return
-                while polled and polled[0].timestamp <= s.stamp:  # answers up to this instant, as frame by frame
-                    self.poll.on_message(polled.popleft())
+                self._answer_polls(polled, s.stamp)
                 self._publish(s)
                 with self.lock:
                     self.last_rx_steady = time.monotonic()
                     self.last_rx_can = s.stamp
             if self._stop.is_set():
                 return
-            while polled:
-                self.poll.on_message(polled.popleft())
+            self._answer_polls(polled)
         self.source.finished = True
 
     def _run_paced(self, chunks) -> None:
@@ -348,15 +346,13 @@ class CanBridgeNode(Node):
             for s, when in zip(table.samples(), out[closing].tolist()):
                 if not self._wait_due(when, out, latest) or not self._hold_for_readers():
                     return
-                while polled and polled[0].timestamp <= s.stamp:  # answers up to this instant, as frame by frame
-                    self.poll.on_message(polled.popleft())
+                self._answer_polls(polled, s.stamp)
                 self._publish(s)
             if len(frames) and not self._wait_due(float(out[-1]), out, latest):
                 return
             with self.lock:
                 self.sampler.commit(table, decoded, carry)
-            while polled:
-                self.poll.on_message(polled.popleft())
+            self._answer_polls(polled)
             self._note_damage()
 
     def _wait_due(self, target: float, out: np.ndarray, latest: np.ndarray) -> bool:
@@ -373,14 +369,18 @@ class CanBridgeNode(Node):
             i = int(np.searchsorted(out, now, side="right"))
             if i and out[i - 1] > -math.inf:
                 with self.lock:
-                    self.last_rx_steady = max(self.last_rx_steady, float(out[i - 1])) \
-                        if math.isfinite(self.last_rx_steady) else float(out[i - 1])
+                    self.last_rx_steady = float(np.fmax(self.last_rx_steady, out[i - 1]))  # NaN before the first
                     if latest[i - 1] > -math.inf:
                         self.last_rx_can = float(latest[i - 1])
             if target - now <= DUE_SLACK:
-                return True
+                return not self._stop.is_set()
             if self._stop.wait(min(target - now, step)):
                 return False
+
+    def _answer_polls(self, polled: collections.deque, upto: float = math.inf) -> None:
+        """The replayed poll answers stamped up to ``upto`` (an instant about to be published), as frame by frame."""
+        while polled and polled[0].timestamp <= upto:
+            self.poll.on_message(polled.popleft())
 
     def _poll_frames(self, frames: FrameArrays) -> collections.deque:
         """The chunk's frames on polled ids, in order (a few among thousands: picked vectorised)."""
