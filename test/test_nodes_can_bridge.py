@@ -176,6 +176,33 @@ def test_paced_light_replay_equals_offline_decode_in_time(ros, drive_log, cfg, m
     assert len(chunks) >= 2 and sum(chunks) == expected.accepted + sum(expected.rejected.values())
 
 
+def test_paced_replay_reports_its_messages_from_the_start(ros, drive_log):
+    """At 1x the can_messages check is OK within 0.5 s of the first frame and stays OK until the log ends.
+
+    A paced replay counts frames a chunk at a time; before its first chunk is taken over, no frame is
+    counted and every message reads as timed out. The first chunk held this whole 3 s log (~6 s of
+    traffic at nominal rate), so the check said "timeout" until the log ended; a pass's first chunk is
+    now ~0.2 s of frames.
+    """
+    seen = []  # (arrival, level, message) of can_messages
+
+    def on_diag(msg):
+        now = time.monotonic()
+        seen.extend((now, st.level[0] if isinstance(st.level, bytes) else int(st.level), st.message)
+                    for st in msg.status if st.name == "can_bridge: can_messages")
+
+    ros.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 100)
+    time.sleep(0.3)
+    node = _node(ros, can_log=str(drive_log), replay_speed=1.0, stale_after=0.5)
+    assert ros.wait_for(lambda: node.source.finished, timeout=10)
+    assert ros.wait_for(lambda: seen and seen[-1][1] == 3, timeout=3)  # the log ended: STALE
+    flowing = [s for s in seen if s[1] != 3]  # from the first frame due to the end of the log
+    assert flowing, seen
+    first_ok = next((t for t, level, _ in flowing if level == 0), None)
+    assert first_ok is not None and first_ok - flowing[0][0] < 0.5, flowing
+    assert all(level == 0 for t, level, _ in flowing if t >= first_ok), [(round(t - flowing[0][0], 3), lv, m[:60]) for t, lv, m in flowing]
+
+
 def _diag_message(diags, name: str) -> str:
     msgs = [st.message for a in diags for st in a.status if st.name == name]
     return msgs[-1] if msgs else ""

@@ -75,6 +75,12 @@ class FrameArrays:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
+    def split(self, n: int) -> tuple[FrameArrays, FrameArrays]:
+        """The first ``n`` frames and the rest; the rest keeps ``error`` (reading stopped after it)."""
+        cols = ("ts", "ids", "ext", "dlc", "data", "bad")
+        head = FrameArrays(*(getattr(self, c)[:n] for c in cols))
+        return head, FrameArrays(*(getattr(self, c)[n:] for c in cols), error=self.error)
+
     @classmethod
     def empty(cls) -> FrameArrays:
         """No frames."""

@@ -96,7 +96,7 @@ class BusHealth:
 
     def assess(self, sampler: FixedRateSampler, *, source: str, silence: float, samples_published: int,
                source_errors: int, last_error: str, reader_failed: str = "",
-               closes_period: bool = True) -> tuple[BusStatus, BusStatus]:
+               closes_period: bool = True, uncounted: bool = False) -> tuple[BusStatus, BusStatus]:
         """Both checks now; ``silence``: steady-clock seconds since the last frame (inf: none yet).
 
         Advances the per-message timeout counters (a message going late is
@@ -104,6 +104,9 @@ class BusHealth:
         in which rejected frames make the bus WARN; an interim assessment
         between reports (silence starting or ending, a timeout clearing) leaves
         it open, so assessing more often never shortens a WARN for rejections.
+        ``uncounted``: frames are due that the sampler has not counted yet (a
+        paced replay within a chunk); message timeouts are then judged at the
+        last counted frame, not that frame plus the silence since a later one.
         """
         asm = sampler.asm
         c = asm.counters
@@ -115,7 +118,8 @@ class BusHealth:
             self._last_rejected = rejected
         now_can = asm.last_ts
         if math.isfinite(now_can):
-            timeouts = asm.check_timeouts(can_time_now(now_can, silence if math.isfinite(silence) else 0.0))
+            since = silence if math.isfinite(silence) and not uncounted else 0.0
+            timeouts = asm.check_timeouts(can_time_now(now_can, since))
         else:
             timeouts = [r.name for r in asm.decoder.routes.values()]
         rates = asm.rates()

@@ -209,6 +209,9 @@ MAX_BURST = 256
 #: frames per chunk of a light real-time replay (~6 s at nominal traffic): the consumer's state (counts,
 #: receive times) moves a chunk at a time, and each chunk's vectorised decode costs a few ms however small
 PACED_ROWS = 8192
+#: frames in a pass's first chunk (~0.2 s at nominal traffic): until it is taken over, the consumer has
+#: counted no frame and would report every message as timed out while frames are already due
+PACED_FIRST_ROWS = 256
 #: a burst's first frame goes out when due to within this (a shorter wait costs more than it is late)
 DUE_SLACK = 0.001
 
@@ -227,6 +230,15 @@ def _wait_until(target: float, stop: threading.Event, slack: float) -> Generator
             return True
         yield None
     return False
+
+
+def _cut_first(chunks: Iterator[FrameArrays], n: int) -> Iterator[FrameArrays]:
+    """``chunks`` with the first one cut after ``n`` frames."""
+    for k, chunk in enumerate(chunks):
+        if k == 0 and len(chunk) > n:
+            yield from chunk.split(n)
+        else:
+            yield chunk
 
 
 class LogReplaySource(FrameSource):
@@ -368,13 +380,17 @@ class LogReplaySource(FrameSource):
         return False
 
     def _timed_chunks(self, clock: ReplayClock, offset: float, span: list[float],
-                      rows: int) -> Iterator[tuple[FrameArrays, np.ndarray]]:
+                      rows: int, first_rows: int | None = None) -> Iterator[tuple[FrameArrays, np.ndarray]]:
         """The log's chunks with stamps shifted by ``offset`` and each frame's due time on ``clock``.
 
         A damaged stamp is passed on (the consumer rejects it), never waited
         for: due at once (-inf). ``span`` gets the pass's first and latest good stamp.
+        ``first_rows``: the pass's first chunk is cut after that many frames.
         """
-        for chunk in read_log_chunks(self.path, rows, errors=self.errors):
+        chunks = read_log_chunks(self.path, rows, errors=self.errors)
+        if first_rows is not None:
+            chunks = _cut_first(chunks, first_rows)
+        for chunk in chunks:
             ts = chunk.ts.copy()
             ok = stamps_ok(ts)
             if ok.any():
@@ -390,7 +406,8 @@ class LogReplaySource(FrameSource):
             yield replace(chunk, ts=ts), due
 
     def paced_chunks(self, stop: threading.Event) -> Iterator[tuple[FrameArrays, np.ndarray]] | None:
-        """Chunks of :data:`PACED_ROWS` frames with their due times, for a light real-time replay.
+        """Chunks of :data:`PACED_ROWS` frames (a pass's first :data:`PACED_FIRST_ROWS`) with their due times,
+        for a light real-time replay.
 
         The consumer waits for the due times (and checks ``stop``); passes
         repeat with ``loop``, and the source is finished after the last chunk.
@@ -399,7 +416,7 @@ class LogReplaySource(FrameSource):
             return None
 
         def one_pass(_stop, clock, offset, span):
-            yield from self._timed_chunks(clock, offset, span, PACED_ROWS)
+            yield from self._timed_chunks(clock, offset, span, PACED_ROWS, PACED_FIRST_ROWS)
             return False
 
         return self._passes(stop, one_pass)

@@ -444,7 +444,8 @@ class CanBridgeNode(Node):
             bus, messages = self.health.assess(
                 self.sampler, source=self.source.description, silence=silence,
                 samples_published=self.samples_published, source_errors=self.source_errors,
-                last_error=self.last_error, reader_failed=self.reader_failed, closes_period=periodic)
+                last_error=self.last_error, reader_failed=self.reader_failed, closes_period=periodic,
+                uncounted=self.last_rx_can > self.sampler.asm.last_ts)
         self._reported_silent = silence > self.p["stale_after"]
         self._reported_late = messages.level == WARN
         bus.values.update(cell_data=self.cell_data, cells_in_series=self.cfg.n_cells)
