@@ -448,7 +448,8 @@ def _replay_graph(log: Path, nodes: str, speed: float, timeout: float,
         runner.spin(until=lambda: bool(b.reader_failed) or 0 < upto <= est.steps
                     or (b.source.finished and est.steps + est.rejected >= b.samples_published), duration=timeout)
         got = {"failed": b.reader_failed, "published": b.samples_published, "steps": est.steps,
-               "rejected": est.rejected, "wall_s": time.monotonic() - t0, "local": runner.local is not None}
+               "rejected": est.rejected, "wall_s": time.monotonic() - t0, "local": runner.local is not None,
+               "progress_reader": b._progress is not None}
         if "cloud_uploader" in nodes:  # what it recorded once its inbox is empty
             up = runner.node("cloud_uploader")
             runner.spin(until=lambda: not up._inbox, duration=30)
@@ -480,6 +481,8 @@ def test_hour_drive_at_maximum_speed_reaches_the_estimator_whole(hour_drive, loc
     else:
         assert got["published"] == 36_000 and got["steps"] == 36_000, got
     assert READER_LEAD < 5000 and got["local"] == (local == "1")
+    # handed over locally, every reader here takes each sample on the bridge's thread: no progress reader
+    assert got["progress_reader"] == (local == "0")
 
 
 @pytest.mark.slow

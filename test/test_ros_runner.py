@@ -79,6 +79,13 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
     dds_topics = {s.topic_name for n in (est, fm, up) for s in n.subscriptions}
     assert not dds_topics & {"/bms/pack/measurements", "/bms/battery_state"}, dds_topics
     assert [n for n, *_ in bridge.pub.local] == [est, fm, up] and [n for n, *_ in est.pub.local] == [fm, up]
+    # a reader made once the graph runs (the uploader's for a topic whose type it learns late) is local too
+    from bms_ai.nodes.local import graph_subscription
+
+    late = []
+    before = len(list(up.subscriptions))
+    assert graph_subscription(up, BatteryState, "battery_state", late.append, 10) is True
+    assert est.pub.local[-1][0] is up and len(list(up.subscriptions)) == before
 
     def broken(_data: bytes) -> None:
         raise ValueError("reader fault")
@@ -128,6 +135,7 @@ def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_con
         rclpy.shutdown(context=ctx)
         runner.shutdown()
     assert est.steps >= 10 and fm.monitor.steps >= 10 and 0.0 <= fm.monitor.soc <= 1.0  # both topics arrived
+    assert len(late) == est.steps  # the late reader took every battery_state, on the estimator's thread
     assert len(got["pack/measurements"]) >= 10 and len(got["battery_state"]) >= 10
     assert runner.local.failures >= 10 and bridge.reader_failed == ""
     assert up.svc.recorder.stats.messages >= seen + 20 and up.inbox_dropped == 0

@@ -47,7 +47,7 @@ from bms_ai.core.levels import WARN
 from bms_ai.core.paths import default_pack_config
 from bms_ai.nodes.common import GRAPH_SUB_QOS, LOSSLESS_QOS, PUB_QOS, Diagnostics, declare, spin_node
 from bms_ai.nodes.convert import battery_fields, battery_fields_from_bytes, stamp_to_time, time_to_float
-from bms_ai.nodes.local import LocalPublisher, graph_subscription
+from bms_ai.nodes.local import LocalPublisher, LocalTopics, graph_subscription
 from bms_ai.pack import PackSample
 
 #: samples a replay may publish beyond what this process's readers have taken (< Fast DDS's 5000-sample
@@ -111,11 +111,14 @@ class CanBridgeNode(Node):
         qos = LOSSLESS_QOS if self.source.replay else PUB_QOS
         # the graph's readers in this process take it on the publishing thread (bms_ai.nodes.local)
         self.pub = LocalPublisher(self, BatteryState, "pack/measurements", qos, local_first=True)
-        # a replay's own reader of what it publishes, taken by the executor like every reader in this process
+        # a replay's own reader of what it publishes, taken by the executor like every DDS reader in this
+        # process; in a graph composed with local delivery every reader here takes it on this thread
+        # (bms_ai.nodes.local), none can fall behind, and this reader would only wake the executor
         self._taken = threading.Condition()
         self.samples_taken = 0
         self._progress = (self.create_subscription(BatteryState, "pack/measurements", self._on_taken,
-                                                   GRAPH_SUB_QOS, raw=True) if self.source.replay else None)
+                                                   GRAPH_SUB_QOS, raw=True)
+                          if self.source.replay and LocalTopics.of(self) is None else None)
         self.clock_pub = self.create_publisher(ClockMsg, "/clock", PUB_QOS) if p["publish_clock"] else None
         # the car's own BMS values (vehicle_bms), compared with our estimate on battery_state
         self.last_status: dict[str, float] = {}
@@ -153,16 +156,16 @@ class CanBridgeNode(Node):
     def _wait_for_readers(self) -> None:
         """A file replay would otherwise start before the graph's readers (and its own) are discovered."""
         end = time.monotonic() + 10.0
-        want = int(self.p["wait_for_subscribers"]) + 1  # + the replay's own progress reader
+        own = self._progress is not None
+        want = int(self.p["wait_for_subscribers"]) + own  # + the replay's own progress reader
 
-        def ready() -> bool:
-            own = self._progress is not None and self._progress.get_publisher_count() >= 1
-            return own and self.pub.get_subscription_count() >= want
+        def matched() -> bool:
+            return not own or self._progress.get_publisher_count() >= 1
 
-        while not ready() and time.monotonic() < end:
+        while not (matched() and self.pub.get_subscription_count() >= want) and time.monotonic() < end:
             if self._stop.wait(0.05):
                 return
-        if not (self._progress is not None and self._progress.get_publisher_count() >= 1):
+        if not matched():
             raise RuntimeError("the replay's progress reader did not match pack/measurements within 10 s")
 
     def _on_taken(self, _raw: bytes) -> None:
@@ -180,6 +183,8 @@ class CanBridgeNode(Node):
         a process by handing the sample over once, and a KEEP_ALL reader whose
         history is full (5000) refuses it for good (the writer then blocks,
         and publish() fails: the RCLError of long maximum-speed replays).
+        Where the graph's readers here all take it locally, there is no such
+        reader and no progress reader (``_progress`` None).
         (2) every ACK_WINDOW samples, all matched readers (other processes too)
         must have acknowledged, so the writer's history never fills and
         publish() never blocks in DDS (rclpy holds the GIL there: the readers
@@ -189,7 +194,7 @@ class CanBridgeNode(Node):
         """
         n = self.samples_published
         with self._taken:
-            while n - self.samples_taken >= READER_LEAD:
+            while self._progress is not None and n - self.samples_taken >= READER_LEAD:
                 if self._stop.is_set():
                     return False
                 self._taken.wait(0.05)

@@ -69,14 +69,24 @@ class LocalTopics:
 
     def finalize(self) -> None:
         """Every node exists: a wanted topic with a publisher here is delivered locally, any other by DDS."""
-        for node, msg_type, resolved, topic, callback, local, qos in self._wanted:
-            pub = self._published.get(resolved)
-            if pub is not None:
-                pub.local.append((node, local, self.lock_of(node)))
-            else:
-                node.create_subscription(msg_type, topic, callback, qos, raw=True)
+        for wanted in self._wanted:
+            self.subscribe(*wanted)
         self._wanted.clear()
         self.final = True
+
+    def subscribe(self, node: Node, msg_type: Any, resolved: str, topic: str, callback: Handler, local: Handler,
+                  qos: QoSProfile) -> Any:
+        """``local`` on the publishing thread where this graph publishes ``resolved`` (True), else a DDS reader.
+
+        Also once the graph runs (a reader made late, e.g. the uploader's for a topic whose type it
+        learns later): no reader of a topic published here is ever served by the executor, so a replay
+        need not hold back for such readers (bms_ai.nodes.can_bridge).
+        """
+        pub = self._published.get(resolved)
+        if pub is None:
+            return node.create_subscription(msg_type, topic, callback, qos, raw=True)
+        pub.local.append((node, local, self.lock_of(node)))  # a list: the publisher's loop may run meanwhile
+        return True
 
     def lock_of(self, node: Node) -> threading.RLock:
         """The lock ``node``'s callbacks hold, on the executor and when a local publisher calls them."""
@@ -137,13 +147,16 @@ def graph_subscription(node: Node, msg_type: Any, topic: str, callback: Handler,
     """Read ``topic`` as CDR bytes: locally when a node of the same composed graph publishes it, else by DDS.
 
     ``local`` replaces ``callback`` for local delivery (it then runs on the
-    publisher's thread). Returns the DDS subscription, or True while the
-    graph is still being composed.
+    publisher's thread). Returns the DDS subscription, or True where it is
+    delivered locally or the graph is still being composed.
     """
     graph = LocalTopics.of(node)
-    if graph is None or graph.final:
+    if graph is None:
         return node.create_subscription(msg_type, topic, callback, qos, raw=True)
-    graph._wanted.append((node, msg_type, node.resolve_topic_name(topic), topic, callback, local or callback, qos))
+    wanted = (node, msg_type, node.resolve_topic_name(topic), topic, callback, local or callback, qos)
+    if graph.final:
+        return graph.subscribe(*wanted)
+    graph._wanted.append(wanted)
     return True
 
 
