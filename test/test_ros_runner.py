@@ -54,6 +54,28 @@ def test_in_process_runner_on_virtual_bus(pack_config_path):
     assert len(got) >= 3 and len(got[-1].cell_voltage) == 96
 
 
+def test_composed_graph_fires_its_timers_of_one_period_together(tmp_path):
+    """The nodes of a composed graph are made hundreds of ms apart (the estimator loads its models); their
+    periodic timers are restarted together once all exist, so each period's timers take one executor
+    wake-up (BENCHMARKS.md, graph)."""
+    from bms_ai.ros.runner import GraphRunner
+
+    runner = GraphRunner(graph_from_options({"nodes": "can_bridge,estimator,fault_monitor,cloud_uploader",
+                                             "interface": "virtual", "channel": "timers"},
+                                            overrides={"cloud_uploader": {"spool_dir": str(tmp_path)}}))
+    try:
+        due: dict[int, list[int]] = {}
+        for node in runner.nodes:
+            for timer in node.timers:
+                if not timer.is_canceled():
+                    due.setdefault(timer.timer_period_ns, []).append(timer.time_until_next_call())
+    finally:
+        runner.shutdown()
+    second = due[1_000_000_000]
+    assert len(second) >= 4, due  # each node's diagnostics, and more
+    assert max(second) - min(second) < 20_000_000, second  # due within 20 ms of each other
+
+
 def test_composed_graph_hands_its_own_topics_to_its_readers_without_dds(pack_config_path, tmp_path):
     """In one process the bridge's thread steps the estimator and the fault monitor (bms_ai.nodes.local).
 

