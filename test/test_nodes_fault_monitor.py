@@ -165,6 +165,20 @@ def test_fault_monitor_rejects_bad_shape_and_reports_timeout(h: Harness) -> None
     assert h.level("fault_monitor: can timeout") == 2
 
 
+def test_fault_monitor_watchdog_sleeps_while_measurements_flow(h: Harness) -> None:
+    """While measurements come, the watchdog ticks about once per stale_after (1 s), not at rate_hz (4 Hz);
+    once they stop it ticks at rate_hz again and the timeout fires within stale_after + one tick."""
+    calls: list[float] = []
+    check = h.mon.monitor.watchdog
+    h.mon.monitor.watchdog = lambda now: calls.append(now) or check(now)
+    h.ticks(30)  # 3 s at 10 Hz
+    assert 1 <= len(calls) <= 5, calls  # at 4 Hz: 12
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end and h.level("fault_monitor: can timeout") != 2:
+        h.ex.spin_once(timeout_sec=0.02)
+    assert h.level("fault_monitor: can timeout") == 2
+
+
 def test_fault_monitor_all_nan_stream_is_timeout_not_open_wire(h: Harness) -> None:
     """An all-NaN stream is a timeout, not open wires or detector alarms."""
     h.ticks(10)

@@ -21,6 +21,7 @@ from sensor_msgs.msg import BatteryState
 from std_msgs.msg import Empty
 
 from bms_ai.can.assembler import PACK_LEVEL, PACK_LEVEL_KEY
+from bms_ai.can.health import watchdog_delay
 from bms_ai.can.packconfig import load_pack_config
 from bms_ai.core.cdr import read_diagnostic_statuses
 from bms_ai.diagnostics.monitor import FaultMonitor
@@ -40,7 +41,7 @@ class FaultMonitorNode(Node):
             "pack_id": declare(self, "pack_id", "pack96-ref", "hardware_id for diagnostics"),
             "chemistry": declare(self, "chemistry", "nmc", "selects config/limits_<chemistry>.yaml when limits_file is empty"),
             "limits_file": declare(self, "limits_file", "", "limits YAML (three-tier limits, plausibility, derating)"),
-            "rate_hz": declare(self, "rate_hz", 4.0, "watchdog rate on the node clock (rules step per measurement)"),
+            "rate_hz": declare(self, "rate_hz", 4.0, "watchdog tick on the node clock while measurements are missing (rules step per measurement)"),
             "stale_after": declare(self, "stale_after", 1.0, "no measurement for this long (node clock, s) -> timeout"),
             "capacity_ah": declare(self, "capacity_ah", 50.0, "pack capacity for the SOC-jump check (overridden by battery_state)"),
             "detectors": declare(self, "detectors", True, "run the incipient-fault detectors"),
@@ -62,7 +63,8 @@ class FaultMonitorNode(Node):
         self._peer_check = f": {status.SOC_CHECK}".encode() + b"\0"
         self.create_subscription(DiagnosticArray, "/diagnostics", guarded(self, self._on_diag_raw), 50, raw=True)
         self.create_subscription(Empty, "fault_monitor/reset", guarded(self, self._on_reset), 10)
-        self.create_timer(1.0 / float(self.p["rate_hz"]), guarded(self, self._watchdog))
+        self._tick = 1.0 / float(self.p["rate_hz"])
+        self._watchdog_timer = self.create_timer(self._tick, guarded(self, self._watchdog))
         self._publish(self.monitor.startup_status())
 
     def _now(self) -> float:
@@ -114,7 +116,16 @@ class FaultMonitorNode(Node):
             self.get_logger().info("latched diagnostic events reset")
 
     def _watchdog(self) -> None:
-        self._publish(self.monitor.watchdog(self._now()))
+        """The timeout check on silence; while measurements flow, the next tick is when silence could be stale.
+
+        Ticking at ``rate_hz`` regardless woke the executor 4 times a second for nothing; the timeout
+        still fires within ``stale_after`` + one tick of the last measurement.
+        """
+        now = self._now()
+        self._publish(self.monitor.watchdog(now))
+        delay = watchdog_delay(now - self.monitor.last_rx, self.monitor.stale_after, self._tick)
+        self._watchdog_timer.timer_period_ns = int(delay * 1e9)
+        self._watchdog_timer.reset()
 
 
 NODE_CLASS = FaultMonitorNode
