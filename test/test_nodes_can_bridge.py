@@ -14,7 +14,7 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import BatteryState
-from testutil import RosHarness, diag_levels, diag_values, synthetic_messages
+from testutil import RosHarness, diag_levels, diag_values, status_level, synthetic_messages
 
 from bms_ai.can.decoder import PackDecoder
 from bms_ai.can.encoder import PackEncoder
@@ -188,7 +188,7 @@ def test_paced_replay_reports_its_messages_from_the_start(ros, drive_log):
 
     def on_diag(msg):
         now = time.monotonic()
-        seen.extend((now, st.level[0] if isinstance(st.level, bytes) else int(st.level), st.message)
+        seen.extend((now, status_level(st), st.message)
                     for st in msg.status if st.name == "can_bridge: can_messages")
 
     ros.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 100)

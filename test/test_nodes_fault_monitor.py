@@ -14,6 +14,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from sensor_msgs.msg import BatteryState  # noqa: E402
 from std_msgs.msg import Empty  # noqa: E402
+from testutil import status_level  # noqa: E402
 
 from bms_ai.nodes.common import PUB_QOS  # noqa: E402
 from bms_ai.nodes.convert import sample_to_battery_state  # noqa: E402
@@ -50,7 +51,7 @@ class Harness:
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for st in msg.status:
-            self.seen.append((time.monotonic(), st.name, st.level[0] if isinstance(st.level, bytes) else int(st.level),
+            self.seen.append((time.monotonic(), st.name, status_level(st),
                               st.hardware_id, {kv.key: kv.value for kv in st.values}))
 
     def ticks(self, n: int, all_nan: bool = False) -> None:
@@ -217,7 +218,7 @@ def test_on_sim_time_samples_before_the_first_clock_message_raise_no_timeout() -
     clock = io.create_publisher(Clock, "/clock", LOSSLESS_QOS)
     seen: list[tuple[str, int]] = []
     io.create_subscription(DiagnosticArray, "/diagnostics", lambda m: seen.extend(
-        (st.name, st.level[0] if isinstance(st.level, bytes) else int(st.level)) for st in m.status), 500)
+        (st.name, status_level(st)) for st in m.status), 500)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(mon)
     ex.add_node(io)

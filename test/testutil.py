@@ -304,15 +304,15 @@ class RosHarness:
         self._thread.join(timeout=2.0)
 
 
+def status_level(st) -> int:
+    """A DiagnosticStatus's level as an int (rclpy gives the byte field as bytes)."""
+    lv = st.level
+    return lv[0] if isinstance(lv, (bytes, bytearray)) else int(lv)
+
+
 def diag_levels(arrays, name: str) -> list[int]:
     """Levels of the status ``name`` over a list of DiagnosticArray messages, in order."""
-    out = []
-    for a in arrays:
-        for st in a.status:
-            if st.name == name:
-                lv = st.level
-                out.append(lv[0] if isinstance(lv, (bytes, bytearray)) else int(lv))
-    return out
+    return [status_level(st) for a in arrays for st in a.status if st.name == name]
 
 
 def diag_values(arrays, name: str) -> dict[str, str]:

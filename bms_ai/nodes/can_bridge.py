@@ -193,12 +193,13 @@ class CanBridgeNode(Node):
         paused, not the source.
         """
         n = self.samples_published
-        with self._taken:
-            while self._progress is not None and n - self.samples_taken >= READER_LEAD:
-                if self._stop.is_set():
-                    return False
-                self._taken.wait(0.05)
-                self.last_rx_steady = time.monotonic()
+        if self._progress is not None:  # no lock per sample where every reader takes it locally
+            with self._taken:
+                while n - self.samples_taken >= READER_LEAD:
+                    if self._stop.is_set():
+                        return False
+                    self._taken.wait(0.05)
+                    self.last_rx_steady = time.monotonic()
         if n % ACK_WINDOW == 0:
             while not self.pub.wait_for_all_acked(Duration()):  # zero timeout: polled, the GIL stays free
                 if self._stop.wait(0.002):
